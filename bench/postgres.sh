@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# keepwell vs pgBackRest on one PostgreSQL cluster (pgbench scale SCALE, default 50).
+#
+# Measures, in the same run on the same cluster: first physical backup (time, repository size),
+# restore time, second backup after a pgbench workload (time, repository growth: keepwell's full
+# backup with dedup vs pgBackRest's incremental), and WAL archive throughput through
+# archive_command (segments per second, synchronous and asynchronous).
+#
+# Run as root from the checkout (servers run as the `postgres` user): bash bench/postgres.sh
+# Needs .ci/install.d/postgres.sh to have run. Leaves nothing behind but bench/work/.
+set -euo pipefail
+
+SCALE="${SCALE:-50}"
+WORKLOAD_SECONDS="${WORKLOAD_SECONDS:-30}"
+SEGMENTS="${SEGMENTS:-64}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$here/.venv/bin/python"
+HOOK="$here/.venv/bin/keepwell-wal"
+[[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.hooks"
+BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+PORT="${PORT:-55432}"
+W="$(mktemp -d /tmp/kw-bench-pg-XXXXXX)"
+chmod 755 "$W"; chown postgres: "$W"
+RESULTS="$here/bench/work/postgres-results.md"
+mkdir -p "$here/bench/work"
+
+as_pg() { runuser -u postgres -- env KEEPWELL_REPOSITORY="$W/kw-repo" \
+    KEEPWELL_PASSWORD_FILE="$W/password" PGHOST=127.0.0.1 PGPORT="$PORT" PGUSER=postgres "$@"; }
+kw() {
+    if as_pg "$PY" -c "import keepwell.cli.main" 2>/dev/null; then
+        as_pg "$PY" -c "import sys; from keepwell.cli.main import run; sys.argv=['keepwell']+sys.argv[1:]; sys.exit(run())" postgres "$@"
+    else
+        as_pg "$PY" -m keepwell.cli.postgres "$@"
+    fi
+}
+pgbr() { as_pg pgbackrest --config="$W/pgbackrest.conf" --stanza=bench "$@"; }
+psql_() { as_pg "$BIN/psql" -X -q -d postgres -At -c "$1"; }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+size_mb() { du -sb "$1" | awk '{ printf "%.0f", $1 / 1048576 }'; }
+cleanup() {
+    as_pg "$BIN/pg_ctl" -D "$W/pg" -m immediate stop >/dev/null 2>&1 || true
+    [[ -f "$W/kw-spool/uploader.lock" ]] && kill -9 "$(head -1 "$W/kw-spool/uploader.lock")" 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+echo "bench-password" > "$W/password"; chown postgres: "$W/password"; chmod 600 "$W/password"
+as_pg "$PY" -c "
+import os
+from keepwell.backends.registry import open_backend
+from keepwell.repository import Repository
+Repository.init(open_backend(os.environ['KEEPWELL_REPOSITORY']), 'bench-password').close()"
+
+mkdir -p "$W/pgbr-repo" "$W/pgbr-spool" "$W/pgbr-log"; chown -R postgres: "$W"
+cat > "$W/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$W/pgbr-repo
+repo1-retention-full=10
+process-max=2
+compress-type=zst
+compress-level=3
+start-fast=y
+archive-async=y
+spool-path=$W/pgbr-spool
+log-path=$W/pgbr-log
+lock-path=$W/pgbr-log
+log-level-console=warn
+[bench]
+pg1-path=$W/pg
+pg1-port=$PORT
+pg1-socket-path=$W
+CONF
+chown postgres: "$W/pgbackrest.conf"
+
+KW_ASYNC="$HOOK push --async --spool $W/kw-spool %p"
+as_pg "$BIN/initdb" -D "$W/pg" -A trust -U postgres --no-sync >/dev/null
+cat >> "$W/pg/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$W'
+port = $PORT
+wal_level = replica
+max_wal_size = '8GB'
+shared_buffers = '256MB'
+archive_mode = on
+archive_command = 'env KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password $KW_ASYNC && pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p'
+CONF
+as_pg "$BIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w start >/dev/null
+pgbr stanza-create
+echo "building pgbench scale $SCALE ..."
+as_pg "$BIN/pgbench" -i -q -s "$SCALE" postgres >/dev/null 2>&1
+psql_ "CHECKPOINT"
+DB_MB=$(psql_ "SELECT pg_database_size('postgres') / 1048576")
+
+wait_archived() {
+    while ls "$W/pg/pg_wal/archive_status/" | grep -q '\.ready$'; do sleep 0.1; done
+}
+wait_archived
+
+# 1. first backups
+psql_ "CHECKPOINT"; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
+KW_FULL=$(secs "$t0" "$t1"); KW_SIZE1=$(size_mb "$W/kw-repo")
+psql_ "CHECKPOINT"; t0=$(now); pgbr --type=full backup; t1=$(now)
+BR_FULL=$(secs "$t0" "$t1"); BR_SIZE1=$(size_mb "$W/pgbr-repo")
+
+# 2. workload, then second backups
+as_pg "$BIN/pgbench" -n -c 4 -j 2 -T "$WORKLOAD_SECONDS" postgres >/dev/null 2>&1
+wait_archived
+psql_ "CHECKPOINT"; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
+KW_SECOND=$(secs "$t0" "$t1"); KW_SIZE2=$(size_mb "$W/kw-repo")
+psql_ "CHECKPOINT"; t0=$(now); pgbr --type=incr backup; t1=$(now)
+BR_INCR=$(secs "$t0" "$t1"); BR_SIZE2=$(size_mb "$W/pgbr-repo")
+
+# 3. restores (data directory only, no recovery run)
+mkdir -p "$W/r-kw" "$W/r-br"; chown postgres: "$W/r-kw" "$W/r-br"; chmod 700 "$W/r-kw" "$W/r-br"
+t0=$(now); kw restore --target-dir "$W/r-kw" --immediate >/dev/null; t1=$(now)
+KW_RESTORE=$(secs "$t0" "$t1")
+t0=$(now); pgbr --pg1-path="$W/r-br" --type=immediate restore; t1=$(now)
+BR_RESTORE=$(secs "$t0" "$t1")
+rm -rf "$W/r-kw" "$W/r-br"
+
+# 4. WAL archive throughput: make SEGMENTS ready segments, then let one archive_command drain them
+psql_ "CREATE TABLE IF NOT EXISTS walfill (v text)"
+archive_rate() {  # $1 = archive_command
+    psql_ "ALTER SYSTEM SET archive_command = '/bin/false'" >/dev/null
+    psql_ "SELECT pg_reload_conf()" >/dev/null
+    sleep 0.5
+    while :; do
+        psql_ "INSERT INTO walfill SELECT md5(random()::text) || repeat(md5(g::text), 3) FROM generate_series(1, 60000) g"
+        local n; n=$(ls "$W/pg/pg_wal/archive_status/" | grep -c '\.ready$' || true)
+        (( n >= SEGMENTS )) && break
+    done
+    psql_ "TRUNCATE walfill" >/dev/null
+    local n; n=$(ls "$W/pg/pg_wal/archive_status/" | grep -c '\.ready$')
+    local cmd="${1//\'/\'\'}"
+    local t0; t0=$(now)
+    psql_ "ALTER SYSTEM SET archive_command = '$cmd'" >/dev/null
+    psql_ "SELECT pg_reload_conf()" >/dev/null
+    wait_archived
+    local t1; t1=$(now)
+    awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }'
+}
+ENVP="env KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password"
+KW_DIRECT_RATE=$(archive_rate "$ENVP $HOOK push %p")
+KW_SYNC_RATE=$(archive_rate "$ENVP $HOOK push --spool $W/kw-spool %p")
+KW_ASYNC_RATE=$(archive_rate "$ENVP $HOOK push --async --spool $W/kw-spool %p")
+BR_SYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench --no-archive-async archive-push %p")
+BR_ASYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p")
+CP_RATE=$(archive_rate "cp %p $W/cp-%f")
+
+{
+echo "### PostgreSQL: keepwell vs pgBackRest $(pgbackrest version | awk '{print $2}')"
+echo
+echo "pgbench scale $SCALE (database $DB_MB MiB), $(nproc) cores; workload: pgbench -c 4 -T $WORKLOAD_SECONDS;"
+echo "pgBackRest process-max 2, zstd 3; keepwell defaults. $(date -u +%Y-%m-%d)."
+echo
+echo "| measure | keepwell | pgBackRest |"
+echo "|---|---|---|"
+echo "| first physical backup | ${KW_FULL} s | ${BR_FULL} s (full) |"
+echo "| repository after it (backup + WAL) | ${KW_SIZE1} MiB | ${BR_SIZE1} MiB |"
+echo "| second backup after the workload | ${KW_SECOND} s (full, deduplicated) | ${BR_INCR} s (incremental) |"
+echo "| repository growth (backup + WAL of the workload) | $((KW_SIZE2 - KW_SIZE1)) MiB | $((BR_SIZE2 - BR_SIZE1)) MiB |"
+echo "| restore (data directory) | ${KW_RESTORE} s | ${BR_RESTORE} s |"
+echo "| WAL archive, synchronous | ${KW_SYNC_RATE} segments/s (through the uploader; ${KW_DIRECT_RATE}/s opening the repository per segment) | ${BR_SYNC_RATE} segments/s |"
+echo "| WAL archive, asynchronous | ${KW_ASYNC_RATE} segments/s | ${BR_ASYNC_RATE} segments/s |"
+echo
+echo "(\`cp\` as archive_command: ${CP_RATE} segments/s; $SEGMENTS segments per run)"
+} | tee "$RESULTS"

@@ -1,0 +1,359 @@
+"""Object-store backends through obstore: ``s3://`` (AWS and S3-compatible), ``gs://``, ``az://``.
+
+`ObjectStoreBackend` maps the backend interface onto any obstore store and classifies every
+error into `keepwell.errors`; the factories below build the store from a URL, the standard
+environment variables and keyword options.
+
+S3 configuration, strongest first: keyword options (``endpoint``, ``region``,
+``access_key_id``, ``secret_access_key``, ``session_token``, ``profile``), then the standard
+variables (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), then the shared
+files of ``AWS_PROFILE`` (``~/.aws/credentials`` and ``~/.aws/config``, or the files named by
+``AWS_SHARED_CREDENTIALS_FILE`` and ``AWS_CONFIG_FILE``). Plain HTTP is allowed exactly when
+the endpoint URL is ``http://``.
+
+Semantics: a create-only put is one conditional request (``If-None-Match: *``), so two writers
+can never both succeed; an overwrite of a large object uses a multipart upload, which S3
+publishes atomically on completion. ``delete`` of a missing object is an error, as the contract
+wants, at the cost of one HEAD request. obstore retries a little by itself (connection errors,
+5xx), except for create-only puts, whose failures must reach
+`keepwell.backends.wrappers.RetryingBackend` as they are (see `ObjectStoreBackend`); longer
+retries are its job too.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.exceptions import (
+    AlreadyExistsError,
+    InvalidPathError,
+    NotSupportedError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+    UnknownConfigurationKeyError,
+)
+
+from keepwell.backends.base import ObjectInfo, check_name
+from keepwell.errors import (
+    BackendError,
+    ConfigurationError,
+    KeepwellError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    PermanentBackendError,
+    TransientBackendError,
+)
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+_STATUS = re.compile(r"status code: (\d{3})")
+_XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
+
+
+def _short(exc: BaseException) -> str:
+    """The first useful line of an obstore error, without the debug dump."""
+    text = str(exc).split("\n\nDebug source:", 1)[0]
+    code = _XML_CODE.search(text)
+    first = text.split("<?xml", 1)[0].strip().rstrip(":")
+    if code:
+        first = f"{first} ({code.group(1)})"
+    return first[:400]
+
+
+def classify(exc: BaseException, what: str) -> KeepwellError:
+    """Turn an obstore (or builtin) exception into the keepwell error it means."""
+    detail = _short(exc)
+    if isinstance(exc, FileNotFoundError):
+        if "NoSuchBucket" in str(exc):
+            return PermanentBackendError(
+                f"{what}: the bucket does not exist", hint="create the bucket first"
+            )
+        return ObjectNotFoundError(f"{what}: not found")
+    if isinstance(exc, AlreadyExistsError | PreconditionError):
+        return ObjectExistsError(f"{what}: already exists")
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return PermanentBackendError(
+            f"{what}: access denied: {detail}", hint="check the credentials and their permissions"
+        )
+    if isinstance(exc, UnknownConfigurationKeyError):
+        return ConfigurationError(f"{what}: {detail}")
+    if isinstance(exc, InvalidPathError | NotSupportedError | ValueError):
+        return PermanentBackendError(f"{what}: {detail}")
+    status = _STATUS.search(str(exc))
+    if status:
+        code = int(status.group(1))
+        if 400 <= code < 500 and code not in (408, 409, 423, 429):
+            return PermanentBackendError(f"{what}: {detail}")
+    # 5xx, throttling, timeouts, resets, refused connections: worth another try.
+    return TransientBackendError(f"{what}: {detail}")
+
+
+class ObjectStoreBackend:
+    """The backend interface over one obstore store (one bucket and prefix)."""
+
+    def __init__(
+        self,
+        store: Any,
+        location: str,
+        *,
+        create_store: Any = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+    ) -> None:
+        self.store = store
+        # Create-only puts go through a store that never retries by itself: if the answer to a
+        # conditional PUT that did succeed is lost, a silent retry would meet "412 exists" and
+        # report our own object as someone else's. The failure must reach RetryingBackend as
+        # transient (ambiguous), which then compares contents.
+        self.create_store = create_store if create_store is not None else store
+        self.location = location
+        self.multipart_threshold = multipart_threshold
+
+    def _what(self, verb: str, name: str) -> str:
+        return f"{verb} {name} in {self.location}"
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        check_name(name)
+        what = self._what("writing", name)
+        try:
+            if not overwrite:
+                # A conditional put is always one request: S3 cannot make a multipart upload
+                # conditional through obstore, and one PUT holds up to 5 GiB.
+                obstore.put(self.create_store, name, data, mode="create", use_multipart=False)
+            elif len(data) > self.multipart_threshold:
+                obstore.put(self.store, name, data, use_multipart=True, chunk_size=MULTIPART_CHUNK)
+            else:
+                obstore.put(self.store, name, data, use_multipart=False)
+        except Exception as exc:
+            raise classify(exc, what) from None
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_name(name)
+        what = self._what("reading", name)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            self.stat(name)
+            return b""
+        try:
+            if length is not None:
+                return bytes(obstore.get_range(self.store, name, start=offset, length=length))
+            if offset:
+                result = obstore.get(self.store, name, options={"range": {"offset": offset}})
+            else:
+                result = obstore.get(self.store, name)
+            return bytes(result.bytes())
+        except Exception as exc:
+            err = classify(exc, what)
+            if "status code: 416" in str(exc) and self.stat(name).size <= offset:
+                return b""  # a range that starts at or past the end is empty, as for files
+            raise err from None
+
+    def stat(self, name: str) -> ObjectInfo:
+        check_name(name)
+        try:
+            meta = obstore.head(self.store, name)
+        except Exception as exc:
+            raise classify(exc, self._what("stat of", name)) from None
+        return ObjectInfo(name, int(meta["size"]))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # obstore lists whole path segments; list the enclosing "directory" and filter.
+        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        what = f"listing {prefix or '/'} in {self.location}"
+        try:
+            stream = obstore.list(self.store, prefix=directory or None, chunk_size=1000)
+            chunks = iter(stream)
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+                for meta in chunk:
+                    path = meta["path"]
+                    if path.startswith(prefix):
+                        yield ObjectInfo(path, int(meta["size"]))
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise classify(exc, what) from None
+
+    def delete(self, name: str) -> None:
+        # S3's DELETE succeeds on a missing key; the contract wants not-found reported.
+        self.stat(name)
+        try:
+            obstore.delete(self.store, name)
+        except Exception as exc:
+            raise classify(exc, self._what("deleting", name)) from None
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"ObjectStoreBackend({self.location!r})"
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def _timedelta(value: object, default: float) -> timedelta:
+    if value is None:
+        return timedelta(seconds=default)
+    if isinstance(value, timedelta):
+        return value
+    return timedelta(seconds=float(value))  # type: ignore[arg-type]
+
+
+def client_options(endpoint: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """HTTP client settings: timeouts that detect a stalled connection, http only when asked."""
+    return {
+        "allow_http": bool(endpoint and endpoint.startswith("http://")),
+        "connect_timeout": _timedelta(options.pop("connect_timeout", None), 10),
+        # A whole request may take long on a slow link; a silent connection may not.
+        "timeout": _timedelta(options.pop("timeout", None), 600),
+        "read_timeout": _timedelta(options.pop("read_timeout", None), 60),
+    }
+
+
+def retry_config(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "max_retries": int(options.pop("max_retries", 3)),
+        "retry_timeout": _timedelta(options.pop("retry_timeout", None), 60),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=5),
+            "base": 2,
+        },
+    }
+
+
+def _aws_profile(profile: str) -> dict[str, str]:
+    """Credentials, region and endpoint of a profile from the shared AWS files."""
+    out: dict[str, str] = {}
+    creds_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    config_file = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+    creds = configparser.RawConfigParser()
+    creds.read(os.path.expanduser(creds_file))
+    if creds.has_section(profile):
+        sec = creds[profile]
+        for src, dst in (
+            ("aws_access_key_id", "access_key_id"),
+            ("aws_secret_access_key", "secret_access_key"),
+            ("aws_session_token", "session_token"),
+        ):
+            if sec.get(src):
+                out[dst] = sec[src]
+    config = configparser.RawConfigParser()
+    config.read(os.path.expanduser(config_file))
+    section = profile if profile == "default" else f"profile {profile}"
+    if config.has_section(section):
+        sec = config[section]
+        if sec.get("region"):
+            out["region"] = sec["region"]
+        if sec.get("endpoint_url"):
+            out["endpoint"] = sec["endpoint_url"]
+    if not out:
+        raise ConfigurationError(
+            f"AWS profile {profile!r} not found in {creds_file} or {config_file}"
+        )
+    return out
+
+
+def _split(url: str, scheme: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme.lower() != scheme or not parts.netloc:
+        raise ConfigurationError(f"expected {scheme}://bucket[/prefix], got {url!r}")
+    return parts.netloc, parts.path.strip("/")
+
+
+def from_url(url: str, **options: Any) -> ObjectStoreBackend:
+    """``s3://bucket[/prefix]``: see the module docstring for where settings come from."""
+    from obstore.store import S3Store
+
+    bucket, prefix = _split(url, "s3")
+    env = os.environ
+    opts = dict(options)
+    multipart_threshold = int(opts.pop("multipart_threshold", MULTIPART_THRESHOLD))
+    profile = opts.pop("profile", None) or env.get("AWS_PROFILE")
+    have_env_keys = bool(env.get("AWS_ACCESS_KEY_ID"))
+    settings: dict[str, str] = {}
+    if profile and not (have_env_keys or opts.get("access_key_id")):
+        settings.update(_aws_profile(profile))
+    endpoint = (
+        opts.pop("endpoint", None)
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+        or env.get("AWS_ENDPOINT")
+        or settings.pop("endpoint", None)
+    )
+    region = (
+        opts.pop("region", None)
+        or env.get("AWS_REGION")
+        or env.get("AWS_DEFAULT_REGION")
+        or settings.pop("region", None)
+        or "us-east-1"
+    )
+    client = client_options(endpoint, opts)
+    retry = retry_config(opts)
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if opts.get(key):
+            settings[key] = opts.pop(key)
+    config: dict[str, Any] = {**settings, "region": region}
+    if endpoint:
+        config["endpoint"] = endpoint.rstrip("/")
+        # S3-compatible servers (SeaweedFS, MinIO, Ceph) want path-style requests.
+        config.setdefault("virtual_hosted_style_request", False)
+    config.update(opts)  # anything else is an obstore S3 setting, e.g. server_side_encryption
+    try:
+        store, create_store = (
+            S3Store(
+                bucket,
+                prefix=prefix or None,
+                config=config,  # type: ignore[arg-type]
+                client_options=client,  # type: ignore[arg-type]
+                retry_config=r,  # type: ignore[arg-type]
+            )
+            for r in (retry, {**retry, "max_retries": 0})
+        )
+    except Exception as exc:
+        raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
+    location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return ObjectStoreBackend(
+        store, location, create_store=create_store, multipart_threshold=multipart_threshold
+    )
+
+
+def _generic_from_url(url: str, options: dict[str, Any]) -> ObjectStoreBackend:
+    from obstore.store import from_url as store_from_url
+
+    opts = dict(options)
+    client = client_options(None, opts)
+    retry = retry_config(opts)
+    try:
+        store, create_store = (
+            store_from_url(url, client_options=client, retry_config=r, **opts)  # type: ignore[call-overload]
+            for r in (retry, {**retry, "max_retries": 0})
+        )
+    except Exception as exc:
+        raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
+    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store)
+
+
+def gcs_from_url(url: str, **options: Any) -> ObjectStoreBackend:
+    """``gs://bucket[/prefix]``; credentials as obstore reads them (GOOGLE_* variables)."""
+    _split(url, "gs")
+    return _generic_from_url(url, options)
+
+
+def azure_from_url(url: str, **options: Any) -> ObjectStoreBackend:
+    """``az://container[/prefix]``; account and credentials from the AZURE_STORAGE_* variables."""
+    _split(url, "az")
+    return _generic_from_url(url, options)

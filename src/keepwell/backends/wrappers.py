@@ -1,0 +1,478 @@
+"""Wrappers any backend can wear: retries, circuit breaking, rate limits, concurrency, a cache.
+
+Each wrapper is itself a `Backend` around an inner one, so they stack; `wrap` builds the usual
+stack. None of them knows the repository format beyond the object-name prefixes it is given.
+
+Words:
+    ambiguous failure  a transient error on a ``put`` after which the object may or may not have
+                       been stored (the connection dropped after the request was sent).
+    read-through       a cache that serves what it holds and fills itself from the inner backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from keepwell.backends.base import Backend, ObjectInfo, check_name
+from keepwell.backends.resilience import Backoff, CircuitBreaker, Sleep, TokenBucket
+from keepwell.errors import (
+    BackendError,
+    CircuitOpenError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RetryHook = Callable[[str, int, BackendError, float], None]
+
+
+class _Wrapper:
+    """Passes every call to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.location = inner.location
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        self.inner.put(name, data, overwrite=overwrite)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.get(name, offset, length)
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self.inner.stat(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+# --- retries -------------------------------------------------------------------------------------
+
+
+class RetryingBackend(_Wrapper):
+    """Retries transient errors with exponential backoff and full jitter.
+
+    Only errors whose ``transient`` is true are retried; not-found, exists and permanent errors
+    pass through at once. A create-only ``put`` that failed ambiguously and then meets
+    `ObjectExistsError` reads the object back: identical content means the earlier attempt did
+    store it, which counts as success. A ``delete`` that failed ambiguously and then meets
+    `ObjectNotFoundError` likewise succeeded.
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        attempts: int = 6,
+        backoff: Backoff | None = None,
+        sleep: Sleep = time.sleep,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        super().__init__(inner)
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.attempts = attempts
+        self.backoff = backoff if backoff is not None else Backoff()
+        self._sleep = sleep
+        self._on_retry = on_retry
+        self._counts_lock = threading.Lock()
+        self.retries = 0  # calls repeated after a transient error
+        self.ambiguous_resolved = 0  # retried writes/deletes found already done
+
+    def _pause(self, what: str, attempt: int, exc: BackendError) -> None:
+        with self._counts_lock:
+            self.retries += 1
+        delay = self.backoff.delay(attempt)
+        log.info("retrying %s in %.2fs (attempt %d): %s", what, delay, attempt + 2, exc)
+        if self._on_retry is not None:
+            self._on_retry(what, attempt, exc, delay)
+        self._sleep(delay)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in range(self.attempts):
+            try:
+                return fn()
+            except BackendError as exc:
+                if not exc.transient or attempt == self.attempts - 1:
+                    raise
+                self._pause(what, attempt, exc)
+        raise AssertionError("unreachable")
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        ambiguous = False
+        for attempt in range(self.attempts):
+            try:
+                self.inner.put(name, data, overwrite=overwrite)
+                return
+            except ObjectExistsError:
+                if ambiguous and self._holds(name, data):
+                    self._resolved(f"put {name}")
+                    return
+                raise
+            except BackendError as exc:
+                if not exc.transient or attempt == self.attempts - 1:
+                    raise
+                ambiguous = True
+                self._pause(f"put {name}", attempt, exc)
+
+    def _resolved(self, what: str) -> None:
+        log.info("%s: an earlier attempt had done it", what)
+        with self._counts_lock:
+            self.ambiguous_resolved += 1
+
+    def _holds(self, name: str, data: bytes | bytearray | memoryview) -> bool:
+        try:
+            stored = self._call(f"get {name}", lambda: self.inner.get(name))
+        except ObjectNotFoundError:
+            return False
+        return stored == data
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._call(f"get {name}", lambda: self.inner.get(name, offset, length))
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self._call(f"stat {name}", lambda: self.inner.stat(name))
+
+    def delete(self, name: str) -> None:
+        ambiguous = False
+        for attempt in range(self.attempts):
+            try:
+                self.inner.delete(name)
+                return
+            except ObjectNotFoundError:
+                if ambiguous:
+                    self._resolved(f"delete {name}")
+                    return
+                raise
+            except BackendError as exc:
+                if not exc.transient or attempt == self.attempts - 1:
+                    raise
+                ambiguous = True
+                self._pause(f"delete {name}", attempt, exc)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # A listing that fails half-way starts again and skips what was already yielded.
+        seen: set[str] = set()
+        attempt = 0
+        while True:
+            try:
+                for info in self.inner.list(prefix):
+                    if info.name not in seen:
+                        seen.add(info.name)
+                        yield info
+                return
+            except BackendError as exc:
+                if not exc.transient or attempt == self.attempts - 1:
+                    raise
+                self._pause(f"list {prefix or '/'}", attempt, exc)
+                attempt += 1
+
+
+# --- circuit breaker -----------------------------------------------------------------------------
+
+
+class CircuitBreakerBackend(_Wrapper):
+    """Fails fast with `CircuitOpenError` while the breaker is open.
+
+    Transient errors count as failures. Any answer from the store (success, not found, exists,
+    permanent) counts as success: the store is reachable, which is all a breaker is about.
+    """
+
+    def __init__(self, inner: Backend, breaker: CircuitBreaker | None = None) -> None:
+        super().__init__(inner)
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        if not self.breaker.allow():
+            raise CircuitOpenError(f"{self.location} failed repeatedly; not trying it for a while")
+        try:
+            result = fn()
+        except BackendError as exc:
+            if exc.transient:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
+            raise
+        except BaseException:
+            self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        return result
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        check_name(name)
+        self._call(lambda: self.inner.put(name, data, overwrite=overwrite))
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._call(lambda: self.inner.get(name, offset, length))
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self._call(lambda: self.inner.stat(name))
+
+    def delete(self, name: str) -> None:
+        self._call(lambda: self.inner.delete(name))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        it = self._call(lambda: iter(self.inner.list(prefix)))
+        while True:
+            info = self._call(lambda: next(it, None))
+            if info is None:
+                return
+            yield info
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+class RateLimitedBackend(_Wrapper):
+    """Limits the bytes per second of ``put`` (upload) and ``get`` (download).
+
+    Downloads are read in ranged pieces of ``chunk_size`` and each piece is paid for before it is
+    read, so the rate is smooth within a large object. Objects under ``whole_prefixes`` (those
+    that may be overwritten) are read in one piece, so a read never mixes two versions. An upload
+    is paid for in pieces before it starts, so other threads' transfers interleave fairly.
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        upload: TokenBucket | None = None,
+        download: TokenBucket | None = None,
+        chunk_size: int = 256 * 1024,
+        whole_prefixes: tuple[str, ...] = ("sessions/",),
+    ) -> None:
+        super().__init__(inner)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.upload = upload
+        self.download = download
+        self.chunk_size = chunk_size
+        self.whole_prefixes = whole_prefixes
+
+    def _pay(self, bucket: TokenBucket, n: int) -> None:
+        while n > 0:
+            piece = min(n, self.chunk_size)
+            bucket.acquire(piece)
+            n -= piece
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        if self.upload is not None:
+            self._pay(self.upload, len(data))
+        self.inner.put(name, data, overwrite=overwrite)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        bucket = self.download
+        if bucket is None or bucket.rate is None:
+            return self.inner.get(name, offset, length)
+        if name.startswith(self.whole_prefixes) or (
+            length is not None and length <= self.chunk_size
+        ):
+            data = self.inner.get(name, offset, length)
+            self._pay(bucket, len(data))
+            return data
+        pieces: list[bytes] = []
+        remaining = length
+        while remaining is None or remaining > 0:
+            want = self.chunk_size if remaining is None else min(self.chunk_size, remaining)
+            bucket.acquire(want)
+            piece = self.inner.get(name, offset, want)
+            pieces.append(piece)
+            offset += len(piece)
+            if remaining is not None:
+                remaining -= len(piece)
+            if len(piece) < want:
+                break
+        return b"".join(pieces)
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+class ConcurrencyLimitedBackend(_Wrapper):
+    """At most ``max_concurrent`` calls reach the inner backend at once.
+
+    A listing holds a slot only while it fetches its next entry, so a caller may read objects
+    while it walks a listing even with a single slot.
+    """
+
+    def __init__(self, inner: Backend, max_concurrent: int) -> None:
+        super().__init__(inner)
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        with self._slots:
+            self.inner.put(name, data, overwrite=overwrite)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._slots:
+            return self.inner.get(name, offset, length)
+
+    def stat(self, name: str) -> ObjectInfo:
+        with self._slots:
+            return self.inner.stat(name)
+
+    def delete(self, name: str) -> None:
+        with self._slots:
+            self.inner.delete(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with self._slots:
+            it = iter(self.inner.list(prefix))
+        while True:
+            with self._slots:
+                info = next(it, None)
+            if info is None:
+                return
+            yield info
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+DEFAULT_CACHED_PREFIXES = ("config", "keys/", "index/", "snapshots/", "tree/")
+
+
+class CachedBackend(_Wrapper):
+    """A local read-through cache of small immutable objects (config, keys, index, trees...).
+
+    Objects whose names start with one of ``prefixes`` are kept in ``cache_dir`` once read or
+    written; reads of them never reach the inner backend again. ``delete`` drops the cached copy.
+    ``list`` always asks the inner backend. ``sessions/`` and ``data/`` are never cached, whatever
+    the prefixes say: sessions change, and packs are large. Cache files are written to a temporary
+    name and renamed, so a crash never leaves a partial object in the cache.
+    """
+
+    NEVER = ("sessions/", "data/")
+
+    def __init__(
+        self,
+        inner: Backend,
+        cache_dir: str | os.PathLike[str],
+        prefixes: tuple[str, ...] = DEFAULT_CACHED_PREFIXES,
+    ) -> None:
+        super().__init__(inner)
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        self.prefixes = prefixes
+        os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+
+    def _cacheable(self, name: str) -> bool:
+        return name.startswith(self.prefixes) and not name.startswith(self.NEVER)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.cache_dir, *check_name(name).split("/"))
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(name)
+        tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A cache that cannot be written is only slower, never wrong.
+            log.warning("cannot write %s to the cache: %s", name, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _drop(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(name))
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        if overwrite and self._cacheable(name):
+            self._drop(name)
+        self.inner.put(name, data, overwrite=overwrite)
+        if self._cacheable(name):
+            self._store(name, data)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not self._cacheable(name):
+            return self.inner.get(name, offset, length)
+        data = self._read(name)
+        if data is None:
+            data = self.inner.get(name)
+            self._store(name, data)
+        end = len(data) if length is None else offset + length
+        return data[offset:end]
+
+    def stat(self, name: str) -> ObjectInfo:
+        if self._cacheable(name):
+            try:
+                return ObjectInfo(name, os.stat(self._path(name)).st_size)
+            except OSError:
+                pass
+        return self.inner.stat(name)
+
+    def delete(self, name: str) -> None:
+        if self._cacheable(name):
+            self._drop(name)
+        self.inner.delete(name)
+
+
+# --- the usual stack -----------------------------------------------------------------------------
+
+
+def wrap(
+    backend: Backend,
+    *,
+    limit_upload: float | None = None,
+    limit_download: float | None = None,
+    retries: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_concurrent: int | None = None,
+) -> Backend:
+    """Dress ``backend`` in the usual wrappers.
+
+    ``limit_upload`` and ``limit_download`` are in KiB/s (as the ``--limit-upload`` and
+    ``--limit-download`` options); ``None`` or 0 means unlimited. ``cache_dir`` is a base
+    directory: the cache of this backend is a subdirectory named by a hash of its location.
+    From the outside in: cache → retries → circuit breaker → rate limit → concurrency limit →
+    backend, so cache hits cost nothing, a retry waits without holding a connection slot, and
+    retried bytes count against the rate limit.
+    """
+    b: Backend = backend
+    if max_concurrent:
+        b = ConcurrencyLimitedBackend(b, max_concurrent)
+    if limit_upload or limit_download:
+        b = RateLimitedBackend(
+            b,
+            upload=TokenBucket(limit_upload * 1024) if limit_upload else None,
+            download=TokenBucket(limit_download * 1024) if limit_download else None,
+        )
+    if retries:
+        b = CircuitBreakerBackend(b, CircuitBreaker())
+        b = RetryingBackend(b)
+    if cache_dir is not None:
+        # One directory may serve many repositories (~/.cache/keepwell): each location gets its
+        # own subdirectory, or every repository's "config" would share one cached copy.
+        digest = hashlib.sha256(backend.location.encode()).hexdigest()[:24]
+        b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest))
+    return b

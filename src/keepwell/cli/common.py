@@ -1,0 +1,99 @@
+"""What every command shares: repository and password options, opening the repository, output.
+
+Commands take the repository from ``-r/--repo`` or ``KEEPWELL_REPOSITORY`` and the password from
+``KEEPWELL_PASSWORD``, ``--password-file``/``KEEPWELL_PASSWORD_FILE``, or a prompt on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from keepwell.errors import UsageError
+
+RepoOption = Annotated[
+    str | None,
+    typer.Option("--repo", "-r", envvar="KEEPWELL_REPOSITORY", help="Repository location."),
+]
+PasswordFileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--password-file", envvar="KEEPWELL_PASSWORD_FILE", help="Read the password from a file."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+@dataclass
+class GlobalOptions:
+    repo: str | None = None
+    password_file: str | None = None
+    debug: bool = False
+    quiet: bool = False
+    limit_upload: int | None = None
+    limit_download: int | None = None
+
+
+GLOBALS = GlobalOptions()
+
+
+def resolve_password(password_file: str | None, *, confirm: bool = False) -> str:
+    env = os.environ.get("KEEPWELL_PASSWORD")
+    if env is not None:
+        return env
+    path = password_file or GLOBALS.password_file or os.environ.get("KEEPWELL_PASSWORD_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                pw = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+        if not pw:
+            raise UsageError(f"password file {path} is empty")
+        return pw
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no password given",
+            hint="set KEEPWELL_PASSWORD or KEEPWELL_PASSWORD_FILE, or pass --password-file",
+        )
+    pw = typer.prompt("repository password", hide_input=True, confirmation_prompt=confirm)
+    if not pw:
+        raise UsageError("empty password")
+    return str(pw)
+
+
+def resolve_repo(repo: str | None) -> str:
+    location = repo or GLOBALS.repo or os.environ.get("KEEPWELL_REPOSITORY")
+    if not location:
+        raise UsageError("no repository given", hint="pass -r/--repo or set KEEPWELL_REPOSITORY")
+    return location
+
+
+def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
+    """Open the repository named by the options/environment (the usual first step of a command)."""
+    from keepwell.repository import open_repository
+
+    location = resolve_repo(repo)
+    return open_repository(
+        location,
+        resolve_password(password_file),
+        limit_upload=GLOBALS.limit_upload,
+        limit_download=GLOBALS.limit_download,
+    )
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

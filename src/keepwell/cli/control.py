@@ -1,0 +1,223 @@
+"""Control-plane commands: ``config check``, ``daemon``, ``jobs``, ``run``, ``status``, ``drill``.
+
+They take the configuration from ``-c/--config``, ``KEEPWELL_CONFIG``, ``./keepwell.yaml`` or
+``/etc/keepwell/keepwell.yaml`` (the first that is given or exists). Parsing and rendering only:
+the work is in `keepwell.control`. `register(app)` adds them to the root app; this module also
+runs on its own (``python -m keepwell.cli.control``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from keepwell.cli.common import JsonOption, human_bytes, print_json
+from keepwell.errors import EXIT_FAILURE, ConfigurationError, KeepwellError
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", "-c", envvar="KEEPWELL_CONFIG", help="Path of keepwell.yaml."),
+]
+DEFAULT_CONFIGS = ("keepwell.yaml", "/etc/keepwell/keepwell.yaml")
+
+
+def _load(path: str | None) -> Any:
+    from keepwell.control.config import load_config
+
+    if path is None:
+        path = next((p for p in DEFAULT_CONFIGS if os.path.exists(p)), None)
+        if path is None:
+            raise ConfigurationError("no configuration found",
+                                     hint="pass --config or set KEEPWELL_CONFIG")
+    return load_config(path)
+
+
+def _ts(value: float | None) -> str:
+    from keepwell.control.schedule import fmt_ts
+
+    return fmt_ts(value)
+
+
+def _age(value: float | None) -> str:
+    from keepwell.control.schedule import fmt_age
+
+    return fmt_age(value)
+
+
+config_app = typer.Typer(help="Check and explain the configuration.", no_args_is_help=True)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Validate keepwell.yaml and explain what it will do."""
+    from keepwell.control.status import explain
+
+    loaded = _load(config)
+    info = explain(loaded)
+    if json_out:
+        print_json({"ok": True, **info})
+        return
+    out = [f"{info['config']}: ok"]
+    for name, repo in info["repositories"].items():
+        out.append(f"repository {name}: {repo['location']}"
+                   + (f" (replica {repo['replica']})" if repo["replica"] else ""))
+    for s in info["sources"]:
+        limit = f", upload ≤ {human_bytes(s['upload_limit'])}/s" if s["upload_limit"] else ""
+        keep = ", ".join(f"{k}={v}" for k, v in (s["retention"] or {}).items()) or "keep all"
+        out.append(f"source {s['source']}: {s['what']} → {s['repository']}; {s['schedule']};"
+                   f" priority {s['priority']}; {keep}{limit}")
+    for d in info["drills"]:
+        out.append(f"drill {d['drill']}: restores {d['source']}; {d['schedule']}")
+    lim = info["limits"]
+    up = human_bytes(lim["upload"]) + "/s" if lim["upload"] else "unlimited"
+    out.append(f"limits: upload {up}; {lim['max_concurrent_jobs']} jobs at once"
+               + (f", {lim['max_concurrent_per_repository']} per repository"
+                  if lim["max_concurrent_per_repository"] else "")
+               + (f", {lim['max_concurrent_per_host']} per host"
+                  if lim["max_concurrent_per_host"] else ""))
+    out.append(f"metrics: {info['metrics'] or 'off'}; history: {info['history']}")
+    out += [f"note: {n}" for n in info["notes"]]
+    typer.echo("\n".join(out))
+
+
+def cmd_daemon(
+    config: ConfigOption = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
+    = False,
+) -> None:
+    """Run the schedules until stopped (SIGTERM/SIGINT stop it gracefully)."""
+    from keepwell.control import logs
+    from keepwell.control.daemon import run_daemon
+
+    loaded = _load(config)
+    log = logs.setup(json_lines=log_json or loaded.config.log_json)
+    raise typer.Exit(run_daemon(loaded, log))
+
+
+def cmd_jobs(
+    config: ConfigOption = None,
+    source: Annotated[str | None, typer.Option("--source", help="Only this source.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 30,
+    json_out: JsonOption = False,
+) -> None:
+    """List recent job runs, newest first."""
+    from keepwell.control.history import History
+
+    loaded = _load(config)
+    history = History(loaded.config.history)
+    try:
+        runs = history.runs(source=source, limit=limit)
+    finally:
+        history.close()
+    if json_out:
+        print_json([r.as_dict() for r in runs])
+        return
+    typer.echo(f"{'started':<24} {'action':<7} {'name':<16} {'status':<12} {'duration':>9} "
+               f"{'read':>11} {'stored':>11}  snapshot / error")
+    for r in runs:
+        dur = f"{r.duration:.2f}s" if r.duration is not None else "-"
+        tail = (r.snapshot_id or "")[:8] if r.status == "succeeded" else (r.error or "")
+        typer.echo(f"{_ts(r.started_at):<24} {r.action:<7} {r.name[:16]:<16} {r.status:<12} "
+                   f"{dur:>9} {human_bytes(r.bytes_read or 0):>11} "
+                   f"{human_bytes(r.bytes_stored or 0):>11}  {tail[:60]}")
+
+
+def _run_action(action: str, name: str, config: str | None, json_out: bool) -> None:
+    from keepwell.control import logs
+    from keepwell.control.runner import run_now
+
+    loaded = _load(config)
+    log = logs.setup(json_lines=loaded.config.log_json)
+    if json_out:
+        log.disabled = True
+    spec, outcome = run_now(loaded, action, name, log)
+    if json_out:
+        print_json({"job_id": spec.job_id, **outcome.__dict__})
+    elif outcome.status == "succeeded":
+        extra = (f"; RTO {outcome.rto:.2f}s, RPO {outcome.rpo:.0f}s" if action == "drill"
+                 else f"; read {human_bytes(outcome.bytes_read or 0)}, stored "
+                      f"{human_bytes(outcome.bytes_stored or 0)}")
+        typer.echo(f"{action} {name}: succeeded, snapshot {(outcome.snapshot_id or '')[:8]}"
+                   + extra)
+    if outcome.status != "succeeded":
+        if not json_out:
+            typer.echo(f"error: {action} {name} {outcome.status}: {outcome.error}", err=True)
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def cmd_run(name: Annotated[str, typer.Argument(help="Source to back up now.")],
+            config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Back up one source now (recorded in the job history like a scheduled run)."""
+    _run_action("backup", name, config, json_out)
+
+
+def cmd_drill(name: Annotated[str, typer.Argument(help="Drill (or source) to run now.")],
+              config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Restore the newest snapshot into scratch space and check it; records RTO and RPO."""
+    _run_action("drill", name, config, json_out)
+
+
+def cmd_status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """One screen: last success per source, next run, failures, drills, alerts."""
+    from keepwell.control.status import overview
+
+    info = overview(_load(config))
+    if json_out:
+        print_json(info)
+        return
+    typer.echo(f"{'source':<16} {'last success':<24} {'age':>10} {'next run':<24} "
+               f"{'fails':>5} {'breaker':<9} {'drill':<10} alerts")
+    for s in info["sources"]:
+        drill = s["drill_status"] or "-"
+        if s["drill_status"] == "succeeded" and s["drill_rto"] is not None:
+            drill = f"ok {s['drill_rto']:.1f}s"
+        typer.echo(f"{s['source'][:16]:<16} {_ts(s['last_success']):<24} "
+                   f"{_age(s['last_success_age']):>10} {_ts(s['next_run']):<24} "
+                   f"{s['consecutive_failures']:>5} {s['breaker']:<9} {drill:<10} "
+                   f"{','.join(s['alerts']) or '-'}")
+    if info["alerts"]:
+        typer.echo("\nalerts:")
+        for a in info["alerts"]:
+            typer.echo(f"  {_ts(a['first_at'])}  {a['source']}: {a['message']}")
+    if info["recent_failures"]:
+        typer.echo("\nrecent failures:")
+        for r in info["recent_failures"]:
+            typer.echo(f"  {_ts(r['started_at'])}  {r['action']} {r['name']}: {r['error']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the control-plane commands to the root app."""
+    app.add_typer(config_app, name="config")
+    app.command("daemon")(cmd_daemon)
+    app.command("jobs")(cmd_jobs)
+    app.command("run")(cmd_run)
+    app.command("status")(cmd_status)
+    app.command("drill")(cmd_drill)
+
+
+def main() -> None:
+    app = typer.Typer(no_args_is_help=True, add_completion=False,
+                      help="keepwell control plane.")
+    register(app)
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except KeepwellError as exc:
+        sys.stderr.write(f"error: {exc.line()}\n")
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The ``keepwell`` command: the root app, its groups, and the one top-level error handler.
+
+Every `KeepwellError` becomes one line on stderr and its exit code; a traceback only with
+``--debug``. Command groups are listed in `COMMAND_GROUPS` and imported only when present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from keepwell import __version__
+from keepwell.cli import repo_commands
+from keepwell.cli.common import GLOBALS
+from keepwell.errors import EXIT_FAILURE, EXIT_USAGE, KeepwellError
+
+app = typer.Typer(
+    help="keepwell: deduplicated, encrypted, verifiable backups of files and databases.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+COMMAND_GROUPS = {
+    "postgres": "keepwell.cli.postgres",
+    "mysql": "keepwell.cli.mysql",
+}
+
+
+@app.callback()
+def _root(
+    repo: Annotated[str | None, typer.Option("--repo", "-r", envvar="KEEPWELL_REPOSITORY",
+                                             help="Repository location (path, s3://, sftp://).")] = None,
+    password_file: Annotated[str | None, typer.Option("--password-file", envvar="KEEPWELL_PASSWORD_FILE",
+                                                      help="Read the password from a file.")] = None,
+    limit_upload: Annotated[int | None, typer.Option(help="Upload limit in KiB/s.")] = None,
+    limit_download: Annotated[int | None, typer.Option(help="Download limit in KiB/s.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    GLOBALS.repo = repo
+    GLOBALS.password_file = password_file
+    GLOBALS.limit_upload = limit_upload
+    GLOBALS.limit_download = limit_download
+    GLOBALS.quiet = quiet
+    GLOBALS.debug = debug or os.environ.get("KEEPWELL_DEBUG") == "1"
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(f"keepwell {__version__}")
+
+
+repo_commands.register(app)
+try:
+    from keepwell.cli import sqlite as _sqlite
+
+    app.add_typer(_sqlite.app, name="sqlite")
+except ImportError:  # pragma: no cover
+    pass
+for _name, _module in COMMAND_GROUPS.items():
+    try:
+        app.add_typer(importlib.import_module(_module).app, name=_name)
+    except ImportError:  # an optional extra that is not installed
+        pass
+try:
+    from keepwell.cli import control as _control
+
+    _control.register(app)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def run() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("KEEPWELL_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+    except KeepwellError as exc:
+        if debug:
+            raise
+        print(f"keepwell: {exc.line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("keepwell: aborted", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        print("keepwell: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (typer.BadParameter, typer.Exit) as exc:
+        raise exc
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+        if debug:
+            raise
+        print(f"keepwell: internal error: {type(exc).__name__}: {exc} (rerun with --debug and "
+              "report it)", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

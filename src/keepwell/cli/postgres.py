@@ -1,0 +1,450 @@
+"""``keepwell postgres``: backups, WAL archiving and point-in-time restore of PostgreSQL.
+
+Parsing and rendering only; the work is in `keepwell.sources.postgres`. The connection comes
+from ``--db-url`` or the libpq environment (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD);
+the cluster name from ``--cluster`` or ``KEEPWELL_PG_CLUSTER`` (default ``main``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import typer
+
+from keepwell.cli.common import (
+    GLOBALS,
+    JsonOption,
+    PasswordFileOption,
+    RepoOption,
+    human_bytes,
+    open_repo,
+    print_json,
+    resolve_password,
+    resolve_repo,
+)
+from keepwell.errors import KeepwellError, UsageError
+
+app = typer.Typer(
+    help="Back up PostgreSQL (logical dumps, physical base backups, WAL) and restore it to any"
+    " point in time.",
+    no_args_is_help=True,
+)
+
+DbUrlOption = Annotated[
+    str | None,
+    typer.Option("--db-url", envvar="KEEPWELL_PG_URL",
+                 help="libpq URL or conninfo; default: the PG* environment."),
+]
+ClusterOption = Annotated[
+    str, typer.Option("--cluster", envvar="KEEPWELL_PG_CLUSTER",
+                      help="Name of the cluster in the repository.")
+]
+SpoolOption = Annotated[
+    str | None, typer.Option("--spool", envvar="KEEPWELL_PG_SPOOL",
+                             help="Local spool directory for asynchronous archiving.")
+]
+
+
+def _spec(db_url: str | None) -> Any:
+    from keepwell.sources.postgres.connection import ConnSpec
+
+    return ConnSpec.from_url(db_url)
+
+
+def _say(text: str) -> None:
+    if not GLOBALS.quiet:
+        typer.echo(text)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(text.strip().replace(" UTC", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"invalid time {text!r} (use ISO 8601, e.g. 2026-11-24T17:05:00Z)"
+        ) from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _parse_duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    except (KeyError, ValueError, IndexError):
+        raise UsageError(f"invalid duration {text!r} (examples: 36h, 7d, 4w)") from None
+
+
+# --- backup ---
+@app.command()
+def backup(
+    logical: Annotated[bool, typer.Option("--logical", help="pg_dump of databases.")] = False,
+    physical: Annotated[bool, typer.Option("--physical", help="pg_basebackup.")] = False,
+    database: Annotated[list[str] | None, typer.Option(
+        "--database", "-d", help="Database to dump (repeat; default: all + globals).")] = None,
+    globals_: Annotated[bool | None, typer.Option(
+        "--globals/--no-globals", help="Include roles and tablespaces.")] = None,
+    wait_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the backup's WAL to be archived.")] = 120.0,
+    tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+    db_url: DbUrlOption = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Take a logical (--logical) or physical (--physical) backup."""
+    if logical == physical:
+        raise UsageError("choose one of --logical or --physical")
+    spec = _spec(db_url)
+    with open_repo(repo, password_file) as r:
+        if logical:
+            from keepwell.sources.postgres.logical import backup_logical
+
+            res = backup_logical(r, spec, cluster, databases=database or None,
+                                 include_globals=globals_, tags=tuple(tag or ()))
+            out: dict[str, Any] = {"snapshot": res.snapshot_id, "databases": res.databases,
+                                   "globals": res.globals_included, "bytes": res.bytes,
+                                   "seconds": round(res.seconds, 2)}
+            text = (f"logical backup {res.short_id}: {', '.join(res.databases)}"
+                    f"{' + globals' if res.globals_included else ''},"
+                    f" {human_bytes(res.bytes)} in {res.seconds:.1f} s")
+        else:
+            from keepwell.sources.postgres.physical import backup_physical
+
+            pres = backup_physical(r, spec, cluster, wait_timeout=wait_timeout,
+                                   tags=tuple(tag or ()))
+            out = {"snapshot": pres.snapshot_id, "timeline": pres.timeline,
+                   "start_lsn": str(pres.start_lsn), "stop_lsn": str(pres.stop_lsn),
+                   "bytes": pres.bytes, "seconds": round(pres.seconds, 2), "complete": True}
+            text = (f"physical backup {pres.short_id}: timeline {pres.timeline},"
+                    f" LSN {pres.start_lsn} .. {pres.stop_lsn}, {human_bytes(pres.bytes)} in"
+                    f" {pres.seconds:.1f} s, complete (all WAL archived)")
+    print_json(out) if json_out else _say(text)
+
+
+# --- restore ---
+@app.command()
+def restore(
+    target_dir: Annotated[str | None, typer.Option(
+        "--target-dir", help="Data directory to write (physical restore).")] = None,
+    snapshot: Annotated[str | None, typer.Option("--snapshot", help="Backup to restore.")] = None,
+    target_time: Annotated[str | None, typer.Option(help="Recover to this time.")] = None,
+    target_lsn: Annotated[str | None, typer.Option(help="Recover to this LSN.")] = None,
+    target_xid: Annotated[int | None, typer.Option(help="Recover to this transaction.")] = None,
+    target_name: Annotated[str | None, typer.Option(help="Recover to a restore point.")] = None,
+    immediate: Annotated[bool, typer.Option(
+        "--immediate", help="Stop as soon as the backup is consistent.")] = False,
+    target_timeline: Annotated[str | None, typer.Option(
+        help="'latest' (default), 'current' or a number.")] = None,
+    exclusive: Annotated[bool, typer.Option(
+        "--exclusive", help="Stop just before the target, not after it.")] = False,
+    delta: Annotated[bool, typer.Option(
+        "--delta", help="Restore into an existing data directory, rewriting what differs.")
+    ] = False,
+    tablespace_map: Annotated[list[str] | None, typer.Option(
+        "--tablespace-map", help="NAME_OR_OID=DIR (repeat).")] = None,
+    start: Annotated[bool, typer.Option("--start", help="Start the server and wait.")] = False,
+    port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    archive_mode: Annotated[str, typer.Option(
+        help="'off' (the restored server does not archive) or 'preserve'.")] = "off",
+    logical: Annotated[bool, typer.Option(
+        "--logical", help="Restore a logical dump into a running server.")] = False,
+    database: Annotated[str | None, typer.Option("--database", "-d")] = None,
+    into: Annotated[str | None, typer.Option(help="Restore into this database.")] = None,
+    schema: Annotated[str | None, typer.Option("--schema", "-n")] = None,
+    table: Annotated[str | None, typer.Option("--table", "-t")] = None,
+    create: Annotated[bool, typer.Option("--create", help="Create the database.")] = False,
+    clean: Annotated[bool, typer.Option("--clean", help="Drop objects first.")] = False,
+    globals_: Annotated[bool, typer.Option("--globals", help="Restore roles too.")] = False,
+    db_url: DbUrlOption = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Restore a logical dump (--logical) or a physical backup to a point in time."""
+    if logical:
+        from keepwell.sources.postgres.logical import restore_logical
+
+        with open_repo(repo, password_file) as r:
+            res = restore_logical(r, _spec(db_url), cluster, snapshot=snapshot or "latest",
+                                  database=database, into=into, schema=schema, table=table,
+                                  create=create, clean=clean, restore_globals=globals_)
+        if json_out:
+            print_json(res)
+        else:
+            what = f"table {table} of " if table else f"schema {schema} of " if schema else ""
+            _say(f"restored {what}database {res.get('database')} into {res.get('into')}"
+                 f" from {res['snapshot']}" if res.get("database") else
+                 f"restored globals from {res['snapshot']}")
+        return
+    if not target_dir:
+        raise UsageError("give --target-dir for a physical restore (or --logical)")
+    from keepwell.sources.postgres.plan import Target
+    from keepwell.sources.postgres.restore import RestoreOptions, restore_physical
+    from keepwell.sources.postgres.walnames import Lsn
+
+    try:
+        lsn = Lsn.parse(target_lsn) if target_lsn else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    target = Target(time=_parse_time(target_time) if target_time else None, lsn=lsn,
+                    xid=target_xid, name=target_name, immediate=immediate,
+                    timeline=target_timeline, exclusive=exclusive)
+    ts_map = {}
+    for item in tablespace_map or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"invalid --tablespace-map {item!r} (use NAME=DIR)")
+        ts_map[key] = value
+    if archive_mode not in ("off", "preserve"):
+        raise UsageError("--archive-mode is 'off' or 'preserve'")
+    pw_file = password_file or GLOBALS.password_file or os.environ.get("KEEPWELL_PASSWORD_FILE")
+    location = resolve_repo(repo)
+    opts = RestoreOptions(
+        target_dir=target_dir, target=target, snapshot=snapshot, delta=delta,
+        tablespace_map=ts_map, start=start, port=port, archive_mode=archive_mode,
+        repo_location=os.path.abspath(location) if "://" not in location else location,
+        password_file=pw_file, password=None if pw_file else resolve_password(None),
+    )
+    with open_repo(repo, password_file) as r:
+        result = restore_physical(r, cluster, opts)
+    if json_out:
+        print_json(result.as_dict())
+        return
+    b = result.plan.backup
+    _say(f"restored backup {b.short_id} ({b.time:%Y-%m-%d %H:%M:%S} UTC) to {result.target_dir}:"
+         f" {result.stats.files} files, {human_bytes(result.stats.bytes)}"
+         + (f", {result.stats.written_files} rewritten" if delta else ""))
+    _say(f"recovery target: {target.describe()}")
+    if result.started:
+        _say(f"server started on port {port}: "
+             + (result.stopped_at or f"recovered to the end of the archived WAL"
+                f" ({result.redo_done_at or 'no WAL replayed'})"))
+        if result.last_transaction_time:
+            _say(f"last replayed transaction committed at {result.last_transaction_time}")
+    else:
+        _say("start the server to recover (pg_ctl -D DIR start), or pass --start")
+
+
+# --- WAL ---
+def _hook_settings(repo: str | None, password_file: str | None, cluster: str,
+                   spool: str | None = None, spool_max: str | None = None) -> Any:
+    from keepwell.sources.postgres.hooks import HookSettings
+
+    return HookSettings.resolve(repo or GLOBALS.repo, password_file or GLOBALS.password_file,
+                                cluster, spool, spool_max)
+
+
+@app.command("wal-push")
+def wal_push(
+    path: Annotated[str, typer.Argument(help="%p of archive_command.")],
+    asynchronous: Annotated[bool, typer.Option(
+        "--async", help="Acknowledge from the local spool; upload in the background.")] = False,
+    spool: SpoolOption = None,
+    spool_max: Annotated[str | None, typer.Option(help="Spool bound, e.g. 4G.")] = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+) -> None:
+    """Archive one WAL file (for archive_command)."""
+    from keepwell.sources.postgres.hooks import push
+
+    push(path, _hook_settings(repo, password_file, cluster, spool, spool_max),
+         asynchronous=asynchronous)
+
+
+@app.command("wal-fetch")
+def wal_fetch(
+    name: Annotated[str, typer.Argument(help="%f of restore_command.")],
+    dest: Annotated[str, typer.Argument(help="%p of restore_command.")],
+    prefetch: Annotated[int, typer.Option(help="Segments to fetch ahead.")] = 16,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+) -> None:
+    """Fetch one WAL file (for restore_command); exits 1 when it is not archived."""
+    from keepwell.sources.postgres.hooks import fetch
+
+    fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch)
+
+
+@app.command("wal-upload")
+def wal_upload(
+    spool: SpoolOption = None,
+    pg_wal: Annotated[str | None, typer.Option(help="pg_wal to upload ahead from.")] = None,
+    daemon: Annotated[bool, typer.Option("--daemon", help="Keep running when idle.")] = False,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+) -> None:
+    """Run the background uploader of asynchronous archiving in the foreground."""
+    from keepwell.sources.postgres.uploader import run_uploader
+
+    run_uploader(_hook_settings(repo, password_file, cluster, spool), pg_wal=pg_wal,
+                 daemon=daemon)
+
+
+@app.command("wal-stream")
+def wal_stream(
+    directory: Annotated[str, typer.Option(
+        "--dir", help="Local directory pg_receivewal writes to.")],
+    slot: Annotated[str, typer.Option(help="Replication slot (created if missing).")
+                    ] = "keepwell",
+    synchronous: Annotated[bool, typer.Option(
+        "--synchronous", help="Flush and confirm at once (for synchronous_standby_names).")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between uploads.")] = 0.5,
+    exit_on_disconnect: Annotated[bool, typer.Option(
+        "--exit-on-disconnect", help="Stop when the server goes away.")] = False,
+    db_url: DbUrlOption = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+) -> None:
+    """Stream WAL with pg_receivewal into the repository (RPO under a second)."""
+    from keepwell.sources.postgres.stream import WalStreamer
+
+    with open_repo(repo, password_file) as r:
+        streamer = WalStreamer(r, _spec(db_url), cluster, directory, slot=slot,
+                               synchronous=synchronous, interval=interval,
+                               on_event=lambda m: typer.echo(f"keepwell: {m}", err=True))
+        stats = streamer.run(exit_on_disconnect=exit_on_disconnect)
+    _say(f"streamed {stats.segments} segments, {stats.partial_uploads} partial uploads")
+
+
+# --- info, check, forget ---
+def _catalog(r: Any, cluster: str) -> Any:
+    from keepwell.sources.postgres.catalog import Catalog
+
+    return Catalog.build(r.list_snapshots(), cluster)
+
+
+@app.command()
+def info(
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List backups, archived WAL and restore windows."""
+    from keepwell.sources.postgres.report import info as build_info
+
+    with open_repo(repo, password_file) as r:
+        data = build_info(_catalog(r, cluster))
+    if json_out:
+        print_json(data)
+        return
+    _render_info(data)
+
+
+def _render_info(data: dict[str, Any]) -> None:
+    typer.echo(f"cluster {data['cluster']} (system identifier {data['system_identifier']})")
+    for b in data["physical"]:
+        state = "complete" if b["complete"] else f"INCOMPLETE (missing {b['missing_wal'][0]})"
+        typer.echo(f"  physical {b['short_id']}  {b['stop_time']}  tl {b['timeline']}"
+                   f"  {b['start_lsn']}..{b['stop_lsn']}  {state}")
+    for lb in data["logical"]:
+        typer.echo(f"  logical  {lb['short_id']}  {lb['time']}  {', '.join(lb['databases'])}")
+    for tli, t in data["wal"]["timelines"].items():
+        typer.echo(f"  WAL timeline {tli}: {t['first']} .. {t['last']} ({t['segments']} segments)")
+    for gap in data["wal"]["gaps"]:
+        typer.echo(f"  WAL GAP timeline {gap['timeline']}: {gap['from']} .. {gap['to']}")
+    for w in data["windows"]:
+        typer.echo(f"  restore window: {w['from_time']} .. {w['to_time']} (LSN {w['from_lsn']}"
+                   f" .. {w['to_lsn']}, timeline {w['timeline']})")
+
+
+@app.command()
+def check(
+    spool: SpoolOption = None,
+    db_url: DbUrlOption = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check WAL continuity, backups' completeness and the restore window; exit 1 on problems."""
+    from keepwell.sources.postgres.report import check as build_check
+    from keepwell.sources.postgres.report import server_archiver
+
+    spool_status = None
+    if spool:
+        from keepwell.sources.postgres.spool import WalSpool
+
+        spool_status = WalSpool(spool).status().as_dict()
+    server = None
+    if db_url or os.environ.get("PGHOST") or os.environ.get("PGPORT"):
+        from keepwell.sources.postgres.connection import connect
+
+        with connect(_spec(db_url)) as conn:
+            server = server_archiver(conn)
+    with open_repo(repo, password_file) as r:
+        data = build_check(_catalog(r, cluster), spool_status=spool_status, server=server)
+    if json_out:
+        print_json(data)
+    else:
+        _render_info(data)
+        for p in data["problems"]:
+            typer.echo(f"PROBLEM: {p}")
+        if data["ok"]:
+            typer.echo("ok: every backup is complete and the WAL has no gap")
+    if not data["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def forget(
+    keep_last: Annotated[int | None, typer.Option(help="Keep the newest N backups.")] = None,
+    keep_within: Annotated[str | None, typer.Option(
+        help="Keep the PITR window of this long (e.g. 7d).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Forget backups by policy and the WAL no kept backup needs (space returns with prune)."""
+    from keepwell.sources.postgres.retention import plan_forget
+
+    if keep_last is None and keep_within is None:
+        raise UsageError("give --keep-last and/or --keep-within")
+    within = _parse_duration(keep_within) if keep_within else None
+    with open_repo(repo, password_file) as r:
+        plan = plan_forget(_catalog(r, cluster), keep_last=keep_last, keep_within=within)
+        if not dry_run:
+            r.forget(plan.ids())
+    data = {**plan.as_dict(), "dry_run": dry_run}
+    if json_out:
+        print_json(data)
+    else:
+        verb = "would forget" if dry_run else "forgot"
+        _say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
+             f" {len(plan.wal)} WAL snapshots; kept {len(plan.kept_physical)} physical backups,"
+             f" WAL from segment {plan.wal_floor or '(all)'}")
+
+
+def main() -> int:
+    """Run this group on its own (``python -m keepwell.cli.postgres``)."""
+    try:
+        rc = app(standalone_mode=False)
+    except KeepwellError as exc:
+        sys.stderr.write(f"keepwell: {exc.line()}\n")
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""The control plane's configuration: ``keepwell.yaml`` as validated, typed models.
+
+`load_config(path)` reads the YAML, validates it with pydantic, and reports the first problems as
+one `ConfigurationError` that names the file, the line and the key (pydantic's error locations are
+mapped back to YAML node marks through PyYAML's ``compose``). Relative paths in the file are
+taken relative to the file's own directory.
+
+Words: a *repository* is where snapshots go (with an optional *replica*); a *source* is one thing
+that is backed up (files, sqlite, postgres, mysql) on a *schedule* into a repository, kept by its
+*retention* policy; a *drill* restores a source's newest snapshot into scratch space and checks
+it. Sizes take units (``10MiB``, ``5MB``, bytes if bare); durations take ``s``/``m``/``h``/``d``
+(``1h30m``, seconds if bare). Secrets are references (``env:NAME``, ``file:PATH``), never inline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from keepwell.control.schedule import Schedule
+from keepwell.control.secrets import check_reference
+from keepwell.errors import ConfigurationError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+    "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+
+
+def parse_size(value: Any) -> int:
+    """``"10MiB"`` -> 10485760; ints pass through (bytes)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MiB")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 10MiB or 500KB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """``"1h30m"`` -> 5400.0; numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 2h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    text = str(value).strip().replace(" ", "")
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"expected a duration such as 30s, 15m, 2h or 1h30m, got {value!r}")
+    return total
+
+
+def default_history() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "keepwell", "history.db")
+
+
+def _secret(value: Any) -> str:
+    return check_reference(str(value))
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+SecretRef = Annotated[str, BeforeValidator(_secret)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Replica(_Model):
+    """A mirror of the repository's objects: it opens with the repository's own password."""
+
+    location: str
+
+
+class RepositoryConfig(_Model):
+    location: str
+    password: SecretRef
+    replica: Replica | None = None
+    max_concurrent_jobs: int | None = Field(default=None, ge=1)
+
+
+class Retention(_Model):
+    keep_last: int | None = Field(default=None, ge=0)
+    keep_hourly: int | None = Field(default=None, ge=0)
+    keep_daily: int | None = Field(default=None, ge=0)
+    keep_weekly: int | None = Field(default=None, ge=0)
+    keep_monthly: int | None = Field(default=None, ge=0)
+    keep_yearly: int | None = Field(default=None, ge=0)
+    keep_within: Duration | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class RetryPolicy(_Model):
+    attempts: int = Field(default=3, ge=1, le=100)
+    base: Duration = 30.0
+    cap: Duration = 1800.0
+
+
+class BreakerPolicy(_Model):
+    failure_threshold: int = Field(default=3, ge=1)
+    reset_after: Duration = 900.0
+
+
+class StreamConfig(_Model):
+    """A long-running log streamer (WAL/binlog) that the daemon keeps alive."""
+
+    command: list[str] = Field(min_length=1)
+    restart_base: Duration = 1.0
+    restart_cap: Duration = 300.0
+    lag_alert: Duration | None = None
+
+
+class _SourceBase(_Model):
+    repository: Name
+    schedule: str | None = None
+    timezone: str | None = None
+    priority: int = 0
+    retention: Retention | None = None
+    upload_limit: Size | None = None
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    expect_success_within: Duration | None = None
+    tags: list[str] = Field(default_factory=list)
+    enabled: bool = True
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            Schedule.parse(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        if value is not None:
+            Schedule.zone(value)
+        return value
+
+
+class FilesSource(_SourceBase):
+    kind: Literal["files"]
+    paths: list[str] = Field(min_length=1)
+    excludes: list[str] = Field(default_factory=list)
+    host: str | None = None
+
+
+class SqliteSource(_SourceBase):
+    kind: Literal["sqlite"]
+    path: str
+
+
+class DbConnection(_Model):
+    host: str = "localhost"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    socket: str | None = None
+    user: str | None = None
+    database: str | None = None
+    password: SecretRef | None = None
+
+
+class _DatabaseSource(_SourceBase):
+    connection: DbConnection = Field(default_factory=DbConnection)
+    mode: Literal["logical", "physical"] = "logical"
+    stream: StreamConfig | None = None
+    backup_command: list[str] | None = None
+    drill_command: list[str] | None = None
+
+
+class PostgresSource(_DatabaseSource):
+    kind: Literal["postgres"]
+
+
+class MysqlSource(_DatabaseSource):
+    kind: Literal["mysql"]
+
+
+SourceConfig = Annotated[
+    FilesSource | SqliteSource | PostgresSource | MysqlSource, Field(discriminator="kind")
+]
+
+
+class Limits(_Model):
+    upload: Size | None = None
+    upload_burst: Size | None = None
+    per_job_upload: Size | None = None
+    max_concurrent_jobs: int = Field(default=2, ge=1)
+    max_concurrent_per_repository: int | None = Field(default=None, ge=1)
+    max_concurrent_per_host: int | None = Field(default=None, ge=1)
+    job_timeout: Duration = 6 * 3600.0
+    shutdown_grace: Duration = 60.0
+
+
+class Notification(_Model):
+    webhook: str | None = None
+    command: list[str] | None = None
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _one(self) -> Notification:
+        if (self.webhook is None) == (self.command is None):
+            raise ValueError("give exactly one of 'webhook' or 'command'")
+        hook = self.webhook
+        if hook is not None and not hook.startswith(("env:", "file:", "http://", "https://")):
+            raise ValueError("webhook must be an http(s) URL, env:NAME or file:PATH")
+        return self
+
+
+class AlertPolicy(_Model):
+    min_history: int = Field(default=5, ge=3)
+    window: int = Field(default=30, ge=3)
+    threshold: float = Field(default=5.0, gt=0)
+    min_relative_change: float = Field(default=0.5, ge=0)
+    min_bytes_change: Size = 1024 * 1024
+    min_duration_change: Duration = 10.0
+    stale_factor: float = Field(default=2.5, gt=1)
+
+
+class DrillConfig(_Model):
+    source: Name
+    schedule: str | None = None
+    timezone: str | None = None
+    priority: int = -10
+    max_rpo: Duration | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            Schedule.parse(value)
+        return value
+
+
+class MetricsConfig(_Model):
+    listen: str | None = "127.0.0.1:9377"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^:\s]*:\d{1,5}", value):
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9377")
+        return value
+
+
+class Config(_Model):
+    version: Literal[1] = 1
+    timezone: str = "UTC"
+    history: str = Field(default_factory=default_history)
+    scratch: str | None = None
+    log_json: bool = False
+    repositories: dict[Name, RepositoryConfig] = Field(min_length=1)
+    sources: dict[Name, SourceConfig] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit_breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    alerts: AlertPolicy = Field(default_factory=AlertPolicy)
+    notifications: list[Notification] = Field(default_factory=list)
+    drills: dict[Name, DrillConfig] = Field(default_factory=dict)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        Schedule.zone(value)
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, value: str) -> str:
+        if "://" in value and not value.startswith("sqlite://"):
+            raise ValueError("only SQLite job history is supported: give a file path")
+        return value.removeprefix("sqlite://")
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        for name, src in self.sources.items():
+            if src.repository not in self.repositories:
+                raise _RefError(("sources", name, "repository"), src.repository, "repository")
+        for name, drill in self.drills.items():
+            if drill.source not in self.sources:
+                raise _RefError(("drills", name, "source"), drill.source, "source")
+        return self
+
+    def source_timezone(self, name: str) -> str:
+        return self.sources[name].timezone or self.timezone
+
+
+class _RefError(ValueError):
+    def __init__(self, loc: tuple[str, ...], value: str, what: str) -> None:
+        super().__init__(f"unknown {what} {value!r}")
+        self.loc = loc
+
+
+class LoadedConfig:
+    """A validated config with the file it came from (paths already made absolute)."""
+
+    def __init__(self, config: Config, path: Path) -> None:
+        self.config = config
+        self.path = path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def _absolute(base: Path, value: str) -> str:
+    if "://" in value:
+        return value
+    return str((base / os.path.expanduser(value)).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    if "history" not in data:
+        data["history"] = default_history()
+    elif isinstance(data.get("history"), str):
+        data["history"] = _absolute(base, data["history"])
+    if isinstance(data.get("scratch"), str):
+        data["scratch"] = _absolute(base, data["scratch"])
+    for repo in (data.get("repositories") or {}).values():
+        if isinstance(repo, dict):
+            if isinstance(repo.get("location"), str):
+                repo["location"] = _absolute(base, repo["location"])
+            replica = repo.get("replica")
+            if isinstance(replica, dict) and isinstance(replica.get("location"), str):
+                replica["location"] = _absolute(base, replica["location"])
+    for src in (data.get("sources") or {}).values():
+        if not isinstance(src, dict):
+            continue
+        if isinstance(src.get("paths"), list):
+            src["paths"] = [_absolute(base, p) if isinstance(p, str) else p for p in src["paths"]]
+        if src.get("kind") == "sqlite" and isinstance(src.get("path"), str):
+            src["path"] = _absolute(base, src["path"])
+
+
+_KIND_TAGS = {"files", "sqlite", "postgres", "mysql"}
+
+
+def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, bool]:
+    """Walk a composed YAML tree along a pydantic error location.
+
+    Returns the node to point at (for a mapping entry, its key, which is where a reader looks)
+    and whether the whole location was found.
+    """
+    node, mark = root, root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    node, mark = value, key
+                    break
+            else:
+                if part in _KIND_TAGS:
+                    continue  # the discriminator tag pydantic inserts for tagged unions
+                return mark, False
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return mark, False
+            node = mark = node.value[part]
+        else:
+            return mark, False
+    return mark, True
+
+
+def _describe(path: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str) -> str:
+    shown = [p for i, p in enumerate(loc)
+             if not (p in _KIND_TAGS and i == 2 and loc[0] == "sources")]
+    key = ".".join(str(p) for p in shown) or "(top level)"
+    node, exact = _node_for(root, loc)
+    line = f":{node.start_mark.line + 1}" if node is not None else ""
+    if not exact and "Field required" in msg:
+        msg = "missing required key"
+    return f"{path}{line}: {key}: {msg}"
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate YAML text; errors name ``path``, the line and the key."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigurationError(f"{path}{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path}:1: the configuration must be a mapping of sections")
+    _resolve_paths(data, path.parent)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors()[:5]:
+            loc = tuple(err["loc"])
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _RefError):
+                loc = ctx_err.loc
+            lines.append(_describe(path, root, loc, _clean(err["msg"])))
+        more = exc.error_count() - len(lines)
+        if more > 0:
+            lines.append(f"... and {more} more problem(s)")
+        raise ConfigurationError("; ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+    p = Path(path).expanduser().resolve()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read configuration {p}: {exc.strerror}",
+            hint="pass --config or set KEEPWELL_CONFIG",
+        ) from None
+    return LoadedConfig(parse_config(text, p), p)

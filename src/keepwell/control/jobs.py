@@ -1,0 +1,285 @@
+"""Jobs: what to run (`JobSpec`, a plain value) and running it (`execute`).
+
+A `JobSpec` holds everything a worker needs, as JSON-able values: the action (``backup`` or
+``drill``), the source's settings and the repository's location with secret *references* (never
+values). Its ``job_id`` is stable (action, name and the scheduled time), so a retry, a re-run after
+a crash, or another executor (a fleet worker) all refer to the same job, and a job whose id has
+already succeeded is not run twice. Definitions live here; queues, budgets and retries live in
+the daemon, so any executor can run the same specs.
+
+`execute(spec, context)` opens the repository through the job's bandwidth budget (the shared
+bucket and the job's own), checks for cancellation and the deadline on every storage call, runs
+the job kind's function (`keepwell.control.kinds`) and returns a `JobOutcome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepwell.backends.base import Backend, ObjectInfo
+from keepwell.backends.resilience import TokenBucket
+from keepwell.control.config import Config
+from keepwell.control.secrets import resolve
+from keepwell.errors import ConfigurationError, KeepwellError, UsageError
+
+ACTIONS = ("backup", "drill")
+
+
+class JobCancelled(KeepwellError):
+    """The job was stopped: the daemon is shutting down, or the job ran past its timeout."""
+
+    hint = "it will be run again"
+
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    action: str
+    name: str
+    source: str
+    kind: str
+    repository: str
+    host: str
+    priority: int
+    scheduled_at: float
+    timeout: float
+    upload_limit: int | None
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    attempt: int = 1
+    trigger: str = "schedule"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def retry(self, trigger: str = "retry") -> JobSpec:
+        return dataclasses.replace(self, attempt=self.attempt + 1, trigger=trigger)
+
+
+def source_tag(name: str) -> str:
+    """The tag every snapshot of a configured source carries."""
+    return f"source:{name}"
+
+
+def _host_of(src: Any) -> str:
+    conn = getattr(src, "connection", None)
+    if conn is not None:
+        return str(conn.socket or conn.host)
+    return str(getattr(src, "host", None) or "localhost")
+
+
+def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
+              trigger: str = "schedule") -> JobSpec:
+    """The job definition for ``action`` on a source (backup) or a drill (drill)."""
+    if action not in ACTIONS:
+        raise UsageError(f"unknown action {action!r}")
+    if action == "drill":
+        drill = cfg.drills.get(name)
+        source_name = drill.source if drill is not None else name
+        priority = drill.priority if drill is not None else -10
+        max_rpo = drill.max_rpo if drill is not None else None
+    else:
+        source_name, priority, max_rpo = name, 0, None
+    src = cfg.sources.get(source_name)
+    if src is None:
+        known = ", ".join(sorted(cfg.sources) + sorted(cfg.drills)) or "none"
+        raise ConfigurationError(f"no source or drill named {name!r} (configured: {known})")
+    if action == "backup":
+        priority = src.priority
+    repo = cfg.repositories[src.repository]
+    upload = src.upload_limit or cfg.limits.per_job_upload
+    params = {
+        "source": src.model_dump(mode="json"),
+        "repository": repo.model_dump(mode="json"),
+        "scratch": cfg.scratch,
+        "max_rpo": max_rpo,
+    }
+    stamp = int(scheduled_at * 1000)
+    return JobSpec(
+        job_id=f"{action}:{name}:{stamp}",
+        action=action,
+        name=name,
+        source=source_name,
+        kind=src.kind,
+        repository=src.repository,
+        host=_host_of(src),
+        priority=priority,
+        scheduled_at=scheduled_at,
+        timeout=src.timeout or cfg.limits.job_timeout,
+        upload_limit=upload,
+        params=params,
+        trigger=trigger,
+    )
+
+
+@dataclass
+class JobOutcome:
+    status: str  # succeeded | failed | timeout | interrupted
+    error: str | None = None
+    error_type: str | None = None
+    transient: bool = False
+    bytes_read: int | None = None
+    bytes_stored: int | None = None
+    bytes_uploaded: int = 0
+    dedup_ratio: float | None = None
+    snapshot_id: str | None = None
+    rto: float | None = None
+    rpo: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class JobContext:
+    """What an executor gives a running job: budgets, cancellation, deadline, byte counter."""
+
+    def __init__(self, *, shared_upload: TokenBucket | None = None, timeout: float | None = None,
+                 cancel: threading.Event | None = None,
+                 on_upload: Callable[[int], None] | None = None) -> None:
+        self.shared_upload = shared_upload
+        self.cancel = cancel or threading.Event()
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.on_upload = on_upload
+        self.uploaded = 0
+        self.upload_started: float | None = None  # wall time the first pack upload began
+        self.upload_ended: float | None = None  # wall time the last upload finished
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobCancelled("the job ran past its timeout", timed_out=True)
+        if self.cancel.is_set():
+            raise JobCancelled("the job was stopped by a shutdown", timed_out=False)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up to stop at the deadline or on cancellation (a bucket's sleep)."""
+        end = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.cancel.wait(min(left, 0.1))
+
+    def count_upload(self, n: int) -> None:
+        with self._lock:
+            self.uploaded += n
+        if self.on_upload is not None:
+            self.on_upload(n)
+
+
+class GuardedBackend:
+    """Checks the job's deadline and cancellation on every call and counts uploaded bytes."""
+
+    def __init__(self, inner: Backend, ctx: JobContext) -> None:
+        self.inner = inner
+        self.ctx = ctx
+        self.location = inner.location
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        self.ctx.check()
+        if self.ctx.upload_started is None and name.startswith("data/"):
+            self.ctx.upload_started = time.time()
+        self.inner.put(name, data, overwrite=overwrite)
+        self.ctx.upload_ended = time.time()
+        self.ctx.count_upload(len(data))
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.ctx.check()
+        return self.inner.get(name, offset, length)
+
+    def stat(self, name: str) -> ObjectInfo:
+        self.ctx.check()
+        return self.inner.stat(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.ctx.check()
+        return self.inner.list(prefix)
+
+    def delete(self, name: str) -> None:
+        self.ctx.check()
+        self.inner.delete(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
+    """Dress a backend in the job's budgets: its own bucket, then the shared one, then guard."""
+    from keepwell.backends.wrappers import RateLimitedBackend
+
+    if ctx.shared_upload is not None:
+        backend = RateLimitedBackend(backend, upload=ctx.shared_upload)
+    if spec.upload_limit:
+        own = TokenBucket(spec.upload_limit, burst=spec.upload_limit / 8, sleep=ctx.sleep)
+        backend = RateLimitedBackend(backend, upload=own)
+    return GuardedBackend(backend, ctx)
+
+
+def open_job_repository(spec: JobSpec, ctx: JobContext) -> Any:
+    """Open the job's repository behind its budgets."""
+    from keepwell.backends import open_backend
+    from keepwell.repository import Repository
+
+    repo_cfg = spec.params["repository"]
+    password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
+    return Repository.open(budgeted(open_backend(repo_cfg["location"]), spec, ctx), password)
+
+
+def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:
+    """After a backup: bring the repository's replica (if any) up to date, inside the budgets."""
+    from keepwell.backends import open_backend
+    from keepwell.control.replica import mirror
+
+    replica_cfg = spec.params["repository"].get("replica")
+    if not replica_cfg:
+        return None
+    replica = budgeted(open_backend(replica_cfg["location"]), spec, ctx)
+    try:
+        return mirror(primary, replica).as_dict()
+    finally:
+        replica.close()
+
+
+def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
+    """Run one job to its end; never raises for a job's own failure."""
+    from keepwell.control.kinds import get_kind
+
+    started = time.monotonic()
+    try:
+        kind = get_kind(spec.kind)
+        ctx.check()
+        outcome = kind.drill(spec, ctx) if spec.action == "drill" else kind.backup(spec, ctx)
+    except JobCancelled as exc:
+        outcome = JobOutcome("timeout" if exc.timed_out else "interrupted", error=str(exc),
+                             error_type=type(exc).__name__)
+    except KeepwellError as exc:
+        outcome = JobOutcome("failed", error=exc.line(), error_type=type(exc).__name__,
+                             transient=bool(getattr(exc, "transient", False)))
+    except Exception as exc:  # a job must not take the daemon down; record it as a failure
+        outcome = JobOutcome("failed", error=f"{type(exc).__name__}: {exc}",
+                             error_type=type(exc).__name__)
+    if outcome.status == "failed":
+        # Worker threads of a source may wrap the cancellation in their own error.
+        try:
+            ctx.check()
+        except JobCancelled as exc:
+            outcome.status = "timeout" if exc.timed_out else "interrupted"
+            outcome.error = str(exc)
+    outcome.bytes_uploaded = ctx.uploaded
+    if ctx.upload_started is not None:
+        outcome.details["upload_started"] = round(ctx.upload_started, 6)
+        outcome.details["upload_ended"] = round(ctx.upload_ended or ctx.upload_started, 6)
+    outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
+    return outcome

@@ -1,0 +1,135 @@
+"""Supervised log streamers: long-running WAL/binlog jobs kept alive with restart backoff.
+
+A streamer is the command of a source's ``stream`` setting (for example the PostgreSQL source's
+WAL receiver). The supervisor starts it, restarts it when it exits (after a delay drawn with
+exponential backoff and full jitter; the count starts again once it has run for ``restart_cap``
+seconds), and stops it on shutdown (SIGTERM, then SIGKILL after a grace period).
+
+A streamer runs in its own process group. Its pid is recorded in the job history, so a daemon
+that was killed without a chance to stop it has the orphan stopped by the next daemon (after
+checking that the pid still runs the same command) before a new one starts.
+
+Protocol: a streamer may print JSON lines such as ``{"lag_seconds": 3.5, "spool_depth": 2}`` on
+its standard output; the supervisor keeps the latest figures for metrics and the lag alert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from keepwell.backends.resilience import Backoff
+from keepwell.control.config import StreamConfig
+from keepwell.control.logs import log_event
+from keepwell.control.metrics import StreamFigures
+
+
+class StreamSupervisor:
+    def __init__(self, source: str, config: StreamConfig, env: dict[str, str],
+                 log: logging.Logger, on_lag: Callable[[str, list[float]], None] | None = None,
+                 on_spawn: Callable[[str, int, list[str]], None] | None = None) -> None:
+        self.source = source
+        self.config = config
+        self.env = env
+        self.log = log
+        self.on_lag = on_lag
+        self.on_spawn = on_spawn
+        self.figures = StreamFigures()
+        self.lag_samples: deque[float] = deque(maxlen=10)
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"stream-{source}", daemon=True)
+        self._backoff = Backoff(config.restart_base, config.restart_cap)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(grace + 5)
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(doc, dict):
+                continue
+            if isinstance(doc.get("lag_seconds"), int | float):
+                self.figures.lag_seconds = float(doc["lag_seconds"])
+                self.lag_samples.append(self.figures.lag_seconds)
+                if self.on_lag is not None:
+                    self.on_lag(self.source, list(self.lag_samples))
+            if isinstance(doc.get("spool_depth"), int | float):
+                self.figures.spool_depth = float(doc["spool_depth"])
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                proc = subprocess.Popen(self.config.command, env=self.env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as exc:
+                code: int | str = f"cannot start: {exc.strerror}"
+            else:
+                self._proc = proc
+                self.figures.up = True
+                if self.on_spawn is not None:
+                    self.on_spawn(self.source, proc.pid, list(self.config.command))
+                log_event(self.log, "stream_started", source=self.source, pid=proc.pid)
+                self._read(proc)
+                code = proc.wait()
+                self.figures.up = False
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started >= self.config.restart_cap:
+                failures = 0
+            delay = self._backoff.delay(failures)
+            failures += 1
+            self.figures.restarts += 1
+            log_event(self.log, "stream_exited", level=logging.WARNING, source=self.source,
+                      code=code, restart_in=round(delay, 3))
+            self._stop.wait(delay)
+
+
+def stop_orphan(pid: int, command: list[str]) -> bool:
+    """Stop a streamer left by a killed daemon, if ``pid`` still runs ``command``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    if argv != command:
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+    return True

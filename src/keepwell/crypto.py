@@ -1,0 +1,160 @@
+"""Keys, key derivation and authenticated encryption.
+
+Words:
+    master key   64 random bytes made at ``init``: ``enc_key`` (32) and ``mac_key`` (32). Every
+                 password of a repository wraps the same master key.
+    blob         a chunk of content or a tree, stored encrypted. Its id is BLAKE3 keyed with the
+                 repository's ``id_key`` over the plaintext, so the store never learns which known
+                 files it holds.
+    object       a whole stored unit that is not a blob: index, snapshot, config, pack header.
+
+Nonce reuse is impossible by construction, never a matter of luck:
+
+* A blob is encrypted with AES-256-GCM under a one-off subkey derived from the repository's
+  ``enc_key``, the blob id and a synthetic IV (a keyed BLAKE3 MAC of the exact bytes to be
+  encrypted). A subkey is thus tied to exactly one plaintext: the all-zero nonce is never used
+  twice with different plaintexts under one key, and identical plaintexts give identical
+  ciphertexts (they already share an id, so nothing more is revealed). The blob id and type are
+  the associated data, so a blob cannot be swapped for another. Blobs are position-free, so
+  pruning can move them between packs without decrypting.
+* An object is encrypted under a subkey derived from 32 fresh random bytes stored in front of it;
+  each subkey encrypts one message only.
+
+The password wraps the master key with a key from Argon2id (memory-hard).
+``KEEPWELL_TESTONLY_WEAK_KDF=1`` selects tiny parameters so test suites stay fast; it is recorded
+in the key file, so such a key stays weak and is visibly so.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+import blake3
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keepwell.errors import IntegrityError, WrongPasswordError
+
+_ZERO_NONCE = bytes(12)
+SIV_SIZE = 16
+TAG_SIZE = 16
+BLOB_OVERHEAD = SIV_SIZE + TAG_SIZE
+_OBJECT_SALT = 32
+_OBJECT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    time_cost: int = 3
+    memory_kib: int = 64 * 1024
+    parallelism: int = 2
+
+    @classmethod
+    def default(cls) -> KdfParams:
+        if os.environ.get("KEEPWELL_TESTONLY_WEAK_KDF") == "1":
+            return cls(time_cost=1, memory_kib=8, parallelism=1)
+        return cls()
+
+
+def derive_password_key(password: str, salt: bytes, params: KdfParams) -> bytes:
+    return hash_secret_raw(
+        password.encode("utf-8"),
+        salt,
+        time_cost=params.time_cost,
+        memory_cost=params.memory_kib,
+        parallelism=params.parallelism,
+        hash_len=32,
+        type=Type.ID,
+    )
+
+
+class MasterKey:
+    """The repository's secret: encrypts blobs and objects."""
+
+    __slots__ = ("raw", "_enc", "_mac")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != 64:
+            raise ValueError("master key must be 64 bytes")
+        self.raw = raw
+        self._enc = raw[:32]
+        self._mac = raw[32:]
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls(secrets.token_bytes(64))
+
+    # -- blobs -------------------------------------------------------------------------------
+    def encrypt_blob(self, blob_id: bytes, blob_type: int, payload: bytes) -> bytes:
+        siv = blake3.blake3(payload, key=self._mac).digest(SIV_SIZE)
+        subkey = blake3.blake3(b"kw-blob" + blob_id + siv, key=self._enc).digest()
+        aad = blob_id + bytes((blob_type,))
+        return siv + AESGCM(subkey).encrypt(_ZERO_NONCE, payload, aad)
+
+    def decrypt_blob(self, blob_id: bytes, blob_type: int, stored: bytes | memoryview) -> bytes:
+        siv = bytes(stored[:SIV_SIZE])
+        subkey = blake3.blake3(b"kw-blob" + blob_id + siv, key=self._enc).digest()
+        aad = blob_id + bytes((blob_type,))
+        try:
+            return AESGCM(subkey).decrypt(_ZERO_NONCE, stored[SIV_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError(
+                f"blob {blob_id.hex()[:16]} failed authentication (corrupt or tampered)"
+            ) from None
+
+    # -- objects -----------------------------------------------------------------------------
+    def encrypt_object(self, kind: bytes, payload: bytes) -> bytes:
+        salt = secrets.token_bytes(_OBJECT_SALT)
+        subkey = blake3.blake3(b"kw-object" + salt, key=self._enc).digest()
+        return bytes((_OBJECT_VERSION,)) + salt + AESGCM(subkey).encrypt(_ZERO_NONCE, payload, kind)
+
+    def decrypt_object(self, kind: bytes, stored: bytes, what: str) -> bytes:
+        if len(stored) < 1 + _OBJECT_SALT + TAG_SIZE or stored[0] != _OBJECT_VERSION:
+            raise IntegrityError(f"{what} is truncated or of an unknown version")
+        salt = stored[1 : 1 + _OBJECT_SALT]
+        subkey = blake3.blake3(b"kw-object" + salt, key=self._enc).digest()
+        try:
+            return AESGCM(subkey).decrypt(_ZERO_NONCE, stored[1 + _OBJECT_SALT :], kind)
+        except InvalidTag:
+            raise IntegrityError(f"{what} failed authentication (corrupt or tampered)") from None
+
+
+def wrap_master_key(master: MasterKey, password: str, params: KdfParams) -> dict[str, object]:
+    salt = secrets.token_bytes(32)
+    kek = derive_password_key(password, salt, params)
+    sealed = AESGCM(kek).encrypt(_ZERO_NONCE, master.raw, b"kw-master-key")
+    return {
+        "kdf": "argon2id",
+        "time_cost": params.time_cost,
+        "memory_kib": params.memory_kib,
+        "parallelism": params.parallelism,
+        "salt": salt.hex(),
+        "sealed": sealed.hex(),
+    }
+
+
+def unwrap_master_key(keyfile: dict[str, object], password: str) -> MasterKey:
+    """Each wrap uses a fresh salt, so the KEK (and its zero nonce) encrypts one message only."""
+    params = KdfParams(
+        int(keyfile["time_cost"]),  # type: ignore[call-overload]
+        int(keyfile["memory_kib"]),  # type: ignore[call-overload]
+        int(keyfile["parallelism"]),  # type: ignore[call-overload]
+    )
+    kek = derive_password_key(password, bytes.fromhex(str(keyfile["salt"])), params)
+    try:
+        raw = AESGCM(kek).decrypt(_ZERO_NONCE, bytes.fromhex(str(keyfile["sealed"])), b"kw-master-key")
+    except InvalidTag:
+        raise WrongPasswordError("wrong password: no key of this repository opens with it") from None
+    return MasterKey(raw)
+
+
+def keyed_id(id_key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    return blake3.blake3(data, key=id_key).digest()
+
+
+def content_name(data: bytes | bytearray | memoryview) -> str:
+    """Name of a stored object: the hash of its stored bytes, checkable without any key."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO if len(data) > 1 << 22 else 1).hexdigest()

@@ -1,0 +1,118 @@
+"""The one exception tree of keepwell.
+
+Every error a user can meet is a `KeepwellError`. Each class carries the process exit code and a
+hint that tells the user what to do; the CLI's single top-level handler turns any of them into one
+line (what, where, what to do) and that exit code. Anything else escaping is a bug and is shown
+as such.
+
+Exit codes (documented in docs/operations.md):
+    0 ok, 1 failure, 2 usage, 3 partial/incomplete, 10 no repository, 12 wrong password.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_NO_REPOSITORY = 10
+EXIT_WRONG_PASSWORD = 12
+
+
+class KeepwellError(Exception):
+    """Root of every error keepwell reports to a user."""
+
+    exit_code = EXIT_FAILURE
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def line(self) -> str:
+        msg = str(self)
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class UsageError(KeepwellError):
+    exit_code = EXIT_USAGE
+    hint = "see --help"
+
+
+class ConfigurationError(KeepwellError):
+    exit_code = EXIT_USAGE
+    hint = "fix the configuration and try again"
+
+
+class RepositoryNotFoundError(KeepwellError):
+    exit_code = EXIT_NO_REPOSITORY
+    hint = "check --repo / KEEPWELL_REPOSITORY, or create one with 'keepwell init'"
+
+
+class RepositoryExistsError(KeepwellError):
+    hint = "choose another location, or use the existing repository"
+
+
+class WrongPasswordError(KeepwellError):
+    exit_code = EXIT_WRONG_PASSWORD
+    hint = "check KEEPWELL_PASSWORD / --password-file"
+
+
+class SnapshotNotFoundError(KeepwellError):
+    hint = "list snapshots with 'keepwell snapshots'"
+
+
+class IntegrityError(KeepwellError):
+    """Stored data does not match what it claims to be (corruption or tampering)."""
+
+    hint = "run 'keepwell check --read-data' to see what is affected"
+
+
+class FormatError(IntegrityError):
+    """An object could be read but not parsed as the format says."""
+
+
+class PartialError(KeepwellError):
+    """The work finished, but some items could not be processed."""
+
+    exit_code = EXIT_PARTIAL
+
+
+class SourceError(KeepwellError):
+    """A source (file tree, database, stream) could not be read or restored."""
+
+
+class RestoreTargetError(KeepwellError):
+    hint = "choose an empty target directory or pass --overwrite"
+
+
+class BackendError(KeepwellError):
+    """Base of everything a storage backend reports."""
+
+    transient = False
+
+
+class ObjectNotFoundError(BackendError):
+    hint = "the object is missing from the repository; run 'keepwell check'"
+
+
+class ObjectExistsError(BackendError):
+    """A create-only put found the object already there."""
+
+
+class TransientBackendError(BackendError):
+    """Worth retrying: timeouts, resets, throttling, 5xx."""
+
+    transient = True
+    hint = "the storage did not answer; it will be retried, or try again later"
+
+
+class PermanentBackendError(BackendError):
+    """Not worth retrying: permissions, bad credentials, bad requests."""
+
+    hint = "check the repository location and its credentials"
+
+
+class CircuitOpenError(TransientBackendError):
+    hint = "the storage failed repeatedly; keepwell will probe it again later"

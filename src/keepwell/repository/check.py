@@ -1,0 +1,122 @@
+"""Checking a repository: structure (index ↔ packs, trees, snapshots) and, on request, data.
+
+``read_data`` downloads packs, checks each against its name (the hash of its bytes), and
+decrypts and verifies every blob. Damage is reported with what it affects: which snapshots and
+which files inside them reference a damaged or missing blob.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from keepwell.crypto import content_name
+from keepwell.errors import KeepwellError
+from keepwell.repository.format import (
+    KIND_PACK_HEADER,
+    PACK_PREFIX,
+    TRAILER_SIZE,
+    decode_pack_header,
+    pack_object_name,
+    parse_trailer,
+)
+from keepwell.repository.repo import Repository
+from keepwell.repository.tree import DIR
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    packs_read: int = 0
+    blobs_checked: int = 0
+    affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot id -> paths
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
+    report = CheckReport()
+    try:
+        index = repo.refresh_index()
+    except KeepwellError as exc:
+        report.errors.append(f"index: {exc}")
+        return report
+    stored = {}
+    for prefix in PACK_PREFIX.values():
+        for info in repo.backend.list(prefix + "/"):
+            stored[info.name] = info.size
+    referenced_packs = {pack_object_name(t, p.hex()) for p, t in zip(index.pack_ids, index.pack_types, strict=True)}
+    bad_blobs: set[bytes] = set()
+    for name in sorted(referenced_packs - set(stored)):
+        report.errors.append(f"{name} is in the index but missing from storage")
+    for name in sorted(set(stored) - referenced_packs):
+        report.warnings.append(f"{name} is not in the index (unfinished or interrupted upload)")
+    by_pack: dict[str, list[tuple[bytes, int, int, int, int]]] = defaultdict(list)
+    for blob_id, loc in index.entries():
+        name = pack_object_name(loc.pack_type, loc.pack.hex())
+        by_pack[name].append((blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
+        if name not in stored:
+            bad_blobs.add(blob_id)
+
+    if read_data_fraction > 0:
+        names = sorted(n for n in by_pack if n in stored)
+        if read_data_fraction < 1:
+            names = random.sample(names, max(1, int(len(names) * read_data_fraction))) if names else []
+
+        def read(name: str) -> tuple[list[str], set[bytes], int]:
+            errs: list[str] = []
+            bad: set[bytes] = set()
+            try:
+                data = repo.backend.get(name)
+            except KeepwellError as exc:
+                return [f"{name}: {exc}"], {b[0] for b in by_pack[name]}, 0
+            if content_name(data) != name.rsplit("/", 1)[1]:
+                errs.append(f"{name}: content does not match its name (corrupt)")
+            try:
+                hlen = parse_trailer(data[-TRAILER_SIZE:])
+                header = repo.master.decrypt_object(
+                    KIND_PACK_HEADER, data[-TRAILER_SIZE - hlen : -TRAILER_SIZE], name)
+                in_header = {e.id: e for e in decode_pack_header(header)}
+            except (KeepwellError, ValueError) as exc:
+                errs.append(f"{name}: pack header unreadable: {exc}")
+                in_header = {}
+            n = 0
+            for blob_id, btype, off, length, raw in by_pack[name]:
+                n += 1
+                if in_header and (blob_id not in in_header or in_header[blob_id].offset != off):
+                    errs.append(f"{name}: index and pack header disagree on blob {blob_id.hex()[:16]}")
+                try:
+                    repo.open_blob(blob_id, btype, data[off : off + length], raw)
+                except KeepwellError as exc:
+                    errs.append(f"{name}: {exc}")
+                    bad.add(blob_id)
+            return errs, bad, n
+
+        with ThreadPoolExecutor(4) as pool:
+            for errs, bad, n in pool.map(read, names):
+                report.errors.extend(errs)
+                bad_blobs |= bad
+                report.blobs_checked += n
+                report.packs_read += 1
+
+    for snap in repo.list_snapshots():
+        try:
+            for path, node in repo.walk(snap):
+                blobs = list(node.content)
+                if node.type == DIR and node.subtree is not None:
+                    blobs.append(node.subtree)
+                for b in blobs:
+                    if b in bad_blobs or not index.has(b):
+                        report.affected.setdefault(snap.id, []).append("/" + path)
+                        break
+        except KeepwellError as exc:
+            report.errors.append(f"snapshot {snap.short_id}: {exc}")
+            report.affected.setdefault(snap.id, []).append("(its trees)")
+    for sid, paths in report.affected.items():
+        report.errors.append(f"snapshot {sid[:8]}: {len(paths)} damaged or missing file(s), e.g. {paths[0]}")
+    return report

@@ -1,0 +1,216 @@
+"""The index: which blob is in which pack, at which offset.
+
+On disk an index object lists packs and their blobs (see docs/repository-format.md). In memory the
+`MasterIndex` keeps every entry in one sorted NumPy structured array (49 bytes per blob) plus a
+sorted array of 8-byte keys for binary search (8 bytes per blob): 57 bytes per blob, no Python
+object per blob. Blobs added by the running process sit in a small dict until `compact()` folds
+them in.
+
+Words:
+    location    (pack id, offset, stored length, raw length, type) of one blob
+    supersedes  index objects that a newer index object replaces (written by prune)
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+ENTRY_DTYPE = np.dtype(
+    [
+        ("id", "V32"),
+        ("pack", "<u4"),
+        ("offset", "<u4"),
+        ("length", "<u4"),
+        ("raw", "<u4"),
+        ("type", "u1"),
+    ]
+)
+_MAGIC = b"KWIX"
+_HEAD = struct.Struct("<4sBIIQ")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLocation:
+    pack: bytes
+    pack_type: int
+    offset: int
+    length: int
+    raw_length: int
+    type: int
+
+
+@dataclass
+class IndexContent:
+    """One index object, decoded: pack ids (with their blob type) and entries."""
+
+    packs: list[bytes]
+    pack_types: list[int]
+    entries: np.ndarray  # ENTRY_DTYPE, 'pack' indexes into `packs`
+    supersedes: list[str]
+
+
+def encode_index(content: IndexContent) -> bytes:
+    head = _HEAD.pack(
+        _MAGIC, 1, len(content.supersedes), len(content.packs), len(content.entries)
+    )
+    parts = [head]
+    parts += [bytes.fromhex(s) for s in content.supersedes]
+    parts += content.packs
+    parts.append(bytes(content.pack_types))
+    parts.append(np.ascontiguousarray(content.entries, dtype=ENTRY_DTYPE).tobytes())
+    return b"".join(parts)
+
+
+def decode_index(plain: bytes) -> IndexContent:
+    magic, version, n_sup, n_packs, n_entries = _HEAD.unpack_from(plain, 0)
+    if magic != _MAGIC or version != 1:
+        raise ValueError("not a keepwell index object")
+    pos = _HEAD.size
+    sup = [plain[pos + 32 * i : pos + 32 * (i + 1)].hex() for i in range(n_sup)]
+    pos += 32 * n_sup
+    packs = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_packs)]
+    pos += 32 * n_packs
+    types = list(plain[pos : pos + n_packs])
+    pos += n_packs
+    if len(plain) - pos != n_entries * ENTRY_DTYPE.itemsize:
+        raise ValueError("index object has the wrong size")
+    entries = np.frombuffer(plain, dtype=ENTRY_DTYPE, count=n_entries, offset=pos)
+    if n_entries and int(entries["pack"].max()) >= n_packs:
+        raise ValueError("index entry points past the pack table")
+    return IndexContent(packs, types, entries, sup)
+
+
+def _keys_of(entries: np.ndarray) -> np.ndarray:
+    raw = entries.view(np.uint8).reshape(-1, ENTRY_DTYPE.itemsize)[:, :8]
+    return np.ascontiguousarray(raw).view(">u8").ravel().astype(np.uint64)
+
+
+class MasterIndex:
+    """Every known blob location; safe for concurrent lookups and additions."""
+
+    _FOLD_AT = 200_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pack_ids: list[bytes] = []
+        self.pack_types: list[int] = []
+        self._pack_no: dict[bytes, int] = {}
+        self._entries = np.zeros(0, dtype=ENTRY_DTYPE)
+        self._keys = np.zeros(0, dtype=np.uint64)
+        self._staged: list[np.ndarray] = []
+        self._extra: dict[bytes, tuple[int, int, int, int, int]] = {}
+        self.files: set[str] = set()
+
+    # -- building ------------------------------------------------------------------------------
+    def _pack_number(self, pack: bytes, pack_type: int) -> int:
+        n = self._pack_no.get(pack)
+        if n is None:
+            n = self._pack_no[pack] = len(self.pack_ids)
+            self.pack_ids.append(pack)
+            self.pack_types.append(pack_type)
+        return n
+
+    def stage(self, name: str, content: IndexContent) -> None:
+        """Add an index object's entries; call `finish()` once all are staged."""
+        with self._lock:
+            mapping = np.array(
+                [self._pack_number(p, t) for p, t in zip(content.packs, content.pack_types, strict=True)]
+                or [0],
+                dtype=np.uint32,
+            )
+            entries = content.entries.copy()
+            if len(entries):
+                entries["pack"] = mapping[entries["pack"]]
+            self._staged.append(entries)
+            self.files.add(name)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        parts = [self._entries, *self._staged]
+        if self._extra:
+            extra = np.zeros(len(self._extra), dtype=ENTRY_DTYPE)
+            ids = b"".join(self._extra.keys())
+            extra["id"] = np.frombuffer(ids, dtype="V32")
+            vals = np.array(list(self._extra.values()), dtype=np.int64).reshape(-1, 5)
+            for col, field in enumerate(("pack", "offset", "length", "raw", "type")):
+                extra[field] = vals[:, col]
+            parts.append(extra)
+        self._staged = []
+        self._extra = {}
+        if len(parts) == 1:
+            return
+        merged = np.concatenate(parts)
+        del parts
+        keys = _keys_of(merged)
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        del keys
+        self._entries = merged[order]
+
+    def add(self, blob_id: bytes, pack: bytes, pack_type: int, offset: int, length: int,
+            raw_length: int, blob_type: int) -> None:
+        with self._lock:
+            n = self._pack_number(pack, pack_type)
+            self._extra[blob_id] = (n, offset, length, raw_length, blob_type)
+            if len(self._extra) >= self._FOLD_AT:
+                self._fold()
+
+    # -- lookups -------------------------------------------------------------------------------
+    def _find(self, blob_id: bytes) -> int:
+        key = int.from_bytes(blob_id[:8], "big")
+        keys = self._keys
+        i = int(np.searchsorted(keys, key))
+        n = len(keys)
+        while i < n and int(keys[i]) == key:
+            if self._entries["id"][i].tobytes() == blob_id:
+                return i
+            i += 1
+        return -1
+
+    def has(self, blob_id: bytes) -> bool:
+        with self._lock:
+            return blob_id in self._extra or self._find(blob_id) >= 0
+
+    def lookup(self, blob_id: bytes) -> BlobLocation | None:
+        with self._lock:
+            hit = self._extra.get(blob_id)
+            if hit is not None:
+                n, offset, length, raw, btype = hit
+            else:
+                i = self._find(blob_id)
+                if i < 0:
+                    return None
+                e = self._entries[i]
+                n, offset, length, raw, btype = (
+                    int(e["pack"]), int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
+                )
+            return BlobLocation(self.pack_ids[n], self.pack_types[n], offset, length, raw, btype)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries) + len(self._extra) + sum(len(s) for s in self._staged)
+
+    def entries(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        """Every entry (duplicates included); for check, prune and stats."""
+        with self._lock:
+            self._fold()
+            entries = self._entries
+            packs, types = list(self.pack_ids), list(self.pack_types)
+        ids = entries["id"]
+        for i in range(len(entries)):
+            e = entries[i]
+            n = int(e["pack"])
+            yield ids[i].tobytes(), BlobLocation(
+                packs[n], types[n], int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
+            )
+
+    def nbytes(self) -> int:
+        return int(self._entries.nbytes + self._keys.nbytes)

@@ -1,0 +1,387 @@
+"""The Repository: opening, objects, index, blobs and snapshots.
+
+This is the engine's front door. It knows nothing about databases or schedules: it stores blobs,
+trees and snapshots, and reads them back verified. Writing goes through `SnapshotWriter`
+(keepwell.repository.writer) and `BlobSink` (keepwell.repository.packer); checking and pruning
+live in their own modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from keepwell.backends.base import Backend
+from keepwell.chunker import Chunker, ChunkerParams
+from keepwell.compression import unpack_payload
+from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
+from keepwell.errors import (
+    FormatError,
+    IntegrityError,
+    KeepwellError,
+    ObjectNotFoundError,
+    RepositoryExistsError,
+    RepositoryNotFoundError,
+    SnapshotNotFoundError,
+    UsageError,
+)
+from keepwell.repository import keys
+from keepwell.repository.events import Events
+from keepwell.repository.format import (
+    FORMAT_VERSION,
+    KIND_CONFIG,
+    KIND_INDEX,
+    KIND_SNAPSHOT,
+    TREE,
+    pack_object_name,
+)
+from keepwell.repository.index import IndexContent, MasterIndex, decode_index, encode_index
+from keepwell.repository.snapshot import Snapshot, decode_snapshot
+from keepwell.repository.tree import DIR, Node, decode_tree
+
+
+class Repository:
+    def __init__(self, backend: Backend, master: MasterKey, config: dict[str, Any], key_id: str) -> None:
+        self.backend = backend
+        self.master = master
+        self.config = config
+        self.key_id = key_id
+        self.id_key = bytes.fromhex(config["id_key"])
+        self.chunker_params = ChunkerParams.from_dict(config["chunker"])
+        self.chunker = Chunker(self.chunker_params)
+        self.compression = int(config.get("compression", 3))
+        self.events = Events()
+        self._index: MasterIndex | None = None
+        self._index_lock = threading.Lock()
+        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._trees_lock = threading.Lock()
+        self._snapshots: dict[str, Snapshot] = {}
+
+    # -- creating and opening -------------------------------------------------------------------
+    @classmethod
+    def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
+             compression: int = 3, kdf: KdfParams | None = None) -> Repository:
+        try:
+            backend.stat("config")
+            raise RepositoryExistsError(f"a repository already exists at {backend.location}")
+        except ObjectNotFoundError:
+            pass
+        if any(True for _ in backend.list("keys/")):
+            raise RepositoryExistsError(f"{backend.location} already holds keys of a repository")
+        master = MasterKey.generate()
+        params = chunker or ChunkerParams(seed=secrets.randbits(62))
+        config = {
+            "version": FORMAT_VERSION,
+            "id": secrets.token_hex(32),
+            "id_key": secrets.token_hex(32),
+            "chunker": params.to_dict(),
+            "compression": compression,
+        }
+        key_id = keys.add_key(backend, master, password, kdf)
+        data = master.encrypt_object(KIND_CONFIG, json.dumps(config).encode())
+        backend.put("config", data)
+        return cls(backend, master, config, key_id)
+
+    @classmethod
+    def open(cls, backend: Backend, password: str) -> Repository:
+        try:
+            stored = backend.get("config")
+        except ObjectNotFoundError:
+            raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
+        master, key_id = keys.open_with_password(backend, password)
+        config = json.loads(master.decrypt_object(KIND_CONFIG, stored, "config"))
+        if int(config.get("version", 0)) > FORMAT_VERSION:
+            raise KeepwellError(
+                f"repository format {config['version']} is newer than this keepwell understands",
+                hint="upgrade keepwell",
+            )
+        return cls(backend, master, config, key_id)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def id(self) -> str:
+        return str(self.config["id"])
+
+    # -- encrypted objects ----------------------------------------------------------------------
+    def put_object(self, prefix: str, kind: bytes, plain: bytes) -> str:
+        stored = self.master.encrypt_object(kind, plain)
+        name = content_name(stored)
+        self.backend.put(f"{prefix}/{name}", stored)
+        return name
+
+    def get_object(self, prefix: str, name: str, kind: bytes) -> bytes:
+        stored = self.backend.get(f"{prefix}/{name}")
+        if content_name(stored) != name:
+            raise IntegrityError(f"{prefix}/{name} does not match its name (corrupt)")
+        return self.master.decrypt_object(kind, stored, f"{prefix}/{name}")
+
+    # -- index ----------------------------------------------------------------------------------
+    @property
+    def index(self) -> MasterIndex:
+        if self._index is None:
+            with self._index_lock:
+                if self._index is None:
+                    self._index = self._load_index()
+        return self._index
+
+    def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None) -> MasterIndex:
+        idx = into or MasterIndex()
+        names = [i.name.split("/", 1)[1] for i in self.backend.list("index/")]
+        todo = [n for n in names if not skip or n not in skip]
+
+        def load(name: str) -> tuple[str, IndexContent] | None:
+            try:
+                return name, decode_index(self.get_object("index", name, KIND_INDEX))
+            except ObjectNotFoundError:
+                return None  # superseded and deleted by a prune since the listing
+            except ValueError as exc:
+                raise FormatError(f"index/{name} cannot be decoded: {exc}") from None
+
+        with ThreadPoolExecutor(8) as pool:
+            for result in pool.map(load, todo):
+                if result is not None:
+                    idx.stage(*result)
+        idx.finish()
+        return idx
+
+    def refresh_index(self) -> MasterIndex:
+        """Bring the index up to date with storage (new index objects, or a prune's rewrite)."""
+        with self._index_lock:
+            current = {i.name.split("/", 1)[1] for i in self.backend.list("index/")}
+            if self._index is None or not self._index.files <= current:
+                self._index = self._load_index()
+            else:
+                self._load_index(self._index, skip=self._index.files)
+            return self._index
+
+    def write_index(self, content: IndexContent) -> str:
+        return self.put_object("index", KIND_INDEX, encode_index(content))
+
+    # -- blobs ----------------------------------------------------------------------------------
+    def load_blob(self, blob_id: bytes, blob_type: int | None = None) -> bytes:
+        loc = self.index.lookup(blob_id)
+        if loc is None:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index",
+                                 hint="run 'keepwell check' to see what is affected")
+        stored = self.backend.get(pack_object_name(loc.pack_type, loc.pack.hex()), loc.offset, loc.length)
+        return self.open_blob(blob_id, loc.type, stored, loc.raw_length)
+
+    def open_blob(self, blob_id: bytes, blob_type: int, stored: bytes | memoryview, raw_length: int) -> bytes:
+        """Decrypt, decompress and verify one stored blob; never returns unverified bytes."""
+        plain = unpack_payload(self.master.decrypt_blob(blob_id, blob_type, stored), raw_length)
+        if len(plain) != raw_length or keyed_id(self.id_key, plain) != blob_id:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} does not match its id")
+        return plain
+
+    def load_tree(self, tree_id: bytes) -> list[Node]:
+        with self._trees_lock:
+            hit = self._trees.get(tree_id)
+            if hit is not None:
+                self._trees.move_to_end(tree_id)
+                return hit
+        nodes = decode_tree(self.load_blob(tree_id, TREE))
+        with self._trees_lock:
+            self._trees[tree_id] = nodes
+            while len(self._trees) > 4096:
+                self._trees.popitem(last=False)
+        return nodes
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        snap = self._snapshots.get(snapshot_id)
+        if snap is None:
+            plain = self.get_object("snapshots", snapshot_id, KIND_SNAPSHOT)
+            snap = self._snapshots[snapshot_id] = decode_snapshot(snapshot_id, plain)
+        return snap
+
+    def snapshot_ids(self) -> list[str]:
+        return [i.name.split("/", 1)[1] for i in self.backend.list("snapshots/")]
+
+    def list_snapshots(self, kind: str | None = None) -> list[Snapshot]:
+        ids = self.snapshot_ids()
+
+        def load(i: str) -> Snapshot | None:
+            try:
+                return self.load_snapshot(i)
+            except ObjectNotFoundError:
+                return None
+
+        with ThreadPoolExecutor(8) as pool:
+            snaps = [s for s in pool.map(load, ids) if s is not None]
+        if kind is not None:
+            snaps = [s for s in snaps if s.kind == kind]
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def find_snapshot(self, ref: str, *, kind: str | None = None, host: str | None = None,
+                      tags: list[str] | tuple[str, ...] | None = None,
+                      paths: list[str] | None = None) -> Snapshot:
+        if ref == "latest" or ref.startswith("latest"):
+            snaps = self.list_snapshots(kind)
+            snaps = [s for s in snaps if (host is None or s.host == host)
+                     and (not tags or set(tags) <= set(s.tags))
+                     and (paths is None or sorted(s.paths) == sorted(paths))]
+            if not snaps:
+                raise SnapshotNotFoundError("no snapshot matches 'latest'"
+                                            + (f" of kind {kind}" if kind else ""))
+            return snaps[-1]
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref.lower()):
+            raise UsageError(f"{ref!r} is not a snapshot id (give 'latest' or a hex id prefix)")
+        matches = [i for i in self.snapshot_ids() if i.startswith(ref.lower())]
+        if not matches:
+            raise SnapshotNotFoundError(f"no snapshot with id {ref}")
+        if len(matches) > 1:
+            raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} match); give more digits")
+        snap = self.load_snapshot(matches[0])
+        if kind is not None and snap.kind != kind:
+            raise UsageError(f"snapshot {snap.short_id} is a {snap.kind} snapshot, not {kind}")
+        return snap
+
+    def forget(self, snapshot_ids: list[str]) -> None:
+        for sid in snapshot_ids:
+            try:
+                self.backend.delete(f"snapshots/{sid}")
+            except ObjectNotFoundError:
+                pass
+            self._snapshots.pop(sid, None)
+
+    # -- reading trees and files ----------------------------------------------------------------
+    def walk(self, snap: Snapshot | str, prefix: str = "") -> Iterator[tuple[str, Node]]:
+        tree = bytes.fromhex(snap.tree if isinstance(snap, Snapshot) else snap)
+        stack: list[tuple[bytes, str]] = [(tree, prefix)]
+        while stack:
+            tree_id, base = stack.pop()
+            nodes = self.load_tree(tree_id)
+            subdirs = []
+            for node in nodes:
+                path = f"{base}/{node.name}" if base else node.name
+                yield path, node
+                if node.type == DIR and node.subtree is not None:
+                    subdirs.append((node.subtree, path))
+            stack.extend(reversed(subdirs))
+
+    def find_node(self, snap: Snapshot, path: str) -> Node:
+        parts = [p for p in path.strip("/").split("/") if p]
+        node = Node(name="", type=DIR, subtree=bytes.fromhex(snap.tree))
+        for part in parts:
+            if node.type != DIR or node.subtree is None:
+                break
+            found = next((n for n in self.load_tree(node.subtree) if n.name == part), None)
+            if found is None:
+                break
+            node = found
+        else:
+            return node
+        raise UsageError(f"{path} is not in snapshot {snap.short_id}", hint="list it with 'keepwell ls'")
+
+    def iter_blobs(self, ids: list[bytes], *, lookahead: int = 8) -> Iterator[bytes]:
+        """Yield the plaintext of each blob in order, fetching a few ahead in parallel."""
+        if len(ids) <= 1:
+            for b in ids:
+                yield self.load_blob(b)
+            return
+        with ThreadPoolExecutor(min(lookahead, len(ids))) as pool:
+            window = []
+            it = iter(ids)
+            for b in it:
+                window.append(pool.submit(self.load_blob, b))
+                if len(window) >= lookahead:
+                    break
+            while window:
+                fut = window.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append(pool.submit(self.load_blob, nxt))
+                yield fut.result()
+
+    def iter_file(self, snap: Snapshot, path: str) -> Iterator[bytes]:
+        node = self.find_node(snap, path)
+        if node.type != "file":
+            raise UsageError(f"{path} in snapshot {snap.short_id} is a {node.type}, not a file")
+        yield from self.iter_blobs(node.content)
+
+    def open_file(self, snap: Snapshot, path: str) -> BlobReader:
+        return BlobReader(self.iter_file(snap, path))
+
+    def new_snapshot(self, kind: str, paths: list[str], **kw: Any) -> Any:
+        from keepwell.repository.writer import SnapshotWriter
+
+        return SnapshotWriter(self, kind, paths, **kw)
+
+
+class BlobReader:
+    """A read-only binary stream over verified blobs (for restoring streams)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            rest = bytes(self._buf) + b"".join(self._chunks)
+            self._buf = memoryview(b"")
+            return rest
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return b""
+            self._buf = memoryview(nxt)
+        out = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return out
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_repository(location: str, password: str, **options: Any) -> Repository:
+    """Open the repository at a location (path or URL), with the usual backend wrappers."""
+    from keepwell.backends.registry import open_backend
+
+    backend = open_backend(location)
+    backend = _wrap(backend, location, options)
+    return Repository.open(backend, password)
+
+
+def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
+    try:
+        from keepwell.backends import wrappers
+    except ImportError:
+        return backend
+    remote = "://" in location and not location.startswith(("file://", "memory://"))
+    up, down = options.get("limit_upload"), options.get("limit_download")
+    if not remote and not up and not down:
+        return backend
+    cache_dir = options.get("cache_dir") or (os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
+    return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
+                         cache_dir=cache_dir)

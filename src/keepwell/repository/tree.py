@@ -1,0 +1,94 @@
+"""Trees: one blob per directory listing its entries (nodes), sorted by name.
+
+A tree blob's id is the keyed hash of its encoding, so an unchanged directory gives the same tree
+blob and deduplicates, and so does every directory above it that did not change. Names are kept
+as bytes, so names that are not valid UTF-8 survive a round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import msgpack
+
+from keepwell.errors import FormatError
+
+TREE_VERSION = 1
+FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET = (
+    "file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket"
+)
+_TYPES = [FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET]
+_TYPE_CODE = {t: i for i, t in enumerate(_TYPES)}
+
+
+@dataclass(slots=True)
+class Node:
+    name: str
+    type: str
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    user: str = ""
+    group: str = ""
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    size: int = 0
+    inode: int = 0
+    dev: int = 0
+    nlink: int = 1
+    content: list[bytes] = field(default_factory=list)
+    subtree: bytes | None = None
+    target: str | None = None
+    rdev: int = 0
+
+    @property
+    def mtime(self) -> float:
+        return self.mtime_ns / 1e9
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "name": self.name, "type": self.type, "mode": oct(self.mode), "uid": self.uid,
+            "gid": self.gid, "user": self.user, "group": self.group, "mtime_ns": self.mtime_ns,
+            "size": self.size,
+        }
+        if self.target is not None:
+            d["target"] = self.target
+        if self.subtree is not None:
+            d["subtree"] = self.subtree.hex()
+        if self.content:
+            d["blobs"] = len(self.content)
+        return d
+
+
+def _enc(n: Node) -> list[object]:
+    return [
+        os.fsencode(n.name), _TYPE_CODE[n.type], n.mode, n.uid, n.gid, n.user, n.group,
+        n.mtime_ns, n.ctime_ns, n.size, n.inode, n.dev, n.nlink, n.content, n.subtree,
+        None if n.target is None else os.fsencode(n.target), n.rdev,
+    ]
+
+
+def encode_tree(nodes: list[Node]) -> bytes:
+    nodes = sorted(nodes, key=lambda n: os.fsencode(n.name))
+    return msgpack.packb([TREE_VERSION, [_enc(n) for n in nodes]], use_bin_type=True)
+
+
+def decode_tree(data: bytes) -> list[Node]:
+    try:
+        version, raw = msgpack.unpackb(data, raw=False, use_list=True)
+        if version != TREE_VERSION:
+            raise ValueError(f"tree version {version}")
+        out = []
+        for r in raw:
+            out.append(
+                Node(
+                    name=os.fsdecode(r[0]), type=_TYPES[r[1]], mode=r[2], uid=r[3], gid=r[4],
+                    user=r[5], group=r[6], mtime_ns=r[7], ctime_ns=r[8], size=r[9], inode=r[10],
+                    dev=r[11], nlink=r[12], content=r[13], subtree=r[14],
+                    target=None if r[15] is None else os.fsdecode(r[15]), rdev=r[16],
+                )
+            )
+        return out
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise FormatError(f"tree blob cannot be decoded: {exc}") from None

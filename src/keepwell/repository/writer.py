@@ -1,0 +1,178 @@
+"""Writing one snapshot: streams and nodes in, trees built, everything stored, snapshot last.
+
+`SnapshotWriter` is what every source uses. It opens a session (so a concurrent prune keeps what
+this run may reference), refreshes the index, and offers ``add_stream``/``add_bytes`` for byte
+streams and ``add_node`` for already-built subtrees (the file archiver). ``commit`` stores the
+directory trees, waits for every pack and index object, and writes the snapshot object last.
+Leaving without ``commit`` records no snapshot; uploaded data stays indexed for reuse.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+from keepwell import __version__
+from keepwell.errors import UsageError
+from keepwell.repository.format import DATA, KIND_SNAPSHOT, TREE
+from keepwell.repository.packer import BlobSink
+from keepwell.repository.repo import Repository
+from keepwell.repository.sessions import Session
+from keepwell.repository.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from keepwell.repository.tree import DIR, FILE, Node, encode_tree
+
+DirMeta = Callable[[str], Node]
+
+
+class _VirtualDir:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.children: dict[str, _VirtualDir | Node] = {}
+
+
+class SnapshotWriter:
+    def __init__(self, repo: Repository, kind: str, paths: list[str], *, host: str | None = None,
+                 tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
+                 parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
+                 upload_workers: int = 4) -> None:
+        self.repo = repo
+        self.kind = kind
+        self.paths = list(paths)
+        self.host = host or socket.gethostname()
+        self.tags = sorted(set(tags))
+        self.source: dict[str, Any] = dict(source or {})
+        self.parent = parent.id if isinstance(parent, Snapshot) else parent
+        self.summary: dict[str, Any] = {}
+        self.started = time.time()
+        self._dir_meta = dir_meta
+        self._root = _VirtualDir(Node(name="", type=DIR, mode=0o755))
+        self.session = Session(repo, f"backup {kind}")
+        try:
+            repo.refresh_index()  # after the session exists: see keepwell.repository.sessions
+            self.sink = BlobSink(repo, upload_workers=upload_workers)
+        except BaseException:
+            self.session.end()
+            raise
+        self.bytes_read = 0
+        self._done = False
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._done:
+            self.abort()
+
+    # -- content ------------------------------------------------------------------------------
+    def save_content(self, reader: BinaryIO) -> tuple[list[bytes], int]:
+        ids: list[bytes] = []
+        size = 0
+        for chunk in self.repo.chunker.chunks(reader):
+            ids.append(self.sink.save(DATA, chunk))
+            size += len(chunk)
+            self.repo.events.emit("bytes", n=len(chunk))
+        self.bytes_read += size
+        return ids, size
+
+    def add_stream(self, path: str, reader: BinaryIO, *, mode: int = 0o600, mtime: float | None = None) -> int:
+        ids, size = self.save_content(reader)
+        now = time.time() if mtime is None else mtime
+        self.add_node(path, Node(name=path.rsplit("/", 1)[-1], type=FILE, mode=mode, size=size,
+                                 mtime_ns=int(now * 1e9), ctime_ns=int(now * 1e9), content=ids))
+        return size
+
+    def add_bytes(self, path: str, data: bytes, *, mode: int = 0o600, mtime: float | None = None) -> int:
+        import io
+
+        return self.add_stream(path, io.BytesIO(data), mode=mode, mtime=mtime)
+
+    def save_tree(self, nodes: list[Node]) -> bytes:
+        return self.sink.save(TREE, encode_tree(nodes))
+
+    def add_node(self, path: str, node: Node) -> None:
+        parts = [p for p in path.strip("/").split("/") if p]
+        if not parts:
+            raise UsageError("empty path inside a snapshot")
+        d = self._root
+        walked = ""
+        for part in parts[:-1]:
+            walked = f"{walked}/{part}"
+            nxt = d.children.get(part)
+            if nxt is None:
+                meta = self._dir_meta(walked) if self._dir_meta else Node(name=part, type=DIR, mode=0o755)
+                meta.name = part
+                nxt = d.children[part] = _VirtualDir(meta)
+            if not isinstance(nxt, _VirtualDir):
+                raise UsageError(f"{walked} is a file in this snapshot and cannot hold {path}")
+            d = nxt
+        node.name = parts[-1]
+        if parts[-1] in d.children:
+            raise UsageError(f"{path} is added twice to the snapshot")
+        d.children[parts[-1]] = node
+
+    def _store_dir(self, d: _VirtualDir) -> bytes:
+        nodes = []
+        for child in d.children.values():
+            if isinstance(child, _VirtualDir):
+                child.node.subtree = self._store_dir(child)
+                child.node.type = DIR
+                nodes.append(child.node)
+            else:
+                nodes.append(child)
+        return self.save_tree(nodes)
+
+    # -- finishing ----------------------------------------------------------------------------
+    def commit(self, *, time_: datetime | None = None) -> Snapshot:
+        try:
+            root = self._store_dir(self._root)
+            self.sink.flush()
+            st = self.sink.stats
+            summary = {
+                "bytes_read": self.bytes_read,
+                "bytes_added": st.bytes_raw_new,
+                "bytes_stored": st.bytes_stored,
+                "blobs_new": st.blobs_new,
+                "blobs_known": st.blobs_known,
+                "packs": st.packs,
+                "duration": round(time.time() - self.started, 3),
+            }
+            summary.update(self.summary)
+            fields = {
+                "time": time_ or datetime.fromtimestamp(self.started, UTC),
+                "host": self.host,
+                "username": getpass.getuser(),
+                "paths": self.paths,
+                "tags": self.tags,
+                "kind": self.kind,
+                "tree": root.hex(),
+                "parent": self.parent,
+                "summary": summary,
+                "source": self.source,
+                "program_version": __version__,
+            }
+            plain = encode_snapshot(fields)
+            sid = self.repo.put_object("snapshots", KIND_SNAPSHOT, plain)
+            snap = decode_snapshot(sid, plain)
+            self.repo.events.emit("snapshot_saved", snapshot=snap)
+            return snap
+        finally:
+            self._finish()
+
+    def abort(self) -> None:
+        """Store what was uploaded (so a later run reuses it) but record no snapshot."""
+        try:
+            self.sink.flush()
+        except Exception:
+            pass
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self.sink.close()
+            self.session.end()

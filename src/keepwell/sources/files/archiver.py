@@ -1,0 +1,402 @@
+"""Backing up file trees.
+
+The walk runs in the calling thread; files are read, chunked, hashed, compressed and encrypted by
+a pool of worker threads (the heavy steps are native code that releases the GIL); a second pool
+spreads the chunks of large files over the cores. Directory trees are built as their last child
+finishes, in whatever thread that is, so the walk never waits. In-flight work is bounded, so
+memory stays flat however large the tree.
+
+A file is not re-read when the parent snapshot holds it with the same size, mtime, ctime and
+inode, and all its blobs are still in the index. Unreadable entries are reported and skipped;
+the result then says it is partial.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepwell.errors import KeepwellError, UsageError
+from keepwell.repository import Repository, Snapshot
+from keepwell.repository.format import DATA
+from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
+from keepwell.repository.writer import SnapshotWriter
+from keepwell.sources.files.select import Matcher
+
+_LARGE = 8 * 1024 * 1024
+_READ = 4 * 1024 * 1024
+
+
+@dataclass
+class BackupResult:
+    snapshot: Snapshot
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.errors)
+
+
+class _Names:
+    def __init__(self) -> None:
+        self.users: dict[int, str] = {}
+        self.groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        n = self.users.get(uid)
+        if n is None:
+            try:
+                n = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                n = ""
+            self.users[uid] = n
+        return n
+
+    def group(self, gid: int) -> str:
+        n = self.groups.get(gid)
+        if n is None:
+            try:
+                n = grp.getgrgid(gid).gr_name
+            except KeyError:
+                n = ""
+            self.groups[gid] = n
+        return n
+
+
+def node_from_stat(name: str, st: os.stat_result, names: _Names) -> Node:
+    m = st.st_mode
+    if stat.S_ISREG(m):
+        kind = FILE
+    elif stat.S_ISDIR(m):
+        kind = DIR
+    elif stat.S_ISLNK(m):
+        kind = SYMLINK
+    elif stat.S_ISFIFO(m):
+        kind = FIFO
+    elif stat.S_ISCHR(m):
+        kind = CHARDEV
+    elif stat.S_ISBLK(m):
+        kind = BLOCKDEV
+    else:
+        kind = SOCKET
+    return Node(
+        name=name, type=kind, mode=stat.S_IMODE(m), uid=st.st_uid, gid=st.st_gid,
+        user=names.user(st.st_uid), group=names.group(st.st_gid), mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns, size=st.st_size if kind == FILE else 0, inode=st.st_ino,
+        dev=st.st_dev, nlink=st.st_nlink, rdev=st.st_rdev if kind in (CHARDEV, BLOCKDEV) else 0,
+    )
+
+
+class _Dir:
+    """A directory whose tree is written once every child is known."""
+
+    __slots__ = ("node", "nodes", "remaining", "parent", "slot", "done")
+
+    def __init__(self, node: Node, count: int, parent: _Dir | None, slot: int,
+                 done: Future[Node] | None = None) -> None:
+        self.done = done
+        self.node = node
+        self.nodes: list[Node | None] = [None] * count
+        self.remaining = count
+        self.parent = parent
+        self.slot = slot
+
+
+class Archiver:
+    def __init__(self, repo: Repository, writer: SnapshotWriter, *, excludes: Matcher,
+                 one_file_system: bool, parent: Snapshot | None, workers: int) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.excludes = excludes
+        self.one_file_system = one_file_system
+        self.parent = parent
+        self.names = _Names()
+        self.errors: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._files = ThreadPoolExecutor(workers + 1, thread_name_prefix="kw-file")
+        self._blobs = ThreadPoolExecutor(workers, thread_name_prefix="kw-blob")
+        self._slots = threading.BoundedSemaphore(64)
+        self._error: BaseException | None = None
+        self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
+                       "bytes_processed": 0, "errors": 0}
+
+    # -- results flowing up -------------------------------------------------------------------
+    def _child_done(self, d: _Dir, slot: int, node: Node | None) -> None:
+        with self._lock:
+            d.nodes[slot] = node
+            d.remaining -= 1
+            finished = d.remaining == 0
+        if finished:
+            self._finish_dir(d)
+
+    def _finish_dir(self, d: _Dir) -> None:
+        try:
+            d.node.subtree = self.writer.save_tree([n for n in d.nodes if n is not None])
+        except BaseException as exc:  # storage failure: stop the run
+            self._fail(exc)
+            return
+        with self._lock:
+            self.counts["dirs"] += 1
+        if d.parent is not None:
+            self._child_done(d.parent, d.slot, d.node)
+        elif d.done is not None:
+            d.done.set_result(d.node)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+
+    def _report(self, path: str, msg: str) -> None:
+        with self._lock:
+            self.errors.append((path, msg))
+            self.counts["errors"] += 1
+        self.repo.events.emit("error", path=path, message=msg)
+
+    # -- files --------------------------------------------------------------------------------
+    def _unchanged(self, node: Node, old: Node | None) -> bool:
+        if old is None or old.type != FILE or old.size != node.size or old.mtime_ns != node.mtime_ns \
+                or old.ctime_ns != node.ctime_ns or old.inode != node.inode:
+            return False
+        index = self.repo.index
+        return all(index.has(b) for b in old.content)
+
+    def _read_file(self, path: str, node: Node) -> list[bytes]:
+        sink = self.writer.sink
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else os.O_RDONLY)
+        try:
+            if node.size <= self.repo.chunker_params.min_size:
+                data = b""
+                parts = []
+                while True:
+                    part = os.read(fd, max(node.size + 1, 65536))
+                    if not part:
+                        break
+                    parts.append(part)
+                data = b"".join(parts)
+                self.repo.events.emit("bytes", n=len(data))
+                node.size = len(data)
+                return [sink.save(DATA, data)] if data else []
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                if node.size < _LARGE:
+                    ids = []
+                    size = 0
+                    for chunk in self.repo.chunker.chunks(f):
+                        ids.append(sink.save(DATA, chunk))
+                        size += len(chunk)
+                        self.repo.events.emit("bytes", n=len(chunk))
+                    node.size = size
+                    return ids
+                return self._read_large(f, node)
+        finally:
+            os.close(fd)
+
+    def _read_large(self, f: Any, node: Node) -> list[bytes]:
+        sink = self.writer.sink
+        window: list[Future[bytes]] = []
+        ids: list[bytes] = []
+        size = 0
+        limit = 2 * self._blobs._max_workers
+        for chunk in self.repo.chunker.chunks(f):
+            data = bytes(chunk)
+            size += len(data)
+            window.append(self._blobs.submit(sink.save, DATA, data))
+            self.repo.events.emit("bytes", n=len(data))
+            if len(window) >= limit:
+                ids.append(window.pop(0).result())
+        ids.extend(w.result() for w in window)
+        node.size = size
+        return ids
+
+    def _file_job(self, d: _Dir, slot: int, path: str, node: Node, changed: bool) -> None:
+        try:
+            node.content = self._read_file(path, node)
+            with self._lock:
+                self.counts["files_changed" if changed else "files_new"] += 1
+                self.counts["bytes_processed"] += node.size
+            self.repo.events.emit("file", path=path, size=node.size)
+            result: Node | None = node
+        except OSError as exc:
+            self._report(path, exc.strerror or str(exc))
+            result = None
+        except BaseException as exc:
+            self._fail(exc)
+            result = None
+        finally:
+            self._slots.release()
+        self._child_done(d, slot, result)
+
+    # -- the walk -----------------------------------------------------------------------------
+    def _old_children(self, old: Node | None) -> dict[str, Node]:
+        if old is None or old.type != DIR or old.subtree is None:
+            return {}
+        try:
+            return {n.name: n for n in self.repo.load_tree(old.subtree)}
+        except KeepwellError:
+            return {}
+
+    def _walk_dir(self, path: str, node: Node, old: Node | None, parent: _Dir | None, slot: int,
+                  done: Future[Node] | None = None) -> None:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            self._report(path, f"cannot list directory: {exc.strerror}")
+            entries = []
+        kept = []
+        for e in entries:
+            child = f"{path.rstrip('/')}/{e.name}"
+            if self.excludes and self.excludes.matches(child, e.name):
+                continue
+            kept.append((e, child))
+        d = _Dir(node, len(kept), parent, slot, done)
+        if not kept:
+            self._finish_dir(d)
+            return
+        old_children = self._old_children(old)
+        for i, (e, child) in enumerate(kept):
+            if self._error is not None:
+                raise self._error
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                self._report(child, exc.strerror or str(exc))
+                self._child_done(d, i, None)
+                continue
+            cnode = node_from_stat(e.name, st, self.names)
+            self._add(child, cnode, st, old_children.get(e.name), d, i)
+
+    def _add(self, path: str, node: Node, st: os.stat_result, old: Node | None, d: _Dir | None, slot: int) -> None:
+        if node.type == DIR:
+            if self.one_file_system and d is not None and st.st_dev != d.node.dev:
+                node.subtree = None
+                self._child_done(d, slot, None)
+                return
+            self._walk_dir(path, node, old, d, slot)
+            return
+        assert d is not None
+        if node.type == FILE:
+            if self._unchanged(node, old):
+                assert old is not None
+                node.content = old.content
+                with self._lock:
+                    self.counts["files_unmodified"] += 1
+                    self.counts["bytes_processed"] += node.size
+                self.repo.events.emit("bytes", n=node.size)
+                self.repo.events.emit("file", path=path, size=node.size)
+                self._child_done(d, slot, node)
+                return
+            self._slots.acquire()
+            self._files.submit(self._file_job, d, slot, path, node, old is not None)
+            return
+        if node.type == SYMLINK:
+            try:
+                node.target = os.readlink(path)
+            except OSError as exc:
+                self._report(path, exc.strerror or str(exc))
+                self._child_done(d, slot, None)
+                return
+        self._child_done(d, slot, node)
+
+    def backup_root(self, path: str) -> Node:
+        """Walk one top-level path; return its node once its whole subtree is stored."""
+        st = os.lstat(path)
+        node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
+        old = None
+        if self.parent is not None:
+            try:
+                old = self.repo.find_node(self.parent, path)
+            except KeepwellError:
+                old = None
+        if node.type == FILE:
+            if self._unchanged(node, old):
+                assert old is not None
+                node.content = old.content
+            else:
+                node.content = self._read_file(path, node)
+            return node
+        if node.type == SYMLINK:
+            node.target = os.readlink(path)
+        if node.type != DIR:
+            return node
+        fut: Future[Node] = Future()
+        self._walk_dir(path, node, old, None, 0, fut)
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                return fut.result(timeout=0.2)
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._files.shutdown(wait=True)
+        self._blobs.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+
+
+def _dir_meta(names: _Names) -> Callable[[str], Node]:
+    def meta(path: str) -> Node:
+        try:
+            return node_from_stat(path.rsplit("/", 1)[-1], os.lstat(path), names)
+        except OSError:
+            return Node(name=path.rsplit("/", 1)[-1], type=DIR, mode=0o755)
+
+    return meta
+
+
+def find_parent(repo: Repository, paths: list[str], host: str) -> Snapshot | None:
+    for snap in reversed(repo.list_snapshots("files")):
+        if snap.host == host and sorted(snap.paths) == sorted(paths):
+            return snap
+    return None
+
+
+def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tuple[str, ...] = (),
+                 one_file_system: bool = False, tags: list[str] | tuple[str, ...] = (),
+                 host: str | None = None, parent: Snapshot | None | str = "auto",
+                 workers: int | None = None, source: dict[str, Any] | None = None,
+                 kind: str = "files") -> BackupResult:
+    if not paths:
+        raise UsageError("nothing to back up: give at least one path")
+    absolute = []
+    for p in paths:
+        ap = os.path.abspath(os.path.expanduser(p))
+        if not os.path.lexists(ap):
+            raise UsageError(f"{p}: no such file or directory")
+        absolute.append(ap)
+    import socket
+
+    host = host or socket.gethostname()
+    names = _Names()
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    writer = repo.new_snapshot(kind, absolute, host=host, tags=tags, source=source,
+                               dir_meta=_dir_meta(names))
+    with writer:
+        if parent == "auto":
+            parent = find_parent(repo, absolute, host) if kind == "files" else None
+        elif isinstance(parent, str):
+            parent = repo.find_snapshot(parent)
+        writer.parent = parent.id if parent is not None else None
+        archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
+                            parent=parent, workers=workers or max(2, os.cpu_count() or 2))
+        try:
+            for ap in absolute:
+                node = archiver.backup_root(ap)
+                if ap == "/":
+                    raise UsageError("backing up / itself: give its subdirectories instead")
+                writer.add_node(ap, node)
+        finally:
+            archiver.close()
+        writer.summary.update(archiver.counts)
+        snap = writer.commit()
+    return BackupResult(snap, archiver.errors)

@@ -1,0 +1,277 @@
+"""Restoring file trees.
+
+The tree is walked once to create directories, links and empty files and to plan every blob's
+destinations; then the needed blobs are fetched pack by pack, in parallel, with nearby blobs of a
+pack read in one ranged request. Every blob is decrypted and checked against its id before a
+byte of it is written. Large files are written from many packs at once (``pwrite`` at their
+offsets), and runs of zeros are left as holes, so sparse files stay sparse. Metadata (owner,
+mode, times) is applied to each file when its last blob lands and to directories at the end,
+deepest first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from keepwell.errors import KeepwellError, RestoreTargetError
+from keepwell.repository import Repository, Snapshot
+from keepwell.repository.format import pack_object_name
+from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
+from keepwell.sources.files.select import Matcher
+
+_MAX_RANGE = 8 * 1024 * 1024
+_MAX_GAP = 256 * 1024
+
+
+@dataclass
+class RestoreResult:
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    path: str
+    node: Node
+    remaining: int
+    created: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Want:
+    offset: int
+    length: int
+    raw_length: int
+    blob_id: bytes
+    type: int
+    dests: list[tuple[_Target, int]]
+
+
+def _is_zero(data: bytes) -> bool:
+    return data.count(0) == len(data)
+
+
+class Restorer:
+    def __init__(self, repo: Repository, snap: Snapshot, target: str, *, includes: Matcher,
+                 excludes: Matcher, workers: int) -> None:
+        self.repo = repo
+        self.snap = snap
+        self.target = target
+        self.includes = includes
+        self.excludes = excludes
+        self.workers = workers
+        self.result = RestoreResult()
+        self._lock = threading.Lock()
+        self._is_root = os.geteuid() == 0
+        self._dirs: list[tuple[str, Node]] = []
+        self._made_dirs: set[str] = set()
+        self._links: dict[tuple[int, int], str] = {}
+        self._deferred_links: list[tuple[str, str, Node]] = []
+
+    # -- metadata -----------------------------------------------------------------------------
+    def _apply(self, path: str, node: Node) -> None:
+        link = node.type == SYMLINK
+        try:
+            if self._is_root:
+                os.chown(path, node.uid, node.gid, follow_symlinks=not link)
+            if not link:
+                os.chmod(path, node.mode)
+            os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=not link)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                self._error(path, f"cannot set metadata: {exc.strerror}")
+
+    def _error(self, path: str, msg: str) -> None:
+        with self._lock:
+            self.result.errors.append((path, msg))
+        self.repo.events.emit("error", path=path, message=msg)
+
+    def _ensure_parent(self, dest: str) -> None:
+        parent = os.path.dirname(dest)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _selected(self, spath: str, node: Node) -> bool:
+        if self.excludes and self.excludes.matches_within(spath):
+            return False
+        return not (self.includes and not self.includes.matches_within(spath))
+
+    def plan(self) -> dict[tuple[bytes, int], list[_Want]]:
+        packs: dict[tuple[bytes, int], dict[bytes, _Want]] = defaultdict(dict)
+        index = self.repo.index
+        for rel, node in self.repo.walk(self.snap):
+            spath = "/" + rel
+            dest = os.path.join(self.target, rel)
+            if node.type == DIR:
+                if self._selected(spath, node) or (self.includes and not self.excludes.matches_within(spath)):
+                    self._dirs.append((dest, node))
+                    if self._selected(spath, node):
+                        os.makedirs(dest, exist_ok=True)
+                        self._made_dirs.add(dest)
+                continue
+            if not self._selected(spath, node):
+                continue
+            self._ensure_parent(dest)
+            try:
+                if node.type == FILE:
+                    self._plan_file(dest, node, packs, index)
+                elif node.type == SYMLINK:
+                    os.symlink(node.target or "", dest)
+                    self._apply(dest, node)
+                elif node.type == FIFO:
+                    os.mkfifo(dest, node.mode)
+                    self._apply(dest, node)
+                elif node.type in (CHARDEV, BLOCKDEV) and self._is_root:
+                    import stat as st
+
+                    kind = st.S_IFCHR if node.type == CHARDEV else st.S_IFBLK
+                    os.mknod(dest, node.mode | kind, node.rdev)
+                    self._apply(dest, node)
+            except OSError as exc:
+                self._error(dest, exc.strerror or str(exc))
+        return {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
+
+    def _plan_file(self, dest: str, node: Node, packs: dict[tuple[bytes, int], dict[bytes, _Want]],
+                   index: object) -> None:
+        if node.nlink > 1:
+            key = (node.dev, node.inode)
+            first = self._links.get(key)
+            if first is not None:
+                self._deferred_links.append((first, dest, node))
+                return
+            self._links[key] = dest
+        with self._lock:
+            self.result.files += 1
+        if not node.content:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+            self._apply(dest, node)
+            return
+        target = _Target(dest, node, len(node.content))
+        if len(node.content) > 1:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, node.size)
+            finally:
+                os.close(fd)
+            target.created = True
+        offset = 0
+        for blob_id in node.content:
+            loc = self.repo.index.lookup(blob_id)
+            if loc is None:
+                self._error(dest, f"blob {blob_id.hex()[:16]} is missing from the repository")
+                target.remaining = -1
+                return
+            want = packs[(loc.pack, loc.pack_type)].get(blob_id)
+            if want is None:
+                want = packs[(loc.pack, loc.pack_type)][blob_id] = _Want(
+                    loc.offset, loc.length, loc.raw_length, blob_id, loc.type, [])
+            want.dests.append((target, offset))
+            offset += loc.raw_length
+
+    # -- fetching and writing -----------------------------------------------------------------
+    def _write(self, target: _Target, offset: int, data: bytes) -> None:
+        with target.lock:
+            if target.remaining < 0:
+                return
+            if not target.created:
+                fd = os.open(target.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                target.created = True
+            else:
+                fd = os.open(target.path, os.O_WRONLY)
+            try:
+                if _is_zero(data) and len(data) >= 4096:
+                    if os.fstat(fd).st_size < offset + len(data):
+                        os.ftruncate(fd, offset + len(data))
+                else:
+                    os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+            target.remaining -= 1
+            done = target.remaining == 0
+        with self._lock:
+            self.result.bytes += len(data)
+        self.repo.events.emit("bytes", n=len(data))
+        if done:
+            self._apply(target.path, target.node)
+
+    def _fail_dests(self, want: _Want, msg: str) -> None:
+        for target, _ in want.dests:
+            with target.lock:
+                if target.remaining >= 0:
+                    target.remaining = -1
+                    self._error(target.path, msg)
+
+    def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
+        name = pack_object_name(pack_type, pack.hex())
+        i = 0
+        while i < len(wants):
+            j = i + 1
+            start = wants[i].offset
+            end = start + wants[i].length
+            while j < len(wants) and wants[j].offset - end <= _MAX_GAP and \
+                    wants[j].offset + wants[j].length - start <= _MAX_RANGE:
+                end = max(end, wants[j].offset + wants[j].length)
+                j += 1
+            group = wants[i:j]
+            i = j
+            try:
+                data = memoryview(self.repo.backend.get(name, start, end - start))
+            except KeepwellError as exc:
+                for w in group:
+                    self._fail_dests(w, f"cannot read {name}: {exc}")
+                continue
+            for w in group:
+                try:
+                    plain = self.repo.open_blob(w.blob_id, w.type, data[w.offset - start:][: w.length],
+                                                w.raw_length)
+                except KeepwellError as exc:
+                    self._fail_dests(w, str(exc))
+                    continue
+                for target, offset in w.dests:
+                    try:
+                        self._write(target, offset, plain)
+                    except OSError as exc:
+                        self._fail_dests(w, exc.strerror or str(exc))
+
+    def run(self) -> RestoreResult:
+        plan = self.plan()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="kw-restore") as pool:
+            futures = [pool.submit(self._fetch_pack, p, t, w) for (p, t), w in plan.items()]
+            for f in futures:
+                f.result()
+        for first, dest, _node in self._deferred_links:
+            try:
+                os.link(first, dest)
+            except OSError as exc:
+                self._error(dest, f"cannot create hard link: {exc.strerror}")
+        for dest, node in reversed(self._dirs):
+            if os.path.isdir(dest):
+                self._apply(dest, node)
+                self.result.dirs += 1
+        return self.result
+
+
+def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
+                     includes: list[str] | tuple[str, ...] = (),
+                     excludes: list[str] | tuple[str, ...] = (), overwrite: bool = False,
+                     workers: int = 6) -> RestoreResult:
+    target = os.path.abspath(target)
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise RestoreTargetError(f"restore target {target} exists and is not a directory")
+        if os.listdir(target) and not overwrite:
+            raise RestoreTargetError(f"restore target {target} is not empty")
+    os.makedirs(target, exist_ok=True)
+    return Restorer(repo, snap, target, includes=Matcher(includes), excludes=Matcher(excludes),
+                    workers=workers).run()

@@ -1,0 +1,381 @@
+"""Binlog archiving: pushing closed files from the datadir, or streaming them from the server.
+
+Every stored binlog lives in a ``mysql-binlog`` snapshot as ``binlog/<name>``; its ``source``
+records the server identity (server id, and server UUID on MySQL), when the archive was last in
+step with the server (``synced_at``) and a summary of each file (size, closed, first/last event
+time, GTID range) from `binlog.scan`. Closed files are stored in batches; the growing current
+file is stored again each time it grows (only new chunks are uploaded). Only complete events are
+stored: a torn last event is left for the next round.
+
+`push_binlogs` reads the files from the server's binlog directory (for setups without a
+replication user). `BinlogStreamer` runs ``mariadb-binlog --read-from-remote-server --raw
+--stop-never`` into a spool directory and stores what arrives; when the connection drops it
+reconnects from the newest file, and because files are stored whole, by name, a reconnect can
+neither skip nor repeat an event. A binlog that the server purged before it was archived is a
+*gap*: reported (`StreamEvents.gap`) and visible to ``check``, never glossed over.
+
+A repository accepts binlogs from one server per host name: a stream whose server id or UUID
+differs from what is archived for that host is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepwell.errors import SourceError, UsageError
+from keepwell.sources.mysql import KIND_BINLOG
+from keepwell.sources.mysql.binlog import BinlogScan, binlog_seq, scan_path, split_name
+from keepwell.sources.mysql.catalog import Catalog
+from keepwell.sources.mysql.connection import (
+    ConnectionSettings,
+    ServerInfo,
+    connect,
+    query,
+    server_info,
+)
+from keepwell.sources.mysql.tools import find_tool, last_error_line
+
+BATCH_BYTES = 1 << 30
+
+
+class LimitedReader:
+    """Reads a file up to a byte limit (the end of its last complete event)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.left = limit
+
+    def readinto(self, b: memoryview | bytearray) -> int:
+        view = memoryview(b)[: self.left]
+        n = self.f.readinto(view) if len(view) else 0
+        self.left -= n or 0
+        return n or 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def check_identity(cat: Catalog, info: ServerInfo, host: str) -> None:
+    mine = info.identity()
+    for snap in cat.binlog_snapshots:
+        if snap.host != host:
+            continue
+        theirs = (snap.source or {}).get("server") or {}
+        if theirs.get("server_id") != mine["server_id"] or (
+                theirs.get("server_uuid") and theirs.get("server_uuid") != mine["server_uuid"]):
+            raise SourceError(
+                f"this repository archives binlogs of server id {theirs.get('server_id')} for "
+                f"host {host}, but the server reports server id {mine['server_id']}; refusing "
+                "a foreign stream",
+                hint="use another repository or --server-name for a different server")
+
+
+def load_catalog(repo: Any, host: str | None = None) -> Catalog:
+    """The catalog of one server; without ``host`` the repository must hold only one."""
+    snaps = [s for s in repo.list_snapshots() if s.kind.startswith("mysql-")
+             and (host is None or s.host == host)]
+    hosts = sorted({s.host for s in snaps})
+    if host is None and len(hosts) > 1:
+        raise UsageError(f"this repository holds MySQL snapshots of {len(hosts)} servers "
+                         f"({', '.join(hosts)})", hint="choose one with --server-name")
+    return Catalog.build(snaps)
+
+
+def store_files(repo: Any, info: ServerInfo, host: str, items: list[tuple[str, BinlogScan]],
+                *, tags: tuple[str, ...] = (), final: frozenset[str] = frozenset()) -> Any:
+    """Store binlog files (path, scan) as one snapshot; returns it."""
+    with repo.new_snapshot(KIND_BINLOG, ["binlog"], host=host, tags=tags) as w:
+        summaries = []
+        for path, s in items:
+            reader = LimitedReader(path, s.end)
+            try:
+                w.add_stream(f"binlog/{s.name}", reader)  # type: ignore[arg-type]
+            finally:
+                reader.close()
+            summary = s.summary()
+            summary["final"] = s.closed or s.name in final
+            summaries.append(summary)
+        w.source.update({"type": "binlog", "server": info.identity(), "synced_at": time.time(),
+                         "files": summaries})
+        return w.commit()
+
+
+def binlog_list(conn: Any) -> list[tuple[str, int]]:
+    return [(str(r[0]), int(r[1])) for r in query(conn, "SHOW BINARY LOGS")]
+
+
+@dataclass
+class PushResult:
+    stored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def push_binlogs(repo: Any, settings: ConnectionSettings, *, binlog_dir: str | None = None,
+                 include_current: bool = False, host: str | None = None,
+                 flush: bool = False) -> PushResult:
+    """Store the closed binlogs of the server's binlog directory not archived yet."""
+    conn = connect(settings)
+    try:
+        info = server_info(conn)
+        if not info.log_bin:
+            raise SourceError("the server does not write a binary log",
+                              hint="set log_bin (see docs/mysql.md)")
+        if flush:
+            query(conn, "FLUSH BINARY LOGS")
+        names = binlog_list(conn)
+    finally:
+        conn.close()
+    host = host or info.hostname
+    directory = binlog_dir or os.path.dirname(info.binlog_basename or "") or info.datadir
+    cat = load_catalog(repo, host)
+    check_identity(cat, info, host)
+    result = PushResult()
+    todo: list[tuple[str, BinlogScan]] = []
+    # a file the server has moved on from is final as it is on disk, rotate event or not
+    finals = frozenset(name for name, _ in names[:-1])
+    batch = 0
+    for i, (name, _size) in enumerate(names):
+        current = i == len(names) - 1
+        if current and not include_current:
+            continue
+        have = cat.files.get(name)
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise SourceError(f"binlog {name} is not in {directory}",
+                              hint="pass --binlog-dir, or run binlog-push on the database host")
+        if have is not None and have.final:
+            result.skipped.append(name)
+            continue
+        s = scan_path(path, name)
+        if have is not None and have.size >= s.end and (have.final or name not in finals):
+            result.skipped.append(name)
+            continue
+        todo.append((path, s))
+        batch += s.end
+        if batch >= BATCH_BYTES:
+            store_files(repo, info, host, todo, final=finals)
+            result.stored += [x[1].name for x in todo]
+            todo, batch = [], 0
+    if todo:
+        store_files(repo, info, host, todo, final=finals)
+        result.stored += [x[1].name for x in todo]
+    result.gaps = load_catalog(repo, host).gaps()
+    return result
+
+
+@dataclass
+class StreamEvents:
+    """Callbacks of a running stream (the CLI renders them)."""
+
+    stored: Callable[[list[str]], None] = lambda names: None
+    reconnect: Callable[[str], None] = lambda reason: None
+    gap: Callable[[list[str]], None] = lambda missing: None
+
+
+class BinlogStreamer:
+    """Follow a server's binlog over the replication protocol and archive it."""
+
+    def __init__(self, repo: Any, settings: ConnectionSettings, spool_dir: str, *,
+                 host: str | None = None, interval: float = 10.0,
+                 client_server_id: int = 65535, events: StreamEvents | None = None,
+                 retry_delay: float = 1.0) -> None:
+        self.repo = repo
+        self.settings = settings
+        self.spool = spool_dir
+        self.host_name = host
+        self.interval = interval
+        self.client_server_id = client_server_id
+        self.events = events or StreamEvents()
+        self.retry_delay = retry_delay
+        self.stop_event = threading.Event()
+        self.stored_sizes: dict[str, int] = {}
+        self.closed: set[str] = set()
+        self.info: ServerInfo | None = None
+        self.host = ""
+        self.reconnects = 0
+        self.gaps: list[list[str]] = []
+        self.session_start: int | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # -- where to start -------------------------------------------------------------------------
+    def _identify(self) -> tuple[ServerInfo, list[tuple[str, int]]]:
+        conn = connect(self.settings)
+        try:
+            info = server_info(conn)
+            if not info.log_bin:
+                raise SourceError("the server does not write a binary log",
+                                  hint="set log_bin (see docs/mysql.md)")
+            return info, binlog_list(conn)
+        finally:
+            conn.close()
+
+    def _start_file(self, on_server: list[tuple[str, int]]) -> str:
+        names = [n for n, _ in on_server]
+        if not names:
+            raise SourceError("the server lists no binary logs")
+        cat = load_catalog(self.repo, self.host)
+        for f in cat.files.values():
+            self.stored_sizes[f.name] = max(self.stored_sizes.get(f.name, 0), f.size)
+            if f.final:
+                self.closed.add(f.name)
+        last = cat.last()
+        local = self._spool_files()
+        newest_local = local[-1] if local else None
+        if newest_local and (last is None or binlog_seq(newest_local) >= last.seq):
+            wanted = newest_local
+        elif last is None:
+            return names[0]
+        elif last.final:
+            base, _ = split_name(last.name)
+            width = len(last.name) - len(base) - 1
+            wanted = f"{base}.{last.seq + 1:0{width}d}"
+        else:
+            wanted = last.name
+        if wanted in names:
+            return wanted
+        first_seq = binlog_seq(names[0])
+        if binlog_seq(wanted) < first_seq:
+            base, _ = split_name(names[0])
+            width = len(names[0]) - len(base) - 1
+            missing = [f"{base}.{n:0{width}d}" for n in range(binlog_seq(wanted), first_seq)]
+            missing = [m for m in missing if m not in self.closed]
+            if missing:
+                self.gaps.append(missing)
+                self.events.gap(missing)
+            return names[0]
+        raise SourceError(f"binlog {wanted} is ahead of the server's binary logs "
+                          f"({names[0]} .. {names[-1]}); was the server reset?",
+                          hint="use a new repository or --server-name after RESET MASTER")
+
+    # -- spool and storing ----------------------------------------------------------------------
+    def _spool_files(self) -> list[str]:
+        out = []
+        for name in os.listdir(self.spool):
+            try:
+                split_name(name)
+            except SourceError:
+                continue
+            out.append(name)
+        return sorted(out, key=binlog_seq)
+
+    def sync(self) -> list[str]:
+        """Store every spooled file that grew; drop closed files once stored."""
+        assert self.info is not None
+        files = self._spool_files()
+        # the server sends files in order: one this connection received whole is final once
+        # a later one arrives (even without a rotate event, as after a crash)
+        final = frozenset(n for n in files[:-1] if self.session_start is not None
+                          and binlog_seq(n) >= self.session_start)
+        todo: list[tuple[str, BinlogScan]] = []
+        for name in files:
+            path = os.path.join(self.spool, name)
+            try:
+                s = scan_path(path, name)
+            except SourceError:
+                continue  # only the magic so far
+            done = s.closed or name in final
+            grew = s.end > self.stored_sizes.get(name, 0)
+            if grew or (done and name not in self.closed):
+                todo.append((path, s))
+            elif done and name != files[-1]:
+                os.unlink(path)
+        if not todo:
+            return []
+        store_files(self.repo, self.info, self.host, todo, final=final)
+        for path, s in todo:
+            self.stored_sizes[s.name] = s.end
+            if s.closed or s.name in final:
+                self.closed.add(s.name)
+                if s.name != files[-1]:
+                    os.unlink(path)
+        names = [s.name for _, s in todo]
+        self.events.stored(names)
+        return names
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _argv(self, option_file: str, start: str) -> list[str]:
+        tool = find_tool("binlog")
+        # MySQL's mysqlbinlog names the replica id option differently
+        id_option = ("--connection-server-id" if os.path.basename(tool) == "mysqlbinlog"
+                     else "--stop-never-slave-server-id")
+        return [tool, f"--defaults-file={option_file}", "--read-from-remote-server", "--raw",
+                "--stop-never", f"{id_option}={self.client_server_id}",
+                f"--result-file={self.spool.rstrip('/')}/", start]
+
+    def run(self) -> None:
+        os.makedirs(self.spool, exist_ok=True)
+        delay = self.retry_delay
+        first = True
+        while not self.stop_event.is_set():
+            try:
+                info, on_server = self._identify()
+            except SourceError as exc:
+                if first:
+                    raise
+                self.events.reconnect(str(exc))
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.host = self.host_name or info.hostname
+            check_identity(load_catalog(self.repo, self.host), info, self.host)
+            self.info = info
+            start = self._start_file(on_server)
+            first = False
+            started = time.monotonic()
+            reason = self._follow(start)
+            if reason is None:
+                break
+            self.reconnects += 1
+            self.events.reconnect(reason)
+            if time.monotonic() - started > 30:
+                delay = self.retry_delay  # it had been working: not a flapping server
+            self.stop_event.wait(delay)
+            delay = min(delay * 2, 30.0)
+        if self.info is not None:
+            self.sync()
+
+    def _follow(self, start: str) -> str | None:
+        """Run one replication connection; None when asked to stop, else why it ended."""
+        import tempfile
+
+        self.session_start = binlog_seq(start)
+        with self.settings.option_file() as opt, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(self._argv(opt, start), stdout=subprocess.DEVNULL,
+                                    stderr=err)
+            try:
+                while not self.stop_event.wait(self.interval):
+                    self.sync()
+                    if proc.poll() is not None:
+                        break
+                if self.stop_event.is_set():
+                    return None
+                err.seek(0)
+                text = err.read().decode("utf-8", "replace")
+                self.sync()
+                return f"mariadb-binlog exited ({proc.returncode}): {last_error_line(text)}"
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()

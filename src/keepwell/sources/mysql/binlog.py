@@ -1,0 +1,239 @@
+"""Reading binary log files: event headers, GTIDs, timestamps and transaction boundaries.
+
+A *binlog* is a file of events (``binlog.000042``): a 4-byte magic, then events with a 19-byte
+header (timestamp, type, server id, length, end position, flags). This module reads headers and
+the few bodies it needs (format description, GTID, GTID list, rotate) without decoding rows, so
+scanning is fast and needs no server. Words used here:
+
+- *transaction start*: the position of the event that opens an event group (a MariaDB GTID event,
+  a MySQL GTID or anonymous GTID event). Replaying up to such a position stops exactly between two
+  transactions.
+- *closed*: the file ends with a rotate or stop event; the server will not append to it again.
+- `BinlogPosition`: a (file, offset) pair, ordered by file sequence number then offset.
+
+MariaDB GTIDs are ``domain-server-seq``; MySQL GTIDs are ``uuid:gno``. Both are kept as strings.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from keepwell.errors import SourceError
+
+MAGIC = b"\xfebin"
+HEADER = struct.Struct("<IBIIIH")
+HEADER_LEN = 19
+
+STOP_EVENT = 3
+ROTATE_EVENT = 4
+FORMAT_DESCRIPTION_EVENT = 15
+XID_EVENT = 16
+MYSQL_GTID_EVENT = 33
+MYSQL_ANONYMOUS_GTID_EVENT = 34
+MYSQL_PREVIOUS_GTIDS_EVENT = 35
+MARIADB_BINLOG_CHECKPOINT_EVENT = 161
+MARIADB_GTID_EVENT = 162
+MARIADB_GTID_LIST_EVENT = 163
+MARIADB_START_ENCRYPTION_EVENT = 164
+IN_USE_FLAG = 0x1
+TRANSACTION_STARTS = (MARIADB_GTID_EVENT, MYSQL_GTID_EVENT, MYSQL_ANONYMOUS_GTID_EVENT)
+
+_NAME = re.compile(r"^(?P<base>.+)\.(?P<seq>\d{6,})$")
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """``binlog.000042`` -> (``binlog``, 42)."""
+    m = _NAME.match(name)
+    if not m:
+        raise SourceError(f"{name!r} is not a binary log file name (expected base.NNNNNN)")
+    return m.group("base"), int(m.group("seq"))
+
+
+def binlog_seq(name: str) -> int:
+    return split_name(name)[1]
+
+
+@dataclass(frozen=True, order=True)
+class BinlogPosition:
+    seq: int
+    offset: int
+    file: str = field(compare=False)
+
+    @classmethod
+    def of(cls, file: str, offset: int) -> BinlogPosition:
+        return cls(binlog_seq(file), int(offset), file)
+
+    @classmethod
+    def parse(cls, text: str) -> BinlogPosition:
+        """``binlog.000042:1234`` (the form ``--target-position`` takes)."""
+        file, sep, off = text.rpartition(":")
+        if not sep or not off.isdigit():
+            raise SourceError(f"{text!r} is not a binlog position (expected FILE:OFFSET, "
+                              "e.g. binlog.000042:1234)")
+        return cls.of(file, int(off))
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.offset}"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One event group: where it starts, when it was written, its GTID (if any)."""
+
+    pos: int
+    time: int
+    gtid: str | None
+
+
+@dataclass
+class BinlogScan:
+    """What one scan of a binlog file found."""
+
+    name: str
+    size: int = 0
+    end: int = 4
+    closed: bool = False
+    server_ids: set[int] = field(default_factory=set)
+    first_time: int | None = None
+    last_time: int | None = None
+    gtid_list: list[str] = field(default_factory=list)
+    gtids: dict[str, tuple[str, str]] = field(default_factory=dict)
+    transactions: list[Transaction] = field(default_factory=list)
+    next_file: str | None = None
+    checksum: bool = False
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "size": self.end,
+            "closed": self.closed,
+            "server_ids": sorted(self.server_ids),
+            "first_time": _iso(self.first_time),
+            "last_time": _iso(self.last_time),
+            "gtid_list": self.gtid_list,
+            "gtids": {k: list(v) for k, v in self.gtids.items()},
+            "transactions": len(self.transactions),
+        }
+
+
+def _iso(ts: int | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _mariadb_gtid(domain: int, server: int, seq: int) -> str:
+    return f"{domain}-{server}-{seq}"
+
+
+def parse_gtid(text: str) -> tuple[int, int, int]:
+    """``0-1-42`` -> (domain, server, seq) for MariaDB GTIDs."""
+    parts = text.strip().split("-")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise SourceError(f"{text!r} is not a MariaDB GTID (expected domain-server-seq, "
+                          "e.g. 0-1-42)")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def gtid_key(gtid: str) -> tuple[str, int]:
+    """The stream a GTID belongs to and its sequence number (MariaDB domain, MySQL uuid)."""
+    if ":" in gtid:
+        uuid, _, gno = gtid.rpartition(":")
+        return uuid.lower(), int(gno)
+    domain, _server, seq = parse_gtid(gtid)
+    return str(domain), seq
+
+
+Header = tuple[int, int, int, int, int, int]
+
+
+def iter_events(f: BinaryIO, *, start: int = 4) -> Iterator[tuple[int, Header, bytes]]:
+    """Yield (position, header, body) for every complete event; stops at a torn tail."""
+    magic = f.read(4)
+    if magic != MAGIC:
+        raise SourceError("not a binary log (bad magic)")
+    pos = 4
+    if start > 4:
+        f.seek(start)
+        pos = start
+    while True:
+        head = f.read(HEADER_LEN)
+        if len(head) < HEADER_LEN:
+            return
+        hdr = HEADER.unpack(head)
+        length = hdr[3]
+        if length < HEADER_LEN:
+            raise SourceError(f"corrupt binary log event at offset {pos} (length {length})")
+        body = f.read(length - HEADER_LEN)
+        if len(body) < length - HEADER_LEN:
+            return
+        yield pos, hdr, body
+        pos += length
+
+
+def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogScan:
+    """Scan a binlog stream from its beginning."""
+    out = BinlogScan(name=name)
+    crc = 0
+    for pos, (ts, etype, server_id, length, _next, _flags), body in iter_events(f):
+        out.end = pos + length
+        if etype == FORMAT_DESCRIPTION_EVENT:
+            # The in-use flag is not reliable (a server clears it in what it streams), so
+            # only a rotate or stop event marks a file closed. The checksum algorithm byte
+            # precedes the 4-byte checksum at the body's end.
+            if len(body) >= 5 + 57:
+                out.checksum = body[-5] == 1
+                crc = 4 if out.checksum else 0
+            continue
+        if etype == MARIADB_START_ENCRYPTION_EVENT:
+            raise SourceError(f"{name} is encrypted; keepwell reads only unencrypted binlogs",
+                              hint="turn off encrypt_binlog or use physical backups only")
+        if ts:
+            if out.first_time is None and etype not in (ROTATE_EVENT,):
+                out.first_time = ts
+            out.last_time = ts if out.last_time is None else max(out.last_time, ts)
+        if server_id:
+            out.server_ids.add(server_id)
+        payload = body[: len(body) - crc] if crc else body
+        if etype == MARIADB_GTID_LIST_EVENT:
+            (count,) = struct.unpack_from("<I", payload, 0)
+            count &= 0x0FFFFFFF
+            for i in range(count):
+                d, s, q = struct.unpack_from("<IIQ", payload, 4 + 16 * i)
+                out.gtid_list.append(_mariadb_gtid(d, s, q))
+        elif etype in TRANSACTION_STARTS:
+            gtid: str | None = None
+            if etype == MARIADB_GTID_EVENT:
+                seq, domain = struct.unpack_from("<QI", payload, 0)
+                gtid = _mariadb_gtid(domain, server_id, seq)
+            elif etype == MYSQL_GTID_EVENT:
+                sid = payload[1:17].hex()
+                uuid = f"{sid[:8]}-{sid[8:12]}-{sid[12:16]}-{sid[16:20]}-{sid[20:]}"
+                (gno,) = struct.unpack_from("<q", payload, 17)
+                gtid = f"{uuid}:{gno}"
+            if gtid is not None:
+                key, _ = gtid_key(gtid)
+                first = out.gtids.get(key, (gtid, gtid))[0]
+                out.gtids[key] = (first, gtid)
+            if keep_transactions:
+                out.transactions.append(Transaction(pos, ts, gtid))
+        elif etype == ROTATE_EVENT and ts:
+            # a real rotate (timestamp set) closes the file; a fake one (ts 0) only names it
+            (_p,) = struct.unpack_from("<Q", payload, 0)
+            out.next_file = payload[8:].decode("utf-8", "replace")
+            out.closed = True
+        elif etype == STOP_EVENT:
+            out.closed = True
+    f.seek(0, 2)
+    out.size = f.tell()
+    return out
+
+
+def scan_path(path: str, name: str | None = None, *, keep_transactions: bool = False) -> BinlogScan:
+    import os
+
+    with open(path, "rb") as f:
+        return scan(f, name or os.path.basename(path), keep_transactions=keep_transactions)

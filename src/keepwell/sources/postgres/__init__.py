@@ -1,0 +1,23 @@
+"""PostgreSQL as a source: logical dumps, physical base backups, WAL archiving and PITR restore.
+
+Words used across this package:
+
+- *cluster*: one PostgreSQL instance (one data directory), known in the repository by a name
+  (``--cluster``, default ``main``) and bound to its *system identifier* by its first snapshot.
+- *segment*: one WAL file (``000000010000000000000003``), named by timeline, log and segment
+  number; *history file*: ``00000002.history``; *partial*: a segment streamed only in part.
+- *base backup*: a physical copy taken with ``pg_basebackup``; it is *complete* once every WAL
+  segment from its start LSN to its stop LSN is in the repository.
+- *PITR window*: the span of time (or LSN) to which a restore can stop, from the oldest complete
+  base backup to the last archived WAL with no gap after it.
+
+Snapshot kinds written here: ``postgres-logical``, ``postgres-physical`` and ``postgres-wal``.
+"""
+
+from __future__ import annotations
+
+KIND_LOGICAL = "postgres-logical"
+KIND_PHYSICAL = "postgres-physical"
+KIND_WAL = "postgres-wal"
+KINDS = (KIND_LOGICAL, KIND_PHYSICAL, KIND_WAL)
+DEFAULT_CLUSTER = "main"

@@ -1,0 +1,186 @@
+"""The WAL archive of one cluster inside a repository: push, look up and fetch WAL files.
+
+WAL files are stored as snapshots of kind ``postgres-wal`` whose files are
+``wal/<timeline>/<name>``; one snapshot holds a batch of files so that busy servers make few
+snapshots. Each snapshot's ``source`` names the cluster and its system identifier and lists, per
+file, its BLAKE3 hash, size and modification time (and the text of history files), so a
+`Catalog` can be built from the snapshot records alone.
+
+Every segment pushed is checked against the cluster's system identifier (read from the segment's
+own header); a file already archived under the same name is accepted again only if it is
+byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from keepwell.errors import IntegrityError
+from keepwell.sources.postgres import KIND_WAL
+from keepwell.sources.postgres.catalog import Catalog
+from keepwell.sources.postgres.errors import ForeignClusterError, WalConflictError, WalNotFoundError
+from keepwell.sources.postgres.spool import fsync_dir
+from keepwell.sources.postgres.walnames import read_segment_header, timeline_of, wal_kind
+
+MAX_BATCH_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WalItem:
+    """One WAL file to archive: its name in pg_wal and where its bytes are now."""
+
+    name: str
+    path: str
+
+
+@dataclass
+class PushResult:
+    stored: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # name -> reason
+    digests: dict[str, str] = field(default_factory=dict)
+    snapshot_id: str | None = None
+
+
+def digest_of(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def wal_path(name: str) -> str:
+    return f"wal/{name[:8]}/{name}"
+
+
+class WalArchive:
+    """Push and fetch WAL of cluster `cluster` in the open repository `repo`."""
+
+    def __init__(self, repo: Any, cluster: str, host: str | None = None) -> None:
+        self.repo = repo
+        self.cluster = cluster
+        self.host = host or socket.gethostname()
+        self._catalog: Catalog | None = None
+
+    def catalog(self, refresh: bool = False) -> Catalog:
+        if self._catalog is None or refresh:
+            self._catalog = Catalog.build(self.repo.list_snapshots(), self.cluster)
+        return self._catalog
+
+    def check_identity(self, system_identifier: int, what: str) -> None:
+        known = self.catalog().system_identifier
+        if known is not None and known != system_identifier:
+            raise ForeignClusterError(
+                f"{what} comes from the cluster with system identifier {system_identifier}, but"
+                f" cluster '{self.cluster}' in this repository is {known}"
+            )
+
+    def push(self, items: list[WalItem]) -> PushResult:
+        """Archive `items` in one snapshot; conflicts and foreign files go to `refused`."""
+        cat = self.catalog()
+        result = PushResult()
+        accepted: list[tuple[WalItem, bytes, str, os.stat_result]] = []
+        batch_sysid: int | None = cat.system_identifier
+        segment_size: int | None = None
+        for item in items:
+            with open(item.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+            digest = digest_of(data)
+            result.digests[item.name] = digest
+            kind = wal_kind(item.name)
+            if kind in ("segment", "partial"):
+                header = read_segment_header(data)
+                if header is None:
+                    result.refused[item.name] = "not a WAL segment (no valid page header)"
+                    continue
+                if batch_sysid is not None and header.system_identifier != batch_sysid:
+                    result.refused[item.name] = (
+                        f"from the cluster with system identifier {header.system_identifier},"
+                        f" but cluster '{self.cluster}' in this repository is {batch_sysid}"
+                    )
+                    continue
+                batch_sysid = header.system_identifier
+                segment_size = header.segment_size
+            existing = cat.wal.get(item.name) if kind != "partial" else None
+            if existing is not None:
+                if existing.digest == digest:
+                    result.already.append(item.name)
+                else:
+                    result.refused[item.name] = (
+                        "a different file with this name is already archived"
+                    )
+                continue
+            accepted.append((item, data, digest, st))
+        if accepted:
+            result.snapshot_id = self._store(accepted, batch_sysid, segment_size)
+            result.stored = [a[0].name for a in accepted]
+            self._catalog = None
+        return result
+
+    def _store(self, accepted: list[tuple[WalItem, bytes, str, os.stat_result]],
+               sysid: int | None, segment_size: int | None) -> str:
+        files: dict[str, dict[str, Any]] = {}
+        source: dict[str, Any] = {"cluster": self.cluster}
+        if sysid is not None:
+            source["system_identifier"] = str(sysid)
+        if segment_size:
+            source["segment_size"] = segment_size
+        names = sorted(a[0].name for a in accepted)
+        with self.repo.new_snapshot(KIND_WAL, ["wal"], host=self.host, source=source) as w:
+            for item, data, digest, st in accepted:
+                path = wal_path(item.name)
+                mtime = datetime.fromtimestamp(st.st_mtime, UTC)
+                w.add_bytes(path, data, mode=0o600, mtime=st.st_mtime)
+                info: dict[str, Any] = {
+                    "path": path, "hash": digest, "size": len(data), "mtime": mtime.isoformat(),
+                }
+                if wal_kind(item.name) == "history":
+                    info["text"] = data.decode("utf-8", "replace")
+                files[item.name] = info
+            w.source["files"] = files
+            w.source["first"] = names[0]
+            w.source["last"] = names[-1]
+            w.source["timelines"] = sorted({timeline_of(n) for n in names})
+            snap = w.commit()
+        return str(snap.id)
+
+    def push_one(self, name: str, path: str) -> str:
+        """Archive one file; returns 'stored' or 'already'; raises on a foreign or conflict."""
+        result = self.push([WalItem(name, path)])
+        if name in result.refused:
+            reason = result.refused[name]
+            if reason.startswith("from the cluster"):
+                raise ForeignClusterError(f"WAL file {name} is {reason}")
+            if reason.startswith("a different file"):
+                raise WalConflictError(f"WAL file {name} refused: {reason}")
+            raise WalConflictError(f"WAL file {name} refused: {reason}")
+        return "already" if name in result.already else "stored"
+
+    def fetch(self, name: str, dest: str) -> None:
+        """Write archived file `name` to `dest` atomically; `WalNotFoundError` if not archived."""
+        wf = self.catalog().find(name)
+        if wf is None:
+            raise WalNotFoundError(f"WAL file {name} is not in the repository")
+        snap = self.repo.find_snapshot(wf.snapshot_id)
+        tmp = f"{dest}.kwtmp{os.getpid()}"
+        hasher = blake3.blake3()
+        with open(tmp, "wb") as out:
+            for block in self.repo.iter_file(snap, wf.path):
+                hasher.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if wf.digest and hasher.hexdigest() != wf.digest:
+            os.unlink(tmp)
+            raise IntegrityError(f"WAL file {name} read back with a different hash")
+        os.replace(tmp, dest)
+        fsync_dir(os.path.dirname(os.path.abspath(dest)))
+
+    def forget_snapshots(self, snapshot_ids: list[str]) -> None:
+        if snapshot_ids:
+            self.repo.forget(snapshot_ids)
+            self._catalog = None

@@ -1,0 +1,407 @@
+"""``archive_command`` and ``restore_command``: push and fetch one WAL file, fast.
+
+This module is also the lean console script ``keepwell-wal`` (``push``, ``fetch``, ``upload``):
+PostgreSQL runs ``archive_command`` once per segment, one after another, so its start-up cost is
+paid per segment. The asynchronous push imports only the standard library, `spool` and `errors`;
+the repository (and its key derivation) is opened only by the synchronous push, by a fetch that
+misses the prefetch directory, and by the background uploader (`uploader`).
+
+Settings come from options or the environment: ``KEEPWELL_REPOSITORY``, ``KEEPWELL_PASSWORD``
+or ``KEEPWELL_PASSWORD_FILE``, ``KEEPWELL_PG_CLUSTER``, ``KEEPWELL_PG_SPOOL``,
+``KEEPWELL_PG_SPOOL_MAX``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+
+from keepwell.errors import KeepwellError, UsageError
+from keepwell.sources.postgres.errors import (
+    ForeignClusterError,
+    SpoolFullError,
+    WalConflictError,
+    WalNotFoundError,
+)
+from keepwell.sources.postgres.spool import (
+    DEFAULT_MAX_BYTES,
+    SpoolFull,
+    WalSpool,
+    file_identity,
+)
+
+TYPE_CHECKING = False  # typing itself costs milliseconds on every archive_command
+if TYPE_CHECKING:
+    from keepwell.repository import Repository
+
+DEFAULT_PREFETCH = 16
+SYNC_TIMEOUT = 120.0
+_HEADER_BYTES = 40
+_HEX = frozenset("0123456789ABCDEF")
+
+
+class HookSettings:
+    """Where the repository is, how to unlock it, which cluster and which spool."""
+
+    def __init__(self, repo: str | None, password_file: str | None, cluster: str,
+                 spool: str | None = None, spool_max: int = DEFAULT_MAX_BYTES) -> None:
+        self.repo = repo
+        self.password_file = password_file
+        self.cluster = cluster
+        self.spool = spool
+        self.spool_max = spool_max
+
+    @classmethod
+    def resolve(cls, repo: str | None = None, password_file: str | None = None,
+                cluster: str | None = None, spool: str | None = None,
+                spool_max: str | int | None = None) -> HookSettings:
+        max_env = spool_max if spool_max is not None else os.environ.get("KEEPWELL_PG_SPOOL_MAX")
+        return cls(
+            repo=repo or os.environ.get("KEEPWELL_REPOSITORY"),
+            password_file=password_file or os.environ.get("KEEPWELL_PASSWORD_FILE"),
+            cluster=cluster or os.environ.get("KEEPWELL_PG_CLUSTER") or "main",
+            spool=spool or os.environ.get("KEEPWELL_PG_SPOOL"),
+            spool_max=parse_size(max_env) if max_env is not None else DEFAULT_MAX_BYTES,
+        )
+
+    def password(self) -> str:
+        env = os.environ.get("KEEPWELL_PASSWORD")
+        if env is not None:
+            return env
+        if not self.password_file:
+            raise UsageError("no password given",
+                             hint="set KEEPWELL_PASSWORD or KEEPWELL_PASSWORD_FILE")
+        try:
+            with open(self.password_file, encoding="utf-8") as f:
+                pw = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read password file {self.password_file}: {exc.strerror}"
+            ) from None
+        if not pw:
+            raise UsageError(f"password file {self.password_file} is empty")
+        return pw
+
+    def open_repository(self) -> Repository:
+        if not self.repo:
+            raise UsageError("no repository given",
+                             hint="pass --repo or set KEEPWELL_REPOSITORY")
+        from keepwell.repository import open_repository
+
+        return open_repository(self.repo, self.password())
+
+    def env_args(self) -> list[str]:
+        out = ["--cluster", self.cluster]
+        if self.repo:
+            out += ["--repo", self.repo]
+        if self.password_file:
+            out += ["--password-file", self.password_file]
+        if self.spool:
+            out += ["--spool", self.spool, "--spool-max", str(self.spool_max)]
+        return out
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (examples: 512M, 4G)") from None
+
+
+def _digest_file(path: str) -> str:
+    import blake3
+
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return str(h.hexdigest())
+
+
+def _sysid_of(path: str) -> int | None:
+    """The system identifier in a segment's first page header (None for other WAL files)."""
+    name = os.path.basename(path).removesuffix(".partial")
+    if len(name) != 24 or not set(name) <= _HEX:
+        return None
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES:
+        return None
+    return int(struct.unpack_from("<Q", head, 24)[0])
+
+
+# --- push ---
+def push(path: str, settings: HookSettings, *, asynchronous: bool) -> str:
+    """Archive the WAL file at `path`; returns what happened ('stored', 'already', 'spooled')."""
+    if not os.path.isfile(path):
+        raise UsageError(f"WAL file {path} does not exist")
+    name = os.path.basename(path)
+    if asynchronous:
+        return _push_async(path, name, settings)
+    if settings.spool:
+        return _push_through_uploader(path, name, settings)
+    from keepwell.sources.postgres.archive import WalArchive
+
+    with settings.open_repository() as repo:
+        return WalArchive(repo, settings.cluster).push_one(name, path)
+
+
+def _push_async(path: str, name: str, settings: HookSettings) -> str:
+    if not settings.spool:
+        raise UsageError("asynchronous push needs a spool directory",
+                         hint="pass --spool DIR or set KEEPWELL_PG_SPOOL")
+    spool = WalSpool(settings.spool, settings.spool_max).ensure()
+    marker = spool.done_marker(name)
+    if marker is not None:
+        if marker.refused:
+            raise WalConflictError(f"WAL file {name} refused: {marker.refused}")
+        if marker.file == file_identity(path) or marker.digest == _digest_file(path):
+            return "already"
+        raise WalConflictError(
+            f"WAL file {name} refused: a different file with this name is already archived"
+        )
+    spooled = spool.ready_path(name)
+    if os.path.exists(spooled):
+        if _same_bytes(spooled, path):
+            _ensure_uploader(spool, settings, os.path.dirname(os.path.abspath(path)))
+            return "spooled"
+        raise WalConflictError(
+            f"WAL file {name} refused: a different file with this name is already spooled"
+        )
+    sysid = _sysid_of(path)
+    if sysid is not None:
+        _check_spool_identity(spool, settings, sysid, name)
+    try:
+        spool.accept(path, name)
+    except SpoolFull as full:
+        message = (
+            f"WAL spool {spool.path} is full ({full.used >> 20} MiB of {full.max_bytes >> 20}"
+            f" MiB): segment {name} stays in pg_wal until the uploader catches up"
+        )
+        spool.raise_alert(message)
+        _ensure_uploader(spool, settings, os.path.dirname(os.path.abspath(path)))
+        raise SpoolFullError(message) from None
+    _ensure_uploader(spool, settings, os.path.dirname(os.path.abspath(path)))
+    return "spooled"
+
+
+def _push_through_uploader(path: str, name: str, settings: HookSettings,
+                           timeout: float = SYNC_TIMEOUT) -> str:
+    """Synchronous push without opening the repository: spool, then wait for the uploader.
+
+    Returns only once the segment is in the repository (its done marker exists), so the
+    guarantee is the synchronous one, while the key derivation and the snapshot listing are paid
+    once by the long-lived uploader instead of once per segment.
+    """
+    import time
+
+    if _push_async(path, name, settings) == "already":
+        return "already"
+    assert settings.spool is not None
+    spool = WalSpool(settings.spool, settings.spool_max)
+    rejected = os.path.join(spool.rejected_dir, name + ".reason")
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while time.monotonic() < deadline:
+        marker = spool.done_marker(name)
+        if marker is not None:
+            if marker.refused:
+                raise WalConflictError(f"WAL file {name} refused: {marker.refused}")
+            return "stored"
+        if os.path.exists(rejected):
+            with open(rejected, encoding="utf-8") as f:
+                raise WalConflictError(f"WAL file {name} refused: {f.read().strip()}")
+        time.sleep(delay)
+        delay = min(0.05, delay * 1.5)
+        if delay >= 0.05:
+            _ensure_uploader(spool, settings, os.path.dirname(os.path.abspath(path)))
+    raise SpoolFullError(
+        f"WAL file {name} is spooled but not in the repository after {timeout:.0f} s",
+        hint=f"see the uploader's log {spool.log_path}",
+    )
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            ba, bb = fa.read(1 << 20), fb.read(1 << 20)
+            if ba != bb:
+                return False
+            if not ba:
+                return True
+
+
+def _check_spool_identity(spool: WalSpool, settings: HookSettings, sysid: int, name: str) -> None:
+    ident = spool.identity()
+    if ident is None or ident[0] != settings.cluster:
+        # First push through this spool: confirm the cluster against the repository once.
+        from keepwell.sources.postgres.archive import WalArchive
+
+        with settings.open_repository() as repo:
+            WalArchive(repo, settings.cluster).check_identity(sysid, f"WAL file {name}")
+        spool.set_identity(settings.cluster, sysid)
+        return
+    known = ident[1]
+    if known != sysid:
+        raise ForeignClusterError(
+            f"WAL file {name} comes from the cluster with system identifier {sysid}, but"
+            f" cluster '{settings.cluster}' is {known}"
+        )
+
+
+def uploader_running(spool: WalSpool) -> bool:
+    try:
+        fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _ensure_uploader(spool: WalSpool, settings: HookSettings, pg_wal: str) -> None:
+    if uploader_running(spool):
+        return
+    import subprocess
+
+    argv = [sys.executable, "-m", "keepwell.sources.postgres.hooks", "upload",
+            "--pg-wal", pg_wal, *settings.env_args()]
+    with open(spool.log_path, "ab") as log:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True, close_fds=True)
+
+
+# --- fetch ---
+def fetch(name: str, dest: str, settings: HookSettings, *, prefetch: int = DEFAULT_PREFETCH,
+          prefetch_dir: str | None = None) -> str:
+    """Write archived WAL file `name` to `dest`; `WalNotFoundError` when it is not archived."""
+    pdir = prefetch_dir or os.path.join(os.path.dirname(os.path.abspath(dest)),
+                                        "keepwell-prefetch")
+    ready = os.path.join(pdir, name)
+    if os.path.exists(ready):
+        os.replace(ready, dest)
+        return "prefetched"
+    from keepwell.sources.postgres.archive import WalArchive
+    from keepwell.sources.postgres.walnames import parse_segment_name, segment_name
+
+    with settings.open_repository() as repo:
+        archive = WalArchive(repo, settings.cluster)
+        cat = archive.catalog()
+        if cat.find(name) is None:
+            raise WalNotFoundError(f"WAL file {name} is not in the repository")
+        archive.fetch(name, dest)
+        parsed = parse_segment_name(name, cat.segment_size)
+        if parsed is None or prefetch <= 0:
+            return "fetched"
+        tli, segno = parsed
+        os.makedirs(pdir, 0o700, exist_ok=True)
+        for entry in os.scandir(pdir):
+            if entry.name < name or ".kwtmp" in entry.name:
+                os.unlink(entry.path)
+        for nxt in range(segno + 1, segno + 1 + prefetch):
+            nname = segment_name(tli, nxt, cat.segment_size)
+            if nname not in cat.wal:
+                break
+            target = os.path.join(pdir, nname)
+            if not os.path.exists(target):
+                archive.fetch(nname, target)
+    return "fetched"
+
+
+# --- the console script ---
+USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
+
+  push PATH [--async --spool DIR [--spool-max SIZE]]   archive one WAL file (archive_command)
+  fetch NAME DEST [--prefetch N] [--prefetch-dir DIR]   fetch one WAL file (restore_command)
+  upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
+
+common options: --repo/-r LOCATION, --password-file FILE, --cluster NAME, --spool DIR,
+--spool-max SIZE (environment: KEEPWELL_REPOSITORY, KEEPWELL_PASSWORD[_FILE],
+KEEPWELL_PG_CLUSTER, KEEPWELL_PG_SPOOL, KEEPWELL_PG_SPOOL_MAX)
+"""
+_FLAGS = {"--async", "--daemon"}
+_VALUED = {"--repo", "-r", "--password-file", "--cluster", "--spool", "--spool-max",
+           "--prefetch", "--prefetch-dir", "--pg-wal", "--idle-exit"}
+_POSITIONALS = {"push": 1, "fetch": 2, "upload": 0}
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
+    """(command, positionals, options) of a hook command line; argparse costs too much here."""
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _POSITIONALS:
+        raise UsageError(USAGE if not argv or argv[0] in ("-h", "--help")
+                         else f"unknown command {argv[0]!r}\n{USAGE}")
+    command, rest = argv[0], argv[1:]
+    positionals: list[str] = []
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        key, eq, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            raise UsageError(USAGE)
+        if arg in _FLAGS:
+            options[arg] = "1"
+        elif key in _VALUED:
+            if not eq:
+                i += 1
+                if i >= len(rest):
+                    raise UsageError(f"{key} needs a value")
+                value = rest[i]
+            options["--repo" if key == "-r" else key] = value
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown option {arg}")
+        else:
+            positionals.append(arg)
+        i += 1
+    if len(positionals) != _POSITIONALS[command]:
+        raise UsageError(f"{command} takes {_POSITIONALS[command]} argument(s)\n{USAGE}")
+    return command, positionals, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        command, pos, opts = parse_args(sys.argv[1:] if argv is None else argv)
+        settings = HookSettings.resolve(opts.get("--repo"), opts.get("--password-file"),
+                                        opts.get("--cluster"), opts.get("--spool"),
+                                        opts.get("--spool-max"))
+        if command == "push":
+            push(pos[0], settings, asynchronous="--async" in opts)
+        elif command == "fetch":
+            fetch(pos[0], pos[1], settings,
+                  prefetch=int(opts.get("--prefetch", DEFAULT_PREFETCH)),
+                  prefetch_dir=opts.get("--prefetch-dir"))
+        else:
+            from keepwell.sources.postgres.uploader import run_uploader
+
+            return run_uploader(settings, pg_wal=opts.get("--pg-wal"),
+                                daemon="--daemon" in opts,
+                                idle_exit=float(opts.get("--idle-exit", "30")))
+    except WalNotFoundError as exc:
+        sys.stderr.write(f"keepwell: {exc.line()}\n")
+        return 1
+    except KeepwellError as exc:
+        sys.stderr.write(f"keepwell: {exc.line()}\n")
+        return exc.exit_code if exc.exit_code < 126 else 1
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"keepwell: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Throwaway PostgreSQL clusters for integration tests, run as the unprivileged `postgres` user.
+
+PostgreSQL refuses to run as root, and CI runs as root: every server (and so every
+``archive_command``/``restore_command`` that calls keepwell) runs as ``postgres`` through
+``runuser``; keepwell commands that write a repository the server also writes run as that user
+too (`PgEnv.keepwell`). Work directories live under /tmp, owned by ``postgres``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+PG_USER = "postgres"
+PASSWORD = "pg-test-password"
+
+
+def pg_bindir() -> str | None:
+    env = os.environ.get("KEEPWELL_PG_BINDIR")
+    if env:
+        return env
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    return os.path.dirname(found[0]) if found else None
+
+
+def pg_available() -> bool:
+    bindir = pg_bindir()
+    if bindir is None:
+        return False
+    try:
+        pwd.getpwnam(PG_USER)
+    except KeyError:
+        return os.geteuid() != 0
+    return True
+
+
+_PG_CAN_RUN: list[bool] = []
+
+
+def ensure_pg_user_can_run_keepwell() -> None:
+    """Let `postgres` traverse the directories to the interpreter and the checkout (as
+    .ci/install.d/postgres.sh does), so archive_command can run keepwell; once per session."""
+    if _PG_CAN_RUN or os.geteuid() != 0:
+        return
+    probe = ["runuser", "-u", PG_USER, "--", PYTHON, "-c", "import keepwell.sources.postgres"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        for start in (os.path.dirname(os.path.realpath(PYTHON)), str(REPO_ROOT / "src")):
+            p = start
+            while p not in ("/", ""):
+                mode = os.stat(p).st_mode
+                if not mode & 0o001:
+                    os.chmod(p, mode | 0o001)
+                p = os.path.dirname(p)
+        res = subprocess.run(probe, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise AssertionError(f"user {PG_USER} cannot run {PYTHON}: {res.stderr.strip()}")
+    _PG_CAN_RUN.append(True)
+
+
+def as_pg_user(argv: Sequence[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_USER, "--", *argv]
+    return list(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_workdir(prefix: str = "kw-pg-") -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(PG_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    return path
+
+
+def chown_pg(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", f"{PG_USER}:", str(path)], check=True)
+
+
+def keepwell_argv(*args: str) -> list[str]:
+    """``keepwell postgres ARGS`` (the group's own entry point when the top level is missing)."""
+    code = (
+        "import sys\n"
+        "try:\n"
+        "    from keepwell.cli.main import run\n"
+        "    sys.argv = ['keepwell', 'postgres'] + sys.argv[1:]\n"
+        "except ImportError:\n"
+        "    from keepwell.cli.postgres import main as run\n"
+        "    sys.argv = ['keepwell'] + sys.argv[1:]\n"
+        "sys.exit(run())\n"
+    )
+    return [PYTHON, "-c", code, *args]
+
+
+def wal_hook_argv() -> list[str]:
+    script = VENV_BIN / "keepwell-wal"
+    if script.exists():
+        return [str(script)]
+    return [PYTHON, "-m", "keepwell.sources.postgres.hooks"]
+
+
+@dataclass
+class PgEnv:
+    """A work directory, a repository location in it and the environment keepwell needs."""
+
+    workdir: Path
+    repo: Path
+    password_file: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("PG", "KEEPWELL_"))
+        }
+        env.update(
+            KEEPWELL_REPOSITORY=str(self.repo),
+            KEEPWELL_PASSWORD_FILE=str(self.password_file),
+            HOME=str(self.workdir),
+            KEEPWELL_TESTONLY_WEAK_KDF="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def keepwell(self, *args: str, check: bool = True, timeout: float = 300,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``keepwell ARGS`` as the postgres user; returns the completed process."""
+        full_env = self.env()
+        full_env.update(env or {})
+        res = subprocess.run(
+            as_pg_user(keepwell_argv(*args)), env=full_env, capture_output=True, text=True,
+            timeout=timeout, cwd=str(self.workdir),
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"keepwell {' '.join(args)} exited {res.returncode}\n"
+                f"stdout: {res.stdout}\nstderr: {res.stderr}"
+            )
+        return res
+
+    def wal_hook_command(self, *args: str) -> str:
+        """A shell command line for archive_command/restore_command (env baked in)."""
+        env = self.env()
+        keep = ("KEEPWELL_REPOSITORY", "KEEPWELL_PASSWORD_FILE", "KEEPWELL_TESTONLY_WEAK_KDF")
+        prefix = " ".join(f"{k}={env[k]}" for k in keep)
+        return f"env {prefix} " + " ".join(wal_hook_argv()) + " " + " ".join(args)
+
+    def init_repo(self) -> None:
+        code = (
+            "import os\n"
+            "from keepwell.backends.registry import open_backend\n"
+            "from keepwell.repository import Repository\n"
+            "Repository.init(open_backend(os.environ['KEEPWELL_REPOSITORY']),"
+            " open(os.environ['KEEPWELL_PASSWORD_FILE']).read().strip()).close()\n"
+        )
+        res = subprocess.run(
+            as_pg_user([PYTHON, "-c", code]), env=self.env(), capture_output=True, text=True,
+        )
+        if res.returncode != 0:
+            raise AssertionError(f"repository init failed: {res.stderr}")
+
+
+def make_env(workdir: Path) -> PgEnv:
+    pw = workdir / "password"
+    pw.write_text(PASSWORD + "\n")
+    chown_pg(pw)
+    os.chmod(pw, 0o600)
+    return PgEnv(workdir=workdir, repo=workdir / "repo", password_file=pw)
+
+
+class PgCluster:
+    """One PostgreSQL cluster in `datadir`, listening on 127.0.0.1:`port`."""
+
+    def __init__(self, workdir: Path, name: str = "pg", port: int | None = None,
+                 datadir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.datadir = datadir or workdir / name
+        self.port = port or free_port()
+        self.logfile = workdir / f"{name}.log"
+        self.sockdir = workdir / "sock"
+        self.bindir = pg_bindir() or ""
+
+    def bin(self, program: str) -> str:
+        return os.path.join(self.bindir, program)
+
+    def run_as_pg(self, argv: Sequence[str], check: bool = True, timeout: float = 120,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            as_pg_user(argv), capture_output=True, text=True, timeout=timeout, env=env,
+            cwd=str(self.workdir),
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"{argv[0]} failed: {res.stdout}\n{res.stderr}")
+        return res
+
+    def initdb(self, **settings: Any) -> PgCluster:
+        self.sockdir.mkdir(exist_ok=True)
+        chown_pg(self.sockdir)
+        self.run_as_pg([
+            self.bin("initdb"), "-D", str(self.datadir), "-A", "trust", "-U", PG_USER,
+            "--no-sync", "-E", "UTF8", "--locale=C",
+        ])
+        base = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.sockdir}'",
+            "wal_level": "replica",
+            "max_wal_senders": 10,
+            "max_replication_slots": 10,
+            "fsync": "off",
+            "full_page_writes": "on",
+            "shared_buffers": "'32MB'",
+            "max_connections": 40,
+            "log_min_messages": "'info'",
+        }
+        base.update(settings)
+        self.configure(**base)
+        return self
+
+    def configure(self, **settings: Any) -> None:
+        """Append settings to postgresql.conf (as the postgres user owns it, via tee)."""
+        text = "".join(f"{k} = {v}\n" for k, v in settings.items())
+        subprocess.run(
+            as_pg_user(["tee", "-a", str(self.datadir / "postgresql.conf")]),
+            input=text, text=True, check=True, capture_output=True,
+        )
+
+    def set_archive_command(self, command: str) -> None:
+        escaped = command.replace("'", "''")
+        self.configure(archive_mode="on", archive_command=f"'{escaped}'")
+
+    def start(self, timeout: float = 60) -> PgCluster:
+        self.run_as_pg([
+            self.bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+            "-o", f"-p {self.port}", "-w", "-t", str(int(timeout)), "start",
+        ], timeout=timeout + 10)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self.run_as_pg(
+            [self.bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"], check=False,
+        )
+
+    def running(self) -> bool:
+        res = self.run_as_pg([self.bin("pg_ctl"), "-D", str(self.datadir), "status"], check=False)
+        return res.returncode == 0
+
+    @property
+    def conninfo(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user={PG_USER} dbname=postgres"
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{dbname}"
+
+    def connect(self, dbname: str = "postgres") -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user={PG_USER} dbname={dbname}", autocommit=True,
+        )
+
+    def sql(self, query: str, params: Sequence[Any] | None = None,
+            dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        with self.connect(dbname) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def scalar(self, query: str, params: Sequence[Any] | None = None,
+               dbname: str = "postgres") -> Any:
+        rows = self.sql(query, params, dbname)
+        return rows[0][0] if rows else None
+
+    def switch_wal(self) -> str:
+        return str(self.scalar("SELECT pg_switch_wal()::text"))
+
+    def wait_archived(self, timeout: float = 60) -> None:
+        """Wait until the server has archived every finished segment (archive_status empty)."""
+        deadline = time.monotonic() + timeout
+        status = self.datadir / "pg_wal" / "archive_status"
+        while time.monotonic() < deadline:
+            if not list(status.glob("*.ready")):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"WAL not archived within {timeout} s; see {self.logfile}")
+
+    def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
+        subprocess.run(
+            [self.bin("pgbench"), "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
+             "-p", str(self.port), "-U", PG_USER, dbname],
+            check=True, capture_output=True,
+        )
+
+    @contextlib.contextmanager
+    def pgbench_load(self, seconds: int = 30, clients: int = 2,
+                     dbname: str = "postgres") -> Iterator[subprocess.Popen[bytes]]:
+        """A pgbench run in the background for the duration of the block."""
+        proc = subprocess.Popen(
+            [self.bin("pgbench"), "-n", "-c", str(clients), "-j", "1", "-T", str(seconds),
+             "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, dbname],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- pytest fixtures (import them into a test module to use them) ------------------------------
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the fixtures module is also used by scripts
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def pg_env() -> Iterator[PgEnv]:
+        """A work directory owned by postgres with an initialised (weak-KDF) repository."""
+        if not pg_available():
+            pytest.skip("PostgreSQL binaries or the postgres user are not available")
+        ensure_pg_user_can_run_keepwell()
+        workdir = make_workdir()
+        env = make_env(workdir)
+        env.init_repo()
+        clusters: list[PgCluster] = []
+        env.extra_env["_KW_TEST"] = "1"
+        try:
+            yield env
+        finally:
+            for c in clusters:
+                c.stop("immediate")
+            stop_all_in(workdir)
+            remove_workdir(workdir)
+
+
+def stop_all_in(workdir: Path) -> None:
+    """Stop every server whose data directory lives in `workdir` (test teardown)."""
+    for pid_file in workdir.glob("*/postmaster.pid"):
+        bindir = pg_bindir() or ""
+        subprocess.run(
+            as_pg_user([os.path.join(bindir, "pg_ctl"), "-D", str(pid_file.parent), "-m",
+                        "immediate", "-w", "stop"]),
+            capture_output=True,
+        )
+    # uploaders and streamers started by hooks hold no server, but may still run: end them
+    for lock in workdir.glob("**/uploader.lock"):
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"keepwell.sources.postgres.hooks" in cmdline and str(workdir).encode() in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

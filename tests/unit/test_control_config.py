@@ -1,0 +1,130 @@
+"""keepwell.yaml validation: models, units, secret references, and errors with file:line:key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keepwell.control.config import load_config, parse_config, parse_duration, parse_size
+from keepwell.control.secrets import resolve
+from keepwell.errors import ConfigurationError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "keepwell.yaml"
+
+MINIMAL = """\
+repositories:
+  main:
+    location: repo
+    password: env:KW_PW
+sources:
+  home:
+    kind: files
+    repository: main
+    paths: [data]
+"""
+
+
+def _error(text: str, tmp_path: Path) -> str:
+    path = tmp_path / "keepwell.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError) as exc:
+        load_config(path)
+    return str(exc.value)
+
+
+def test_the_shipped_example_is_valid() -> None:
+    cfg = load_config(EXAMPLE).config
+    assert set(cfg.sources) == {"home", "app-sqlite", "orders", "shop"}
+    assert cfg.limits.upload == 50 * 1024 * 1024
+    assert cfg.sources["orders"].kind == "postgres"
+    assert cfg.retries.base == 60.0
+    assert cfg.drills["home-weekly"].max_rpo == 26 * 3600
+
+
+def test_relative_paths_are_taken_from_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "keepwell.yaml").write_text(MINIMAL)
+    loaded = load_config(tmp_path / "keepwell.yaml")
+    cfg = loaded.config
+    assert cfg.repositories["main"].location == str(tmp_path / "repo")
+    assert cfg.sources["home"].paths == [str(tmp_path / "data")]  # type: ignore[union-attr]
+    assert cfg.history.endswith("keepwell/history.db")
+
+
+@pytest.mark.parametrize("text,value", [("10MiB", 10 * 1024**2), ("5MB", 5_000_000),
+                                        (1234, 1234), ("1.5KiB", 1536)])
+def test_sizes(text: object, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text,value", [("30s", 30), ("1h30m", 5400), (2.5, 2.5),
+                                        ("250ms", 0.25), ("1d", 86400)])
+def test_durations(text: object, value: float) -> None:
+    assert parse_duration(text) == value
+
+
+def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    msg = _error(MINIMAL + "    schedule: '61 * * * *'\nlimits:\n  upload: 10 parsecs\n",
+                 tmp_path)
+    assert "keepwell.yaml:10: sources.home.schedule: bad cron expression" in msg
+    assert "keepwell.yaml:12: limits.upload: expected a size" in msg
+
+
+def test_inline_secret_is_refused_with_its_line(tmp_path: Path) -> None:
+    msg = _error(MINIMAL.replace("env:KW_PW", "hunter2"), tmp_path)
+    assert ":4: repositories.main.password: secrets are given by reference" in msg
+
+
+def test_missing_key_points_at_its_parent(tmp_path: Path) -> None:
+    msg = _error(MINIMAL.replace("    paths: [data]\n", ""), tmp_path)
+    assert ":6: sources.home.paths: missing required key" in msg
+
+
+def test_unknown_key_and_unknown_kind(tmp_path: Path) -> None:
+    msg = _error(MINIMAL + "    excludez: ['*.tmp']\n", tmp_path)
+    assert ":10: sources.home.excludez: Extra inputs are not permitted" in msg
+    msg = _error(MINIMAL.replace("kind: files", "kind: nfs"), tmp_path)
+    assert ":6: sources.home:" in msg and "'files', 'sqlite', 'postgres', 'mysql'" in msg
+
+
+def test_references_between_sections_are_checked(tmp_path: Path) -> None:
+    msg = _error(MINIMAL.replace("repository: main", "repository: nope"), tmp_path)
+    assert ":8: sources.home.repository: unknown repository 'nope'" in msg
+    msg = _error(MINIMAL + "drills:\n  d:\n    source: ghost\n", tmp_path)
+    assert ":12: drills.d.source: unknown source 'ghost'" in msg
+
+
+def test_database_source_fields_are_validated(tmp_path: Path) -> None:
+    text = MINIMAL + ("  db:\n    kind: postgres\n    repository: main\n    mode: snapshot\n"
+                      "    connection: {port: 99999}\n")
+    msg = _error(text, tmp_path)
+    assert ":13: sources.db.mode:" in msg
+    assert ":14: sources.db.connection.port:" in msg
+
+
+def test_bad_yaml_and_bad_time_zone(tmp_path: Path) -> None:
+    assert ":3: not valid YAML" in _error("repositories:\n  main: {location: x\n", tmp_path)
+    msg = _error("timezone: Mars/Olympus\n" + MINIMAL, tmp_path)
+    assert ":1: timezone: unknown time zone 'Mars/Olympus'" in msg
+
+
+def test_missing_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot read configuration"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_only_sqlite_history(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="only SQLite job history"):
+        parse_config("history: postgresql://h/db\n" + MINIMAL, tmp_path / "k.yaml")
+
+
+def test_secret_references_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KW_SECRET", "s3cret")
+    assert resolve("env:KW_SECRET") == "s3cret"
+    (tmp_path / "pw").write_text("from-file\nsecond line\n")
+    assert resolve(f"file:{tmp_path / 'pw'}") == "from-file"
+    monkeypatch.delenv("KW_SECRET")
+    with pytest.raises(ConfigurationError, match="KW_SECRET is not set"):
+        resolve("env:KW_SECRET")
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        resolve(f"file:{tmp_path / 'absent'}")

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keepwell.backends.local import LocalBackend
+from keepwell.backends.memory import MemoryBackend
+from keepwell.errors import IntegrityError, RestoreTargetError, WrongPasswordError
+from keepwell.repository import Repository
+from keepwell.repository.check import check
+from keepwell.repository.index import IndexContent, decode_index, encode_index
+from keepwell.repository.prune import prune
+from keepwell.repository.sessions import Session
+from keepwell.sources.files import backup_paths, restore_snapshot
+
+os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
+
+
+def _repo(tmp_path: Path) -> Repository:
+    return Repository.init(LocalBackend(str(tmp_path / "repo")), "pw")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(max_size=3_000_000))
+def test_stream_roundtrip(data: bytes) -> None:
+    repo = Repository.init(MemoryBackend(), "pw")
+    with repo.new_snapshot("stdin", ["x"]) as w:
+        w.add_stream("x", io.BytesIO(data))
+        snap = w.commit()
+    again = Repository.open(repo.backend, "pw")
+    assert b"".join(again.iter_file(again.find_snapshot(snap.id), "x")) == data
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 2**32 - 1)), max_size=50))
+def test_index_roundtrip(items: list[tuple[bytes, int]]) -> None:
+    import numpy as np
+
+    from keepwell.repository.index import ENTRY_DTYPE
+
+    entries = np.zeros(len(items), dtype=ENTRY_DTYPE)
+    for i, (bid, off) in enumerate(items):
+        entries[i] = (bid, 0, off, 10, 20, 0)
+    content = IndexContent([b"p" * 32], [0], entries, ["ab" * 32])
+    back = decode_index(encode_index(content))
+    assert back.packs == content.packs and back.supersedes == content.supersedes
+    assert back.entries.tobytes() == entries.tobytes()
+
+
+def test_wrong_password(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    with pytest.raises(WrongPasswordError):
+        Repository.open(repo.backend, "nope")
+
+
+def test_insert_at_start_restores_few_chunks(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    data = os.urandom(20 * 1024 * 1024)
+    with repo.new_snapshot("stdin", ["x"]) as w:
+        w.add_stream("x", io.BytesIO(data))
+        w.commit()
+    with repo.new_snapshot("stdin", ["x"]) as w:
+        w.add_stream("x", io.BytesIO(b"hello" + data))
+        second = w.commit()
+    assert second.summary["blobs_new"] <= 3  # one or two data chunks and the tree
+    assert second.summary["bytes_added"] < 3 * 8 * 1024 * 1024
+
+
+def _tree(root: Path) -> None:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "a.txt").write_text("hello\n")
+    (root / "sub" / "b.bin").write_bytes(os.urandom(3_000_000))
+    (root / "sub" / "deeper" / "zero").write_bytes(b"")
+    (root / "odd name \u00e9 \n").write_bytes(b"odd")
+    os.symlink("a.txt", root / "link")
+    os.link(root / "a.txt", root / "hard")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(50 * 1024 * 1024)
+        f.write(b"start")
+    os.chmod(root / "a.txt", 0o640)
+
+
+def test_file_roundtrip_keeps_metadata(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _tree(src)
+    repo = _repo(tmp_path)
+    snap = backup_paths(repo, [str(src)]).snapshot
+    out = tmp_path / "out"
+    res = restore_snapshot(repo, snap, str(out))
+    assert not res.errors
+    restored = out / str(src).lstrip("/")
+    r = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(restored)], capture_output=True)
+    assert r.returncode == 0, r.stdout
+    assert os.readlink(restored / "link") == "a.txt"
+    assert os.stat(restored / "a.txt").st_mode & 0o777 == 0o640
+    assert os.stat(restored / "a.txt").st_ino == os.stat(restored / "hard").st_ino
+    assert os.stat(restored / "a.txt").st_mtime_ns == os.stat(src / "a.txt").st_mtime_ns
+    assert (restored / "empty").is_dir()
+    assert os.stat(restored / "sparse").st_blocks * 512 < 10 * 1024 * 1024
+    with pytest.raises(RestoreTargetError):
+        restore_snapshot(repo, snap, str(out))
+    # unchanged files are not re-read
+    second = backup_paths(repo, [str(src)]).snapshot
+    assert second.summary["files_new"] == 0 and second.summary["files_changed"] == 0
+    assert second.summary["files_unmodified"] >= 6  # only the trees above src changed
+    assert check(repo, read_data_fraction=1.0).ok
+
+
+def test_flipped_byte_is_detected_and_never_served(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(200_000))
+    repo = _repo(tmp_path)
+    snap = backup_paths(repo, [str(src)]).snapshot
+    pack = next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())
+    raw = bytearray(pack.read_bytes())
+    raw[100] ^= 0xFF
+    os.chmod(pack, 0o600)
+    pack.write_bytes(bytes(raw))
+    rep = check(Repository.open(repo.backend, "pw"), read_data_fraction=1.0)
+    assert not rep.ok and snap.id in rep.affected
+    fresh = Repository.open(repo.backend, "pw")
+    with pytest.raises(IntegrityError):
+        b"".join(fresh.iter_file(snap, str(src / "f").lstrip("/")))
+
+
+def test_prune_keeps_referenced_and_waits_for_sessions(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    keep_data, drop_data = os.urandom(2_000_000), os.urandom(2_000_000)
+    snaps = []
+    for data in (keep_data, drop_data):
+        with repo.new_snapshot("stdin", ["x"]) as w:
+            w.add_stream("x", io.BytesIO(data))
+            snaps.append(w.commit())
+    repo.forget([snaps[1].id])
+    session = Session(repo, "test")  # a backup running elsewhere
+    try:
+        assert prune(repo).waiting_for_sessions == 1
+    finally:
+        session.end()
+    report = prune(repo)
+    assert report.packs_deleted >= 1
+    fresh = Repository.open(repo.backend, "pw")
+    assert b"".join(fresh.iter_file(snaps[0], "x")) == keep_data
+    assert check(fresh, read_data_fraction=1.0).ok
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "KEEPWELL_PASSWORD": "pw"}
+    kw = [sys.executable, "-m", "keepwell.cli.main"]
+    r = subprocess.run(kw + ["-r", str(tmp_path / "none"), "snapshots"], capture_output=True, text=True, env=env)
+    assert r.returncode == 10 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    subprocess.run(kw + ["-r", str(tmp_path / "r"), "init"], check=True, capture_output=True, env=env)
+    r = subprocess.run(kw + ["-r", str(tmp_path / "r"), "snapshots"], capture_output=True, text=True,
+                       env={**env, "KEEPWELL_PASSWORD": "bad"})
+    assert r.returncode == 12 and r.stderr.startswith("keepwell: wrong password")
+    r = subprocess.run(kw + ["-r", str(tmp_path / "r"), "restore", "zzzz", "--target", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "not a snapshot id" in r.stderr
+    unreadable = tmp_path / "u"
+    unreadable.mkdir()
+    (unreadable / "ok").write_text("x")
+    r = subprocess.run(kw + ["-r", str(tmp_path / "r"), "backup", str(tmp_path / "missing")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "no such file" in r.stderr
