@@ -97,3 +97,38 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def run_app(app: Any, *, debug: bool = False) -> int:
+    """Run a Typer app; every KeepwellError becomes one line and its exit code."""
+    from keepwell.errors import EXIT_FAILURE, KeepwellError
+
+    try:
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit raised inside
+    except KeepwellError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"keepwell: {exc.line()}\n")
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("keepwell: aborted\n")
+        return EXIT_FAILURE
+    except typer.TyperException as exc:
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            sys.stderr.write(f"keepwell: {exc}\n")
+        return int(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        sys.stderr.write("keepwell: interrupted\n")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"keepwell: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with --debug and report it)\n")
+        return EXIT_FAILURE
+    return rc if isinstance(rc, int) else 0

@@ -15,8 +15,7 @@ import typer
 
 from keepwell import __version__
 from keepwell.cli import repo_commands
-from keepwell.cli.common import GLOBALS
-from keepwell.errors import EXIT_FAILURE, EXIT_USAGE, KeepwellError
+from keepwell.cli.common import GLOBALS, run_app
 
 app = typer.Typer(
     help="keepwell: deduplicated, encrypted, verifiable backups of files and databases.",
@@ -78,33 +77,7 @@ except ImportError:  # pragma: no cover
 
 def run() -> None:
     debug = "--debug" in sys.argv or os.environ.get("KEEPWELL_DEBUG") == "1"
-    try:
-        rc = app(standalone_mode=False)
-    except KeepwellError as exc:
-        if debug:
-            raise
-        print(f"keepwell: {exc.line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("keepwell: aborted", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
-    except KeyboardInterrupt:
-        print("keepwell: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (typer.BadParameter, typer.Exit) as exc:
-        raise exc
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
-        if debug:
-            raise
-        print(f"keepwell: internal error: {type(exc).__name__}: {exc} (rerun with --debug and "
-              "report it)", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    sys.exit(run_app(app, debug=debug))
 
 
 if __name__ == "__main__":

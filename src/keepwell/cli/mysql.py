@@ -25,8 +25,9 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    run_app,
 )
-from keepwell.errors import KeepwellError, UsageError
+from keepwell.errors import UsageError
 
 app = typer.Typer(
     help="Back up MySQL/MariaDB (logical dumps, physical copies, binlogs) and restore it to any"
@@ -328,21 +329,7 @@ def forget(
 
 def main() -> int:
     """Run this group on its own (``python -m keepwell.cli.mysql``)."""
-    try:
-        rc = app(standalone_mode=False)  # returns the code of a typer.Exit raised inside
-    except KeepwellError as exc:
-        sys.stderr.write(f"keepwell: {exc.line()}\n")
-        return exc.exit_code
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
-    return rc if isinstance(rc, int) else 0
+    return run_app(app)
 
 
 if __name__ == "__main__":

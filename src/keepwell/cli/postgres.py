@@ -24,8 +24,9 @@ from keepwell.cli.common import (
     print_json,
     resolve_password,
     resolve_repo,
+    run_app,
 )
-from keepwell.errors import KeepwellError, UsageError
+from keepwell.errors import UsageError
 
 app = typer.Typer(
     help="Back up PostgreSQL (logical dumps, physical base backups, WAL) and restore it to any"
@@ -429,21 +430,7 @@ def forget(
 
 def main() -> int:
     """Run this group on its own (``python -m keepwell.cli.postgres``)."""
-    try:
-        rc = app(standalone_mode=False)
-    except KeepwellError as exc:
-        sys.stderr.write(f"keepwell: {exc.line()}\n")
-        return exc.exit_code
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
-    return rc if isinstance(rc, int) else 0
+    return run_app(app)
 
 
 if __name__ == "__main__":
