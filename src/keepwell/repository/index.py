@@ -147,13 +147,15 @@ class MasterIndex:
         self._extra = {}
         if len(parts) == 1:
             return
+        self._entries = self._keys = np.zeros(0, dtype=np.uint64)
         merged = np.concatenate(parts)
-        del parts
+        parts.clear()
         keys = _keys_of(merged)
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         del keys
         self._entries = merged[order]
+        del merged, order
 
     def add(self, blob_id: bytes, pack: bytes, pack_type: int, offset: int, length: int,
             raw_length: int, blob_type: int) -> None:
@@ -165,11 +167,11 @@ class MasterIndex:
 
     # -- lookups -------------------------------------------------------------------------------
     def _find(self, blob_id: bytes) -> int:
-        key = int.from_bytes(blob_id[:8], "big")
-        keys = self._keys
+        key = np.uint64(int.from_bytes(blob_id[:8], "big"))  # a Python int > 2**63 would
+        keys = self._keys  # make NumPy convert the whole array to float on every call
         i = int(np.searchsorted(keys, key))
         n = len(keys)
-        while i < n and int(keys[i]) == key:
+        while i < n and keys[i] == key:
             if self._entries["id"][i].tobytes() == blob_id:
                 return i
             i += 1

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from keepwell.repository.repo import Repository
 
 PACK_TARGET = {DATA: 16 * 1024 * 1024, TREE: 4 * 1024 * 1024}
-INDEX_EVERY_PACKS = 8
-INDEX_EVERY_SECONDS = 20.0
+INDEX_EVERY_PACKS = 4
+INDEX_EVERY_SECONDS = 10.0
 
 
 class PackBuilder:

@@ -143,18 +143,19 @@ class Repository:
         names = [i.name.split("/", 1)[1] for i in self.backend.list("index/")]
         todo = [n for n in names if not skip or n not in skip]
 
-        def load(name: str) -> tuple[str, IndexContent] | None:
+        def load(name: str) -> None:
+            # staged in the worker, so each decrypted object is dropped as soon as it is copied
             try:
-                return name, decode_index(self.get_object("index", name, KIND_INDEX))
+                content = decode_index(self.get_object("index", name, KIND_INDEX))
             except ObjectNotFoundError:
-                return None  # superseded and deleted by a prune since the listing
+                return  # superseded and deleted by a prune since the listing
             except ValueError as exc:
                 raise FormatError(f"index/{name} cannot be decoded: {exc}") from None
+            idx.stage(name, content)
 
-        with ThreadPoolExecutor(8) as pool:
-            for result in pool.map(load, todo):
-                if result is not None:
-                    idx.stage(*result)
+        with ThreadPoolExecutor(4) as pool:
+            for _ in pool.map(load, todo):
+                pass
         idx.finish()
         return idx
 
