@@ -147,7 +147,8 @@ class MasterIndex:
         self._extra = {}
         if len(parts) == 1:
             return
-        self._entries = self._keys = np.zeros(0, dtype=np.uint64)
+        self._entries = np.zeros(0, dtype=ENTRY_DTYPE)  # drop references before merging
+        self._keys = np.zeros(0, dtype=np.uint64)
         merged = np.concatenate(parts)
         parts.clear()
         keys = _keys_of(merged)
