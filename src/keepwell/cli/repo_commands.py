@@ -21,7 +21,7 @@ from keepwell.cli.common import (
     resolve_password,
     resolve_repo,
 )
-from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, KeepwellError, UsageError
+from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, UsageError
 
 key_app = typer.Typer(help="Manage the passwords of a repository.", no_args_is_help=True)
 
@@ -398,4 +398,3 @@ def register(app: typer.Typer) -> None:
     app.add_typer(key_app, name="key")
 
 
-_ = KeepwellError

@@ -1,8 +1,8 @@
 """WAL names and positions: LSNs, segment names, segment headers and timeline history files.
 
 Pure functions and values, no I/O beyond reading a segment's first bytes. A *segment number* is
-the LSN divided by the segment size; a segment *name* is ``TTTTTTTTXXXXXXXXYYYYYYYY`` (timeline,
-then the segment number split at 2^32 bytes).
+the LSN divided by the segment size; a segment *name* is 24 hex digits: 8 for the timeline,
+then 8 + 8 for the segment number split at 2^32 bytes.
 """
 
 from __future__ import annotations
