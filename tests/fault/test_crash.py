@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from keepwell.backends.local import _TMP_PREFIX
+
 KW = [sys.executable, "-m", "keepwell.cli.main"]
 
 
@@ -89,11 +91,15 @@ def test_next_backup_reuses_killed_uploads(tmp_path: Path) -> None:
                          stderr=subprocess.DEVNULL)
     index = repo / "index"
     deadline = time.time() + 60
-    while time.time() < deadline and not (index.exists() and any(index.iterdir())):
+
+    def checkpointed() -> bool:  # a finished index object, not the temporary file of one
+        return index.exists() and any(not f.name.startswith(_TMP_PREFIX) for f in index.iterdir())
+
+    while time.time() < deadline and not checkpointed():
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert index.exists() and any(index.iterdir()), "no index checkpoint was written"
+    assert checkpointed(), "no index checkpoint was written"
     r = _kw(env, "backup", "--json", str(src))
     import json
 

@@ -15,7 +15,7 @@ import typer
 
 from keepwell import __version__
 from keepwell.cli import repo_commands
-from keepwell.cli.common import GLOBALS, run_app
+from keepwell.cli.common import GLOBALS, run_app, tune_malloc
 
 app = typer.Typer(
     help="keepwell: deduplicated, encrypted, verifiable backups of files and databases.",
@@ -77,6 +77,7 @@ except ImportError:  # pragma: no cover
 
 def run() -> None:
     debug = "--debug" in sys.argv or os.environ.get("KEEPWELL_DEBUG") == "1"
+    tune_malloc()
     sys.exit(run_app(app, debug=debug))
 
 

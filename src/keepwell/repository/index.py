@@ -182,6 +182,25 @@ class MasterIndex:
         with self._lock:
             return blob_id in self._extra or self._find(blob_id) >= 0
 
+    def has_each(self, blob_ids: list[bytes]) -> list[bool]:
+        """`has` for many ids in one vectorised pass (the unchanged-file check of a re-backup)."""
+        if not blob_ids:
+            return []
+        with self._lock:
+            out = [b in self._extra for b in blob_ids]
+            keys_sorted, n = self._keys, len(self._keys)
+            if n == 0:
+                return out
+            keys = np.frombuffer(b"".join(b[:8] for b in blob_ids), dtype=">u8").astype(np.uint64)
+            ids = np.frombuffer(b"".join(blob_ids), dtype="V32")
+            pos = np.minimum(np.searchsorted(keys_sorted, keys), n - 1)
+            hit = (keys_sorted[pos] == keys) & (self._entries["id"][pos] == ids)
+            for i, h in enumerate(hit.tolist()):
+                # a miss at the first position may still be a hit further along equal keys
+                if h or (not out[i] and self._find(blob_ids[i]) >= 0):
+                    out[i] = True
+            return out
+
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         with self._lock:
             hit = self._extra.get(blob_id)

@@ -10,9 +10,13 @@ Leaving without ``commit`` records no snapshot; uploaded data stays indexed for 
 from __future__ import annotations
 
 import getpass
+import os
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -38,7 +42,7 @@ class SnapshotWriter:
     def __init__(self, repo: Repository, kind: str, paths: list[str], *, host: str | None = None,
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
-                 upload_workers: int = 4) -> None:
+                 upload_workers: int = 4, blob_workers: int | None = None) -> None:
         self.repo = repo
         self.kind = kind
         self.paths = list(paths)
@@ -59,6 +63,11 @@ class SnapshotWriter:
             raise
         self.bytes_read = 0
         self._done = False
+        self._blob_workers = blob_workers or max(2, os.cpu_count() or 2)
+        self._blob_pool: ThreadPoolExecutor | None = None
+        # Chunks waiting for or in the pool, over all streams at once: bounds memory however many
+        # threads feed streams in parallel (the file archiver runs several).
+        self._chunk_slots = threading.BoundedSemaphore(2 * self._blob_workers + 2)
 
     def __enter__(self) -> SnapshotWriter:
         return self
@@ -68,15 +77,46 @@ class SnapshotWriter:
             self.abort()
 
     # -- content ------------------------------------------------------------------------------
-    def save_content(self, reader: BinaryIO) -> tuple[list[bytes], int]:
+    def save_content(self, reader: BinaryIO, *, count: bool = True) -> tuple[list[bytes], int]:
+        """Chunk a stream and store its chunks; returns their ids in order and the byte count.
+
+        The calling thread only reads and cuts; hashing, compression and encryption of each chunk
+        run on a small pool (native code, GIL released), with a bounded window of chunks in flight
+        so memory stays flat however long the stream is.
+        """
+        pool = self._pool()
+        window: deque[Future[bytes]] = deque()
+        limit = 2 * self._blob_workers
         ids: list[bytes] = []
         size = 0
-        for chunk in self.repo.chunker.chunks(reader):
-            ids.append(self.sink.save(DATA, chunk))
-            size += len(chunk)
-            self.repo.events.emit("bytes", n=len(chunk))
-        self.bytes_read += size
+        release = self._release_chunk
+        try:
+            for chunk in self.repo.chunker.chunks(reader):
+                n = len(chunk)
+                size += n
+                self._chunk_slots.acquire()
+                fut = pool.submit(self.sink.save, DATA, bytes(chunk))  # the chunker reuses its buffer
+                fut.add_done_callback(release)
+                window.append(fut)
+                self.repo.events.emit("bytes", n=n)
+                if len(window) >= limit:
+                    ids.append(window.popleft().result())
+            while window:
+                ids.append(window.popleft().result())
+        finally:
+            for fut in window:
+                fut.cancel()
+        if count:
+            self.bytes_read += size
         return ids, size
+
+    def _release_chunk(self, _fut: Future[bytes]) -> None:
+        self._chunk_slots.release()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._blob_pool is None:
+            self._blob_pool = ThreadPoolExecutor(self._blob_workers, thread_name_prefix="kw-chunk")
+        return self._blob_pool
 
     def add_stream(self, path: str, reader: BinaryIO, *, mode: int = 0o600, mtime: float | None = None) -> int:
         ids, size = self.save_content(reader)
@@ -174,5 +214,7 @@ class SnapshotWriter:
     def _finish(self) -> None:
         if not self._done:
             self._done = True
+            if self._blob_pool is not None:
+                self._blob_pool.shutdown(wait=True)
             self.sink.close()
             self.session.end()

@@ -1,10 +1,11 @@
 """Backing up file trees.
 
-The walk runs in the calling thread; files are read, chunked, hashed, compressed and encrypted by
-a pool of worker threads (the heavy steps are native code that releases the GIL); a second pool
-spreads the chunks of large files over the cores. Directory trees are built as their last child
-finishes, in whatever thread that is, so the walk never waits. In-flight work is bounded, so
-memory stays flat however large the tree.
+Directories are listed and stat'ed by a pool of walker threads, files are read, chunked, hashed,
+compressed and encrypted by a pool of reader threads (the heavy steps are native code that
+releases the GIL, and a cold disk answers many small reads at once far faster than one after
+another), and the chunks of large files are spread over the cores by the snapshot writer's pool.
+Directory trees are built as their last child finishes, in whatever thread that is, so no thread
+waits for a subtree. In-flight files are bounded, so memory stays flat however large the tree.
 
 A file is not re-read when the parent snapshot holds it with the same size, mtime, ctime and
 inode, and all its blobs are still in the index. Unreadable entries are reported and skipped;
@@ -32,7 +33,9 @@ from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files.select import Matcher
 
 _LARGE = 8 * 1024 * 1024
-_READ = 4 * 1024 * 1024
+READ_CONCURRENCY = 6
+_OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
+WALK_CONCURRENCY = 4
 
 
 @dataclass
@@ -98,11 +101,13 @@ def node_from_stat(name: str, st: os.stat_result, names: _Names) -> Node:
 class _Dir:
     """A directory whose tree is written once every child is known."""
 
-    __slots__ = ("node", "nodes", "remaining", "parent", "slot", "done")
+    __slots__ = ("node", "nodes", "remaining", "parent", "slot", "done", "old_id", "old_nodes")
 
     def __init__(self, node: Node, count: int, parent: _Dir | None, slot: int,
                  done: Future[Node] | None = None) -> None:
         self.done = done
+        self.old_id: bytes | None = None  # the parent snapshot's tree of this directory
+        self.old_nodes: list[Node] = []
         self.node = node
         self.nodes: list[Node | None] = [None] * count
         self.remaining = count
@@ -121,10 +126,11 @@ class Archiver:
         self.names = _Names()
         self.errors: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self._files = ThreadPoolExecutor(workers + 1, thread_name_prefix="kw-file")
-        self._blobs = ThreadPoolExecutor(workers, thread_name_prefix="kw-blob")
+        self._files = ThreadPoolExecutor(max(READ_CONCURRENCY, workers + 1), thread_name_prefix="kw-file")
+        self._dirs = ThreadPoolExecutor(WALK_CONCURRENCY, thread_name_prefix="kw-walk")
         self._slots = threading.BoundedSemaphore(64)
         self._error: BaseException | None = None
+        self._wake = threading.Event()
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
                        "bytes_processed": 0, "errors": 0}
 
@@ -139,7 +145,12 @@ class Archiver:
 
     def _finish_dir(self, d: _Dir) -> None:
         try:
-            d.node.subtree = self.writer.save_tree([n for n in d.nodes if n is not None])
+            nodes = [n for n in d.nodes if n is not None]
+            if d.old_id is not None and nodes == d.old_nodes and self.repo.index.has(d.old_id):
+                d.node.subtree = d.old_id  # nothing in it changed: the same tree blob
+            else:
+                d.node.subtree = self.writer.save_tree(nodes)
+            d.old_nodes = []
         except BaseException as exc:  # storage failure: stop the run
             self._fail(exc)
             return
@@ -154,6 +165,7 @@ class Archiver:
         with self._lock:
             if self._error is None:
                 self._error = exc
+        self._wake.set()
 
     def _report(self, path: str, msg: str) -> None:
         with self._lock:
@@ -162,59 +174,58 @@ class Archiver:
         self.repo.events.emit("error", path=path, message=msg)
 
     # -- files --------------------------------------------------------------------------------
-    def _unchanged(self, node: Node, old: Node | None) -> bool:
+    def _unchanged(self, node: Node, old: Node | None, known: set[str] | None = None) -> bool:
+        """Same size, mtime, ctime and inode as in the parent snapshot, and every blob still
+        stored. ``known``: names of the directory's old files whose blobs were checked at once."""
         if old is None or old.type != FILE or old.size != node.size or old.mtime_ns != node.mtime_ns \
                 or old.ctime_ns != node.ctime_ns or old.inode != node.inode:
             return False
+        if known is not None:
+            return old.name in known
         index = self.repo.index
         return all(index.has(b) for b in old.content)
 
+    def _known_files(self, olds: list[Node]) -> set[str]:
+        files = [n for n in olds if n.type == FILE]
+        hits = self.repo.index.has_each([b for n in files for b in n.content])
+        known = set()
+        i = 0
+        for n in files:
+            k = len(n.content)
+            if all(hits[i:i + k]):
+                known.add(n.name)
+            i += k
+        return known
+
     def _read_file(self, path: str, node: Node) -> list[bytes]:
-        sink = self.writer.sink
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else os.O_RDONLY)
+        fd = os.open(path, _OPEN_FLAGS)
         try:
-            if node.size <= self.repo.chunker_params.min_size:
-                data = b""
-                parts = []
-                while True:
-                    part = os.read(fd, max(node.size + 1, 65536))
-                    if not part:
-                        break
-                    parts.append(part)
-                data = b"".join(parts)
-                self.repo.events.emit("bytes", n=len(data))
-                node.size = len(data)
-                return [sink.save(DATA, data)] if data else []
+            if node.size < _LARGE:
+                return self._read_whole(fd, node)
             with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                if node.size < _LARGE:
-                    ids = []
-                    size = 0
-                    for chunk in self.repo.chunker.chunks(f):
-                        ids.append(sink.save(DATA, chunk))
-                        size += len(chunk)
-                        self.repo.events.emit("bytes", n=len(chunk))
-                    node.size = size
-                    return ids
-                return self._read_large(f, node)
+                ids, node.size = self.writer.save_content(f, count=False)
+                return ids
         finally:
             os.close(fd)
 
-    def _read_large(self, f: Any, node: Node) -> list[bytes]:
+    def _read_whole(self, fd: int, node: Node) -> list[bytes]:
+        """A file below the largest chunk size: one read into memory, then cut in place (a
+        streaming chunker would allocate and zero a buffer twice the largest chunk per file)."""
+        parts = []
+        while True:
+            part = os.read(fd, max(node.size + 1, 65536))
+            if not part:
+                break
+            parts.append(part)
+        data = b"".join(parts)
+        node.size = len(data)
+        self.repo.events.emit("bytes", n=len(data))
+        if not data:
+            return []
         sink = self.writer.sink
-        window: list[Future[bytes]] = []
-        ids: list[bytes] = []
-        size = 0
-        limit = 2 * self._blobs._max_workers
-        for chunk in self.repo.chunker.chunks(f):
-            data = bytes(chunk)
-            size += len(data)
-            window.append(self._blobs.submit(sink.save, DATA, data))
-            self.repo.events.emit("bytes", n=len(data))
-            if len(window) >= limit:
-                ids.append(window.pop(0).result())
-        ids.extend(w.result() for w in window)
-        node.size = size
-        return ids
+        if len(data) <= self.repo.chunker_params.min_size:
+            return [sink.save(DATA, data)]
+        return [sink.save(DATA, chunk) for chunk in self.repo.chunker.chunks_of(data)]
 
     def _file_job(self, d: _Dir, slot: int, path: str, node: Node, changed: bool) -> None:
         try:
@@ -235,13 +246,13 @@ class Archiver:
         self._child_done(d, slot, result)
 
     # -- the walk -----------------------------------------------------------------------------
-    def _old_children(self, old: Node | None) -> dict[str, Node]:
+    def _old_tree(self, old: Node | None) -> list[Node]:
         if old is None or old.type != DIR or old.subtree is None:
-            return {}
+            return []
         try:
-            return {n.name: n for n in self.repo.load_tree(old.subtree)}
+            return self.repo.load_tree(old.subtree)
         except KeepwellError:
-            return {}
+            return []
 
     def _walk_dir(self, path: str, node: Node, old: Node | None, parent: _Dir | None, slot: int,
                   done: Future[Node] | None = None) -> None:
@@ -261,7 +272,12 @@ class Archiver:
         if not kept:
             self._finish_dir(d)
             return
-        old_children = self._old_children(old)
+        old_nodes = self._old_tree(old)
+        if old_nodes:
+            assert old is not None
+            d.old_id, d.old_nodes = old.subtree, old_nodes
+        old_children = {n.name: n for n in old_nodes}
+        known = self._known_files(old_nodes) if old_nodes else None
         for i, (e, child) in enumerate(kept):
             if self._error is not None:
                 raise self._error
@@ -272,19 +288,27 @@ class Archiver:
                 self._child_done(d, i, None)
                 continue
             cnode = node_from_stat(e.name, st, self.names)
-            self._add(child, cnode, st, old_children.get(e.name), d, i)
+            self._add(child, cnode, st, old_children.get(e.name), d, i, known)
 
-    def _add(self, path: str, node: Node, st: os.stat_result, old: Node | None, d: _Dir | None, slot: int) -> None:
+    def _dir_job(self, path: str, node: Node, old: Node | None, d: _Dir | None, slot: int,
+                 done: Future[Node] | None = None) -> None:
+        try:
+            self._walk_dir(path, node, old, d, slot, done)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _add(self, path: str, node: Node, st: os.stat_result, old: Node | None, d: _Dir | None,
+             slot: int, known: set[str] | None = None) -> None:
         if node.type == DIR:
             if self.one_file_system and d is not None and st.st_dev != d.node.dev:
                 node.subtree = None
                 self._child_done(d, slot, None)
                 return
-            self._walk_dir(path, node, old, d, slot)
+            self._dirs.submit(self._dir_job, path, node, old, d, slot)
             return
         assert d is not None
         if node.type == FILE:
-            if self._unchanged(node, old):
+            if self._unchanged(node, old, known):
                 assert old is not None
                 node.content = old.content
                 with self._lock:
@@ -328,18 +352,19 @@ class Archiver:
         if node.type != DIR:
             return node
         fut: Future[Node] = Future()
-        self._walk_dir(path, node, old, None, 0, fut)
+        fut.add_done_callback(lambda _: self._wake.set())
+        self._dirs.submit(self._dir_job, path, node, old, None, 0, fut)
         while True:
             if self._error is not None:
                 raise self._error
-            try:
-                return fut.result(timeout=0.2)
-            except TimeoutError:
-                continue
+            if fut.done():
+                return fut.result()
+            self._wake.wait()
+            self._wake.clear()
 
     def close(self) -> None:
+        self._dirs.shutdown(wait=True)
         self._files.shutdown(wait=True)
-        self._blobs.shutdown(wait=True)
         if self._error is not None:
             raise self._error
 
