@@ -15,12 +15,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.servers.postgres import (
+    PgCluster,
+    as_pg_user,
+    make_workdir,
+    pg_available,
+    remove_workdir,
+    stop_all_in,
+)
 
 PASSWORD = "test-password"
 CLI = [sys.executable, "-m", "keepwell.cli.control"]
@@ -108,6 +118,7 @@ class Workspace:
         self.root = root
         self.config_path = root / "keepwell.yaml"
         self.history = root / "history.db"
+        self.history_location = str(self.history)  # or a postgresql:// URL
         self.daemons: list[Daemon] = []
 
     def repository(self, name: str) -> Path:
@@ -116,7 +127,7 @@ class Workspace:
         return path
 
     def write_config(self, doc: dict[str, Any]) -> Path:
-        doc = {"history": str(self.history), "scratch": str(self.root / "scratch"),
+        doc = {"history": self.history_location, "scratch": str(self.root / "scratch"),
                "metrics": {"listen": "127.0.0.1:0"}, **doc}
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return self.config_path
@@ -134,6 +145,17 @@ class Workspace:
         return proc
 
     def runs(self, where: str = "1=1", args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        if self.history_location.startswith("postgresql://"):
+            import psycopg
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(self.history_location, row_factory=dict_row) as conn:
+                try:
+                    return list(conn.execute(
+                        f"SELECT * FROM runs WHERE {where.replace('?', '%s')} ORDER BY id",
+                        args).fetchall())
+                except psycopg.errors.UndefinedTable:
+                    return []
         if not self.history.exists():
             return []
         db = sqlite3.connect(self.history, timeout=30)
@@ -195,3 +217,26 @@ class WebhookSink:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextmanager
+def pg_history_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster for job histories: trust for ``postgres``, SCRAM passwords for the
+    role ``kwhist`` (so a wrong history_password is really refused)."""
+    import pytest
+
+    if not pg_available():
+        pytest.skip("PostgreSQL binaries or the postgres user are not available")
+    workdir = make_workdir("kw-pghist-")
+    cluster = PgCluster(workdir, "hist").initdb(max_connections=60)
+    hba = cluster.datadir / "pg_hba.conf"
+    text = "host all kwhist 127.0.0.1/32 scram-sha-256\n" + hba.read_text()
+    subprocess.run(as_pg_user(["tee", str(hba)]), input=text, text=True, check=True,
+                   capture_output=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        stop_all_in(workdir)
+        remove_workdir(workdir)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.control_support import (
+    PASSWORD,
     WebhookSink,
     Workspace,
     max_overlap,
@@ -226,3 +229,82 @@ def test_job_timeout_and_graceful_shutdown(ws: Workspace) -> None:
     assert not ws.runs("status='running'")
     assert ws.runs("source='slow' AND status='interrupted'")
     assert d.events("daemon_stopped")[0]["cancelled"] >= 1
+
+
+@pytest.fixture(scope="module")
+def pg_history() -> Iterator[Any]:
+    from tests.integration.control_support import pg_history_cluster
+
+    with pg_history_cluster() as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_sqlite_source_backed_up_and_drilled_by_the_daemon(
+        ws: Workspace, store: str, request: pytest.FixtureRequest) -> None:
+    import sqlite3
+
+    if store == "postgres":
+        cluster = request.getfixturevalue("pg_history")
+        cluster.sql("CREATE DATABASE daemon_history")
+        ws.history_location = cluster.url("daemon_history")
+    repo = ws.repository("r")
+    app = ws.root / "app" / "app.db"
+    app.parent.mkdir()
+    db = sqlite3.connect(app)
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, note TEXT)")
+    db.execute("CREATE TABLE tags (name TEXT)")
+    db.executemany("INSERT INTO items (note) VALUES (?)", [(f"n{i}",) for i in range(300)])
+    db.execute("INSERT INTO tags VALUES ('a'), ('b')")
+    db.commit()
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"app": {"kind": "sqlite", "repository": "r", "path": "app/app.db",
+                            "schedule": "*/2 * * * * *", "retention": {"keep_last": 2}}},
+        "drills": {"app-drill": {"source": "app", "schedule": "*/3 * * * * *",
+                                 "tables": {"items": 300}}},
+    })
+    d = ws.daemon()
+    d.wait_for(lambda: ws.runs("action='backup' AND status='succeeded'"), timeout=30,
+               what="a backup of the SQLite source")
+    # A writer keeps writing while the daemon backs the database up.
+    for i in range(50):
+        db.execute("INSERT INTO items (note) VALUES (?)", (f"late{i}",))
+        db.commit()
+    d.wait_for(lambda: len(ws.runs("action='backup' AND status='succeeded'")) >= 3, timeout=30,
+               what="more backups")
+    drill = d.wait_for(lambda: ws.runs("action='drill' AND status='succeeded'"), timeout=30,
+                       what="a passing drill")[0]
+    assert d.stop() == 0
+    db.close()
+    assert not ws.runs("status='running'")
+    assert not ws.runs("action='backup' AND status='failed'")
+    # A drill may fire before the first backup exists; it fails for that reason only.
+    for early in ws.runs("action='drill' AND status='failed'"):
+        assert early["started_at"] < drill["started_at"] and "snapshot" in early["error"]
+    details = json.loads(drill["details"])
+    assert details["integrity_check"] == "ok" and details["tables"] == 2
+    assert details["row_counts"]["tags"] == 2 and details["row_counts"]["items"] >= 300
+    assert drill["rto"] > 0 and drill["rpo"] >= 0
+    # The newest snapshot restores to the database as it was at its backup.
+    os.environ["KEEPWELL_TESTONLY_WEAK_KDF"] = "1"
+    from keepwell.backends import open_backend
+    from keepwell.repository import Repository
+    from keepwell.sources.sqlite import restore_database
+
+    last = ws.runs("action='backup' AND status='succeeded'")[-1]
+    r = Repository.open(open_backend(str(repo)), PASSWORD)
+    try:
+        snaps = [s for s in r.list_snapshots() if "source:app" in s.tags]
+        assert len(snaps) == 2, "retention keeps the last two"
+        snap = r.find_snapshot(last["snapshot_id"])
+        restore_database(r, snap, str(ws.root / "restored.db"))
+    finally:
+        r.close()
+    got = sqlite3.connect(ws.root / "restored.db")
+    assert got.execute("SELECT count(*) FROM items").fetchone()[0] == 350
+    got.close()
+    status = json.loads(ws.cli("status", "--json", check=True).stdout)
+    (src,) = status["sources"]
+    assert src["kind"] == "sqlite" and src["drill_status"] == "succeeded"
+    assert src["pitr"] is None

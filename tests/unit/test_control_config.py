@@ -113,9 +113,33 @@ def test_missing_file_is_one_clear_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_only_sqlite_history(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="only SQLite job history"):
-        parse_config("history: postgresql://h/db\n" + MINIMAL, tmp_path / "k.yaml")
+def test_history_locations(tmp_path: Path) -> None:
+    cfg = parse_config("history: postgresql://kw@h:5432/db\nhistory_password: env:KW_H\n"
+                       + MINIMAL, tmp_path / "k.yaml")
+    assert cfg.history == "postgresql://kw@h:5432/db" and cfg.history_password == "env:KW_H"
+    assert parse_config("history: env:KW_HIST_URL\n" + MINIMAL,
+                        tmp_path / "k.yaml").history == "env:KW_HIST_URL"
+    assert parse_config("history: state/h.db\n" + MINIMAL,
+                        tmp_path / "k.yaml").history == str(tmp_path / "state" / "h.db")
+    with pytest.raises(ConfigurationError, match=r"k.yaml:1: history: do not write the password"):
+        parse_config("history: postgresql://kw:pw@h/db\n" + MINIMAL, tmp_path / "k.yaml")
+    with pytest.raises(ConfigurationError, match="a SQLite file path or a postgresql:// URL"):
+        parse_config("history: mysql://h/db\n" + MINIMAL, tmp_path / "k.yaml")
+    with pytest.raises(ConfigurationError, match="history_password: secrets are given by"):
+        parse_config("history: postgresql://kw@h/db\nhistory_password: pw\n" + MINIMAL,
+                     tmp_path / "k.yaml")
+
+
+def test_drill_settings(tmp_path: Path) -> None:
+    text = MINIMAL + ("drills:\n  d1:\n    source: home\n    run_as: postgres\n"
+                      "    tables: [public.items, other]\n  d2:\n    source: home\n"
+                      "    tables: {items: 1000}\n    amcheck: false\n")
+    cfg = parse_config(text, tmp_path / "k.yaml")
+    assert cfg.drills["d1"].tables == {"public.items": 0, "other": 0}
+    assert cfg.drills["d1"].run_as == "postgres" and cfg.drills["d1"].amcheck
+    assert cfg.drills["d2"].tables == {"items": 1000} and not cfg.drills["d2"].amcheck
+    with pytest.raises(ConfigurationError, match="drills.d2.tables.items"):
+        parse_config(text.replace("1000", "-1"), tmp_path / "k.yaml")
 
 
 def test_secret_references_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

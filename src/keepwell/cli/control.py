@@ -104,10 +104,10 @@ def cmd_jobs(
     json_out: JsonOption = False,
 ) -> None:
     """List recent job runs, newest first."""
-    from keepwell.control.history import History
+    from keepwell.control.history import open_history
 
     loaded = _load(config)
-    history = History(loaded.config.history)
+    history = open_history(loaded.config)
     try:
         runs = history.runs(source=source, limit=limit)
     finally:
@@ -178,6 +178,22 @@ def cmd_status(config: ConfigOption = None, json_out: JsonOption = False) -> Non
                    f"{_age(s['last_success_age']):>10} {_ts(s['next_run']):<24} "
                    f"{s['consecutive_failures']:>5} {s['breaker']:<9} {drill:<10} "
                    f"{','.join(s['alerts']) or '-'}")
+    windows = [s for s in info["sources"] if s.get("pitr") is not None]
+    if windows:
+        typer.echo("\npoint-in-time restore windows:")
+        for s in windows:
+            w = s["pitr"]
+            if w["error"]:
+                typer.echo(f"  {s['source'][:16]:<16} unknown: {w['error']}")
+                continue
+            if w["from"] is None:
+                span = "none"
+            else:
+                span = (f"{_ts(w['from'])} .. {_ts(w['to'])} ({_age(w['seconds'])}, newest point"
+                        f" {_age(w['end_age'])} ago)")
+            split = f"; split in {w['parts']} parts" if w["parts"] > 1 else ""
+            problems = f"; {w['problems'][0]}" if w["problems"] else ""
+            typer.echo(f"  {s['source'][:16]:<16} {span}{split}{problems}")
     if info["alerts"]:
         typer.echo("\nalerts:")
         for a in info["alerts"]:

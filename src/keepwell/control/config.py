@@ -200,10 +200,12 @@ class _DatabaseSource(_SourceBase):
 
 class PostgresSource(_DatabaseSource):
     kind: Literal["postgres"]
+    cluster: str = "main"  # the name its snapshots are filed under (keepwell postgres --cluster)
 
 
 class MysqlSource(_DatabaseSource):
     kind: Literal["mysql"]
+    server_name: str | None = None  # keepwell mysql --server-name (default: the host name)
 
 
 SourceConfig = Annotated[
@@ -247,12 +249,27 @@ class AlertPolicy(_Model):
     stale_factor: float = Field(default=2.5, gt=1)
 
 
+def _tables(value: Any) -> Any:
+    """``tables`` is a list of names (each must exist) or a mapping name -> minimum rows."""
+    if isinstance(value, list):
+        return {str(v): 0 for v in value}
+    return value
+
+
 class DrillConfig(_Model):
     source: Name
     schedule: str | None = None
     timezone: str | None = None
     priority: int = -10
     max_rpo: Duration | None = None
+    # Database drills: the OS user temporary servers run as (PostgreSQL refuses root; by
+    # default 'postgres' when keepwell runs as root), the tables to count (default: all user
+    # tables), pg_amcheck on or off, and how long the restored server may take to recover.
+    run_as: str | None = None
+    tables: Annotated[dict[str, Annotated[int, Field(ge=0)]], BeforeValidator(_tables)] = Field(
+        default_factory=dict)
+    amcheck: bool = True
+    start_timeout: Duration = 600.0
 
     @field_validator("schedule")
     @classmethod
@@ -277,6 +294,7 @@ class Config(_Model):
     version: Literal[1] = 1
     timezone: str = "UTC"
     history: str = Field(default_factory=default_history)
+    history_password: SecretRef | None = None
     scratch: str | None = None
     log_json: bool = False
     repositories: dict[Name, RepositoryConfig] = Field(min_length=1)
@@ -298,8 +316,17 @@ class Config(_Model):
     @field_validator("history")
     @classmethod
     def _history(cls, value: str) -> str:
+        if value.startswith(("env:", "file:")):
+            return check_reference(value)
+        if value.startswith(("postgresql://", "postgres://")):
+            netloc = value.split("://", 1)[1].split("/", 1)[0]
+            if ":" in netloc.rpartition("@")[0]:
+                raise ValueError("do not write the password in the history URL: give it as"
+                                 " history_password (env:NAME or file:PATH), or give the"
+                                 " whole URL as a reference (history: env:NAME)")
+            return value
         if "://" in value and not value.startswith("sqlite://"):
-            raise ValueError("only SQLite job history is supported: give a file path")
+            raise ValueError("the job history is a SQLite file path or a postgresql:// URL")
         return value.removeprefix("sqlite://")
 
     @model_validator(mode="after")
@@ -343,7 +370,8 @@ def _absolute(base: Path, value: str) -> str:
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if "history" not in data:
         data["history"] = default_history()
-    elif isinstance(data.get("history"), str):
+    elif isinstance(data.get("history"), str) and not data["history"].startswith(
+            ("env:", "file:")):
         data["history"] = _absolute(base, data["history"])
     if isinstance(data.get("scratch"), str):
         data["scratch"] = _absolute(base, data["scratch"])

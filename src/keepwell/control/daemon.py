@@ -35,7 +35,7 @@ from typing import Any
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.config import LoadedConfig
-from keepwell.control.history import History
+from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.limits import Caps, JobQueue, Slots
 from keepwell.control.logs import log_event
@@ -71,7 +71,7 @@ class Daemon:
         self.loaded = loaded
         cfg = self.cfg = loaded.config
         self.log = log
-        self.history = History(cfg.history)
+        self.history = open_history(cfg)
         self.alerts = Alerts(self.history, cfg.alerts, list(cfg.notifications))
         overrides = tuple((n, r.max_concurrent_jobs) for n, r in cfg.repositories.items()
                           if r.max_concurrent_jobs)
@@ -180,7 +180,11 @@ class Daemon:
 
     def start_metrics(self) -> None:
         if self.cfg.metrics.listen:
-            collector = KeepwellCollector(self.history, sorted(self.cfg.sources), self.live)
+            from keepwell.control.pitr import WindowCache
+
+            databases = any(s.kind in ("postgres", "mysql") for s in self.cfg.sources.values())
+            collector = KeepwellCollector(self.history, sorted(self.cfg.sources), self.live,
+                                          WindowCache(self.cfg) if databases else None)
             self.metrics = MetricsServer(self.cfg.metrics.listen, collector, self.health)
             self.metrics.start()
             log_event(self.log, "metrics_listening",
@@ -215,6 +219,13 @@ class Daemon:
     # -- the loop -------------------------------------------------------------------------------
     def take_lock(self) -> None:
         """One daemon per job history: a second one would run every job twice."""
+        locked = self.history.try_lock_daemon()
+        if locked is not None:  # PostgreSQL: a session advisory lock, held by our connection
+            if not locked:
+                raise UsageError(f"another keepwell daemon already uses the job history "
+                                 f"{self.history.where}",
+                                 hint="stop it first, or give this config another 'history'")
+            return
         path = self.cfg.history + ".daemon.lock"
         self._lock_file = open(path, "a+")  # noqa: SIM115 - held for the daemon's life
         try:
@@ -236,7 +247,7 @@ class Daemon:
         self.take_lock()
         self.start_metrics()
         log_event(self.log, "daemon_started", pid=os.getpid(), config=str(self.loaded.path),
-                  sources=len(self.cfg.sources), history=self.cfg.history)
+                  sources=len(self.cfg.sources), history=self.history.where)
         for name, breaker_state in self.history.breakers().items():
             if name in self.breakers and breaker_state[0] != "closed":
                 self.history.set_breaker(name, "closed", 0)
@@ -409,7 +420,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         for run in self.history.runs(status="running", limit=1000):
-            if run.pid == os.getpid():
+            if self.history.is_mine(run):
                 self.history.mark_interrupted(run.id, "the daemon stopped while the job ran")
         log_event(self.log, "daemon_stopped", cancelled=len(leftover))
         self.history.close()

@@ -8,9 +8,10 @@ A drill restores the newest snapshot of a source into scratch space (a temporary
 
 Checks per kind: files compare every restored file's size with the snapshot's tree and hash its
 content (every blob is also verified against its keyed id while it is read); SQLite runs
-``PRAGMA integrity_check`` on the restored database; PostgreSQL and MySQL run the source's
-``drill_command`` (with the same environment as its backups) when one is configured. A drill
-with ``max_rpo`` also fails when the newest point is older than that.
+``PRAGMA integrity_check`` on the restored database and counts the rows of every table;
+PostgreSQL and MySQL restore into a temporary server and check it (`keepwell.control.pgdrill`,
+`keepwell.control.mysqldrill`), or run the source's ``drill_command`` when one is configured. A
+drill with ``max_rpo`` also fails when the newest point is older than that.
 """
 
 from __future__ import annotations
@@ -121,8 +122,12 @@ def drill_sqlite(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         db = sqlite3.connect(target)
         try:
             rows = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
-            tables = db.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()]
+            counts = {n: int(db.execute(
+                'SELECT count(*) FROM "' + n.replace('"', '""') + '"').fetchone()[0])
+                for n in names}
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(f"drill: restored database of {spec.source} is unreadable: "
                                  f"{exc}") from None
@@ -130,9 +135,19 @@ def drill_sqlite(spec: JobSpec, ctx: JobContext) -> JobOutcome:
             db.close()
         if rows != ["ok"]:
             raise IntegrityError(f"drill: integrity_check of {spec.source} failed: {rows[:3]}")
+        wanted = dict((spec.params.get("drill") or {}).get("tables") or {})
+        for name, minimum in wanted.items():
+            if name not in counts:
+                raise IntegrityError(f"drill: table {name} is missing from the restore of "
+                                     f"{spec.source}")
+            if counts[name] < minimum:
+                raise IntegrityError(f"drill: table {name} holds {counts[name]} rows, fewer "
+                                     f"than the {minimum} the drill expects")
         outcome = JobOutcome("succeeded", snapshot_id=snap.id, rto=round(rto, 3),
                              rpo=round(time.time() - _snapshot_time(snap), 3),
-                             details={"tables": tables, "integrity_check": "ok"})
+                             details={"tables": len(counts), "integrity_check": "ok",
+                                      "rows": sum(counts.values()),
+                                      "row_counts": dict(list(counts.items())[:200])})
         _check_rpo(spec, outcome)
         return outcome
     finally:
@@ -141,11 +156,29 @@ def drill_sqlite(spec: JobSpec, ctx: JobContext) -> JobOutcome:
 
 
 def drill_database(spec: JobSpec, ctx: JobContext) -> JobOutcome:
+    """A PostgreSQL or MySQL drill: the source's ``drill_command`` when it has one, else a
+    restore into a temporary server (`keepwell.control.pgdrill`, `keepwell.control.mysqldrill`).
+    """
     src = spec.params["source"]
-    argv = src.get("drill_command")
-    if not argv:
-        raise SourceError(f"no restore drill for {spec.kind} source {spec.source}: set its "
-                          "drill_command")
+    if src.get("drill_command"):
+        return _drill_command(spec, ctx, list(src["drill_command"]))
+    scratch = _scratch(spec)
+    try:
+        if spec.kind == "postgres":
+            from keepwell.control.pgdrill import drill_postgres
+
+            outcome = drill_postgres(spec, ctx, scratch)
+        else:
+            from keepwell.control.mysqldrill import drill_mysql
+
+            outcome = drill_mysql(spec, ctx, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _check_rpo(spec, outcome)
+    return outcome
+
+
+def _drill_command(spec: JobSpec, ctx: JobContext, argv: list[str]) -> JobOutcome:
     repo = open_job_repository(spec, ctx)
     try:
         snap = newest_snapshot(repo, spec.source)
@@ -156,7 +189,7 @@ def drill_database(spec: JobSpec, ctx: JobContext) -> JobOutcome:
     env["KEEPWELL_DRILL_SCRATCH"] = scratch = _scratch(spec)
     try:
         t0 = time.monotonic()
-        run_child(list(argv), env, ctx, f"drill of {spec.source}")
+        run_child(argv, env, ctx, f"drill of {spec.source}")
         rto = time.monotonic() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,10 +1,19 @@
-"""Job history: every run, alert and breaker state, kept in SQLite.
+"""Job history: every run, alert and breaker state, kept in SQLite or PostgreSQL.
 
 A *run* is one attempt at one job: its job id (stable across retries, so a job is identified and
 idempotent), attempt number, status, times, error, byte counts, dedup ratio, snapshot id, and for
-drills the RTO/RPO. The daemon, ``keepwell run`` and ``keepwell status`` may use the same file at
-once (WAL mode, busy timeout). Runs found ``running`` whose process is gone were interrupted by a
-crash; `interrupted_runs` finds them so the daemon can mark and re-run them.
+drills the RTO/RPO. The daemon, ``keepwell run`` and ``keepwell status`` may use the same history
+at once. Runs found ``running`` whose writer is gone were interrupted by a crash;
+`interrupted_runs` finds them so the daemon can mark and re-run them.
+
+Two stores keep the same tables with the same behaviour:
+
+* SQLite (a file path, the default): WAL mode and a busy timeout for concurrent writers; a
+  run's writer is alive while its process id is.
+* PostgreSQL (a ``postgresql://`` URL): every writer holds one connection, and a run records
+  the server session that wrote it (backend pid and start time), so a run is alive while that
+  session is, whichever host it came from. Transactions that read before they write (alerts)
+  take a transaction-scoped advisory lock, as SQLite's ``BEGIN IMMEDIATE`` serialises them.
 
 Statuses: ``running``, ``succeeded``, ``failed``, ``timeout``, ``interrupted``, ``skipped``.
 """
@@ -16,12 +25,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from keepwell.errors import ConfigurationError
+from keepwell.errors import ConfigurationError, KeepwellError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,10 +56,12 @@ CREATE TABLE IF NOT EXISTS runs (
     rpo REAL,
     pid INTEGER,
     spec TEXT,
-    details TEXT
+    details TEXT,
+    session TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source, action, started_at);
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS runs_job ON runs(job_id);
 CREATE TABLE IF NOT EXISTS alerts (
     key TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -73,10 +84,11 @@ CREATE TABLE IF NOT EXISTS breakers (
     state TEXT NOT NULL,
     failures INTEGER NOT NULL,
     updated_at REAL NOT NULL
-);
+)
 """
 
 FINAL_STATUSES = ("succeeded", "failed", "timeout", "interrupted", "skipped")
+PG_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass
@@ -104,6 +116,7 @@ class Run:
     pid: int | None
     spec: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    session: str | None = None
 
     @property
     def duration(self) -> float | None:
@@ -112,6 +125,7 @@ class Run:
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("spec", None)
+        d.pop("session", None)
         d["duration"] = self.duration
         return d
 
@@ -132,6 +146,29 @@ class Alert:
         return dict(self.__dict__)
 
 
+
+class HistoryError(KeepwellError):
+    """The job history cannot be read or written (its database is unreachable or broken)."""
+
+    hint = "check the 'history' setting and that its database is reachable"
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(PG_SCHEMES)
+
+
+def describe_location(location: str) -> str:
+    """The history's location without any password, fit for logs and errors."""
+    if not is_postgres_url(location):
+        return location
+    scheme, _, rest = location.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        cred, _, hostpart = netloc.rpartition("@")
+        netloc = cred.split(":", 1)[0] + "@" + hostpart
+    return f"{scheme}://{netloc}{slash}{path.split('?', 1)[0]}"
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -144,56 +181,185 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-class History:
-    """The SQLite store of runs, alerts and breaker states (thread-safe)."""
+Row = dict[str, Any]
+
+
+class _Tx(Protocol):
+    def q(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    def x(self, sql: str, args: Sequence[Any] = ()) -> int: ...
+
+    def insert(self, sql: str, args: Sequence[Any] = ()) -> int: ...
+
+    def serialize(self) -> None: ...
+
+
+class _SqliteTx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def q(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return [dict(r) for r in self.db.execute(sql, tuple(args)).fetchall()]
+
+    def x(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self.db.execute(sql, tuple(args)).rowcount
+
+    def insert(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return int(self.db.execute(sql, tuple(args)).lastrowid or 0)
+
+    def serialize(self) -> None:
+        return  # BEGIN IMMEDIATE already holds the write lock
+
+
+class _SqliteStore:
+    """One SQLite file in WAL mode."""
+
+    engine = "sqlite"
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.RLock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
+                                  isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=30000")
             for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
+                if stmt.strip() and "runs_job" not in stmt:
+                    self.db.execute(stmt)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(runs)").fetchall()}
+            if "session" not in columns:  # a history written before runs had a session
+                self.db.execute("ALTER TABLE runs ADD COLUMN session TEXT")
+            self.db.execute("CREATE INDEX IF NOT EXISTS runs_job ON runs(job_id)")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextmanager
+    def tx(self, write: bool) -> Iterator[_Tx]:
+        if not write:
+            yield _SqliteTx(self.db)
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTx(self.db)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def session(self) -> str | None:
+        return None
+
+    def live_sessions(self) -> set[str] | None:
+        return None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Store(Protocol):
+    engine: str
+
+    def tx(self, write: bool) -> AbstractContextManager[_Tx]: ...
+
+    def session(self) -> str | None: ...
+
+    def live_sessions(self) -> set[str] | None: ...
+
+    def close(self) -> None: ...
+
+
+class History:
+    """The store of runs, alerts and breaker states (thread-safe).
+
+    ``location`` is a SQLite file path or a ``postgresql://`` URL (``password`` is then used
+    when the URL carries none).
+    """
+
+    def __init__(self, location: str, password: str | None = None) -> None:
+        self.path = location
+        self.where = describe_location(location)
+        self._lock = threading.RLock()
+        self._store: _Store
+        try:
+            if is_postgres_url(location):
+                from keepwell.control.history_pg import PgStore
+
+                self._store = PgStore(location, password)
+            else:
+                self._store = _SqliteStore(location)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigurationError(f"cannot open the job history {path}: {exc}",
+            raise ConfigurationError(f"cannot open the job history {self.where}: {exc}",
                                      hint="check the 'history' path and its permissions"
                                      ) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigurationError(
+                    f"cannot open the job history {self.where}: {msg}",
+                    hint="check the 'history' URL, 'history_password' and that the database"
+                         " server is reachable") from None
+            raise
+
+    @property
+    def engine(self) -> str:
+        return self._store.engine
+
+    def is_mine(self, run: Run) -> bool:
+        """Whether this process (this connection, for PostgreSQL) wrote ``run``."""
+        if run.session is not None:
+            return run.session == self._store.session()
+        return run.pid == os.getpid()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._store.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, write: bool = True) -> Iterator[_Tx]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                with self._store.tx(write) as tx:
+                    yield tx
+            except (KeepwellError, GeneratorExit):
                 raise
-            self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise HistoryError(f"job history {self.where}: {exc}") from None
+            except Exception as exc:
+                if type(exc).__module__.startswith("psycopg"):
+                    raise HistoryError(f"job history {self.where}: "
+                                       f"{str(exc).strip().splitlines()[0]}") from None
+                raise
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        with self._tx(write=False) as tx:
+            return tx.q(sql, args)
+
+    def try_lock_daemon(self) -> bool | None:
+        """Take the one-daemon lock inside a PostgreSQL history (None: SQLite uses a file)."""
+        take = getattr(self._store, "try_lock_daemon", None)
+        if take is None:
+            return None
+        with self._lock:
+            return bool(take())
 
     # runs -------------------------------------------------------------------------------------
     def start_run(self, *, job_id: str, name: str, source: str, action: str, kind: str,
                   attempt: int, trigger: str, scheduled_at: float | None,
                   spec: dict[str, Any] | None, started_at: float | None = None) -> int:
         with self._tx() as db:
-            cur = db.execute(
+            return db.insert(
                 "INSERT INTO runs (job_id, name, source, action, kind, attempt, trigger, status,"
-                " scheduled_at, started_at, pid, spec) VALUES (?,?,?,?,?,?,?,'running',?,?,?,?)",
+                " scheduled_at, started_at, pid, spec, session)"
+                " VALUES (?,?,?,?,?,?,?,'running',?,?,?,?,?)",
                 (job_id, name, source, action, kind, attempt, trigger, scheduled_at,
                  started_at if started_at is not None else time.time(), os.getpid(),
-                 json.dumps(spec) if spec is not None else None),
+                 json.dumps(spec) if spec is not None else None, self._store.session()),
             )
-            return int(cur.lastrowid or 0)
 
     def finish_run(self, run_id: int, status: str, *, error: str | None = None,
                    bytes_read: int | None = None, bytes_stored: int | None = None,
@@ -203,15 +369,14 @@ class History:
                    ended_at: float | None = None) -> bool:
         """Record the end of a run; False if it was already recorded as ended (e.g. timeout)."""
         with self._tx() as db:
-            cur = db.execute(
+            return db.x(
                 "UPDATE runs SET status=?, ended_at=?, error=?, bytes_read=?, bytes_stored=?,"
                 " bytes_uploaded=?, dedup_ratio=?, snapshot_id=?, rto=?, rpo=?, details=?"
                 " WHERE id=? AND status='running'",
                 (status, ended_at if ended_at is not None else time.time(), error, bytes_read,
                  bytes_stored, bytes_uploaded, dedup_ratio, snapshot_id, rto, rpo,
                  json.dumps(details or {}, default=str), run_id),
-            )
-            return cur.rowcount > 0
+            ) > 0
 
     def record_skip(self, *, job_id: str, name: str, source: str, action: str, kind: str,
                     attempt: int, trigger: str, reason: str) -> None:
@@ -222,7 +387,7 @@ class History:
         self.finish_run(run_id, "skipped", error=reason, ended_at=now)
 
     @staticmethod
-    def _run(row: sqlite3.Row) -> Run:
+    def _run(row: Row) -> Run:
         d = dict(row)
         d["spec"] = json.loads(d["spec"]) if d.get("spec") else None
         d["details"] = json.loads(d["details"]) if d.get("details") else {}
@@ -240,9 +405,7 @@ class History:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [self._run(r) for r in rows]
+        return [self._run(r) for r in self._query(sql, (*args, limit))]
 
     def last_run(self, source: str, action: str, status: str | None = None) -> Run | None:
         found = self.runs(source=source, action=action, status=status, limit=1)
@@ -253,40 +416,52 @@ class History:
         return self.runs(source=source, action=action, status="succeeded", limit=limit)
 
     def count_by_status(self) -> dict[tuple[str, str, str], int]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT source, action, status, COUNT(*) FROM runs GROUP BY 1,2,3").fetchall()
-        return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+        rows = self._query("SELECT source, action, status, COUNT(*) AS n FROM runs"
+                           " GROUP BY source, action, status")
+        return {(r["source"], r["action"], r["status"]): int(r["n"]) for r in rows}
 
     def interrupted_runs(self) -> list[Run]:
-        """Runs left ``running`` by a process that no longer exists."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM runs WHERE status='running'").fetchall()
-        return [self._run(r) for r in rows if not _pid_alive(r["pid"]) or r["pid"] == os.getpid()]
+        """Runs left ``running`` by a writer that no longer exists.
+
+        SQLite: the writing process is gone (or it is this process, which has none running
+        when it asks). PostgreSQL: the server session that wrote the run is gone (or it is this
+        one), so a run written from any host is judged by the database itself.
+        """
+        with self._tx(write=False) as tx:
+            rows = tx.q("SELECT * FROM runs WHERE status='running'")
+            live = self._store.live_sessions()
+            mine = self._store.session()
+        out = []
+        for r in rows:
+            if live is not None and r.get("session"):
+                dead = r["session"] not in live or r["session"] == mine
+            else:
+                dead = not _pid_alive(r["pid"]) or r["pid"] == os.getpid()
+            if dead:
+                out.append(self._run(r))
+        return out
 
     def mark_interrupted(self, run_id: int, reason: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE runs SET status='interrupted', ended_at=?, error=? WHERE id=?",
-                       (time.time(), reason, run_id))
+            db.x("UPDATE runs SET status='interrupted', ended_at=?, error=?"
+                 " WHERE id=? AND status='running'", (time.time(), reason, run_id))
 
     def job_succeeded(self, job_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM runs WHERE job_id=? AND status='succeeded' LIMIT 1", (job_id,)
-            ).fetchone()
-        return row is not None
+        rows = self._query("SELECT 1 AS one FROM runs WHERE job_id=? AND status='succeeded'"
+                           " LIMIT 1", (job_id,))
+        return bool(rows)
 
     # alerts -----------------------------------------------------------------------------------
     def raise_alert(self, key: str, source: str, kind: str, message: str) -> bool:
         """Activate an alert; True when it was not already active (so notify once)."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT active FROM alerts WHERE key=?", (key,)).fetchone()
-            if row is not None and row["active"]:
-                db.execute("UPDATE alerts SET last_at=?, message=? WHERE key=?",
-                           (now, message, key))
+            db.serialize()
+            rows = db.q("SELECT active FROM alerts WHERE key=?", (key,))
+            if rows and rows[0]["active"]:
+                db.x("UPDATE alerts SET last_at=?, message=? WHERE key=?", (now, message, key))
                 return False
-            db.execute(
+            db.x(
                 "INSERT INTO alerts (key, source, kind, message, active, first_at, last_at)"
                 " VALUES (?,?,?,?,1,?,?) ON CONFLICT(key) DO UPDATE SET active=1, message=?,"
                 " first_at=?, last_at=?, notified_at=NULL, resolved_at=NULL",
@@ -296,38 +471,37 @@ class History:
 
     def mark_notified(self, key: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE alerts SET notified_at=? WHERE key=?", (time.time(), key))
+            db.x("UPDATE alerts SET notified_at=? WHERE key=?", (time.time(), key))
 
     def resolve_alert(self, key: str) -> bool:
         with self._tx() as db:
-            cur = db.execute("UPDATE alerts SET active=0, resolved_at=? WHERE key=? AND active=1",
-                             (time.time(), key))
-            return cur.rowcount > 0
+            return db.x("UPDATE alerts SET active=0, resolved_at=? WHERE key=? AND active=1",
+                        (time.time(), key)) > 0
 
     def alerts(self, *, active_only: bool = True) -> list[Alert]:
         sql = "SELECT * FROM alerts" + (" WHERE active=1" if active_only else "")
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY first_at").fetchall()
-        return [Alert(**{**dict(r), "active": bool(r["active"])}) for r in rows]
+        rows = self._query(sql + " ORDER BY first_at")
+        return [Alert(**{**r, "active": bool(r["active"])}) for r in rows]
 
     # breakers ---------------------------------------------------------------------------------
     def set_breaker(self, source: str, state: str, failures: int) -> None:
+        now = time.time()
         with self._tx() as db:
-            db.execute(
+            db.x(
                 "INSERT INTO breakers (source, state, failures, updated_at) VALUES (?,?,?,?)"
                 " ON CONFLICT(source) DO UPDATE SET state=?, failures=?, updated_at=?",
-                (source, state, failures, time.time(), state, failures, time.time()),
+                (source, state, failures, now, state, failures, now),
             )
 
     def breakers(self) -> dict[str, tuple[str, int, float]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM breakers").fetchall()
-        return {r["source"]: (r["state"], r["failures"], r["updated_at"]) for r in rows}
+        rows = self._query("SELECT * FROM breakers")
+        return {r["source"]: (r["state"], int(r["failures"]), float(r["updated_at"]))
+                for r in rows}
 
     # streamers ----------------------------------------------------------------------------------
     def set_streamer(self, source: str, pid: int, command: list[str]) -> None:
         with self._tx() as db:
-            db.execute(
+            db.x(
                 "INSERT INTO streamers (source, pid, daemon_pid, command) VALUES (?,?,?,?)"
                 " ON CONFLICT(source) DO UPDATE SET pid=?, daemon_pid=?, command=?",
                 (source, pid, os.getpid(), json.dumps(command), pid, os.getpid(),
@@ -335,12 +509,27 @@ class History:
             )
 
     def orphaned_streamers(self) -> list[tuple[str, int, list[str]]]:
-        """Streamers recorded by a daemon that is gone (it was killed): (source, pid, argv)."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM streamers").fetchall()
-        return [(r["source"], r["pid"], json.loads(r["command"])) for r in rows
+        """Streamers recorded by a daemon that is gone (it was killed): (source, pid, argv).
+
+        Streamers run on the daemon's host, so a process id is what identifies them.
+        """
+        rows = self._query("SELECT * FROM streamers")
+        return [(r["source"], int(r["pid"]), json.loads(r["command"])) for r in rows
                 if not _pid_alive(r["daemon_pid"])]
 
     def clear_streamer(self, source: str) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM streamers WHERE source=?", (source,))
+            db.x("DELETE FROM streamers WHERE source=?", (source,))
+
+
+def open_history(cfg: Any) -> History:
+    """The job history a validated `Config` names (its password read only now)."""
+    from keepwell.control.secrets import resolve
+
+    location = cfg.history
+    if location.startswith(("env:", "file:")):
+        location = resolve(location, what="job history URL")
+    password = None
+    if getattr(cfg, "history_password", None):
+        password = resolve(cfg.history_password, what="job history password")
+    return History(location, password)

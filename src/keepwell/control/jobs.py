@@ -86,11 +86,14 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
     """The job definition for ``action`` on a source (backup) or a drill (drill)."""
     if action not in ACTIONS:
         raise UsageError(f"unknown action {action!r}")
+    drill_params: dict[str, Any] | None = None
     if action == "drill":
         drill = cfg.drills.get(name)
         source_name = drill.source if drill is not None else name
         priority = drill.priority if drill is not None else -10
         max_rpo = drill.max_rpo if drill is not None else None
+        if drill is not None:
+            drill_params = drill.model_dump(mode="json")
     else:
         source_name, priority, max_rpo = name, 0, None
     src = cfg.sources.get(source_name)
@@ -106,6 +109,7 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         "repository": repo.model_dump(mode="json"),
         "scratch": cfg.scratch,
         "max_rpo": max_rpo,
+        "drill": drill_params,
     }
     stamp = int(scheduled_at * 1000)
     return JobSpec(

@@ -188,6 +188,16 @@ def keepwell_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "keepwell.cli.main"]
 
 
+def source_selector(spec: JobSpec) -> list[str]:
+    """The option naming the source's snapshots for ``keepwell postgres|mysql`` commands."""
+    src = spec.params["source"]
+    if spec.kind == "postgres":
+        return ["--cluster", src.get("cluster") or "main"]
+    if spec.kind == "mysql" and src.get("server_name"):
+        return ["--server-name", src["server_name"]]
+    return []
+
+
 def database_env(spec: JobSpec) -> dict[str, str]:
     """The child's environment: repository, password and the client's standard variables."""
     src, repo_cfg = spec.params["source"], spec.params["repository"]
@@ -245,8 +255,8 @@ class DatabaseKind:
     def backup(self, spec: JobSpec, ctx: JobContext) -> JobOutcome:
         src = spec.params["source"]
         argv = src.get("backup_command") or [
-            *keepwell_command(), spec.kind, "backup", "--mode", src.get("mode", "logical"),
-            "--tag", source_tag(spec.source),
+            *keepwell_command(), spec.kind, "backup", f"--{src.get('mode', 'logical')}",
+            "--tag", source_tag(spec.source), *source_selector(spec),
         ]
         started = time.time()
         run_child(list(argv), database_env(spec), ctx, f"{spec.kind} backup of {spec.source}")

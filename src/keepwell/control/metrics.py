@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from keepwell.control.history import History
-from keepwell.errors import ConfigurationError
+from keepwell.control.pitr import WindowCache
+from keepwell.errors import ConfigurationError, KeepwellError
 
 BREAKER_STATES = ("closed", "open", "half-open")
 
@@ -47,10 +48,31 @@ class LiveFigures:
 
 class KeepwellCollector:
     def __init__(self, history: History, sources: list[str],
-                 live: Callable[[], LiveFigures]) -> None:
+                 live: Callable[[], LiveFigures], pitr: WindowCache | None = None) -> None:
         self.history = history
         self.sources = sources
         self.live = live
+        self.pitr = pitr
+
+    def _pitr(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily
+        start = g("keepwell_pitr_window_start_timestamp_seconds",
+                  "Oldest point a point-in-time restore can reach", labels=["source"])
+        end = g("keepwell_pitr_window_end_timestamp_seconds",
+                "Newest point a point-in-time restore can reach", labels=["source"])
+        span = g("keepwell_pitr_window_seconds", "Length of the point-in-time-restore window",
+                 labels=["source"])
+        if self.pitr is not None:
+            try:
+                found = self.pitr.get()
+            except KeepwellError:
+                found = {}
+            for source, win in sorted(found.items()):
+                if win.start is not None and win.end is not None:
+                    start.add_metric([source], win.start)
+                    end.add_metric([source], win.end)
+                    span.add_metric([source], win.seconds or 0.0)
+        yield from (start, end, span)
 
     def collect(self) -> Iterator[Metric]:
         live = self.live()
@@ -149,6 +171,7 @@ class KeepwellCollector:
         for alert in self.history.alerts():
             alerts.add_metric([alert.source, alert.kind], 1.0)
         yield alerts
+        yield from self._pitr()
         yield g("keepwell_daemon_start_timestamp_seconds", "Unix time the daemon started",
                 value=live.started_at)
 

@@ -13,7 +13,7 @@ import time
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.config import LoadedConfig
-from keepwell.control.history import History
+from keepwell.control.history import History, open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, execute
 from keepwell.control.logs import log_event
 
@@ -68,7 +68,7 @@ def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
     """
     cfg = loaded.config
     spec = build_job(cfg, action, name, time.time(), trigger="manual")
-    history = History(cfg.history)
+    history = open_history(cfg)
     try:
         alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
         shared = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)

@@ -2,7 +2,8 @@
 
 `overview` gives, per source: the last success (time, age, snapshot), the last run and its
 error, consecutive failures, the next scheduled run, the breaker state, the last drill (RTO,
-RPO) and active alerts. `explain` describes what a validated config will do.
+RPO), active alerts and, for PostgreSQL and MySQL sources, the point-in-time-restore window
+(`keepwell.control.pitr`). `explain` describes what a validated config will do.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 from keepwell.control.config import Config, LoadedConfig
-from keepwell.control.history import History
+from keepwell.control.history import History, describe_location, open_history
 from keepwell.control.schedule import Schedule
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError
@@ -30,7 +31,10 @@ def _consecutive_failures(history: History, source: str) -> int:
 def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
     cfg = loaded.config
     now = time.time() if now is None else now
-    history = History(cfg.history)
+    from keepwell.control.pitr import windows
+
+    pitr = windows(cfg)
+    history = open_history(cfg)
     try:
         breakers = history.breakers()
         alerts = history.alerts()
@@ -59,10 +63,11 @@ def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
                 "drill_rto": drill.rto if drill else None,
                 "drill_rpo": drill.rpo if drill else None,
                 "alerts": [a.kind for a in alerts if a.source == name],
+                "pitr": pitr[name].as_dict(now) if name in pitr else None,
             })
         return {
             "config": str(loaded.path),
-            "history": cfg.history,
+            "history": describe_location(cfg.history),
             "time": now,
             "sources": sources,
             "alerts": [a.as_dict() for a in alerts],
@@ -134,6 +139,6 @@ def explain(loaded: LoadedConfig) -> dict[str, Any]:
         "circuit_breaker": cfg.circuit_breaker.model_dump(),
         "notifications": len(cfg.notifications),
         "metrics": cfg.metrics.listen,
-        "history": cfg.history,
+        "history": describe_location(cfg.history),
         "notes": notes,
     }
