@@ -42,20 +42,25 @@ class GlobalOptions:
 GLOBALS = GlobalOptions()
 
 
+def read_password_file(path: str, what: str) -> str:
+    """The first line of a password file; a clear error if it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pw = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not pw:
+        raise UsageError(f"{what} {path} is empty")
+    return pw
+
+
 def resolve_password(password_file: str | None, *, confirm: bool = False) -> str:
     env = os.environ.get("KEEPWELL_PASSWORD")
     if env is not None:
         return env
     path = password_file or GLOBALS.password_file or os.environ.get("KEEPWELL_PASSWORD_FILE")
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                pw = f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
-        if not pw:
-            raise UsageError(f"password file {path} is empty")
-        return pw
+        return read_password_file(path, "password file")
     if not sys.stdin.isatty():
         raise UsageError(
             "no password given",

@@ -35,14 +35,22 @@ class Progress:
         self.bytes = 0
         self.files = 0
         self.total = 0
+        self.total_files = 0
+        self.total_final = False
         self.start = time.monotonic()
         self._last = 0.0
+
+    def set_total(self, files: int, bytes_: int, final: bool) -> None:
+        self.total_files, self.total, self.total_final = files, bytes_, final
 
     def __call__(self, name: str, fields: dict[str, Any]) -> None:
         if name == "bytes":
             self.bytes += fields["n"]
         elif name == "file":
             self.files += 1
+        elif name == "total":
+            self.set_total(fields["files"], fields["bytes"], fields.get("final", True))
+            return
         elif name == "error":
             print(f"keepwell: warning: {fields['path']}: {fields['message']}", file=sys.stderr)
         if not self.enabled:
@@ -51,32 +59,70 @@ class Progress:
         if now - self._last < 0.2:
             return
         self._last = now
+        self._render(now)
+
+    def _render(self, now: float) -> None:
         el = now - self.start
         rate = self.bytes / el if el > 0 else 0
         eta = ""
-        if self.total and rate:
-            eta = f", ETA {max(0, (self.total - self.bytes) / rate):.0f}s"
-        sys.stderr.write(f"\r{self.label}: {self.files} files, {human_bytes(self.bytes)}, "
-                         f"{human_bytes(rate)}/s{eta}   ")
+        files = f"{self.files}"
+        done = human_bytes(self.bytes)
+        if self.total:
+            plus = "" if self.total_final else "+"
+            files += f"/{self.total_files}{plus}"
+            done += f"/{human_bytes(self.total)}{plus} ({min(100.0, 100 * self.bytes / self.total):.0f}%)"
+            if self.total_final and rate:
+                left = max(0, (self.total - self.bytes) / rate)
+                eta = f", ETA {int(left) // 60}:{int(left) % 60:02d}"
+        sys.stderr.write(f"\r{self.label}: {files} files, {done}, {human_bytes(rate)}/s{eta}   ")
         sys.stderr.flush()
 
     def done(self) -> None:
         if self.enabled:
+            self._render(time.monotonic())
             sys.stderr.write("\n")
 
 
 def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
+         copy_chunker_params_from: Annotated[str | None, typer.Option(
+             "--copy-chunker-params-from", metavar="SOURCE",
+             help="Share the chunker parameters and blob-id key of this repository, so "
+                  "'keepwell copy' between the two copies blobs as they are (docs/storage.md).")] = None,
+         from_password_file: Annotated[str | None, typer.Option(
+             "--from-password-file", envvar="KEEPWELL_FROM_PASSWORD_FILE",
+             help="Password file of the --copy-chunker-params-from repository.")] = None,
          json_: JsonOption = False) -> None:
     """Create a new repository."""
     from keepwell.backends.registry import open_backend
     from keepwell.repository import Repository
 
     location = resolve_repo(repo)
-    r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True))
-    if json_:
-        print_json({"id": r.id, "location": location})
+    if copy_chunker_params_from:
+        from keepwell.cli.copy import open_source
+        from keepwell.repository.copy import init_like
+
+        with open_source(copy_chunker_params_from, from_password_file) as src:
+            r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src)
     else:
-        print(f"created repository {r.id[:10]} at {location}")
+        r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True))
+    if json_:
+        print_json({"id": r.id, "location": location,
+                    "chunker_params_from": copy_chunker_params_from})
+    else:
+        print(f"created repository {r.id[:10]} at {location}"
+              + (f" (chunker parameters of {copy_chunker_params_from})"
+                 if copy_chunker_params_from else ""))
+
+
+def _count_in_background(progress: Progress, paths: list[str], excludes: list[str],
+                         one_file_system: bool) -> None:
+    import threading
+
+    from keepwell.sources.files.archiver import scan_totals
+
+    threading.Thread(target=scan_totals, args=(paths, progress.set_total), daemon=True,
+                     kwargs={"excludes": excludes, "one_file_system": one_file_system},
+                     name="kw-count").start()
 
 
 def backup(
@@ -106,6 +152,8 @@ def backup(
         excludes = list(exclude or [])
         for f in exclude_file or []:
             excludes += read_pattern_file(f)
+        if progress.enabled:
+            _count_in_background(progress, paths or [], excludes, one_file_system)
         res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
                            tags=tag or [], host=host)
         snap, errors = res.snapshot, res.errors
@@ -251,10 +299,13 @@ def forget(
     kind: Annotated[str | None, typer.Option(help="Only snapshots of this kind.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     prune_: Annotated[bool, typer.Option("--prune", help="Prune afterwards.")] = False,
+    max_unused: Annotated[str, typer.Option(help="With --prune: as prune --max-unused.")] = "5%",
+    grace: Annotated[str, typer.Option(help="With --prune: as prune --grace.")] = "1h",
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Remove snapshots by id or by a --keep-* policy."""
     from keepwell.repository.policy import Policy, apply_policy, parse_duration
+    from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused
 
     r = open_repo(repo, password_file)
     if snapshot_ids:
@@ -267,39 +318,73 @@ def forget(
             raise UsageError("no snapshots and no --keep-* policy given: refusing to forget everything")
         snaps = [s for s in r.list_snapshots(kind) if kind or s.kind in ("files", "stdin", "sqlite")]
         kept, remove = apply_policy(snaps, policy)
+    prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused), grace=parse_grace(grace))
     if not dry_run:
         r.forget([s.id for s in remove])
     if json_:
+        pruned = _run_prune(r, prune_opts, quiet=True) if prune_ and not dry_run else None
         print_json({"keep": [{"id": s.id, "reasons": why} for s, why in kept],
-                    "remove": [s.id for s in remove], "dry_run": dry_run})
+                    "remove": [s.id for s in remove], "dry_run": dry_run,
+                    **({"prune": pruned} if pruned is not None else {})})
     else:
         for s, why in kept:
             print(f"keep   {s.short_id}  {s.time.astimezone():%Y-%m-%d %H:%M}  {', '.join(why)}")
         for s in remove:
             print(f"{'would remove' if dry_run else 'remove'} {s.short_id}  {s.time.astimezone():%Y-%m-%d %H:%M}")
-    if prune_ and not dry_run:
-        _run_prune(r, False, json_)
+        if prune_ and not dry_run:
+            _run_prune(r, prune_opts, quiet=False)
 
 
-def _run_prune(r: Any, dry_run: bool, json_: bool) -> None:
+def _run_prune(r: Any, opts: Any, *, quiet: bool) -> dict[str, Any]:
     from keepwell.repository.prune import prune as do_prune
 
-    rep = do_prune(r, dry_run=dry_run)
+    rep = do_prune(r, opts)
+    if not quiet:
+        for w in rep.warnings:
+            print(f"keepwell: warning: {w}", file=sys.stderr)
+        would = "would " if rep.dry_run else ""
+        print(f"prune: {would}repack {rep.packs_repacked} packs ({human_bytes(rep.bytes_repacked)} "
+              f"copied), {would}mark {rep.packs_marked} for deletion, {would}delete "
+              f"{rep.packs_deleted} ({human_bytes(rep.bytes_freed)} freed), restored "
+              f"{rep.packs_restored}, kept {rep.packs_kept}"
+              + (f" ({rep.packs_deferred} unused ones until running backups end)"
+                 if rep.packs_deferred else ""))
+        if rep.packs_pending:
+            why = (f" and the {rep.waiting_for_sessions} running backup(s) that may use them end"
+                   if rep.waiting_for_sessions else "")
+            print(f"prune: {rep.packs_pending} packs ({human_bytes(rep.bytes_pending)}) are pending "
+                  f"deletion; a later prune (or prune --wait) deletes them once the grace period "
+                  f"has passed{why}")
+    return dict(rep.__dict__)
+
+
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
+    max_unused: Annotated[str, typer.Option(
+        help="Unused data allowed to stay in partly used packs: a percentage of the repository "
+             "(5%), a size (2G) or 'unlimited'; beyond it, packs are repacked.")] = "5%",
+    max_repack_size: Annotated[str | None, typer.Option(
+        help="Copy at most this much data while repacking (e.g. 10G).")] = None,
+    repack_small: Annotated[bool, typer.Option(
+        "--repack-small", help="Also merge packs smaller than half their target size.")] = False,
+    grace: Annotated[str, typer.Option(
+        help="How long packs stay pending after every backup that might use them ended "
+             "(0, 90s, 30min, 2h, 1d); protects restores and checks running meanwhile.")] = "1h",
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Wait until this run's packs can be deleted, and delete them.")] = False,
+    repo: RepoOption = None, password_file: PasswordFileOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Repack partly used packs and delete unused ones, in two phases, beside running backups."""
+    from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused, parse_size
+
+    opts = PruneOptions(
+        max_unused=parse_max_unused(max_unused),
+        max_repack_bytes=parse_size(max_repack_size, "--max-repack-size") if max_repack_size else None,
+        repack_small=repack_small, grace=parse_grace(grace), wait=wait, dry_run=dry_run)
+    report = _run_prune(open_repo(repo, password_file), opts, quiet=json_)
     if json_:
-        print_json(rep.__dict__)
-    elif rep.waiting_for_sessions:
-        print(f"prune: {rep.waiting_for_sessions} backup(s) running; nothing deleted, run prune again later")
-    else:
-        verb = "would delete" if dry_run else "deleted"
-        print(f"prune: {verb} {rep.packs_deleted} packs ({human_bytes(rep.bytes_freed)}), "
-              f"kept {rep.packs_kept}")
-
-
-def prune(dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
-          repo: RepoOption = None, password_file: PasswordFileOption = None,
-          json_: JsonOption = False) -> None:
-    """Delete packs no snapshot references (never while a backup is running)."""
-    _run_prune(open_repo(repo, password_file), dry_run, json_)
+        print_json(report)
 
 
 def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,

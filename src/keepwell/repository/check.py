@@ -2,13 +2,16 @@
 
 ``read_data`` downloads packs, checks each against its name (the hash of its bytes), and
 decrypts and verifies every blob. Damage is reported with what it affects: which snapshots and
-which files inside them reference a damaged or missing blob.
+which files inside them reference a damaged or missing blob. Packs that a prune recorded as
+pending deletion are not in the index by design and are not reported; a snapshot whose blobs only
+such packs hold (a backup that raced a prune) is a warning: the next prune indexes them again.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,8 +25,11 @@ from keepwell.repository.format import (
     pack_object_name,
     parse_trailer,
 )
+from keepwell.repository.index import MasterIndex
+from keepwell.repository.prune import UnindexedPacks, load_pending, load_tree_anywhere
 from keepwell.repository.repo import Repository
-from keepwell.repository.tree import DIR
+from keepwell.repository.snapshot import Snapshot
+from keepwell.repository.tree import DIR, Node
 
 
 @dataclass
@@ -33,6 +39,7 @@ class CheckReport:
     packs_read: int = 0
     blobs_checked: int = 0
     affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot id -> paths
+    pending_packs: int = 0  # unindexed packs a prune will delete once safe
 
     @property
     def ok(self) -> bool:
@@ -54,8 +61,12 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
     bad_blobs: set[bytes] = set()
     for name in sorted(referenced_packs - set(stored)):
         report.errors.append(f"{name} is in the index but missing from storage")
-    for name in sorted(set(stored) - referenced_packs):
+    unindexed = set(stored) - referenced_packs
+    pending = {n for r in load_pending(repo, report.warnings) for n in r.packs} & unindexed
+    report.pending_packs = len(pending)
+    for name in sorted(unindexed - pending):
         report.warnings.append(f"{name} is not in the index (unfinished or interrupted upload)")
+    spare = UnindexedPacks(repo, unindexed)
     by_pack: dict[str, list[tuple[bytes, int, int, int, int]]] = defaultdict(list)
     for blob_id, loc in index.entries():
         name = pack_object_name(loc.pack_type, loc.pack.hex())
@@ -105,18 +116,40 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
                 report.packs_read += 1
 
     for snap in repo.list_snapshots():
+        awaiting = int(not index.has(bytes.fromhex(snap.tree)))
         try:
-            for path, node in repo.walk(snap):
+            for path, node in _walk(repo, index, spare, snap):
                 blobs = list(node.content)
                 if node.type == DIR and node.subtree is not None:
                     blobs.append(node.subtree)
                 for b in blobs:
-                    if b in bad_blobs or not index.has(b):
+                    if b in bad_blobs or not (index.has(b) or spare.find(b)):
                         report.affected.setdefault(snap.id, []).append("/" + path)
                         break
+                else:
+                    awaiting += any(not index.has(b) for b in blobs)
+            if awaiting:
+                report.warnings.append(
+                    f"snapshot {snap.short_id}: {awaiting} item(s) use blobs that only unindexed "
+                    "packs hold; run 'keepwell prune' to index them again before restoring")
         except KeepwellError as exc:
             report.errors.append(f"snapshot {snap.short_id}: {exc}")
             report.affected.setdefault(snap.id, []).append("(its trees)")
     for sid, paths in report.affected.items():
         report.errors.append(f"snapshot {sid[:8]}: {len(paths)} damaged or missing file(s), e.g. {paths[0]}")
     return report
+
+
+def _walk(repo: Repository, index: MasterIndex, spare: UnindexedPacks,
+          snap: Snapshot) -> Iterator[tuple[str, Node]]:
+    """Like `Repository.walk`, but also reads trees from packs no index lists."""
+    stack: list[tuple[bytes, str]] = [(bytes.fromhex(snap.tree), "")]
+    while stack:
+        tree_id, base = stack.pop()
+        subdirs = []
+        for node in load_tree_anywhere(repo, index, spare, tree_id):
+            path = f"{base}/{node.name}" if base else node.name
+            yield path, node
+            if node.type == DIR and node.subtree is not None:
+                subdirs.append((node.subtree, path))
+        stack.extend(reversed(subdirs))

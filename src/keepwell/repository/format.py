@@ -10,7 +10,9 @@ the BLAKE3 hash of the object's stored bytes, in hex):
     index/<id>           encrypted index: which blobs are in which pack, at which offset
     snapshots/<id>       encrypted snapshot
     sessions/<id>        a running backup's heartbeat (protects what it references from prune)
-    pending/<id>         packs a prune has removed from the index and will delete once safe
+    pending/<id>         encrypted: packs a prune has removed from the index and will delete
+                         once safe (JSON: time, sessions live then, pack names and sizes)
+    locks/prune          encrypted: the prune lock (one prune at a time; backups ignore it)
 
 Pack: ``blob* || header_ct || u32 len(header_ct) || b"KWP1"``. The header is an encrypted object
 (kind ``pack-header``) listing, for each blob: type u8, id 32 bytes, offset u32, stored length

@@ -171,7 +171,11 @@ class BlobSink:
         return batch
 
     def _write_index(self, packs: list[StoredPack]) -> None:
-        self.index_names.append(self.repo.write_index(index_content(packs)))
+        name = self.repo.write_index(index_content(packs))
+        self.index_names.append(name)
+        # known to the in-memory index, so refresh_index reloads in full once a prune
+        # supersedes it (otherwise this process would keep entries for packs prune doomed)
+        self.repo.index.files.add(name)
 
     # -- the end of a run ---------------------------------------------------------------------
     def flush(self) -> None:

@@ -1,21 +1,51 @@
-"""Pruning: deleting packs that no snapshot references any more.
+"""Pruning: giving back the space of blobs no snapshot references, beside running backups.
 
-Safety against concurrent backups (ARCHITECTURE rule 5): prune only deletes while no live
-backup session exists (see keepwell.repository.sessions): a session may hold blobs of an unused
-pack in the index it loaded. Order: new index (without the packs) → delete superseded index
-objects → delete packs. A crash at any point leaves a valid repository: at worst unindexed
-packs, which the next prune removes. Packs that are only partly used are kept whole.
+Words:
+    used blob    a blob some snapshot references (found by walking every snapshot's trees once)
+    doomed pack  a pack that leaves the index: wholly unused, or repacked (its used blobs copied
+                 into new packs first, see keepwell.repository.repack)
+    pending      a durable record ``pending/<hash>`` (kind ``kw-pending``) of doomed packs: the
+                 time they left the index and every session that existed at that moment
+    orphan       a stored pack in no index and no pending record: an upload whose index object
+                 is not written yet, what a killed run left, or packs of a prune killed mid-way
+
+Two phases, so that nothing a running or later backup references is lost and no backup waits:
+
+1. mark: repack → write one index object without the doomed packs, superseding the index objects
+   it was built from → delete those → list the sessions → write the pending record. A backup
+   whose session appears after that listing loads the index after the old objects are gone, so it
+   can never see a doomed pack; every earlier one that is still running is in the record.
+2. delete, for each record whose sessions have all ended (or gone stale) and whose grace period
+   has passed: walk every snapshot again (after those sessions ended); a doomed pack holding a
+   blob that a snapshot now uses and no index lists goes back into the index (a backup that had
+   loaded the old index committed after the marking); a doomed pack an index lists again, or that
+   a younger record also lists, is kept for now; the rest are deleted, then the record.
+
+A crash at any step leaves a valid repository: packs are deleted only after they left the index
+and the record that covers them exists; without the record, they are orphans, which the next
+prune marks (or adopts, if a snapshot uses them). Prunes keep apart through the prune lock
+(keepwell.repository.sessions.PruneLock); backups never look at it and never wait.
+
+Events (on ``repo.events``): ``prune`` with ``step`` = ``repacked``, ``index_written``,
+``index_superseded``, ``marked``, ``restored``, ``pack_deleted``, ``packs_deleted``; the repack
+also emits ``pack_stored`` for each new pack.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from keepwell.errors import KeepwellError, ObjectNotFoundError
+from keepwell.crypto import content_name
+from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError, UsageError
 from keepwell.repository.format import (
-    DATA,
     KIND_PACK_HEADER,
+    KIND_PENDING,
     PACK_PREFIX,
     TRAILER_SIZE,
     TREE,
@@ -24,98 +54,149 @@ from keepwell.repository.format import (
     pack_object_name,
     parse_trailer,
 )
-from keepwell.repository.packer import StoredPack, index_content
+from keepwell.repository.index import MasterIndex
+from keepwell.repository.packer import PACK_TARGET, StoredPack, index_content
+from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
-from keepwell.repository.sessions import list_sessions
-from keepwell.repository.tree import DIR
+from keepwell.repository.sessions import PruneLock, heartbeat_seconds, list_sessions
+from keepwell.repository.tree import DIR, Node, decode_tree
+
+DEFAULT_GRACE = 3600.0  # seconds a doomed pack stays after its sessions ended (protects readers)
+SMALL_SHARE = 0.5  # with repack_small: packs under this share of their target size are merged
+
+
+# -- options ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnusedLimit:
+    """How much unused data may stay: a percentage of the repository, a size, or no limit."""
+
+    percent: float | None = 5.0
+    size: int | None = None
+
+    def allowed(self, used: int) -> float:
+        if self.size is not None:
+            return float(self.size)
+        if self.percent is None or self.percent >= 100:
+            return math.inf
+        return used * self.percent / (100 - self.percent)  # unused / (used + unused) <= percent
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None:
+        raise UsageError(f"{what} {text!r} is not a size", hint="use forms like 500M, 2G, 10k")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_max_unused(text: str) -> UnusedLimit:
+    t = text.strip().lower()
+    if t == "unlimited":
+        return UnusedLimit(percent=None)
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 <= pct <= 100:
+            raise UsageError(f"--max-unused {text!r}: give a percentage from 0% to 100%")
+        return UnusedLimit(percent=pct)
+    try:
+        return UnusedLimit(percent=None, size=parse_size(text, "--max-unused"))
+    except UsageError:
+        raise UsageError(f"--max-unused {text!r} is neither a percentage nor a size",
+                         hint="use forms like 5%, 2G or unlimited") from None
+
+
+def parse_grace(text: str) -> float:
+    """'0', '90s', '30min', '2h', '1d' (m alone is refused: minutes or months?)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)?\s*", text.lower())
+    if m is None:
+        raise UsageError(f"--grace {text!r} is not a duration", hint="use forms like 0, 90s, 30min, 2h, 1d")
+    return float(m.group(1)) * {None: 1, "s": 1, "min": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@dataclass
+class PruneOptions:
+    max_unused: UnusedLimit = field(default_factory=UnusedLimit)
+    max_repack_bytes: int | None = None
+    repack_small: bool = False
+    grace: float = DEFAULT_GRACE
+    wait: bool = False
+    dry_run: bool = False
 
 
 @dataclass
 class PruneReport:
-    packs_deleted: int = 0
-    bytes_freed: int = 0
-    packs_kept: int = 0
-    waiting_for_sessions: int = 0
     dry_run: bool = False
+    packs_deleted: int = 0  # phase 2: deleted from storage in this run
+    bytes_freed: int = 0
+    packs_restored: int = 0  # phase 2: back into the index, a snapshot uses them now
+    packs_repacked: int = 0  # phase 1: their used blobs copied into new packs
+    blobs_repacked: int = 0
+    bytes_repacked: int = 0
+    packs_written: int = 0
+    packs_marked: int = 0  # phase 1: left the index in this run, now pending
+    bytes_marked: int = 0
+    packs_adopted: int = 0  # unindexed packs with used blobs, indexed again
+    packs_deferred: int = 0  # wholly unused, but a running backup may have just written them
+    packs_kept: int = 0
+    packs_pending: int = 0  # awaiting deletion after this run
+    bytes_pending: int = 0
+    unused_bytes_left: int = 0  # in kept packs
+    waiting_for_sessions: int = 0  # live sessions that hold back pending deletions
+    live_sessions: int = 0  # live backup sessions when this run began
+    live_sessions_at_delete: int = 0  # live backup sessions when it deleted packs
+    warnings: list[str] = field(default_factory=list)
 
 
-def used_blobs(repo: Repository) -> set[bytes]:
-    used: set[bytes] = set()
-    for snap in repo.list_snapshots():
-        used.add(bytes.fromhex(snap.tree))
-        for _path, node in repo.walk(snap):
-            used.update(node.content)
-            if node.type == DIR and node.subtree is not None:
-                used.add(node.subtree)
-    return used
+# -- pending records ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PendingRecord:
+    name: str  # object name, pending/<hash>
+    time: float
+    sessions: frozenset[str]
+    packs: dict[str, int]  # doomed: pack object name -> size
+    deferred: frozenset[str] = frozenset()  # still indexed, unused, maybe a running backup's
+
+    def ended(self, live: set[str]) -> bool:
+        return not (self.sessions & live)
+
+    def ready(self, live: set[str], now: float, grace: float) -> bool:
+        return self.ended(live) and now - self.time >= grace
 
 
-def prune(repo: Repository, *, dry_run: bool = False) -> PruneReport:
-    report = PruneReport(dry_run=dry_run)
-    now = time.time()
-    live = [s for s in list_sessions(repo) if s.live(now)]
-    if live:
-        report.waiting_for_sessions = len(live)
-        return report
-    stored = {i.name: i.size for p in PACK_PREFIX.values() for i in repo.backend.list(p + "/")}
-    index = repo.refresh_index()
-    old_files = set(index.files)
-    used = used_blobs(repo)
-    packs: dict[tuple[bytes, int], list[PackEntry]] = {}
-    for blob_id, loc in index.entries():
-        packs.setdefault((loc.pack, loc.pack_type), []).append(
-            PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length))
-    keep: list[StoredPack] = []
-    drop: list[str] = []
-    for (pack, ptype), entries in packs.items():
-        name = pack_object_name(ptype, pack.hex())
-        if name not in stored:
-            continue
-        if any(e.id in used for e in entries):
-            seen: set[bytes] = set()
-            uniq = [e for e in entries if not (e.id in seen or seen.add(e.id))]  # type: ignore[func-returns-value]
-            keep.append(StoredPack(pack, ptype, uniq))
-        else:
-            drop.append(name)
-    indexed = {pack_object_name(p.type, p.id.hex()) for p in keep} | set(drop)
-    orphans = []
-    for name in (n for n in stored if n not in indexed):
-        header = read_pack_header(repo, name)
-        if header is None or any(e.id in used for e in header):
-            if header is not None:  # adopt: a backup that raced an earlier prune uses it
-                ptype = TREE if name.startswith("tree/") else DATA
-                keep.append(StoredPack(bytes.fromhex(name.rsplit("/", 1)[1]), ptype, header))
-            continue
-        orphans.append(name)
-    report.packs_kept = len(keep)
-    targets = drop + orphans
-    report.packs_deleted = len(targets)
-    report.bytes_freed = sum(stored[n] for n in targets)
-    if dry_run or not targets:
-        return report
-    repo.write_index(index_content(keep, supersedes=sorted(old_files)))
-    for name in old_files:
+def load_pending(repo: Repository, warnings: list[str] | None = None) -> list[PendingRecord]:
+    out = []
+    for info in repo.backend.list("pending/"):
         try:
-            repo.backend.delete(f"index/{name}")
+            stored = repo.backend.get(info.name)
         except ObjectNotFoundError:
-            pass
-    if any(s.live(time.time()) for s in list_sessions(repo)):
-        # a backup began meanwhile and may have loaded the old index: delete nothing now
-        report.waiting_for_sessions = 1
-        report.packs_deleted = report.bytes_freed = 0
-        repo._index = None
-        return report
-    for name in targets:
+            continue  # finished by a prune since the listing
         try:
-            repo.backend.delete(name)
-        except ObjectNotFoundError:
-            pass
-        except KeepwellError:
-            raise
-    repo._index = None  # reload on next use
-    return report
+            if content_name(stored) != info.name.rsplit("/", 1)[1]:
+                raise IntegrityError(f"{info.name} does not match its name")
+            d = json.loads(repo.master.decrypt_object(KIND_PENDING, stored, info.name))
+            out.append(PendingRecord(info.name, float(d["time"]), frozenset(d["sessions"]),
+                                     {str(k): int(v) for k, v in d["packs"].items()},
+                                     frozenset(d.get("deferred", []))))
+        except (IntegrityError, ValueError, KeyError, TypeError) as exc:
+            # its packs count as orphans: the next marking covers them again
+            if warnings is not None:
+                warnings.append(f"{info.name} is unreadable ({exc}); its packs are treated as orphans")
+    return out
 
 
+def write_pending(repo: Repository, when: float, sessions: Iterable[str], packs: dict[str, int],
+                  deferred: Iterable[str] = ()) -> str:
+    doc = {"version": 1, "time": when, "sessions": sorted(sessions), "packs": packs,
+           "deferred": sorted(deferred)}
+    return "pending/" + repo.put_object("pending", KIND_PENDING, json.dumps(doc).encode())
+
+
+# -- reading packs and trees that no index lists ------------------------------------------------
 def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
     """The blobs a pack says it holds (packs are self-describing); None if unreadable."""
     try:
@@ -128,3 +209,372 @@ def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
         return decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, header, name))
     except (KeepwellError, ValueError):
         return None
+
+
+def pack_type_of(name: str) -> int:
+    return TREE if name.startswith(PACK_PREFIX[TREE] + "/") else 0
+
+
+def unique_entries(entries: Iterable[PackEntry]) -> list[PackEntry]:
+    seen: set[bytes] = set()
+    out = []
+    for e in entries:
+        if e.id not in seen:
+            seen.add(e.id)
+            out.append(e)
+    return out
+
+
+class UnindexedPacks:
+    """Stored packs that no index lists (pending deletion or orphans); headers read on demand."""
+
+    def __init__(self, repo: Repository, names: Iterable[str]) -> None:
+        self.repo = repo
+        self.names = set(names)
+        self._headers: dict[str, list[PackEntry] | None] | None = None
+        self._where: dict[bytes, tuple[str, PackEntry]] = {}
+
+    def _load(self) -> dict[str, list[PackEntry] | None]:
+        if self._headers is None:
+            names = sorted(self.names)
+            with ThreadPoolExecutor(8) as pool:
+                headers = dict(zip(names, pool.map(lambda n: read_pack_header(self.repo, n), names),
+                                   strict=True))
+            for name, header in headers.items():
+                for e in header or []:
+                    self._where.setdefault(e.id, (name, e))
+            self._headers = headers
+        return self._headers
+
+    def header(self, name: str) -> list[PackEntry] | None:
+        return self._load().get(name)
+
+    def find(self, blob_id: bytes) -> tuple[str, PackEntry] | None:
+        if not self.names:
+            return None
+        self._load()
+        return self._where.get(blob_id)
+
+
+def load_tree_anywhere(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None,
+                       tree_id: bytes) -> list[Node]:
+    """A tree from the index, or else from a pack no index lists (a pending or orphan pack)."""
+    if index.has(tree_id):
+        return repo.load_tree(tree_id)
+    hit = unindexed.find(tree_id) if unindexed is not None else None
+    if hit is None:
+        raise IntegrityError(f"tree {tree_id.hex()[:16]} that a snapshot references is missing",
+                             hint="run 'keepwell check', and forget the snapshots it names")
+    name, e = hit
+    stored = repo.backend.get(name, e.offset, e.length)
+    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length))
+
+
+def referenced_blobs(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None) -> set[bytes]:
+    """Every blob (trees and content) any snapshot references; each tree is read once."""
+    used: set[bytes] = set()
+    frontier = [bytes.fromhex(s.tree) for s in repo.list_snapshots()]
+    with ThreadPoolExecutor(8) as pool:
+        while frontier:
+            todo = [t for t in dict.fromkeys(frontier) if t not in used]
+            used.update(todo)
+            frontier = []
+            for start in range(0, len(todo), 256):  # bounds the trees held at once
+                batch = todo[start : start + 256]
+                for nodes in pool.map(lambda t: load_tree_anywhere(repo, index, unindexed, t), batch):
+                    for node in nodes:
+                        used.update(node.content)
+                        if node.type == DIR and node.subtree is not None and node.subtree not in used:
+                            frontier.append(node.subtree)
+    return used
+
+
+# -- choosing what to repack ---------------------------------------------------------------------
+@dataclass
+class PackUse:
+    name: str
+    type: int
+    size: int  # stored object size
+    entries: list[PackEntry]  # unique blobs the index lists in it
+    used: list[PackEntry] = field(default_factory=list)  # used blobs this pack is the chosen copy of
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.length for e in self.used)
+
+    @property
+    def unused_bytes(self) -> int:
+        return sum(e.length for e in self.entries) - self.used_bytes
+
+
+def assign_used(packs: list[PackUse], used: set[bytes]) -> None:
+    """Give each used blob to one pack; packs holding more used blobs are preferred, so a blob
+    stored twice (after a repack that was interrupted, say) makes the other copy unused."""
+    counts = {p.name: sum(1 for e in p.entries if e.id in used) for p in packs}
+    claimed: set[bytes] = set()
+    for p in sorted(packs, key=lambda p: (-counts[p.name], p.name)):
+        p.used = [e for e in p.entries if e.id in used and e.id not in claimed]
+        claimed.update(e.id for e in p.used)
+
+
+def choose(packs: list[PackUse], opts: PruneOptions) -> tuple[list[PackUse], list[PackUse], list[PackUse]]:
+    """(delete, repack, keep): wholly unused packs go; partly used ones are repacked, most unused
+    share first, until the unused data left is within ``max_unused``, within the size budget."""
+    delete = [p for p in packs if not p.used]
+    live = [p for p in packs if p.used]
+    partly = [p for p in live if p.unused_bytes > 0]
+    unused = sum(p.unused_bytes for p in partly)
+    allowed = opts.max_unused.allowed(sum(p.used_bytes for p in live))
+    budget = math.inf if opts.max_repack_bytes is None else opts.max_repack_bytes
+    chosen: dict[str, PackUse] = {}
+    spent = 0
+    for p in sorted(partly, key=lambda p: (-p.unused_bytes / (p.unused_bytes + p.used_bytes),
+                                           -p.unused_bytes, p.name)):
+        if unused <= allowed:
+            break
+        if spent + p.used_bytes > budget:
+            continue
+        chosen[p.name] = p
+        unused -= p.unused_bytes
+        spent += p.used_bytes
+    if opts.repack_small:
+        for ptype, target in PACK_TARGET.items():
+            small = [p for p in live if p.type == ptype and p.name not in chosen
+                     and p.size < SMALL_SHARE * target]
+            merging_into = any(p.type == ptype for p in chosen.values())
+            if len(small) + merging_into < 2:
+                continue
+            for p in sorted(small, key=lambda p: (p.size, p.name)):
+                if spent + p.used_bytes <= budget:
+                    chosen[p.name] = p
+                    spent += p.used_bytes
+    keep = [p for p in live if p.name not in chosen]
+    return delete, list(chosen.values()), keep
+
+
+# -- the two phases ------------------------------------------------------------------------------
+def prune(repo: Repository, options: PruneOptions | None = None, *, dry_run: bool = False) -> PruneReport:
+    opts = options or PruneOptions(dry_run=dry_run)
+    report = PruneReport(dry_run=opts.dry_run)
+    if opts.dry_run:
+        _Pass(repo, opts, report, None).run(mark=True)
+        return report
+    with PruneLock(repo) as lock:
+        mine = _Pass(repo, opts, report, lock).run(mark=True)
+        while opts.wait and mine is not None:
+            records = {r.name: r for r in load_pending(repo)}
+            if mine not in records:
+                break
+            now = time.time()
+            live = {s.id for s in list_sessions(repo, strict=True) if s.live(now)}
+            if records[mine].ready(live, now, opts.grace):
+                _Pass(repo, opts, report, lock).run(mark=False)
+            else:
+                pause = max(0.0, records[mine].time + opts.grace - now)
+                time.sleep(min(max(pause, 0.05), heartbeat_seconds(), 5.0))
+    _summarise_pending(repo, report)
+    return report
+
+
+def _summarise_pending(repo: Repository, report: PruneReport) -> None:
+    records = load_pending(repo)
+    now = time.time()
+    live = {s.id for s in list_sessions(repo) if s.live(now)}
+    report.packs_pending = len({n for r in records for n in r.packs})
+    report.bytes_pending = sum(dict(kv for r in records for kv in r.packs.items()).values())
+    report.waiting_for_sessions = len(live & {s for r in records for s in r.sessions})
+
+
+class _Pass:
+    """One pass: restore and phase 2 for the pending records, then (``mark``) phase 1."""
+
+    def __init__(self, repo: Repository, opts: PruneOptions, report: PruneReport,
+                 lock: PruneLock | None) -> None:
+        self.repo = repo
+        self.opts = opts
+        self.report = report
+        self.lock = lock
+
+    def _verify_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.verify()
+
+    def run(self, *, mark: bool) -> str | None:
+        repo = self.repo
+        now = time.time()
+        records = load_pending(repo, self.report.warnings)
+        live = {s.id for s in list_sessions(repo, strict=True) if s.live(now)}
+        self.report.live_sessions = max(self.report.live_sessions, len(live))
+        ready = [r for r in records if r.ready(live, now, self.opts.grace)]
+        matured = {n for r in records if r.ended(live) for n in r.deferred}
+        index = repo.refresh_index()  # order: index, then packs (a listed pack is never "missing")
+        stored = {i.name: i.size for p in PACK_PREFIX.values() for i in repo.backend.list(p + "/")}
+        # listed after the index was loaded: whoever wrote a pack in it is in this list or ended
+        writers = {s.id for s in list_sessions(repo, strict=True) if s.live(time.time())}
+        by_pack = self._indexed_packs(index)
+        unindexed = UnindexedPacks(repo, set(stored) - set(by_pack))
+        used = referenced_blobs(repo, index, unindexed)  # after `ready` was decided: see phase 2
+        restored, unread = self._restore(records, index, set(by_pack), stored, used, unindexed)
+        if ready:
+            self._delete(ready, [r for r in records if r not in ready],
+                         set(by_pack) | restored | unread, stored)
+        if not mark:
+            return None
+        waiting = records if self.opts.dry_run else [r for r in records if r not in ready]
+        return self._mark(index, by_pack, stored, used, unindexed, waiting, restored,
+                          matured, writers)
+
+    @staticmethod
+    def _indexed_packs(index: MasterIndex) -> dict[str, tuple[bytes, int, list[PackEntry]]]:
+        raw: dict[tuple[bytes, int], list[PackEntry]] = {}
+        for blob_id, loc in index.entries():
+            raw.setdefault((loc.pack, loc.pack_type), []).append(
+                PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length))
+        return {pack_object_name(t, p.hex()): (p, t, unique_entries(es)) for (p, t), es in raw.items()}
+
+    # -- phase 2 ---------------------------------------------------------------------------------
+    def _restore(self, records: list[PendingRecord], index: MasterIndex, indexed: set[str],
+                 stored: dict[str, int], used: set[bytes], unindexed: UnindexedPacks
+                 ) -> tuple[set[str], set[str]]:
+        """Index again every pending pack that holds a blob a snapshot uses and no index lists
+        (a backup that had loaded the old index committed after the marking). Adding to the
+        index is always safe, so this runs for every record, ready or not. Returns the packs
+        restored and those whose header could not be read (never deleted unread)."""
+        candidates = {n for r in records for n in r.packs if n in stored} - indexed
+        if not candidates:
+            return set(), set()
+        ids = list(used)
+        missing = {b for b, known in zip(ids, index.has_each(ids), strict=True) if not known}
+        restore: list[StoredPack] = []
+        unread: set[str] = set()
+        for name in sorted(candidates) if missing else []:
+            header = unindexed.header(name)
+            if header is None:
+                unread.add(name)
+                self.report.warnings.append(f"{name}: pack header unreadable; not deleted")
+            elif any(e.id in missing for e in header):
+                restore.append(StoredPack(bytes.fromhex(name.rsplit("/", 1)[1]),
+                                          pack_type_of(name), unique_entries(header)))
+        self.report.packs_restored += len(restore)
+        if restore and not self.opts.dry_run:
+            self.repo.write_index(index_content(restore))
+            self.repo.events.emit("prune", step="restored", packs=len(restore))
+        return {pack_object_name(p.type, p.id.hex()) for p in restore}, unread
+
+    def _delete(self, ready: list[PendingRecord], waiting: list[PendingRecord], keep: set[str],
+                stored: dict[str, int]) -> None:
+        """Phase 2 proper: delete the packs of records whose sessions ended and grace passed.
+        Kept: packs in ``keep`` (an index lists them again, or they could not be looked into),
+        and packs a younger record lists (sessions that began after the older marking may hold
+        them). A kept pack that no index lists becomes an orphan, which a later run marks anew."""
+        repo, report = self.repo, self.report
+        younger = {n for r in waiting for n in r.packs}
+        doomed = sorted({n for r in ready for n in r.packs if n in stored} - keep - younger)
+        if self.opts.dry_run:
+            report.packs_deleted += len(doomed)
+            report.bytes_freed += sum(stored[n] for n in doomed)
+            return
+        self._verify_lock()
+        if doomed:
+            now = time.time()
+            report.live_sessions_at_delete = max(report.live_sessions_at_delete, sum(
+                1 for s in list_sessions(repo) if s.live(now)))
+        for name in doomed:
+            try:
+                repo.backend.delete(name)
+            except ObjectNotFoundError:
+                continue
+            report.packs_deleted += 1
+            report.bytes_freed += stored[name]
+            del stored[name]
+            repo.events.emit("prune", step="pack_deleted", pack=name)
+        repo.events.emit("prune", step="packs_deleted", packs=len(doomed))
+        for r in ready:
+            try:
+                repo.backend.delete(r.name)
+            except ObjectNotFoundError:
+                pass
+
+    # -- phase 1 ---------------------------------------------------------------------------------
+    def _mark(self, index: MasterIndex, by_pack: dict[str, tuple[bytes, int, list[PackEntry]]],
+              stored: dict[str, int], used: set[bytes], unindexed: UnindexedPacks,
+              waiting: list[PendingRecord], restored: set[str], matured: set[str],
+              writers: set[str]) -> str | None:
+        repo, report, opts = self.repo, self.report, self.opts
+        old_files = sorted(index.files)
+        pending = {n for r in waiting for n in r.packs}
+        missing = sorted(n for n in by_pack if n not in stored)
+        if missing:
+            report.warnings.append(f"{len(missing)} pack(s) listed in the index are missing from "
+                                   f"storage, e.g. {missing[0]}; their entries are dropped, so the "
+                                   "next backup stores that data again (run 'keepwell check')")
+        packs = [PackUse(n, t, stored[n], es) for n, (_p, t, es) in by_pack.items() if n in stored]
+        assign_used(packs, used)
+        unused, to_repack, keep = choose(packs, opts)
+        # A wholly unused pack may be one a running backup has just stored and indexed, before
+        # its snapshot exists: while any session lives, such a pack is deferred until the
+        # sessions live now have ended (a deferral recorded by an earlier run has matured then).
+        delete = [p for p in unused if p.name in matured or not writers]
+        deferred = [p for p in unused if p.name not in matured and writers]
+        delete_later = {p.name for p in deferred}
+        keep += deferred
+
+        adopted: list[StoredPack] = []
+        orphans: list[str] = []
+        for name in sorted(set(stored) - set(by_pack) - pending - restored):
+            header = unindexed.header(name)
+            if header is None:
+                report.warnings.append(f"{name} is in no index and its header is unreadable; left alone")
+            elif any(e.id in used for e in header):
+                adopted.append(StoredPack(bytes.fromhex(name.rsplit("/", 1)[1]), pack_type_of(name),
+                                          unique_entries(header)))
+            else:
+                orphans.append(name)
+
+        repacked: list[str] = []
+        if opts.dry_run:
+            repacked = [p.name for p in to_repack]
+            report.blobs_repacked += sum(len(p.used) for p in to_repack)
+            report.bytes_repacked += sum(p.used_bytes for p in to_repack)
+        elif to_repack:
+            result = repack(repo, [RepackJob(p.name, p.used) for p in to_repack])
+            repacked = result.repacked
+            report.blobs_repacked += result.blobs
+            report.bytes_repacked += result.bytes
+            report.packs_written += result.packs_written
+            for name, why in result.damaged.items():
+                report.warnings.append(f"{name} not repacked, kept whole: {why}")
+            repo.events.emit("prune", step="repacked", packs=len(result.repacked))
+        report.packs_repacked += len(repacked)
+        gone = set(repacked)
+        kept = keep + [p for p in to_repack if p.name not in gone]
+        doomed = {p.name: p.size for p in delete} | {n: stored[n] for n in repacked}
+        doomed |= {n: stored[n] for n in orphans}
+        report.packs_kept = len(kept) + len(adopted)
+        report.packs_adopted += len(adopted)
+        report.packs_deferred = len(deferred)
+        report.unused_bytes_left = sum(p.unused_bytes for p in kept if p.name not in delete_later)
+        report.packs_marked += len(doomed)
+        report.bytes_marked += sum(doomed.values())
+        if opts.dry_run:
+            return None
+        if doomed or adopted or missing:
+            new_index = [StoredPack(bytes.fromhex(p.name.rsplit("/", 1)[1]), p.type, p.entries)
+                         for p in kept] + adopted
+            repo.write_index(index_content(new_index, supersedes=old_files))
+            repo.events.emit("prune", step="index_written")
+            self._verify_lock()
+            for name in old_files:
+                try:
+                    repo.backend.delete(f"index/{name}")
+                except ObjectNotFoundError:
+                    pass
+            repo.events.emit("prune", step="index_superseded")
+        if not (doomed or deferred):
+            return None
+        # listed only now: a session that is not in this list loads the index after the
+        # superseded objects are gone, so it cannot hold a doomed pack
+        sessions = {s.id for s in list_sessions(repo, strict=True)}
+        name = write_pending(repo, time.time(), sessions, doomed, (p.name for p in deferred))
+        repo.events.emit("prune", step="marked", record=name, packs=len(doomed))
+        return name

@@ -41,7 +41,13 @@ from keepwell.repository.format import (
     TREE,
     pack_object_name,
 )
-from keepwell.repository.index import IndexContent, MasterIndex, decode_index, encode_index
+from keepwell.repository.index import (
+    BlobLocation,
+    IndexContent,
+    MasterIndex,
+    decode_index,
+    encode_index,
+)
 from keepwell.repository.snapshot import Snapshot, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree
 
@@ -61,12 +67,17 @@ class Repository:
         self._index_lock = threading.Lock()
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
+        self._pending: dict[bytes, BlobLocation] | None = None
+        self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
 
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
     def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
-             compression: int = 3, kdf: KdfParams | None = None) -> Repository:
+             compression: int = 3, kdf: KdfParams | None = None,
+             id_key: bytes | None = None) -> Repository:
+        """Create a repository. ``chunker`` and ``id_key`` are given only to share them with
+        another repository (``init --copy-chunker-params-from``; see keepwell.repository.copy)."""
         try:
             backend.stat("config")
             raise RepositoryExistsError(f"a repository already exists at {backend.location}")
@@ -79,7 +90,7 @@ class Repository:
         config = {
             "version": FORMAT_VERSION,
             "id": secrets.token_hex(32),
-            "id_key": secrets.token_hex(32),
+            "id_key": id_key.hex() if id_key is not None else secrets.token_hex(32),
             "chunker": params.to_dict(),
             "compression": compression,
         }
@@ -173,8 +184,35 @@ class Repository:
         return self.put_object("index", KIND_INDEX, encode_index(content))
 
     # -- blobs ----------------------------------------------------------------------------------
-    def load_blob(self, blob_id: bytes, blob_type: int | None = None) -> bytes:
+    def locate(self, blob_id: bytes) -> BlobLocation | None:
+        """Where a blob is stored: the index, or else a pack pending deletion.
+
+        A backup that loaded the index just before a prune marked a pack may commit a snapshot
+        that uses it; the next prune puts such a pack back into the index, and until then readers
+        find the blob through the pending records (read once per process, on the first miss)."""
         loc = self.index.lookup(blob_id)
+        if loc is None:
+            loc = self._pending_locations().get(blob_id)
+        return loc
+
+    def _pending_locations(self) -> dict[bytes, BlobLocation]:
+        with self._pending_lock:
+            if self._pending is None:
+                from keepwell.repository.prune import UnindexedPacks, load_pending, pack_type_of
+
+                names = {n for r in load_pending(self) for n in r.packs}
+                found: dict[bytes, BlobLocation] = {}
+                packs = UnindexedPacks(self, names)
+                for name in sorted(names):
+                    for e in packs.header(name) or []:
+                        found.setdefault(e.id, BlobLocation(
+                            bytes.fromhex(name.rsplit("/", 1)[1]), pack_type_of(name), e.offset,
+                            e.length, e.raw_length, e.type))
+                self._pending = found
+            return self._pending
+
+    def load_blob(self, blob_id: bytes, blob_type: int | None = None) -> bytes:
+        loc = self.locate(blob_id)
         if loc is None:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index",
                                  hint="run 'keepwell check' to see what is affected")

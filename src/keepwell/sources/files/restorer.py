@@ -109,6 +109,7 @@ class Restorer:
     def plan(self) -> dict[tuple[bytes, int], list[_Want]]:
         packs: dict[tuple[bytes, int], dict[bytes, _Want]] = defaultdict(dict)
         index = self.repo.index
+        total_files = total_bytes = 0
         for rel, node in self.repo.walk(self.snap):
             spath = "/" + rel
             dest = os.path.join(self.target, rel)
@@ -124,6 +125,8 @@ class Restorer:
             self._ensure_parent(dest)
             try:
                 if node.type == FILE:
+                    total_files += 1
+                    total_bytes += node.size
                     self._plan_file(dest, node, packs, index)
                 elif node.type == SYMLINK:
                     os.symlink(node.target or "", dest)
@@ -139,6 +142,7 @@ class Restorer:
                     self._apply(dest, node)
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
+        self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
         return {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
 
     def _plan_file(self, dest: str, node: Node, packs: dict[tuple[bytes, int], dict[bytes, _Want]],
@@ -167,7 +171,7 @@ class Restorer:
             target.created = True
         offset = 0
         for blob_id in node.content:
-            loc = self.repo.index.lookup(blob_id)
+            loc = self.repo.locate(blob_id)
             if loc is None:
                 self._error(dest, f"blob {blob_id.hex()[:16]} is missing from the repository")
                 target.remaining = -1
@@ -204,6 +208,7 @@ class Restorer:
         self.repo.events.emit("bytes", n=len(data))
         if done:
             self._apply(target.path, target.node)
+            self.repo.events.emit("file", path=target.path, size=target.node.size)
 
     def _fail_dests(self, want: _Want, msg: str) -> None:
         for target, _ in want.dests:

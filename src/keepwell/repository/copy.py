@@ -1,0 +1,467 @@
+"""Copying snapshots from one repository into another (``keepwell copy``).
+
+Words:
+    source, destination  the repository read from and the one written to. Each has its own master
+                         key: every blob is decrypted with the source's key, checked against its
+                         id, and encrypted again with the destination's key.
+    shared ids           both repositories have the same blob-id key and chunker parameters (the
+                         destination was made with ``init --copy-chunker-params-from``): the same
+                         plaintext has the same id in both.
+    fast path            copying with shared ids: blobs keep their ids and trees keep theirs, so
+                         each missing blob is copied as it is stored (decrypted, verified,
+                         encrypted again; its compressed payload is reused, never re-chunked).
+    re-chunk path        copying without shared ids: ids cannot be carried over, so the content
+                         of each file is read and stored again through the destination's chunker,
+                         and every tree is rewritten with the new ids.
+    identity             what names a snapshot across copies: ``source["copied_from"]`` of a copy,
+                         the snapshot's own id otherwise. A source snapshot whose identity is
+                         already in the destination is skipped, so copying twice copies nothing.
+
+Each snapshot is written through a `SnapshotWriter` (a session that keeps a concurrent prune
+away; packs → index → snapshot last), so an interrupted copy leaves a valid destination whose
+indexed packs the next run reuses. Blobs are read from the source grouped by pack, nearby blobs
+in one ranged read, on a few threads. The copy keeps the original's time, host, tags, paths,
+kind, summary and source dict, and its parent when that parent was copied too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, cast
+
+import blake3
+
+from keepwell.backends.base import Backend
+from keepwell.compression import unpack_payload
+from keepwell.crypto import keyed_id
+from keepwell.errors import IntegrityError, SnapshotNotFoundError
+from keepwell.repository.events import Events
+from keepwell.repository.format import DATA, pack_object_name
+from keepwell.repository.packer import BlobSink
+from keepwell.repository.repo import BlobReader, Repository
+from keepwell.repository.snapshot import Snapshot
+from keepwell.repository.tree import DIR, Node
+from keepwell.repository.writer import SnapshotWriter
+
+COPIED_FROM = "copied_from"
+_MAX_RANGE = 8 * 1024 * 1024  # one ranged read covers at most this much of a pack ...
+_MAX_GAP = 256 * 1024  # ... and reads across gaps of unwanted blobs up to this size
+FAST_BATCH_BLOBS = 50_000  # blob ids planned per round of reads on the fast path
+RECHUNK_BATCH_BYTES = 32 * 1024 * 1024  # file content fetched per round on the re-chunk path
+
+
+# -- choosing what to copy ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """Which snapshots to copy: any of ``kinds``, any of ``hosts``, and every one of ``tags``
+    (an empty field matches everything)."""
+
+    kinds: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def matches(self, snap: Snapshot) -> bool:
+        if self.kinds and snap.kind not in self.kinds:
+            return False
+        if self.hosts and snap.host not in self.hosts:
+            return False
+        return set(self.tags) <= set(snap.tags)
+
+
+def identity(snap: Snapshot) -> str:
+    return str(snap.source.get(COPIED_FROM) or snap.id)
+
+
+def shares_ids(src: Repository, dst: Repository) -> bool:
+    """True when a blob has the same id in both repositories (the fast path applies)."""
+    return src.id_key == dst.id_key and src.chunker_params == dst.chunker_params
+
+
+def select_snapshots(src: Repository, refs: Iterable[str] = (),
+                     flt: SnapshotFilter | None = None) -> list[Snapshot]:
+    """The source snapshots to copy, oldest first: all that match ``flt``, or the ones named by
+    ``refs`` (id prefixes; ``latest`` is the newest that matches ``flt``)."""
+    flt = flt or SnapshotFilter()
+    refs = list(refs)
+    matching = [s for s in src.list_snapshots() if flt.matches(s)]
+    if not refs:
+        return matching
+    chosen: dict[str, Snapshot] = {}
+    for ref in refs:
+        if ref == "latest":
+            if not matching:
+                raise SnapshotNotFoundError("no snapshot of the source matches 'latest'")
+            snap = matching[-1]
+        else:
+            snap = src.find_snapshot(ref)
+        chosen[snap.id] = snap
+    return sorted(chosen.values(), key=lambda s: (s.time, s.id))
+
+
+# -- reading blobs from the source ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Want:
+    blob_id: bytes
+    type: int
+    offset: int
+    length: int
+    raw_length: int
+
+
+Handler = Callable[[_Want, memoryview], None]
+
+
+class PackReader:
+    """Reads blobs of a repository grouped by pack: nearby blobs in one ranged read, packs on a
+    few threads. Each stored blob is handed to ``handle`` in a worker thread; ``handle`` must
+    verify it (see `open_payload`) before using it."""
+
+    def __init__(self, repo: Repository, events: Events, *, workers: int = 4) -> None:
+        self.repo = repo
+        self.events = events
+        self.workers = workers
+        self.bytes_read = 0
+        self.blobs_read = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kw-copy-read")
+
+    def read(self, ids: Iterable[bytes], handle: Handler) -> None:
+        plan: dict[tuple[bytes, int], list[_Want]] = defaultdict(list)
+        index = self.repo.index
+        for blob_id in ids:
+            loc = index.lookup(blob_id)
+            if loc is None:
+                raise IntegrityError(
+                    f"blob {blob_id.hex()[:16]} is used by a snapshot of {self.repo.backend.location} "
+                    "but is not in its index",
+                    hint="run 'keepwell check' on the source repository")
+            plan[(loc.pack, loc.pack_type)].append(
+                _Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
+        futures = [self._pool.submit(self._read_pack, pack, ptype, sorted(wants, key=lambda w: w.offset),
+                                     handle)
+                   for (pack, ptype), wants in plan.items()]
+        try:
+            for fut in futures:
+                fut.result()
+        except BaseException:
+            # let no reader hand a blob to a writer that is being aborted
+            for fut in futures:
+                fut.cancel()
+            wait(futures)
+            raise
+
+    def _read_pack(self, pack: bytes, pack_type: int, wants: list[_Want], handle: Handler) -> None:
+        name = pack_object_name(pack_type, pack.hex())
+        i = 0
+        while i < len(wants):
+            start = wants[i].offset
+            end = start + wants[i].length
+            j = i + 1
+            while j < len(wants) and wants[j].offset - end <= _MAX_GAP \
+                    and wants[j].offset + wants[j].length - start <= _MAX_RANGE:
+                end = max(end, wants[j].offset + wants[j].length)
+                j += 1
+            data = memoryview(self.repo.backend.get(name, start, end - start))
+            if len(data) != end - start:
+                raise IntegrityError(f"{name} of {self.repo.backend.location} is shorter than its "
+                                     "index says (truncated pack)")
+            for w in wants[i:j]:
+                handle(w, data[w.offset - start : w.offset - start + w.length])
+            self.count(len(data), j - i)
+            i = j
+
+    def count(self, nbytes: int, blobs: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+            self.blobs_read += blobs
+        self.events.emit("copy_read", n=nbytes, blobs=blobs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def open_payload(repo: Repository, want: _Want, stored: bytes | memoryview) -> bytes:
+    """Decrypt one stored blob and verify it against its id, as `Repository.open_blob` does, but
+    return the (possibly compressed) payload, so the fast path need not compress it again."""
+    payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
+    plain = unpack_payload(payload, want.raw_length)
+    if len(plain) != want.raw_length or keyed_id(repo.id_key, plain) != want.blob_id:
+        raise IntegrityError(f"blob {want.blob_id.hex()[:16]} of {repo.backend.location} does not "
+                             "match its id")
+    return payload
+
+
+# -- the copy ---------------------------------------------------------------------------------------
+@dataclass
+class CopyReport:
+    mode: str
+    copied: list[dict[str, str]] = field(default_factory=list)  # {"source": id, "copy": id}
+    skipped: list[str] = field(default_factory=list)  # source ids already in the destination
+    blobs_read: int = 0
+    bytes_read: int = 0
+    blobs_new: int = 0
+    bytes_stored: int = 0
+    packs: int = 0
+    duration: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _trees(repo: Repository, root: bytes, skip: Collection[bytes] = ()) -> Iterator[tuple[bytes, list[Node]]]:
+    """Every distinct tree under ``root`` (once each), not descending into trees in ``skip``."""
+    seen: set[bytes] = set()
+    stack = [root]
+    while stack:
+        tree_id = stack.pop()
+        if tree_id in seen or tree_id in skip:
+            continue
+        seen.add(tree_id)
+        nodes = repo.load_tree(tree_id)
+        yield tree_id, nodes
+        for n in nodes:
+            if n.type == DIR and n.subtree is not None and n.subtree not in seen:
+                stack.append(n.subtree)
+
+
+def _content_key(content: list[bytes]) -> bytes:
+    return blake3.blake3(b"".join(content)).digest()
+
+
+class Copier:
+    """Copies snapshots from ``src`` to ``dst``; one instance per run (it remembers, across the
+    snapshots of the run, which trees and file contents it has already rewritten)."""
+
+    def __init__(self, src: Repository, dst: Repository, *, workers: int = 4,
+                 upload_workers: int = 4) -> None:
+        self.src = src
+        self.dst = dst
+        self.events = dst.events
+        self.fast = shares_ids(src, dst)
+        self.upload_workers = upload_workers
+        self.reader = PackReader(src, self.events, workers=workers)
+        self.report = CopyReport(mode="fast" if self.fast else "rechunk")
+        # re-chunk path: source tree id -> destination tree id; source content -> new blob ids
+        self._tree_map: dict[bytes, bytes] = {}
+        self._content_map: dict[bytes, list[bytes]] = {}
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="kw-copy-fetch")
+        self._savers = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="kw-copy-save")
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
+        self._savers.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+
+    def __enter__(self) -> Copier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, snapshots: list[Snapshot]) -> CopyReport:
+        started = time.monotonic()
+        in_dst = {identity(d): d.id for d in self.dst.list_snapshots()}
+        by_id = {s.id: s for s in self.src.list_snapshots()}
+        todo = []
+        for snap in snapshots:
+            if identity(snap) in in_dst:
+                self.report.skipped.append(snap.id)
+            else:
+                todo.append(snap)
+                in_dst[identity(snap)] = ""  # a source holding two copies of one original
+        self.events.emit("copy_plan", snapshots=len(todo), skipped=len(self.report.skipped),
+                         mode=self.report.mode)
+        for snap in todo:
+            parent = by_id.get(snap.parent) if snap.parent else None
+            copy = self.copy_one(snap, in_dst.get(identity(parent)) if parent else None)
+            in_dst[identity(snap)] = copy.id
+            self.report.copied.append({"source": snap.id, "copy": copy.id})
+            self.events.emit("copy_snapshot", source=snap, copy=copy)
+        self.report.blobs_read = self.reader.blobs_read
+        self.report.bytes_read = self.reader.bytes_read
+        self.report.duration = round(time.monotonic() - started, 3)
+        return self.report
+
+    def copy_one(self, snap: Snapshot, parent: str | None = None) -> Snapshot:
+        source = dict(snap.source)
+        source[COPIED_FROM] = identity(snap)
+        with SnapshotWriter(self.dst, snap.kind, snap.paths, host=snap.host, tags=snap.tags,
+                            source=source, parent=parent or None,
+                            upload_workers=self.upload_workers) as writer:
+            root = bytes.fromhex(snap.tree)
+            if self.fast:
+                self._copy_blobs(writer.sink, root)
+                top = [dataclasses.replace(n) for n in self.src.load_tree(root)]
+            else:
+                self._rechunk_files(writer, root)
+                top = self._rewrite_trees(writer, root)
+            for node in top:
+                writer.add_node(node.name, node)
+            writer.summary = dict(snap.summary)
+            copy = writer.commit(time_=snap.time)
+            st = writer.sink.stats
+        self.report.blobs_new += st.blobs_new
+        self.report.bytes_stored += st.bytes_stored
+        self.report.packs += st.packs
+        return copy
+
+    # -- fast path: blobs keep their ids ----------------------------------------------------------
+    def _copy_blobs(self, sink: BlobSink, root: bytes) -> None:
+        has = self.dst.index.has
+        planned: set[bytes] = set()
+        batch: list[bytes] = []
+
+        def want(blob_id: bytes) -> None:
+            if blob_id not in planned and not has(blob_id):
+                planned.add(blob_id)
+                batch.append(blob_id)
+
+        def store(w: _Want, stored: memoryview) -> None:
+            payload = open_payload(self.src, w, stored)
+            sink.add_stored(w.type, w.blob_id, self.dst.master.encrypt_blob(w.blob_id, w.type, payload),
+                            w.raw_length)
+
+        for tree_id, nodes in _trees(self.src, root):
+            want(tree_id)
+            for node in nodes:
+                for blob_id in node.content:
+                    want(blob_id)
+            if len(batch) >= FAST_BATCH_BLOBS:
+                self.reader.read(batch, store)
+                batch.clear()
+        if batch:
+            self.reader.read(batch, store)
+
+    # -- re-chunk path: content stored again, trees rewritten ---------------------------------------
+    def _fetch_plain(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        lock = threading.Lock()
+
+        def keep(w: _Want, stored: memoryview) -> None:
+            plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length)
+            with lock:
+                out[w.blob_id] = plain
+
+        self.reader.read(ids, keep)
+        return out
+
+    def _save_batch(self, writer: SnapshotWriter, files: list[tuple[bytes, list[bytes]]],
+                    fetched: Future[dict[bytes, bytes]]) -> None:
+        plain = fetched.result()
+        one_chunk = self.dst.chunker_params.min_size
+        singles: list[tuple[bytes, Future[bytes]]] = []
+        for key, content in files:
+            parts = [plain[b] for b in content]
+            if sum(map(len, parts)) <= one_chunk:
+                # one chunk whatever the seed: stored in parallel with the other small files
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                singles.append((key, self._savers.submit(writer.sink.save, DATA, data)))
+                continue
+            ids, _size = writer.save_content(cast(BinaryIO, BlobReader(iter(parts))))
+            self._content_map[key] = ids
+        for key, fut in singles:
+            self._content_map[key] = [fut.result()]
+
+    def _stream_file(self, writer: SnapshotWriter, key: bytes, content: list[bytes]) -> None:
+        def counted() -> Iterator[bytes]:
+            for data in self.src.iter_blobs(content):  # verified by Repository.load_blob
+                self.reader.count(len(data), 1)
+                yield data
+
+        ids, _size = writer.save_content(cast(BinaryIO, BlobReader(counted())))
+        self._content_map[key] = ids
+
+    def _rechunk_files(self, writer: SnapshotWriter, root: bytes) -> None:
+        """Store the content of every file not yet stored in this run through the destination's
+        chunker. One batch of small files is fetched in the background while the previous one
+        is chunked and stored."""
+        files: list[tuple[bytes, list[bytes]]] = []
+        ids: dict[bytes, None] = {}
+        size = 0
+        pending: tuple[list[tuple[bytes, list[bytes]]], Future[dict[bytes, bytes]]] | None = None
+        planned: set[bytes] = set()
+
+        def submit() -> None:
+            nonlocal files, ids, size, pending
+            fut = self._background.submit(self._fetch_plain, list(ids))
+            if pending is not None:
+                self._save_batch(writer, *pending)
+            pending = (files, fut)
+            files, ids, size = [], {}, 0
+
+        try:
+            for _tree_id, nodes in _trees(self.src, root, skip=self._tree_map):
+                for node in nodes:
+                    if not node.content:
+                        continue
+                    key = _content_key(node.content)
+                    if key in self._content_map or key in planned:
+                        continue
+                    planned.add(key)
+                    if node.size > RECHUNK_BATCH_BYTES:
+                        self._stream_file(writer, key, node.content)
+                        continue
+                    files.append((key, node.content))
+                    ids.update(dict.fromkeys(node.content))
+                    size += node.size
+                    if size >= RECHUNK_BATCH_BYTES:
+                        submit()
+            if files:
+                submit()
+            if pending is not None:
+                self._save_batch(writer, *pending)
+                pending = None
+        finally:
+            if pending is not None:
+                pending[1].cancel()
+
+    def _new_nodes(self, tree_id: bytes) -> list[Node]:
+        out = []
+        for n in self.src.load_tree(tree_id):
+            m = dataclasses.replace(n)  # the source's tree cache must stay untouched
+            if n.type == DIR and n.subtree is not None:
+                m.subtree = self._tree_map[n.subtree]
+            if n.content:
+                m.content = list(self._content_map[_content_key(n.content)])
+            out.append(m)
+        return out
+
+    def _rewrite_trees(self, writer: SnapshotWriter, root: bytes) -> list[Node]:
+        """Store every tree below the root with the new ids (children first); return the root's
+        rewritten nodes, which the writer stores as the snapshot's root tree."""
+        stack: list[tuple[bytes, bool]] = [(root, False)]
+        while stack:
+            tree_id, expanded = stack.pop()
+            if tree_id in self._tree_map:
+                continue
+            if tree_id == root and expanded:
+                break
+            if expanded:
+                self._tree_map[tree_id] = writer.save_tree(self._new_nodes(tree_id))
+                continue
+            stack.append((tree_id, True))
+            for n in self.src.load_tree(tree_id):
+                if n.type == DIR and n.subtree is not None and n.subtree not in self._tree_map:
+                    stack.append((n.subtree, False))
+        return self._new_nodes(root)
+
+
+def copy_snapshots(src: Repository, dst: Repository, snapshots: list[Snapshot], *,
+                   workers: int = 4) -> CopyReport:
+    """Copy ``snapshots`` of ``src`` into ``dst`` (skipping those already there)."""
+    with Copier(src, dst, workers=workers) as copier:
+        return copier.run(snapshots)
+
+
+def init_like(backend: Backend, password: str, source: Repository, **options: Any) -> Repository:
+    """Create a repository that shares ``source``'s blob-id key and chunker parameters, so that
+    copies between the two take the fast path (see docs/storage.md on what this shares)."""
+    return Repository.init(backend, password, chunker=source.chunker_params, id_key=source.id_key,
+                           **options)
