@@ -3,7 +3,8 @@
 # of at least 1 GB: keepwell logical vs `mariadb-dump | zstd` (and mydumper when Debian's package
 # installs), keepwell physical vs `mariabackup --stream | zstd`. Reports backup time, restore
 # time, stored size and the second day's growth after a write workload.
-# Usage: bench/mysql.sh [--rows-per-table N] [--tables N] [--no-restore] [--keep]
+# Usage: bench/mysql.sh [--rows-per-table N] [--tables N] [--no-restore] [--keep] [--scattered]
+#                      [--pairs N]
 # Needs root (mariabackup reads the datadir) and .ci/install.d/mysql.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from keepwell.sources.mysql.restore import prepare_memory
 from tests.servers.mariadb import PYTHON, ROOT_PASSWORD, MariaDBServer
 
 WORK = Path(__file__).resolve().parent / "work" / "mysql"
@@ -119,6 +120,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--scattered", action="store_true",
                     help="Spread the second day's writes uniformly (the worst case).")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="Also time N back-to-back pairs (tool, then keepwell into a fresh "
+                         "repository) of each backup and report the median ratio: steadier "
+                         "than single runs on a shared machine.")
     args = ap.parse_args()
     os.environ["KEEPWELL_TESTONLY_WEAK_KDF"] = "0"
     shutil.rmtree(WORK, ignore_errors=True)
@@ -134,6 +139,7 @@ def main() -> int:
         print(f"generated {size / 1e9:.2f} GB (InnoDB data + indexes) in "
               f"{time.monotonic() - t:.0f} s", file=sys.stderr)
         dump_opts = "--single-transaction --master-data=2 --gtid --routines --triggers --events"
+        # the same copy as keepwell's physical backup (one copy thread, the tool's default)
         mb_opts = f"--defaults-file={cnf} --backup --stream=xbstream --target-dir={WORK}/mbtmp"
         (WORK / "mbtmp").mkdir()
         day1: dict[str, float] = {}
@@ -185,7 +191,8 @@ def main() -> int:
         if not args.no_restore:
             ex = WORK / "xb-restore"
             r = sh(f"mkdir -p {ex} && zstd -q -dc {xb} | mbstream -x -C {ex} && mariabackup "
-                   f"--no-defaults --prepare --target-dir={ex} 2>/dev/null && mariabackup "
+                   f"--no-defaults --prepare --target-dir={ex} --use-memory={prepare_memory()} "
+                   f"2>/dev/null && mariabackup "
                    f"--no-defaults --move-back --target-dir={ex} --datadir={WORK}/xb-data "
                    "2>/dev/null")
             shutil.rmtree(ex, ignore_errors=True)
@@ -203,6 +210,27 @@ def main() -> int:
             shutil.rmtree(WORK / "kw-data", ignore_errors=True)
         day1["kw_physical"] = du(prepo)
         row("keepwell mysql backup --physical", b, du(prepo), r)
+
+        # -- paired runs ----------------------------------------------------------------------------
+        pairs: dict[str, list[tuple[float, float]]] = {"logical": [], "physical": []}
+        for i in range(args.pairs):
+            pr = WORK / f"repo-pair-{i}"
+            init_repo(pr)
+            tool = sh(f"mariadb-dump --defaults-file={cnf} {dump_opts} --databases sbtest "
+                      f"| zstd -q -T2 -3 -o {WORK}/pair.sql.zst -f")
+            kw = keepwell("backup", "--logical", "--database", "sbtest", "--defaults-file",
+                          str(cnf), repo=pr)
+            pairs["logical"].append((tool, kw))
+            shutil.rmtree(pr)
+            init_repo(pr)
+            shutil.rmtree(WORK / "mbtmp-pair", ignore_errors=True)
+            tool = sh(f"mariabackup {mb_opts.replace('mbtmp', 'mbtmp-pair')} 2>/dev/null "
+                      f"| zstd -q -T2 -3 -o {WORK}/pair.xb.zst -f")
+            kw = keepwell("backup", "--physical", "--defaults-file", str(cnf), repo=pr)
+            pairs["physical"].append((tool, kw))
+            shutil.rmtree(pr)
+            print(f"pair {i}: " + json.dumps({k: v[-1] for k, v in pairs.items()}),
+                  file=sys.stderr)
 
         # -- the second day -----------------------------------------------------------------------
         t = time.monotonic()
@@ -237,6 +265,18 @@ def main() -> int:
         print("|---|---:|---:|")
         for name, (secs, added) in growth.items():
             print(f"| {name} | {secs:.1f} s | {added / 2**20:,.0f} MiB |")
+        if args.pairs:
+            import statistics
+
+            print(f"\n| {args.pairs} back-to-back pairs | tool (median) | keepwell (median) "
+                  "| keepwell / tool (median of pairs) |")
+            print("|---|---:|---:|---:|")
+            for kind, runs in pairs.items():
+                name = ("mariadb-dump \\| zstd -3 vs keepwell --logical" if kind == "logical"
+                        else "mariabackup \\| zstd -3 vs keepwell --physical")
+                print(f"| {name} | {statistics.median(t for t, _ in runs):.1f} s | "
+                      f"{statistics.median(k for _, k in runs):.1f} s | "
+                      f"{statistics.median(k / t for t, k in runs):.2f} |")
     finally:
         src.stop()
         if not args.keep:

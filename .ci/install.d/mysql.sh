@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MariaDB 10.11 server, client and mariabackup for the MySQL/MariaDB integration tests and
-# bench/mysql.sh. Idempotent; runs as root on a bare Debian 12.
+# bench/mysql.sh (plus mydumper for the benchmark, when it installs). Idempotent; runs as root on a bare Debian 12.
 #
 # The tests never use the packaged service: they run mariadb-install-db into temporary datadirs
 # and start their own mariadbd (--no-defaults, --user=root, private socket and port). Debian's
@@ -22,6 +22,12 @@ if ((${#need[@]})); then
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# mydumper is only a competitor in bench/mysql.sh: install it when Debian has it, never fail
+if ! command -v mydumper >/dev/null; then
+    apt-get install -y -qq --no-install-recommends mydumper >/dev/null 2>&1 \
+        || echo "mysql.sh: mydumper not installed (bench/mysql.sh compares without it)" >&2
 fi
 
 for tool in mariadbd mariadb-install-db mariadb mariadb-dump mariadb-binlog mariabackup mbstream; do

@@ -172,3 +172,21 @@ def test_connection_from_option_file_and_environment(source: MariaDBServer,
     bad = repo.run("backup", "--logical", "--database", "other", env=env, check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert "cannot connect to MySQL/MariaDB at root@127.0.0.1" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["logical", "physical"])
+def test_tool_started_before_the_repository_opens_is_ended_on_a_repository_error(
+        kind: str, source: MariaDBServer, repo: KeepwellRepo) -> None:
+    import subprocess
+
+    env = repo.env()
+    env["KEEPWELL_PASSWORD"] = "not the password"
+    bad = repo.run("backup", f"--{kind}", "--db-url", source.url, env=env, check=False)
+    assert bad.returncode == 12 and bad.stderr.count("\n") == 1, bad.stderr
+    if kind == "physical":  # a copy of this datadir, started early, ended with keepwell
+        left = subprocess.run(["pgrep", "-f", f"mariabackup .*--datadir={source.datadir}"],
+                              capture_output=True, text=True)
+        assert left.stdout.strip() == ""
+    env.pop("KEEPWELL_REPOSITORY")
+    bad = repo.run("backup", f"--{kind}", "--db-url", source.url, env=env, check=False)
+    assert bad.returncode == 2 and "no repository given" in bad.stderr

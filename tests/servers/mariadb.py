@@ -58,12 +58,15 @@ class MariaDBServer:
     def start(self) -> MariaDBServer:
         if self.install and not (self.datadir / "mysql").exists():
             self.datadir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
+            res = subprocess.run(
                 ["mariadb-install-db", "--no-defaults", "--user=root",
                  f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
                  "--skip-test-db"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
             )
+            if res.returncode != 0:
+                raise RuntimeError(f"mariadb-install-db failed ({res.returncode}) in "
+                                   f"{self.datadir}:\n{res.stdout[-3000:]}")
         argv = [
             _mariadbd(), "--no-defaults", "--user=root", f"--datadir={self.datadir}",
             f"--socket={self.socket}", f"--port={self.port}", "--bind-address=127.0.0.1",

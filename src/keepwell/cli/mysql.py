@@ -25,6 +25,7 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    resolve_repo,
     run_app,
 )
 from keepwell.errors import UsageError
@@ -91,22 +92,27 @@ def backup(
     json_out: JsonOption = False,
 ) -> None:
     """Take a logical (--logical) or physical (--physical) backup."""
-    from keepwell.sources.mysql.logical import logical_backup
-    from keepwell.sources.mysql.physical import physical_backup
+    from keepwell.sources.mysql.logical import begin_logical
+    from keepwell.sources.mysql.physical import begin_physical
 
     if logical == physical:
         raise UsageError("give exactly one of --logical and --physical")
+    if physical and database:
+        raise UsageError("--database applies to --logical backups")
     settings = _settings(db_url, defaults_file)
     tags = tuple(tag or ())
-    with open_repo(repo, password_file) as r:
-        if logical:
-            res = logical_backup(r, settings, databases=database, users=users, host=server_name,
-                                 tags=tags, retries=retries)
-            snap = res.snapshot
-        else:
-            if database:
-                raise UsageError("--database applies to --logical backups")
-            snap = physical_backup(r, settings, host=server_name, tags=tags)
+    resolve_repo(repo)  # a missing repository is reported before the server is touched
+    # the tool starts first and works while the repository opens
+    job: Any = (begin_logical(settings, databases=database, users=users) if logical
+                else begin_physical(settings))
+    try:
+        with open_repo(repo, password_file) as r:
+            if logical:
+                snap = job.store(r, host=server_name, tags=tags, retries=retries).snapshot
+            else:
+                snap = job.store(r, host=server_name, tags=tags)
+    finally:
+        job.close()
     src, summ = snap.source, snap.summary
     if json_out:
         print_json({"snapshot": snap.id, "short_id": snap.short_id, "kind": snap.kind,
@@ -306,25 +312,45 @@ def check(
 
 @app.command()
 def forget(
-    keep_last: Annotated[int, typer.Option(help="Keep the newest N bases of each kind.")],
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    keep_last: Annotated[int, typer.Option(help="Keep the newest N bases of each kind.")] = 0,
+    keep_hourly: Annotated[int, typer.Option(help="Keep the newest base of N hours.")] = 0,
+    keep_daily: Annotated[int, typer.Option(help="Keep the newest base of N days.")] = 0,
+    keep_weekly: Annotated[int, typer.Option(help="Keep the newest base of N weeks.")] = 0,
+    keep_monthly: Annotated[int, typer.Option(help="Keep the newest base of N months.")] = 0,
+    keep_yearly: Annotated[int, typer.Option(help="Keep the newest base of N years.")] = 0,
+    keep_within: Annotated[str | None, typer.Option(
+        help="Keep a point-in-time window this long before the newest base (e.g. 7d, 1y6m): "
+             "its bases and the one before it.")] = None,
+    keep_tag: Annotated[list[str] | None, typer.Option(
+        help="Keep bases with this tag (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Forget old bases and the binlogs no kept base needs (space returns with prune)."""
+    """Forget bases outside a --keep-* policy and the binlogs no kept base needs (space
+    returns with prune)."""
     from keepwell.sources.mysql.recover import forget_plan
+    from keepwell.sources.retention import policy_of
 
+    policy = policy_of(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                       monthly=keep_monthly, yearly=keep_yearly, within=keep_within,
+                       tags=keep_tag)
     with open_repo(repo, password_file) as r:
-        bases, binlogs = forget_plan(r, keep_last=keep_last, host=server_name)
+        plan = forget_plan(r, policy, host=server_name)
         if not dry_run:
-            r.forget(bases + binlogs)
+            r.forget(plan.ids())
     if json_out:
-        print_json({"bases": bases, "binlogs": binlogs, "dry_run": dry_run})
+        print_json({**plan.as_dict(), "dry_run": dry_run})
         return
     verb = "would forget" if dry_run else "forgot"
-    _say(f"{verb} {len(bases)} base(s) and {len(binlogs)} binlog snapshot(s)")
+    for sid, why in plan.kept.items():
+        _say(f"keep   {sid[:8]}  {', '.join(why)}")
+    for sid in plan.bases:
+        _say(f"{verb} {sid[:8]}")
+    _say(f"{verb} {len(plan.bases)} base(s) and {len(plan.binlogs)} binlog snapshot(s); "
+         f"binlogs kept from {plan.binlog_floor or '(all)'}")
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ from keepwell.sources.mysql.connection import (
     query,
     server_info,
 )
-from keepwell.sources.mysql.tools import find_tool, last_error_line
+from keepwell.sources.mysql.tools import MYSQL, find, last_error_line
 
 BATCH_BYTES = 1 << 30
 
@@ -312,11 +312,12 @@ class BinlogStreamer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _argv(self, option_file: str, start: str) -> list[str]:
-        tool = find_tool("binlog")
+        assert self.info is not None
+        tool = find("binlog", self.info.flavor)
         # MySQL's mysqlbinlog names the replica id option differently
-        id_option = ("--connection-server-id" if os.path.basename(tool) == "mysqlbinlog"
+        id_option = ("--connection-server-id" if tool.flavor == MYSQL
                      else "--stop-never-slave-server-id")
-        return [tool, f"--defaults-file={option_file}", "--read-from-remote-server", "--raw",
+        return [tool.path, f"--defaults-file={option_file}", "--read-from-remote-server", "--raw",
                 "--stop-never", f"{id_option}={self.client_server_id}",
                 f"--result-file={self.spool.rstrip('/')}/", start]
 
@@ -358,8 +359,8 @@ class BinlogStreamer:
 
         self.session_start = binlog_seq(start)
         with self.settings.option_file() as opt, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(self._argv(opt, start), stdout=subprocess.DEVNULL,
-                                    stderr=err)
+            argv = self._argv(opt, start)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
             try:
                 while not self.stop_event.wait(self.interval):
                     self.sync()
@@ -370,7 +371,8 @@ class BinlogStreamer:
                 err.seek(0)
                 text = err.read().decode("utf-8", "replace")
                 self.sync()
-                return f"mariadb-binlog exited ({proc.returncode}): {last_error_line(text)}"
+                return (f"{os.path.basename(argv[0])} exited ({proc.returncode}): "
+                        f"{last_error_line(text)}")
             finally:
                 if proc.poll() is None:
                     proc.terminate()

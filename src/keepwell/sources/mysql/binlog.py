@@ -138,13 +138,73 @@ def parse_gtid(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TAG = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
+
+
 def gtid_key(gtid: str) -> tuple[str, int]:
     """The stream a GTID belongs to and its sequence number (MariaDB domain, MySQL uuid)."""
-    if ":" in gtid:
-        uuid, _, gno = gtid.rpartition(":")
-        return uuid.lower(), int(gno)
-    domain, _server, seq = parse_gtid(gtid)
+    text = gtid.strip()
+    if ":" in text:
+        uuid, _, gno = text.lower().rpartition(":")
+        head, _, tag = uuid.partition(":")
+        if not _UUID.match(head) or (tag and not _TAG.match(tag)) or not gno.isdigit():
+            raise SourceError(f"{gtid!r} is not a MySQL GTID (expected server_uuid:number, "
+                              "e.g. 3e11fa47-71ca-11e1-9e33-c80aa9429562:23)")
+        return uuid, int(gno)
+    domain, _server, seq = parse_gtid(text)
     return str(domain), seq
+
+
+GtidSet = dict[str, list[tuple[int, int]]]
+
+
+def parse_gtid_set(text: str) -> GtidSet:
+    """A GTID position or set as {stream: [(first, last), ...]}, for either flavor.
+
+    MariaDB writes the last GTID of each domain (``0-1-5,1-2-7``: domain 0 up to 5, domain 1 up
+    to 7); MySQL writes intervals per server UUID, often over several lines
+    (``3e11...:1-5:7-9,\n8b1c...:1-3``; 8.3+ adds tags: ``uuid:1-5:tag:1-2``).
+    """
+    out: GtidSet = {}
+    for item in "".join(text.split()).split(","):
+        if not item:
+            continue
+        if ":" not in item:
+            domain, _server, seq = parse_gtid(item)
+            out.setdefault(str(domain), []).append((1, seq))
+            continue
+        parts = item.lower().split(":")
+        if not _UUID.match(parts[0]):
+            raise SourceError(f"{item!r} is not a MySQL GTID set (expected uuid:1-5:7-9)")
+        key = parts[0]
+        for part in parts[1:]:
+            if _TAG.match(part):
+                key = f"{parts[0]}:{part}"
+                continue
+            first, _, last = part.partition("-")
+            if not first.isdigit() or (last and not last.isdigit()):
+                raise SourceError(f"{item!r} is not a MySQL GTID set (expected uuid:1-5:7-9)")
+            out.setdefault(key, []).append((int(first), int(last or first)))
+    return out
+
+
+def normalize_gtid_set(text: str) -> str | None:
+    """One line, lower-case UUIDs, no blanks; None when empty. Unparseable text is kept as it
+    was written (minus blanks): it is informative, and positions never depend on it."""
+    flat = "".join(text.split())
+    if not flat:
+        return None
+    try:
+        parse_gtid_set(flat)
+    except SourceError:
+        return flat
+    return flat.lower()
+
+
+def gtid_in_set(gtid: str, gtids: GtidSet) -> bool:
+    key, seq = gtid_key(gtid)
+    return any(a <= seq <= b for a, b in gtids.get(key, ()))
 
 
 Header = tuple[int, int, int, int, int, int]

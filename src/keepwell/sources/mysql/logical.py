@@ -12,10 +12,14 @@ so restoring them never overwrites ``root`` on the target.
 
 DDL on a table the dump has not reached yet makes that table's read fail ("table definition has
 changed"); the whole dump is then taken again (``retries``), so a stored dump is always complete.
+
+`begin_logical` checks the server and starts the dump (a `DumpRun`) before the repository is
+opened; `LogicalJob.store` then stores it, so the tool works while keepwell starts up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -24,6 +28,7 @@ from typing import Any
 
 from keepwell.errors import SourceError
 from keepwell.sources.mysql import KIND_LOGICAL
+from keepwell.sources.mysql.binlog import normalize_gtid_set
 from keepwell.sources.mysql.connection import (
     ConnectionSettings,
     ServerInfo,
@@ -31,7 +36,7 @@ from keepwell.sources.mysql.connection import (
     query,
     server_info,
 )
-from keepwell.sources.mysql.tools import ReadAhead, ToolProcess, find_tool
+from keepwell.sources.mysql.tools import MYSQL, ReadAhead, Tool, ToolProcess, find
 
 SYSTEM_DATABASES = ("information_schema", "performance_schema", "sys", "mysql")
 SYSTEM_ACCOUNTS = ("root", "mariadb.sys", "mysql.sys", "mysql.session", "mysql.infoschema",
@@ -49,7 +54,7 @@ _FILE_POS = re.compile(rb"CHANGE MASTER TO MASTER_LOG_FILE='([^']+)', MASTER_LOG
 _SOURCE_POS = re.compile(rb"CHANGE (?:MASTER|REPLICATION SOURCE) TO "
                          rb"(?:MASTER|SOURCE)_LOG_FILE='([^']+)', (?:MASTER|SOURCE)_LOG_POS=(\d+)")
 _GTID = re.compile(rb"SET GLOBAL gtid_slave_pos='([^']*)'")
-_GTID_MYSQL = re.compile(rb"SET @@GLOBAL.GTID_PURGED=(?:/\*!80000 '\+'\*/ )?'([^']*)'", re.S)
+_GTID_MYSQL = re.compile(rb"SET @@GLOBAL.GTID_PURGED\s*=\s*(?:/\*!80000 '\+'\*/ )?'\+?([^']*)'")
 _DONE = re.compile(rb"-- Dump completed")
 
 
@@ -97,7 +102,7 @@ class DumpMarks:
         g = _GTID.search(tail) or _GTID.search(head) or _GTID_MYSQL.search(head)
         file = m.group(1).decode() if m else None
         pos = int(m.group(2)) if m else None
-        gtid = g.group(1).decode().replace("\n", "") if g else None
+        gtid = normalize_gtid_set(g.group(1).decode()) if g else None
         return file, pos, gtid
 
     def complete(self) -> bool:
@@ -145,26 +150,51 @@ def dump_accounts(conn: Any, info: ServerInfo) -> tuple[str, list[str]]:
 
 def dump_argv(option_file: str, info: ServerInfo, databases: list[str],
               extra: tuple[str, ...] = ()) -> list[str]:
-    tool = find_tool("dump")
-    argv = [tool, f"--defaults-file={option_file}", "--single-transaction",
+    tool = find("dump", info.flavor)
+    argv = [tool.path, f"--defaults-file={option_file}", "--single-transaction",
             "--routines", "--triggers", "--events", "--hex-blob", "--quick",
             "--max-allowed-packet=1G", f"--net-buffer-length={NET_BUFFER_LENGTH}",
             "--default-character-set=utf8mb4", "--add-drop-database"]
-    if info.log_bin:
-        argv += ["--master-data=2"]
-        if os.path.basename(tool).startswith("mariadb"):
-            argv += ["--gtid"]
-        else:  # MySQL's mysqldump: no GTID_PURGED statement that a running target would refuse
-            argv += ["--set-gtid-purged=OFF"]
+    argv += position_options(tool) if info.log_bin else []
     argv += list(extra)
     argv += ["--databases", *databases]
     return argv
+
+
+def position_options(tool: Tool) -> list[str]:
+    """The options that make the dump tool write the binlog position it is consistent at.
+
+    MariaDB: ``--master-data=2 --gtid`` (a commented ``CHANGE MASTER`` and the GTID position).
+    MySQL 8.0.26+ calls it ``--source-data`` (``--master-data`` is gone in 8.4). MySQL's GTID
+    set goes in as a commented ``SET @@GLOBAL.GTID_PURGED`` (8.0.32+, ``COMMENTED``), never
+    as a statement, which a running target whose own GTID set overlaps would refuse.
+    """
+    if tool.flavor != MYSQL:
+        return ["--master-data=2", "--gtid"]
+    v = tool.version
+    opts = ["--source-data=2" if v >= (8, 0, 26) else "--master-data=2"]
+    opts.append("--set-gtid-purged=COMMENTED" if v >= (8, 0, 32) else "--set-gtid-purged=OFF")
+    return opts
 
 
 def logical_backup(repo: Any, settings: ConnectionSettings, *, databases: list[str] | None = None,
                    users: bool = True, host: str | None = None, tags: tuple[str, ...] = (),
                    retries: int = 3, extra_args: tuple[str, ...] = ()) -> LogicalResult:
     """Dump the server (or the chosen databases) into a ``mysql-logical`` snapshot."""
+    job = begin_logical(settings, databases=databases, users=users, extra_args=extra_args)
+    try:
+        return job.store(repo, host=host, tags=tags, retries=retries)
+    finally:
+        job.close()
+
+
+def begin_logical(settings: ConnectionSettings, *, databases: list[str] | None = None,
+                  users: bool = True, extra_args: tuple[str, ...] = ()) -> LogicalJob:
+    """Check the server and start the dump, before any repository is open.
+
+    The dump then runs (read ahead into a bounded buffer) while the caller opens the
+    repository, whose start (imports, key derivation, index) would otherwise come first.
+    """
     conn = connect(settings)
     try:
         info = server_info(conn)
@@ -179,60 +209,102 @@ def logical_backup(repo: Any, settings: ConnectionSettings, *, databases: list[s
         users_sql, skipped = dump_accounts(conn, info) if users else ("", [])
     finally:
         conn.close()
+    job = LogicalJob(settings, info, chosen, users_sql, skipped, extra_args)
+    job.first = DumpRun(settings, info, chosen, extra_args)
+    return job
 
-    attempt = 0
-    while True:
-        attempt += 1
+
+class DumpRun:
+    """One dump tool running, its output read ahead until a snapshot stores it."""
+
+    def __init__(self, settings: ConnectionSettings, info: ServerInfo, databases: list[str],
+                 extra: tuple[str, ...]) -> None:
+        self.started = time.time()
+        self._stack = contextlib.ExitStack()
         try:
-            snap = _dump_once(repo, settings, info, chosen, users_sql, skipped,
-                              host=host, tags=tags, extra=extra_args, attempt=attempt)
-            return LogicalResult(snap, attempt, chosen)
-        except SourceError as exc:
-            transient = any(t in str(exc) for t in RETRYABLE)
-            if not transient or attempt > retries:
-                raise
-            time.sleep(min(2.0, 0.2 * attempt))
+            opt = self._stack.enter_context(settings.option_file())
+            argv = dump_argv(opt, info, databases, extra)
+            self.proc = ToolProcess(argv, what=os.path.basename(argv[0]))
+            self._stack.callback(self.proc.kill)
+            self.ahead = ReadAhead(self.proc.stdout)
+            self._stack.callback(self.ahead.close)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.marks = DumpMarks(self.ahead)
+
+    def close(self) -> None:
+        """Stop reading and end the tool if it still runs; delete its option file."""
+        self._stack.close()
 
 
-def _dump_once(repo: Any, settings: ConnectionSettings, info: ServerInfo, databases: list[str],
-               users_sql: str, skipped: list[str], *, host: str | None, tags: tuple[str, ...],
-               extra: tuple[str, ...], attempt: int) -> Any:
-    started = time.time()
-    with settings.option_file() as opt:
-        proc = ToolProcess(dump_argv(opt, info, databases, extra), what="mariadb-dump")
-        try:
-            with repo.new_snapshot(KIND_LOGICAL, ["dump.sql"], host=host or info.hostname,
-                                   tags=tags) as w:
-                ahead = ReadAhead(proc.stdout)
-                marks = DumpMarks(ahead)
-                try:
-                    w.add_stream("dump.sql", marks)  # type: ignore[arg-type]
-                finally:
-                    ahead.close()
-                proc.finish()
-                if not marks.complete():
-                    raise SourceError("mariadb-dump ended without its completion line "
-                                      "(dump truncated)")
-                file, pos, gtid = marks.position()
-                if info.log_bin and (file is None or pos is None):
-                    raise SourceError("the dump does not carry its binlog position")
-                if users_sql:
-                    w.add_bytes("users.sql", users_sql.encode())
-                w.source.update({
-                    "type": "logical",
-                    "server": info.identity(),
-                    "version": info.version,
-                    "databases": databases,
-                    "binlog_file": file,
-                    "binlog_pos": pos,
-                    "gtid": gtid,
-                    "users": bool(users_sql),
-                    "skipped_accounts": skipped,
-                    "start_time": started,
-                    "stop_time": time.time(),
-                    "attempts": attempt,
-                    "dump_bytes": marks.size,
-                })
-                return w.commit()
-        finally:
-            proc.kill()
+@dataclass
+class LogicalJob:
+    """A checked server and its accounts, and the first dump already running."""
+
+    settings: ConnectionSettings
+    info: ServerInfo
+    databases: list[str]
+    users_sql: str
+    skipped: list[str]
+    extra: tuple[str, ...] = ()
+    first: DumpRun | None = None
+
+    def store(self, repo: Any, *, host: str | None = None, tags: tuple[str, ...] = (),
+              retries: int = 3) -> LogicalResult:
+        """Store the dump; take it again (``retries`` times) when DDL broke it."""
+        attempt = 0
+        while True:
+            attempt += 1
+            run = self.first or DumpRun(self.settings, self.info, self.databases, self.extra)
+            self.first = None
+            try:
+                snap = self._store(repo, run, host=host, tags=tags, attempt=attempt)
+                return LogicalResult(snap, attempt, self.databases)
+            except SourceError as exc:
+                transient = any(t in str(exc) for t in RETRYABLE)
+                if not transient or attempt > retries:
+                    raise
+                time.sleep(min(2.0, 0.2 * attempt))
+            finally:
+                run.close()
+
+    def close(self) -> None:
+        if self.first is not None:
+            self.first.close()
+            self.first = None
+
+    def _store(self, repo: Any, run: DumpRun, *, host: str | None, tags: tuple[str, ...],
+               attempt: int) -> Any:
+        info = self.info
+        with repo.new_snapshot(KIND_LOGICAL, ["dump.sql"], host=host or info.hostname,
+                               tags=tags) as w:
+            try:
+                w.add_stream("dump.sql", run.marks)  # type: ignore[arg-type]
+            finally:
+                run.ahead.close()
+            run.proc.finish()
+            if not run.marks.complete():
+                raise SourceError(f"{run.proc.what} ended without its completion line "
+                                  "(dump truncated)")
+            file, pos, gtid = run.marks.position()
+            if info.log_bin and (file is None or pos is None):
+                raise SourceError("the dump does not carry its binlog position")
+            if self.users_sql:
+                w.add_bytes("users.sql", self.users_sql.encode())
+            w.source.update({
+                "type": "logical",
+                "server": info.identity(),
+                "version": info.version,
+                "databases": self.databases,
+                "binlog_file": file,
+                "binlog_pos": pos,
+                "gtid": gtid,
+                "users": bool(self.users_sql),
+                "skipped_accounts": self.skipped,
+                "start_time": run.started,
+                "stop_time": time.time(),
+                "attempts": attempt,
+                "dump_bytes": run.marks.size,
+            })
+            return w.commit()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keepwell.errors import PartialError, SourceError, UsageError
+from keepwell.repository.policy import Policy
 from keepwell.sources.mysql import BASE_KINDS, KIND_LOGICAL, KIND_PHYSICAL
 from keepwell.sources.mysql.archive import load_catalog
 from keepwell.sources.mysql.catalog import Catalog
@@ -22,11 +23,13 @@ from keepwell.sources.mysql.connection import ConnectionSettings
 from keepwell.sources.mysql.plan import ReplayPlan, Target, plan
 from keepwell.sources.mysql.restore import (
     LocalServer,
+    flavor_of,
     replay,
     restore_logical,
     restore_physical,
     spool_binlog,
 )
+from keepwell.sources.retention import keep_bases, oldest_kept
 
 Progress = Callable[[str], None]
 
@@ -107,13 +110,15 @@ def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = N
         restore_physical(repo, snap, target_dir, owner=owner)
         if replay_plan is not None and replay_plan.files:
             progress("replaying binlogs through a private server")
-            server = LocalServer.start(target_dir, user=owner, private=True)
+            server = LocalServer.start(target_dir, user=owner, private=True,
+                                       flavor=flavor_of(snap))
             try:
                 replay(repo, replay_plan, server.settings(), spool)
             finally:
                 server.stop()
         if start:
-            server = LocalServer.start(target_dir, port=port, user=owner)
+            server = LocalServer.start(target_dir, port=port, user=owner,
+                                       flavor=flavor_of(snap))
             result.server_pid, result.port = server.pid, port
         return result
 
@@ -143,17 +148,37 @@ def ensure_ok(report: dict[str, Any]) -> None:
                            hint="point-in-time restore cannot cross a gap; take a new base")
 
 
-def forget_plan(repo: Any, *, keep_last: int,
-                host: str | None = None) -> tuple[list[str], list[str]]:
-    """Bases beyond the newest ``keep_last`` (per kind), and the binlog snapshots no kept base
-    needs."""
-    if keep_last < 1:
-        raise UsageError("--keep-last must be at least 1")
+@dataclass
+class ForgetPlan:
+    """What ``forget`` drops: bases outside the policy, and the binlog snapshots that hold
+    nothing a kept base needs (files before the oldest kept base's binlog, and superseded
+    copies of a file that grew)."""
+
+    bases: list[str] = field(default_factory=list)
+    binlogs: list[str] = field(default_factory=list)
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    binlog_floor: str | None = None
+
+    def ids(self) -> list[str]:
+        return self.bases + self.binlogs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bases": self.bases, "binlogs": self.binlogs,
+                "keep": [{"id": i, "reasons": why} for i, why in self.kept.items()],
+                "binlogs_kept_from": self.binlog_floor}
+
+
+def forget_plan(repo: Any, policy: Policy, *, host: str | None = None) -> ForgetPlan:
+    """Apply ``policy`` to the bases of each kind; keep every binlog from the oldest kept
+    base's position on, so each kept base still rolls forward to the end of the archive."""
+    if policy.empty():
+        raise UsageError("no --keep-* policy given: refusing to forget every base")
+    snaps = [s for s in repo.list_snapshots() if s.kind.startswith("mysql-")
+             and (host is None or s.host == host)]
     cat: Catalog = load_catalog(repo, host)
-    drop_bases: list[str] = []
-    kept = []
-    for kind in BASE_KINDS:
-        bases = [b for b in cat.bases if b.kind == kind]
-        drop_bases += [b.snapshot_id for b in bases[:-keep_last]]
-        kept += bases[-keep_last:]
-    return drop_bases, cat.binlog_snapshots_to_forget(kept)
+    verdict = keep_bases([s for s in snaps if s.kind in BASE_KINDS], policy)
+    oldest = oldest_kept(cat.bases, verdict, lambda b: b.position)
+    kept = [b for b in cat.bases if verdict.keeps(b.snapshot_id)]
+    return ForgetPlan(bases=verdict.forget, binlogs=cat.binlog_snapshots_to_forget(kept),
+                      kept=verdict.kept,
+                      binlog_floor=oldest.position.file if oldest is not None else None)

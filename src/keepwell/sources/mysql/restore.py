@@ -3,8 +3,9 @@ replay up to a target.
 
 - `restore_logical` pipes the stored dump (all of it, one database or one table, see
   `dumpfilter`) and the accounts into the ``mariadb`` client of the target server.
-- `restore_physical` extracts the stored xbstream with ``mbstream``, runs ``mariabackup
-  --prepare`` and ``--copy-back`` into an empty target datadir, and gives the files to the
+- `restore_physical` extracts the stored xbstream with ``mbstream`` (``xbstream`` for MySQL)
+  into a directory beside the target, runs ``mariabackup --prepare`` and ``--move-back`` into
+  the empty target datadir (a rename on the same file system), and gives the files to the
   owner the server runs as.
 - `replay` writes the archived binlogs of a `plan.ReplayPlan` to a spool directory and runs one
   ``mariadb-binlog --start-position --stop-position`` into one client session, so the replay
@@ -33,13 +34,22 @@ from keepwell.sources.mysql.catalog import BinlogFile
 from keepwell.sources.mysql.connection import ConnectionSettings
 from keepwell.sources.mysql.dumpfilter import filter_dump, lines_of
 from keepwell.sources.mysql.plan import ReplayPlan
-from keepwell.sources.mysql.tools import ToolProcess, find_tool, run_tool
+from keepwell.sources.mysql.tools import (
+    MARIADB,
+    MYSQL,
+    ToolProcess,
+    find,
+    find_tool,
+    run_tool,
+    widen_pipe,
+)
 
 PIPE_BLOCK = 1 << 20
 
 
 def _feed(proc: ToolProcess, chunks: Iterator[bytes]) -> None:
     assert proc.proc.stdin is not None
+    widen_pipe(proc.proc.stdin)
     try:
         for chunk in chunks:
             proc.proc.stdin.write(chunk)
@@ -50,14 +60,22 @@ def _feed(proc: ToolProcess, chunks: Iterator[bytes]) -> None:
             proc.proc.stdin.close()
 
 
-def client_argv(option_file: str, *extra: str) -> list[str]:
-    return [find_tool("client"), f"--defaults-file={option_file}", "--binary-mode",
+def flavor_of(snap_or_source: Any) -> str:
+    """Whose server wrote a snapshot (``mariadb`` unless it recorded ``mysql``)."""
+    src = getattr(snap_or_source, "source", snap_or_source) or {}
+    return MYSQL if (src.get("server") or {}).get("flavor") == MYSQL else MARIADB
+
+
+def client_argv(option_file: str, *extra: str, flavor: str | None = None) -> list[str]:
+    return [find_tool("client", flavor), f"--defaults-file={option_file}", "--binary-mode",
             "--max-allowed-packet=1G", "--default-character-set=utf8mb4", *extra]
 
 
-def run_sql_stream(settings: ConnectionSettings, chunks: Iterator[bytes], what: str) -> None:
+def run_sql_stream(settings: ConnectionSettings, chunks: Iterator[bytes], what: str,
+                   flavor: str | None = None) -> None:
     with settings.option_file() as opt:
-        proc = ToolProcess(client_argv(opt), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        proc = ToolProcess(client_argv(opt, flavor=flavor), stdin=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL,
                            what=what)
         try:
             _feed(proc, chunks)
@@ -80,9 +98,11 @@ def restore_logical(repo: Any, snap: Any, target: ConnectionSettings, *,
     chunks: Iterator[bytes] = repo.iter_file(snap, "dump.sql")
     if database is not None:
         chunks = filter_dump(lines_of(chunks), database, table)
-    run_sql_stream(target, chunks, "mariadb (restoring the dump)")
+    flavor = flavor_of(snap)
+    run_sql_stream(target, chunks, "the client (restoring the dump)", flavor)
     if users and database is None and (snap.source or {}).get("users"):
-        run_sql_stream(target, repo.iter_file(snap, "users.sql"), "mariadb (restoring accounts)")
+        run_sql_stream(target, repo.iter_file(snap, "users.sql"),
+                       "the client (restoring accounts)", flavor)
 
 
 def _owner_ids(owner: str | None) -> tuple[int, int] | None:
@@ -101,25 +121,53 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
+def prepare_memory() -> str:
+    """Buffer pool for ``--prepare``: a quarter of the available memory, 128 MiB to 2 GiB
+    (the tools' default of 100 MiB makes applying a large redo log flush over and over)."""
+    avail = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    size = min(max(avail // 4, 128 << 20), 2 << 30) if avail else 256 << 20
+    return f"{size >> 20}M"
+
+
+def _work_dir(target: Path, work_dir: str | None) -> str | None:
+    """Where to extract: beside the target, so ``--move-back`` is a rename and a large backup
+    never lands in a small /tmp; the temporary directory when the parent is read-only."""
+    if work_dir is not None:
+        return work_dir
+    parent = target.resolve().parent
+    return str(parent) if os.access(parent, os.W_OK | os.X_OK) else None
+
+
 def restore_physical(repo: Any, snap: Any, target_dir: str, *, owner: str | None = None,
-                     work_dir: str | None = None, memory: str = "256M") -> None:
+                     work_dir: str | None = None, memory: str | None = None) -> None:
     target = Path(target_dir)
     if target.exists() and any(target.iterdir()):
         raise RestoreTargetError(f"{target} is not empty")
     target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="keepwell-mbx-", dir=work_dir) as tmp:
-        ext = ToolProcess([find_tool("extract"), "-x", "-C", tmp], stdin=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, what="mbstream")
+    memory = memory or prepare_memory()
+    with tempfile.TemporaryDirectory(prefix=".keepwell-restore-",
+                                     dir=_work_dir(target, work_dir)) as tmp:
+        flavor = flavor_of(snap)
+        extract = find("extract", flavor)
+        ext = ToolProcess([extract.path, "-x", "-C", tmp], stdin=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, what=extract.name)
         try:
             _feed(ext, repo.iter_file(snap, "backup.xbstream"))
             ext.finish()
         finally:
             ext.kill()
-        backup = find_tool("backup")
-        run_tool([backup, "--no-defaults", "--prepare", f"--target-dir={tmp}",
-                  f"--use-memory={memory}"], what="mariabackup --prepare")
-        run_tool([backup, "--no-defaults", "--move-back", f"--target-dir={tmp}",
-                  f"--datadir={target}"], what="mariabackup --move-back")
+        backup = find("backup", flavor)
+        run_tool([backup.path, "--no-defaults", "--prepare", f"--target-dir={tmp}",
+                  f"--use-memory={memory}"], what=f"{backup.name} --prepare")
+        run_tool([backup.path, "--no-defaults", "--move-back", f"--target-dir={tmp}",
+                  f"--datadir={target}"], what=f"{backup.name} --move-back")
     ids = _owner_ids(owner)
     if ids is not None:
         for root, dirs, files in os.walk(target):
@@ -141,17 +189,18 @@ class LocalServer:
     @classmethod
     def start(cls, datadir: str, *, port: int | None = None, user: str | None = None,
               private: bool = False, server_id: int | None = None,
-              timeout: float = 120) -> LocalServer:
+              timeout: float = 120, flavor: str = MARIADB) -> LocalServer:
         sock = os.path.join(tempfile.mkdtemp(prefix="keepwell-mysqld-"), "mysqld.sock") \
             if private else os.path.join(datadir, "mysqld.sock")
         run_as = user or ("root" if os.geteuid() == 0 and not _has_user("mysql") else
                           ("mysql" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name))
-        argv = [find_tool("server"), "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
+        argv = [find_tool("server", flavor), "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                 f"--user={run_as}", f"--pid-file={os.path.join(datadir, 'keepwell.pid')}",
                 f"--log-error={os.path.join(datadir, 'keepwell-restore.err')}"]
         if private:
-            argv += ["--skip-networking", "--skip-grant-tables", "--skip-slave-start",
-                     "--skip-log-bin"]
+            # MySQL 8.0.26+ renamed the option; 8.4 no longer knows the old name
+            argv += ["--skip-networking", "--skip-grant-tables", "--skip-log-bin",
+                     "--skip-replica-start" if flavor == MYSQL else "--skip-slave-start"]
         else:
             argv += [f"--port={port or 3306}", "--bind-address=127.0.0.1"]
         if server_id is not None:
@@ -219,14 +268,16 @@ def replay(repo: Any, p: ReplayPlan, target: ConnectionSettings, spool_dir: str)
     if not p.files:
         return
     paths = [spool_binlog(repo, f, spool_dir) for f in p.files]
-    argv = [find_tool("binlog"), "--no-defaults", f"--start-position={p.start_offset}"]
+    flavor = MYSQL if p.base.server.get("flavor") == MYSQL else MARIADB
+    tool = find("binlog", flavor)
+    argv = [tool.path, "--no-defaults", f"--start-position={p.start_offset}"]
     if p.stop_offset is not None:
         argv.append(f"--stop-position={p.stop_offset}")
     argv += paths
     with target.option_file() as opt:
-        reader = ToolProcess(argv, what="mariadb-binlog")
-        client = ToolProcess(client_argv(opt), stdin=reader.stdout, stdout=subprocess.DEVNULL,
-                             what="mariadb (replaying binlogs)")
+        reader = ToolProcess(argv, what=tool.name)
+        client = ToolProcess(client_argv(opt, flavor=flavor), stdin=reader.stdout,
+                             stdout=subprocess.DEVNULL, what="the client (replaying binlogs)")
         reader.stdout.close()  # the client holds the pipe now; it must see the reader's EOF
         try:
             client.finish()
