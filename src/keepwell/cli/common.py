@@ -111,8 +111,8 @@ def tune_malloc(arenas: int = 2, mmap_threshold: int = 1024 * 1024) -> None:
     (chunks, packs) freed in the middle of a heap cannot be returned to the system, so resident
     memory would grow to about twice what is in use. Fewer arenas, and big buffers served by mmap
     (returned on free), keep peak memory close to the live data."""
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return  # glibc settings given in the environment win
     try:
         import ctypes
 

@@ -8,6 +8,7 @@ as bytes, so names that are not valid UTF-8 survive a round trip.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import msgpack
@@ -84,7 +85,7 @@ def decode_tree(data: bytes) -> list[Node]:
             out.append(
                 Node(
                     name=os.fsdecode(r[0]), type=_TYPES[r[1]], mode=r[2], uid=r[3], gid=r[4],
-                    user=r[5], group=r[6], mtime_ns=r[7], ctime_ns=r[8], size=r[9], inode=r[10],
+                    user=sys.intern(r[5]), group=sys.intern(r[6]), mtime_ns=r[7], ctime_ns=r[8], size=r[9], inode=r[10],
                     dev=r[11], nlink=r[12], content=r[13], subtree=r[14],
                     target=None if r[15] is None else os.fsdecode(r[15]), rdev=r[16],
                 )

@@ -1,8 +1,8 @@
 """Restoring file trees.
 
 The tree is walked once to create directories, links and empty files and to plan every blob's
-destinations; then the needed blobs are fetched pack by pack, in parallel, with nearby blobs of a
-pack read in one ranged request. Every blob is decrypted and checked against its id before a
+destinations, a batch of files at a time; each batch's blobs are fetched pack by pack, in
+parallel, with nearby blobs of a pack read in one ranged request, while the next batch is planned. Every blob is decrypted and checked against its id before a
 byte of it is written. Large files are written from many packs at once (``pwrite`` at their
 offsets), and runs of zeros are left as holes, so sparse files stay sparse. Metadata (owner,
 mode, times) is applied to each file when its last blob lands and to directories at the end,
@@ -15,7 +15,8 @@ import errno
 import os
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.errors import KeepwellError, RestoreTargetError
@@ -25,6 +26,7 @@ from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK
 from keepwell.sources.files.select import Matcher
 
 _MAX_RANGE = 8 * 1024 * 1024
+BATCH_FILES = 4096  # files planned (and their blob locations held) at a time
 _MAX_GAP = 256 * 1024
 
 
@@ -36,7 +38,7 @@ class RestoreResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Target:
     path: str
     node: Node
@@ -45,7 +47,7 @@ class _Target:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Want:
     offset: int
     length: int
@@ -106,10 +108,16 @@ class Restorer:
             return False
         return not (self.includes and not self.includes.matches_within(spath))
 
-    def plan(self) -> dict[tuple[bytes, int], list[_Want]]:
+    def plan(self) -> Iterator[dict[tuple[bytes, int], list[_Want]]]:
+        """Walk the snapshot, make directories, links and empty files, and yield the blobs to
+        fetch, grouped by pack, for one batch of files at a time (so memory stays flat)."""
         packs: dict[tuple[bytes, int], dict[bytes, _Want]] = defaultdict(dict)
         index = self.repo.index
-        total_files = total_bytes = 0
+        total_files = total_bytes = planned = 0
+        s = self.snap.summary
+        if not self.includes and not self.excludes and "bytes_processed" in s:
+            self.repo.events.emit("total", bytes=s["bytes_processed"], final=True, files=sum(
+                s.get(k, 0) for k in ("files_new", "files_changed", "files_unmodified")))
         for rel, node in self.repo.walk(self.snap):
             spath = "/" + rel
             dest = os.path.join(self.target, rel)
@@ -127,7 +135,11 @@ class Restorer:
                 if node.type == FILE:
                     total_files += 1
                     total_bytes += node.size
+                    planned += 1
                     self._plan_file(dest, node, packs, index)
+                    if planned >= BATCH_FILES:
+                        yield {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
+                        packs, planned = defaultdict(dict), 0
                 elif node.type == SYMLINK:
                     os.symlink(node.target or "", dest)
                     self._apply(dest, node)
@@ -143,7 +155,7 @@ class Restorer:
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
         self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
-        return {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
+        yield {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
 
     def _plan_file(self, dest: str, node: Node, packs: dict[tuple[bytes, int], dict[bytes, _Want]],
                    index: object) -> None:
@@ -250,10 +262,14 @@ class Restorer:
                         self._fail_dests(w, exc.strerror or str(exc))
 
     def run(self) -> RestoreResult:
-        plan = self.plan()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="kw-restore") as pool:
-            futures = [pool.submit(self._fetch_pack, p, t, w) for (p, t), w in plan.items()]
-            for f in futures:
+            running: list[Future[None]] = []
+            for batch in self.plan():  # the next batch is planned while this one is fetched
+                for f in running:
+                    f.result()
+                running = [pool.submit(self._fetch_pack, p, t, w) for (p, t), w in batch.items()]
+                del batch
+            for f in running:
                 f.result()
         for first, dest, _node in self._deferred_links:
             try:
