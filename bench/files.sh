@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # keepwell vs restic vs borg on the same tree, in one run: first backup, unchanged re-backup,
 # restore; wall time, peak RSS, repository size, and keepwell/restic ratios.
-# Usage: bench/files.sh [TREE]   (default: this Python's lib/ directory)
+# Each round starts from empty repositories; the table gives the median of ROUNDS rounds (a
+# single run on a shared virtual disk varies by ±30 %), page cache dropped before every step.
+# Usage: bench/files.sh [TREE]   (default: this Python's lib/ directory); ROUNDS=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TREE=${1:-$(.venv/bin/python -c "import sysconfig,os; print(os.path.dirname(sysconfig.get_paths()['stdlib']))")}
+ROUNDS=${ROUNDS:-3}
 for tool in restic borg; do
     command -v $tool >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null; }
 done
@@ -16,33 +19,43 @@ measure() {  # name step command...
     /usr/bin/time -f "%e %M" -o "$W/t" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
     read -r secs rss < "$W/t"; echo "$name $step $secs $rss" >> "$W/results"
 }
-echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files)"
-.venv/bin/keepwell -r "$W/kw" init >/dev/null
-restic init -q -r "$W/restic" >/dev/null
-borg init -e repokey-blake2 "$W/borg" >/dev/null 2>&1
-measure keepwell backup .venv/bin/keepwell -q -r "$W/kw" backup "$TREE"
-measure restic backup restic -q -r "$W/restic" backup "$TREE"
-measure borg backup borg create --compression zstd,3 "$W/borg::a" "$TREE"
-measure keepwell rebackup .venv/bin/keepwell -q -r "$W/kw" backup "$TREE"
-measure restic rebackup restic -q -r "$W/restic" backup "$TREE"
-measure borg rebackup borg create --compression zstd,3 "$W/borg::b" "$TREE"
-measure keepwell restore .venv/bin/keepwell -q -r "$W/kw" restore latest --target "$W/out-kw"
-measure restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic"
-mkdir -p "$W/out-borg"; measure borg restore bash -c "cd $W/out-borg && borg extract ../borg::b"
-diff -rq "$TREE" "$W/out-kw$TREE" >/dev/null && echo "keepwell restore verified byte-identical"
+echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files), $ROUNDS rounds"
+for round in $(seq 1 "$ROUNDS"); do
+    rm -rf "$W/kw" "$W/restic" "$W/borg" "$W"/out-*
+    .venv/bin/keepwell -r "$W/kw" init >/dev/null
+    restic init -q -r "$W/restic" >/dev/null
+    borg init -e repokey-blake2 "$W/borg" >/dev/null 2>&1
+    measure keepwell backup .venv/bin/keepwell -q -r "$W/kw" backup "$TREE"
+    measure restic backup restic -q -r "$W/restic" backup "$TREE"
+    measure borg backup borg create --compression zstd,3 "$W/borg::a" "$TREE"
+    measure keepwell rebackup .venv/bin/keepwell -q -r "$W/kw" backup "$TREE"
+    measure restic rebackup restic -q -r "$W/restic" backup "$TREE"
+    measure borg rebackup borg create --compression zstd,3 "$W/borg::b" "$TREE"
+    measure keepwell restore .venv/bin/keepwell -q -r "$W/kw" restore latest --target "$W/out-kw"
+    measure restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic"
+    mkdir -p "$W/out-borg"; measure borg restore bash -c "cd $W/out-borg && borg extract ../borg::b"
+    diff -rq "$TREE" "$W/out-kw$TREE" >/dev/null && echo "round $round: keepwell restore verified byte-identical"
+done
 for t in kw restic borg; do echo "size $t $(du -sb "$W/$t" | cut -f1)" >> "$W/results"; done
 .venv/bin/python - "$W/results" <<'PY'
-import sys
-r = {}; size = {}
+import statistics, sys
+from collections import defaultdict
+r = defaultdict(list); size = {}
 for line in open(sys.argv[1]):
     p = line.split()
     if p[0] == "size": size[p[1]] = int(p[2])
-    else: r[(p[0], p[1])] = (float(p[2]), int(p[3]) / 1024)
-print(f"| step | keepwell s | restic s | borg s | keepwell/restic | RSS MiB kw / restic / borg |")
+    else: r[(p[0], p[1])].append((float(p[2]), int(p[3]) / 1024))
+def med(key):
+    runs = r[key]
+    return statistics.median(t for t, _ in runs), max(m for _, m in runs), runs
+print("| step | keepwell s | restic s | borg s | keepwell/restic | RSS MiB kw / restic / borg |")
 print("|---|---|---|---|---|---|")
 for step in ("backup", "rebackup", "restore"):
-    k, rs, b = r[("keepwell", step)], r[("restic", step)], r[("borg", step)]
+    k, rs, b = med(("keepwell", step)), med(("restic", step)), med(("borg", step))
     print(f"| {step} | {k[0]:.2f} | {rs[0]:.2f} | {b[0]:.2f} | {k[0]/rs[0]:.2f} | {k[1]:.0f} / {rs[1]:.0f} / {b[1]:.0f} |")
 m = 1024 * 1024
 print(f"| repository MiB | {size['kw']/m:.0f} | {size['restic']/m:.0f} | {size['borg']/m:.0f} | {size['kw']/size['restic']:.2f} | |")
+print()
+print("every run (s): " + "; ".join(
+    f"{n} {s}: " + " ".join(f"{t:.2f}" for t, _ in runs) for (n, s), runs in sorted(r.items())))
 PY
