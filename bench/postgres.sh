@@ -17,6 +17,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$here/.venv/bin/python"
 HOOK="$here/.venv/bin/keepwell-wal"
 [[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.hooks"
+# archive_command as `keepwell postgres archive-command` prints it: the shell fast path
+PUSH="$here/.venv/bin/keepwell-wal-push"
+if [[ ! -x "$PUSH" ]]; then
+    if [[ -x "$here/.venv/bin/keepwell-wal" ]]; then
+        PUSH="env KEEPWELL_WAL_HOOK=$HOOK /bin/sh $here/src/keepwell/sources/postgres/keepwell-wal-push"
+    else
+        PUSH="$HOOK push"
+    fi
+fi
+PARTS="${PARTS:-backup wal}"   # what to measure: backup and/or wal
 BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 PORT="${PORT:-55432}"
 W="$(mktemp -d /tmp/kw-bench-pg-XXXXXX)"
@@ -73,7 +83,7 @@ pg1-socket-path=$W
 CONF
 chown postgres: "$W/pgbackrest.conf"
 
-KW_ASYNC="$HOOK push --async --spool $W/kw-spool %p"
+KW_ASYNC="$PUSH --async --spool $W/kw-spool %p"
 as_pg "$BIN/initdb" -D "$W/pg" -A trust -U postgres --no-sync >/dev/null
 cat >> "$W/pg/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
@@ -97,6 +107,9 @@ wait_archived() {
 }
 wait_archived
 
+KW_FULL=- KW_SIZE1=0 BR_FULL=- BR_SIZE1=0 KW_SECOND=- KW_SIZE2=0 BR_INCR=- BR_SIZE2=0
+KW_RESTORE=- BR_RESTORE=-
+if [[ " $PARTS " == *" backup "* ]]; then
 # 1. first backups
 psql_ "CHECKPOINT"; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
 KW_FULL=$(secs "$t0" "$t1"); KW_SIZE1=$(size_mb "$W/kw-repo")
@@ -118,13 +131,27 @@ KW_RESTORE=$(secs "$t0" "$t1")
 t0=$(now); pgbr --pg1-path="$W/r-br" --type=immediate restore; t1=$(now)
 BR_RESTORE=$(secs "$t0" "$t1")
 rm -rf "$W/r-kw" "$W/r-br"
+fi
 
 # 4. WAL archive throughput: make SEGMENTS ready segments, then let one archive_command drain them
 psql_ "CREATE TABLE IF NOT EXISTS walfill (v text)"
+stop_uploader() {  # each run starts cold, as pgBackRest's async process does
+    local lock="$W/kw-spool/uploader.lock" pid i
+    [[ -f "$lock" ]] || return 0
+    for i in $(seq 50); do
+        flock -n "$lock" true && return 0
+        pid="$(head -1 "$lock")"
+        if [[ -n "$pid" ]] && grep -q "$W/kw-spool" "/proc/$pid/cmdline" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+        sleep 0.1
+    done
+}
 archive_rate() {  # $1 = archive_command
     psql_ "ALTER SYSTEM SET archive_command = '/bin/false'" >/dev/null
     psql_ "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
+    stop_uploader
     while :; do
         psql_ "INSERT INTO walfill SELECT md5(random()::text) || repeat(md5(g::text), 3) FROM generate_series(1, 60000) g"
         local n; n=$(ls "$W/pg/pg_wal/archive_status/" | grep -c '\.ready$' || true)
@@ -140,13 +167,16 @@ archive_rate() {  # $1 = archive_command
     local t1; t1=$(now)
     awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }'
 }
+KW_DIRECT_RATE=- KW_SYNC_RATE=- KW_ASYNC_RATE=- BR_SYNC_RATE=- BR_ASYNC_RATE=- CP_RATE=-
+if [[ " $PARTS " == *" wal "* ]]; then
 ENVP="env KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password"
 KW_DIRECT_RATE=$(archive_rate "$ENVP $HOOK push %p")
-KW_SYNC_RATE=$(archive_rate "$ENVP $HOOK push --spool $W/kw-spool %p")
-KW_ASYNC_RATE=$(archive_rate "$ENVP $HOOK push --async --spool $W/kw-spool %p")
+KW_SYNC_RATE=$(archive_rate "$ENVP $PUSH --spool $W/kw-spool %p")
+KW_ASYNC_RATE=$(archive_rate "$ENVP $PUSH --async --spool $W/kw-spool %p")
 BR_SYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench --no-archive-async archive-push %p")
 BR_ASYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p")
 CP_RATE=$(archive_rate "cp %p $W/cp-%f")
+fi
 
 {
 echo "### PostgreSQL: keepwell vs pgBackRest $(pgbackrest version | awk '{print $2}')"

@@ -41,11 +41,16 @@ if [[ -e "$py" ]]; then
     grant_path "$(dirname "$(readlink -f "$py")")"
     grant_path "$here/.venv/bin"
 fi
-grant_path "$here/src/keepwell"
+grant_path "$here/src/keepwell/sources/postgres"
 grant_path "${TMPDIR:-/tmp}"
 
 if [[ -e "$py" ]]; then
     runuser -u postgres -- "$py" -c "import keepwell" \
         || { echo "postgres.sh: user postgres cannot run $py" >&2; exit 1; }
 fi
+# the archive_command fast path: installed beside the interpreter by `pip install`
+fast="$here/src/keepwell/sources/postgres/keepwell-wal-push"
+[[ -x "$here/.venv/bin/keepwell-wal-push" ]] && fast="$here/.venv/bin/keepwell-wal-push"
+runuser -u postgres -- test -r "$fast" \
+    || { echo "postgres.sh: user postgres cannot read $fast" >&2; exit 1; }
 echo "postgres.sh: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $(pgbackrest version)"

@@ -209,3 +209,40 @@ def test_sync_push_through_the_uploader_is_in_the_repository_on_return(pg_env: P
     info = json.loads(pg_env.keepwell("info", "--json").stdout)
     assert info["wal"]["timelines"]["1"]["last"] == last_done[-1]
     assert info["wal"]["gaps"] == []
+
+
+def test_read_ahead_segments_are_acknowledged_without_python(pg_env: PgEnv) -> None:
+    spool = pg_env.workdir / "spool"
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command("/bin/false")
+    c.start()
+    c.sql("CREATE TABLE t (i int)")
+    for _ in range(4):
+        c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+        c.switch_wal()
+    status = c.datadir / "pg_wal" / "archive_status"
+    ready = sorted(p.name.removesuffix(".ready") for p in status.glob("*.ready"))
+    assert len(ready) >= 4
+    # the uploader reads the ready segments ahead from pg_wal while archive_command fails
+    hook(pg_env, "upload", "--spool", str(spool), "--pg-wal", str(c.datadir / "pg_wal"),
+         "--idle-exit", "1", check=True)
+    assert all((spool / "done" / name).exists() for name in ready)
+
+    # the shell fast path acknowledges them alone: its Python hook here would only fail
+    def reload(command: str) -> None:
+        c.set_archive_command(command)
+        c.sql("SELECT pg_reload_conf()")
+
+    reload(pg_env.wal_push_command("--async", "--spool", str(spool), "%p", hook="/bin/false"))
+    c.wait_archived(timeout=30)
+    info = json.loads(pg_env.keepwell("info", "--json").stdout)
+    assert info["wal"]["timelines"]["1"]["last"] == ready[-1] and info["wal"]["gaps"] == []
+    # a segment nobody uploaded yet goes to the hook (which fails here): it stays ready
+    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+    fresh = current_segment(c)
+    c.switch_wal()
+    time.sleep(2)
+    assert (status / f"{fresh}.ready").exists()
+    reload(pg_env.wal_push_command("--async", "--spool", str(spool), "%p"))
+    c.wait_archived(timeout=60)
+    assert (spool / "done" / fresh).exists() or (spool / "ready" / fresh).exists()

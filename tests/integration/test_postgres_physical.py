@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def archiving_cluster(env: PgEnv, name: str = "pg") -> PgCluster:
     c = PgCluster(env.workdir, name).initdb()
     c.set_archive_command(
-        env.wal_hook_command("push", "--async", "--spool", str(env.workdir / "spool"), "%p")
+        env.wal_push_command("--async", "--spool", str(env.workdir / "spool"), "%p")
     )
     return c.start()
 
@@ -108,6 +108,55 @@ def test_pitr_exact_by_time_lsn_and_xid(pg_env: PgEnv) -> None:
     # by xid: inclusive, and --exclusive stops just before it
     assert restored_rows("xid", "--target-xid", str(commits[1][1])) == [0, 1]
     assert restored_rows("xid2", "--target-xid", str(commits[1][1]), "--exclusive") == [0]
+
+
+def test_pitr_by_restore_point_name(pg_env: PgEnv) -> None:
+    c = archiving_cluster(pg_env)
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    first = json.loads(pg_env.keepwell("backup", "--physical", "--db-url", c.url(),
+                                       "--json").stdout)
+    c.sql("INSERT INTO marks VALUES (1)")
+    point = json.loads(pg_env.keepwell("restore-point", "before-two", "--db-url", c.url(),
+                                       "--json").stdout)
+    c.sql("INSERT INTO marks VALUES (2)")
+    second = json.loads(pg_env.keepwell("backup", "--physical", "--db-url", c.url(),
+                                        "--json").stdout)
+    c.sql("INSERT INTO marks VALUES (3)")
+    c.sql("SELECT pg_create_restore_point('made-in-sql')")
+    c.sql("INSERT INTO marks VALUES (4)")
+    c.switch_wal()
+    c.wait_archived()
+    time.sleep(0.5)
+    info = json.loads(pg_env.keepwell("info", "--json").stdout)
+    assert [p["name"] for p in info["restore_points"]] == ["before-two"]
+    assert info["restore_points"][0]["lsn"] == point["lsn"]
+
+    def restore(name: str, *target: str) -> tuple[dict[str, object], list[int]]:
+        port = free_port()
+        out = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / name), *target,
+                              "--start", "--port", str(port), "--json")
+        r = PgCluster(pg_env.workdir, name, port=port)
+        rows = [row[0] for row in r.sql("SELECT i FROM marks ORDER BY i")]
+        r.stop("immediate")
+        return json.loads(out.stdout), rows
+
+    # the recorded point lies before the second backup ended: the first backup is the one
+    report, rows = restore("by-name", "--target-name", "before-two")
+    assert rows == [1]
+    assert str(first["snapshot"]).startswith(str(report["backup"]))
+    assert report["restore_point_lsn"] == point["lsn"] and report["note"] is None
+    assert "before-two" in str(report["stopped_at"])
+    # a point made in SQL is unknown to keepwell: the newest backup, and a note says so
+    report, rows = restore("by-sql-name", "--target-name", "made-in-sql")
+    assert rows == [1, 2, 3]
+    assert str(second["snapshot"]).startswith(str(report["backup"]))
+    assert "not recorded" in str(report["note"])
+    # the second backup cannot reach the recorded point: refused with one line, before writing
+    refused = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "refused"),
+                              "--target-name", "before-two", "--snapshot",
+                              str(second["snapshot"])[:8], check=False)
+    assert refused.returncode == 1 and "ends after restore point 'before-two'" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and not (pg_env.workdir / "refused").exists()
 
 
 def test_timeline_switch_and_restore_on_new_timeline(pg_env: PgEnv) -> None:

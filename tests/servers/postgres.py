@@ -123,6 +123,22 @@ def wal_hook_argv() -> list[str]:
     return [PYTHON, "-m", "keepwell.sources.postgres.hooks"]
 
 
+FAST_PUSH_SOURCE = (Path(__file__).resolve().parents[2] / "src" / "keepwell" / "sources"
+                    / "postgres" / "keepwell-wal-push")
+
+
+def wal_push_argv(hook: str | None = None) -> list[str]:
+    """The archive_command fast path (the shell script), as `archive-command` prints it;
+    `hook` replaces the Python hook it falls back to."""
+    hook = hook or wal_hook_argv()[0]
+    installed = VENV_BIN / "keepwell-wal-push"
+    if installed.exists() and hook == str(VENV_BIN / "keepwell-wal"):
+        return [str(installed)]
+    if not os.access(hook, os.X_OK):
+        return [*wal_hook_argv(), "push"]
+    return ["env", f"KEEPWELL_WAL_HOOK={hook}", "/bin/sh", str(FAST_PUSH_SOURCE)]
+
+
 @dataclass
 class PgEnv:
     """A work directory, a repository location in it and the environment keepwell needs."""
@@ -168,6 +184,13 @@ class PgEnv:
         keep = ("KEEPWELL_REPOSITORY", "KEEPWELL_PASSWORD_FILE", "KEEPWELL_TESTONLY_WEAK_KDF")
         prefix = " ".join(f"{k}={env[k]}" for k in keep)
         return f"env {prefix} " + " ".join(wal_hook_argv()) + " " + " ".join(args)
+
+    def wal_push_command(self, *args: str, hook: str | None = None) -> str:
+        """archive_command through the shell fast path (env baked in)."""
+        env = self.env()
+        keep = ("KEEPWELL_REPOSITORY", "KEEPWELL_PASSWORD_FILE", "KEEPWELL_TESTONLY_WEAK_KDF")
+        prefix = " ".join(f"{k}={env[k]}" for k in keep)
+        return f"env {prefix} " + " ".join(wal_push_argv(hook)) + " " + " ".join(args)
 
     def init_repo(self) -> None:
         code = (

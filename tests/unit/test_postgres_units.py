@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from keepwell.sources.postgres import KIND_PHYSICAL, KIND_WAL
+from keepwell.sources.postgres import KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.errors import RestorePlanError
 from keepwell.sources.postgres.hooks import parse_args, parse_size
@@ -141,3 +143,113 @@ def test_hook_arguments() -> None:
         "push", ["p"], {"--async": "1", "--spool": "/s"})
     assert parse_args(["fetch", "f", "p", "-r", "/r"])[2] == {"--repo": "/r"}
     assert parse_size("4G") == 4 << 30 and parse_size("512MiB") == 512 << 20
+
+
+def point_snap(sid: str, name: str, lsn: str, minute: int) -> Snap:
+    t = T0 + timedelta(minutes=minute)
+    return Snap(sid, KIND_RESTORE_POINT, t, {
+        "cluster": "main", "system_identifier": "42", "name": name, "lsn": lsn,
+        "time": t.isoformat(), "timeline": 1})
+
+
+def test_target_name_picks_the_backup_before_the_recorded_point() -> None:
+    seg = [segment_name(1, i) for i in range(1, 9)]
+    snaps = [
+        base_snap("b1" * 8, "0/1000028", "0/1000100", 0),
+        point_snap("p1" * 8, "before-upgrade", "0/2000200", 3),
+        base_snap("b2" * 8, "0/3000028", "0/3000100", 5),
+        point_snap("p2" * 8, "nightly", "0/4000300", 7),
+        point_snap("p3" * 8, "nightly", "0/6000300", 9),
+        wal_snap("w1" * 8, seg[0:7], 12),
+        point_snap("p4" * 8, "too-late", "0/9000000", 13),
+    ]
+    cat = Catalog.build(snaps, "main")
+    assert [p.name for p in cat.points_named("nightly")] == ["nightly", "nightly"]
+    plan = choose(cat, Target(name="before-upgrade"))
+    assert plan.backup.short_id == "b1b1b1b1" and plan.note is None
+    assert plan.point is not None and str(plan.point.lsn) == "0/2000200"
+    assert plan.target.recovery_settings() == {"recovery_target_name": "before-upgrade"}
+    # recovery stops at the first 'nightly' after the backup's start: no backup reaches the
+    # newest one, so the restore goes to the older one from b2, and says so
+    plan = choose(cat, Target(name="nightly"))
+    assert plan.backup.short_id == "b2b2b2b2" and plan.point is not None
+    assert str(plan.point.lsn) == "0/4000300"
+    assert plan.note is not None and "2 restore points are named 'nightly'" in plan.note
+    with pytest.raises(RestorePlanError, match="ends after restore point 'before-upgrade'"):
+        choose(cat, Target(name="before-upgrade"), snapshot_id="b2b2")
+    with pytest.raises(RestorePlanError, match="past the archived WAL"):
+        choose(cat, Target(name="too-late"))
+    # a point keepwell did not record: the newest backup, with a note saying so
+    plan = choose(cat, Target(name="made-in-sql"))
+    assert plan.backup.short_id == "b2b2b2b2" and plan.point is None
+    assert plan.note is not None and "not recorded" in plan.note
+
+
+FAST_PUSH = Path(__file__).resolve().parents[2] / "src/keepwell/sources/postgres/keepwell-wal-push"
+
+
+def run_fast_push(tmp_path: Path, *args: str) -> str:
+    """Run the shell fast path with a stand-in hook that only says it was called."""
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\necho \"hook $*\"\n")
+    hook.chmod(0o755)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KEEPWELL_WAL_HOOK": str(hook)}
+    res = subprocess.run(["/bin/sh", str(FAST_PUSH), *args], env=env, capture_output=True,
+                         text=True, check=True)
+    return res.stdout
+
+
+def test_shell_fast_path_acknowledges_only_a_newer_marker(tmp_path: Path) -> None:
+    spool = WalSpool(str(tmp_path / "spool")).ensure()
+    seg = tmp_path / "pg_wal" / "000000010000000000000007"
+    seg.parent.mkdir()
+    seg.write_bytes(b"w" * 100)
+    args = ("--cluster", "main", "--async", "--spool", spool.path, str(seg))
+    # no marker: the Python hook runs, with every argument
+    assert run_fast_push(tmp_path, *args) == f"hook push {' '.join(args)}\n"
+    # a marker written after the segment: acknowledged by the shell alone
+    spool.mark_done(seg.name, "d1gest", None)
+    os.utime(seg, (1_000_000, 1_000_000))
+    assert run_fast_push(tmp_path, *args) == ""
+    assert run_fast_push(tmp_path, f"--spool={spool.path}", str(seg)) == ""
+    # the segment changed after the marker: the hook decides
+    os.utime(seg, None)
+    marker = Path(spool.done_dir) / seg.name
+    os.utime(marker, (1_000_000, 1_000_000))
+    assert run_fast_push(tmp_path, *args).startswith("hook push")
+    # a refusal is never acknowledged; nor is a missing segment
+    spool.mark_refused(seg.name, "from another cluster")
+    os.utime(seg, (1_000_000, 1_000_000))
+    assert run_fast_push(tmp_path, *args).startswith("hook push")
+    spool.mark_done(seg.name, "d1gest", None)
+    assert run_fast_push(tmp_path, *args) == ""
+    # the spool can come from the environment (the hook, /bin/false here, is not needed)
+    from_env = subprocess.run(
+        ["/bin/sh", str(FAST_PUSH), "--async", str(seg)], capture_output=True, text=True,
+        env={"KEEPWELL_PG_SPOOL": spool.path, "KEEPWELL_WAL_HOOK": "/bin/false"})
+    assert from_env.returncode == 0
+    seg.unlink()
+    assert run_fast_push(tmp_path, *args).startswith("hook push")
+
+
+def test_uploader_reads_ahead_oldest_first_in_a_small_head_batch(tmp_path: Path) -> None:
+    from keepwell.sources.postgres.uploader import BATCH_FILES, HEAD_BATCH_FILES, next_batch
+
+    spool = WalSpool(str(tmp_path / "spool")).ensure()
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    names = [segment_name(1, i) for i in range(1, 31)]
+    for name in names:
+        (pg_wal / name).write_bytes(b"w")
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    spool.mark_done(names[0], "d", None)  # uploaded ahead before, not yet acknowledged by PG
+    known: set[str] = set()
+    head = next_batch(spool, str(pg_wal), set(), known)
+    assert [item.name for item, from_pg_wal in head] == names[1:1 + HEAD_BATCH_FILES]
+    assert all(from_pg_wal for _, from_pg_wal in head) and known == {names[0]}
+    # with the head in flight, the next worker takes a full batch after it
+    claimed = {item.name for item, _ in head}
+    rest = next_batch(spool, str(pg_wal), claimed, known)
+    assert [item.name for item, _ in rest] == names[1 + HEAD_BATCH_FILES:][:BATCH_FILES]
+    spool.set_inflight(claimed)
+    assert spool.inflight() == claimed

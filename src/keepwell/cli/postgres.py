@@ -220,7 +220,12 @@ def restore(
     _say(f"restored backup {b.short_id} ({b.time:%Y-%m-%d %H:%M:%S} UTC) to {result.target_dir}:"
          f" {result.stats.files} files, {human_bytes(result.stats.bytes)}"
          + (f", {result.stats.written_files} rewritten" if delta else ""))
-    _say(f"recovery target: {target.describe()}")
+    point = result.plan.point
+    _say(f"recovery target: {target.describe()}"
+         + (f" (recorded at LSN {point.lsn}, {point.time:%Y-%m-%d %H:%M:%S})"
+            if point is not None else ""))
+    if result.plan.note:
+        typer.echo(f"keepwell: note: {result.plan.note}", err=True)
     if result.started:
         _say(f"server started on port {port}: "
              + (result.stopped_at or f"recovered to the end of the archived WAL"
@@ -229,6 +234,27 @@ def restore(
             _say(f"last replayed transaction committed at {result.last_transaction_time}")
     else:
         _say("start the server to recover (pg_ctl -D DIR start), or pass --start")
+
+
+@app.command("restore-point")
+def restore_point(
+    name: Annotated[str, typer.Argument(help="Name of the restore point.")],
+    db_url: DbUrlOption = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Create a named restore point on the server and record its position for restores."""
+    from keepwell.sources.postgres.restorepoint import create_restore_point
+
+    with open_repo(repo, password_file) as r:
+        res = create_restore_point(r, _spec(db_url), cluster, name)
+    if json_out:
+        print_json(res.as_dict())
+    else:
+        _say(f"restore point {res.name!r} at LSN {res.lsn} (timeline {res.timeline},"
+             f" {res.time:%Y-%m-%d %H:%M:%S %Z}); restore to it with --target-name {res.name}")
 
 
 # --- WAL ---
@@ -287,6 +313,36 @@ def wal_upload(
 
     run_uploader(_hook_settings(repo, password_file, cluster, spool), pg_wal=pg_wal,
                  daemon=daemon)
+
+
+@app.command("archive-command")
+def archive_command(
+    asynchronous: Annotated[bool, typer.Option(
+        "--async", help="Acknowledge from the local spool; upload in the background.")] = False,
+    spool: SpoolOption = None,
+    spool_max: Annotated[str | None, typer.Option(help="Spool bound, e.g. 4G.")] = None,
+    cluster: ClusterOption = "main",
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Print the archive_command line for postgresql.conf (with the shell fast path)."""
+    from keepwell.sources.postgres.commands import archive_command as build
+    from keepwell.sources.postgres.commands import conf_line
+
+    if asynchronous and not spool:
+        raise UsageError("--async needs a spool directory",
+                         hint="pass --spool DIR (a local directory the server's user owns)")
+    if spool_max is not None:
+        from keepwell.sources.postgres.hooks import parse_size
+
+        parse_size(spool_max)
+    line = build(asynchronous=asynchronous, spool=spool, spool_max=spool_max, cluster=cluster,
+                 repo=repo or GLOBALS.repo, password_file=password_file or GLOBALS.password_file)
+    if json_out:
+        print_json({"archive_command": line})
+    else:
+        typer.echo(conf_line("archive_command", line))
 
 
 @app.command("wal-stream")
@@ -357,6 +413,9 @@ def _render_info(data: dict[str, Any]) -> None:
     for w in data["windows"]:
         typer.echo(f"  restore window: {w['from_time']} .. {w['to_time']} (LSN {w['from_lsn']}"
                    f" .. {w['to_lsn']}, timeline {w['timeline']})")
+    for p in data.get("restore_points", []):
+        typer.echo(f"  restore point {p['name']!r}  {p['time']}  LSN {p['lsn']}"
+                   f"  tl {p['timeline']}")
 
 
 @app.command()

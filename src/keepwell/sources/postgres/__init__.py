@@ -11,7 +11,11 @@ Words used across this package:
 - *PITR window*: the span of time (or LSN) to which a restore can stop, from the oldest complete
   base backup to the last archived WAL with no gap after it.
 
-Snapshot kinds written here: ``postgres-logical``, ``postgres-physical`` and ``postgres-wal``.
+- *restore point*: a named position in the WAL (``pg_create_restore_point``) that a restore can
+  stop at; those made through keepwell are recorded with their LSN.
+
+Snapshot kinds written here: ``postgres-logical``, ``postgres-physical``, ``postgres-wal`` and
+``postgres-restore-point``.
 """
 
 from __future__ import annotations
@@ -19,5 +23,6 @@ from __future__ import annotations
 KIND_LOGICAL = "postgres-logical"
 KIND_PHYSICAL = "postgres-physical"
 KIND_WAL = "postgres-wal"
-KINDS = (KIND_LOGICAL, KIND_PHYSICAL, KIND_WAL)
+KIND_RESTORE_POINT = "postgres-restore-point"
+KINDS = (KIND_LOGICAL, KIND_PHYSICAL, KIND_WAL, KIND_RESTORE_POINT)
 DEFAULT_CLUSTER = "main"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from keepwell.sources.postgres import KIND_LOGICAL, KIND_PHYSICAL, KIND_WAL
+from keepwell.sources.postgres import KIND_LOGICAL, KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.walnames import (
     DEFAULT_SEGMENT_SIZE,
     Lsn,
@@ -74,6 +74,17 @@ class LogicalBackup:
 
 
 @dataclass(frozen=True)
+class RestorePoint:
+    """A restore point created through keepwell, with where it is in the WAL."""
+
+    snapshot_id: str
+    name: str
+    lsn: Lsn
+    time: datetime
+    timeline: int
+
+
+@dataclass(frozen=True)
 class Reach:
     """How far WAL goes on from a base backup without a gap."""
 
@@ -104,6 +115,7 @@ class Catalog:
     histories: dict[int, list[TimelineSwitch]] = field(default_factory=dict)
     backups: list[BaseBackup] = field(default_factory=list)
     logical: list[LogicalBackup] = field(default_factory=list)
+    restore_points: list[RestorePoint] = field(default_factory=list)
     wal_snapshots: dict[str, list[str]] = field(default_factory=dict)  # snapshot id -> names
 
     @classmethod
@@ -112,8 +124,11 @@ class Catalog:
         for snap in sorted(snapshots, key=lambda s: s.time):
             src = snap.source or {}
             if src.get("cluster") != cluster or snap.kind not in (
-                KIND_WAL, KIND_PHYSICAL, KIND_LOGICAL
+                KIND_WAL, KIND_PHYSICAL, KIND_LOGICAL, KIND_RESTORE_POINT
             ):
+                continue
+            if snap.kind == KIND_RESTORE_POINT:
+                cat._add_restore_point(snap, src)
                 continue
             sysid = src.get("system_identifier")
             if cat.system_identifier is None and sysid:
@@ -147,7 +162,21 @@ class Catalog:
                 self.histories[timeline_of(name)] = parse_history(str(info["text"]))
         self.wal_snapshots[snap.id] = names
 
+    def _add_restore_point(self, snap: Any, src: dict[str, Any]) -> None:
+        try:
+            lsn = Lsn.parse(str(src["lsn"]))
+        except (KeyError, ValueError):
+            return
+        self.restore_points.append(RestorePoint(
+            snap.id, str(src.get("name", "")), lsn, _dt(src.get("time")) or snap.time,
+            int(src.get("timeline", 1)),
+        ))
+
     # --- lookups ---
+    def points_named(self, name: str) -> list[RestorePoint]:
+        """Recorded restore points called `name`, oldest first."""
+        return sorted((p for p in self.restore_points if p.name == name), key=lambda p: p.lsn)
+
     def find(self, name: str) -> WalFile | None:
         """The archived file for `name`: the whole segment, else its newest partial."""
         return self.wal.get(name) or self.partials.get(name)

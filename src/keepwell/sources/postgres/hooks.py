@@ -2,9 +2,13 @@
 
 This module is also the lean console script ``keepwell-wal`` (``push``, ``fetch``, ``upload``):
 PostgreSQL runs ``archive_command`` once per segment, one after another, so its start-up cost is
-paid per segment. The asynchronous push imports only the standard library, `spool` and `errors`;
-the repository (and its key derivation) is opened only by the synchronous push, by a fetch that
-misses the prefetch directory, and by the background uploader (`uploader`).
+paid per segment. Most pushes do not even get here: the shell fast path ``keepwell-wal-push``
+acknowledges segments the uploader has already archived (read ahead from pg_wal) and calls this
+module only for the others. The asynchronous push imports only the standard library, `spool` and
+`errors`; it waits for the uploader while it uploads the segment, and copies the segment into
+the spool otherwise. The repository (and its key derivation) is opened only by the synchronous
+push without a spool, by a fetch that misses the prefetch directory, and by the background
+uploader (`uploader`).
 
 Settings come from options or the environment: ``KEEPWELL_REPOSITORY``, ``KEEPWELL_PASSWORD``
 or ``KEEPWELL_PASSWORD_FILE``, ``KEEPWELL_PG_CLUSTER``, ``KEEPWELL_PG_SPOOL``,
@@ -37,6 +41,11 @@ if TYPE_CHECKING:
 
 DEFAULT_PREFETCH = 16
 SYNC_TIMEOUT = 120.0
+IDLE_EXIT = 120.0  # seconds the uploader waits for work before it exits: above the usual
+# archive_timeout (60 s), so a quiet server does not pay the uploader's start on every segment
+AWAIT_MAX = 20.0  # seconds a push waits at most for the uploader's read-ahead of its segment
+AWAIT_START = 5.0  # ... for an uploader started this recently to take the segment up
+AWAIT_CLAIM = 0.2  # ... for a running uploader to take it up
 _HEADER_BYTES = 40
 _HEX = frozenset("0123456789ABCDEF")
 
@@ -180,6 +189,9 @@ def _push_async(path: str, name: str, settings: HookSettings) -> str:
     sysid = _sysid_of(path)
     if sysid is not None:
         _check_spool_identity(spool, settings, sysid, name)
+    pg_wal = os.path.dirname(os.path.abspath(path))
+    if _await_read_ahead(spool, settings, pg_wal, name):
+        return _push_async(path, name, settings)  # the marker is there now: check it
     try:
         spool.accept(path, name)
     except SpoolFull as full:
@@ -192,6 +204,49 @@ def _push_async(path: str, name: str, settings: HookSettings) -> str:
         raise SpoolFullError(message) from None
     _ensure_uploader(spool, settings, os.path.dirname(os.path.abspath(path)))
     return "spooled"
+
+
+def _await_read_ahead(spool: WalSpool, settings: HookSettings, pg_wal: str, name: str) -> bool:
+    """Wait for the uploader to archive `name` straight from pg_wal; False: spool it instead.
+
+    A segment PostgreSQL has marked ready is one the uploader reads ahead by itself, so copying
+    it into the spool would only write it twice. A push waits while its segment is being
+    uploaded (the uploader lists those in ``inflight``) and, for a few seconds, while a freshly
+    started uploader gets to it. Otherwise — the uploader is busy with a backlog, holds an alert
+    (the repository is unreachable), or is gone — the segment goes to the spool at once.
+    """
+    import time
+
+    if not os.path.exists(os.path.join(pg_wal, "archive_status", name + ".ready")):
+        return False
+    fresh = _ensure_uploader(spool, settings, pg_wal)
+    marker = os.path.join(spool.done_dir, name)
+    began = time.monotonic()
+    if not fresh:
+        try:
+            fresh = time.time() - os.stat(spool.lock_path).st_mtime < AWAIT_START
+        except OSError:
+            fresh = True
+    claim_wait = AWAIT_START if fresh else AWAIT_CLAIM
+    delay = 0.002
+    while True:
+        if os.path.exists(marker):
+            return True
+        waited = time.monotonic() - began
+        if waited > AWAIT_MAX or _uploads_failing(spool):
+            return False
+        if name in spool.inflight():
+            if not uploader_running(spool):
+                return False
+        elif waited > claim_wait:
+            return False
+        time.sleep(delay)
+        delay = min(0.02, delay * 1.5)
+
+
+def _uploads_failing(spool: WalSpool) -> bool:
+    alert = spool.alert() or ""
+    return "upload failed" in alert or "is full" in alert
 
 
 def _push_through_uploader(path: str, name: str, settings: HookSettings,
@@ -260,6 +315,21 @@ def _check_spool_identity(spool: WalSpool, settings: HookSettings, sysid: int, n
         )
 
 
+def take_uploader_lock(spool: WalSpool) -> int | None:
+    """The spool's uploader lock (an open fd holding it, with our pid in it), or None if another
+    process holds it. Taken before the uploader's heavy imports, so that pushes arriving while
+    it starts see it running and do not start a second one."""
+    fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def uploader_running(spool: WalSpool) -> bool:
     try:
         fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -274,9 +344,10 @@ def uploader_running(spool: WalSpool) -> bool:
     return False
 
 
-def _ensure_uploader(spool: WalSpool, settings: HookSettings, pg_wal: str) -> None:
+def _ensure_uploader(spool: WalSpool, settings: HookSettings, pg_wal: str) -> bool:
+    """Start the spool's uploader unless it runs; True when this call started it."""
     if uploader_running(spool):
-        return
+        return False
     import subprocess
 
     argv = [sys.executable, "-m", "keepwell.sources.postgres.hooks", "upload",
@@ -284,6 +355,7 @@ def _ensure_uploader(spool: WalSpool, settings: HookSettings, pg_wal: str) -> No
     with open(spool.log_path, "ab") as log:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          start_new_session=True, close_fds=True)
+    return True
 
 
 # --- fetch ---
@@ -386,11 +458,17 @@ def main(argv: list[str] | None = None) -> int:
                   prefetch=int(opts.get("--prefetch", DEFAULT_PREFETCH)),
                   prefetch_dir=opts.get("--prefetch-dir"))
         else:
+            if not settings.spool:
+                raise UsageError("the uploader needs a spool directory (--spool)")
+            lock_fd = take_uploader_lock(WalSpool(settings.spool, settings.spool_max).ensure())
+            if lock_fd is None:
+                return 0  # another uploader serves this spool
             from keepwell.sources.postgres.uploader import run_uploader
 
             return run_uploader(settings, pg_wal=opts.get("--pg-wal"),
                                 daemon="--daemon" in opts,
-                                idle_exit=float(opts.get("--idle-exit", "30")))
+                                idle_exit=float(opts.get("--idle-exit", IDLE_EXIT)),
+                                lock_fd=lock_fd)
     except WalNotFoundError as exc:
         sys.stderr.write(f"keepwell: {exc.line()}\n")
         return 1

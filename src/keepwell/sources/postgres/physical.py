@@ -172,7 +172,7 @@ def wait_for_wal(archive: WalArchive, timeline: int, start: Lsn, stop: Lsn, segm
     last = max(first, (stop.value - 1) // segment_size)
     names = [segment_name(timeline, s, segment_size) for s in range(first, last + 1)]
     deadline = time.monotonic() + timeout
-    delay = 0.1
+    delay = 0.02  # the last segment is usually on its way already: look again soon
     while True:
         cat = archive.catalog(refresh=True)
         missing = [n for n in names if n not in cat.wal]

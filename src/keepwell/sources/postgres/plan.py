@@ -3,6 +3,12 @@
 Pure logic over a `Catalog`. The rule is pgBackRest's and the documentation's: the newest
 *complete* base backup that became consistent before the target, and archived WAL without a gap
 from that backup's start up to the target.
+
+A restore point (``--target-name``) has a known position only when it was made through keepwell
+(`restorepoint`): then the backup must end before it, and no other point of the same name may
+lie between the backup's start and it (recovery stops at the first one it meets). The newest
+recorded point of a name is the target. For a name keepwell does not know, the newest complete
+backup is used and the plan carries a note saying so.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from keepwell.sources.postgres.catalog import BaseBackup, Catalog
+from keepwell.sources.postgres.catalog import BaseBackup, Catalog, RestorePoint
 from keepwell.sources.postgres.errors import RestorePlanError
 from keepwell.sources.postgres.walnames import Lsn
 
@@ -75,10 +81,27 @@ class RestorePlan:
     timeline: int
     wal_end: Lsn
     wal_end_time: datetime | None
+    point: RestorePoint | None = None  # the recorded restore point of a --target-name
+    note: str | None = None
 
 
-def _usable_before(backup: BaseBackup, target: Target) -> bool:
+def point_reached(backup: BaseBackup, points: list[RestorePoint]) -> RestorePoint | None:
+    """The restore point (of one name, sorted by LSN) recovery from `backup` stops at.
+
+    Recovery meets the first point after the backup's start; if that one lies before the
+    backup is consistent, recovery fails, so there is none.
+    """
+    for p in points:
+        if p.lsn >= backup.start_lsn:
+            return p if p.lsn >= backup.stop_lsn else None
+    return None
+
+
+def _usable_before(backup: BaseBackup, target: Target,
+                   points: list[RestorePoint] | None = None) -> bool:
     kind = target.kind()
+    if kind == "name" and points:
+        return point_reached(backup, points) is not None
     if kind == "time":
         assert target.time is not None
         return backup.stop_time <= target.time
@@ -98,6 +121,7 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None) -> 
             " --immediate"
         )
     timeline = _timeline_number(catalog, target)
+    points = catalog.points_named(target.name) if target.name is not None else []
     if snapshot_id is not None:
         chosen = [b for b in catalog.backups if b.snapshot_id.startswith(snapshot_id)
                   or b.short_id == snapshot_id]
@@ -110,23 +134,54 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None) -> 
                 f"backup {backup.short_id} is incomplete: WAL {missing[0]}"
                 f"{' .. ' + missing[-1] if len(missing) > 1 else ''} is not in the repository"
             )
-        if not _usable_before(backup, target):
+        if not _usable_before(backup, target, points):
             raise RestorePlanError(
-                f"backup {backup.short_id} ends after {target.describe()}; choose an older one"
+                f"backup {backup.short_id} ends after {_describe(target, points, backup)};"
+                " choose an older one"
             )
     else:
         if not catalog.backups:
             raise RestorePlanError(f"no physical backup of cluster {catalog.cluster}")
-        candidates = [b for b in catalog.complete_backups() if _usable_before(b, target)]
+        candidates = [b for b in catalog.complete_backups()
+                      if _usable_before(b, target, points)]
         if not candidates:
             raise RestorePlanError(
                 f"no complete physical backup of cluster {catalog.cluster} ends before "
-                f"{target.describe()}"
+                f"{_describe(target, points)}"
             )
-        backup = max(candidates, key=lambda b: (b.stop_lsn, b.time))
+        if points:  # the newest point any backup reaches, from the newest such backup
+            def rank(b: BaseBackup) -> tuple[Lsn, Lsn, datetime]:
+                p = point_reached(b, points)
+                assert p is not None
+                return (p.lsn, b.stop_lsn, b.time)
+            backup = max(candidates, key=rank)
+        else:
+            backup = max(candidates, key=lambda b: (b.stop_lsn, b.time))
+    point = point_reached(backup, points) if points else None
+    note = None
+    if target.name is not None and not points:
+        note = (f"restore point {target.name!r} is not recorded in the repository (made"
+                f" without 'keepwell postgres restore-point'), so its position is unknown:"
+                f" using backup {backup.short_id}; if the point is older than that backup,"
+                f" recovery fails; then pass --snapshot with an older backup")
+    elif point is not None and len(points) > 1:
+        note = (f"{len(points)} restore points are named {target.name!r} and recovery stops at"
+                f" the first one after the backup: this restore reaches the one at LSN"
+                f" {point.lsn} ({point.time:%Y-%m-%d %H:%M:%S})")
     reach = catalog.reach(backup, timeline)
-    _check_reach(target, reach.end_lsn, reach.end_time, backup)
-    return RestorePlan(backup, target, reach.timeline, reach.end_lsn, reach.end_time)
+    _check_reach(target, reach.end_lsn, reach.end_time, backup, point)
+    return RestorePlan(backup, target, reach.timeline, reach.end_lsn, reach.end_time, point,
+                       note)
+
+
+def _describe(target: Target, points: list[RestorePoint],
+              backup: BaseBackup | None = None) -> str:
+    if not points:
+        return target.describe()
+    shown = points[-1]
+    if backup is not None:
+        shown = next((p for p in points if p.lsn >= backup.start_lsn), points[-1])
+    return f"restore point {shown.name!r} (LSN {shown.lsn})"
 
 
 def _timeline_number(catalog: Catalog, target: Target) -> int | None:
@@ -141,7 +196,12 @@ def _timeline_number(catalog: Catalog, target: Target) -> int | None:
 
 
 def _check_reach(target: Target, end_lsn: Lsn, end_time: datetime | None,
-                 backup: BaseBackup) -> None:
+                 backup: BaseBackup, point: RestorePoint | None = None) -> None:
+    if point is not None and point.lsn > end_lsn:
+        raise RestorePlanError(
+            f"{_describe(target, [point])} is past the archived WAL (it ends at {end_lsn} after"
+            f" backup {backup.short_id})", hint="wait for archiving, or switch WAL on the server"
+        )
     if target.kind() == "lsn":
         assert target.lsn is not None
         if target.lsn > end_lsn:

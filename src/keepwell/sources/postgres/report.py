@@ -86,6 +86,9 @@ def info(cat: Catalog) -> dict[str, Any]:
                     for lb in cat.logical],
         "wal": wal_summary(cat),
         "windows": windows(cat),
+        "restore_points": [{"name": p.name, "lsn": str(p.lsn), "time": _iso(p.time),
+                            "timeline": p.timeline}
+                           for p in sorted(cat.restore_points, key=lambda p: p.lsn)],
     }
 
 

@@ -13,16 +13,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from keepwell.errors import RestoreTargetError
+from keepwell.sources.postgres import commands
 from keepwell.sources.postgres.catalog import Catalog
-from keepwell.sources.postgres.datadir import ExtractStats, extract_tar, remove_unlisted, sync_tree
+from keepwell.sources.postgres.datadir import (
+    ExtractStats,
+    extract_tar,
+    make_durable,
+    remove_unlisted,
+)
 from keepwell.sources.postgres.errors import RecoveryError, ToolError
 from keepwell.sources.postgres.plan import RestorePlan, Target, choose
 from keepwell.sources.postgres.tools import find_program
@@ -73,21 +77,14 @@ class RestoreResult:
             "removed": self.stats.removed, "started": self.started, "port": self.port,
             "stopped_at": self.stopped_at, "last_transaction_time": self.last_transaction_time,
             "redo_done_at": self.redo_done_at, "timeline": self.timeline,
+            "restore_point_lsn": str(self.plan.point.lsn) if self.plan.point else None,
+            "note": self.plan.note,
         }
 
 
-def hook_command() -> list[str]:
-    """How a server calls keepwell's WAL hooks: the lean script beside this interpreter."""
-    script = os.path.join(os.path.dirname(sys.executable), "keepwell-wal")
-    if os.access(script, os.X_OK):
-        return [script]
-    return [sys.executable, "-m", "keepwell.sources.postgres.hooks"]
-
-
 def restore_command(opts: RestoreOptions, cluster: str, password_file: str) -> str:
-    argv = [*hook_command(), "fetch", "%f", "%p", "--repo", opts.repo_location,
-            "--password-file", password_file, "--cluster", cluster]
-    return " ".join(a if a in ("%f", "%p") else shlex.quote(a) for a in argv)
+    return commands.restore_command(repo=opts.repo_location, password_file=password_file,
+                                    cluster=cluster)
 
 
 def _check_target_dir(opts: RestoreOptions) -> None:
@@ -131,15 +128,8 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     password_file = _password_file(opts, root)
     write_recovery_settings(root, restore_command(opts, cluster, password_file),
                             plan.target, opts.archive_mode)
-    for written in ("postgresql.auto.conf", "recovery.signal", "tablespace_map",
-                    "keepwell-restore.password"):
-        if os.path.exists(os.path.join(root, written)):
-            fd = os.open(os.path.join(root, written), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    sync_tree(root)
+    # one flush of everything at the end (files were written without an fsync each)
+    make_durable([root, *(line.split(" ", 1)[1].rstrip("\n") for line in ts_lines or [])])
     if not opts.start:
         return RestoreResult(plan, stats, root, False)
     return _start_and_wait(plan, stats, root, opts)

@@ -4,7 +4,9 @@
 rename, fsync of the directory) and returns: once it has returned, the segment survives a crash
 of this machine's processes and a power cut. A background uploader moves ``ready/`` segments into
 the repository and leaves a *done marker* per segment (its hash and the identity of the file it
-was read from) so that a later ``archive_command`` for the same segment returns at once.
+was read from) so that a later ``archive_command`` for the same segment returns at once; the
+shell fast path ``keepwell-wal-push`` reads only the first line of a marker (the hash, or
+``refused``) and compares its modification time with the segment's.
 
 The spool never grows past ``max_bytes``: a segment that does not fit is refused (the push exits
 non-zero, so PostgreSQL keeps it in pg_wal and retries) and an *alert* is written to ``ALERT`` and
@@ -124,6 +126,7 @@ class WalSpool:
         self.identity_path = os.path.join(self.path, "identity")
         self.lock_path = os.path.join(self.path, "uploader.lock")
         self.log_path = os.path.join(self.path, "uploader.log")
+        self.inflight_path = os.path.join(self.path, "inflight")
 
     def ensure(self) -> WalSpool:
         for d in (self.path, self.ready_dir, self.done_dir, self.rejected_dir):
@@ -192,6 +195,21 @@ class WalSpool:
                             _unlink(entry.path)
                     except FileNotFoundError:
                         pass
+
+    # --- what the uploader is uploading now: a hint for pushes deciding whether to wait ---
+    def set_inflight(self, names: set[str] | list[str]) -> None:
+        """Publish the names being uploaded (atomic rename; a hint, so not fsynced)."""
+        tmp = f"{self.inflight_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in sorted(names)))
+        os.replace(tmp, self.inflight_path)
+
+    def inflight(self) -> set[str]:
+        try:
+            with open(self.inflight_path, encoding="utf-8") as f:
+                return set(f.read().split())
+        except OSError:
+            return set()
 
     # --- done markers ---
     def done_marker(self, name: str) -> DoneMarker | None:

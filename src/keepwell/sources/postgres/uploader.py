@@ -3,8 +3,12 @@
 One uploader per spool (an exclusive lock on ``uploader.lock``) holds the repository open and,
 in a loop, archives in batches: first the segments in the spool's ``ready/``, then segments that
 PostgreSQL has finished but not yet handed to ``archive_command`` (``pg_wal/archive_status/
-*.ready``), read straight from pg_wal. Each archived file gets a done marker, so the
-``archive_command`` for a segment uploaded ahead returns at once. A file that must not be
+*.ready``), read straight from pg_wal. Two workers upload a batch each at once; a batch that
+holds the oldest pending segment is kept small, since PostgreSQL waits for it. The names being
+uploaded are published in the spool's ``inflight`` file (pushes wait for those instead of
+spooling them). Each archived file gets a done marker once its snapshot is committed, so the
+``archive_command`` for a segment uploaded ahead returns at once (in the shell fast path,
+``keepwell-wal-push``). A file that must not be
 archived (another cluster's, or different from the archived file of that name) is set aside with
 an alert, never dropped silently. The uploader exits after ``idle_exit`` seconds with nothing to
 do (``archive_command`` starts it again) unless it runs as a daemon.
@@ -12,7 +16,6 @@ do (``archive_command`` starts it again) unless it runs as a daemon.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import threading
@@ -21,13 +24,16 @@ from typing import Any
 
 from keepwell.errors import KeepwellError
 from keepwell.sources.postgres.archive import WalArchive, WalItem
-from keepwell.sources.postgres.hooks import HookSettings
+from keepwell.sources.postgres.hooks import IDLE_EXIT, HookSettings, take_uploader_lock
 from keepwell.sources.postgres.spool import WalSpool, file_identity
 from keepwell.sources.postgres.walnames import wal_kind
 
 BATCH_FILES = 16
+HEAD_BATCH_FILES = 4  # the oldest files go in a small batch: PostgreSQL is waiting for them
 BATCH_BYTES = 256 * 1024 * 1024
 WORKERS = 2  # batches uploaded at once; compression runs in the calling thread
+IDLE_PAUSE_MIN = 0.005  # seconds between looks for work, growing while there is none
+IDLE_PAUSE_MAX = 0.1
 
 
 def _log(message: str) -> None:
@@ -35,8 +41,12 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
-def ahead_names(pg_wal: str | None, spool: WalSpool, skip: set[str]) -> list[str]:
-    """Finished segments PostgreSQL has not archived yet and nobody has uploaded."""
+def ahead_names(pg_wal: str | None, spool: WalSpool, skip: set[str],
+                known_done: set[str] | None = None) -> list[str]:
+    """Finished segments PostgreSQL has not archived yet and nobody has uploaded.
+
+    `known_done` remembers names whose done marker was seen, so that segments PostgreSQL has not
+    yet acknowledged are not looked up again on every pass."""
     if not pg_wal:
         return []
     status = os.path.join(pg_wal, "archive_status")
@@ -49,18 +59,26 @@ def ahead_names(pg_wal: str | None, spool: WalSpool, skip: set[str]) -> list[str
         if not entry.endswith(".ready"):
             continue
         name = entry[: -len(".ready")]
-        if name in skip or wal_kind(name) not in ("segment", "history", "partial", "backup"):
+        if name in skip or (known_done is not None and name in known_done):
             continue
-        if spool.done_marker(name) is None:
+        if wal_kind(name) not in ("segment", "history", "partial", "backup"):
+            continue
+        if not os.path.exists(os.path.join(spool.done_dir, name)):
             out.append(name)
+        elif known_done is not None:
+            known_done.add(name)
+    if known_done is not None and len(known_done) > 4 * len(entries) + 1024:
+        known_done.clear()  # names long archived and recycled; the markers stay the truth
     return sorted(out)
 
 
-def next_batch(spool: WalSpool, pg_wal: str | None,
-               skip: set[str] | None = None) -> list[tuple[WalItem, bool]]:
+def next_batch(spool: WalSpool, pg_wal: str | None, skip: set[str] | None = None,
+               known_done: set[str] | None = None) -> list[tuple[WalItem, bool]]:
     """Up to a batch of (item, from_pg_wal) to archive, spooled files first; `skip` names
-    are being uploaded by another worker."""
+    are being uploaded by another worker. With nothing else in flight the batch holds the
+    segment ``archive_command`` is waiting for, so it is kept small to acknowledge it soon."""
     skip = skip or set()
+    limit = BATCH_FILES if skip else HEAD_BATCH_FILES
     batch: list[tuple[WalItem, bool]] = []
     size = 0
     spooled = spool.ready_names()
@@ -70,16 +88,16 @@ def next_batch(spool: WalSpool, pg_wal: str | None,
         path = spool.ready_path(name)
         batch.append((WalItem(name, path), False))
         size += _size(path)
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= limit or size >= BATCH_BYTES:
             return batch
-    for name in ahead_names(pg_wal, spool, set(spooled) | skip):
+    for name in ahead_names(pg_wal, spool, set(spooled) | skip, known_done):
         assert pg_wal is not None
         path = os.path.join(pg_wal, name)
         if not os.path.exists(path):
             continue
         batch.append((WalItem(name, path), True))
         size += _size(path)
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+        if len(batch) >= limit or size >= BATCH_BYTES:
             break
     return batch
 
@@ -126,17 +144,16 @@ def upload_batch(archive: WalArchive, spool: WalSpool,
 
 
 def run_uploader(settings: HookSettings, *, pg_wal: str | None, daemon: bool = False,
-                 idle_exit: float = 30.0) -> int:
+                 idle_exit: float = IDLE_EXIT, lock_fd: int | None = None) -> int:
+    """Serve the spool until idle (or forever as a daemon); `lock_fd` is the uploader lock if
+    the caller took it already (`hooks.take_uploader_lock`)."""
     if not settings.spool:
         raise KeepwellError("the uploader needs a spool directory (--spool)")
     spool = WalSpool(settings.spool, settings.spool_max).ensure()
-    lock_fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        return 0  # another uploader serves this spool
-    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    if lock_fd is None:
+        lock_fd = take_uploader_lock(spool)
+        if lock_fd is None:
+            return 0  # another uploader serves this spool
     try:
         with settings.open_repository() as repo:
             return _run_workers(repo, settings.cluster, spool, pg_wal, daemon, idle_exit)
@@ -147,11 +164,12 @@ def run_uploader(settings: HookSettings, *, pg_wal: str | None, daemon: bool = F
 def _run_workers(repo: Any, cluster: str, spool: WalSpool, pg_wal: str | None, daemon: bool,
                  idle_exit: float) -> int:
     claimed: set[str] = set()
+    known_done: set[str] = set()
     lock = threading.Lock()
     threads = [
         threading.Thread(target=_worker, name=f"kw-wal-upload-{i}",
                          args=(WalArchive(repo, cluster), spool, pg_wal, daemon, idle_exit,
-                               claimed, lock))
+                               claimed, lock, known_done))
         for i in range(WORKERS)
     ]
     for t in threads:
@@ -162,24 +180,30 @@ def _run_workers(repo: Any, cluster: str, spool: WalSpool, pg_wal: str | None, d
 
 
 def _worker(archive: WalArchive, spool: WalSpool, pg_wal: str | None, daemon: bool,
-            idle_exit: float, claimed: set[str], lock: threading.Lock) -> None:
+            idle_exit: float, claimed: set[str], lock: threading.Lock,
+            known_done: set[str]) -> None:
     idle_since = time.monotonic()
     failures = 0
     last_clean = 0.0
+    pause = IDLE_PAUSE_MIN
     while True:
         now = time.monotonic()
         with lock:
             if now - last_clean > 30:
                 spool.clean_temp()
                 last_clean = now
-            batch = next_batch(spool, pg_wal, claimed)
+            batch = next_batch(spool, pg_wal, claimed, known_done)
             names = {item.name for item, _ in batch}
-            claimed.update(names)
+            if names:
+                claimed.update(names)
+                spool.set_inflight(claimed)
         if not batch:
             if not daemon and now - idle_since > idle_exit:
                 return
-            time.sleep(0.02)
+            time.sleep(pause)  # short after work, longer the longer nothing comes
+            pause = min(IDLE_PAUSE_MAX, pause * 1.5)
             continue
+        pause = IDLE_PAUSE_MIN
         try:
             upload_batch(archive, spool, batch)
             failures = 0
@@ -197,4 +221,5 @@ def _worker(archive: WalArchive, spool: WalSpool, pg_wal: str | None, daemon: bo
         finally:
             with lock:
                 claimed.difference_update(names)
+                spool.set_inflight(claimed)
         idle_since = time.monotonic()
