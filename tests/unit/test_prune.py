@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import time
 
 import pytest
 
 from keepwell.backends.memory import MemoryBackend
+from keepwell.chunker import ChunkerParams
 from keepwell.errors import UsageError
 from keepwell.repository import Repository
 from keepwell.repository.check import check
@@ -40,7 +42,10 @@ NOW = PruneOptions(grace=0, max_unused=UnusedLimit(percent=0))
 
 
 def _repo() -> Repository:
-    return Repository.init(MemoryBackend(), "pw")
+    # every test file below the smallest chunk size: one blob per file, so counts are exact
+    params = ChunkerParams(seed=secrets.randbits(62), min_size=1 << 20, avg_size=2 << 20,
+                           max_size=8 << 20)
+    return Repository.init(MemoryBackend(), "pw", chunker=params)
 
 
 def _snap(repo: Repository, files: dict[str, bytes]) -> Snapshot:
@@ -125,7 +130,8 @@ def test_backup_that_loaded_the_old_index_keeps_its_blobs() -> None:
         assert marked.packs_marked == 2 and marked.waiting_for_sessions == 1
         writer.add_stream("again", io.BytesIO(data))  # a known blob: not uploaded again
         snap = writer.commit()
-    assert snap.summary["blobs_known"] == 1 and snap.summary["blobs_new"] == 1  # the tree is new
+    # every chunk of the data is known (random data may cut into one or two chunks); the tree is new
+    assert snap.summary["blobs_known"] >= 1 and snap.summary["blobs_new"] == 1
     report = check(Repository.open(repo.backend, "pw"))
     assert report.ok, report.errors
     assert any("run 'keepwell prune'" in w for w in report.warnings)

@@ -4,8 +4,8 @@ A replica holds the same objects as its primary (so it opens with the same passw
 replace it outright). Objects are immutable and content-named, so mirroring is copying what is
 missing and deleting what the primary no longer has, in an order that keeps the replica valid
 at every moment: data before the indexes and snapshots that point at it are copied, and
-snapshots are deleted before the data they reference. ``sessions/`` (live backup sessions) is
-not mirrored.
+snapshots are deleted before the data they reference. ``sessions/`` (live backup sessions) and
+``locks/`` (a running prune's lock) are not mirrored.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from keepwell.backends.base import Backend
 
 COPY_ORDER = ("config", "keys/", "data/", "tree/", "index/", "snapshots/")
-SKIP = ("sessions/",)
+SKIP = ("sessions/", "locks/")  # live sessions and the prune lock belong to the primary
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _rank(name: str) -> int:
 
 
 def mirror(primary: Backend, replica: Backend) -> MirrorResult:
-    """Make ``replica`` hold exactly the objects of ``primary`` (outside ``sessions/``)."""
+    """Make ``replica`` hold exactly the objects of ``primary`` (outside ``SKIP``)."""
     result = MirrorResult()
     have = {o.name for o in replica.list("") if not o.name.startswith(SKIP)}
     want = {o.name: o.size for o in primary.list("") if not o.name.startswith(SKIP)}
