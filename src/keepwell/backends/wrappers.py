@@ -381,13 +381,6 @@ class CachedBackend(_Wrapper):
     def _path(self, name: str) -> str:
         return os.path.join(self.cache_dir, *check_name(name).split("/"))
 
-    def _read(self, name: str) -> bytes | None:
-        try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
-        except OSError:
-            return None
-
     def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(name)
         tmp = f"{path}.tmp-{secrets.token_hex(6)}"
@@ -416,10 +409,16 @@ class CachedBackend(_Wrapper):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if not self._cacheable(name):
             return self.inner.get(name, offset, length)
-        data = self._read(name)
-        if data is None:
-            data = self.inner.get(name)
-            self._store(name, data)
+        try:  # only the range asked for: a tree pack holds thousands of small trees
+            with open(self._path(name), "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(offset)
+                    return f.read()
+                return os.pread(f.fileno(), length, offset)
+        except OSError:
+            pass
+        data = self.inner.get(name)
+        self._store(name, data)
         end = len(data) if length is None else offset + length
         return data[offset:end]
 

@@ -216,6 +216,44 @@ class MasterIndex:
                     out[i] = True
             return out
 
+    def lookup_many(self, blob_ids: list[bytes]) -> list[BlobLocation | None]:
+        """`lookup` for many ids in one vectorised pass (a restore plans thousands at once)."""
+        out: list[BlobLocation | None] = [None] * len(blob_ids)
+        if not blob_ids:
+            return out
+        with self._lock:
+            packs, types = self.pack_ids, self.pack_types
+            rest = []
+            for i, b in enumerate(blob_ids):
+                hit = self._extra.get(b)
+                if hit is None:
+                    rest.append(i)
+                else:
+                    n, offset, length, raw, btype = hit
+                    out[i] = BlobLocation(packs[n], types[n], offset, length, raw, btype)
+            n_keys = len(self._keys)
+            if not rest or n_keys == 0:
+                return out
+            ids = [blob_ids[i] for i in rest]
+            keys = np.frombuffer(b"".join(b[:8] for b in ids), dtype=">u8").astype(np.uint64)
+            pos = np.minimum(np.searchsorted(self._keys, keys), n_keys - 1)
+            rows = self._entries[pos]
+            found = (self._keys[pos] == keys) & (rows["id"] == np.frombuffer(b"".join(ids), "V32"))
+            cols = [rows[f].tolist() for f in ("pack", "offset", "length", "raw", "type")]
+            for j, (i, ok) in enumerate(zip(rest, found.tolist(), strict=True)):
+                if ok:
+                    n = cols[0][j]
+                    out[i] = BlobLocation(packs[n], types[n], cols[1][j], cols[2][j], cols[3][j],
+                                          cols[4][j])
+                else:  # not at the first position of its key: the slow path settles it
+                    k = self._find(blob_ids[i])
+                    if k >= 0:
+                        e = self._entries[k]
+                        n = int(e["pack"])
+                        out[i] = BlobLocation(packs[n], types[n], int(e["offset"]), int(e["length"]),
+                                              int(e["raw"]), int(e["type"]))
+        return out
+
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         with self._lock:
             hit = self._extra.get(blob_id)

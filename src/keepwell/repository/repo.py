@@ -195,6 +195,14 @@ class Repository:
             loc = self._pending_locations().get(blob_id)
         return loc
 
+    def locate_many(self, blob_ids: list[bytes]) -> list[BlobLocation | None]:
+        """`locate` for many blobs at once."""
+        locs = self.index.lookup_many(blob_ids)
+        for i, loc in enumerate(locs):
+            if loc is None:
+                locs[i] = self._pending_locations().get(blob_ids[i])
+        return locs
+
     def _pending_locations(self) -> dict[bytes, BlobLocation]:
         with self._pending_lock:
             if self._pending is None:

@@ -111,8 +111,7 @@ class Restorer:
     def plan(self) -> Iterator[dict[tuple[bytes, int], list[_Want]]]:
         """Walk the snapshot, make directories, links and empty files, and yield the blobs to
         fetch, grouped by pack, for one batch of files at a time (so memory stays flat)."""
-        packs: dict[tuple[bytes, int], dict[bytes, _Want]] = defaultdict(dict)
-        index = self.repo.index
+        unplaced: list[_Target] = []
         total_files = total_bytes = planned = 0
         s = self.snap.summary
         if not self.includes and not self.excludes and "bytes_processed" in s:
@@ -136,10 +135,10 @@ class Restorer:
                     total_files += 1
                     total_bytes += node.size
                     planned += 1
-                    self._plan_file(dest, node, packs, index)
+                    self._plan_file(dest, node, unplaced)
                     if planned >= BATCH_FILES:
-                        yield {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
-                        packs, planned = defaultdict(dict), 0
+                        yield self._place(unplaced)
+                        unplaced, planned = [], 0
                 elif node.type == SYMLINK:
                     os.symlink(node.target or "", dest)
                     self._apply(dest, node)
@@ -155,10 +154,9 @@ class Restorer:
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
         self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
-        yield {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
+        yield self._place(unplaced)
 
-    def _plan_file(self, dest: str, node: Node, packs: dict[tuple[bytes, int], dict[bytes, _Want]],
-                   index: object) -> None:
+    def _plan_file(self, dest: str, node: Node, unplaced: list[_Target]) -> None:
         if node.nlink > 1:
             key = (node.dev, node.inode)
             first = self._links.get(key)
@@ -181,19 +179,29 @@ class Restorer:
             finally:
                 os.close(fd)
             target.created = True
-        offset = 0
-        for blob_id in node.content:
-            loc = self.repo.locate(blob_id)
-            if loc is None:
-                self._error(dest, f"blob {blob_id.hex()[:16]} is missing from the repository")
-                target.remaining = -1
-                return
-            want = packs[(loc.pack, loc.pack_type)].get(blob_id)
-            if want is None:
-                want = packs[(loc.pack, loc.pack_type)][blob_id] = _Want(
-                    loc.offset, loc.length, loc.raw_length, blob_id, loc.type, [])
-            want.dests.append((target, offset))
-            offset += loc.raw_length
+        unplaced.append(target)
+
+    def _place(self, targets: list[_Target]) -> dict[tuple[bytes, int], list[_Want]]:
+        """Find every blob of a batch of files (one index pass) and group them by pack."""
+        packs: dict[tuple[bytes, int], dict[bytes, _Want]] = defaultdict(dict)
+        locs = iter(self.repo.locate_many([b for t in targets for b in t.node.content]))
+        for target in targets:
+            offset = 0
+            for blob_id in target.node.content:
+                loc = next(locs)
+                if target.remaining < 0:
+                    continue
+                if loc is None:
+                    self._error(target.path, f"blob {blob_id.hex()[:16]} is missing from the repository")
+                    target.remaining = -1
+                    continue
+                want = packs[(loc.pack, loc.pack_type)].get(blob_id)
+                if want is None:
+                    want = packs[(loc.pack, loc.pack_type)][blob_id] = _Want(
+                        loc.offset, loc.length, loc.raw_length, blob_id, loc.type, [])
+                want.dests.append((target, offset))
+                offset += loc.raw_length
+        return {k: sorted(v.values(), key=lambda w: w.offset) for k, v in packs.items()}
 
     # -- fetching and writing -----------------------------------------------------------------
     def _write(self, target: _Target, offset: int, data: bytes) -> None:
