@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -271,14 +271,18 @@ class Restorer:
 
     def run(self) -> RestoreResult:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="kw-restore") as pool:
-            running: list[Future[None]] = []
-            for batch in self.plan():  # the next batch is planned while this one is fetched
-                for f in running:
-                    f.result()
-                running = [pool.submit(self._fetch_pack, p, t, w) for (p, t), w in batch.items()]
+            # batches are planned while earlier ones are fetched; at most three are held at once,
+            # and the pool never drains between two of them
+            inflight: deque[list[Future[None]]] = deque()
+            for batch in self.plan():
+                inflight.append([pool.submit(self._fetch_pack, p, t, w) for (p, t), w in batch.items()])
                 del batch
-            for f in running:
-                f.result()
+                while len(inflight) > 2:
+                    for f in inflight.popleft():
+                        f.result()
+            while inflight:
+                for f in inflight.popleft():
+                    f.result()
         for first, dest, _node in self._deferred_links:
             try:
                 os.link(first, dest)
