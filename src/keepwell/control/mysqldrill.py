@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, open_job_repository
+from keepwell.control.pgdrill import hand_over
 from keepwell.errors import ConfigurationError, IntegrityError, SourceError
 
 SYSTEM_DATABASES = ("mysql", "information_schema", "performance_schema", "sys")
@@ -38,16 +39,6 @@ def _run_as(drill: dict[str, Any]) -> str:
         raise ConfigurationError(f"drill run_as user {user!r} does not exist on this host"
                                  ) from None
     return user
-
-
-def _chown(path: str, user: str) -> None:
-    if os.geteuid() != 0:
-        return
-    pw = pwd.getpwnam(user)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    for root, dirs, files in os.walk(path):
-        for n in (*dirs, *files):
-            os.lchown(os.path.join(root, n), pw.pw_uid, pw.pw_gid)
 
 
 def _user_tables(conn: Any) -> list[tuple[str, str]]:
@@ -128,7 +119,7 @@ def drill_mysql(spec: JobSpec, ctx: JobContext, scratch: str) -> JobOutcome:
             restore(repo, snapshot=snap.id, target_dir=datadir, owner=user, host=host)
         else:
             os.makedirs(datadir, 0o750)
-            _chown(scratch, user)
+            hand_over(scratch, user)
             res = subprocess.run(
                 [find_tool("install"), "--no-defaults", f"--user={user}",
                  f"--datadir={datadir}", "--auth-root-authentication-method=normal",

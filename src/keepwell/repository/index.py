@@ -197,77 +197,60 @@ class MasterIndex:
         with self._lock:
             return blob_id in self._extra or self._find(blob_id) >= 0
 
+    def _rows(self, blob_ids: list[bytes]) -> list[int]:
+        """Rows of the sorted array holding these ids (-1: not there), found in one vectorised
+        pass; the caller holds the lock."""
+        n = len(self._keys)
+        if n == 0 or not blob_ids:
+            return [-1] * len(blob_ids)
+        keys = np.frombuffer(b"".join(b[:8] for b in blob_ids), dtype=">u8").astype(np.uint64)
+        pos = np.minimum(np.searchsorted(self._keys, keys), n - 1)
+        ids = np.frombuffer(b"".join(blob_ids), dtype="V32")
+        hit = (self._keys[pos] == keys) & (self._entries["id"][pos] == ids)
+        # a miss at the first position of its key may still be further along equal keys
+        return [p if h else self._find(b)
+                for p, h, b in zip(pos.tolist(), hit.tolist(), blob_ids, strict=True)]
+
+    def _location(self, blob_id: bytes, row: int) -> BlobLocation | None:
+        hit = self._extra.get(blob_id)
+        if hit is not None:
+            n, offset, length, raw, btype = hit
+        elif row >= 0:
+            e = self._entries[row]
+            n, offset, length, raw, btype = (
+                int(e["pack"]), int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
+            )
+        else:
+            return None
+        return BlobLocation(self.pack_ids[n], self.pack_types[n], offset, length, raw, btype)
+
     def has_each(self, blob_ids: list[bytes]) -> list[bool]:
         """`has` for many ids in one vectorised pass (the unchanged-file check of a re-backup)."""
-        if not blob_ids:
-            return []
         with self._lock:
-            out = [b in self._extra for b in blob_ids]
-            keys_sorted, n = self._keys, len(self._keys)
-            if n == 0:
-                return out
-            keys = np.frombuffer(b"".join(b[:8] for b in blob_ids), dtype=">u8").astype(np.uint64)
-            ids = np.frombuffer(b"".join(blob_ids), dtype="V32")
-            pos = np.minimum(np.searchsorted(keys_sorted, keys), n - 1)
-            hit = (keys_sorted[pos] == keys) & (self._entries["id"][pos] == ids)
-            for i, h in enumerate(hit.tolist()):
-                # a miss at the first position may still be a hit further along equal keys
-                if h or (not out[i] and self._find(blob_ids[i]) >= 0):
-                    out[i] = True
-            return out
+            rows = self._rows(blob_ids)
+            return [r >= 0 or b in self._extra for r, b in zip(rows, blob_ids, strict=True)]
 
     def lookup_many(self, blob_ids: list[bytes]) -> list[BlobLocation | None]:
         """`lookup` for many ids in one vectorised pass (a restore plans thousands at once)."""
-        out: list[BlobLocation | None] = [None] * len(blob_ids)
-        if not blob_ids:
-            return out
         with self._lock:
-            packs, types = self.pack_ids, self.pack_types
-            rest = []
-            for i, b in enumerate(blob_ids):
-                hit = self._extra.get(b)
-                if hit is None:
-                    rest.append(i)
-                else:
-                    n, offset, length, raw, btype = hit
-                    out[i] = BlobLocation(packs[n], types[n], offset, length, raw, btype)
-            n_keys = len(self._keys)
-            if not rest or n_keys == 0:
-                return out
-            ids = [blob_ids[i] for i in rest]
-            keys = np.frombuffer(b"".join(b[:8] for b in ids), dtype=">u8").astype(np.uint64)
-            pos = np.minimum(np.searchsorted(self._keys, keys), n_keys - 1)
-            rows = self._entries[pos]
-            found = (self._keys[pos] == keys) & (rows["id"] == np.frombuffer(b"".join(ids), "V32"))
-            cols = [rows[f].tolist() for f in ("pack", "offset", "length", "raw", "type")]
-            for j, (i, ok) in enumerate(zip(rest, found.tolist(), strict=True)):
-                if ok:
-                    n = cols[0][j]
-                    out[i] = BlobLocation(packs[n], types[n], cols[1][j], cols[2][j], cols[3][j],
-                                          cols[4][j])
-                else:  # not at the first position of its key: the slow path settles it
-                    k = self._find(blob_ids[i])
-                    if k >= 0:
-                        e = self._entries[k]
-                        n = int(e["pack"])
-                        out[i] = BlobLocation(packs[n], types[n], int(e["offset"]), int(e["length"]),
-                                              int(e["raw"]), int(e["type"]))
-        return out
+            rows = self._rows(blob_ids)
+            picked = self._entries[[r for r in rows if r >= 0]]  # one gather, not one per blob
+            cols = iter(zip(*(picked[f].tolist() for f in ("pack", "offset", "length", "raw", "type")),
+                            strict=True))
+            out: list[BlobLocation | None] = []
+            for b, r in zip(blob_ids, rows, strict=True):
+                if r >= 0:
+                    n, offset, length, raw, btype = next(cols)
+                    if b not in self._extra:
+                        out.append(BlobLocation(self.pack_ids[n], self.pack_types[n], offset,
+                                                length, raw, btype))
+                        continue
+                out.append(self._location(b, -1))
+            return out
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         with self._lock:
-            hit = self._extra.get(blob_id)
-            if hit is not None:
-                n, offset, length, raw, btype = hit
-            else:
-                i = self._find(blob_id)
-                if i < 0:
-                    return None
-                e = self._entries[i]
-                n, offset, length, raw, btype = (
-                    int(e["pack"]), int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
-                )
-            return BlobLocation(self.pack_ids[n], self.pack_types[n], offset, length, raw, btype)
+            return self._location(blob_id, -1 if blob_id in self._extra else self._find(blob_id))
 
     def __len__(self) -> int:
         with self._lock:
