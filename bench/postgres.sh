@@ -102,8 +102,8 @@ as_pg "$BIN/pgbench" -i -q -s "$SCALE" postgres >/dev/null 2>&1
 psql_ "CHECKPOINT"
 DB_MB=$(psql_ "SELECT pg_database_size('postgres') / 1048576")
 
-wait_archived() {
-    while ls "$W/pg/pg_wal/archive_status/" | grep -q '\.ready$'; do sleep 0.1; done
+wait_archived() {  # no pipe here: under pipefail, `ls | grep -q` fails when grep quits first
+    while compgen -G "$W/pg/pg_wal/archive_status/*.ready" >/dev/null; do sleep 0.05; done
 }
 wait_archived
 

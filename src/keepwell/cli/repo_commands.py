@@ -91,6 +91,12 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
          from_password_file: Annotated[str | None, typer.Option(
              "--from-password-file", envvar="KEEPWELL_FROM_PASSWORD_FILE",
              help="Password file of the --copy-chunker-params-from repository.")] = None,
+         compression: Annotated[int, typer.Option(
+             "--compression", metavar="LEVEL", min=0, max=19,
+             help="zstd level for file and stdin data (0: none).")] = 3,
+         db_compression: Annotated[int, typer.Option(
+             "--db-compression", metavar="LEVEL", min=0, max=19,
+             help="zstd level for database dumps, physical copies, WAL and binlogs (0: none).")] = 1,
          json_: JsonOption = False) -> None:
     """Create a new repository."""
     from keepwell.backends.registry import open_backend
@@ -102,9 +108,11 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
         from keepwell.repository.copy import init_like
 
         with open_source(copy_chunker_params_from, from_password_file) as src:
-            r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src)
+            r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src,
+                          compression=compression, db_compression=db_compression)
     else:
-        r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True))
+        r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True),
+                            compression=compression, db_compression=db_compression)
     if json_:
         print_json({"id": r.id, "location": location,
                     "chunker_params_from": copy_chunker_params_from})

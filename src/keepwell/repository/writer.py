@@ -57,7 +57,8 @@ class SnapshotWriter:
         self.session = Session(repo, f"backup {kind}")
         try:
             repo.refresh_index()  # after the session exists: see keepwell.repository.sessions
-            self.sink = BlobSink(repo, upload_workers=upload_workers)
+            self.sink = BlobSink(repo, upload_workers=upload_workers,
+                                 compression=repo.compression_for(kind))
         except BaseException:
             self.session.end()
             raise

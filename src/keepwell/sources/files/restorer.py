@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from keepwell.errors import KeepwellError, RestoreTargetError
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
+from keepwell.sources.files import fileio
 from keepwell.sources.files.select import Matcher
 
 _MAX_RANGE = 8 * 1024 * 1024
@@ -58,7 +60,8 @@ class _Want:
 
 
 def _is_zero(data: bytes) -> bool:
-    return data.count(0) == len(data)
+    # the ends first: almost every blob fails there, without a pass over all of it
+    return bool(data) and data[0] == 0 and data[-1] == 0 and data.count(0) == len(data)
 
 
 class Restorer:
@@ -77,6 +80,12 @@ class Restorer:
         self._made_dirs: set[str] = set()
         self._links: dict[tuple[int, int], str] = {}
         self._deferred_links: list[tuple[str, str, Node]] = []
+        # the owner a file created here has without a chown; unknown (so every file is chowned)
+        # when restoring over existing files, or into a set-group-id directory (it passes its
+        # group on)
+        fresh = os.path.isdir(target) and not os.listdir(target)
+        setgid = fresh and os.stat(target).st_mode & stat.S_ISGID
+        self._creator = (os.geteuid(), os.getegid()) if fresh and not setgid else None
 
     # -- metadata -----------------------------------------------------------------------------
     def _apply(self, path: str, node: Node) -> None:
@@ -101,6 +110,17 @@ class Restorer:
         if parent not in self._made_dirs:
             os.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
+
+    def _apply_open(self, fd: int, path: str, node: Node) -> None:
+        """`_apply` for a regular file this restore created and still holds open."""
+        owner = (node.uid, node.gid) if self._is_root else None
+        if owner == self._creator:
+            owner = None  # created with that owner already
+        try:
+            fileio.set_meta(fd, node.mode, node.mtime_ns, owner)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                self._error(path, f"cannot set metadata: {exc.strerror}")
 
     # -- planning -----------------------------------------------------------------------------
     def _selected(self, spath: str, node: Node) -> bool:
@@ -146,9 +166,7 @@ class Restorer:
                     os.mkfifo(dest, node.mode)
                     self._apply(dest, node)
                 elif node.type in (CHARDEV, BLOCKDEV) and self._is_root:
-                    import stat as st
-
-                    kind = st.S_IFCHR if node.type == CHARDEV else st.S_IFBLK
+                    kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
                     os.mknod(dest, node.mode | kind, node.rdev)
                     self._apply(dest, node)
             except OSError as exc:
@@ -208,26 +226,24 @@ class Restorer:
         with target.lock:
             if target.remaining < 0:
                 return
-            if not target.created:
-                fd = os.open(target.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                target.created = True
-            else:
-                fd = os.open(target.path, os.O_WRONLY)
+            fd = fileio.open_write(target.path, not target.created)
+            target.created = True
             try:
                 if _is_zero(data) and len(data) >= 4096:
                     if os.fstat(fd).st_size < offset + len(data):
                         os.ftruncate(fd, offset + len(data))
                 else:
-                    os.pwrite(fd, data, offset)
+                    fileio.pwrite_all(fd, data, offset)
+                target.remaining -= 1
+                done = target.remaining == 0
+                if done:
+                    self._apply_open(fd, target.path, target.node)
             finally:
-                os.close(fd)
-            target.remaining -= 1
-            done = target.remaining == 0
+                fileio.close(fd)
         with self._lock:
             self.result.bytes += len(data)
         self.repo.events.emit("bytes", n=len(data))
         if done:
-            self._apply(target.path, target.node)
             self.repo.events.emit("file", path=target.path, size=target.node.size)
 
     def _fail_dests(self, want: _Want, msg: str) -> None:

@@ -36,7 +36,8 @@ from keepwell.sources.mysql.connection import (
     query,
     server_info,
 )
-from keepwell.sources.mysql.tools import MYSQL, ReadAhead, Tool, ToolProcess, find
+from keepwell.sources.mysql.tools import MYSQL, Tool, ToolProcess, find
+from keepwell.sources.streams import ReadAhead
 
 SYSTEM_DATABASES = ("information_schema", "performance_schema", "sys", "mysql")
 SYSTEM_ACCOUNTS = ("root", "mariadb.sys", "mysql.sys", "mysql.session", "mysql.infoschema",

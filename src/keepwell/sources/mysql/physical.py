@@ -33,7 +33,8 @@ from keepwell.sources.mysql.connection import (
     connect,
     server_info,
 )
-from keepwell.sources.mysql.tools import ReadAhead, ToolProcess, find
+from keepwell.sources.mysql.tools import ToolProcess, find
+from keepwell.sources.streams import ReadAhead
 
 _POSITION = re.compile(r"binlog position: filename '([^']+)', position '(\d+)'"
                        r"(?:, GTID of the last change '([^']*)')?")

@@ -41,8 +41,8 @@ from keepwell.sources.mysql.tools import (
     find,
     find_tool,
     run_tool,
-    widen_pipe,
 )
+from keepwell.sources.streams import widen_pipe
 
 PIPE_BLOCK = 1 << 20
 

@@ -129,7 +129,7 @@ def _digest_file(path: str) -> str:
 
     h = blake3.blake3()
     with open(path, "rb") as f:
-        while block := f.read(4 << 20):
+        while block := f.read(1 << 20):
             h.update(block)
     return str(h.hexdigest())
 

@@ -30,6 +30,7 @@ from keepwell.sources.postgres.errors import PostgresError, WalWaitTimeoutError
 from keepwell.sources.postgres.tartap import TarTap
 from keepwell.sources.postgres.tools import ToolProcess, find_program
 from keepwell.sources.postgres.walnames import Lsn, segment_name
+from keepwell.sources.streams import ReadAhead
 
 _START_RE = re.compile(r"^START WAL LOCATION: (\S+)", re.M)
 _TLI_RE = re.compile(r"^START TIMELINE: (\d+)", re.M)
@@ -131,8 +132,12 @@ def backup_physical(
 def _via_stdout(w: Any, argv: list[str],
                 on_progress: Callable[[int], None] | None) -> tuple[dict[str, bytes], int]:
     with ToolProcess([*argv, "-D", "-"]) as proc:
-        tap = TarTap(proc.stdout, {"backup_label", "backup_manifest"})
-        w.add_stream("base.tar", tap, mode=0o600)
+        ahead = ReadAhead(proc.stdout)  # pg_basebackup keeps sending while a block is stored
+        try:
+            tap = TarTap(ahead, {"backup_label", "backup_manifest"})  # type: ignore[arg-type]
+            w.add_stream("base.tar", tap, mode=0o600)
+        finally:
+            ahead.close()
         proc.check("pg_basebackup")
     if on_progress is not None:
         on_progress(tap.total)

@@ -50,9 +50,15 @@ class TarTap:
         return data
 
     def readinto(self, b: bytearray | memoryview) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+        readinto = getattr(self.raw, "readinto", None)
+        if readinto is None:
+            data = self.read(len(b))
+            b[: len(data)] = data
+            return len(data)
+        n = readinto(b)  # straight into the caller's buffer: no block allocated per read
+        if n:
+            self._feed(memoryview(b).cast("B")[:n])
+        return n or 0
 
     def _feed(self, view: memoryview) -> None:
         self.total += len(view)

@@ -8,7 +8,6 @@ failure into one `ToolError` line that quotes what the program said.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import shutil
@@ -18,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from keepwell.sources.postgres.errors import ToolError
+from keepwell.sources.streams import widen_pipe
 
 _LIB_ROOT = "/usr/lib/postgresql"
 PIPE_BYTES = 1024 * 1024  # a program streaming to us (pg_basebackup) blocks less often
@@ -71,7 +71,7 @@ class ToolProcess:
         except OSError as exc:
             raise ToolError(f"cannot run {self.name}: {exc.strerror}") from None
         if stdout == subprocess.PIPE and self.proc.stdout is not None:
-            _widen_pipe(self.proc.stdout.fileno())
+            widen_pipe(self.proc.stdout, PIPE_BYTES)
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
@@ -128,14 +128,6 @@ class ToolProcess:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-
-
-def _widen_pipe(fd: int) -> None:
-    """Raise a pipe's capacity from 64 KiB (Linux; silently kept where not allowed)."""
-    setter = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if setter is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, setter, PIPE_BYTES)
 
 
 def run_program(argv: Sequence[str], what: str, *, env: dict[str, str] | None = None,
