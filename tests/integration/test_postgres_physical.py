@@ -36,15 +36,20 @@ def pgbench_consistent(c: PgCluster) -> None:
     assert c.scalar("SELECT count(*) FROM pgbench_accounts") == 100000
 
 
-def test_physical_round_trip_under_load_verifies(pg_env: PgEnv) -> None:
+@pytest.mark.parametrize("method", ["copy", "stream"])
+def test_physical_round_trip_under_load_verifies(pg_env: PgEnv, method: str) -> None:
+    """Both ways of taking the copy (reading the data directory here; pg_basebackup) restore
+    to a cluster that pg_verifybackup, pgbench's invariant and pg_amcheck accept."""
     c = archiving_cluster(pg_env)
     c.pgbench_init(1)
     with c.pgbench_load(seconds=20):
         time.sleep(1)
-        res = pg_env.keepwell("backup", "--physical", "--db-url", c.url(), "--json")
+        res = pg_env.keepwell("backup", "--physical", "--db-url", c.url(), "--json",
+                              *(["--method", "stream"] if method == "stream" else []))
         time.sleep(1)
     out = json.loads(res.stdout)
     assert out["complete"] is True
+    assert out["method"] == method  # "auto" copies when the data directory is readable here
     c.switch_wal()
     c.wait_archived()
     info = json.loads(pg_env.keepwell("info", "--json").stdout)
@@ -296,7 +301,12 @@ def test_tablespace_is_remapped(pg_env: PgEnv) -> None:
     c.run_as_pg(["mkdir", str(ts)])
     c.sql(f"CREATE TABLESPACE ts1 LOCATION '{ts}'")
     c.sql("CREATE TABLE inspace TABLESPACE ts1 AS SELECT generate_series(1, 5000) AS i")
-    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    refused = pg_env.keepwell("backup", "--physical", "--db-url", c.url(), "--method", "copy",
+                              check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "cannot copy the data directory: the cluster has tablespaces" in refused.stderr
+    out = json.loads(pg_env.keepwell("backup", "--physical", "--db-url", c.url(), "--json").stdout)
+    assert out["method"] == "stream"  # auto: pg_basebackup copies the tablespaces
     c.switch_wal()
     c.wait_archived()
     c.stop()

@@ -1,5 +1,5 @@
-"""Which zstd level a snapshot's data gets: the repository's level for files and stdin, its
-database level for what database sources store, both kept in the config."""
+"""Which zstd level a snapshot's data gets: the repository's level unless the writer asks for
+another (database sources ask for the repository's database level); both kept in the config."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
 TEXT = b"".join(b"line %d of a very compressible text\n" % (i % 50) for i in range(40_000))
 
 
-def _codec_of_data(repo: Repository, kind: str) -> int:
-    with repo.new_snapshot(kind, ["x"]) as w:
+def _codec_of_data(repo: Repository, kind: str, level: int | None = None) -> int:
+    with repo.new_snapshot(kind, ["x"], compression=level) as w:
         w.add_bytes("x", kind.encode() + TEXT)  # one blob per kind: no deduplication between them
         snap = w.commit()
     (blob,) = repo.find_node(snap, "x").content
@@ -29,15 +29,13 @@ def _codec_of_data(repo: Repository, kind: str) -> int:
     return repo.master.decrypt_blob(blob, loc.type, stored)[0]
 
 
-def test_files_and_database_kinds_use_their_own_levels() -> None:
+def test_writers_use_the_level_asked_for() -> None:
     repo = Repository.init(MemoryBackend(), "pw", compression=3, db_compression=0)
-    assert repo.compression_for("files") == 3
-    assert repo.compression_for("stdin") == 3
-    assert repo.compression_for("mysql-physical") == 0
-    assert _codec_of_data(repo, "postgres-physical") == 0  # stored raw: level 0 is "none"
+    assert _codec_of_data(repo, "postgres-physical", repo.db_compression) == 0  # 0 is "none"
+    assert _codec_of_data(repo, "files") == 1  # zstd at the repository's level
     repo2 = Repository.init(MemoryBackend(), "pw", compression=0, db_compression=1)
-    assert _codec_of_data(repo2, "mysql-logical") == 1  # zstd
-    assert _codec_of_data(repo2, "stdin") == 0
+    assert _codec_of_data(repo2, "mysql-logical", repo2.db_compression) == 1
+    assert _codec_of_data(repo2, "postgres-wal") == 0
     again = Repository.open(repo2.backend, "pw")
     assert (again.compression, again.db_compression) == (0, 1)
 

@@ -82,7 +82,12 @@ def _parse_duration(text: str) -> timedelta:
 @app.command()
 def backup(
     logical: Annotated[bool, typer.Option("--logical", help="pg_dump of databases.")] = False,
-    physical: Annotated[bool, typer.Option("--physical", help="pg_basebackup.")] = False,
+    physical: Annotated[bool, typer.Option(
+        "--physical", help="Base backup of the whole cluster.")] = False,
+    method: Annotated[str, typer.Option(
+        "--method", metavar="auto|copy|stream",
+        help="Physical: copy the data directory here (copy), through pg_basebackup (stream), or "
+             "copy when this host can read the cluster's files (auto).")] = "auto",
     database: Annotated[list[str] | None, typer.Option(
         "--database", "-d", help="Database to dump (repeat; default: all + globals).")] = None,
     globals_: Annotated[bool | None, typer.Option(
@@ -116,13 +121,14 @@ def backup(
             from keepwell.sources.postgres.physical import backup_physical
 
             pres = backup_physical(r, spec, cluster, wait_timeout=wait_timeout,
-                                   tags=tuple(tag or ()))
+                                   tags=tuple(tag or ()), method=method)
             out = {"snapshot": pres.snapshot_id, "timeline": pres.timeline,
                    "start_lsn": str(pres.start_lsn), "stop_lsn": str(pres.stop_lsn),
-                   "bytes": pres.bytes, "seconds": round(pres.seconds, 2), "complete": True}
+                   "bytes": pres.bytes, "seconds": round(pres.seconds, 2), "complete": True,
+                   "method": pres.method}
             text = (f"physical backup {pres.short_id}: timeline {pres.timeline},"
                     f" LSN {pres.start_lsn} .. {pres.stop_lsn}, {human_bytes(pres.bytes)} in"
-                    f" {pres.seconds:.1f} s, complete (all WAL archived)")
+                    f" {pres.seconds:.1f} s ({pres.method}), complete (all WAL archived)")
     print_json(out) if json_out else _say(text)
 
 

@@ -93,10 +93,10 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              help="Password file of the --copy-chunker-params-from repository.")] = None,
          compression: Annotated[int, typer.Option(
              "--compression", metavar="LEVEL", min=0, max=19,
-             help="zstd level for file and stdin data (0: none).")] = 3,
+             help="zstd level for files, stdin and PostgreSQL WAL (0: none).")] = 3,
          db_compression: Annotated[int, typer.Option(
              "--db-compression", metavar="LEVEL", min=0, max=19,
-             help="zstd level for database dumps, physical copies, WAL and binlogs (0: none).")] = 1,
+             help="zstd level for database dumps, physical copies and binlogs (0: none).")] = 1,
          json_: JsonOption = False) -> None:
     """Create a new repository."""
     from keepwell.backends.registry import open_backend

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
 from typing import IO, Any
 
 
@@ -15,35 +18,25 @@ def widen_pipe(f: Any, size: int = 1 << 20) -> None:
         pass
 
 
-class ReadAhead:
-    """Reads a tool's output in a thread, a bounded number of blocks ahead.
+class Prefetch:
+    """A readable stream over blocks that a thread produces a bounded number ahead.
 
-    Without it the tool stalls on a full pipe whenever keepwell is busy chunking and
-    compressing, and the two run one after the other instead of side by side. The pipe is
-    widened to 1 MiB (Linux) so the tool writes with fewer wake-ups, and each block is read
-    straight into its own buffer from the unbuffered file (no joining of 64 KiB pieces). Blocks
-    are 2 MiB, below the size glibc serves by mmap (see ``tune_malloc``), so their memory is
-    reused rather than faulted in afresh for every block.
+    ``blocks`` is iterated in the thread; an exception it raises reaches the reader at the
+    point of the stream where it happened. `close` stops the thread at its next block.
     """
 
-    def __init__(self, raw: IO[bytes], *, block: int = 2 << 20, depth: int = 32) -> None:
-        import queue
-        import threading
-
-        self.raw = raw
-        self.block = block
+    def __init__(self, blocks: Iterator[bytes | bytearray | memoryview], *, depth: int = 32,
+                 name: str = "kw-prefetch") -> None:
+        self._blocks = blocks
         self._q: queue.Queue[bytes | bytearray | memoryview | BaseException | None] = (
             queue.Queue(depth))
         self._buf = memoryview(b"")
         self._eof = False
         self._stop = False
-        widen_pipe(raw)
-        self._thread = threading.Thread(target=self._run, name="kw-readahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _put(self, item: bytes | bytearray | memoryview | BaseException | None) -> bool:
-        import queue
-
         while not self._stop:
             try:
                 self._q.put(item, timeout=0.1)
@@ -53,24 +46,10 @@ class ReadAhead:
         return False
 
     def _run(self) -> None:
-        # the unbuffered file under a BufferedReader (nothing was read through it yet)
-        src: Any = getattr(self.raw, "raw", self.raw)
         try:
-            while not self._stop:
-                buf = bytearray(self.block)
-                view = memoryview(buf)
-                got = 0
-                while got < self.block:
-                    n = src.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                if not got:
-                    break
-                if not self._put(buf if got == self.block else view[:got]):
+            for block in self._blocks:
+                if block and not self._put(block):
                     return
-                if got < self.block:
-                    break  # end of stream
         except BaseException as exc:  # handed to the reader
             self._put(exc)
             return
@@ -89,7 +68,7 @@ class ReadAhead:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                self._buf = memoryview(item)
+                self._buf = memoryview(item).cast("B")
             n = min(len(view) - got, len(self._buf))
             view[got:got + n] = self._buf[:n]
             self._buf = self._buf[n:]
@@ -97,7 +76,13 @@ class ReadAhead:
         return got
 
     def read(self, n: int = -1) -> bytes:
-        out = bytearray(n if n >= 0 else self.block)
+        if n < 0:
+            parts = [bytes(self._buf)]
+            self._buf = memoryview(b"")
+            while part := self.read(1 << 20):
+                parts.append(part)
+            return b"".join(parts)
+        out = bytearray(n)
         got = self.readinto(out)
         return bytes(out[:got])
 
@@ -105,6 +90,41 @@ class ReadAhead:
         return True
 
     def close(self) -> None:
-        """Stop reading ahead. The thread ends at its next block, or when the tool's pipe is
-        closed by its owner; nothing here waits for the tool."""
+        """Stop producing; the thread ends at its next block (nothing here waits for it)."""
         self._stop = True
+
+
+def _pipe_blocks(raw: IO[bytes], block: int) -> Iterator[bytearray | memoryview]:
+    # the unbuffered file under a BufferedReader (nothing was read through it yet)
+    src: Any = getattr(raw, "raw", raw)
+    while True:
+        buf = bytearray(block)
+        view = memoryview(buf)
+        got = 0
+        while got < block:
+            n = src.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if not got:
+            return
+        yield buf if got == block else view[:got]
+        if got < block:
+            return  # end of stream
+
+
+class ReadAhead(Prefetch):
+    """Reads a tool's output in a thread, a bounded number of blocks ahead.
+
+    Without it the tool stalls on a full pipe whenever keepwell is busy chunking and
+    compressing, and the two run one after the other instead of side by side. The pipe is
+    widened to 1 MiB (Linux) so the tool writes with fewer wake-ups, and each block is read
+    straight into its own buffer from the unbuffered file (no joining of 64 KiB pieces). Blocks
+    are 2 MiB, below the size glibc serves by mmap (see ``tune_malloc``), so their memory is
+    reused rather than faulted in afresh for every block. `close` does not wait for the tool:
+    the thread ends at its next block, or when the tool's pipe is closed by its owner.
+    """
+
+    def __init__(self, raw: IO[bytes], *, block: int = 2 << 20, depth: int = 32) -> None:
+        widen_pipe(raw)
+        super().__init__(_pipe_blocks(raw, block), depth=depth, name="kw-readahead")

@@ -20,11 +20,11 @@ import shutil
 import sys
 import tarfile
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO
 
-from keepwell.errors import RestoreTargetError
+from keepwell.errors import IntegrityError, RestoreTargetError
 
 BLOCK = 1024 * 1024
 SMALL = 8 * 1024 * 1024  # files up to this size are written by the writer threads
@@ -59,7 +59,7 @@ class _Writers:
         self.budget = threading.BoundedSemaphore(IN_FLIGHT // BLOCK)
         self.futures: list[Future[None]] = []
 
-    def submit(self, path: str, data: bytes, mode: int, mtime: float) -> None:
+    def submit(self, path: str, data: bytes | memoryview, mode: int, mtime: float) -> None:
         units = max(1, len(data) // BLOCK)
         for _ in range(units):
             self.budget.acquire()
@@ -67,7 +67,8 @@ class _Writers:
         if len(self.futures) > 512:
             self._collect(done_only=True)
 
-    def _write(self, path: str, data: bytes, mode: int, mtime: float, units: int) -> None:
+    def _write(self, path: str, data: bytes | memoryview, mode: int, mtime: float,
+               units: int) -> None:
         try:
             if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path)):
                 _remove(path)
@@ -77,9 +78,9 @@ class _Writers:
                 while view:
                     view = view[os.write(fd, view):]
                 os.fchmod(fd, mode)
+                os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
-            os.utime(path, (mtime, mtime))
         finally:
             for _ in range(units):
                 self.budget.release()
@@ -100,23 +101,120 @@ class _Writers:
             self.pool.shutdown(wait=True)
 
 
-def extract_tar(stream: IO[bytes], root: str, *, delta: bool,
+class _Stream:
+    """The bytes of a tar stream as they arrive, handed out as slices of the arriving blocks
+    (a member's data is never joined or copied on its way to the file)."""
+
+    def __init__(self, blocks: Iterable[bytes]) -> None:
+        self._blocks = iter(blocks)
+        self._view = memoryview(b"")
+
+    def take(self, n: int) -> Iterator[memoryview]:
+        """The next `n` bytes, in pieces; the caller consumes them before taking more."""
+        while n:
+            if not self._view:
+                nxt = next(self._blocks, None)
+                if nxt is None:
+                    raise IntegrityError("the stored tar stream ends inside a member")
+                self._view = memoryview(nxt).cast("B")
+            piece = self._view[:n]
+            self._view = self._view[len(piece):]
+            n -= len(piece)
+            yield piece
+
+    def read(self, n: int) -> bytes:
+        return b"".join(self.take(n))
+
+    def at_end(self) -> bool:
+        while not self._view:
+            nxt = next(self._blocks, None)
+            if nxt is None:
+                return True
+            self._view = memoryview(nxt).cast("B")
+        return False
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"LEN key=value\n"`` records of a POSIX extended header."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_members(blocks: Iterable[bytes]) -> Iterator[tuple[tarfile.TarInfo, Iterator[memoryview]]]:
+    """Members of a tar stream with their data as pieces of the stream's own blocks. GNU long
+    names and POSIX extended headers are applied to the member they describe; whatever of a
+    member's data the caller leaves unread is skipped."""
+    stream = _Stream(blocks)
+    long_name = long_link = None
+    pax: dict[str, str] = {}
+    while not stream.at_end():
+        head = stream.read(512)
+        if head.count(0) == 512:
+            return  # end-of-archive
+        try:
+            info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise IntegrityError(f"the stored tar stream has a bad header: {exc}") from None
+        padded = info.size + (-info.size % 512)
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            text = stream.read(padded)[: info.size].split(b"\0", 1)[0]
+            value = text.decode("utf-8", "surrogateescape")
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = value
+            else:
+                long_link = value
+            continue
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            records = _pax_records(stream.read(padded)[: info.size])
+            if info.type != tarfile.XGLTYPE:
+                pax = records
+            continue
+        if long_name is not None:
+            info.name = long_name
+        if long_link is not None:
+            info.linkname = long_link
+        if "path" in pax:
+            info.name = pax["path"]
+        if "linkpath" in pax:
+            info.linkname = pax["linkpath"]
+        if "size" in pax:
+            info.size = int(pax["size"])
+            padded = info.size + (-info.size % 512)
+        long_name = long_link = None
+        pax = {}
+        size = info.size if info.isfile() else 0
+        data = stream.take(size)
+        yield info, data
+        for _ in data:  # what the caller did not read
+            pass
+        for _ in stream.take(padded - size if info.isfile() else padded):
+            pass
+
+
+def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
                 stats: ExtractStats | None = None) -> ExtractStats:
-    """Unpack a tar stream under `root` (not yet durable: see `make_durable`)."""
+    """Unpack a tar stream (its bytes in blocks) under `root` (not yet durable: see
+    `make_durable`)."""
     stats = stats or ExtractStats()
     root = os.path.abspath(root)
     os.makedirs(root, 0o700, exist_ok=True)
     writers = _Writers()
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=BLOCK) as tar:
-            for member in tar:
-                _extract_member(tar, member, root, delta, stats, writers)
+        for member, data in tar_members(blocks):
+            _extract_member(member, data, root, delta, stats, writers)
     finally:
         writers.close()
     return stats
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str, delta: bool,
+def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], root: str, delta: bool,
                     stats: ExtractStats, writers: _Writers) -> None:
     path = _safe_join(root, member.name)
     stats.seen.add(path)
@@ -136,17 +234,20 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str, de
         return
     if not member.isfile():
         return
-    src = tar.extractfile(member)
-    assert src is not None
     stats.files += 1
     stats.bytes += member.size
     mode = member.mode & 0o7777 or 0o600
     if not delta and member.size <= SMALL:
-        writers.submit(path, src.read(), mode, float(member.mtime))
+        pieces = list(data)
+        if len(pieces) == 1 and len(pieces[0]) * 2 >= len(pieces[0].obj):  # type: ignore[arg-type]
+            body: bytes | memoryview = pieces[0]  # most of a stored block: written from it
+        else:  # copied, so a queued small file never holds on to a whole block
+            body = b"".join(pieces)
+        writers.submit(path, body, mode, float(member.mtime))
         stats.written_files += 1
         stats.written_bytes += member.size
         return
-    written = _write_file(src, path, member.size, delta)
+    written = _write_file(data, path, member.size, delta)
     if written:
         stats.written_files += 1
         stats.written_bytes += written
@@ -154,36 +255,45 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str, de
     os.utime(path, (member.mtime, member.mtime))
 
 
-def _write_file(src: IO[bytes], path: str, size: int, delta: bool) -> int:
-    """Write `size` bytes from `src` to `path`; in delta mode only from the first difference."""
+def _write_all(fd: int, piece: memoryview) -> None:
+    while piece:
+        piece = piece[os.write(fd, piece):]
+
+
+def _write_file(data: Iterator[memoryview], path: str, size: int, delta: bool) -> int:
+    """Write a member's `size` bytes to `path`; in delta mode only from the first difference
+    with the file already there."""
     if delta and os.path.isfile(path) and not os.path.islink(path):
-        with open(path, "r+b") as f:
-            offset = 0
-            while offset < size:
-                block = src.read(min(BLOCK, size - offset))
-                if not block:
-                    break
-                if f.read(len(block)) != block:
-                    f.seek(offset)
-                    f.write(block)
-                    written = len(block)
-                    while block := src.read(BLOCK):
-                        f.write(block)
-                        written += len(block)
-                    f.truncate(size)
-                    return written
-                offset += len(block)
-            if os.fstat(f.fileno()).st_size != size:
-                f.truncate(size)
-                return 1
-            return 0
+        fd = os.open(path, os.O_RDWR)
+        try:
+            offset = written = 0
+            differs = False
+            for piece in data:
+                if not differs:
+                    if os.pread(fd, len(piece), offset) == piece:
+                        offset += len(piece)
+                        continue
+                    differs = True
+                os.lseek(fd, offset, os.SEEK_SET)
+                _write_all(fd, piece)
+                offset += len(piece)
+                written += len(piece)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+                written = written or 1
+            return written
+        finally:
+            os.close(fd)
     if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path)):
         _remove(path)
     written = 0
-    with open(path, "wb") as f:
-        while block := src.read(BLOCK):
-            f.write(block)
-            written += len(block)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for piece in data:
+            _write_all(fd, piece)
+            written += len(piece)
+    finally:
+        os.close(fd)
     return written
 
 

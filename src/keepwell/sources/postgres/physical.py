@@ -1,12 +1,15 @@
-"""Physical base backups: ``pg_basebackup`` tar streams stored through the chunker.
+"""Physical base backups: tar streams of the cluster stored through the chunker.
 
-The backup streams ``pg_basebackup -Ft -D - -X none`` straight into a snapshot (``base.tar``),
+On the database host, with read access to the data directory, keepwell copies the files itself
+(keepwell.sources.postgres.direct: the "copy" method); elsewhere, or with extra tablespaces, the
+backup streams ``pg_basebackup -Ft -D - -X none`` straight into a snapshot (``base.tar``),
 so each backup is a full backup that stores only the chunks that changed. Its WAL comes from the
 archive, not from the backup: the snapshot records the WAL range (start/stop LSN and timeline,
 read from ``backup_label`` and ``backup_manifest`` as the stream passes) and the backup waits
 until every segment of that range is in the repository. A cluster with extra tablespaces is
 copied through a temporary directory (pg_basebackup writes only one tablespace to stdout), one
-``tablespaces/<oid>.tar`` per tablespace.
+``tablespaces/<oid>.tar`` per tablespace. Both methods give the same ``base.tar``, so restore
+does not care which one took the backup.
 """
 
 from __future__ import annotations
@@ -18,20 +21,22 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from keepwell.sources.postgres import KIND_PHYSICAL
+from keepwell.errors import UsageError
+from keepwell.sources.postgres import KIND_PHYSICAL, direct
 from keepwell.sources.postgres.archive import WalArchive
 from keepwell.sources.postgres.connection import ConnSpec, connect, next_xid, server_facts
 from keepwell.sources.postgres.errors import PostgresError, WalWaitTimeoutError
 from keepwell.sources.postgres.tartap import TarTap
 from keepwell.sources.postgres.tools import ToolProcess, find_program
 from keepwell.sources.postgres.walnames import Lsn, segment_name
-from keepwell.sources.streams import ReadAhead
+from keepwell.sources.streams import Prefetch, ReadAhead
 
+METHODS = ("auto", "copy", "stream")
 _START_RE = re.compile(r"^START WAL LOCATION: (\S+)", re.M)
 _TLI_RE = re.compile(r"^START TIMELINE: (\d+)", re.M)
 
@@ -46,6 +51,7 @@ class PhysicalResult:
     bytes: int
     seconds: float
     missing_wal: list[str]
+    method: str = "stream"
 
 
 def wal_range(label: bytes | None, manifest: bytes | None) -> tuple[int, Lsn, Lsn]:
@@ -84,8 +90,15 @@ def backup_physical(
     tags: tuple[str, ...] = (),
     host: str | None = None,
     on_progress: Callable[[int], None] | None = None,
+    method: str = "auto",
 ) -> PhysicalResult:
-    """Take a base backup of the cluster at `spec` into `repo`, then wait for its WAL."""
+    """Take a base backup of the cluster at `spec` into `repo`, then wait for its WAL.
+
+    ``method``: ``copy`` reads the data directory itself (keepwell.sources.postgres.direct),
+    ``stream`` runs pg_basebackup, ``auto`` copies when this process can read the cluster's
+    files and the cluster has no extra tablespaces, and streams otherwise."""
+    if method not in METHODS:
+        raise UsageError(f"unknown backup method {method!r}", hint=f"choose {', '.join(METHODS)}")
     began = time.monotonic()
     archive = WalArchive(repo, cluster, host)
     with connect(spec) as conn:
@@ -93,22 +106,36 @@ def backup_physical(
         archive.check_identity(facts.system_identifier, "this server")
         spaces = tablespaces(conn)
         start_time = datetime.now(UTC)
+        why_not = "the cluster has tablespaces" if spaces else direct.copy_possible(facts)
+        if method == "copy" and why_not:
+            raise PostgresError(f"cannot copy the data directory: {why_not}",
+                                hint="run on the database host as its owner, or use --method stream")
+        copying = method == "copy" or (method == "auto" and why_not is None)
         program = find_program("pg_basebackup", facts.major)
         argv = [program, *spec.dbname_arg(), "-Ft", "-X", "none", "-c", "fast", "-v",
                 "-l", f"keepwell {start_time:%Y-%m-%dT%H:%M:%SZ}"]
         source: dict[str, Any] = {"cluster": cluster, **facts.as_source(),
                                   "from_standby": facts.in_recovery,
                                   "start_time": start_time.isoformat(),
-                                  "tablespaces": spaces}
+                                  "tablespaces": spaces,
+                                  "method": "copy" if copying else "stream"}
         paths = ["base.tar"] + [f"tablespaces/{oid}.tar" for oid in spaces]
         with repo.new_snapshot(KIND_PHYSICAL, paths, host=host or socket.gethostname(),
-                               tags=tags, source=source) as w:
-            if spaces:
-                captured, total = _via_directory(w, argv)
+                               tags=tags, source=source, compression=repo.db_compression) as w:
+            if copying:
+                assert facts.data_directory is not None
+                copied, total = _via_copy(w, conn, facts.major, facts.data_directory,
+                                          f"keepwell {start_time:%Y-%m-%dT%H:%M:%SZ}")
+                if on_progress is not None:
+                    on_progress(total)
+                tli, start, stop = copied.timeline, copied.start, copied.stop
             else:
-                captured, total = _via_stdout(w, argv, on_progress)
-            tli, start, stop = wal_range(captured.get("backup_label"),
-                                         captured.get("backup_manifest"))
+                if spaces:
+                    captured, total = _via_directory(w, argv)
+                else:
+                    captured, total = _via_stdout(w, argv, on_progress)
+                tli, start, stop = wal_range(captured.get("backup_label"),
+                                             captured.get("backup_manifest"))
             w.source.update(timeline=tli, start_lsn=str(start), stop_lsn=str(stop),
                             stop_time=datetime.now(UTC).isoformat())
             try:
@@ -119,7 +146,7 @@ def backup_physical(
             w.source["complete_at_backup"] = not missing
             snap = w.commit()
     result = PhysicalResult(str(snap.id), str(snap.short_id), tli, start, stop, total,
-                            time.monotonic() - began, missing)
+                            time.monotonic() - began, missing, "copy" if copying else "stream")
     if missing:
         raise WalWaitTimeoutError(
             f"backup {snap.short_id} is stored but incomplete: WAL {missing[0]}"
@@ -127,6 +154,30 @@ def backup_physical(
             f" within {wait_timeout:.0f} s"
         )
     return result
+
+
+def _via_copy(w: Any, conn: Any, major: int, datadir: str,
+              label: str) -> tuple[direct.CopyResult, int]:
+    """The data directory read here, as a tar stream with the backup label last. The backup
+    is started and stopped on `conn`; if anything fails between, closing it ends the backup."""
+    direct.backup_start(conn, major, label)
+    done: list[direct.CopyResult] = []
+
+    manifest = direct.Manifest()
+
+    def blocks() -> Iterator[bytes | memoryview]:
+        yield from direct.tar_blocks(datadir, manifest)
+        done.append(direct.backup_stop(conn, major))
+        yield direct.closing_members(done[0], manifest, time.time())
+
+    stream = Prefetch(blocks(), name="kw-pg-copy")
+    try:
+        total = w.add_stream("base.tar", stream, mode=0o600)
+    finally:
+        stream.close()
+    if not done:
+        raise PostgresError("the copy of the data directory ended before the backup stopped")
+    return done[0], total
 
 
 def _via_stdout(w: Any, argv: list[str],

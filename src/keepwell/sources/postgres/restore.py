@@ -114,8 +114,7 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     os.chmod(root, 0o700)
     snap = repo.find_snapshot(plan.backup.snapshot_id)
     stats = ExtractStats()
-    with repo.open_file(snap, "base.tar") as stream:
-        extract_tar(stream, root, delta=opts.delta, stats=stats)
+    extract_tar(repo.iter_file(snap, "base.tar"), root, delta=opts.delta, stats=stats)
     ts_lines = _restore_tablespaces(repo, snap, plan, opts, stats)
     keep = {"postmaster.opts"}
     if opts.delta:
@@ -150,8 +149,8 @@ def _restore_tablespaces(repo: Any, snap: Any, plan: RestorePlan, opts: RestoreO
                 f"tablespace {meta.get('name')} location {location} is not empty",
                 hint="remap it with --tablespace-map NAME=DIR, or pass --delta",
             )
-        with repo.open_file(snap, f"tablespaces/{oid}.tar") as stream:
-            extract_tar(stream, location, delta=opts.delta, stats=stats)
+        extract_tar(repo.iter_file(snap, f"tablespaces/{oid}.tar"), location, delta=opts.delta,
+                    stats=stats)
         os.chmod(location, 0o700)
         lines.append(f"{oid} {location}\n")
     return lines
