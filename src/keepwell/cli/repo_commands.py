@@ -93,10 +93,11 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              help="Password file of the --copy-chunker-params-from repository.")] = None,
          compression: Annotated[int, typer.Option(
              "--compression", metavar="LEVEL", min=0, max=19,
-             help="zstd level for files, stdin and PostgreSQL WAL (0: none).")] = 3,
-         db_compression: Annotated[int, typer.Option(
-             "--db-compression", metavar="LEVEL", min=0, max=19,
-             help="zstd level for database dumps, physical copies and binlogs (0: none).")] = 1,
+             help="zstd level (0: none).")] = 3,
+         fast_compression: Annotated[int, typer.Option(
+             "--fast-compression", metavar="LEVEL", min=0, max=19,
+             help="Level used instead where --compression saves under 3 % on the data being "
+                  "written (the same level as --compression: never).")] = 1,
          json_: JsonOption = False) -> None:
     """Create a new repository."""
     from keepwell.backends.registry import open_backend
@@ -109,10 +110,10 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
 
         with open_source(copy_chunker_params_from, from_password_file) as src:
             r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src,
-                          compression=compression, db_compression=db_compression)
+                          compression=compression, fast_compression=fast_compression)
     else:
         r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True),
-                            compression=compression, db_compression=db_compression)
+                            compression=compression, fast_compression=fast_compression)
     if json_:
         print_json({"id": r.id, "location": location,
                     "chunker_params_from": copy_chunker_params_from})

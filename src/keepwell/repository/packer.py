@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from keepwell.compression import pack_payload
+from keepwell.compression import Levels, pack_payload
 from keepwell.crypto import content_name, keyed_id
 from keepwell.errors import ObjectExistsError
 from keepwell.repository.format import (
@@ -72,9 +72,12 @@ class StoredPack:
 
 
 class BlobSink:
-    def __init__(self, repo: Repository, *, upload_workers: int = 4, compression: int | None = None) -> None:
+    def __init__(self, repo: Repository, *, upload_workers: int = 4, compression: int | None = None,
+                 levels: Levels | None = None) -> None:
         self.repo = repo
         self.level = repo.compression if compression is None else compression
+        # data blobs: a fixed level, or the adaptive choice of the writer's kind of data
+        self.levels = levels or Levels(self.level, self.level)
         self._lock = threading.Lock()
         self._builders = {DATA: PackBuilder(DATA), TREE: PackBuilder(TREE)}
         self._inflight: set[bytes] = set()
@@ -99,7 +102,8 @@ class BlobSink:
                 self.stats.blobs_known += 1
                 return blob_id
             self._inflight.add(blob_id)
-        stored = self.repo.master.encrypt_blob(blob_id, blob_type, pack_payload(data, self.level))
+        payload = self.levels.payload(data) if blob_type == DATA else pack_payload(data, self.level)
+        stored = self.repo.master.encrypt_blob(blob_id, blob_type, payload)
         self.add_stored(blob_type, blob_id, stored, len(data), reserved=True)
         return blob_id
 

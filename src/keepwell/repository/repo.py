@@ -19,7 +19,7 @@ from typing import Any
 
 from keepwell.backends.base import Backend
 from keepwell.chunker import Chunker, ChunkerParams
-from keepwell.compression import unpack_payload
+from keepwell.compression import Levels, unpack_payload
 from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
 from keepwell.errors import (
     FormatError,
@@ -51,13 +51,6 @@ from keepwell.repository.index import (
 from keepwell.repository.snapshot import Snapshot, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree
 
-# The zstd level new repositories use for database pages, dumps and binlogs (the writer of such a
-# snapshot asks for it: SnapshotWriter's ``compression``). On InnoDB data files, a SQL dump, a
-# PostgreSQL base backup and MariaDB row binlogs level 1 stored 1-3 % less than level 3 in half
-# the CPU time or less; on source trees and PostgreSQL WAL level 3 stores 7-12 % less, at about
-# the same speed for WAL.
-DB_COMPRESSION = 1
-
 
 class Repository:
     def __init__(self, backend: Backend, master: MasterKey, config: dict[str, Any], key_id: str) -> None:
@@ -69,7 +62,10 @@ class Repository:
         self.chunker_params = ChunkerParams.from_dict(config["chunker"])
         self.chunker = Chunker(self.chunker_params)
         self.compression = int(config.get("compression", 3))
-        self.db_compression = int(config.get("db_compression", DB_COMPRESSION))
+        # the level data goes down to where `compression` does not pay (keepwell.compression.Levels)
+        self.fast_compression = int(config.get("fast_compression", self.compression))
+        self._levels: dict[str, Levels] = {}
+        self._levels_lock = threading.Lock()
         self.events = Events()
         self._index: MasterIndex | None = None
         self._index_lock = threading.Lock()
@@ -82,7 +78,7 @@ class Repository:
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
     def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
-             compression: int = 3, db_compression: int = DB_COMPRESSION,
+             compression: int = 3, fast_compression: int = 1,
              kdf: KdfParams | None = None,
              id_key: bytes | None = None) -> Repository:
         """Create a repository. ``chunker`` and ``id_key`` are given only to share them with
@@ -102,7 +98,7 @@ class Repository:
             "id_key": id_key.hex() if id_key is not None else secrets.token_hex(32),
             "chunker": params.to_dict(),
             "compression": compression,
-            "db_compression": db_compression,
+            "fast_compression": fast_compression,
         }
         key_id = keys.add_key(backend, master, password, kdf)
         data = master.encrypt_object(KIND_CONFIG, json.dumps(config).encode())
@@ -132,6 +128,15 @@ class Repository:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def levels(self, kind: str) -> Levels:
+        """The compression level chooser for one kind of snapshot data, kept for the life of
+        this object, so that each writer starts from what earlier ones of its kind learned."""
+        with self._levels_lock:
+            found = self._levels.get(kind)
+            if found is None:
+                found = self._levels[kind] = Levels(self.compression, self.fast_compression)
+            return found
 
     @property
     def id(self) -> str:

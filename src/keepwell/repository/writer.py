@@ -42,8 +42,7 @@ class SnapshotWriter:
     def __init__(self, repo: Repository, kind: str, paths: list[str], *, host: str | None = None,
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
-                 upload_workers: int = 4, blob_workers: int | None = None,
-                 compression: int | None = None) -> None:
+                 upload_workers: int = 4, blob_workers: int | None = None) -> None:
         self.repo = repo
         self.kind = kind
         self.paths = list(paths)
@@ -58,9 +57,7 @@ class SnapshotWriter:
         self.session = Session(repo, f"backup {kind}")
         try:
             repo.refresh_index()  # after the session exists: see keepwell.repository.sessions
-            # the repository's level unless the source asks for another (database sources
-            # ask for repo.db_compression)
-            self.sink = BlobSink(repo, upload_workers=upload_workers, compression=compression)
+            self.sink = BlobSink(repo, upload_workers=upload_workers, levels=repo.levels(kind))
         except BaseException:
             self.session.end()
             raise

@@ -99,8 +99,7 @@ def load_catalog(repo: Any, host: str | None = None) -> Catalog:
 def store_files(repo: Any, info: ServerInfo, host: str, items: list[tuple[str, BinlogScan]],
                 *, tags: tuple[str, ...] = (), final: frozenset[str] = frozenset()) -> Any:
     """Store binlog files (path, scan) as one snapshot; returns it."""
-    with repo.new_snapshot(KIND_BINLOG, ["binlog"], host=host, tags=tags,
-                           compression=repo.db_compression) as w:
+    with repo.new_snapshot(KIND_BINLOG, ["binlog"], host=host, tags=tags) as w:
         summaries = []
         for path, s in items:
             reader = LimitedReader(path, s.end)

@@ -279,7 +279,7 @@ class LogicalJob:
                attempt: int) -> Any:
         info = self.info
         with repo.new_snapshot(KIND_LOGICAL, ["dump.sql"], host=host or info.hostname,
-                               tags=tags, compression=repo.db_compression) as w:
+                               tags=tags) as w:
             try:
                 w.add_stream("dump.sql", run.marks)  # type: ignore[arg-type]
             finally:

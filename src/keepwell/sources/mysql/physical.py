@@ -155,7 +155,7 @@ class PhysicalRun:
     def store(self, repo: Any, *, host: str | None = None, tags: tuple[str, ...] = ()) -> Any:
         info, name = self.info, self.tool.name
         with repo.new_snapshot(KIND_PHYSICAL, ["backup.xbstream"], host=host or info.hostname,
-                               tags=tags, compression=repo.db_compression) as w:
+                               tags=tags) as w:
             try:
                 size = w.add_stream("backup.xbstream", self.ahead)  # type: ignore[arg-type]
             finally:

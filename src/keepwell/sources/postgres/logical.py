@@ -77,7 +77,7 @@ def backup_logical(
     paths = [dump_path(d) for d in chosen] + ([GLOBALS_PATH] if with_globals else [])
     total = 0
     with repo.new_snapshot(KIND_LOGICAL, paths, host=host or socket.gethostname(), tags=tags,
-                           source=source, compression=repo.db_compression) as w:
+                           source=source) as w:
         for db in chosen:
             argv = [pg_dump, *spec.with_dbname(db).dbname_arg(), "-Fc", "-Z0"]
             with ToolProcess(argv) as proc:

@@ -121,7 +121,7 @@ def backup_physical(
                                   "method": "copy" if copying else "stream"}
         paths = ["base.tar"] + [f"tablespaces/{oid}.tar" for oid in spaces]
         with repo.new_snapshot(KIND_PHYSICAL, paths, host=host or socket.gethostname(),
-                               tags=tags, source=source, compression=repo.db_compression) as w:
+                               tags=tags, source=source) as w:
             if copying:
                 assert facts.data_directory is not None
                 copied, total = _via_copy(w, conn, facts.major, facts.data_directory,
