@@ -288,3 +288,49 @@ def test_tar_members_match_tarfile_in_any_block_split(fmt: int, split: int) -> N
         assert seen[name][1] == data
     with pytest.raises(Exception, match="ends inside a member"):
         list(tar_members([raw[: len(raw) // 2]]))
+
+
+def test_copy_method_leaves_out_what_pg_basebackup_leaves_out(tmp_path: Path) -> None:
+    """The copy method's tar holds the cluster's files, empty pg_wal and rebuilt-at-start
+    directories, and none of the pid, relation cache or temporary files; a file that shrank
+    after it was listed is padded to its listed size, and the manifest lists every file."""
+    import hashlib
+    import json as json_mod
+
+    from keepwell.sources.postgres import direct
+    from keepwell.sources.postgres.datadir import tar_members
+    from keepwell.sources.postgres.walnames import Lsn
+
+    root = tmp_path / "data"
+    for rel, data in {
+        "PG_VERSION": b"15\n", "postmaster.pid": b"1\n", "postmaster.opts": b"x",
+        "base/1/1259": b"p" * 9000, "base/1/pg_internal.init": b"c",
+        "base/pgsql_tmp/pgsql_tmp1.0": b"t", "pg_wal/000000010000000000000001": b"w",
+        "pg_wal/archive_status/000000010000000000000001.done": b"", "pg_stat_tmp/db.stat": b"s",
+        "pg_replslot/slot/state": b"r", "global/pg_control": b"\0" * 8192,
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    manifest = direct.Manifest()
+    stream = direct.tar_blocks(str(root), manifest)
+    blocks: list[bytes] = []
+    for block in stream:
+        blocks.append(bytes(block))
+        if block[:11] == b"base/1/1259":  # its header (listed at 9000 bytes) went out
+            (root / "base/1/1259").write_bytes(b"p" * 100)  # it shrinks while being copied
+    copy = direct.CopyResult(1, Lsn.parse("0/2000028"), Lsn.parse("0/2000100"),
+                             b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
+    blocks.append(direct.closing_members(copy, manifest, 0))
+    members = {i.name: (i, b"".join(d)) for i, d in tar_members(blocks)}
+    assert set(members) == {"PG_VERSION", "base", "base/1", "base/1/1259", "global",
+                            "global/pg_control", "pg_wal", "pg_wal/archive_status", "pg_stat_tmp",
+                            "pg_replslot", "backup_label", "backup_manifest"}
+    assert members["base/1/1259"][1] == b"p" * 100 + bytes(8900)
+    text = members["backup_manifest"][1]
+    body, _, tail = text.rstrip(b"\n").rpartition(b"\n")
+    assert hashlib.sha256(body + b"\n").hexdigest().encode() in tail
+    listed = json_mod.loads(text)
+    assert {f["Path"] for f in listed["Files"]} == {
+        "PG_VERSION", "base/1/1259", "global/pg_control", "backup_label"}
+    assert listed["WAL-Ranges"] == [{"Timeline": 1, "Start-LSN": "0/2000028",
+                                     "End-LSN": "0/2000100"}]
