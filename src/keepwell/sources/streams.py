@@ -117,8 +117,9 @@ class ReadAhead(Prefetch):
     compressing, and the two run one after the other instead of side by side. The pipe is
     widened to 1 MiB (Linux) so the tool writes with fewer wake-ups, and each read takes what
     the pipe holds, up to 2 MiB (no joining of 64 KiB pieces): below the size glibc serves by
-    mmap (see ``tune_malloc``), so block memory is reused rather than faulted in afresh. `close` does not wait for the tool:
-    the thread ends at its next block, or when the tool's pipe is closed by its owner.
+    mmap (see ``tune_malloc``), so block memory is reused rather than faulted in afresh.
+    `close` does not wait for the tool: the thread ends at its next block, or when the tool's
+    pipe is closed by its owner.
     """
 
     def __init__(self, raw: IO[bytes], *, block: int = 2 << 20, depth: int = 32) -> None:

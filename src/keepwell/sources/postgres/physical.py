@@ -162,7 +162,6 @@ def _via_copy(w: Any, conn: Any, major: int, datadir: str,
     is started and stopped on `conn`; if anything fails between, closing it ends the backup."""
     direct.backup_start(conn, major, label)
     done: list[direct.CopyResult] = []
-
     manifest = direct.Manifest()
 
     def blocks() -> Iterator[bytes | memoryview]:
@@ -185,7 +184,7 @@ def _via_stdout(w: Any, argv: list[str],
     with ToolProcess([*argv, "-D", "-"]) as proc:
         ahead = ReadAhead(proc.stdout)  # pg_basebackup keeps sending while a block is stored
         try:
-            tap = TarTap(ahead, {"backup_label", "backup_manifest"})  # type: ignore[arg-type]
+            tap = TarTap(ahead, {"backup_label", "backup_manifest"})
             w.add_stream("base.tar", tap, mode=0o600)
         finally:
             ahead.close()

@@ -8,9 +8,17 @@ pass, and keeps the content of the members whose names it was asked for.
 
 from __future__ import annotations
 
-from typing import IO
+from typing import Protocol
 
 BLOCK = 512
+
+
+class Source(Protocol):
+    """What TarTap reads from: a file opened for binary reading, or a tool's stream."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def readinto(self, b: bytearray | memoryview, /) -> int: ...
 
 
 def _octal(field: bytes) -> int:
@@ -26,7 +34,7 @@ def _octal(field: bytes) -> int:
 class TarTap:
     """Read-through wrapper: ``read``/``readinto`` behave as the wrapped stream's."""
 
-    def __init__(self, raw: IO[bytes], watch: set[str], limit: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, raw: Source, watch: set[str], limit: int = 512 * 1024 * 1024) -> None:
         self.raw = raw
         self.watch = watch
         self.limit = limit
@@ -50,12 +58,7 @@ class TarTap:
         return data
 
     def readinto(self, b: bytearray | memoryview) -> int:
-        readinto = getattr(self.raw, "readinto", None)
-        if readinto is None:
-            data = self.read(len(b))
-            b[: len(data)] = data
-            return len(data)
-        n = readinto(b)  # straight into the caller's buffer: no block allocated per read
+        n = self.raw.readinto(b)  # straight into the caller's buffer: no block per read
         if n:
             self._feed(memoryview(b).cast("B")[:n])
         return n or 0
