@@ -237,6 +237,16 @@ def test_s3_lost_answer_to_a_create_only_put(s3_remote: Remote, seaweed: Seaweed
         b.put("index/x", b"other")
 
 
+def _settled_down(proxy: FaultProxy) -> int:
+    """The proxy's downstream byte count once it stops moving: the proxy counts a piece after
+    sending it, so a client can have its answer before the count includes it."""
+    last = -1
+    while (now := proxy.bytes_down) != last:
+        last = now
+        time.sleep(0.05)
+    return now
+
+
 def test_sftp_lost_answer_to_the_rename(sftp_remote: Remote) -> None:
     """Everything of a create-only put is carried out but the last answer (the rename's) is
     lost: the retry finds the object with our content and the put succeeds."""
@@ -244,9 +254,9 @@ def test_sftp_lost_answer_to_the_rename(sftp_remote: Remote) -> None:
     b = retrying(sftp_remote.via_proxy(prefix))
     data = os.urandom(1000)
     b.put("index/warm", data)  # connect, and make index/ exist
-    down = sftp_remote.proxy.bytes_down
+    down = _settled_down(sftp_remote.proxy)
     b.put("index/probe", data)
-    answers = sftp_remote.proxy.bytes_down - down  # what one such put gets back
+    answers = _settled_down(sftp_remote.proxy) - down  # what one such put gets back
     sftp_remote.proxy.cut_next_response(answers - 8)
     try:
         b.put("index/real", data)
