@@ -35,7 +35,7 @@ def _make_tree(root: Path, rng: random.Random) -> None:
     for d in range(6):
         sub = root / f"d{d}"
         sub.mkdir(parents=True, exist_ok=True)
-        for f in range(25):
+        for f in range(50):  # 300 small files: enough for the worker processes to start
             (sub / f"f{f}").write_bytes(rng.randbytes(rng.randint(10, 200_000)))
         (sub / "big").write_bytes(rng.randbytes(6_000_000))
 

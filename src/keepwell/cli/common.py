@@ -104,28 +104,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def tune_malloc(arenas: int = 2, mmap_threshold: int = 4 * 1024 * 1024) -> None:
-    """Keep glibc's heap from holding on to freed buffers, without paying for fresh pages.
-
-    Worker threads would each get an arena of their own, and big buffers freed in the middle of
-    a heap cannot be returned to the system, so resident memory would grow to about twice what
-    is in use: two arenas, and buffers above 4 MiB (packs, ranged reads) served by mmap, keep
-    peak memory close to the live data. Chunk-sized buffers (0.5–4 MiB) stay on the heap and
-    are reused: served by mmap, each one is faulted in page by page and zeroed by the kernel,
-    which cost a third of the time of a streamed backup (1 GiB through ``backup --stdin``:
-    3.55 s with a 1 MiB threshold, 2.78 s with 4 MiB, peak memory 118 → 126 MiB)."""
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
-        return  # glibc settings given in the environment win
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX (glibc's malloc.h)
-        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def run_app(app: Any, *, debug: bool = False) -> int:
     """Run a Typer app; every KeepwellError becomes one line and its exit code."""
     from keepwell.errors import EXIT_FAILURE, KeepwellError

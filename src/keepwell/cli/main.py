@@ -15,7 +15,8 @@ import typer
 
 from keepwell import __version__
 from keepwell.cli import repo_commands
-from keepwell.cli.common import GLOBALS, run_app, tune_malloc
+from keepwell.cli.common import GLOBALS, run_app
+from keepwell.process import tune_malloc
 
 app = typer.Typer(
     help="keepwell: deduplicated, encrypted, verifiable backups of files and databases.",

@@ -270,5 +270,12 @@ class MasterIndex:
                 packs[n], types[n], int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
             )
 
+    def key_array(self) -> np.ndarray:
+        """The sorted 8-byte keys of every entry (a copy): a compact "maybe known" test for
+        another process; a hit must be confirmed against the full id."""
+        with self._lock:
+            self._fold()
+            return self._keys.copy()
+
     def nbytes(self) -> int:
         return int(self._entries.nbytes + self._keys.nbytes)

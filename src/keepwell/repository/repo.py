@@ -74,6 +74,9 @@ class Repository:
         self._pending: dict[bytes, BlobLocation] | None = None
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
+        # (location, options) when opened through `open_repository`: what a worker process
+        # needs to open the same storage again (`reopen_repository`)
+        self.opened_as: tuple[str, dict[str, Any]] | None = None
 
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
@@ -165,7 +168,7 @@ class Repository:
         return self._index
 
     def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None) -> MasterIndex:
-        idx = into or MasterIndex()
+        idx = into if into is not None else MasterIndex()  # an empty index is falsy
         names = [i.name.split("/", 1)[1] for i in self.backend.list("index/")]
         todo = [n for n in names if not skip or n not in skip]
 
@@ -431,7 +434,22 @@ def open_repository(location: str, password: str, **options: Any) -> Repository:
 
     backend = open_backend(location)
     backend = _wrap(backend, location, options)
-    return Repository.open(backend, password)
+    repo = Repository.open(backend, password)
+    repo.opened_as = (location, dict(options))
+    return repo
+
+
+def reopen_repository(location: str, options: dict[str, Any], master_key: bytes,
+                      config: dict[str, Any], key_id: str) -> Repository:
+    """The same repository in another process, from what `Repository.opened_as` and the master
+    key hold (no password, no key derivation). Its index starts empty."""
+    from keepwell.backends.registry import open_backend
+
+    backend = _wrap(open_backend(location), location, options)
+    repo = Repository(backend, MasterKey(master_key), config, key_id)
+    repo.opened_as = (location, dict(options))
+    repo._index = MasterIndex()
+    return repo
 
 
 def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:

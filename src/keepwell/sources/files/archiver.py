@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from keepwell.errors import KeepwellError, UsageError
@@ -30,6 +31,7 @@ from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.repository.writer import SnapshotWriter
+from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
 
 _LARGE = 8 * 1024 * 1024
@@ -38,6 +40,20 @@ _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 el
 # overlaps with another's metadata reads. More threads than this lose more to handing the GIL
 # around (measured: 6 readers and 4 walkers took a third longer on a cold cache with 2 cores).
 WALK_CONCURRENCY = 2
+# Small files go to worker processes (keepwell.sources.files.readers) once a run has this many to
+# read: below that, starting the processes costs more than it saves.
+READERS_AFTER = 256
+
+
+def reader_processes() -> int:
+    """Worker processes for small files: KEEPWELL_READER_PROCESSES, else one per core (0: none)."""
+    value = os.environ.get("KEEPWELL_READER_PROCESSES")
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            raise UsageError(f"KEEPWELL_READER_PROCESSES={value!r} is not a number") from None
+    return max(2, os.cpu_count() or 2)
 
 
 @dataclass
@@ -119,7 +135,8 @@ class _Dir:
 
 class Archiver:
     def __init__(self, repo: Repository, writer: SnapshotWriter, *, excludes: Matcher,
-                 one_file_system: bool, parent: Snapshot | None, workers: int) -> None:
+                 one_file_system: bool, parent: Snapshot | None, workers: int,
+                 processes: int = 0, kind: str = "files") -> None:
         self.repo = repo
         self.writer = writer
         self.excludes = excludes
@@ -133,8 +150,13 @@ class Archiver:
         self._slots = threading.BoundedSemaphore(64)
         self._error: BaseException | None = None
         self._wake = threading.Event()
+        self._processes = processes if _can_reopen(repo) else 0
+        self._kind = kind
+        self._readers: ReaderPool | None = None
+        self._to_read = 0  # small files sent to be read so far
+        self._dir_jobs = 0  # directories submitted and not yet listed
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
-                       "bytes_processed": 0, "errors": 0}
+                       "bytes_processed": 0, "errors": 0, "reader_processes": 0}
 
     # -- results flowing up -------------------------------------------------------------------
     def _child_done(self, d: _Dir, slot: int, node: Node | None) -> None:
@@ -213,13 +235,7 @@ class Archiver:
     def _read_whole(self, fd: int, node: Node) -> list[bytes]:
         """A file below the largest chunk size: one read into memory, then cut in place (a
         streaming chunker would allocate and zero a buffer twice the largest chunk per file)."""
-        want = node.size + 1  # one byte more than expected: a short read is the end of the file
-        data = os.read(fd, want)
-        if len(data) == want:  # the file grew since it was stat'ed: read on to its end
-            parts = [data]
-            while part := os.read(fd, 1 << 20):
-                parts.append(part)
-            data = b"".join(parts)
+        data = read_whole(fd, node.size)
         node.size = len(data)
         self.repo.events.emit("bytes", n=len(data))
         if not data:
@@ -298,6 +314,60 @@ class Archiver:
             self._walk_dir(path, node, old, d, slot, done)
         except BaseException as exc:
             self._fail(exc)
+        finally:
+            with self._lock:
+                self._dir_jobs -= 1
+                walked = self._dir_jobs == 0
+            if walked and self._readers is not None:
+                try:
+                    self._readers.flush()  # no more files will come: send the partial batches
+                except BaseException as exc:
+                    self._fail(exc)
+
+    def _submit_dir(self, path: str, node: Node, old: Node | None, d: _Dir | None, slot: int,
+                    done: Future[Node] | None = None) -> None:
+        with self._lock:
+            self._dir_jobs += 1
+        self._dirs.submit(self._dir_job, path, node, old, d, slot, done)
+
+    # -- small files in worker processes ------------------------------------------------------
+    def _reader_pool(self) -> ReaderPool | None:
+        if self._readers is not None or self._processes <= 0:
+            return self._readers
+        with self._lock:
+            self._to_read += 1
+            if self._to_read < READERS_AFTER or self._readers is not None:
+                return self._readers
+            self._processes, processes = 0, self._processes  # start them once
+        pool = ReaderPool(self.repo, processes, self._kind, self._fail)
+        with self._lock:
+            self._readers = pool
+            self.counts["reader_processes"] = processes
+        return pool
+
+    def _file_stored(self, d: _Dir, slot: int, path: str, node: Node, changed: bool,
+                     ids: list[bytes], size: int, error: str | None, assumed: list[bytes]) -> None:
+        """A worker process's answer for one file (called in its result thread)."""
+        try:
+            if error is not None:
+                self._report(path, error)
+                self._child_done(d, slot, None)
+                return
+            if assumed and not all(self.repo.index.has_each(assumed)):
+                # an 8-byte key matched, the blob did not: store this file here
+                self._slots.acquire()
+                self._files.submit(self._file_job, d, slot, path, node, changed)
+                return
+            node.content, node.size = ids, size
+            with self._lock:
+                self.counts["files_changed" if changed else "files_new"] += 1
+                self.counts["bytes_processed"] += size
+            self.repo.events.emit("bytes", n=size)
+            self.repo.events.emit("file", path=path, size=size)
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        self._child_done(d, slot, node)
 
     def _add(self, path: str, node: Node, st: os.stat_result, old: Node | None, d: _Dir | None,
              slot: int, known: set[str] | None = None) -> None:
@@ -306,7 +376,7 @@ class Archiver:
                 node.subtree = None
                 self._child_done(d, slot, None)
                 return
-            self._dirs.submit(self._dir_job, path, node, old, d, slot)
+            self._submit_dir(path, node, old, d, slot)
             return
         assert d is not None
         if node.type == FILE:
@@ -319,6 +389,10 @@ class Archiver:
                 self.repo.events.emit("bytes", n=node.size)
                 self.repo.events.emit("file", path=path, size=node.size)
                 self._child_done(d, slot, node)
+                return
+            if node.size < _LARGE and (readers := self._reader_pool()) is not None:
+                readers.submit(path, node.size,
+                               partial(self._file_stored, d, slot, path, node, old is not None))
                 return
             self._slots.acquire()
             self._files.submit(self._file_job, d, slot, path, node, old is not None)
@@ -355,7 +429,7 @@ class Archiver:
             return node
         fut: Future[Node] = Future()
         fut.add_done_callback(lambda _: self._wake.set())
-        self._dirs.submit(self._dir_job, path, node, old, None, 0, fut)
+        self._submit_dir(path, node, old, None, 0, fut)
         while True:
             if self._error is not None:
                 raise self._error
@@ -366,9 +440,33 @@ class Archiver:
 
     def close(self) -> None:
         self._dirs.shutdown(wait=True)
-        self._files.shutdown(wait=True)
+        try:
+            if self._readers is not None:
+                totals = self._readers.close()  # their packs and index objects are stored
+                st = self.writer.sink.stats
+                st.blobs_new += totals.get("blobs_new", 0)
+                st.blobs_known += totals.get("blobs_known", 0)
+                st.bytes_raw_new += totals.get("bytes_raw_new", 0)
+                st.bytes_stored += totals.get("bytes_stored", 0)
+                st.packs += totals.get("packs", 0)
+                self.repo.refresh_index()  # so this process can read what they stored
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._files.shutdown(wait=True)
         if self._error is not None:
             raise self._error
+
+
+def _can_reopen(repo: Repository) -> bool:
+    """Whether worker processes can open this repository's storage again: it was opened from a
+    location that is not in this process's memory, and no bandwidth limit (a per-process token
+    bucket) is set."""
+    if repo.opened_as is None:
+        return False
+    location, options = repo.opened_as
+    return not location.startswith("memory://") and not options.get("limit_upload") \
+        and not options.get("limit_download")
 
 
 def _dir_meta(names: _Names) -> Callable[[str], Node]:
@@ -463,7 +561,8 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
             parent = repo.find_snapshot(parent)
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
-                            parent=parent, workers=workers or max(2, os.cpu_count() or 2))
+                            parent=parent, workers=workers or max(2, os.cpu_count() or 2),
+                            processes=reader_processes(), kind=kind)
         try:
             for ap in absolute:
                 node = archiver.backup_root(ap)

@@ -1,0 +1,140 @@
+"""Small files stored by worker processes (keepwell.sources.files.readers): what they store
+restores byte for byte, copies meet in one worker, blobs the repository already holds are not
+stored again, a match on the index's 8-byte key alone is caught, unreadable files are reported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keepwell.backends.local import LocalBackend
+from keepwell.crypto import keyed_id
+from keepwell.repository import Repository, open_repository
+from keepwell.repository.check import check
+from keepwell.repository.format import DATA
+from keepwell.repository.index import MasterIndex
+from keepwell.sources.files import backup_paths, restore_snapshot
+from keepwell.sources.files.archiver import READERS_AFTER
+
+os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
+
+
+def _open(tmp_path: Path) -> Repository:
+    loc = str(tmp_path / "repo")
+    Repository.init(LocalBackend(loc), "pw")
+    return open_repository(loc, "pw")
+
+
+def _tree(root: Path, n: int, salt: bytes = b"") -> None:
+    for i in range(n):
+        d = root / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.txt").write_bytes(salt + f"file {i} ".encode() * (i % 300 + 1))
+    (root / "big.bin").write_bytes(os.urandom(3_000_000))  # cut into several chunks
+    (root / "copy-a").write_bytes(b"the same bytes " * 5000)
+    (root / "copy-b").write_bytes(b"the same bytes " * 5000)
+
+
+def _same(src: Path, out: Path) -> None:
+    r = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(out / str(src).lstrip("/"))],
+                       capture_output=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_workers_store_what_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    src = tmp_path / "src"
+    _tree(src, READERS_AFTER + 400)
+    unreadable = src / "d0" / "secret"
+    unreadable.write_bytes(b"x")
+    unreadable.chmod(0)
+    repo = _open(tmp_path)
+    res = backup_paths(repo, [str(src)])
+    s = res.snapshot.summary
+    assert s["reader_processes"] == 2
+    if os.geteuid() != 0:  # root reads anything
+        assert [p for p, _ in res.errors] == [str(unreadable)]
+        unreadable.unlink()
+    out = tmp_path / "out"
+    assert not restore_snapshot(repo, res.snapshot, str(out)).errors  # this process reads them
+    _same(src, out)
+    fresh = open_repository(str(tmp_path / "repo"), "pw")
+    assert check(fresh, read_data_fraction=1.0).ok
+    # copies of one file met in one worker: their bytes are stored once
+    data = sum(loc.raw_length for _, loc in fresh.index.entries() if loc.type == DATA)
+    assert data == s["bytes_processed"] - 5000 * 15
+
+
+def test_known_blobs_are_not_stored_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _tree(a, READERS_AFTER + 200)
+    repo = _open(tmp_path)
+    backup_paths(repo, [str(a)])
+    subprocess.run(["cp", "-r", str(a), str(b)], check=True)  # new paths, new times: all re-read
+    snap = backup_paths(repo, [str(b)]).snapshot
+    assert snap.summary["reader_processes"] == 2
+    assert snap.summary["files_new"] > READERS_AFTER
+    assert snap.summary["bytes_added"] < 50_000  # only trees are new
+    out = tmp_path / "out"
+    assert not restore_snapshot(open_repository(str(tmp_path / "repo"), "pw"), snap, str(out)).errors
+    _same(b, out)
+
+
+def test_a_match_on_the_key_alone_is_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker takes a blob whose 8-byte key is in the index for known; the main process finds
+    the full id missing and stores the file itself."""
+    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    src = tmp_path / "src"
+    _tree(src, READERS_AFTER + 50)
+    target = b"a file whose key collides " * 40
+    (src / "collides").write_bytes(target)
+    repo = _open(tmp_path)
+    blob_id = keyed_id(repo.id_key, target)
+    real = MasterIndex.key_array
+
+    def with_collision(self: MasterIndex) -> np.ndarray:
+        keys = np.append(real(self), np.uint64(int.from_bytes(blob_id[:8], "big")))
+        return np.sort(keys)
+
+    monkeypatch.setattr(MasterIndex, "key_array", with_collision)
+    snap = backup_paths(repo, [str(src)]).snapshot
+    assert snap.summary["reader_processes"] == 2
+    assert repo.index.has(blob_id)
+    out = tmp_path / "out"
+    assert not restore_snapshot(repo, snap, str(out)).errors
+    assert (out / str(src).lstrip("/") / "collides").read_bytes() == target
+    _same(src, out)
+
+
+def test_few_files_start_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    src = tmp_path / "src"
+    _tree(src, 20)
+    snap = backup_paths(_open(tmp_path), [str(src)]).snapshot
+    assert snap.summary["reader_processes"] == 0
+
+
+def test_a_file_gone_before_its_read_is_reported(tmp_path: Path) -> None:
+    from keepwell.sources.files.readers import ReaderPool
+
+    repo = _open(tmp_path)
+    (tmp_path / "here").write_bytes(b"present")
+    got: dict[str, tuple[list[bytes], int, str | None]] = {}
+    errors: list[BaseException] = []
+    pool = ReaderPool(repo, 1, "files", errors.append)
+    for name in ("here", "gone"):
+        pool.submit(str(tmp_path / name), 7,
+                    lambda ids, size, err, assumed, n=name: got.__setitem__(n, (ids, size, err)))
+    totals = pool.close()
+    assert not errors
+    assert got["gone"] == ([], 0, "No such file or directory")
+    ids, size, err = got["here"]
+    assert size == 7 and err is None and len(ids) == 1
+    assert totals["blobs_new"] == 1
+    repo.refresh_index()
+    assert repo.index.has(ids[0])
