@@ -34,7 +34,7 @@ R_A=s3:$AWS_ENDPOINT_URL/restic-a/repo R_B=s3:$AWS_ENDPOINT_URL/restic-b/repo
 measure() {  # name step command...
     local name=$1 step=$2; shift 2
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$W/t" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
+    .venv/bin/python bench/peakmem.py "$W/t" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
     read -r secs rss < "$W/t"; echo "$name $step $secs $rss" >> "$W/results"
 }
 echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files); S3: SeaweedFS on port $S3_PORT"
