@@ -33,6 +33,7 @@ from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET,
 from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
+from keepwell.sources.workers import can_reopen, worker_count
 
 _LARGE = 8 * 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
@@ -43,17 +44,6 @@ WALK_CONCURRENCY = 2
 # Small files go to worker processes (keepwell.sources.files.readers) once a run has this many to
 # read: below that, starting the processes costs more than it saves.
 READERS_AFTER = 256
-
-
-def reader_processes() -> int:
-    """Worker processes for small files: KEEPWELL_READER_PROCESSES, else one per core (0: none)."""
-    value = os.environ.get("KEEPWELL_READER_PROCESSES")
-    if value is not None:
-        try:
-            return max(0, int(value))
-        except ValueError:
-            raise UsageError(f"KEEPWELL_READER_PROCESSES={value!r} is not a number") from None
-    return max(2, os.cpu_count() or 2)
 
 
 @dataclass
@@ -150,7 +140,7 @@ class Archiver:
         self._slots = threading.BoundedSemaphore(64)
         self._error: BaseException | None = None
         self._wake = threading.Event()
-        self._processes = processes if _can_reopen(repo) else 0
+        self._processes = processes if can_reopen(repo) else 0
         self._kind = kind
         self._readers: ReaderPool | None = None
         self._to_read = 0  # small files sent to be read so far
@@ -458,17 +448,6 @@ class Archiver:
             raise self._error
 
 
-def _can_reopen(repo: Repository) -> bool:
-    """Whether worker processes can open this repository's storage again: it was opened from a
-    location that is not in this process's memory, and no bandwidth limit (a per-process token
-    bucket) is set."""
-    if repo.opened_as is None:
-        return False
-    location, options = repo.opened_as
-    return not location.startswith("memory://") and not options.get("limit_upload") \
-        and not options.get("limit_download")
-
-
 def _dir_meta(names: _Names) -> Callable[[str], Node]:
     def meta(path: str) -> Node:
         try:
@@ -562,7 +541,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
-                            processes=reader_processes(), kind=kind)
+                            processes=worker_count("KEEPWELL_READER_PROCESSES"), kind=kind)
         try:
             for ap in absolute:
                 node = archiver.backup_root(ap)

@@ -1,0 +1,243 @@
+"""Worker processes for the parts of a file backup or restore that Python would serialise.
+
+One process hands the GIL from thread to thread around every system call and every native call;
+with tens of thousands of small files, on two cores, those hand-overs (futex wake-ups, context
+switches) cost more than the work itself. `Workers` runs a handler in a few fresh interpreters
+instead, each single-threaded where it matters, and talks to them over pipes:
+
+- a handler is named as ``module:factory``; the factory gets the ``init`` dict and returns an
+  object with ``handle(request) -> answer`` and ``finish() -> dict`` (totals for the caller);
+- requests sent to one worker are answered in order; at most `IN_FLIGHT` per worker are
+  unanswered, so memory stays flat and a slow worker slows its sender;
+- each answer is passed to the request's callback in a result thread of the caller;
+- an exception in a worker ends the run with that exception (or one that says the same); a
+  worker that dies ends it with a clear error; a worker whose caller dies reads end-of-file and
+  exits.
+
+The workers are started as ``python -c`` (not multiprocessing's spawn, which would run the
+caller's main script again in each child).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from keepwell.errors import KeepwellError
+
+IN_FLIGHT = 3
+
+_MAIN = ("import sys; from multiprocessing.connection import Connection as C; "
+         "from keepwell.sources.workers import serve; "
+         "serve(C(int(sys.argv[1]), writable=False), C(int(sys.argv[2]), readable=False))")
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    requests: Connection
+    answers: Connection
+    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(IN_FLIGHT))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the waiting table
+    send_lock: threading.Lock = field(default_factory=threading.Lock)  # ids and sends in one order
+    next_id: int = 0
+    waiting: dict[int, Callable[[Any], None]] = field(default_factory=dict)
+    totals: dict[str, Any] | None = None
+    receiver: threading.Thread | None = None
+
+
+class Workers:
+    def __init__(self, handler: str, init: dict[str, Any], processes: int,
+                 on_error: Callable[[BaseException], None], what: str) -> None:
+        self.what = what  # "file reader", "file writer": for messages
+        self._on_error = on_error
+        self._error: BaseException | None = None
+        self._closing = False
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(processes):
+                self._workers.append(_start({"handler": handler, **init}))
+        except BaseException:
+            self.terminate()
+            raise
+        for w in self._workers:
+            w.receiver = threading.Thread(target=self._receive, args=(w,), daemon=True,
+                                          name=f"kw-{what.replace(' ', '-')}-results")
+            w.receiver.start()
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def send(self, i: int, request: Any, done: Callable[[Any], None]) -> None:
+        """Send a request to worker ``i``; ``done(answer)`` is called once it is answered.
+        Blocks while that worker has `IN_FLIGHT` requests unanswered."""
+        w = self._workers[i]
+        while not w.slots.acquire(timeout=0.5):
+            if self._error is not None:
+                raise self._error
+        if self._error is not None:
+            raise self._error
+        with w.send_lock:  # not the waiting table's lock: a send may wait for the worker to read
+            with w.lock:
+                rid = w.next_id
+                w.next_id += 1
+                w.waiting[rid] = done
+            try:
+                w.requests.send(("do", rid, request))
+            except (OSError, ValueError) as exc:
+                raise self._fail(KeepwellError(f"a {self.what} process is gone: {exc}")) from None
+
+    def _receive(self, w: _Worker) -> None:
+        try:
+            while True:
+                msg = w.answers.recv()
+                if msg[0] == "done":
+                    with w.lock:
+                        done = w.waiting.pop(msg[1])
+                    w.slots.release()
+                    done(msg[2])
+                elif msg[0] == "closed":
+                    w.totals = msg[1]
+                    return
+                else:  # "failed"
+                    self._fail(msg[1])
+                    return
+        except (EOFError, OSError):
+            self._fail(KeepwellError(f"a {self.what} process ended unexpectedly",
+                                     hint="see its message above"))
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        if self._error is None:
+            self._error = exc
+            self._on_error(exc)
+        for w in self._workers:
+            w.slots.release()  # wake a sender waiting for a slot: it sees the error
+        return self._error
+
+    def close(self) -> list[dict[str, Any]]:
+        """Let every worker finish what it was sent; their ``finish()`` totals."""
+        try:
+            if self._error is None:
+                for w in self._workers:
+                    with w.send_lock:
+                        w.requests.send(("close",))
+                for w in self._workers:
+                    assert w.receiver is not None
+                    w.receiver.join()
+            if self._error is not None:
+                raise self._error
+            return [w.totals or {} for w in self._workers]
+        finally:
+            self.terminate()
+
+    def terminate(self) -> None:
+        for w in self._workers:
+            if w.totals is None and w.process.poll() is None:
+                w.process.terminate()
+            try:
+                w.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            w.requests.close()
+            w.answers.close()
+
+
+def _start(init: dict[str, Any]) -> _Worker:
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    try:
+        p = subprocess.Popen([sys.executable, "-c", _MAIN, str(down_r), str(up_w)],
+                             pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, close_fds=True)
+    except BaseException:
+        for fd in (down_r, down_w, up_r, up_w):
+            os.close(fd)
+        raise
+    os.close(down_r)
+    os.close(up_w)
+    w = _Worker(p, Connection(down_w, readable=False), Connection(up_r, writable=False))
+    w.requests.send(init)
+    return w
+
+
+# -- in the worker process ------------------------------------------------------------------------
+def serve(requests: Connection, answers: Connection) -> None:
+    try:
+        init = requests.recv()
+    except EOFError:
+        return
+    try:
+        from keepwell.process import tune_malloc
+
+        tune_malloc()
+        module, factory = init["handler"].split(":")
+        handler = getattr(importlib.import_module(module), factory)(init)
+        while True:
+            msg = requests.recv()
+            if msg[0] == "close":
+                answers.send(("closed", handler.finish()))
+                return
+            answers.send(("done", msg[1], handler.handle(msg[2])))
+    except (EOFError, BrokenPipeError):
+        return  # the caller is gone
+    except BaseException as exc:
+        try:
+            answers.send(("failed", _portable(exc)))
+        except BaseException:
+            pass
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it crosses a pipe intact, else one that says the same."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return KeepwellError(f"worker process: {exc}")
+
+
+def repository_init(repo: Any) -> dict[str, Any]:
+    """What a worker needs to open ``repo`` again (keepwell.repository.repo.reopen_repository)."""
+    assert repo.opened_as is not None
+    location, options = repo.opened_as
+    return {"location": location, "options": options, "master": repo.master.raw,
+            "config": repo.config, "key_id": repo.key_id}
+
+
+def can_reopen(repo: Any) -> bool:
+    """Whether worker processes can open this repository's storage again: it was opened from a
+    location that is not in this process's memory, and no bandwidth limit (a per-process token
+    bucket) is set."""
+    if repo.opened_as is None:
+        return False
+    location, options = repo.opened_as
+    return not location.startswith("memory://") and not options.get("limit_upload") \
+        and not options.get("limit_download")
+
+
+def worker_count(variable: str) -> int:
+    """Worker processes from an environment variable, else one per core (0: none)."""
+    value = os.environ.get(variable)
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            from keepwell.errors import UsageError
+
+            raise UsageError(f"{variable}={value!r} is not a number") from None
+    return max(2, os.cpu_count() or 2)
