@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def tune_malloc(arenas: int = 2, mmap_threshold: int = 4 * 1024 * 1024) -> None:
@@ -26,3 +29,16 @@ def tune_malloc(arenas: int = 2, mmap_threshold: int = 4 * 1024 * 1024) -> None:
         libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+@contextmanager
+def fewer_collections(threshold: int = 100_000) -> Iterator[None]:
+    """Run the cyclic garbage collector less often while a backup or restore makes and drops
+    hundreds of thousands of small objects (nodes, tuples) that hold no cycles: with the default
+    threshold, its passes over the live objects took 5 % of a restore's time. Restored after."""
+    old = gc.get_threshold()
+    gc.set_threshold(threshold, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)

@@ -1,6 +1,8 @@
-"""Small files stored by worker processes (keepwell.sources.files.readers): what they store
+"""Small files in worker processes. Backup (keepwell.sources.files.readers): what they store
 restores byte for byte, copies meet in one worker, blobs the repository already holds are not
-stored again, a match on the index's 8-byte key alone is caught, unreadable files are reported."""
+stored again, a match on the index's 8-byte key alone is caught, unreadable files are reported.
+Restore (keepwell.sources.files.restorer.PackWriter): files, metadata, holes and hard links come
+back as they were, and a damaged pack costs exactly the files it holds."""
 
 from __future__ import annotations
 
@@ -37,16 +39,30 @@ def _tree(root: Path, n: int, salt: bytes = b"") -> None:
     (root / "big.bin").write_bytes(os.urandom(3_000_000))  # cut into several chunks
     (root / "copy-a").write_bytes(b"the same bytes " * 5000)
     (root / "copy-b").write_bytes(b"the same bytes " * 5000)
+    (root / "zeros").write_bytes(bytes(200_000))  # one blob of zeros: restored as a hole
+    os.link(root / "copy-a", root / "link-to-a")
+    for i, f in enumerate(sorted((root / "d1").iterdir())[:50]):
+        f.chmod(0o600 + i % 8)
+        os.utime(f, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i * 7))
 
 
 def _same(src: Path, out: Path) -> None:
-    r = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(out / str(src).lstrip("/"))],
-                       capture_output=True)
+    restored = out / str(src).lstrip("/")
+    r = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(restored)], capture_output=True)
     assert r.returncode == 0, r.stdout
+    for path in src.rglob("*"):
+        a, b = path.lstat(), (restored / path.relative_to(src)).lstat()
+        assert (a.st_mode, a.st_uid, a.st_gid) == (b.st_mode, b.st_uid, b.st_gid), path
+        if not path.is_dir():
+            assert a.st_mtime_ns == b.st_mtime_ns, path
+    if (src / "zeros").exists():
+        assert (restored / "zeros").stat().st_blocks * 512 < 100_000
+        linked = (src / "copy-a").stat().st_ino == (src / "link-to-a").stat().st_ino
+        assert linked == ((restored / "copy-a").stat().st_ino == (restored / "link-to-a").stat().st_ino)
 
 
 def test_workers_store_what_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "2")
     src = tmp_path / "src"
     _tree(src, READERS_AFTER + 400)
     unreadable = src / "d0" / "secret"
@@ -60,17 +76,18 @@ def test_workers_store_what_restores(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert [p for p, _ in res.errors] == [str(unreadable)]
         unreadable.unlink()
     out = tmp_path / "out"
-    assert not restore_snapshot(repo, res.snapshot, str(out)).errors  # this process reads them
+    restored = restore_snapshot(repo, res.snapshot, str(out))  # this process reads them
+    assert not restored.errors and restored.processes == 2
     _same(src, out)
     fresh = open_repository(str(tmp_path / "repo"), "pw")
     assert check(fresh, read_data_fraction=1.0).ok
-    # copies of one file met in one worker: their bytes are stored once
+    # copies of one file (copy-b, and the hard link to copy-a) met in one worker: stored once
     data = sum(loc.raw_length for _, loc in fresh.index.entries() if loc.type == DATA)
-    assert data == s["bytes_processed"] - 5000 * 15
+    assert data == s["bytes_processed"] - 2 * 5000 * 15
 
 
 def test_known_blobs_are_not_stored_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "2")
     a, b = tmp_path / "a", tmp_path / "b"
     _tree(a, READERS_AFTER + 200)
     repo = _open(tmp_path)
@@ -88,7 +105,7 @@ def test_known_blobs_are_not_stored_again(tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_match_on_the_key_alone_is_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker takes a blob whose 8-byte key is in the index for known; the main process finds
     the full id missing and stores the file itself."""
-    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "2")
     src = tmp_path / "src"
     _tree(src, READERS_AFTER + 50)
     target = b"a file whose key collides " * 40
@@ -112,7 +129,7 @@ def test_a_match_on_the_key_alone_is_stored(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_few_files_start_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEPWELL_READER_PROCESSES", "2")
+    monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "2")
     src = tmp_path / "src"
     _tree(src, 20)
     snap = backup_paths(_open(tmp_path), [str(src)]).snapshot
@@ -120,16 +137,20 @@ def test_few_files_start_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_a_file_gone_before_its_read_is_reported(tmp_path: Path) -> None:
-    from keepwell.sources.files.readers import ReaderPool
+    from keepwell.sources.files.readers import Done, ReaderPool
 
     repo = _open(tmp_path)
     (tmp_path / "here").write_bytes(b"present")
     got: dict[str, tuple[list[bytes], int, str | None]] = {}
     errors: list[BaseException] = []
     pool = ReaderPool(repo, 1, "files", errors.append)
+    def keep(name: str) -> Done:
+        def done(ids: list[bytes], size: int, err: str | None, assumed: list[bytes]) -> None:
+            got[name] = (ids, size, err)
+        return done
+
     for name in ("here", "gone"):
-        pool.submit(str(tmp_path / name), 7,
-                    lambda ids, size, err, assumed, n=name: got.__setitem__(n, (ids, size, err)))
+        pool.submit(str(tmp_path / name), 7, keep(name))
     totals = pool.close()
     assert not errors
     assert got["gone"] == ([], 0, "No such file or directory")
@@ -138,3 +159,30 @@ def test_a_file_gone_before_its_read_is_reported(tmp_path: Path) -> None:
     assert totals["blobs_new"] == 1
     repo.refresh_index()
     assert repo.index.has(ids[0])
+
+
+def test_restore_reports_the_file_of_a_damaged_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "2")
+    src = tmp_path / "src"
+    _tree(src, READERS_AFTER + 400)
+    repo = _open(tmp_path)
+    snap = backup_paths(repo, [str(src)]).snapshot
+    victim = src / "d3" / "f10.txt"
+    node = repo.find_node(snap, str(victim))
+    assert len(node.content) == 1
+    loc = repo.index.lookup(node.content[0])
+    assert loc is not None
+    pack = next((tmp_path / "repo").glob(f"data/**/{loc.pack.hex()}"))
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    res = restore_snapshot(open_repository(str(tmp_path / "repo"), "pw"), snap, str(out))
+    assert res.processes == 2
+    restored = out / str(src).lstrip("/")
+    assert [p for p, _ in res.errors] == [str(restored / "d3" / "f10.txt")]
+    assert "corrupt" in res.errors[0][1]
+    victim.unlink()
+    (restored / "d3" / "f10.txt").unlink(missing_ok=True)
+    _same(src, out)  # everything else came back

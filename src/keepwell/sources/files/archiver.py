@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from keepwell.errors import KeepwellError, UsageError
+from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
@@ -533,7 +534,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     writer = repo.new_snapshot(kind, absolute, host=host, tags=tags, source=source,
                                dir_meta=_dir_meta(names))
-    with writer:
+    with writer, fewer_collections():
         if parent == "auto":
             parent = find_parent(repo, absolute, host) if kind == "files" else None
         elif isinstance(parent, str):
@@ -541,7 +542,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
-                            processes=worker_count("KEEPWELL_READER_PROCESSES"), kind=kind)
+                            processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind)
         try:
             for ap in absolute:
                 node = archiver.backup_root(ap)

@@ -7,6 +7,11 @@ byte of it is written. Large files are written from many packs at once (``pwrite
 offsets), and runs of zeros are left as holes, so sparse files stay sparse. Metadata (owner,
 mode, times) is applied to each file when its last blob lands and to directories at the end,
 deepest first.
+
+Files of one blob (most files of most trees) are written by worker processes once a restore has
+enough of them (keepwell.sources.workers): each gets whole packs' worth of such files, reads
+and checks the blobs and writes the files with their metadata, single-threaded, so the many
+small system calls do not hand the GIL around. Files of several blobs are written here.
 """
 
 from __future__ import annotations
@@ -19,17 +24,27 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from keepwell.errors import KeepwellError, RestoreTargetError
+from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
 from keepwell.sources.files import fileio
 from keepwell.sources.files.select import Matcher
+from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
 
 _MAX_RANGE = 8 * 1024 * 1024
 BATCH_FILES = 4096  # files planned (and their blob locations held) at a time
 _MAX_GAP = 256 * 1024
+WRITERS_AFTER = 256  # files of one blob in the first batch before worker processes start
+_UNIT_FILES = 256  # files of one blob per request to a worker
+
+# one file of one blob for a worker: path, mode, mtime_ns, owner to set (None: keep)
+_Dest = tuple[str, int, int, tuple[int, int] | None]
+# a blob for a worker: offset, stored length, raw length, id, type, files it fills
+_Unit = tuple[int, int, int, bytes, int, list[_Dest]]
 
 
 @dataclass
@@ -38,6 +53,7 @@ class RestoreResult:
     dirs: int = 0
     bytes: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    processes: int = 0  # worker processes that wrote files of one blob
 
 
 @dataclass(slots=True)
@@ -59,6 +75,17 @@ class _Want:
     dests: list[tuple[_Target, int]]
 
 
+def _mkdir(path: str) -> None:
+    """A directory whose parent the walk made just before (one call, not makedirs' checks)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+
+
 def _is_zero(data: bytes) -> bool:
     # the ends first: almost every blob fails there, without a pass over all of it
     return bool(data) and data[0] == 0 and data[-1] == 0 and data.count(0) == len(data)
@@ -66,8 +93,10 @@ def _is_zero(data: bytes) -> bool:
 
 class Restorer:
     def __init__(self, repo: Repository, snap: Snapshot, target: str, *, includes: Matcher,
-                 excludes: Matcher, workers: int) -> None:
+                 excludes: Matcher, workers: int, processes: int = 0) -> None:
         self.repo = repo
+        self.processes = processes if can_reopen(repo) else 0
+        self._writers: Workers | None = None
         self.snap = snap
         self.target = target
         self.includes = includes
@@ -144,7 +173,7 @@ class Restorer:
                 if self._selected(spath, node) or (self.includes and not self.excludes.matches_within(spath)):
                     self._dirs.append((dest, node))
                     if self._selected(spath, node):
-                        os.makedirs(dest, exist_ok=True)
+                        _mkdir(dest)
                         self._made_dirs.add(dest)
                 continue
             if not self._selected(spath, node):
@@ -246,6 +275,62 @@ class Restorer:
         if done:
             self.repo.events.emit("file", path=target.path, size=target.node.size)
 
+    # -- files of one blob, in worker processes ------------------------------------------------
+    def _to_writers(self, batch: dict[tuple[bytes, int], list[_Want]]) -> dict[tuple[bytes, int], list[_Want]]:
+        """Send the batch's files of one blob to the worker processes (starting them on the
+        first batch that has enough); return what is left to write here."""
+        if self._writers is None:
+            if self.processes <= 0:
+                return batch
+            single = sum(1 for wants in batch.values() for w in wants for t, _ in w.dests
+                         if len(t.node.content) == 1)
+            if single < WRITERS_AFTER:
+                return batch
+            init = {**repository_init(self.repo), "is_root": self._is_root, "creator": self._creator}
+            self._writers = Workers("keepwell.sources.files.restorer:PackWriter", init,
+                                    self.processes, lambda exc: None, "file writer")
+            self.result.processes, self.processes = self.processes, 0
+        writers = self._writers
+        here: dict[tuple[bytes, int], list[_Want]] = {}
+        for (pack, pack_type), wants in batch.items():
+            name = pack_object_name(pack_type, pack.hex())
+            units: list[_Unit] = []
+            files = 0
+            for w in wants:
+                mine = [(t.path, t.node.mode, t.node.mtime_ns, self._owner(t.node))
+                        for t, _ in w.dests if len(t.node.content) == 1]
+                rest = [(t, o) for t, o in w.dests if len(t.node.content) != 1]
+                if mine:
+                    units.append((w.offset, w.length, w.raw_length, w.blob_id, w.type, mine))
+                    files += len(mine)
+                if rest:
+                    here.setdefault((pack, pack_type), []).append(
+                        _Want(w.offset, w.length, w.raw_length, w.blob_id, w.type, rest))
+                if files >= _UNIT_FILES:
+                    self._send_unit(writers, pack, name, units)
+                    units, files = [], 0
+            if units:
+                self._send_unit(writers, pack, name, units)
+        return here
+
+    def _owner(self, node: Node) -> tuple[int, int] | None:
+        owner = (node.uid, node.gid) if self._is_root else None
+        return None if owner == self._creator else owner
+
+    def _send_unit(self, writers: Workers, pack: bytes, name: str, units: list[_Unit]) -> None:
+        writers.send(pack[0] % len(writers), (name, units), self._written)
+
+    def _written(self, results: list[tuple[str, int, str | None]]) -> None:
+        """A worker's answer: each file's path, bytes written, error."""
+        for path, n, err in results:
+            if err is not None:
+                self._error(path, err)
+                continue
+            with self._lock:
+                self.result.bytes += n
+            self.repo.events.emit("bytes", n=n)
+            self.repo.events.emit("file", path=path, size=n)
+
     def _fail_dests(self, want: _Want, msg: str) -> None:
         for target, _ in want.dests:
             with target.lock:
@@ -290,15 +375,22 @@ class Restorer:
             # batches are planned while earlier ones are fetched; at most three are held at once,
             # and the pool never drains between two of them
             inflight: deque[list[Future[None]]] = deque()
-            for batch in self.plan():
-                inflight.append([pool.submit(self._fetch_pack, p, t, w) for (p, t), w in batch.items()])
-                del batch
-                while len(inflight) > 2:
+            try:
+                for batch in self.plan():
+                    here = self._to_writers(batch)
+                    inflight.append([pool.submit(self._fetch_pack, p, t, w) for (p, t), w in here.items()])
+                    del batch, here
+                    while len(inflight) > 2:
+                        for f in inflight.popleft():
+                            f.result()
+                while inflight:
                     for f in inflight.popleft():
                         f.result()
-            while inflight:
-                for f in inflight.popleft():
-                    f.result()
+                if self._writers is not None:
+                    self._writers.close()
+            finally:
+                if self._writers is not None:
+                    self._writers.terminate()
         for first, dest, _node in self._deferred_links:
             try:
                 os.link(first, dest)
@@ -322,5 +414,71 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
         if os.listdir(target) and not overwrite:
             raise RestoreTargetError(f"restore target {target} is not empty")
     os.makedirs(target, exist_ok=True)
-    return Restorer(repo, snap, target, includes=Matcher(includes), excludes=Matcher(excludes),
-                    workers=workers).run()
+    with fewer_collections():
+        return Restorer(repo, snap, target, includes=Matcher(includes), excludes=Matcher(excludes),
+                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES")).run()
+
+
+class PackWriter:
+    """In a worker process: reads a pack's blobs (ranges of nearby blobs in one request), checks
+    each against its id, and writes the files of one blob they fill, with their metadata."""
+
+    def __init__(self, init: dict[str, Any]) -> None:
+        from keepwell.repository.repo import reopen_repository
+
+        self.repo = reopen_repository(init["location"], init["options"], init["master"],
+                                      init["config"], init["key_id"])
+
+    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None]]:
+        name, units = request
+        out: list[tuple[str, int, str | None]] = []
+        i = 0
+        while i < len(units):
+            start = units[i][0]
+            end = start + units[i][1]
+            j = i + 1
+            while j < len(units) and units[j][0] - end <= _MAX_GAP and \
+                    units[j][0] + units[j][1] - start <= _MAX_RANGE:
+                end = max(end, units[j][0] + units[j][1])
+                j += 1
+            group, i = units[i:j], j
+            try:
+                data = memoryview(self.repo.backend.get(name, start, end - start))
+            except KeepwellError as exc:
+                out += [(d[0], 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
+                continue
+            for offset, length, raw_length, blob_id, btype, dests in group:
+                try:
+                    plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
+                except KeepwellError as exc:
+                    out += [(d[0], 0, str(exc)) for d in dests]
+                    continue
+                for dest in dests:
+                    out.append(_write_whole(dest, plain))
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+def _write_whole(dest: _Dest, data: bytes) -> tuple[str, int, str | None]:
+    path, mode, mtime_ns, owner = dest
+    try:
+        fd = fileio.open_write(path, True)
+    except OSError as exc:
+        return path, 0, exc.strerror or str(exc)
+    try:
+        if _is_zero(data) and len(data) >= 4096:
+            os.ftruncate(fd, len(data))  # a hole
+        else:
+            fileio.pwrite_all(fd, data, 0)
+        try:
+            fileio.set_meta(fd, mode, mtime_ns, owner)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                return path, len(data), f"cannot set metadata: {exc.strerror}"
+        return path, len(data), None
+    except OSError as exc:
+        return path, 0, exc.strerror or str(exc)
+    finally:
+        fileio.close(fd)
