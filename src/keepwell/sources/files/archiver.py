@@ -18,6 +18,7 @@ import grp
 import os
 import pwd
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -38,10 +39,30 @@ from keepwell.sources.workers import can_reopen, worker_count
 
 _LARGE = 8 * 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
-# Readers: one per core plus one to cover a blocking read; walkers: two, so listing one directory
-# overlaps with another's metadata reads. More threads than this lose more to handing the GIL
-# around (measured: 6 readers and 4 walkers took a third longer on a cold cache with 2 cores).
-WALK_CONCURRENCY = 2
+# Readers (large files; small ones go to worker processes): one per core plus one to cover a
+# blocking read. One walker: a second one only hands the GIL back and forth (an unchanged
+# re-backup of 50,000 files: 2.45 s with two, 1.62 s with one); the cold disk's latency is
+# covered by the prefetch process instead.
+WALK_CONCURRENCY = 1
+# A plain interpreter (no site, no keepwell) that lists and stats a tree breadth first, as the
+# walker does, so the walker finds the metadata of a cold disk cached: several reads in flight
+# instead of one after another (a cold re-backup of 50,000 files: 3.1 s → 1.9 s).
+_PREFETCH = """
+import os, sys, collections
+todo = collections.deque([sys.argv[1]]); dev = int(sys.argv[2])
+while todo:
+    try:
+        with os.scandir(todo.popleft()) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if e.is_dir(follow_symlinks=False) and (dev < 0 or st.st_dev == dev):
+                        todo.append(e.path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+"""
 # Small files go to worker processes (keepwell.sources.files.readers) once a run has this many to
 # read: below that, starting the processes costs more than it saves.
 READERS_AFTER = 256
@@ -146,6 +167,7 @@ class Archiver:
         self._readers: ReaderPool | None = None
         self._to_read = 0  # small files sent to be read so far
         self._dir_jobs = 0  # directories submitted and not yet listed
+        self._prefetchers: list[subprocess.Popen[bytes]] = []
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
                        "bytes_processed": 0, "errors": 0, "reader_processes": 0}
 
@@ -420,6 +442,7 @@ class Archiver:
             return node
         fut: Future[Node] = Future()
         fut.add_done_callback(lambda _: self._wake.set())
+        self._prefetch(path, st.st_dev)
         self._submit_dir(path, node, old, None, 0, fut)
         while True:
             if self._error is not None:
@@ -429,7 +452,18 @@ class Archiver:
             self._wake.wait()
             self._wake.clear()
 
+    def _prefetch(self, path: str, dev: int) -> None:
+        try:
+            self._prefetchers.append(subprocess.Popen(
+                [sys.executable, "-S", "-c", _PREFETCH, path, str(dev if self.one_file_system else -1)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        except OSError:
+            pass  # only a speed-up
+
     def close(self) -> None:
+        for p in self._prefetchers:
+            p.kill()
+            p.wait()
         self._dirs.shutdown(wait=True)
         try:
             if self._readers is not None:
