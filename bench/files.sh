@@ -3,6 +3,9 @@
 # restore; wall time, peak RSS, repository size, and keepwell/restic ratios.
 # Each round starts from empty repositories; the table gives the median of ROUNDS rounds (a
 # single run on a shared virtual disk varies by ±30 %), page cache dropped before every step.
+# Restores go to fresh directories, in turns (keepwell first in odd rounds, restic first in even
+# ones), and are deleted only at the end: ext4 creates files much more slowly in the minutes after
+# many were deleted (it skips recently freed inodes), which would penalise whoever restores first.
 # Usage: bench/files.sh [TREE]   (default: this Python's lib/ directory); ROUNDS=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +24,7 @@ measure() {  # name step command...
 }
 echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files), $ROUNDS rounds"
 for round in $(seq 1 "$ROUNDS"); do
-    rm -rf "$W/kw" "$W/restic" "$W/borg" "$W"/out-*
+    rm -rf "$W/kw" "$W/restic" "$W/borg"
     .venv/bin/keepwell -r "$W/kw" init >/dev/null
     restic init -q -r "$W/restic" >/dev/null
     borg init -e repokey-blake2 "$W/borg" >/dev/null 2>&1
@@ -31,12 +34,14 @@ for round in $(seq 1 "$ROUNDS"); do
     measure keepwell rebackup .venv/bin/keepwell -q -r "$W/kw" backup "$TREE"
     measure restic rebackup restic -q -r "$W/restic" backup "$TREE"
     measure borg rebackup borg create --compression zstd,3 "$W/borg::b" "$TREE"
-    measure keepwell restore .venv/bin/keepwell -q -r "$W/kw" restore latest --target "$W/out-kw"
-    measure restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic"
-    mkdir -p "$W/out-borg"; measure borg restore bash -c "cd $W/out-borg && borg extract ../borg::b"
-    diff -rq "$TREE" "$W/out-kw$TREE" >/dev/null && echo "round $round: keepwell restore verified byte-identical"
+    kw_restore() { measure keepwell restore .venv/bin/keepwell -q -r "$W/kw" restore latest --target "$W/out-kw-$round"; }
+    restic_restore() { measure restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic-$round"; }
+    if [ $((round % 2)) = 1 ]; then kw_restore; restic_restore; else restic_restore; kw_restore; fi
+    mkdir -p "$W/out-borg-$round"; measure borg restore bash -c "cd $W/out-borg-$round && borg extract ../borg::b"
+    diff -rq "$TREE" "$W/out-kw-$round$TREE" >/dev/null && echo "round $round: keepwell restore verified byte-identical"
 done
 for t in kw restic borg; do echo "size $t $(du -sb "$W/$t" | cut -f1)" >> "$W/results"; done
+rm -rf "$W"/out-*
 .venv/bin/python - "$W/results" <<'PY'
 import statistics, sys
 from collections import defaultdict

@@ -71,6 +71,11 @@ class Repository:
         self._index_lock = threading.Lock()
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
+        # whole tree packs read so far (a walk reads thousands of trees from a few packs), and
+        # where the subtrees of the trees loaded so far are (found in one index pass per tree)
+        self._tree_packs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._tree_packs_size = 0
+        self._tree_locs: dict[bytes, BlobLocation] = {}
         self._pending: dict[bytes, BlobLocation] | None = None
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
@@ -258,12 +263,48 @@ class Repository:
             if hit is not None:
                 self._trees.move_to_end(tree_id)
                 return hit
-        nodes = decode_tree(self.load_blob(tree_id, TREE))
+        loc = self._tree_locs.pop(tree_id, None) or self.locate(tree_id)
+        if loc is None:
+            raise IntegrityError(f"tree {tree_id.hex()[:16]} is not in the index",
+                                 hint="run 'keepwell check' to see what is affected")
+        nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc), loc.raw_length))
+        subtrees = [n.subtree for n in nodes if n.subtree is not None]
+        if subtrees:  # the walk asks for these next
+            if len(self._tree_locs) > 100_000:
+                self._tree_locs.clear()
+            for sub, sub_loc in zip(subtrees, self.index.lookup_many(subtrees), strict=True):
+                if sub_loc is not None:
+                    self._tree_locs[sub] = sub_loc
         with self._trees_lock:
             self._trees[tree_id] = nodes
             while len(self._trees) > 4096:
                 self._trees.popitem(last=False)
         return nodes
+
+    _TREE_PACKS_BUDGET = 64 * 1024 * 1024
+
+    def _tree_bytes(self, loc: BlobLocation) -> bytes | memoryview:
+        """A tree blob's stored bytes, from its whole pack read once (tree packs are small, and
+        a walk reads most of the trees of the packs it touches)."""
+        name = pack_object_name(loc.pack_type, loc.pack.hex())
+        if loc.pack_type != TREE:
+            return self.backend.get(name, loc.offset, loc.length)
+        with self._trees_lock:
+            pack = self._tree_packs.get(loc.pack)
+            if pack is not None:
+                self._tree_packs.move_to_end(loc.pack)
+        if pack is None:
+            pack = self.backend.get(name)
+            with self._trees_lock:
+                if loc.pack not in self._tree_packs:
+                    self._tree_packs[loc.pack] = pack
+                    self._tree_packs_size += len(pack)
+                while self._tree_packs_size > self._TREE_PACKS_BUDGET and len(self._tree_packs) > 1:
+                    self._tree_packs_size -= len(self._tree_packs.popitem(last=False)[1])
+        if loc.offset + loc.length > len(pack):
+            raise IntegrityError(f"tree pack {loc.pack.hex()[:16]} is shorter than the index says",
+                                 hint="run 'keepwell check' to see what is affected")
+        return memoryview(pack)[loc.offset:loc.offset + loc.length]
 
     # -- snapshots ------------------------------------------------------------------------------
     def load_snapshot(self, snapshot_id: str) -> Snapshot:

@@ -10,6 +10,8 @@ instead, each single-threaded where it matters, and talks to them over pipes:
 - requests sent to one worker are answered in order; at most `IN_FLIGHT` per worker are
   unanswered, so memory stays flat and a slow worker slows its sender;
 - each answer is passed to the request's callback in a result thread of the caller;
+- a handler with a ``prefetch(request)`` method is told of the requests waiting behind the
+  current one, so it can start their input (a remote read) while it works on the current one;
 - an exception in a worker ends the run with that exception (or one that says the same); a
   worker that dies ends it with a clear error; a worker whose caller dies reads end-of-file and
   exits.
@@ -25,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -185,8 +188,18 @@ def serve(requests: Connection, answers: Connection) -> None:
         tune_malloc()
         module, factory = init["handler"].split(":")
         handler = getattr(importlib.import_module(module), factory)(init)
+        prefetch = getattr(handler, "prefetch", None)
+        waiting: deque[Any] = deque()
         while True:
-            msg = requests.recv()
+            if not waiting:
+                waiting.append(requests.recv())
+            if prefetch is not None:  # the requests already sent: let the handler start on them
+                while len(waiting) < IN_FLIGHT and requests.poll():
+                    waiting.append(requests.recv())
+                for m in list(waiting)[1:]:
+                    if m[0] == "do":
+                        prefetch(m[2])
+            msg = waiting.popleft()
             if msg[0] == "close":
                 answers.send(("closed", handler.finish()))
                 return

@@ -421,17 +421,22 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
 
 class PackWriter:
     """In a worker process: reads a pack's blobs (ranges of nearby blobs in one request), checks
-    each against its id, and writes the files of one blob they fill, with their metadata."""
+    each against its id, and writes the files of one blob they fill, with their metadata. The
+    ranges of the requests waiting behind the current one are fetched meanwhile (`prefetch`),
+    so a remote repository's latency is hidden behind the writing."""
 
     def __init__(self, init: dict[str, Any]) -> None:
         from keepwell.repository.repo import reopen_repository
 
         self.repo = reopen_repository(init["location"], init["options"], init["master"],
                                       init["config"], init["key_id"])
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="kw-fetch")
+        self._fetched: dict[int, list[Future[bytes]]] = {}
 
-    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None]]:
-        name, units = request
-        out: list[tuple[str, int, str | None]] = []
+    @staticmethod
+    def _groups(units: list[_Unit]) -> list[tuple[int, int, list[_Unit]]]:
+        """Runs of nearby blobs, each read in one ranged request: (start, end, blobs)."""
+        out = []
         i = 0
         while i < len(units):
             start = units[i][0]
@@ -441,9 +446,24 @@ class PackWriter:
                     units[j][0] + units[j][1] - start <= _MAX_RANGE:
                 end = max(end, units[j][0] + units[j][1])
                 j += 1
-            group, i = units[i:j], j
+            out.append((start, end, units[i:j]))
+            i = j
+        return out
+
+    def prefetch(self, request: tuple[str, list[_Unit]]) -> None:
+        name, units = request
+        if id(units) not in self._fetched:
+            self._fetched[id(units)] = [self._pool.submit(self.repo.backend.get, name, start, end - start)
+                                        for start, end, _ in self._groups(units)]
+
+    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None]]:
+        name, units = request
+        self.prefetch(request)
+        fetches = self._fetched.pop(id(units))
+        out: list[tuple[str, int, str | None]] = []
+        for (start, _end, group), fetch in zip(self._groups(units), fetches, strict=True):
             try:
-                data = memoryview(self.repo.backend.get(name, start, end - start))
+                data = memoryview(fetch.result())
             except KeepwellError as exc:
                 out += [(d[0], 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
                 continue
@@ -458,6 +478,7 @@ class PackWriter:
         return out
 
     def finish(self) -> dict[str, Any]:
+        self._pool.shutdown(wait=True)
         return {}
 
 
