@@ -111,24 +111,25 @@ KW_FULL=- KW_SIZE1=0 BR_FULL=- BR_SIZE1=0 KW_SECOND=- KW_SIZE2=0 BR_INCR=- BR_SI
 KW_RESTORE=- BR_RESTORE=-
 if [[ " $PARTS " == *" backup "* ]]; then
 # 1. first backups
-psql_ "CHECKPOINT"; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
+psql_ "CHECKPOINT"; sync; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
 KW_FULL=$(secs "$t0" "$t1"); KW_SIZE1=$(size_mb "$W/kw-repo")
-psql_ "CHECKPOINT"; t0=$(now); pgbr --type=full backup; t1=$(now)
+psql_ "CHECKPOINT"; sync; t0=$(now); pgbr --type=full backup; t1=$(now)
 BR_FULL=$(secs "$t0" "$t1"); BR_SIZE1=$(size_mb "$W/pgbr-repo")
 
 # 2. workload, then second backups
 as_pg "$BIN/pgbench" -n -c 4 -j 2 -T "$WORKLOAD_SECONDS" postgres >/dev/null 2>&1
 wait_archived
-psql_ "CHECKPOINT"; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
+psql_ "CHECKPOINT"; sync; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
 KW_SECOND=$(secs "$t0" "$t1"); KW_SIZE2=$(size_mb "$W/kw-repo")
-psql_ "CHECKPOINT"; t0=$(now); pgbr --type=incr backup; t1=$(now)
+psql_ "CHECKPOINT"; sync; t0=$(now); pgbr --type=incr backup; t1=$(now)
 BR_INCR=$(secs "$t0" "$t1"); BR_SIZE2=$(size_mb "$W/pgbr-repo")
 
-# 3. restores (data directory only, no recovery run)
+# 3. restores (data directory only, no recovery run). Every timed step starts with `sync`, so
+# neither tool pays for the other's writes still on their way to disk.
 mkdir -p "$W/r-kw" "$W/r-br"; chown postgres: "$W/r-kw" "$W/r-br"; chmod 700 "$W/r-kw" "$W/r-br"
-t0=$(now); kw restore --target-dir "$W/r-kw" --immediate >/dev/null; t1=$(now)
+sync; t0=$(now); kw restore --target-dir "$W/r-kw" --immediate >/dev/null; t1=$(now)
 KW_RESTORE=$(secs "$t0" "$t1")
-t0=$(now); pgbr --pg1-path="$W/r-br" --type=immediate restore; t1=$(now)
+sync; t0=$(now); pgbr --pg1-path="$W/r-br" --type=immediate restore; t1=$(now)
 BR_RESTORE=$(secs "$t0" "$t1")
 rm -rf "$W/r-kw" "$W/r-br"
 fi

@@ -5,19 +5,18 @@ outside it. In *delta* mode it compares each file with what is already on disk b
 and writes only from the first differing block on, and it lists what the stream did not contain
 so that stale files can be removed afterwards.
 
-Files are written without an fsync each (a data directory has thousands, and one fsync per file
-is one journal commit per file); `make_durable` flushes everything once at the end: one
-``syncfs`` per filesystem on Linux (as PostgreSQL's ``recovery_init_sync_method = syncfs``),
-else an fsync of every file and directory on a few threads.
+Files are written without an fsync each, so writing never waits for the disk; `make_durable`
+then fsyncs every file and directory on many threads at once (the filesystem groups their
+journal commits). Not ``syncfs``: it flushes whatever else is dirty on the filesystem too, so a
+restore on a busy host (a running database, another restore) would wait for all of that:
+measured with 800 MB written by another process, a 755 MB restore took 2.6 s with syncfs and
+2.5 s with fsyncs; with nothing else dirty, 1.9 s and 1.7 s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import shutil
-import sys
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -327,6 +326,9 @@ def remove_unlisted(root: str, seen: set[str], keep: frozenset[str] | set[str] =
     return removed
 
 
+SYNCERS = 16  # fsyncs in flight at once: the filesystem commits them together
+
+
 def sync_tree(root: str, files: bool = False) -> None:
     """fsync the directories under `root`, and every file too if asked."""
     paths: list[tuple[str, bool]] = []
@@ -334,7 +336,7 @@ def sync_tree(root: str, files: bool = False) -> None:
         paths.append((dirpath, True))
         if files:
             paths.extend((os.path.join(dirpath, n), False) for n in names)
-    with ThreadPoolExecutor(WRITERS, thread_name_prefix="kw-pg-sync") as pool:
+    with ThreadPoolExecutor(SYNCERS, thread_name_prefix="kw-pg-sync") as pool:
         for _ in pool.map(lambda p: _fsync_path(*p), paths):
             pass
 
@@ -349,37 +351,7 @@ def _fsync_path(path: str, is_dir: bool) -> None:
         os.close(fd)
 
 
-def _syncfs() -> object | None:
-    """libc's syncfs where it reports write-back errors (Linux 5.8 and later), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        major, minor = (int(x) for x in platform.release().split(".")[:2])
-        if (major, minor) < (5, 8):
-            return None
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (ValueError, OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def make_durable(roots: list[str]) -> None:
     """Flush every file and directory written under `roots` to stable storage."""
-    syncfs = _syncfs()
-    if syncfs is None:
-        for root in roots:
-            sync_tree(root, files=True)
-        return
-    by_device: dict[int, str] = {}
     for root in roots:
-        by_device.setdefault(os.stat(root).st_dev, root)
-    for root in by_device.values():
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if syncfs(fd) != 0:  # type: ignore[operator]
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs failed: {os.strerror(err)}", root)
-        finally:
-            os.close(fd)
+        sync_tree(root, files=True)
