@@ -82,6 +82,11 @@ class Workers:
     def error(self) -> BaseException | None:
         return self._error
 
+    def least_busy(self) -> int:
+        """The worker with the fewest requests unanswered (the first of them on a tie)."""
+        loads = [len(w.waiting) for w in self._workers]
+        return loads.index(min(loads))
+
     def send(self, i: int, request: Any, done: Callable[[Any], None]) -> None:
         """Send a request to worker ``i``; ``done(answer)`` is called once it is answered.
         Blocks while that worker has `IN_FLIGHT` requests unanswered."""

@@ -307,18 +307,18 @@ class Restorer:
                     here.setdefault((pack, pack_type), []).append(
                         _Want(w.offset, w.length, w.raw_length, w.blob_id, w.type, rest))
                 if files >= _UNIT_FILES:
-                    self._send_unit(writers, pack, name, units)
+                    self._send_unit(writers, name, units)
                     units, files = [], 0
             if units:
-                self._send_unit(writers, pack, name, units)
+                self._send_unit(writers, name, units)
         return here
 
     def _owner(self, node: Node) -> tuple[int, int] | None:
         owner = (node.uid, node.gid) if self._is_root else None
         return None if owner == self._creator else owner
 
-    def _send_unit(self, writers: Workers, pack: bytes, name: str, units: list[_Unit]) -> None:
-        writers.send(pack[0] % len(writers), (name, units), self._written)
+    def _send_unit(self, writers: Workers, name: str, units: list[_Unit]) -> None:
+        writers.send(writers.least_busy(), (name, units), self._written)
 
     def _written(self, results: list[tuple[str, int, str | None]]) -> None:
         """A worker's answer: each file's path, bytes written, error."""
