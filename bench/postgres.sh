@@ -36,13 +36,10 @@ mkdir -p "$here/bench/work"
 
 as_pg() { runuser -u postgres -- env KEEPWELL_REPOSITORY="$W/kw-repo" \
     KEEPWELL_PASSWORD_FILE="$W/password" PGHOST=127.0.0.1 PGPORT="$PORT" PGUSER=postgres "$@"; }
-kw() {
-    if as_pg "$PY" -c "import keepwell.cli.main" 2>/dev/null; then
-        as_pg "$PY" -c "import sys; from keepwell.cli.main import run; sys.argv=['keepwell']+sys.argv[1:]; sys.exit(run())" postgres "$@"
-    else
-        as_pg "$PY" -m keepwell.cli.postgres "$@"
-    fi
-}
+# the keepwell command, as the postgres user would run it (found once: a probe inside kw() would
+# add an interpreter start to every timed step)
+KW_CLI=("$PY" -c "import sys; from keepwell.cli.main import run; sys.argv=['keepwell']+sys.argv[1:]; sys.exit(run())" postgres)
+kw() { as_pg "${KW_CLI[@]}" "$@"; }
 pgbr() { as_pg pgbackrest --config="$W/pgbackrest.conf" --stanza=bench "$@"; }
 psql_() { as_pg "$BIN/psql" -X -q -d postgres -At -c "$1"; }
 now() { date +%s.%N; }
@@ -106,23 +103,29 @@ wait_archived() {  # no pipe here: under pipefail, `ls | grep -q` fails when gre
     while compgen -G "$W/pg/pg_wal/archive_status/*.ready" >/dev/null; do sleep 0.05; done
 }
 wait_archived
+wait_uploaded() {  # keepwell's asynchronous push acknowledges from its spool: sizes are measured
+    # once the spool has been uploaded (pgBackRest's asynchronous push stores before it acknowledges)
+    while compgen -G "$W/kw-spool/ready/*" >/dev/null; do sleep 0.05; done
+}
 
 KW_FULL=- KW_SIZE1=0 BR_FULL=- BR_SIZE1=0 KW_SECOND=- KW_SIZE2=0 BR_INCR=- BR_SIZE2=0
 KW_RESTORE=- BR_RESTORE=-
 if [[ " $PARTS " == *" backup "* ]]; then
 # 1. first backups
 psql_ "CHECKPOINT"; sync; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
-KW_FULL=$(secs "$t0" "$t1"); KW_SIZE1=$(size_mb "$W/kw-repo")
+KW_FULL=$(secs "$t0" "$t1")
 psql_ "CHECKPOINT"; sync; t0=$(now); pgbr --type=full backup; t1=$(now)
-BR_FULL=$(secs "$t0" "$t1"); BR_SIZE1=$(size_mb "$W/pgbr-repo")
+BR_FULL=$(secs "$t0" "$t1")
+wait_archived; wait_uploaded; KW_SIZE1=$(size_mb "$W/kw-repo"); BR_SIZE1=$(size_mb "$W/pgbr-repo")
 
 # 2. workload, then second backups
 as_pg "$BIN/pgbench" -n -c 4 -j 2 -T "$WORKLOAD_SECONDS" postgres >/dev/null 2>&1
 wait_archived
 psql_ "CHECKPOINT"; sync; t0=$(now); kw backup --physical >/dev/null; t1=$(now)
-KW_SECOND=$(secs "$t0" "$t1"); KW_SIZE2=$(size_mb "$W/kw-repo")
+KW_SECOND=$(secs "$t0" "$t1")
 psql_ "CHECKPOINT"; sync; t0=$(now); pgbr --type=incr backup; t1=$(now)
-BR_INCR=$(secs "$t0" "$t1"); BR_SIZE2=$(size_mb "$W/pgbr-repo")
+BR_INCR=$(secs "$t0" "$t1")
+wait_archived; wait_uploaded; KW_SIZE2=$(size_mb "$W/kw-repo"); BR_SIZE2=$(size_mb "$W/pgbr-repo")
 
 # 3. restores (data directory only, no recovery run). Every timed step starts with `sync`, so
 # neither tool pays for the other's writes still on their way to disk.
