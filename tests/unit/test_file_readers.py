@@ -186,3 +186,51 @@ def test_restore_reports_the_file_of_a_damaged_blob(tmp_path: Path, monkeypatch:
     victim.unlink()
     (restored / "d3" / "f10.txt").unlink(missing_ok=True)
     _same(src, out)  # everything else came back
+
+
+def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    rnd = __import__("random").Random(7)
+    for i in range(3000):
+        d = src / f"d{i % 20}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(rnd.randbytes(rnd.randint(1000, 40_000)))
+    env = {**os.environ, "KEEPWELL_PASSWORD": "pw", "KEEPWELL_REPOSITORY": str(tmp_path / "repo"),
+           "KEEPWELL_TESTONLY_WEAK_KDF": "1", "KEEPWELL_FILE_PROCESSES": "2"}
+    kw = [sys.executable, "-m", "keepwell.cli.main"]
+    subprocess.run(kw + ["init"], env=env, check=True, capture_output=True)
+    p = subprocess.Popen(kw + ["backup", str(src)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    killed = False
+    deadline = time.monotonic() + 30
+    while not killed and p.poll() is None and time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if b"keepwell.sources.workers" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
+                os.kill(int(pid), signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.005)
+    out, err = p.communicate(timeout=60)
+    assert killed, "no worker process seen"
+    assert p.returncode == 1, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["keepwell: a file reader process ended unexpectedly (killed by signal 9) "
+                     "(what it stored stays usable; run the command again)"], err
+    r = subprocess.run(kw + ["backup", str(src)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(kw + ["check", "--read-data"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out_dir = tmp_path / "out"
+    r = subprocess.run(kw + ["restore", "latest", "--target", str(out_dir)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _same(src, out_dir)

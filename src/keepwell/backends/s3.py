@@ -73,7 +73,7 @@ def classify(exc: BaseException, what: str) -> KeepwellError:
     """Turn an obstore (or builtin) exception into the keepwell error it means."""
     detail = _short(exc)
     if isinstance(exc, FileNotFoundError):
-        if "NoSuchBucket" in str(exc):
+        if "NoSuchBucket" in str(exc) or "ContainerNotFound" in str(exc):  # S3, Azure
             return PermanentBackendError(
                 f"{what}: the bucket does not exist", hint="create the bucket first"
             )
@@ -353,7 +353,48 @@ def gcs_from_url(url: str, **options: Any) -> ObjectStoreBackend:
     return _generic_from_url(url, options)
 
 
+def _azure_endpoint(options: dict[str, Any]) -> str | None:
+    """The blob endpoint to use instead of ``https://{account}.blob.core.windows.net``, if any:
+    the ``endpoint`` option, else ``AZURE_STORAGE_ENDPOINT`` or ``AZURE_ENDPOINT`` (the
+    variables obstore itself reads)."""
+    env = os.environ
+    endpoint = (
+        options.pop("endpoint", None)
+        or env.get("AZURE_STORAGE_ENDPOINT")
+        or env.get("AZURE_ENDPOINT")
+    )
+    return str(endpoint).rstrip("/") if endpoint else None
+
+
 def azure_from_url(url: str, **options: Any) -> ObjectStoreBackend:
-    """``az://container[/prefix]``; account and credentials from the AZURE_STORAGE_* variables."""
+    """``az://container[/prefix]``; account and credentials from the AZURE_STORAGE_* variables.
+
+    As for S3, plain HTTP is allowed exactly when the endpoint (the ``endpoint`` option or
+    ``AZURE_STORAGE_ENDPOINT``) is ``http://``, e.g. ``http://127.0.0.1:10000/devstoreaccount1``
+    for a local Azurite. With ``AZURE_STORAGE_USE_EMULATOR=true`` obstore itself talks to Azurite
+    (at ``AZURITE_BLOB_STORAGE_URL``, default ``http://127.0.0.1:10000``) over HTTP with the
+    emulator's development account unless another is given.
+    """
+    from obstore.store import AzureStore
+
     _split(url, "az")
-    return _generic_from_url(url, options)
+    opts = dict(options)
+    endpoint = _azure_endpoint(opts)
+    if endpoint is None:
+        return _generic_from_url(url, opts)
+    client = client_options(endpoint, opts)
+    retry = retry_config(opts)
+    try:
+        store, create_store = (
+            AzureStore.from_url(
+                url,
+                endpoint=endpoint,
+                client_options=client,  # type: ignore[arg-type]
+                retry_config=r,  # type: ignore[arg-type]
+                **opts,
+            )
+            for r in (retry, {**retry, "max_retries": 0})
+        )
+    except Exception as exc:
+        raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
+    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store)

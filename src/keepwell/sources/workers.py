@@ -103,8 +103,8 @@ class Workers:
                 w.waiting[rid] = done
             try:
                 w.requests.send(("do", rid, request))
-            except (OSError, ValueError) as exc:
-                raise self._fail(KeepwellError(f"a {self.what} process is gone: {exc}")) from None
+            except (OSError, ValueError):
+                raise self._fail(self._gone(w)) from None
 
     def _receive(self, w: _Worker) -> None:
         try:
@@ -122,10 +122,13 @@ class Workers:
                     self._fail(msg[1])
                     return
         except (EOFError, OSError):
-            self._fail(KeepwellError(f"a {self.what} process ended unexpectedly",
-                                     hint="see its message above"))
+            self._fail(self._gone(w))
         except BaseException as exc:
             self._fail(exc)
+
+    def _gone(self, w: _Worker) -> KeepwellError:
+        return KeepwellError(f"a {self.what} process ended unexpectedly ({_how_it_ended(w)})",
+                             hint="what it stored stays usable; run the command again")
 
     def _fail(self, exc: BaseException) -> BaseException:
         if self._error is None:
@@ -162,6 +165,16 @@ class Workers:
                 w.process.wait()
             w.requests.close()
             w.answers.close()
+
+
+def _how_it_ended(w: _Worker) -> str:
+    try:
+        code = w.process.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        return "its pipe closed"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _start(init: dict[str, Any]) -> _Worker:
