@@ -29,6 +29,7 @@ from keepwell.backends.wrappers import wrap
 from keepwell.errors import PermanentBackendError
 from tests.backend_contract import BackendContract
 from tests.servers.azurite import ACCOUNT, AzuriteServer, azurite_binary
+from tests.trees import tree_contents
 
 pytestmark = pytest.mark.integration
 
@@ -142,21 +143,6 @@ def make_tree(root: Path) -> None:
     (root / "media/random.bin").write_bytes(rng.randbytes(3 * 1024 * 1024))
     (root / "empty").write_bytes(b"")
     (root / "link").symlink_to("docs/part-0/note-000.txt")
-
-
-def tree_contents(root: Path) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_file():
-                out[rel] = p.read_bytes()
-            else:
-                out[rel] = "dir"
-    return out
 
 
 def test_cli_init_backup_restore_check(

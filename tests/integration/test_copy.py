@@ -45,6 +45,7 @@ from tests.integration.conftest_remote import (  # noqa: F401
     sftp_url,
     sshd,
 )
+from tests.trees import tree_contents
 
 pytestmark = pytest.mark.integration
 
@@ -90,21 +91,6 @@ def make_tree(root: Path) -> None:
     (root / "media/copy-of-random.bin").write_bytes((root / "media/random.bin").read_bytes())
     (root / "empty").write_bytes(b"")
     (root / "link").symlink_to("docs/part-0/note-000.txt")
-
-
-def tree_contents(root: Path) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_file():
-                out[rel] = p.read_bytes()
-            else:
-                out[rel] = "dir"
-    return out
 
 
 def snapshots(location: str, pw: str = DST_PW) -> list[dict[str, Any]]:
