@@ -5,9 +5,9 @@ outside it. In *delta* mode it compares each file with what is already on disk b
 and writes only from the first differing block on, and it lists what the stream did not contain
 so that stale files can be removed afterwards.
 
-Files are written without an fsync each, so writing never waits for the disk; `make_durable`
-then fsyncs every file and directory on many threads at once (the filesystem groups their
-journal commits). Not ``syncfs``: it flushes whatever else is dirty on the filesystem too, so a
+Each file is handed to a pool of fsync threads as soon as it is written, so the disk writes it
+back while the next files are decoded (the filesystem groups the journal commits of fsyncs in
+flight together); `make_durable` then fsyncs the directories and anything not yet synced. Not ``syncfs``: it flushes whatever else is dirty on the filesystem too, so a
 restore on a busy host (a running database, another restore) would wait for all of that:
 measured with 800 MB written by another process, a 755 MB restore took 2.6 s with syncfs and
 2.5 s with fsyncs; with nothing else dirty, 1.9 s and 1.7 s.
@@ -39,6 +39,7 @@ class ExtractStats:
     written_bytes: int = 0
     removed: int = 0
     seen: set[str] = field(default_factory=set)
+    synced: set[str] = field(default_factory=set)  # files already fsynced
 
 
 def _safe_join(root: str, name: str) -> str:
@@ -49,14 +50,36 @@ def _safe_join(root: str, name: str) -> str:
     return path
 
 
+class _Syncer:
+    """fsyncs written files on many threads while the extraction goes on."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(SYNCERS, thread_name_prefix="kw-pg-sync")
+        self.futures: list[Future[None]] = []
+        self.paths: list[str] = []
+
+    def add(self, path: str) -> None:
+        self.futures.append(self.pool.submit(_fsync_path, path, False))
+        self.paths.append(path)
+
+    def close(self, into: set[str]) -> None:
+        try:
+            for f in self.futures:
+                f.result()
+            into.update(self.paths)
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 class _Writers:
     """Writes small files on a few threads: creating files costs a syscall round trip each,
     and a data directory has thousands. In-flight bytes are bounded."""
 
-    def __init__(self) -> None:
+    def __init__(self, syncer: _Syncer | None = None) -> None:
         self.pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="kw-pg-write")
         self.budget = threading.BoundedSemaphore(IN_FLIGHT // BLOCK)
         self.futures: list[Future[None]] = []
+        self.syncer = syncer
 
     def submit(self, path: str, data: bytes | memoryview, mode: int, mtime: float) -> None:
         units = max(1, len(data) // BLOCK)
@@ -80,6 +103,8 @@ class _Writers:
                 os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
+            if self.syncer is not None:
+                self.syncer.add(path)
         finally:
             for _ in range(units):
                 self.budget.release()
@@ -204,12 +229,16 @@ def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
     stats = stats or ExtractStats()
     root = os.path.abspath(root)
     os.makedirs(root, 0o700, exist_ok=True)
-    writers = _Writers()
+    syncer = _Syncer()
     try:
-        for member, data in tar_members(blocks):
-            _extract_member(member, data, root, delta, stats, writers)
+        writers = _Writers(syncer)
+        try:
+            for member, data in tar_members(blocks):
+                _extract_member(member, data, root, delta, stats, writers)
+        finally:
+            writers.close()
     finally:
-        writers.close()
+        syncer.close(stats.synced)
     return stats
 
 
@@ -252,6 +281,8 @@ def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], root: s
         stats.written_bytes += written
     os.chmod(path, mode)
     os.utime(path, (member.mtime, member.mtime))
+    if written and writers.syncer is not None:
+        writers.syncer.add(path)
 
 
 def _write_all(fd: int, piece: memoryview) -> None:
@@ -329,13 +360,13 @@ def remove_unlisted(root: str, seen: set[str], keep: frozenset[str] | set[str] =
 SYNCERS = 16  # fsyncs in flight at once: the filesystem commits them together
 
 
-def sync_tree(root: str, files: bool = False) -> None:
-    """fsync the directories under `root`, and every file too if asked."""
+def sync_tree(root: str, files: bool = False, skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """fsync the directories under `root`, and every file too if asked (but those in `skip`)."""
     paths: list[tuple[str, bool]] = []
     for dirpath, _dirs, names in os.walk(root):
         paths.append((dirpath, True))
         if files:
-            paths.extend((os.path.join(dirpath, n), False) for n in names)
+            paths.extend((p, False) for p in (os.path.join(dirpath, n) for n in names) if p not in skip)
     with ThreadPoolExecutor(SYNCERS, thread_name_prefix="kw-pg-sync") as pool:
         for _ in pool.map(lambda p: _fsync_path(*p), paths):
             pass
@@ -351,7 +382,8 @@ def _fsync_path(path: str, is_dir: bool) -> None:
         os.close(fd)
 
 
-def make_durable(roots: list[str]) -> None:
-    """Flush every file and directory written under `roots` to stable storage."""
+def make_durable(roots: list[str], synced: set[str] | frozenset[str] = frozenset()) -> None:
+    """Flush every file and directory under `roots` to stable storage (files in `synced` were
+    fsynced already, after their last write)."""
     for root in roots:
-        sync_tree(root, files=True)
+        sync_tree(root, files=True, skip=synced)

@@ -128,7 +128,7 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     write_recovery_settings(root, restore_command(opts, cluster, password_file),
                             plan.target, opts.archive_mode)
     # one flush of everything at the end (files were written without an fsync each)
-    make_durable([root, *(line.split(" ", 1)[1].rstrip("\n") for line in ts_lines or [])])
+    make_durable([root, *(line.split(" ", 1)[1].rstrip("\n") for line in ts_lines or [])], stats.synced)
     if not opts.start:
         return RestoreResult(plan, stats, root, False)
     return _start_and_wait(plan, stats, root, opts)
