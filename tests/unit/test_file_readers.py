@@ -215,6 +215,7 @@ def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_pa
             except OSError:
                 continue
             if b"keepwell.sources.workers" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
+                time.sleep(0.2)  # once it is at work, not while it starts
                 os.kill(int(pid), signal.SIGKILL)
                 killed = True
                 break
@@ -224,7 +225,7 @@ def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_pa
     assert p.returncode == 1, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["keepwell: a file reader process ended unexpectedly (killed by signal 9) "
-                     "(what it stored stays usable; run the command again)"], err
+                     "(what it stored stays usable; run the command again)"], (out, err)
     r = subprocess.run(kw + ["backup", str(src)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(kw + ["check", "--read-data"], env=env, capture_output=True, text=True)
