@@ -215,7 +215,6 @@ def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_pa
             except OSError:
                 continue
             if b"keepwell.sources.workers" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
-                time.sleep(0.2)  # once it is at work, not while it starts
                 os.kill(int(pid), signal.SIGKILL)
                 killed = True
                 break

@@ -66,7 +66,7 @@ class Workers:
         self._workers: list[_Worker] = []
         try:
             for _ in range(processes):
-                self._workers.append(_start({"handler": handler, **init}))
+                self._workers.append(_start({"handler": handler, **init}, what))
         except BaseException:
             self.terminate()
             raise
@@ -127,8 +127,7 @@ class Workers:
             self._fail(exc)
 
     def _gone(self, w: _Worker) -> KeepwellError:
-        return KeepwellError(f"a {self.what} process ended unexpectedly ({_how_it_ended(w)})",
-                             hint="what it stored stays usable; run the command again")
+        return _ended(self.what, w.process)
 
     def _fail(self, exc: BaseException) -> BaseException:
         if self._error is None:
@@ -144,7 +143,12 @@ class Workers:
             if self._error is None:
                 for w in self._workers:
                     with w.send_lock:
-                        w.requests.send(("close",))
+                        try:
+                            w.requests.send(("close",))
+                        except (OSError, ValueError):  # it died: say so (a raw broken pipe
+                            self._fail(self._gone(w))  # would end the command without a word)
+                            break
+            if self._error is None:
                 for w in self._workers:
                     assert w.receiver is not None
                     w.receiver.join()
@@ -167,17 +171,18 @@ class Workers:
             w.answers.close()
 
 
-def _how_it_ended(w: _Worker) -> str:
+def _ended(what: str, process: subprocess.Popen[bytes]) -> KeepwellError:
+    """The error for a worker that is gone (its pipe broke or closed)."""
     try:
-        code = w.process.wait(timeout=2)
+        code = process.wait(timeout=2)
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     except subprocess.TimeoutExpired:
-        return "its pipe closed"
-    if code < 0:
-        return f"killed by signal {-code}"
-    return f"exit code {code}"
+        how = "its pipe closed"
+    return KeepwellError(f"a {what} process ended unexpectedly ({how})",
+                         hint="what it stored stays usable; run the command again")
 
 
-def _start(init: dict[str, Any]) -> _Worker:
+def _start(init: dict[str, Any], what: str) -> _Worker:
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     try:
@@ -190,7 +195,11 @@ def _start(init: dict[str, Any]) -> _Worker:
     os.close(down_r)
     os.close(up_w)
     w = _Worker(p, Connection(down_w, readable=False), Connection(up_r, writable=False))
-    w.requests.send(init)
+    try:
+        w.requests.send(init)
+    except (OSError, ValueError):  # it died at once
+        p.kill()
+        raise _ended(what, p) from None
     return w
 
 
