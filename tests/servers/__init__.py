@@ -7,8 +7,14 @@ ports, and kills it at the end; the pytest fixtures that use them live in ``test
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -28,3 +34,45 @@ def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+def launch(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a server in a process group of its own, its output going to ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], probe: Callable[[], tuple[int, bytes]], *,
+               what: str, log_path: Path, timeout: float, pause: float = 0.1) -> None:
+    """Call ``probe`` (a request returning status and body) until it answers 200."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early; see {log_path}")
+        try:
+            status, body = probe()
+            if status == 200:
+                return
+            last = (status, body[:200])
+        except OSError as exc:
+            last = exc
+        time.sleep(pause)
+    raise TimeoutError(f"{what} not ready: {last!r}; see {log_path}")
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL it after ``grace`` seconds (at once
+    when ``grace`` is 0)."""
+    if grace > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)

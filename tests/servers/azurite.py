@@ -17,14 +17,13 @@ import hmac
 import http.client
 import os
 import shutil
-import signal
 import subprocess
 import time
 from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, launch, stop_group, wait_for_port, wait_ready
 
 # Azurite's published development account (the same for every emulator installation).
 ACCOUNT = "devstoreaccount1"
@@ -143,35 +142,16 @@ class AzuriteServer:
             "--loose",
             "--disableTelemetry",
         ]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
-        self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-        )
-        log.close()
+        self.proc = launch(argv, self.workdir, self.log_path)
         try:
             wait_for_port(self.port, timeout)
-            self._wait_ready(timeout)
+            # a signed container listing that answers 200 says the service and the account work
+            wait_ready(self.proc, lambda: signed_request(self.port, "GET", f"/{ACCOUNT}?comp=list"),
+                       what="Azurite", log_path=self.log_path, timeout=timeout)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        # A signed container listing that answers 200 says the service and the account work.
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"azurite exited early; see {self.log_path}")
-            try:
-                status, body = signed_request(self.port, "GET", f"/{ACCOUNT}?comp=list")
-                if status == 200:
-                    return
-                last = (status, body[:200])
-            except OSError as exc:
-                last = exc
-            time.sleep(0.1)
-        raise TimeoutError(f"Azurite not ready: {last!r}; see {self.log_path}")
 
     def create_container(self, name: str) -> None:
         status, body = signed_request(self.port, "PUT", f"/{ACCOUNT}/{name}?restype=container")
@@ -181,14 +161,7 @@ class AzuriteServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> AzuriteServer:

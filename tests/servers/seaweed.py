@@ -14,15 +14,13 @@ import hashlib
 import hmac
 import http.client
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, launch, stop_group, wait_for_port, wait_ready
 
 ACCESS_KEY = "keepwell-test"
 SECRET_KEY = "keepwell-test-secret-0123456789"
@@ -145,36 +143,18 @@ class SeaweedServer:
             "-volume.preStopSeconds=0",
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
-        self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-        )
-        log.close()
+        self.proc = launch(argv, self.workdir, self.log_path)
         try:
             wait_for_port(self.s3_port, timeout)
-            self._wait_ready(timeout)
+            # The gateway accepts connections before the filer and volumes are up; a bucket
+            # listing that answers 200 says the whole chain works.
+            wait_ready(self.proc, lambda: signed_request(self.s3_port, "GET", "/"),
+                       what="SeaweedFS S3 gateway", log_path=self.log_path, timeout=timeout,
+                       pause=0.2)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        # The gateway accepts connections before the filer and volumes are up; a bucket listing
-        # that answers 200 says the whole chain works.
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited early; see {self.log_path}")
-            try:
-                status, body = signed_request(self.s3_port, "GET", "/")
-                if status == 200:
-                    return
-                last = (status, body[:200])
-            except OSError as exc:
-                last = exc
-            time.sleep(0.2)
-        raise TimeoutError(f"SeaweedFS S3 gateway not ready: {last!r}; see {self.log_path}")
 
     def create_bucket(self, name: str, timeout: float = 30.0) -> None:
         # Right after start-up the filer may still refuse writes for a moment: retry briefly.
@@ -198,9 +178,7 @@ class SeaweedServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        stop_group(self.proc, grace=0)  # weed does not exit promptly on SIGTERM
         self.proc = None
 
     def __enter__(self) -> SeaweedServer:

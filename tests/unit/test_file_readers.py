@@ -189,12 +189,13 @@ def test_restore_reports_the_file_of_a_damaged_blob(tmp_path: Path, monkeypatch:
 
 
 def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_path: Path) -> None:
+    import random
     import signal
     import sys
     import time
 
     src = tmp_path / "src"
-    rnd = __import__("random").Random(7)
+    rnd = random.Random(7)
     for i in range(3000):
         d = src / f"d{i % 20}"
         d.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from keepwell.errors import KeepwellError
+from keepwell.errors import KeepwellError, UsageError
 
 IN_FLIGHT = 3
 
@@ -277,7 +277,5 @@ def worker_count(variable: str) -> int:
         try:
             return max(0, int(value))
         except ValueError:
-            from keepwell.errors import UsageError
-
             raise UsageError(f"{variable}={value!r} is not a number") from None
     return max(2, os.cpu_count() or 2)

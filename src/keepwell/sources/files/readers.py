@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from keepwell.crypto import keyed_id
+from keepwell.repository.format import DATA
 from keepwell.sources.workers import Workers, repository_init
 
 # ids in file order, bytes read, error text, ids assumed known from the index's keys
@@ -192,9 +194,6 @@ class Reader:
         return [self._store(fd, size) for fd, (_, size) in zip(fds, files, strict=True)]
 
     def _store(self, fd: int | OSError, size: int) -> Answer:
-        from keepwell.crypto import keyed_id
-        from keepwell.repository.format import DATA
-
         try:
             if isinstance(fd, OSError):
                 raise fd
