@@ -20,7 +20,7 @@ measure() {  # name step command...
     local name=$1 step=$2; shift 2
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     .venv/bin/python bench/peakmem.py "$W/t" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
-    read -r secs rss < "$W/t"; echo "$name $step $secs $rss" >> "$W/results"
+    read -r secs rss pss < "$W/t"; echo "$name $step $secs $rss $pss" >> "$W/results"
 }
 echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files), $ROUNDS rounds"
 for round in $(seq 1 "$ROUNDS"); do
@@ -49,18 +49,21 @@ r = defaultdict(list); size = {}
 for line in open(sys.argv[1]):
     p = line.split()
     if p[0] == "size": size[p[1]] = int(p[2])
-    else: r[(p[0], p[1])].append((float(p[2]), int(p[3]) / 1024))
+    else: r[(p[0], p[1])].append((float(p[2]), int(p[3]) / 1024, int(p[4]) / 1024))
 def med(key):
     runs = r[key]
-    return statistics.median(t for t, _ in runs), max(m for _, m in runs), runs
-print("| step | keepwell s | restic s | borg s | keepwell/restic | RSS MiB kw / restic / borg |")
-print("|---|---|---|---|---|---|")
+    return (statistics.median(t for t, _, _ in runs), max(m for _, m, _ in runs),
+            max(m for _, _, m in runs), runs)
+print("| step | keepwell s | restic s | borg s | keepwell/restic | peak RSS MiB kw / restic / borg"
+      " | peak PSS MiB kw / restic / borg |")
+print("|---|---|---|---|---|---|---|")
 for step in ("backup", "rebackup", "restore"):
     k, rs, b = med(("keepwell", step)), med(("restic", step)), med(("borg", step))
-    print(f"| {step} | {k[0]:.2f} | {rs[0]:.2f} | {b[0]:.2f} | {k[0]/rs[0]:.2f} | {k[1]:.0f} / {rs[1]:.0f} / {b[1]:.0f} |")
+    print(f"| {step} | {k[0]:.2f} | {rs[0]:.2f} | {b[0]:.2f} | {k[0]/rs[0]:.2f} "
+          f"| {k[1]:.0f} / {rs[1]:.0f} / {b[1]:.0f} | {k[2]:.0f} / {rs[2]:.0f} / {b[2]:.0f} |")
 m = 1024 * 1024
-print(f"| repository MiB | {size['kw']/m:.0f} | {size['restic']/m:.0f} | {size['borg']/m:.0f} | {size['kw']/size['restic']:.2f} | |")
+print(f"| repository MiB | {size['kw']/m:.0f} | {size['restic']/m:.0f} | {size['borg']/m:.0f} | {size['kw']/size['restic']:.2f} | | |")
 print()
 print("every run (s): " + "; ".join(
-    f"{n} {s}: " + " ".join(f"{t:.2f}" for t, _ in runs) for (n, s), runs in sorted(r.items())))
+    f"{n} {s}: " + " ".join(f"{t:.2f}" for t, _, _ in runs) for (n, s), runs in sorted(r.items())))
 PY

@@ -1,10 +1,16 @@
-"""Run a command; print its wall time (s) and the peak resident memory (KiB) of its whole
-process tree: the largest sum of VmRSS over the command and its descendants, sampled every
-50 ms (and never less than the largest single process, from the kernel's own count).
+"""Run a command; print its wall time (s) and the peak memory (KiB) of its whole process tree,
+sampled every 50 ms, in two measures:
+
+- RSS: the largest sum of VmRSS over the command and its descendants (never less than the
+  largest single process, from the kernel's own count). Pages that several processes share
+  (the interpreter, the native libraries) are counted once per process.
+- PSS: the largest sum of the proportional set sizes (/proc/PID/smaps_rollup), where a shared
+  page is split between the processes that map it: what the tree as a whole holds in memory.
 
 keepwell stores small files in worker processes, so the memory of one process (what
-`/usr/bin/time -f %M` reports) would understate its footprint; this counts them all.
-Usage: peakmem.py OUTFILE COMMAND...   (OUTFILE gets "seconds kib")
+`/usr/bin/time -f %M` reports) would understate its footprint; this counts them all. For a
+single process the two measures differ only by its share of pages other processes also map.
+Usage: peakmem.py OUTFILE COMMAND...   (OUTFILE gets "seconds rss_kib pss_kib")
 """
 
 import os
@@ -14,35 +20,43 @@ import sys
 import time
 
 
-def tree_rss(root: int) -> int:
-    total, todo = 0, [root]
+def _field(path: str, name: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(name):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    rss = pss = 0
+    todo = [root]
     while todo:
         pid = todo.pop()
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+            rss += _field(f"/proc/{pid}/status", "VmRSS:")
+            pss += _field(f"/proc/{pid}/smaps_rollup", "Pss:")
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 def main() -> int:
     out, cmd = sys.argv[1], sys.argv[2:]
     start = time.monotonic()
     p = subprocess.Popen(cmd)
-    peak = 0
+    peak_rss = peak_pss = 0
     while p.poll() is None:
-        peak = max(peak, tree_rss(p.pid))
-        time.sleep(0.25)
+        rss, pss = tree_memory(p.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.05)
     secs = time.monotonic() - start
     single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(out, "w") as f:
-        f.write(f"{secs:.2f} {max(peak, single)}\n")
+        f.write(f"{secs:.2f} {max(peak_rss, single)} {peak_pss}\n")
     return p.returncode
 
 

@@ -35,7 +35,7 @@ measure() {  # name step command...
     local name=$1 step=$2; shift 2
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     .venv/bin/python bench/peakmem.py "$W/t" "$@" >/dev/null 2>"$W/err" || { cat "$W/err"; exit 1; }
-    read -r secs rss < "$W/t"; echo "$name $step $secs $rss" >> "$W/results"
+    read -r secs rss _ < "$W/t"; echo "$name $step $secs $rss" >> "$W/results"
 }
 echo "tree: $TREE ($(du -sh "$TREE" | cut -f1), $(find "$TREE" -type f | wc -l) files); S3: SeaweedFS on port $S3_PORT"
 $KW -r $KW_A init >/dev/null

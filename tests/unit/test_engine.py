@@ -88,6 +88,31 @@ def _tree(root: Path) -> None:
     os.chmod(root / "a.txt", 0o640)
 
 
+def test_rebackup_keeps_unchanged_nodes_and_sees_every_change(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for name in ("a", "b", "c", "d/e"):
+        (src / name).write_bytes(name.encode() * 1000)
+    repo = _repo(tmp_path)
+    first = backup_paths(repo, [str(src)]).snapshot
+    again = backup_paths(repo, [str(src)]).snapshot
+    assert again.summary["files_unmodified"] == 4 and again.summary["files_changed"] == 0
+    assert again.tree == first.tree  # every tree blob is the old one
+    os.chmod(src / "b", 0o600)  # metadata only: ctime moves, so it is read again
+    st_c = os.stat(src / "c")
+    os.utime(src / "c", ns=(st_c.st_atime_ns, st_c.st_mtime_ns + 1))
+    (src / "d/e").write_bytes(b"x" * 3000)  # same size, new bytes
+    third = backup_paths(repo, [str(src)]).snapshot
+    assert third.summary["files_unmodified"] == 1 and third.summary["files_changed"] == 3
+    out = tmp_path / "out"
+    assert not restore_snapshot(repo, third, str(out)).errors
+    restored = out / str(src).lstrip("/")
+    assert os.stat(restored / "b").st_mode & 0o777 == 0o600
+    assert os.stat(restored / "c").st_mtime_ns == st_c.st_mtime_ns + 1
+    assert (restored / "d/e").read_bytes() == b"x" * 3000
+    assert (restored / "a").read_bytes() == b"a" * 1000
+
+
 def test_file_roundtrip_keeps_metadata(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from keepwell.cli.common import JsonOption, human_bytes, print_json
-from keepwell.errors import EXIT_FAILURE, ConfigurationError, KeepwellError
+from keepwell.cli.common import JsonOption, human_bytes, print_json, run_app
+from keepwell.errors import EXIT_FAILURE, ConfigurationError
 
 ConfigOption = Annotated[
     str | None,
@@ -218,21 +218,7 @@ def main() -> None:
     app = typer.Typer(no_args_is_help=True, add_completion=False,
                       help="keepwell control plane.")
     register(app)
-    try:
-        rc = app(standalone_mode=False)
-        sys.exit(rc if isinstance(rc, int) else 0)
-    except KeepwellError as exc:
-        sys.stderr.write(f"error: {exc.line()}\n")
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":

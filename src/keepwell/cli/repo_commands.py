@@ -48,6 +48,9 @@ class Progress:
             self.bytes += fields["n"]
         elif name == "file":
             self.files += 1
+        elif name == "files":  # many at once (unchanged files of one directory)
+            self.files += fields["n"]
+            self.bytes += fields["bytes"]
         elif name == "total":
             self.set_total(fields["files"], fields["bytes"], fields.get("final", True))
             return
