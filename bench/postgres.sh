@@ -6,6 +6,10 @@
 # backup with dedup vs pgBackRest's incremental), and WAL archive throughput through
 # archive_command (segments per second, synchronous and asynchronous).
 #
+# keepwell's repository is always encrypted, so pgBackRest's is too (repo1-cipher-type
+# aes-256-cbc), as a user wanting the same protection would set it; PGBR_ENCRYPT=0 measures
+# pgBackRest without encryption.
+#
 # Run as root from the checkout (servers run as the `postgres` user): bash bench/postgres.sh
 # Needs .ci/install.d/postgres.sh to have run. Leaves nothing behind but bench/work/.
 set -euo pipefail
@@ -27,6 +31,7 @@ if [[ ! -x "$PUSH" ]]; then
     fi
 fi
 PARTS="${PARTS:-backup wal}"   # what to measure: backup and/or wal
+PGBR_ENCRYPT="${PGBR_ENCRYPT:-1}"
 BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 PORT="${PORT:-55432}"
 W="$(mktemp -d /tmp/kw-bench-pg-XXXXXX)"
@@ -73,6 +78,7 @@ spool-path=$W/pgbr-spool
 log-path=$W/pgbr-log
 lock-path=$W/pgbr-log
 log-level-console=warn
+$([[ $PGBR_ENCRYPT = 1 ]] && printf 'repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-password')
 [bench]
 pg1-path=$W/pg
 pg1-port=$PORT
@@ -194,7 +200,7 @@ CP_RATE=$(archive_rate "cp %p $W/cp-%f")
 fi
 
 {
-echo "### PostgreSQL: keepwell vs pgBackRest $(pgbackrest version | awk '{print $2}')"
+echo "### PostgreSQL: keepwell vs pgBackRest $(pgbackrest version | awk '{print $2}') ($([[ $PGBR_ENCRYPT = 1 ]] && echo "encrypted, aes-256-cbc" || echo "not encrypted"))"
 echo
 echo "pgbench scale $SCALE (database $DB_MB MiB), $(nproc) cores; workload: pgbench -c 4 -T $WORKLOAD_SECONDS;"
 echo "pgBackRest process-max 2, zstd 3; keepwell defaults. $(date -u +%Y-%m-%d)."
