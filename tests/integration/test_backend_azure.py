@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 import subprocess
 import sys
 import uuid
@@ -29,7 +28,7 @@ from keepwell.backends.wrappers import wrap
 from keepwell.errors import PermanentBackendError
 from tests.backend_contract import BackendContract
 from tests.servers.azurite import ACCOUNT, AzuriteServer, azurite_binary
-from tests.trees import tree_contents
+from tests.trees import make_tree, tree_contents
 
 pytestmark = pytest.mark.integration
 
@@ -133,18 +132,6 @@ def kw(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def make_tree(root: Path) -> None:
-    rng = random.Random(11)
-    for i in range(20):
-        p = root / f"docs/part-{i % 3}/note-{i:03d}.txt"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(f"note {i}\n".encode() * (i * 30 + 1))
-    (root / "media").mkdir()
-    (root / "media/random.bin").write_bytes(rng.randbytes(3 * 1024 * 1024))
-    (root / "empty").write_bytes(b"")
-    (root / "link").symlink_to("docs/part-0/note-000.txt")
-
-
 def test_cli_init_backup_restore_check(
     az_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,7 +140,7 @@ def test_cli_init_backup_restore_check(
         monkeypatch.delenv(var, raising=False)
     data = tmp_path / "data"
     data.mkdir()
-    make_tree(data)
+    make_tree(data, notes=20, parts=3, repeat=30, random_mib=3, seed=11)
 
     kw("-r", az_url, "init")
     kw("-r", az_url, "backup", str(data))

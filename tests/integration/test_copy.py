@@ -45,7 +45,7 @@ from tests.integration.conftest_remote import (  # noqa: F401
     sftp_url,
     sshd,
 )
-from tests.trees import tree_contents
+from tests.trees import make_tree, tree_contents
 
 pytestmark = pytest.mark.integration
 
@@ -78,19 +78,11 @@ def kw_json(*args: str, **kwargs: Any) -> Any:
     return json.loads(kw(*args, "--json", **kwargs).stdout)
 
 
-def make_tree(root: Path) -> None:
-    rng = random.Random(7)
-    for i in range(40):
-        p = root / f"docs/part-{i % 5}/note-{i:03d}.txt"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(f"note {i}\n".encode() * (i * 40 + 1))
+def make_copy_tree(root: Path) -> None:
+    make_tree(root, notes=40, parts=5, repeat=40, random_mib=20, seed=7)
     (root / "db").mkdir()
     (root / "db/dump.sql").write_bytes(b"INSERT INTO t VALUES (1, 'x');\n" * 150_000)
-    (root / "media").mkdir()
-    (root / "media/random.bin").write_bytes(rng.randbytes(20 * 1024 * 1024))
     (root / "media/copy-of-random.bin").write_bytes((root / "media/random.bin").read_bytes())
-    (root / "empty").write_bytes(b"")
-    (root / "link").symlink_to("docs/part-0/note-000.txt")
 
 
 def snapshots(location: str, pw: str = DST_PW) -> list[dict[str, Any]]:
@@ -119,7 +111,7 @@ def object_names(location: str) -> set[str]:
 def test_copy_chain_local_s3_sftp_local(s3_url: str, sftp_url: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    make_tree(data)
+    make_copy_tree(data)
     local = str(tmp_path / "local")
     kw("-r", local, "init", pw=SRC_PW, from_pw=None)
     kw("-r", local, "backup", str(data), "--tag", "first", pw=SRC_PW, from_pw=None)

@@ -97,4 +97,5 @@ _UTF8 = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors
 
 
 def _name(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape") if _UTF8 else os.fsdecode(b)  # without its checks
+    """os.fsdecode of a name, straight to the codec when the filesystem encoding is UTF-8."""
+    return b.decode("utf-8", "surrogateescape") if _UTF8 else os.fsdecode(b)
