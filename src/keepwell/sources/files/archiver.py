@@ -1,7 +1,7 @@
 """Backing up file trees.
 
-Directories are listed and stat'ed by one walker thread (a prefetch process stats the tree
-ahead of it); small files are read, chunked, hashed, compressed and encrypted by worker
+Directories are listed and stat'ed by one walker thread (keepwell.sources.files.prefetch stats
+the tree ahead of it); small files are read, chunked, hashed, compressed and encrypted by worker
 processes (keepwell.sources.files.readers), large ones by a pool of reader threads, whose chunks
 the snapshot writer's pool spreads over the cores. Directory trees are built as their last child
 finishes, in whatever thread that is, so no thread waits for a subtree. In-flight files are
@@ -19,7 +19,6 @@ import grp
 import os
 import pwd
 import stat
-import subprocess
 import sys
 import threading
 from collections import deque
@@ -36,47 +35,13 @@ from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.repository.writer import SnapshotWriter
+from keepwell.sources.files.prefetch import Prefetch
 from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import can_reopen, worker_count
 
 _LARGE = 8 * 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
-# A plain interpreter (no site, no keepwell) that lists and stats the tree ahead of the walker,
-# so the walker finds the metadata of a cold disk cached. Four threads keep several reads in
-# flight (a cold walk of 50,000 files: 1.9 s with one, 1.0 s with four, slower again with more:
-# they contend for the GIL on a small machine).
-_PREFETCH = """
-import os, sys, threading, collections
-todo = collections.deque([sys.argv[1]]); dev = int(sys.argv[2])
-cv = threading.Condition(); busy = [0]
-def walk():
-    while True:
-        with cv:
-            while not todo and busy[0]:
-                cv.wait()
-            if not todo:
-                cv.notify_all()
-                return
-            path = todo.popleft(); busy[0] += 1
-        subs = []
-        try:
-            with os.scandir(path) as it:
-                for e in it:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                        if e.is_dir(follow_symlinks=False) and (dev < 0 or st.st_dev == dev):
-                            subs.append(e.path)
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-        with cv:
-            todo.extend(subs); busy[0] -= 1; cv.notify_all()
-threads = [threading.Thread(target=walk) for _ in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-"""
 # Small files go to worker processes (keepwell.sources.files.readers) once a run has this many to
 # read: below that, starting the processes costs more than it saves.
 READERS_AFTER = 256
@@ -176,7 +141,7 @@ class Archiver:
         self._files = ThreadPoolExecutor(workers + 1, thread_name_prefix="kw-file")
         # One walker thread, taking directories in the order they were found: a second one only
         # hands the GIL back and forth (an unchanged re-backup of 50,000 files: 2.45 s with two,
-        # 1.62 s with one); a cold disk's latency is covered by the prefetch process. A plain
+        # 1.62 s with one); a cold disk's latency is covered by `Prefetch`. A plain
         # queue: an executor's bookkeeping per directory cost 5 % of an unchanged re-backup.
         self._dir_queue: deque[tuple[Any, ...] | None] = deque()
         self._dir_ready = threading.Event()
@@ -190,7 +155,6 @@ class Archiver:
         self._readers: ReaderPool | None = None
         self._to_read = 0  # small files sent to be read so far
         self._dir_jobs = 0  # directories submitted and not yet listed
-        self._prefetchers: list[subprocess.Popen[bytes]] = []
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
                        "bytes_processed": 0, "errors": 0, "reader_processes": 0}
 
@@ -524,7 +488,6 @@ class Archiver:
             return node
         fut: Future[Node] = Future()
         fut.add_done_callback(lambda _: self._wake.set())
-        self._prefetch(path, st.st_dev)
         self._submit_dir(path, node, old, None, 0, fut)
         while True:
             if self._error is not None:
@@ -534,18 +497,7 @@ class Archiver:
             self._wake.wait()
             self._wake.clear()
 
-    def _prefetch(self, path: str, dev: int) -> None:
-        try:
-            self._prefetchers.append(subprocess.Popen(
-                [sys.executable, "-S", "-c", _PREFETCH, path, str(dev if self.one_file_system else -1)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        except OSError:
-            pass  # only a speed-up
-
     def close(self) -> None:
-        for p in self._prefetchers:
-            p.kill()
-            p.wait()
         self._dir_queue.append(None)  # after whatever is left: the walk ends once it is done
         self._dir_ready.set()
         self._walker.join()
@@ -636,7 +588,9 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
                  one_file_system: bool = False, tags: list[str] | tuple[str, ...] = (),
                  host: str | None = None, parent: Snapshot | None | str = "auto",
                  workers: int | None = None, source: dict[str, Any] | None = None,
-                 kind: str = "files") -> BackupResult:
+                 kind: str = "files", prefetch: Prefetch | None = None) -> BackupResult:
+    """Back up ``paths`` into one snapshot. ``prefetch``: the metadata read-ahead of these paths,
+    if the caller started it early (else it is started here); stopped once the walk is done."""
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
     absolute = []
@@ -644,6 +598,8 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         ap = os.path.abspath(os.path.expanduser(p))
         if not os.path.lexists(ap):
             raise UsageError(f"{p}: no such file or directory")
+        if ap == "/":
+            raise UsageError("backing up / itself: give its subdirectories instead")
         absolute.append(ap)
     import socket
 
@@ -661,13 +617,13 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
                             processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind)
+        if prefetch is None:
+            prefetch = Prefetch(absolute, one_file_system=one_file_system)
         try:
             for ap in absolute:
-                node = archiver.backup_root(ap)
-                if ap == "/":
-                    raise UsageError("backing up / itself: give its subdirectories instead")
-                writer.add_node(ap, node)
+                writer.add_node(ap, archiver.backup_root(ap))
         finally:
+            prefetch.stop()
             archiver.close()
         writer.summary.update(archiver.counts)
         snap = writer.commit()
