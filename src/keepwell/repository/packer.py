@@ -63,6 +63,17 @@ class SinkStats:
     packs: int = 0
     by_type: dict[int, int] = field(default_factory=dict)
 
+    _TOTALS = ("blobs_new", "blobs_known", "bytes_raw_new", "bytes_stored", "packs")
+
+    def totals(self) -> dict[str, int]:
+        """The counts, as a worker process reports them (see `add`)."""
+        return {k: getattr(self, k) for k in self._TOTALS}
+
+    def add(self, totals: dict[str, int]) -> None:
+        """Count what a worker process stored for the same run."""
+        for k in self._TOTALS:
+            setattr(self, k, getattr(self, k) + totals.get(k, 0))
+
 
 @dataclass
 class StoredPack:

@@ -503,13 +503,8 @@ class Archiver:
         self._walker.join()
         try:
             if self._readers is not None:
-                totals = self._readers.close()  # their packs and index objects are stored
-                st = self.writer.sink.stats
-                st.blobs_new += totals.get("blobs_new", 0)
-                st.blobs_known += totals.get("blobs_known", 0)
-                st.bytes_raw_new += totals.get("bytes_raw_new", 0)
-                st.bytes_stored += totals.get("bytes_stored", 0)
-                st.packs += totals.get("packs", 0)
+                # their packs and index objects are stored once they are closed
+                self.writer.sink.stats.add(self._readers.close())
                 self.repo.refresh_index()  # so this process can read what they stored
         except BaseException as exc:
             self._fail(exc)

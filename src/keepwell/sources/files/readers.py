@@ -222,9 +222,7 @@ class Reader:
             self.sink.flush()
         finally:
             self.sink.close()
-        st = self.sink.stats
-        return {"blobs_new": st.blobs_new, "blobs_known": st.blobs_known,
-                "bytes_raw_new": st.bytes_raw_new, "bytes_stored": st.bytes_stored, "packs": st.packs}
+        return self.sink.stats.totals()
 
 
 def _opened(path: str) -> int | OSError:
