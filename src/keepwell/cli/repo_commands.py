@@ -149,11 +149,6 @@ def backup(
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Back up files and directories (or standard input) into a new snapshot."""
-    from keepwell.sources.files.prefetch import Prefetch
-
-    # the metadata read-ahead starts first: opening the repository is time the disk can use
-    ahead = Prefetch([] if stdin else paths or [], one_file_system=one_file_system)
-
     from keepwell.sources.files import backup_paths
     from keepwell.sources.files.select import read_pattern_file
 
@@ -172,7 +167,7 @@ def backup(
         if progress.enabled:
             _count_in_background(progress, paths or [], excludes, one_file_system)
         res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
-                           tags=tag or [], host=host, prefetch=ahead)
+                           tags=tag or [], host=host)
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary

@@ -583,9 +583,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
                  one_file_system: bool = False, tags: list[str] | tuple[str, ...] = (),
                  host: str | None = None, parent: Snapshot | None | str = "auto",
                  workers: int | None = None, source: dict[str, Any] | None = None,
-                 kind: str = "files", prefetch: Prefetch | None = None) -> BackupResult:
-    """Back up ``paths`` into one snapshot. ``prefetch``: the metadata read-ahead of these paths,
-    if the caller started it early (else it is started here); stopped once the walk is done."""
+                 kind: str = "files") -> BackupResult:
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
     absolute = []
@@ -612,8 +610,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
                             processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind)
-        if prefetch is None:
-            prefetch = Prefetch(absolute, one_file_system=one_file_system)
+        prefetch = Prefetch(absolute, one_file_system=one_file_system)
         try:
             for ap in absolute:
                 writer.add_node(ap, archiver.backup_root(ap))

@@ -6,9 +6,9 @@ first beside it, on four threads, so the walker finds the metadata cached: sever
 flight instead of one (a cold walk of 50,000 files: 1.9 s with one thread, 1.0 s with four,
 slower again with more, as they contend for the GIL on a small machine).
 
-It needs nothing from keepwell, so the command line starts it before it imports the repository
-code, derives the key and loads the index: that start-up is time the disk is reading too. This
-module imports only the standard library for the same reason.
+Started by `backup_paths` once the repository is open: started earlier, beside the key
+derivation, it gained nothing measurable (the walk's CPU, not the disk, was then the limit) and
+added its memory to the derivation's peak.
 """
 
 from __future__ import annotations
