@@ -232,9 +232,10 @@ def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
     syncer = _Syncer()
     try:
         writers = _Writers(syncer)
+        made = {root}  # directories known to exist: one stat per directory, not one per file
         try:
             for member, data in tar_members(blocks):
-                _extract_member(member, data, root, delta, stats, writers)
+                _extract_member(member, data, root, delta, stats, writers, made)
         finally:
             writers.close()
     finally:
@@ -243,16 +244,19 @@ def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
 
 
 def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], root: str, delta: bool,
-                    stats: ExtractStats, writers: _Writers) -> None:
+                    stats: ExtractStats, writers: _Writers, made: set[str]) -> None:
     path = _safe_join(root, member.name)
     stats.seen.add(path)
     if member.isdir():
         os.makedirs(path, 0o700, exist_ok=True)
         os.chmod(path, member.mode & 0o7777 or 0o700)
+        made.add(path)
         return
     parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        os.makedirs(parent, 0o700, exist_ok=True)
+    if parent not in made:
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700, exist_ok=True)
+        made.add(parent)
     if member.issym():
         if os.path.lexists(path):
             if os.path.islink(path) and os.readlink(path) == member.linkname:
