@@ -7,7 +7,10 @@ so that stale files can be removed afterwards.
 
 Each file is handed to a pool of fsync threads as soon as it is written, so the disk writes it
 back while the next files are decoded (the filesystem groups the journal commits of fsyncs in
-flight together); `make_durable` then fsyncs the directories and anything not yet synced. Not ``syncfs``: it flushes whatever else is dirty on the filesystem too, so a
+flight together). A large file (a 1 GiB relation segment) would otherwise sit dirty in the page
+cache until its fsync: the kernel starts writing back on its own only past a share of memory, so
+its write-out is started every `KICK` bytes as it is written (``sync_file_range``, as PostgreSQL
+flushes its own writes), and its fsync finds little left to do. `make_durable` then fsyncs the directories and anything not yet synced. Not ``syncfs``: it flushes whatever else is dirty on the filesystem too, so a
 restore on a busy host (a running database, another restore) would wait for all of that:
 measured with 800 MB written by another process, a 755 MB restore took 2.6 s with syncfs and
 2.5 s with fsyncs; with nothing else dirty, 1.9 s and 1.7 s.
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +33,7 @@ BLOCK = 1024 * 1024
 SMALL = 8 * 1024 * 1024  # files up to this size are written by the writer threads
 WRITERS = 4
 IN_FLIGHT = 256 * 1024 * 1024
+KICK = 16 * 1024 * 1024  # a large file's write-out is started every this many bytes written
 
 
 @dataclass
@@ -320,15 +325,42 @@ def _write_file(data: Iterator[memoryview], path: str, size: int, delta: bool) -
             os.close(fd)
     if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path)):
         _remove(path)
-    written = 0
+    written = kicked = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for piece in data:
             _write_all(fd, piece)
             written += len(piece)
+            if written - kicked >= KICK:
+                start_writeback(fd, kicked, written - kicked)
+                kicked = written
     finally:
         os.close(fd)
     return written
+
+
+def _bind_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _bind_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing a range of a file to disk, without waiting for it (a hint:
+    durability still comes from fsync). False where the kernel cannot be asked."""
+    return _sync_file_range is not None and _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _remove(path: str) -> None:
