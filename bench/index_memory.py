@@ -41,7 +41,7 @@ def build(path: str, n: int) -> None:
 
 
 def measure(path: str) -> None:
-    from keepwell.cli.common import tune_malloc
+    from keepwell.process import tune_malloc
 
     tune_malloc()  # as the keepwell command does at start
     t0 = time.perf_counter()

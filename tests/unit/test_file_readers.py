@@ -235,3 +235,37 @@ def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_pa
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     _same(src, out_dir)
+
+
+def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
+    """A reader process, as a worker runs it (its module, the repository opened again, the
+    index's keys from a file), stores a batch, recognises a blob the repository already held,
+    and writes its index, all without NumPy (10 MiB and a tenth of a second per process)."""
+    import pickle
+    import sys
+
+    from keepwell.sources.workers import repository_init
+
+    repo = _open(tmp_path)
+    with repo.new_snapshot("files", ["/x"]) as w:
+        w.add_bytes("/x/known", b"held before the run " * 100)
+    keys = tmp_path / "keys"
+    keys.write_bytes(repo.index.key_array().tobytes())
+    (tmp_path / "known").write_bytes(b"held before the run " * 100)
+    (tmp_path / "new").write_bytes(os.urandom(70_000))
+    init = {**repository_init(repo), "kind": "files", "keys": str(keys), "handler": "x"}
+    (tmp_path / "init").write_bytes(pickle.dumps(init))
+    code = (
+        "import pickle, sys\n"
+        "from keepwell.sources.files.readers import Reader\n"
+        f"r = Reader(pickle.loads(open({str(tmp_path / 'init')!r}, 'rb').read()))\n"
+        f"(k_ids, _, _, assumed), (n_ids, _, _, _) = r.handle([({str(tmp_path / 'known')!r}, 2000),"
+        f" ({str(tmp_path / 'new')!r}, 70000)])\n"
+        "assert assumed == k_ids and len(n_ids) == 1, (assumed, k_ids)\n"
+        "totals = r.finish()\n"
+        "assert totals['blobs_new'] == 1, totals\n"
+        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    repo.refresh_index()
+    assert repo.index.has(keyed_id(repo.id_key, (tmp_path / "new").read_bytes()))

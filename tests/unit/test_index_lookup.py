@@ -29,3 +29,41 @@ def test_lookup_many_and_has_each_match_lookup() -> None:
     assert index.has_each(probe) == [loc is not None for loc in single]
     assert sum(loc is not None for loc in single) == len(ids[::7]) + 1
     assert single[-2] is not None and single[-2].pack == b"s" * 32 and single[-1] is None
+
+
+def test_index_with_additions_only_answers_without_numpy_and_encodes_like_numpy() -> None:
+    """A worker's index starts empty and only adds: lookups, counts and the index object it
+    writes must work before any fold, and the NumPy-free encoding of entries must give the very
+    bytes the NumPy record array gives (the format is one)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from keepwell.repository.index import MasterIndex\n"
+        "from keepwell.repository.packer import PackEntry, StoredPack, index_content\n"
+        "from keepwell.repository.index import encode_index\n"
+        "i = MasterIndex()\n"
+        "a, b = os.urandom(32), os.urandom(32)\n"
+        "assert not i.has(a) and i.lookup(a) is None and len(i) == 0 and i.nbytes() == 0\n"
+        "assert i.lookup_many([a]) == [None] and i.has_each([a]) == [False]\n"
+        "i.add(a, b'p' * 32, 0, 10, 20, 30, 0)\n"
+        "assert i.has(a) and not i.has(b) and len(i) == 1 and i.has_each([a, b]) == [True, False]\n"
+        "assert i.lookup_many([b, a])[1].offset == 10\n"
+        "data = encode_index(index_content([StoredPack(b'p' * 32, 0, [PackEntry(0, a, 10, 20, 30)])]))\n"
+        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+        "sys.stdout.buffer.write(data)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    from keepwell.repository.index import decode_index, encode_index
+
+    content = decode_index(out)
+    assert content.packs == [b"p" * 32] and len(content) == 1
+    row = content.entries[0]
+    assert (int(row["offset"]), int(row["length"]), int(row["raw"]), int(row["type"])) == (10, 20, 30, 0)
+    assert encode_index(content) == out  # the NumPy path writes the same bytes
+    index = MasterIndex()
+    index.stage("x", content)
+    index.finish()
+    loc = index.lookup(bytes(row["id"]))
+    assert loc is not None and (loc.pack, loc.offset, loc.length) == (b"p" * 32, 10, 20)

@@ -16,8 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from keepwell.compression import Levels, pack_payload
 from keepwell.crypto import content_name, keyed_id
 from keepwell.errors import ObjectExistsError
@@ -30,7 +28,7 @@ from keepwell.repository.format import (
     pack_object_name,
     pack_trailer,
 )
-from keepwell.repository.index import ENTRY_DTYPE, IndexContent
+from keepwell.repository.index import IndexContent, encode_entries
 
 if TYPE_CHECKING:
     from keepwell.repository.repo import Repository
@@ -222,11 +220,6 @@ class BlobSink:
 
 
 def index_content(packs: list[StoredPack], supersedes: list[str] | None = None) -> IndexContent:
-    total = sum(len(p.entries) for p in packs)
-    entries = np.zeros(total, dtype=ENTRY_DTYPE)
-    i = 0
-    for n, p in enumerate(packs):
-        for e in p.entries:
-            entries[i] = (e.id, n, e.offset, e.length, e.raw_length, e.type)
-            i += 1
+    entries = encode_entries((e.id, n, e.offset, e.length, e.raw_length, e.type)
+                             for n, p in enumerate(packs) for e in p.entries)
     return IndexContent([p.id for p in packs], [p.type for p in packs], entries, supersedes or [])

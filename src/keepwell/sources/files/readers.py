@@ -27,6 +27,7 @@ backup.
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 import threading
@@ -34,8 +35,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from keepwell.crypto import keyed_id
 from keepwell.repository.format import DATA
@@ -175,16 +174,20 @@ class Reader:
 
         self.repo = repo = reopen_repository(init["location"], init["options"], init["master"],
                                              init["config"], init["key_id"])
-        self.keys = np.fromfile(init["keys"], dtype=np.uint64) if init["keys"] else np.zeros(0, np.uint64)
+        # the sorted keys, as the main process's index wrote them (native-endian 64-bit): a
+        # binary search on a memoryview needs no NumPy in this process
+        keys = b""
+        if init["keys"]:
+            with open(init["keys"], "rb") as f:
+                keys = f.read()
+        self.keys = memoryview(keys).cast("Q")
         self.sink = BlobSink(repo, upload_workers=2, levels=repo.levels(init["kind"]))
         self.min_size = repo.chunker_params.min_size
 
     def _known(self, blob_id: bytes) -> bool:
         keys = self.keys
-        if not len(keys):
-            return False
-        key = np.uint64(int.from_bytes(blob_id[:8], "big"))
-        i = int(np.searchsorted(keys, key))
+        key = int.from_bytes(blob_id[:8], "big")
+        i = bisect.bisect_left(keys, key)
         return i < len(keys) and keys[i] == key
 
     def handle(self, files: list[tuple[str, int]]) -> list[Answer]:
