@@ -134,7 +134,10 @@ class WalArchive:
             for item, data, digest, st in accepted:
                 path = wal_path(item.name)
                 mtime = datetime.fromtimestamp(st.st_mtime, UTC)
-                w.add_bytes(path, data, mode=0o600, mtime=st.st_mtime)
+                # a completed segment is never rewritten: large fixed pieces compress best; a
+                # partial one grows, and content-defined chunks let each upload share the rest
+                w.add_bytes(path, data, mode=0o600, mtime=st.st_mtime,
+                            fixed=wal_kind(item.name) == "segment")
                 info: dict[str, Any] = {
                     "path": path, "hash": digest, "size": len(data), "mtime": mtime.isoformat(),
                 }
