@@ -221,3 +221,36 @@ def test_fixed_pieces_store_large_blobs_that_restore_and_deduplicate(tmp_path: P
     assert repo.find_node(second, "w/again").content == node.content
     assert second.summary["blobs_known"] >= 3  # the pieces, stored once
     assert check(repo, read_data_fraction=1.0).ok
+
+
+def test_non_adaptive_writer_stores_every_blob_at_the_strong_level(tmp_path: Path) -> None:
+    """`adaptive_compression=False` (the WAL archive) compresses every blob at the repository's
+    strong level, even data where samples would have chosen the fast one."""
+    import random
+
+    import zstandard
+
+    from keepwell.crypto import BLOB_OVERHEAD
+
+    repo = _repo(tmp_path)
+    rnd = random.Random(7)
+    words = [bytes(rnd.randrange(97, 123) for _ in range(rnd.randrange(2, 9))) for _ in range(3000)]
+    data = b" ".join(rnd.choice(words) for _ in range(120_000))[: 1 << 20]
+
+    def size(level: int, adaptive: bool) -> int:
+        return len(zstandard.ZstdCompressor(level=level).compress(data + bytes([adaptive])))
+
+    learned = repo.levels("x")  # samples that gain nothing at the strong level: it turns fast
+    for _ in range(learned.SAMPLES):
+        learned.payload(os.urandom(4096))
+    assert learned.current() == repo.fast_compression
+    stored = {}
+    for adaptive in (True, False):
+        with repo.new_snapshot("x", ["/w"], adaptive_compression=adaptive) as w:
+            w.add_bytes("/w/f", data + bytes([adaptive]), fixed=True)
+            snap = w.commit()
+        (loc,) = repo.locate_many(repo.find_node(snap, "w/f").content)
+        assert loc is not None
+        stored[adaptive] = loc.length - 1 - BLOB_OVERHEAD
+    assert stored[True] == size(repo.fast_compression, True)
+    assert stored[False] == size(repo.compression, False) < size(repo.fast_compression, False)

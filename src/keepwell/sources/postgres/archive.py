@@ -130,7 +130,10 @@ class WalArchive:
         if segment_size:
             source["segment_size"] = segment_size
         names = sorted(a[0].name for a in accepted)
-        with self.repo.new_snapshot(KIND_WAL, ["wal"], host=self.host, source=source) as w:
+        # the strong level always: the fast one cost 7 % on the WAL of a busy pgbench and 25 % on
+        # that of a bulk load, and picking by samples lagged behind such changes of content
+        with self.repo.new_snapshot(KIND_WAL, ["wal"], host=self.host, source=source,
+                                    adaptive_compression=False) as w:
             for item, data, digest, st in accepted:
                 path = wal_path(item.name)
                 mtime = datetime.fromtimestamp(st.st_mtime, UTC)
