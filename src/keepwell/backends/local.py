@@ -4,6 +4,12 @@ Every object is written to a temporary file beside its final place, fsynced, and
 place (``link`` fails if the name exists, which gives create-only semantics without a race), and
 the directory is fsynced: after ``put`` returns, the object survives a power cut, and a crash at
 any moment leaves either the whole object or nothing under its name.
+
+`LocalBackend.open_spool` gives the same guarantees to an object written piece by piece whose
+name is known only at the end (a pack, named by the hash of its bytes): its pieces go straight
+into an unnamed file on the repository's filesystem (``O_TMPFILE``), which is linked into place
+when it is complete. So the writer never holds the object in memory, and the bytes are written
+once, not copied from a buffer into a file.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from keepwell.errors import (
 )
 
 _TMP_PREFIX = ".tmp-"
+_SPOOL_BUFFER = 1024 * 1024  # small pieces are gathered up to this much per write
 
 
 def _classify(exc: OSError, what: str) -> Exception:
@@ -64,6 +71,13 @@ class LocalBackend:
             except FileExistsError:
                 pass
         self._known_dirs.add(directory)
+
+    def open_spool(self) -> LocalSpool:
+        """A new object to be written piece by piece and stored with `LocalSpool.commit`."""
+        try:
+            return LocalSpool(self)
+        except OSError as exc:
+            raise _classify(exc, f"writing in {self.location}") from exc
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         final = self._path(name)
@@ -153,6 +167,105 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+class LocalSpool:
+    """An object being written into a file of the repository's filesystem, invisible until
+    `commit` links it under its name. Where the filesystem has no ``O_TMPFILE`` (or there is no
+    /proc to link it from), the file is a hidden temporary one in the repository's top
+    directory, which listings skip. A crash leaves nothing behind (``O_TMPFILE``) or that hidden
+    file; `abort` removes what is left."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+        self._buf = bytearray()
+        self.size = 0
+        self._tmp: str | None = None
+        flag = getattr(os, "O_TMPFILE", 0)
+        self._fd = -1
+        if flag and os.path.isdir("/proc/self/fd"):
+            try:
+                self._fd = os.open(backend.root, flag | os.O_WRONLY, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+        if self._fd < 0:
+            self._tmp = os.path.join(backend.root, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        try:
+            if len(self._buf) + len(data) > _SPOOL_BUFFER:
+                self._flush()
+            if len(data) >= _SPOOL_BUFFER:
+                self._write_all(data)
+            else:
+                self._buf += data
+        except OSError as exc:
+            raise _classify(exc, f"writing in {self._backend.location}") from exc
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._write_all(self._buf)
+            self._buf.clear()
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def commit(self, name: str, *, overwrite: bool = False) -> None:
+        """Store what was written as object ``name`` (durably, as `LocalBackend.put` does), or
+        raise `ObjectExistsError` if it exists and ``overwrite`` is not set. The spool is spent
+        either way."""
+        b = self._backend
+        final = b._path(name)
+        directory, base = os.path.split(final)
+        dfd = -1
+        try:
+            self._flush()
+            os.fdatasync(self._fd)
+            b._ensure_dir(directory)
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            if self._tmp is None:
+                # linkat(AT_SYMLINK_FOLLOW) of the /proc link gives the unnamed file a name;
+                # a dir fd makes os.link call linkat (plain link() would not follow the link)
+                source = f"/proc/self/fd/{self._fd}"
+                if overwrite:  # an unnamed file cannot be renamed: name it beside, then rename
+                    self._tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+                    os.link(source, self._tmp, src_dir_fd=dfd, follow_symlinks=True)
+                    source = self._tmp
+            else:
+                source = self._tmp
+            if overwrite:
+                os.replace(source, final)
+                self._tmp = None
+            else:
+                try:
+                    os.link(source, base, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=True)
+                except FileExistsError:
+                    raise ObjectExistsError(f"{name} already exists in {b.location}") from None
+            os.fsync(dfd)
+        except OSError as exc:
+            raise _classify(exc, f"writing {name} in {b.location}") from exc
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop what was written (nothing stays on disk)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+            self._tmp = None
+        self._buf = bytearray()
 
 
 def from_url(url: str, **options: object) -> LocalBackend:

@@ -14,7 +14,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import blake3
 
 from keepwell.compression import Levels, pack_payload
 from keepwell.crypto import content_name, keyed_id
@@ -31,7 +34,18 @@ from keepwell.repository.format import (
 from keepwell.repository.index import IndexContent, encode_entries
 
 if TYPE_CHECKING:
+    from keepwell.backends.base import Backend
     from keepwell.repository.repo import Repository
+
+
+class Spool(Protocol):
+    """What a backend's ``open_spool()`` returns (keepwell.backends.local.LocalSpool)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, name: str) -> None: ...
+
+    def abort(self) -> None: ...
 
 PACK_TARGET = {DATA: 16 * 1024 * 1024, TREE: 4 * 1024 * 1024}
 INDEX_EVERY_PACKS = 4
@@ -39,17 +53,62 @@ INDEX_EVERY_SECONDS = 10.0
 
 
 class PackBuilder:
-    def __init__(self, blob_type: int) -> None:
+    """A pack being filled. Its bytes go into a spool file of the backend where it offers one
+    (the local backend: a file on the repository's filesystem, linked into place when the pack
+    is complete), else into memory; either way the pack is named by the hash of its bytes."""
+
+    def __init__(self, blob_type: int, backend: Backend) -> None:
         self.type = blob_type
-        self.buf = bytearray()
         self.entries: list[PackEntry] = []
+        self.size = 0
+        self._backend = backend
+        self._spool: Spool | None = None
+        self._hash: Any = None
+        self.buf = bytearray()  # when not spooled
 
     def add(self, blob_id: bytes, stored: bytes, raw_length: int) -> None:
-        self.entries.append(PackEntry(self.type, blob_id, len(self.buf), len(stored), raw_length))
-        self.buf += stored
+        self.entries.append(PackEntry(self.type, blob_id, self.size, len(stored), raw_length))
+        self._write(stored)
+
+    def _write(self, data: bytes) -> None:
+        if self.size == 0:  # opened at the first blob: a builder may stay empty
+            open_spool = getattr(self._backend, "open_spool", None)
+            if open_spool is not None:
+                self._spool = open_spool()
+                self._hash = blake3.blake3()
+        if self._spool is not None:
+            self._spool.write(data)
+            self._hash.update(data)
+        else:
+            self.buf += data
+        self.size += len(data)
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self.size
+
+    def store(self, repo: Repository) -> str:
+        """Close the pack with its encrypted header and store it; its name (hex) is returned.
+        A pack of that name being there already is fine: same name, same bytes."""
+        header = repo.master.encrypt_object(KIND_PACK_HEADER, encode_pack_header(self.entries))
+        self._write(header)
+        self._write(pack_trailer(len(header)))
+        if self._spool is not None:
+            pack_hex = self._hash.hexdigest()
+            store = partial(self._spool.commit, pack_object_name(self.type, pack_hex))
+        else:
+            pack_hex = content_name(self.buf)
+            store = partial(repo.backend.put, pack_object_name(self.type, pack_hex), self.buf)
+        try:
+            store()
+        except ObjectExistsError:
+            pass
+        self.buf = bytearray()
+        return pack_hex
+
+    def discard(self) -> None:
+        if self._spool is not None:
+            self._spool.abort()
+            self._spool = None
 
 
 @dataclass
@@ -88,7 +147,7 @@ class BlobSink:
         # data blobs: a fixed level, or the adaptive choice of the writer's kind of data
         self.levels = levels or Levels(self.level, self.level)
         self._lock = threading.Lock()
-        self._builders = {DATA: PackBuilder(DATA), TREE: PackBuilder(TREE)}
+        self._builders = self._new_builders()
         self._inflight: set[bytes] = set()
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="kw-upload")
         self._slots = threading.BoundedSemaphore(upload_workers + 1)
@@ -132,7 +191,7 @@ class BlobSink:
             self.stats.bytes_stored += len(stored)
             if len(builder) >= PACK_TARGET[blob_type]:
                 full = builder
-                self._builders[blob_type] = PackBuilder(blob_type)
+                self._builders[blob_type] = PackBuilder(blob_type, self.repo.backend)
         if full is not None:
             self._submit(full)
         return True
@@ -152,16 +211,15 @@ class BlobSink:
         if exc is not None and self._error is None:
             self._error = exc
 
+    def _new_builders(self) -> dict[int, PackBuilder]:
+        return {t: PackBuilder(t, self.repo.backend) for t in (DATA, TREE)}
+
     def _store_pack(self, builder: PackBuilder) -> None:
         repo = self.repo
-        header = repo.master.encrypt_object(KIND_PACK_HEADER, encode_pack_header(builder.entries))
-        builder.buf += header
-        builder.buf += pack_trailer(len(header))
-        pack_hex = content_name(builder.buf)
         try:
-            repo.backend.put(pack_object_name(builder.type, pack_hex), builder.buf)
-        except ObjectExistsError:
-            pass  # same name means same bytes: already stored
+            pack_hex = builder.store(repo)
+        finally:
+            builder.discard()
         pack_id = bytes.fromhex(pack_hex)
         for e in builder.entries:
             repo.index.add(e.id, pack_id, builder.type, e.offset, e.length, e.raw_length, e.type)
@@ -176,7 +234,7 @@ class BlobSink:
             batch = self._take_unindexed() if due else []
         if batch:
             self._write_index(batch)
-        repo.events.emit("pack_stored", pack=pack_hex, size=len(builder.buf))
+        repo.events.emit("pack_stored", pack=pack_hex, size=builder.size)
 
     def _take_unindexed(self) -> list[StoredPack]:
         batch, self._unindexed = self._unindexed, []
@@ -195,7 +253,7 @@ class BlobSink:
         """Store every open pack, wait for all uploads, and index everything stored."""
         with self._lock:
             builders = [b for b in self._builders.values() if b.entries]
-            self._builders = {DATA: PackBuilder(DATA), TREE: PackBuilder(TREE)}
+            self._builders = self._new_builders()
         for b in builders:
             self._submit(b)
         while True:
@@ -217,6 +275,9 @@ class BlobSink:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._lock:  # packs never submitted (a failed run): their spool files go
+            for b in self._builders.values():
+                b.discard()
 
 
 def index_content(packs: list[StoredPack], supersedes: list[str] | None = None) -> IndexContent:

@@ -148,6 +148,7 @@ class Archiver:
         self._walker = threading.Thread(target=self._walk_loop, name="kw-walk", daemon=True)
         self._walker.start()
         self._slots = threading.BoundedSemaphore(64)
+        self._large = threading.Lock()
         self._error: BaseException | None = None
         self._wake = threading.Event()
         self._processes = processes if can_reopen(repo) else 0
@@ -231,7 +232,9 @@ class Archiver:
         try:
             if node.size < _LARGE:
                 return self._read_whole(fd, node)
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            # one large file at a time: each stream holds a buffer of twice the largest chunk,
+            # and the writer's pool already spreads one stream's chunks over every core
+            with self._large, os.fdopen(os.dup(fd), "rb", buffering=0) as f:
                 ids, node.size = self.writer.save_content(f, count=False)
                 return ids
         finally:

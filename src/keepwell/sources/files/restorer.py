@@ -35,7 +35,10 @@ from keepwell.sources.files import fileio
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
 
-_MAX_RANGE = 8 * 1024 * 1024
+_MAX_RANGE = 8 * 1024 * 1024  # one ranged read of nearby blobs, in a worker process
+# the same in this process, whose threads each hold a range and its blobs at once (files of
+# several blobs are large: their blobs are rarely near each other's anyway)
+_MAX_RANGE_HERE = 2 * 1024 * 1024
 BATCH_FILES = 4096  # files planned (and their blob locations held) at a time
 _MAX_GAP = 256 * 1024
 WRITERS_AFTER = 256  # files of one blob in the first batch before worker processes start
@@ -346,7 +349,7 @@ class Restorer:
             start = wants[i].offset
             end = start + wants[i].length
             while j < len(wants) and wants[j].offset - end <= _MAX_GAP and \
-                    wants[j].offset + wants[j].length - start <= _MAX_RANGE:
+                    wants[j].offset + wants[j].length - start <= _MAX_RANGE_HERE:
                 end = max(end, wants[j].offset + wants[j].length)
                 j += 1
             group = wants[i:j]
@@ -406,7 +409,7 @@ class Restorer:
 def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                      includes: list[str] | tuple[str, ...] = (),
                      excludes: list[str] | tuple[str, ...] = (), overwrite: bool = False,
-                     workers: int = 6) -> RestoreResult:
+                     workers: int = 4) -> RestoreResult:
     target = os.path.abspath(target)
     if os.path.exists(target):
         if not os.path.isdir(target):
