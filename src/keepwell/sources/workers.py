@@ -270,12 +270,14 @@ def can_reopen(repo: Any) -> bool:
         and not options.get("limit_download")
 
 
-def worker_count(variable: str) -> int:
-    """Worker processes from an environment variable, else one per core (0: none)."""
+def worker_count(variable: str, *, reserve: int = 0) -> int:
+    """Worker processes from an environment variable (0: none), else one per core but for
+    ``reserve`` cores left to a main process that has a core's worth of work of its own; at
+    least one."""
     value = os.environ.get(variable)
     if value is not None:
         try:
             return max(0, int(value))
         except ValueError:
             raise UsageError(f"{variable}={value!r} is not a number") from None
-    return max(2, os.cpu_count() or 2)
+    return max(1, (os.cpu_count() or 2) - reserve)

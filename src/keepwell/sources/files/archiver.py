@@ -612,7 +612,8 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
-                            processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind)
+                            # the walk, the trees and large files keep this process busy
+                            processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1), kind=kind)
         prefetch = Prefetch(absolute, one_file_system=one_file_system)
         try:
             for ap in absolute:
