@@ -138,12 +138,12 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def levels(self, kind: str, *, adaptive: bool = True) -> Levels:
+    def levels(self, kind: str, *, probe: bool = False) -> Levels:
         """The compression level chooser for one kind of snapshot data, kept for the life of
         this object, so that each writer starts from what earlier ones of its kind learned.
-        ``adaptive=False``: the repository's strong level for every blob."""
-        if not adaptive:
-            return Levels(self.compression, self.compression)
+        ``probe``: a choice of its own for each large blob (see `Levels`)."""
+        if probe:
+            return Levels(self.compression, self.fast_compression, probe=True)
         with self._levels_lock:
             found = self._levels.get(kind)
             if found is None:
