@@ -49,7 +49,8 @@ pgbr() { as_pg pgbackrest --config="$W/pgbackrest.conf" --stanza=bench "$@"; }
 psql_() { as_pg "$BIN/psql" -X -q -d postgres -At -c "$1"; }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-size_mb() { du -sb "$1" | awk '{ printf "%.0f", $1 / 1048576 }'; }
+size_mb() { du -sb "$1" | awk '{ printf "%.1f", $1 / 1048576 }'; }
+minus() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
 cleanup() {
     as_pg "$BIN/pg_ctl" -D "$W/pg" -m immediate stop >/dev/null 2>&1 || true
     [[ -f "$W/kw-spool/uploader.lock" ]] && kill -9 "$(head -1 "$W/kw-spool/uploader.lock")" 2>/dev/null || true
@@ -210,7 +211,7 @@ echo "|---|---|---|"
 echo "| first physical backup | ${KW_FULL} s | ${BR_FULL} s (full) |"
 echo "| repository after it (backup + WAL) | ${KW_SIZE1} MiB | ${BR_SIZE1} MiB |"
 echo "| second backup after the workload | ${KW_SECOND} s (full, deduplicated) | ${BR_INCR} s (incremental) |"
-echo "| repository growth (backup + WAL of the workload) | $((KW_SIZE2 - KW_SIZE1)) MiB | $((BR_SIZE2 - BR_SIZE1)) MiB |"
+echo "| repository growth (backup + WAL of the workload) | $(minus "$KW_SIZE2" "$KW_SIZE1") MiB | $(minus "$BR_SIZE2" "$BR_SIZE1") MiB |"
 echo "| restore (data directory) | ${KW_RESTORE} | ${BR_RESTORE} |"
 echo "| WAL archive, synchronous | ${KW_SYNC_RATE} segments/s (through the uploader; ${KW_DIRECT_RATE}/s opening the repository per segment) | ${BR_SYNC_RATE} segments/s |"
 echo "| WAL archive, asynchronous | ${KW_ASYNC_RATE} segments/s | ${BR_ASYNC_RATE} segments/s |"
