@@ -72,9 +72,9 @@ class Levels:
 
     With ``probe``, each blob of at least `PROBE_MIN` bytes gets its own choice instead: three
     `PROBE` slices at its quarters are compressed at both levels, the strong level is taken if
-    it saves `PROBE_GAIN` on them, and the whole blob is compressed once at the level chosen. This is for data written in few large
-    pieces whose content changes from piece to piece, where samples of earlier blobs say little
-    about the next: WAL segments (8 MiB pieces) are full-page images after a checkpoint (level 3
+    it saves `PROBE_GAIN` on them, and the whole blob is compressed once at the level chosen.
+    This is for data written in few large pieces whose content changes from piece to piece,
+    where samples of earlier blobs say little about the next: WAL segments (8 MiB pieces) are full-page images after a checkpoint (level 3
     saves 10 %), row changes or bulk-loaded text (level 1 is as small or smaller, and twice as
     fast). On four kinds of WAL this stored as little as the better level of the two for each
     piece (within 0.1 %), at 1.1–2 times the speed of level 3.

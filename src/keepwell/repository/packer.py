@@ -14,7 +14,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import blake3
@@ -46,6 +45,7 @@ class Spool(Protocol):
     def commit(self, name: str) -> None: ...
 
     def abort(self) -> None: ...
+
 
 PACK_TARGET = {DATA: 16 * 1024 * 1024, TREE: 4 * 1024 * 1024}
 INDEX_EVERY_PACKS = 4
@@ -92,16 +92,15 @@ class PackBuilder:
         header = repo.master.encrypt_object(KIND_PACK_HEADER, encode_pack_header(self.entries))
         self._write(header)
         self._write(pack_trailer(len(header)))
-        if self._spool is not None:
-            pack_hex = self._hash.hexdigest()
-            store = partial(self._spool.commit, pack_object_name(self.type, pack_hex))
-        else:
-            pack_hex = content_name(self.buf)
-            store = partial(repo.backend.put, pack_object_name(self.type, pack_hex), self.buf)
+        pack_hex = self._hash.hexdigest() if self._spool is not None else content_name(self.buf)
+        name = pack_object_name(self.type, pack_hex)
         try:
-            store()
+            if self._spool is not None:
+                self._spool.commit(name)
+            else:
+                repo.backend.put(name, self.buf)
         except ObjectExistsError:
-            pass
+            pass  # same name means same bytes: already stored
         self.buf = bytearray()
         return pack_hex
 
