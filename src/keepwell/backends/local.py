@@ -1,15 +1,15 @@
 """The local filesystem backend.
 
-Every object is written to a temporary file beside its final place, fsynced, and then linked into
-place (``link`` fails if the name exists, which gives create-only semantics without a race), and
-the directory is fsynced: after ``put`` returns, the object survives a power cut, and a crash at
-any moment leaves either the whole object or nothing under its name.
+Every object is written into an unnamed file on the repository's filesystem (``O_TMPFILE``; a
+hidden temporary file where there is none), fsynced, and then linked into place (``link`` fails if
+the name exists, which gives create-only semantics without a race), and the directory is
+fsynced: after ``put`` returns, the object survives a power cut, and a crash at any moment
+leaves either the whole object or nothing under its name.
 
-`LocalBackend.open_spool` gives the same guarantees to an object written piece by piece whose
-name is known only at the end (a pack, named by the hash of its bytes): its pieces go straight
-into an unnamed file on the repository's filesystem (``O_TMPFILE``), which is linked into place
-when it is complete. So the writer never holds the object in memory, and the bytes are written
-once, not copied from a buffer into a file.
+`LocalBackend.open_spool` is that same path for an object written piece by piece whose name is
+known only at the end (a pack, named by the hash of its bytes): the writer never holds the
+object in memory, and the bytes are written once, not copied from a buffer into a file;
+``put`` is one write into a spool.
 """
 
 from __future__ import annotations
@@ -80,36 +80,14 @@ class LocalBackend:
             raise _classify(exc, f"writing in {self.location}") from exc
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
-        final = self._path(name)
-        directory = os.path.dirname(final)
-        tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+        self._path(name)  # an invalid name is refused before anything is written
+        spool = self.open_spool()
         try:
-            self._ensure_dir(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            if overwrite:
-                os.replace(tmp, final)
-            else:
-                try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    raise ObjectExistsError(f"{name} already exists in {self.location}") from None
-                finally:
-                    os.unlink(tmp)
-            _fsync_dir(directory)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise _classify(exc, f"writing {name} in {self.location}") from exc
+            spool.write(data)
+        except BaseException:
+            spool.abort()
+            raise
+        spool.commit(name, overwrite=overwrite)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         try:
@@ -181,6 +159,7 @@ class LocalSpool:
         self._buf = bytearray()
         self.size = 0
         self._tmp: str | None = None
+        backend._ensure_dir(backend.root)
         flag = getattr(os, "O_TMPFILE", 0)
         self._fd = -1
         if flag and os.path.isdir("/proc/self/fd"):
