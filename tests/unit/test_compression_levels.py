@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -71,17 +72,66 @@ def test_repository_keeps_a_chooser_per_kind_and_the_levels_in_its_config() -> N
     assert (again.compression, again.fast_compression) == (5, 2)
 
 
+def _heap_pages(seed: int, n: int = 512) -> bytes:
+    """8 KiB pages of pgbench-like account rows, a third of them rewritten by updates."""
+    rnd = random.Random(seed)
+    out = bytearray()
+    aid = seed * 100_000
+    for page in range(n):
+        rows = []
+        for slot in range(61):
+            aid += 1
+            balance = rnd.randint(-5000, 5000) if rnd.random() < 0.3 else 0
+            xmin = rnd.randint(700, 90_000) if balance else 1
+            xmax = rnd.randint(700, 90_000) if rnd.random() < 0.15 else 0
+            rows.append(struct.pack("<IIIHHHBBiii", xmin, xmax, 0, 0, page, slot + 1, 11, 24,
+                                    aid, 1 + aid // 100_000, balance) + b" " * 84)
+        body = b"".join(rows)
+        pointers = b"".join(struct.pack("<I", (8192 - (i + 1) * 121) | 1 << 15 | 121 << 17)
+                            for i in range(61))
+        head = struct.pack("<QHHHHHHI", rnd.getrandbits(40), 0, 0, 24 + len(pointers),
+                           8192 - len(body), 8192, 0x2004, 0) + pointers
+        out += head + bytes(8192 - len(head) - len(body)) + body
+    return bytes(out)
+
+
+def test_page_images_get_the_page_level() -> None:
+    repo = Repository.init(MemoryBackend(), "pw")
+    assert (repo.compression, repo.fast_compression, repo.page_compression) == (3, 1, 5)
+    assert repo.levels("postgres-physical", pages=True).strong == 5
+    assert repo.levels("postgres-physical", pages=True) is not repo.levels("postgres-physical")
+    assert repo.levels("files").strong == 3
+    data = _heap_pages(1) + _heap_pages(2) + _heap_pages(3) + _heap_pages(4)
+    stored = {}
+    for pages in (False, True):
+        with repo.new_snapshot(f"pages-{pages}", ["x"], page_levels=pages) as w:
+            w.add_bytes("x", data)
+            stored[pages] = w.commit().summary["bytes_stored"]
+    # zstd 5 stores these pages 3 % smaller than zstd 3 (and 12 % smaller than zstd 1)
+    assert stored[True] < 0.99 * stored[False]
+
+
+def test_older_configs_and_no_compression_keep_their_level_for_pages() -> None:
+    repo = Repository.init(MemoryBackend(), "pw", compression=0)
+    assert repo.levels("postgres-physical", pages=True).strong == 0
+    old = dict(Repository.init(MemoryBackend(), "pw").config)
+    del old["page_compression"]  # configs written before the setting existed
+    repo = Repository(MemoryBackend(), repo.master, old, repo.key_id)
+    assert repo.page_compression == repo.compression == 3
+
+
 def test_init_takes_levels(tmp_path: Path) -> None:
     env = dict(os.environ, KEEPWELL_PASSWORD="pw", KEEPWELL_TESTONLY_WEAK_KDF="1")
     cli = [sys.executable, "-c", "import sys; from keepwell.cli.main import run; sys.exit(run())",
            "-r", str(tmp_path / "r"), "init"]
-    done = subprocess.run([*cli, "--compression", "7", "--fast-compression", "7"], env=env,
+    done = subprocess.run([*cli, "--compression", "7", "--fast-compression", "7",
+                           "--page-compression", "9"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     from keepwell.backends.local import LocalBackend
 
     repo = Repository.open(LocalBackend(str(tmp_path / "r")), "pw")
-    assert (repo.compression, repo.fast_compression) == (7, 7)
+    assert (repo.compression, repo.fast_compression, repo.page_compression) == (7, 7, 9)
     assert not repo.levels("files").adaptive
     bad = subprocess.run([*cli[:-2], str(tmp_path / "s"), "init", "--compression", "40"],
                          env=env, capture_output=True, text=True)

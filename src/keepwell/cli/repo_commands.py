@@ -101,6 +101,10 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              "--fast-compression", metavar="LEVEL", min=0, max=19,
              help="Level used instead where --compression saves under 3 % on the data being "
                   "written (the same level as --compression: never).")] = 1,
+         page_compression: Annotated[int, typer.Option(
+             "--page-compression", metavar="LEVEL", min=0, max=19,
+             help="Level instead of --compression for database page images (PostgreSQL "
+                  "physical backups), where it pays.")] = 5,
          json_: JsonOption = False) -> None:
     """Create a new repository."""
     from keepwell.backends.registry import open_backend
@@ -113,10 +117,12 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
 
         with open_source(copy_chunker_params_from, from_password_file) as src:
             r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src,
-                          compression=compression, fast_compression=fast_compression)
+                          compression=compression, fast_compression=fast_compression,
+                          page_compression=page_compression)
     else:
         r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True),
-                            compression=compression, fast_compression=fast_compression)
+                            compression=compression, fast_compression=fast_compression,
+                          page_compression=page_compression)
     if json_:
         print_json({"id": r.id, "location": location,
                     "chunker_params_from": copy_chunker_params_from})

@@ -64,7 +64,9 @@ class Repository:
         self.compression = int(config.get("compression", 3))
         # the level data goes down to where `compression` does not pay (keepwell.compression.Levels)
         self.fast_compression = int(config.get("fast_compression", self.compression))
-        self._levels: dict[str, Levels] = {}
+        # the strong level for database page images (absent in older configs: `compression`)
+        self.page_compression = int(config.get("page_compression", self.compression))
+        self._levels: dict[tuple[str, bool], Levels] = {}
         self._levels_lock = threading.Lock()
         self.events = Events()
         self._index: MasterIndex | None = None
@@ -87,7 +89,7 @@ class Repository:
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
     def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
-             compression: int = 3, fast_compression: int = 1,
+             compression: int = 3, fast_compression: int = 1, page_compression: int = 5,
              kdf: KdfParams | None = None,
              id_key: bytes | None = None) -> Repository:
         """Create a repository. ``chunker`` and ``id_key`` are given only to share them with
@@ -108,6 +110,7 @@ class Repository:
             "chunker": params.to_dict(),
             "compression": compression,
             "fast_compression": fast_compression,
+            "page_compression": page_compression,
         }
         key_id = keys.add_key(backend, master, password, kdf)
         data = master.encrypt_object(KIND_CONFIG, json.dumps(config).encode())
@@ -138,16 +141,18 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def levels(self, kind: str, *, probe: bool = False) -> Levels:
+    def levels(self, kind: str, *, probe: bool = False, pages: bool = False) -> Levels:
         """The compression level chooser for one kind of snapshot data, kept for the life of
         this object, so that each writer starts from what earlier ones of its kind learned.
-        ``probe``: a choice of its own for each large blob (see `Levels`)."""
+        ``probe``: a choice of its own for each large blob (see `Levels`). ``pages``: the data
+        are database page images, whose strong level is `page_compression`."""
+        strong = self.page_compression if pages and self.compression > 0 else self.compression
         if probe:
-            return Levels(self.compression, self.fast_compression, probe=True)
+            return Levels(strong, self.fast_compression, probe=True)
         with self._levels_lock:
-            found = self._levels.get(kind)
+            found = self._levels.get((kind, pages))
             if found is None:
-                found = self._levels[kind] = Levels(self.compression, self.fast_compression)
+                found = self._levels[kind, pages] = Levels(strong, self.fast_compression)
             return found
 
     @property

@@ -43,7 +43,7 @@ class SnapshotWriter:
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
                  upload_workers: int = 4, blob_workers: int | None = None,
-                 probe_levels: bool = False) -> None:
+                 probe_levels: bool = False, page_levels: bool = False) -> None:
         self.repo = repo
         self.kind = kind
         self.paths = list(paths)
@@ -58,7 +58,8 @@ class SnapshotWriter:
         self.session = Session(repo, f"backup {kind}")
         try:
             repo.refresh_index()  # after the session exists: see keepwell.repository.sessions
-            self.sink = BlobSink(repo, upload_workers=upload_workers, levels=repo.levels(kind, probe=probe_levels))
+            levels = repo.levels(kind, probe=probe_levels, pages=page_levels)
+            self.sink = BlobSink(repo, upload_workers=upload_workers, levels=levels)
         except BaseException:
             self.session.end()
             raise

@@ -120,8 +120,10 @@ def backup_physical(
                                   "tablespaces": spaces,
                                   "method": "copy" if copying else "stream"}
         paths = ["base.tar"] + [f"tablespaces/{oid}.tar" for oid in spaces]
+        # page images: the strong level of pages pays 6-10 % over zstd 3 on tables rewritten by
+        # updates (freshly loaded ones keep the fast level, see keepwell.compression.Levels)
         with repo.new_snapshot(KIND_PHYSICAL, paths, host=host or socket.gethostname(),
-                               tags=tags, source=source) as w:
+                               tags=tags, source=source, page_levels=True) as w:
             if copying:
                 assert facts.data_directory is not None
                 copied, total = _via_copy(w, conn, facts.major, facts.data_directory,
