@@ -28,14 +28,13 @@ in the key file, so such a key stays weak and is visibly so.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 
 import blake3
-from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keepwell import tokens
 from keepwell.errors import IntegrityError, WrongPasswordError
 
 _ZERO_NONCE = bytes(12)
@@ -60,6 +59,9 @@ class KdfParams:
 
 
 def derive_password_key(password: str, salt: bytes, params: KdfParams) -> bytes:
+    # imported here: worker processes get the master key, never a password
+    from argon2.low_level import Type, hash_secret_raw
+
     return hash_secret_raw(
         password.encode("utf-8"),
         salt,
@@ -85,7 +87,7 @@ class MasterKey:
 
     @classmethod
     def generate(cls) -> MasterKey:
-        return cls(secrets.token_bytes(64))
+        return cls(tokens.token_bytes(64))
 
     # -- blobs -------------------------------------------------------------------------------
     def encrypt_blob(self, blob_id: bytes, blob_type: int, payload: bytes) -> bytes:
@@ -107,7 +109,7 @@ class MasterKey:
 
     # -- objects -----------------------------------------------------------------------------
     def encrypt_object(self, kind: bytes, payload: bytes) -> bytes:
-        salt = secrets.token_bytes(_OBJECT_SALT)
+        salt = tokens.token_bytes(_OBJECT_SALT)
         subkey = blake3.blake3(b"kw-object" + salt, key=self._enc).digest()
         return bytes((_OBJECT_VERSION,)) + salt + AESGCM(subkey).encrypt(_ZERO_NONCE, payload, kind)
 
@@ -123,7 +125,7 @@ class MasterKey:
 
 
 def wrap_master_key(master: MasterKey, password: str, params: KdfParams) -> dict[str, object]:
-    salt = secrets.token_bytes(32)
+    salt = tokens.token_bytes(32)
     kek = derive_password_key(password, salt, params)
     sealed = AESGCM(kek).encrypt(_ZERO_NONCE, master.raw, b"kw-master-key")
     return {

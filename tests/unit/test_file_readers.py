@@ -272,14 +272,15 @@ def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
 
 
 def test_worker_count_leaves_the_main_process_its_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default a backup runs one worker per core but one (its main process walks and builds
-    the trees), a restore one per core; the variable overrides both."""
+    """By default a file backup and a restore run one worker per core but one (the main process
+    walks and builds the trees, or writes the large files), any other user one per core; the
+    variable overrides both."""
     from keepwell.sources.workers import worker_count
 
     monkeypatch.delenv("KEEPWELL_FILE_PROCESSES", raising=False)
-    for cores, backup, restore in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):
+    for cores, files, other in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):
         monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
-        assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == backup
-        assert worker_count("KEEPWELL_FILE_PROCESSES") == restore
+        assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == files
+        assert worker_count("KEEPWELL_FILE_PROCESSES") == other
     monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "3")
     assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == 3

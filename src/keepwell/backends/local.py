@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from collections.abc import Iterator
 
+from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
 from keepwell.errors import (
     ObjectExistsError,
@@ -169,7 +169,7 @@ class LocalSpool:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
         if self._fd < 0:
-            self._tmp = os.path.join(backend.root, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+            self._tmp = os.path.join(backend.root, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -212,7 +212,7 @@ class LocalSpool:
                 # a dir fd makes os.link call linkat (plain link() would not follow the link)
                 source = f"/proc/self/fd/{self._fd}"
                 if overwrite:  # an unnamed file cannot be renamed: name it beside, then rename
-                    self._tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+                    self._tmp = os.path.join(directory, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
                     os.link(source, self._tmp, src_dir_fd=dfd, follow_symlinks=True)
                     source = self._tmp
             else:

@@ -33,7 +33,6 @@ import getpass
 import os
 import posixpath
 import queue
-import secrets
 import socket
 import stat as statmod
 import threading
@@ -43,6 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 import paramiko
 
+from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
 from keepwell.errors import (
     BackendError,
@@ -277,7 +277,7 @@ class SftpBackend:
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         final = self._path(name)
         directory = posixpath.dirname(final)
-        tmp = posixpath.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+        tmp = posixpath.join(directory, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
 
         def do(sftp: paramiko.SFTPClient) -> None:
             self._makedirs(sftp, directory)

@@ -12,15 +12,14 @@ Words:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from keepwell import tokens
 from keepwell.backends.base import Backend, ObjectInfo, check_name
 from keepwell.backends.resilience import Backoff, CircuitBreaker, Sleep, TokenBucket
 from keepwell.errors import (
@@ -383,7 +382,7 @@ class CachedBackend(_Wrapper):
 
     def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(name)
-        tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+        tmp = f"{path}.tmp-{tokens.token_hex(6)}"
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -472,6 +471,8 @@ def wrap(
     if cache_dir is not None:
         # One directory may serve many repositories (~/.cache/keepwell): each location gets its
         # own subdirectory, or every repository's "config" would share one cached copy.
+        import hashlib  # here: hashlib loads OpenSSL's libcrypto (see keepwell.tokens)
+
         digest = hashlib.sha256(backend.location.encode()).hexdigest()[:24]
         b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest))
     return b

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from keepwell import tokens
 from keepwell.backends.base import Backend
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
@@ -102,11 +102,11 @@ class Repository:
         if any(True for _ in backend.list("keys/")):
             raise RepositoryExistsError(f"{backend.location} already holds keys of a repository")
         master = MasterKey.generate()
-        params = chunker or ChunkerParams(seed=secrets.randbits(62))
+        params = chunker or ChunkerParams(seed=tokens.randbits(62))
         config = {
             "version": FORMAT_VERSION,
-            "id": secrets.token_hex(32),
-            "id_key": id_key.hex() if id_key is not None else secrets.token_hex(32),
+            "id": tokens.token_hex(32),
+            "id_key": id_key.hex() if id_key is not None else tokens.token_hex(32),
             "chunker": params.to_dict(),
             "compression": compression,
             "fast_compression": fast_compression,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from keepwell import tokens
 from keepwell.errors import (
     BackendError,
     IntegrityError,
@@ -62,7 +62,7 @@ class SessionInfo:
 class Session:
     def __init__(self, repo: Repository, purpose: str) -> None:
         self.repo = repo
-        self.id = secrets.token_hex(16)
+        self.id = tokens.token_hex(16)
         self.name = f"sessions/{self.id}"
         self.started = time.time()
         self.purpose = purpose
@@ -127,7 +127,7 @@ class PruneLock:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.token = secrets.token_hex(16)
+        self.token = tokens.token_hex(16)
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -419,7 +419,7 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
     os.makedirs(target, exist_ok=True)
     with fewer_collections():
         return Restorer(repo, snap, target, includes=Matcher(includes), excludes=Matcher(excludes),
-                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES")).run()
+                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1)).run()
 
 
 class PackWriter:
