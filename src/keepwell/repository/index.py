@@ -1,15 +1,15 @@
 """The index: which blob is in which pack, at which offset.
 
 On disk an index object lists packs and their blobs (see docs/repository-format.md). In memory the
-`MasterIndex` keeps every entry in one sorted NumPy structured array (49 bytes per blob) plus a
+`MasterIndex` keeps every entry in one sorted run of `ENTRY` records (49 bytes per blob) plus a
 sorted array of 8-byte keys for binary search (8 bytes per blob): 57 bytes per blob, no Python
-object per blob. Blobs added by the running process sit in a small dict until `compact()` folds
-them in.
+object per blob. Blobs added by the running process sit in a small dict until a fold merges them
+in.
 
-NumPy is imported on first use, not with this module: a worker process that stores new blobs
-starts with an empty index, adds to the dict, and writes index objects (`ENTRY` below, no NumPy),
-so it never loads NumPy (10 MiB of memory and a tenth of a second per process) unless it adds
-enough blobs to fold them.
+NumPy sorts the folds of large indexes only (`NUMPY_AT` entries and more), and is imported then:
+its libraries hold 16 MiB in every process that loads them, more than the index of a repository
+of 200,000 blobs. Lookups are binary searches of the key array (`bisect`, in C) and need no
+NumPy, nor does a worker process that starts with an empty index and writes index objects.
 
 Words:
     location    (pack id, offset, stored length, raw length, type) of one blob
@@ -18,9 +18,12 @@ Words:
 
 from __future__ import annotations
 
+import bisect
 import functools
+import operator
 import struct
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,29 +72,34 @@ class IndexContent:
 
     packs: list[bytes]
     pack_types: list[int]
-    entries: np.ndarray | bytes  # entry_dtype() records or `ENTRY` structs; 'pack' indexes `packs`
+    entries: np.ndarray | bytes | memoryview  # `ENTRY` records (or entry_dtype() records);
+    # 'pack' indexes `packs`
     supersedes: list[str]
 
     def __len__(self) -> int:
         """The number of entries."""
         e = self.entries
-        return len(e) // ENTRY.size if isinstance(e, bytes) else len(e)
+        return len(e) // ENTRY.size if isinstance(e, bytes | memoryview) else len(e)
+
+
+def entries_bytes(entries: Any) -> bytes | bytearray | memoryview:
+    """Entries as the bytes of their `ENTRY` records (NumPy records are taken as they are)."""
+    if isinstance(entries, bytes | bytearray | memoryview):
+        return entries
+    import numpy as np
+
+    return np.ascontiguousarray(entries, dtype=entry_dtype()).tobytes()
 
 
 def encode_index(content: IndexContent) -> bytes:
     head = _HEAD.pack(
         _MAGIC, 1, len(content.supersedes), len(content.packs), len(content)
     )
-    parts = [head]
+    parts: list[bytes | bytearray | memoryview] = [head]
     parts += [bytes.fromhex(s) for s in content.supersedes]
     parts += content.packs
     parts.append(bytes(content.pack_types))
-    if isinstance(content.entries, bytes):
-        parts.append(content.entries)
-    else:
-        import numpy as np
-
-        parts.append(np.ascontiguousarray(content.entries, dtype=entry_dtype()).tobytes())
+    parts.append(entries_bytes(content.entries))
     return b"".join(parts)
 
 
@@ -102,9 +110,8 @@ def encode_entries(rows: Iterable[tuple[bytes, int, int, int, int, int]]) -> byt
 
 
 def decode_index(plain: bytes) -> IndexContent:
-    import numpy as np
-
-    dtype = entry_dtype()
+    """An index object's content; its entries are a view of ``plain`` (`MasterIndex.stage`
+    copies them, checking their pack numbers)."""
     magic, version, n_sup, n_packs, n_entries = _HEAD.unpack_from(plain, 0)
     if magic != _MAGIC or version != 1:
         raise ValueError("not a keepwell index object")
@@ -117,10 +124,7 @@ def decode_index(plain: bytes) -> IndexContent:
     pos += n_packs
     if len(plain) - pos != n_entries * ENTRY.size:
         raise ValueError("index object has the wrong size")
-    entries = np.frombuffer(plain, dtype=dtype, count=n_entries, offset=pos)
-    if n_entries and int(entries["pack"].max()) >= n_packs:
-        raise ValueError("index entry points past the pack table")
-    return IndexContent(packs, types, entries, sup)
+    return IndexContent(packs, types, memoryview(plain)[pos:], sup)
 
 
 def _keys_of(entries: np.ndarray) -> np.ndarray:
@@ -128,6 +132,34 @@ def _keys_of(entries: np.ndarray) -> np.ndarray:
 
     raw = entries.view(np.uint8).reshape(-1, ENTRY.size)[:, :8]
     return np.ascontiguousarray(raw).view(">u8").ravel().astype(np.uint64)
+
+
+def _renumber(entries: bytes | bytearray | memoryview, mapping: list[int]) -> bytes | bytearray | np.ndarray:
+    """A copy of `ENTRY` records with each pack number `n` replaced by ``mapping[n]``;
+    ValueError for a number past the mapping."""
+    count = len(entries) // ENTRY.size
+    if count >= NUMPY_AT:
+        import numpy as np
+
+        records = np.frombuffer(entries, dtype=entry_dtype()).copy()
+        if count and int(records["pack"].max()) >= len(mapping):
+            raise ValueError("index entry points past the pack table")
+        records["pack"] = np.array(mapping, dtype=np.uint32)[records["pack"]]
+        return records
+    out = bytearray(entries)
+    pack_at = struct.Struct("<I")
+    for pos in range(32, len(out), ENTRY.size):
+        (n,) = pack_at.unpack_from(out, pos)
+        if n >= len(mapping):
+            raise ValueError("index entry points past the pack table")
+        pack_at.pack_into(out, pos, mapping[n])
+    return out
+
+
+# From this many entries on, a fold sorts with NumPy (10 MiB of libraries, loaded on first use);
+# below, with Python's own sort, whose temporary objects (about 100 bytes per entry) then stay
+# under what NumPy itself would cost. Lookups never need NumPy.
+NUMPY_AT = 200_000
 
 
 class MasterIndex:
@@ -140,10 +172,11 @@ class MasterIndex:
         self.pack_ids: list[bytes] = []
         self.pack_types: list[int] = []
         self._pack_no: dict[bytes, int] = {}
-        # the sorted arrays, made at the first fold (None: nothing folded yet)
-        self._entries: np.ndarray | None = None
-        self._keys: np.ndarray | None = None
-        self._staged: list[np.ndarray] = []
+        # the sorted `ENTRY` records (bytes) and their 8-byte keys ('Q'), made at the first fold
+        # (None: nothing folded yet); views of bytes and an array, or of NumPy arrays
+        self._entries: memoryview | None = None
+        self._keys: memoryview | None = None
+        self._staged: list[bytes | bytearray | np.ndarray] = []
         self._extra: dict[bytes, tuple[int, int, int, int, int]] = {}
         self.files: set[str] = set()
 
@@ -157,21 +190,15 @@ class MasterIndex:
         return n
 
     def stage(self, name: str, content: IndexContent) -> None:
-        """Add an index object's entries; call `finish()` once all are staged."""
-        import numpy as np
-
+        """Add an index object's entries (ValueError if one names a pack the object does not
+        list); call `finish()` once all are staged."""
+        given = entries_bytes(content.entries)
         with self._lock:
-            mapping = np.array(
-                [self._pack_number(p, t) for p, t in zip(content.packs, content.pack_types, strict=True)]
-                or [0],
-                dtype=np.uint32,
-            )
-            given = content.entries
-            entries = (np.frombuffer(given, dtype=entry_dtype()) if isinstance(given, bytes)
-                       else given).copy()
-            if len(entries):
-                entries["pack"] = mapping[entries["pack"]]
-            self._staged.append(entries)
+            mapping = [self._pack_number(p, t)
+                       for p, t in zip(content.packs, content.pack_types, strict=True)]
+        records = _renumber(given, mapping)
+        with self._lock:
+            self._staged.append(records)
             self.files.add(name)
 
     def finish(self) -> None:
@@ -179,17 +206,42 @@ class MasterIndex:
             self._fold()
 
     def _fold(self) -> None:
-        """Merge staged and added entries into the one sorted array.
-
-        Peak memory matters here (a repository of 10 million blobs must open in well under
-        1.5 GB): parts are copied into a preallocated array and released one by one, and the sort
-        permutation is applied one field at a time, so at most one field is ever held twice."""
+        """Merge staged and added entries into the one sorted array."""
         if not self._staged and not self._extra:
             return
+        count = sum(len(p) for p in self._staged) // ENTRY.size + len(self._extra)
+        if self._keys is not None:
+            count += len(self._keys)
+        if count >= NUMPY_AT:
+            self._fold_numpy()
+        else:
+            self._fold_small()
+
+    def _fold_small(self) -> None:
+        size = ENTRY.size
+        rows: list[bytes] = []
+        for part in (self._entries, *self._staged):
+            if part is not None:
+                assert not hasattr(part, "dtype"), "NumPy parts are folded by _fold_numpy"
+                view = memoryview(part).cast("B")  # type: ignore[arg-type]
+                rows += [view[i:i + size].tobytes() for i in range(0, len(view), size)]
+        pack = ENTRY.pack
+        rows += [pack(blob_id, *loc) for blob_id, loc in self._extra.items()]
+        self._staged, self._extra = [], {}
+        rows.sort(key=operator.itemgetter(slice(0, 8)))  # stable: the order of the keys
+        keys = array("Q", [int.from_bytes(r[:8], "big") for r in rows])
+        self._entries, self._keys = memoryview(b"".join(rows)), memoryview(keys)
+
+    def _fold_numpy(self) -> None:
+        """The fold of a large index. Peak memory matters here (a repository of 10 million blobs
+        must open in well under 1.5 GB): parts are copied into a preallocated array and released
+        one by one, and the sort permutation is applied one field at a time, so at most one field
+        is ever held twice."""
         import numpy as np
 
         dtype = entry_dtype()
-        parts = [p for p in (self._entries, *self._staged) if p is not None]
+        parts: list[Any] = [p if isinstance(p, np.ndarray) else np.frombuffer(p, dtype=dtype)
+                            for p in (self._entries, *self._staged) if p is not None]
         if self._extra:
             extra = np.zeros(len(self._extra), dtype=dtype)
             ids = b"".join(self._extra.keys())
@@ -201,8 +253,6 @@ class MasterIndex:
             del extra
         self._staged = []
         self._extra = {}
-        if len(parts) == 1 and self._entries is parts[0]:
-            return
         self._entries = self._keys = None  # drop references before merging
         merged = np.empty(sum(len(p) for p in parts), dtype=dtype)
         pos = 0
@@ -214,13 +264,14 @@ class MasterIndex:
             del part
         keys = _keys_of(merged)
         order = np.argsort(keys, kind="stable")
-        self._keys = keys[order]
+        sorted_keys = keys[order]
         del keys
         assert dtype.names is not None
         for name in dtype.names:
             merged[name] = merged[name][order]
         del order
-        self._entries = merged
+        self._entries = merged.view(np.uint8).data
+        self._keys = sorted_keys.view(np.uint8).data.cast("Q")
 
     def add(self, blob_id: bytes, pack: bytes, pack_type: int, offset: int, length: int,
             raw_length: int, blob_type: int) -> None:
@@ -232,16 +283,15 @@ class MasterIndex:
 
     # -- lookups -------------------------------------------------------------------------------
     def _find(self, blob_id: bytes) -> int:
+        """The row of ``blob_id`` in the sorted records, or -1; the caller holds the lock."""
         keys, entries = self._keys, self._entries
         if keys is None or entries is None:
             return -1
-        import numpy as np
-
-        key = np.uint64(int.from_bytes(blob_id[:8], "big"))  # a Python int > 2**63 would
-        i = int(np.searchsorted(keys, key))  # make NumPy convert the whole array to float
-        n = len(keys)
+        key = int.from_bytes(blob_id[:8], "big")
+        i = bisect.bisect_left(keys, key)
+        n, size = len(keys), ENTRY.size
         while i < n and keys[i] == key:
-            if entries["id"][i].tobytes() == blob_id:
+            if entries[i * size:i * size + 32] == blob_id:
                 return i
             i += 1
         return -1
@@ -250,62 +300,27 @@ class MasterIndex:
         with self._lock:
             return blob_id in self._extra or self._find(blob_id) >= 0
 
-    def _rows(self, blob_ids: list[bytes]) -> list[int]:
-        """Rows of the sorted array holding these ids (-1: not there), found in one vectorised
-        pass; the caller holds the lock."""
-        sorted_keys, entries = self._keys, self._entries
-        if sorted_keys is None or entries is None or not len(sorted_keys) or not blob_ids:
-            return [-1] * len(blob_ids)
-        import numpy as np
-
-        n = len(sorted_keys)
-        keys = np.frombuffer(b"".join(b[:8] for b in blob_ids), dtype=">u8").astype(np.uint64)
-        pos = np.minimum(np.searchsorted(sorted_keys, keys), n - 1)
-        ids = np.frombuffer(b"".join(blob_ids), dtype="V32")
-        hit = (sorted_keys[pos] == keys) & (entries["id"][pos] == ids)
-        # a miss at the first position of its key may still be further along equal keys
-        return [p if h else self._find(b)
-                for p, h, b in zip(pos.tolist(), hit.tolist(), blob_ids, strict=True)]
-
     def _location(self, blob_id: bytes, row: int) -> BlobLocation | None:
         hit = self._extra.get(blob_id)
         if hit is not None:
             n, offset, length, raw, btype = hit
         elif row >= 0 and self._entries is not None:
-            e = self._entries[row]
-            n, offset, length, raw, btype = (
-                int(e["pack"]), int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
-            )
+            _, n, offset, length, raw, btype = ENTRY.unpack_from(self._entries, row * ENTRY.size)
         else:
             return None
         return BlobLocation(self.pack_ids[n], self.pack_types[n], offset, length, raw, btype)
 
     def has_each(self, blob_ids: list[bytes]) -> list[bool]:
-        """`has` for many ids in one vectorised pass (the unchanged-file check of a re-backup)."""
+        """`has` for many ids (the unchanged-file check of a re-backup)."""
         with self._lock:
-            rows = self._rows(blob_ids)
-            return [r >= 0 or b in self._extra for r, b in zip(rows, blob_ids, strict=True)]
+            extra, find = self._extra, self._find
+            return [b in extra or find(b) >= 0 for b in blob_ids]
 
     def lookup_many(self, blob_ids: list[bytes]) -> list[BlobLocation | None]:
-        """`lookup` for many ids in one vectorised pass (a restore plans thousands at once)."""
+        """`lookup` for many ids (a restore plans thousands at once)."""
         with self._lock:
-            rows = self._rows(blob_ids)
-            hits = [r for r in rows if r >= 0]
-            cols: Iterator[tuple[int, ...]] = iter(())
-            if hits and self._entries is not None:
-                picked = self._entries[hits]  # one gather, not one per blob
-                cols = iter(zip(*(picked[f].tolist() for f in ("pack", "offset", "length", "raw", "type")),
-                                strict=True))
-            out: list[BlobLocation | None] = []
-            for b, r in zip(blob_ids, rows, strict=True):
-                if r >= 0:
-                    n, offset, length, raw, btype = next(cols)
-                    if b not in self._extra:
-                        out.append(BlobLocation(self.pack_ids[n], self.pack_types[n], offset,
-                                                length, raw, btype))
-                        continue
-                out.append(self._location(b, -1))
-            return out
+            extra, find, location = self._extra, self._find, self._location
+            return [location(b, -1 if b in extra else find(b)) for b in blob_ids]
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         with self._lock:
@@ -313,8 +328,8 @@ class MasterIndex:
 
     def __len__(self) -> int:
         with self._lock:
-            folded = 0 if self._entries is None else len(self._entries)
-            return folded + len(self._extra) + sum(len(s) for s in self._staged)
+            folded = 0 if self._keys is None else len(self._keys)
+            return folded + len(self._extra) + sum(len(s) for s in self._staged) // ENTRY.size
 
     def entries(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every entry (duplicates included); for check, prune and stats."""
@@ -324,24 +339,20 @@ class MasterIndex:
             packs, types = list(self.pack_ids), list(self.pack_types)
         if entries is None:
             return
-        ids = entries["id"]
-        for i in range(len(entries)):
-            e = entries[i]
-            n = int(e["pack"])
-            yield ids[i].tobytes(), BlobLocation(
-                packs[n], types[n], int(e["offset"]), int(e["length"]), int(e["raw"]), int(e["type"])
-            )
+        for blob_id, n, offset, length, raw, btype in ENTRY.iter_unpack(entries):
+            yield blob_id, BlobLocation(packs[n], types[n], offset, length, raw, btype)
 
-    def key_array(self) -> np.ndarray:
+    def key_array(self) -> array[int]:
         """The sorted 8-byte keys of every entry (a copy): a compact "maybe known" test for
         another process; a hit must be confirmed against the full id."""
-        import numpy as np
-
         with self._lock:
             self._fold()
-            return np.zeros(0, np.uint64) if self._keys is None else self._keys.copy()
+            keys = array("Q")
+            if self._keys is not None:
+                keys.frombytes(self._keys.cast("B"))
+            return keys
 
     def nbytes(self) -> int:
         if self._entries is None or self._keys is None:
             return 0
-        return int(self._entries.nbytes + self._keys.nbytes)
+        return self._entries.nbytes + self._keys.nbytes

@@ -189,12 +189,11 @@ class Repository:
         def load(name: str) -> None:
             # staged in the worker, so each decrypted object is dropped as soon as it is copied
             try:
-                content = decode_index(self.get_object("index", name, KIND_INDEX))
+                idx.stage(name, decode_index(self.get_object("index", name, KIND_INDEX)))
             except ObjectNotFoundError:
                 return  # superseded and deleted by a prune since the listing
             except ValueError as exc:
                 raise FormatError(f"index/{name} cannot be decoded: {exc}") from None
-            idx.stage(name, content)
 
         with ThreadPoolExecutor(4) as pool:
             for _ in pool.map(load, todo):
