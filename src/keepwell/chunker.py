@@ -13,6 +13,9 @@ from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
+STREAM_BUFFER = 6 * 1024 * 1024
+_READ = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ChunkerParams:
@@ -39,9 +42,51 @@ class Chunker:
         return FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
 
     def chunks(self, stream: BinaryIO) -> Iterator[memoryview]:
-        """Yield chunk views; each is valid only until the next one is requested."""
-        for chunk in self._cdc().cut_stream(stream):
-            yield chunk.data
+        """Yield chunk views; each is valid only until the next one is requested.
+
+        The cuts are those of pyfastcdc's ``cut_stream`` (a cut depends only on the bytes
+        before it), with a buffer of `STREAM_BUFFER` (6 MiB) instead of its twice ``max_size``
+        (16 MiB): a cut found before the end of the buffered data is final; the data after the
+        last one moves to the front (usually part of one chunk) and the buffer is filled again.
+        Only a chunk longer than the buffer (rare: beyond the average size a cut is due every
+        half average size) makes it grow to ``max_size`` and a read's worth, for the rest of the
+        stream."""
+        cdc = self._cdc()
+        max_size = self.params.max_size
+        buf = bytearray(min(STREAM_BUFFER, max_size + _READ))
+        view = memoryview(buf)
+        start = end = 0
+        eof = False
+        readinto = getattr(stream, "readinto", None)
+        while True:
+            if end > start:
+                length = next(iter(cdc.cut_buf(view[start:end]))).length
+                if length < end - start or length >= max_size or eof:
+                    yield view[start:start + length]
+                    start += length
+                    continue
+            elif eof:
+                return
+            # no final cut in what is buffered: keep the rest, make room and read more
+            tail = end - start
+            if tail == len(buf):
+                grown = bytearray(max_size + _READ)
+                grown[:tail] = view[start:end]
+                buf, view = grown, memoryview(grown)
+            elif start:
+                view[:tail] = view[start:end]
+            start, end = 0, tail
+            while end < len(buf) and not eof:
+                if readinto is not None:
+                    n = readinto(view[end:])
+                else:
+                    data = stream.read(len(buf) - end)
+                    n = len(data)
+                    view[end:end + n] = data
+                if n:
+                    end += n
+                else:
+                    eof = True
 
     def chunks_of(self, buf: bytes | memoryview) -> Iterator[memoryview]:
         for chunk in self._cdc().cut_buf(buf):
