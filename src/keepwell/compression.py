@@ -43,7 +43,7 @@ def pack_payload(data: bytes | bytearray | memoryview, level: int) -> bytes:
         comp = _compressor(level).compress(data)
         if len(comp) <= len(data) * _WORTH_IT:
             return b"\x01" + comp
-    return b"\x00" + bytes(data)
+    return b"\x00" + data
 
 
 def unpack_payload(payload: bytes, raw_length: int) -> bytes:

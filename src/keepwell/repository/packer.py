@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 class Spool(Protocol):
     """What a backend's ``open_spool()`` returns (keepwell.backends.local.LocalSpool)."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | bytearray) -> None: ...
 
     def commit(self, name: str) -> None: ...
 
@@ -66,11 +66,11 @@ class PackBuilder:
         self._hash: Any = None
         self.buf = bytearray()  # when not spooled
 
-    def add(self, blob_id: bytes, stored: bytes, raw_length: int) -> None:
+    def add(self, blob_id: bytes, stored: bytes | bytearray, raw_length: int) -> None:
         self.entries.append(PackEntry(self.type, blob_id, self.size, len(stored), raw_length))
         self._write(stored)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         if self.size == 0:  # opened at the first blob: a builder may stay empty
             open_spool = getattr(self._backend, "open_spool", None)
             if open_spool is not None:
@@ -174,7 +174,7 @@ class BlobSink:
         self.add_stored(blob_type, blob_id, stored, len(data), reserved=True)
         return blob_id
 
-    def add_stored(self, blob_type: int, blob_id: bytes, stored: bytes, raw_length: int, *,
+    def add_stored(self, blob_type: int, blob_id: bytes, stored: bytes | bytearray, raw_length: int, *,
                    reserved: bool = False) -> bool:
         """Add an already encrypted blob (used by prune and copy). False if it was known."""
         full: PackBuilder | None = None
