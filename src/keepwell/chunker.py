@@ -41,8 +41,10 @@ class Chunker:
         p = self.params
         return FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
 
-    def chunks(self, stream: BinaryIO) -> Iterator[memoryview]:
-        """Yield chunk views; each is valid only until the next one is requested.
+    def chunks(self, stream: BinaryIO, *, size: int | None = None) -> Iterator[memoryview]:
+        """Yield chunk views; each is valid only until the next one is requested. ``size``: the
+        stream's expected length, if known (a smaller buffer for a smaller stream; a stream
+        that turns out longer is still cut right).
 
         The cuts are those of pyfastcdc's ``cut_stream`` (a cut depends only on the bytes
         before it), with a buffer of `STREAM_BUFFER` (6 MiB) instead of its twice ``max_size``
@@ -53,7 +55,8 @@ class Chunker:
         stream."""
         cdc = self._cdc()
         max_size = self.params.max_size
-        buf = bytearray(min(STREAM_BUFFER, max_size + _READ))
+        capacity = min(STREAM_BUFFER, max_size + _READ)
+        buf = bytearray(capacity if size is None else max(1, min(capacity, size + 1)))
         view = memoryview(buf)
         start = end = 0
         eof = False

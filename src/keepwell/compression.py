@@ -19,15 +19,24 @@ _local = threading.local()
 _WORTH_IT = 0.97
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    """This thread's compressor for ``level`` (the levels of `Levels` alternate in a thread)."""
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "c", None)
-    if cache is None:
-        cache = _local.c = {}
-    c = cache.get(level)
+# Idle compressors by level, shared by all threads: a zstd context holds 1.3 MiB (level 1) to
+# 4 MiB (level 5), and a process makes only as many as compress at once, not one per thread and
+# level that ever compressed (a backup's main process has a dozen threads)
+_idle: dict[int, list[zstandard.ZstdCompressor]] = {}
+_idle_lock = threading.Lock()
+
+
+def _compress(level: int, data: bytes | bytearray | memoryview) -> bytes:
+    with _idle_lock:
+        idle = _idle.setdefault(level, [])
+        c = idle.pop() if idle else None
     if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level)
-    return c
+        c = zstandard.ZstdCompressor(level=level)
+    try:
+        return c.compress(data)
+    finally:
+        with _idle_lock:
+            idle.append(c)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -40,7 +49,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def pack_payload(data: bytes | bytearray | memoryview, level: int) -> bytes:
     """Return codec byte + (compressed or raw) data."""
     if level > 0 and len(data) >= 64:
-        comp = _compressor(level).compress(data)
+        comp = _compress(level, data)
         if len(comp) <= len(data) * _WORTH_IT:
             return b"\x01" + comp
     return b"\x00" + data
@@ -135,6 +144,6 @@ class Levels:
         fast = strong = 0
         for k in (1, 2, 3):
             piece = view[n * k // 4 - half:n * k // 4 + half]
-            fast += len(_compressor(self.fast).compress(piece))
-            strong += len(_compressor(self.strong).compress(piece))
+            fast += len(_compress(self.fast, piece))
+            strong += len(_compress(self.strong, piece))
         return self.strong if (fast - strong) >= self.PROBE_GAIN * fast else self.fast

@@ -58,15 +58,18 @@ def _reference(params: ChunkerParams, data: bytes) -> list[bytes]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32), st.integers(0, 60_000), st.sampled_from(["file", "trickle", "read"]))
-def test_stream_cuts_match_pyfastcdc(seed: int, size: int, kind: str) -> None:
+@given(st.integers(0, 2**32), st.integers(0, 60_000), st.sampled_from(["file", "trickle", "read"]),
+       st.sampled_from([None, 1.0, 0.5, 2.0]))
+def test_stream_cuts_match_pyfastcdc(seed: int, size: int, kind: str, hint: float | None) -> None:
+    """Whatever the stream's reads and whatever size it was expected to have."""
     data = _data(seed, size)
     stream = {"file": lambda: io.BytesIO(data), "trickle": lambda: _Trickle(data, seed),
               "read": lambda: _ReadOnly(data)}[kind]()
     old = chunker_module.STREAM_BUFFER, chunker_module._READ
     chunker_module.STREAM_BUFFER, chunker_module._READ = 3000, 500  # < max_size: it must grow
     try:
-        got = [bytes(c) for c in Chunker(SMALL).chunks(stream)]  # type: ignore[arg-type]
+        expected = None if hint is None else int(size * hint)
+        got = [bytes(c) for c in Chunker(SMALL).chunks(stream, size=expected)]  # type: ignore[arg-type]
     finally:
         chunker_module.STREAM_BUFFER, chunker_module._READ = old
     assert got == _reference(SMALL, data)

@@ -137,3 +137,39 @@ def test_opening_a_repository_of_few_blobs_loads_no_numpy(tmp_path: Path) -> Non
         "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], check=True)
+
+
+def test_added_blobs_are_folded_as_they_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that stores many blobs keeps them folded (57 bytes each), not in the dict."""
+    monkeypatch.setattr(MasterIndex, "_FOLD_MIN", 100)
+    index = MasterIndex()
+    ids = [os.urandom(32) for _ in range(1000)]
+    for i, b in enumerate(ids):
+        index.add(b, b"p" * 32, 0, i, 10, 20, 0)
+    assert len(index._extra) < 500 and len(index) == 1000
+    assert all(loc is not None and loc.offset == i for i, loc in enumerate(index.lookup_many(ids)))
+
+
+def test_trim_heap_returns_freed_pages() -> None:
+    """Freed buffers among buffers that live on stay resident until the heap is trimmed."""
+    import subprocess
+    import sys
+
+    code = (
+        "from keepwell.process import tune_malloc, trim_heap\n"
+        "tune_malloc()\n"
+        "def anon():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])\n"
+        "bufs, keep = [], []\n"
+        "for _ in range(64):\n"
+        "    bufs.append(bytearray(b'x' * (1 << 20)))  # 1 MiB each: on the heap, not mmap\n"
+        "    keep.append(bytearray(b'y' * 200_000))  # buffers that live on, between them\n"
+        "before = anon()\n"
+        "del bufs\n"
+        "untrimmed = before - anon()\n"
+        "trim_heap()\n"
+        "print(untrimmed, before - anon())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    untrimmed, trimmed = map(int, out.stdout.split())
+    assert trimmed - untrimmed > 32 * 1024  # KiB

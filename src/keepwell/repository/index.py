@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 # one stored entry: blob id, pack number, offset, stored length, raw length, blob type
 ENTRY = struct.Struct("<32sIIIIB")
+_REST = struct.Struct("<IIIIB")  # an entry after its id
 
 
 @functools.cache
@@ -166,6 +167,7 @@ class MasterIndex:
     """Every known blob location; safe for concurrent lookups and additions."""
 
     _FOLD_AT = 200_000
+    _FOLD_MIN = 16_384
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -177,7 +179,8 @@ class MasterIndex:
         self._entries: memoryview | None = None
         self._keys: memoryview | None = None
         self._staged: list[bytes | bytearray | np.ndarray] = []
-        self._extra: dict[bytes, tuple[int, int, int, int, int]] = {}
+        # added blobs: id -> the rest of its `ENTRY` record (pack number, offset, lengths, type)
+        self._extra: dict[bytes, bytes] = {}
         self.files: set[str] = set()
 
     # -- building ------------------------------------------------------------------------------
@@ -225,8 +228,7 @@ class MasterIndex:
                 assert not hasattr(part, "dtype"), "NumPy parts are folded by _fold_numpy"
                 view = memoryview(part).cast("B")  # type: ignore[arg-type]
                 rows += [view[i:i + size].tobytes() for i in range(0, len(view), size)]
-        pack = ENTRY.pack
-        rows += [pack(blob_id, *loc) for blob_id, loc in self._extra.items()]
+        rows += [blob_id + rest for blob_id, rest in self._extra.items()]
         self._staged, self._extra = [], {}
         rows.sort(key=operator.itemgetter(slice(0, 8)))  # stable: the order of the keys
         keys = array("Q", [int.from_bytes(r[:8], "big") for r in rows])
@@ -243,14 +245,7 @@ class MasterIndex:
         parts: list[Any] = [p if isinstance(p, np.ndarray) else np.frombuffer(p, dtype=dtype)
                             for p in (self._entries, *self._staged) if p is not None]
         if self._extra:
-            extra = np.zeros(len(self._extra), dtype=dtype)
-            ids = b"".join(self._extra.keys())
-            extra["id"] = np.frombuffer(ids, dtype="V32")
-            vals = np.array(list(self._extra.values()), dtype=np.int64).reshape(-1, 5)
-            for col, field in enumerate(("pack", "offset", "length", "raw", "type")):
-                extra[field] = vals[:, col]
-            parts.append(extra)
-            del extra
+            parts.append(np.frombuffer(b"".join(k + v for k, v in self._extra.items()), dtype=dtype))
         self._staged = []
         self._extra = {}
         self._entries = self._keys = None  # drop references before merging
@@ -277,8 +272,12 @@ class MasterIndex:
             raw_length: int, blob_type: int) -> None:
         with self._lock:
             n = self._pack_number(pack, pack_type)
-            self._extra[blob_id] = (n, offset, length, raw_length, blob_type)
-            if len(self._extra) >= self._FOLD_AT:
+            self._extra[blob_id] = _REST.pack(n, offset, length, raw_length, blob_type)
+            # folded, an entry takes 57 bytes; in the dict about 150: fold once the dict holds
+            # half as many as the sorted records (a run that stores many blobs, in a worker
+            # process above all), at least `_FOLD_MIN` (a fold copies everything once)
+            folded = 0 if self._keys is None else len(self._keys)
+            if len(self._extra) >= min(self._FOLD_AT, max(self._FOLD_MIN, folded // 2)):
                 self._fold()
 
     # -- lookups -------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ class MasterIndex:
     def _location(self, blob_id: bytes, row: int) -> BlobLocation | None:
         hit = self._extra.get(blob_id)
         if hit is not None:
-            n, offset, length, raw, btype = hit
+            n, offset, length, raw, btype = _REST.unpack(hit)
         elif row >= 0 and self._entries is not None:
             _, n, offset, length, raw, btype = ENTRY.unpack_from(self._entries, row * ENTRY.size)
         else:

@@ -79,7 +79,8 @@ class SnapshotWriter:
             self.abort()
 
     # -- content ------------------------------------------------------------------------------
-    def save_content(self, reader: BinaryIO, *, count: bool = True) -> tuple[list[bytes], int]:
+    def save_content(self, reader: BinaryIO, *, count: bool = True,
+                     size: int | None = None) -> tuple[list[bytes], int]:
         """Chunk a stream and store its chunks; returns their ids in order and the byte count.
 
         The calling thread only reads and cuts; hashing, compression and encryption of each chunk
@@ -93,7 +94,7 @@ class SnapshotWriter:
         size = 0
         release = self._release_chunk
         try:
-            for chunk in self.repo.chunker.chunks(reader):
+            for chunk in self.repo.chunker.chunks(reader, size=size):
                 n = len(chunk)
                 size += n
                 self._chunk_slots.acquire()

@@ -40,7 +40,10 @@ from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import can_reopen, worker_count
 
-_LARGE = 8 * 1024 * 1024
+# Files from this size on are streamed by the main process, one at a time; smaller ones are read
+# whole (by a worker process once there are many), where a file of 8 MiB and its compressed and
+# encrypted copies held 24 MiB at once
+_LARGE = 2 * 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
 # Small files go to worker processes (keepwell.sources.files.readers) once a run has this many to
 # read: below that, starting the processes costs more than it saves.
@@ -232,17 +235,17 @@ class Archiver:
         try:
             if node.size < _LARGE:
                 return self._read_whole(fd, node)
-            # one large file at a time: each stream holds a buffer of twice the largest chunk,
-            # and the writer's pool already spreads one stream's chunks over every core
+            # one large file at a time: each stream holds a buffer (up to 6 MiB), and the
+            # writer's pool already spreads one stream's chunks over every core
             with self._large, os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                ids, node.size = self.writer.save_content(f, count=False)
+                ids, node.size = self.writer.save_content(f, count=False, size=node.size)
                 return ids
         finally:
             os.close(fd)
 
     def _read_whole(self, fd: int, node: Node) -> list[bytes]:
-        """A file below the largest chunk size: one read into memory, then cut in place (a
-        streaming chunker would allocate and zero a buffer twice the largest chunk per file)."""
+        """A file below `_LARGE`: one read into memory, then cut in place (no stream buffer to
+        allocate and zero per file)."""
         data = read_whole(fd, node.size)
         node.size = len(data)
         self.repo.events.emit("bytes", n=len(data))

@@ -5,7 +5,8 @@ an open, a read, a close, a hash, a compression and an encryption, and in one pr
 one of those hands the GIL to another thread and waits to get it back. On two cores the
 hand-overs (futex wake-ups, context switches) cost more than the work (a 50,000-file tree: 9 s
 of system time, most of it in futex). So the archiver of a large tree keeps the walk, the
-metadata and the trees, and sends the files below the largest chunk size to worker processes,
+metadata and the trees, streams the large files (2 MiB and more), and sends the others to worker
+processes,
 in batches:
 
 - each worker opens the repository again from its location and the master key (no password,
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keepwell.crypto import keyed_id
+from keepwell.process import trim_heap
 from keepwell.repository.format import DATA
 from keepwell.sources.workers import Workers, repository_init
 
@@ -47,6 +49,7 @@ Answer = tuple[list[bytes], int, str | None, list[bytes]]
 BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
 FLUSH_AFTER = 0.03  # seconds a partial batch may wait for more files
+TRIM_EVERY = 0.5  # seconds between two returns of the main process's free heap pages
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 _OPEN_FLAGS = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if os.geteuid() == 0 else 0)
 
@@ -123,8 +126,12 @@ class ReaderPool:
             self._workers.send(i, files, lambda answers: _deliver(dones, answers))
 
     def _flush_stale(self) -> None:
+        trimmed = time.monotonic()
         while not self._closed.wait(FLUSH_AFTER):
             now = time.monotonic()
+            if now - trimmed >= TRIM_EVERY:  # this process's heap too (see trim_heap)
+                trim_heap()
+                trimmed = now
             for i, b in enumerate(self._batches):
                 if b.files and now - b.since >= FLUSH_AFTER:
                     try:
@@ -194,7 +201,9 @@ class Reader:
         # every file of the batch opened first, with the kernel told to read them ahead: a cold
         # disk then serves the batch's reads at once, not one after another
         fds = [_opened(path) for path, _ in files]
-        return [self._store(fd, size) for fd, (_, size) in zip(fds, files, strict=True)]
+        answers = [self._store(fd, size) for fd, (_, size) in zip(fds, files, strict=True)]
+        trim_heap()
+        return answers
 
     def _store(self, fd: int | OSError, size: int) -> Answer:
         try:
