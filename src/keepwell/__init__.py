@@ -2,7 +2,7 @@
 
 import os as _os
 
-# numpy (the index) needs no BLAS; OpenBLAS would otherwise start a thread per core at import
+# numpy (which sorts large indexes) needs no BLAS; OpenBLAS would otherwise start a thread per core at import
 # and spin them, taking CPU from the pipeline
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
