@@ -83,3 +83,26 @@ def test_stream_cuts_match_pyfastcdc_at_the_repository_sizes(seed: int) -> None:
     got = [bytes(c) for c in Chunker(params).chunks(io.BytesIO(data))]
     assert got == _reference(params, data)
     assert max(len(c) for c in got) == params.max_size  # the zeros: the buffer grew
+
+
+def test_a_writer_gives_the_chunker_the_expected_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's size reaches the chunker (a buffer of its size, not the largest one)."""
+    import os
+
+    from keepwell.backends.memory import MemoryBackend
+    from keepwell.repository import Repository
+
+    monkeypatch.setenv("KEEPWELL_TESTONLY_WEAK_KDF", "1")
+    repo = Repository.init(MemoryBackend(), "pw")
+    seen: list[int | None] = []
+    real = Chunker.chunks
+
+    def recording(self: Chunker, stream: io.BufferedIOBase, *, size: int | None = None):  # type: ignore[no-untyped-def]
+        seen.append(size)
+        return real(self, stream, size=size)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Chunker, "chunks", recording)
+    data = os.urandom(3 << 20)
+    with repo.new_snapshot("stdin", ["x"]) as w:
+        ids, total = w.save_content(io.BytesIO(data), size=len(data))  # type: ignore[arg-type]
+    assert seen == [len(data)] and total == len(data) and ids

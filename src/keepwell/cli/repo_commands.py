@@ -122,7 +122,7 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
     else:
         r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True),
                             compression=compression, fast_compression=fast_compression,
-                          page_compression=page_compression)
+                            page_compression=page_compression)
     if json_:
         print_json({"id": r.id, "location": location,
                     "chunker_params_from": copy_chunker_params_from})

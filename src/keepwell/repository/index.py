@@ -157,7 +157,7 @@ def _renumber(entries: bytes | bytearray | memoryview, mapping: list[int]) -> by
     return out
 
 
-# From this many entries on, a fold sorts with NumPy (10 MiB of libraries, loaded on first use);
+# From this many entries on, a fold sorts with NumPy (16 MiB of libraries, loaded on first use);
 # below, with Python's own sort, whose temporary objects (about 100 bytes per entry) then stay
 # under what NumPy itself would cost. Lookups never need NumPy.
 NUMPY_AT = 200_000
@@ -209,7 +209,7 @@ class MasterIndex:
             self._fold()
 
     def _fold(self) -> None:
-        """Merge staged and added entries into the one sorted array."""
+        """Merge staged and added entries into the sorted records and keys."""
         if not self._staged and not self._extra:
             return
         count = sum(len(p) for p in self._staged) // ENTRY.size + len(self._extra)

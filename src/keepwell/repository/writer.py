@@ -82,6 +82,7 @@ class SnapshotWriter:
     def save_content(self, reader: BinaryIO, *, count: bool = True,
                      size: int | None = None) -> tuple[list[bytes], int]:
         """Chunk a stream and store its chunks; returns their ids in order and the byte count.
+        ``size``: the stream's expected length, if known (see `Chunker.chunks`).
 
         The calling thread only reads and cuts; hashing, compression and encryption of each chunk
         run on a small pool (native code, GIL released), with a bounded window of chunks in flight
@@ -91,12 +92,12 @@ class SnapshotWriter:
         window: deque[Future[bytes]] = deque()
         limit = 2 * self._blob_workers
         ids: list[bytes] = []
-        size = 0
+        total = 0
         release = self._release_chunk
         try:
             for chunk in self.repo.chunker.chunks(reader, size=size):
                 n = len(chunk)
-                size += n
+                total += n
                 self._chunk_slots.acquire()
                 fut = pool.submit(self.sink.save, DATA, bytes(chunk))  # the chunker reuses its buffer
                 fut.add_done_callback(release)
@@ -110,8 +111,8 @@ class SnapshotWriter:
             for fut in window:
                 fut.cancel()
         if count:
-            self.bytes_read += size
-        return ids, size
+            self.bytes_read += total
+        return ids, total
 
     def _release_chunk(self, _fut: Future[bytes]) -> None:
         self._chunk_slots.release()

@@ -6,8 +6,7 @@ one of those hands the GIL to another thread and waits to get it back. On two co
 hand-overs (futex wake-ups, context switches) cost more than the work (a 50,000-file tree: 9 s
 of system time, most of it in futex). So the archiver of a large tree keeps the walk, the
 metadata and the trees, streams the large files (2 MiB and more), and sends the others to worker
-processes,
-in batches:
+processes, in batches:
 
 - each worker opens the repository again from its location and the master key (no password,
   no key derivation), reads its files, cuts and hashes them, and stores the new blobs in packs
