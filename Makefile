@@ -1,8 +1,11 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# the servers and tools the tests start (PostgreSQL, MariaDB, OpenSSH, Azurite): installed by the
+# idempotent scripts of .ci/install.d, as root (through sudo when run by another user)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test servers lint typecheck unit clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	bash examples/demo.sh
 
+servers: $(STAMP)
+	@for script in .ci/install.d/*.sh; do \
+		echo "== $$script"; $(SUDO) bash "$$script" || exit 1; \
+	done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
@@ -22,7 +30,8 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q tests/unit
 
-test: $(STAMP) lint typecheck
+# every test, with the servers installed first; a skipped test fails the run (tests/conftest.py)
+test: $(STAMP) servers lint typecheck
 	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 clean:
