@@ -4,6 +4,7 @@ keep an invariant across two tables, and programs that write to or hold a databa
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -60,9 +61,15 @@ class Env:
         self.env.pop("KEEPWELL_PASSWORD_FILE", None)
         self.kw("init").check_returncode()
 
-    def kw(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def kw(self, *args: str, timeout: float = 300,
+           max_file_size: int | None = None) -> subprocess.CompletedProcess[str]:
+        """Run keepwell; ``max_file_size``: the largest file it may write (RLIMIT_FSIZE)."""
+        def limit() -> None:
+            if max_file_size is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+
         return subprocess.run(KW + list(args), env=self.env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+                              timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=limit)
 
     def python(self, code: str, *args: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", code, *args], env=self.env,

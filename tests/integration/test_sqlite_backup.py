@@ -157,3 +157,14 @@ def test_what_is_not_a_database_is_refused_clearly(env: Env) -> None:
         keep.close()
     assert not (env.root / "missing.db").exists()
     assert env.kw("snapshots", "--json").stdout.strip() == "[]"
+
+
+def test_a_scratch_copy_that_does_not_fit_fails_clearly(env: Env) -> None:
+    db = env.root / "app.db"
+    make_ledger(db, rows=1000)  # about 3.5 MiB
+    r = env.kw("sqlite", "backup", str(db), max_file_size=1 << 20)
+    assert r.returncode == 1
+    assert "the copy failed" in r.stderr and f"room for the whole database in {env.tmp}" in \
+        r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert os.listdir(env.tmp) == []
+    assert integrity(db) == ["ok"]

@@ -257,7 +257,9 @@ def test_restore_refuses_targets_that_are_not_database_files(env: Env) -> None:
     victim = env.root / "victim.db"
     make_ledger(victim, rows=1)
     (env.root / "link.db").symlink_to(victim)
-    for name, message in (("dir.db", "is not a regular file"), ("link.db", "symbolic link")):
+    (env.root / "afile").write_text("a file, not a directory\n")
+    for name, message in (("dir.db", "is not a regular file"), ("link.db", "symbolic link"),
+                          ("afile/x.db", "cannot write in")):
         r = env.kw("sqlite", "restore", "--target", str(env.root / name), "--overwrite")
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr

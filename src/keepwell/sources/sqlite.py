@@ -55,6 +55,7 @@ from urllib.parse import quote
 
 from keepwell.errors import (
     IntegrityError,
+    KeepwellError,
     RestoreTargetError,
     SnapshotNotFoundError,
     SourceError,
@@ -69,7 +70,6 @@ from keepwell.sources.scratch import ScratchFile
 DEFAULT_BUSY_TIMEOUT = 60.0  # seconds to wait for a lock on the database
 COPY_STEP = 4 << 20  # bytes of pages per backup step: the grain of the copy's progress
 SIDECARS = ("-wal", "-shm", "-journal")
-MAGIC = b"SQLite format 3\x00"
 # SQLite's lock bytes on Unix (os_unix.c): PENDING, RESERVED, then the 510-byte SHARED range.
 # A write lock over all of them is what SQLite itself holds as EXCLUSIVE.
 _PENDING_BYTE = 0x40000000
@@ -139,7 +139,9 @@ class DatabaseCopy:
 
 
 def check_database_file(path: str) -> os.stat_result:
-    """``path`` is a regular file that SQLite would take as a database; a clear error if not."""
+    """``path`` names a regular file that may be a database (SQLite itself says whether it is:
+    keepwell opens no descriptor of its own on a database, since closing one would drop any
+    lock another connection of this process holds on it); a clear error if not."""
     for suffix in SIDECARS:
         main = path[:-len(suffix)]
         if path.endswith(suffix) and os.path.isfile(main):
@@ -153,28 +155,26 @@ def check_database_file(path: str) -> os.stat_result:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{path} is not a regular file, so not an SQLite database")
-    try:
-        # read before SQLite opens it: closing a descriptor of the database while SQLite holds a
-        # lock on it would drop that lock (POSIX record locks belong to the process)
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
-    if head and head != MAGIC:
-        raise UsageError(f"{path} is not an SQLite database (no SQLite header; an encrypted "
-                         "database cannot be copied page by page without its key)")
     return st
 
 
-def _source_error(path: str, exc: sqlite3.Error, busy_timeout: float) -> SourceError:
+def _source_error(path: str, exc: sqlite3.Error, busy_timeout: float) -> KeepwellError:
+    name = getattr(exc, "sqlite_errorname", "") or ""
     if _busy(exc):
         return SourceError(
             f"{path}: no read lock within {busy_timeout:g} s ({exc}): another connection holds "
             "the database locked", hint="retry later, raise --busy-timeout, or stop the program "
             "that keeps it locked (exclusive locking mode holds the lock for good)")
-    if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_CANTOPEN"):
+    if name.startswith("SQLITE_NOTADB"):
+        return UsageError(f"{path} is not an SQLite database (SQLite: {exc})",
+                          hint="an encrypted database cannot be copied page by page without "
+                               "its key; give the path of a database file")
+    if name.startswith("SQLITE_CANTOPEN"):
         return SourceError(f"{path}: SQLite cannot open it ({exc})", hint="a WAL database needs "
                            "its -shm file, or a writable directory to create it")
+    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        return SourceError(f"{path}: the copy failed ({exc})", hint="the scratch copy needs "
+                           f"room for the whole database in {tempfile.gettempdir()} (TMPDIR)")
     return SourceError(f"{path}: SQLite copy failed: {exc}")
 
 
@@ -184,7 +184,12 @@ def copy_database(path: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
     """A consistent copy of the database at ``path`` (see the module's docstring), valid inside
     the ``with`` block. Emits ``sqlite_copy`` events (``n``, ``done``, ``total``: bytes)."""
     st = check_database_file(path)
-    scratch = ScratchFile.create(tempfile.gettempdir(), "kw-sqlite-", ".copy")
+    try:
+        scratch = ScratchFile.create(tempfile.gettempdir(), "kw-sqlite-", ".copy")
+    except OSError as exc:
+        raise SourceError(f"cannot create a scratch copy in {tempfile.gettempdir()}: "
+                          f"{exc.strerror}", hint="set TMPDIR to a writable directory with room "
+                          "for one copy of the database") from None
     try:
         dst = sqlite3.connect(_uri(scratch.path or "", "rw"), uri=True, isolation_level=None)
         try:
@@ -292,8 +297,10 @@ def select_snapshot(repo: Repository, ref: str | None = None, *, target: str | N
     for s in snaps:
         newest[(s.host, _database(s))] = s
     if len(newest) > 1:
-        listed = ", ".join(f"{h}:{d} (newest {s.time:%Y-%m-%d %H:%M})"
-                           for (h, d), s in sorted(newest.items()))
+        shown = sorted(newest.items())[:10]
+        listed = ", ".join(f"{h}:{d} (newest {s.time:%Y-%m-%d %H:%M})" for (h, d), s in shown)
+        if len(newest) > len(shown):
+            listed += f" and {len(newest) - len(shown)} more"
         raise UsageError(f"'latest' is ambiguous: this repository holds snapshots of "
                          f"{len(newest)} SQLite databases: {listed}",
                          hint="choose one with --path (and --host), or give a snapshot id")
@@ -309,15 +316,11 @@ class DatabaseRestore:
     replaced: bool  # an existing database (or its sidecars) was replaced
 
 
-def _present(path: str) -> bool:
-    return os.path.lexists(path)
-
-
 def _check_target(target: str, overwrite: bool) -> os.stat_result | None:
     """The existing target's status (None: there is none); refuses what cannot be replaced."""
     try:
         st: os.stat_result | None = os.stat(target, follow_symlinks=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter is reported where it is made
         st = None
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise RestoreTargetError(f"{target} is a symbolic link",
@@ -327,10 +330,10 @@ def _check_target(target: str, overwrite: bool) -> os.stat_result | None:
                                  hint="give the path of a database file to create or replace")
     for suffix in SIDECARS:
         side = target + suffix
-        if os.path.islink(side) or (_present(side) and not os.path.isfile(side)):
+        if os.path.islink(side) or (os.path.lexists(side) and not os.path.isfile(side)):
             raise RestoreTargetError(f"{side} is in the way and is not a regular file",
                                      hint="move it away; SQLite would take it for the database's")
-    sides = [target + s for s in SIDECARS if _present(target + s)]
+    sides = [target + s for s in SIDECARS if os.path.lexists(target + s)]
     if not overwrite and (st is not None or sides):
         what = target if st is not None else f"{sides[0]} (left by an earlier database)"
         raise RestoreTargetError(f"{what} exists",
@@ -348,11 +351,47 @@ def restore_database(repo: Repository, snap: Snapshot, target: str, *, overwrite
     node = repo.find_node(snap, name)
     target = os.path.abspath(target)
     old = _check_target(target, overwrite)
-    directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
     mode = (old.st_mode if old is not None else node.mode or 0o644) & 0o7777
     repo.events.emit("total", files=1, bytes=node.size or 0, final=True)
-    with ScratchFile.create(directory, f".{os.path.basename(target)}.kw-", ".restore") as staged:
+    staged, size = _stage(repo, snap, name, target, mode, old)
+    with staged:
+        problem = _check(staged.path or "", "quick_check", immutable=True)
+        if problem:
+            raise IntegrityError(
+                f"the database in snapshot {snap.short_id} fails PRAGMA quick_check: {problem}",
+                hint=f"{target} was left as it was; restore an earlier snapshot")
+        replaced = old is not None or any(os.path.lexists(target + s) for s in SIDECARS)
+        try:
+            if replaced:
+                _replace(target, staged, busy_timeout)
+            else:
+                os.rename(staged.path or "", target)
+                staged.renamed()
+                fsync_dir(os.path.dirname(target))
+        except OSError as exc:
+            raise RestoreTargetError(f"cannot put the database at {target}: {exc.strerror}",
+                                     hint="check the directory's permissions") from None
+    repo.events.emit("file", path=target, size=size)
+    problem = _check(target, "integrity_check")
+    if problem:
+        raise IntegrityError(f"{target} was restored from snapshot {snap.short_id} but fails "
+                             f"PRAGMA integrity_check: {problem}",
+                             hint="the database was damaged when it was backed up; restore an "
+                                  "earlier snapshot")
+    return DatabaseRestore(target, size, mode, replaced)
+
+
+def _stage(repo: Repository, snap: Snapshot, name: str, target: str, mode: int,
+           old: os.stat_result | None) -> tuple[ScratchFile, int]:
+    """The database of ``snap`` in a scratch file beside ``target``, durable, with its mode set."""
+    directory = os.path.dirname(target)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        staged = ScratchFile.create(directory, f".{os.path.basename(target)}.kw-", ".restore")
+    except OSError as exc:
+        raise RestoreTargetError(f"cannot write in {directory}: {exc.strerror}",
+                                 hint="choose a target in a writable directory") from None
+    try:
         size = 0
         with open(staged.fd, "wb", closefd=False) as f:
             for chunk in repo.iter_file(snap, name):
@@ -364,26 +403,13 @@ def restore_database(repo: Repository, snap: Snapshot, target: str, *, overwrite
             if old is not None:
                 _give_owner(staged.fd, old)
             os.fsync(staged.fd)
-        problem = _check(staged.path or "", "quick_check", immutable=True)
-        if problem:
-            raise IntegrityError(
-                f"the database in snapshot {snap.short_id} fails PRAGMA quick_check: {problem}",
-                hint=f"{target} was left as it was; restore an earlier snapshot")
-        replaced = old is not None or any(_present(target + s) for s in SIDECARS)
-        if replaced:
-            _replace(target, staged, busy_timeout)
-        else:
-            os.rename(staged.path or "", target)
-            staged.renamed()
-            fsync_dir(directory)
-    repo.events.emit("file", path=target, size=size)
-    problem = _check(target, "integrity_check")
-    if problem:
-        raise IntegrityError(f"{target} was restored from snapshot {snap.short_id} but fails "
-                             f"PRAGMA integrity_check: {problem}",
-                             hint="the database was damaged when it was backed up; restore an "
-                                  "earlier snapshot")
-    return DatabaseRestore(target, size, mode, replaced)
+        return staged, size
+    except BaseException as exc:
+        staged.close()
+        if isinstance(exc, OSError):
+            raise RestoreTargetError(f"cannot write {target}: {exc.strerror}",
+                                     hint=f"{target} was left as it was") from None
+        raise
 
 
 def _give_owner(fd: int, old: os.stat_result) -> None:
