@@ -20,11 +20,12 @@ never finishes). SQLite reads the pages, not keepwell: only SQLite knows which p
 holds newer versions of. The steps are there for progress only.
 
 The pages go to a scratch file in the temporary directory (``TMPDIR``; it needs room for one
-copy), written by SQLite without a journal and unlinked as soon as SQLite has opened it, so a
-run killed at any moment leaves nothing behind (`keepwell.sources.scratch`). The read transaction
-ends with the local copy: writers wait (rollback-journal modes) or the WAL grows (WAL mode) for a
-disk-to-disk copy, not for the upload that follows. Streaming the pages straight into the
-repository would need no scratch space, but would hold writers off for the whole upload.
+copy), written by SQLite without a journal and unlinked as soon as SQLite has opened it: a run
+killed during the copy or the upload leaves nothing behind, and one killed in the moment before
+the unlink leaves a file that the next run removes (`keepwell.sources.scratch`). The read
+transaction ends with the local copy: writers wait (rollback-journal modes) or the WAL grows (WAL
+mode) for a disk-to-disk copy, not for the upload that follows. Streaming the pages straight into
+the repository would need no scratch space, but would hold writers off for the whole upload.
 
 Restore. The snapshot is written to a scratch file in the target's directory, fsynced, given the
 target's mode and owner (a new file: the mode recorded at backup), and checked with ``PRAGMA
