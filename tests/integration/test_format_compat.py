@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import tests.servers.postgres as servers_pg
+from keepwell.repository import open_repository
 from tests.integration.compat_support import (
     describe_tree,
     mariadb_counts,
@@ -67,8 +68,6 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_opens_lists_and_checks_clean(repo: Path) -> None:
-    from keepwell.repository import open_repository
-
     with open_repository(str(repo), PASSWORD) as r:
         assert r.config["version"] == 1
         assert r.chunker_params.to_dict() == MANIFEST["chunker"]

@@ -109,10 +109,10 @@ class Vectors:
     def hex(self, name: str) -> bytes:
         return bytes.fromhex(self.text(name).replace(" ", ""))
 
-    def int(self, name: str) -> int:
+    def number(self, name: str) -> int:
         return int(self.text(name))
 
-    def ints(self, name: str) -> list[int]:
+    def numbers(self, name: str) -> list[int]:
         return [int(x) for x in json.loads(self.text(name))]
 
     def words(self, name: str) -> list[int]:
@@ -272,13 +272,13 @@ def check_config(v: Vectors) -> None:
     check_object(v, "config", KIND_CONFIG, plain)
     config = json.loads(plain)
     assert config["version"] == 1 and bytes.fromhex(config["id_key"]) == id_key
-    assert ChunkerParams.from_dict(config["chunker"]) == ChunkerParams(seed=v.int("chunker.seed"))
+    assert ChunkerParams.from_dict(config["chunker"]) == ChunkerParams(seed=v.number("chunker.seed"))
 
 
 def check_key_file(v: Vectors) -> None:
     master, _, _, _ = keys(v)
     password = v.text("key.password")
-    params = KdfParams(v.int("key.time_cost"), v.int("key.memory_kib"), v.int("key.parallelism"))
+    params = KdfParams(v.number("key.time_cost"), v.number("key.memory_kib"), v.number("key.parallelism"))
     kek = derive_password_key(password, v.hex("key.salt"), params)
     assert kek == v.hex("key.kek")
     sealed = v.hex("key.sealed")
@@ -329,16 +329,16 @@ def vector_input(length: int) -> bytes:
 def check_chunker(v: Vectors) -> None:
     gear, masks = v.words("chunker.gear"), v.words("chunker.masks")
     assert gear == list(GEAR) and masks == list(MASKS)  # the library's own tables
-    seed = v.int("chunker.seed")
-    small = ChunkerParams(seed, v.int("chunker.small.min"), v.int("chunker.small.avg"),
-                          v.int("chunker.small.max"))
-    data = vector_input(v.int("chunker.small.length"))
-    expected = v.ints("chunker.small.cuts")
+    seed = v.number("chunker.seed")
+    small = ChunkerParams(seed, v.number("chunker.small.min"), v.number("chunker.small.avg"),
+                          v.number("chunker.small.max"))
+    data = vector_input(v.number("chunker.small.length"))
+    expected = v.numbers("chunker.small.cuts")
     assert code_cuts(small, data) == expected
     assert cuts_as_documented(data, gear, masks, seed, small.min_size, small.avg_size,
                               small.max_size) == expected
-    data = vector_input(v.int("chunker.default.length"))  # longer than the stream buffer
-    assert code_cuts(ChunkerParams(seed), data) == v.ints("chunker.default.cuts")
+    data = vector_input(v.number("chunker.default.length"))  # longer than the stream buffer
+    assert code_cuts(ChunkerParams(seed), data) == v.numbers("chunker.default.cuts")
 
 
 CHECKS: list[Callable[[Vectors], None]] = [
