@@ -1,6 +1,6 @@
 """Content-defined chunking (FastCDC, native code that releases the GIL).
 
-The gear table is permuted by a repository-secret seed, so chunk boundaries (and hence chunk
+Every entry of the gear table is XORed with a repository-secret seed, so chunk boundaries (and hence chunk
 sizes) reveal nothing that could identify known files. Files no larger than ``min_size`` are one
 chunk and never go through the chunker.
 """

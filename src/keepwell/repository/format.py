@@ -15,7 +15,7 @@ the BLAKE3 hash of the object's stored bytes, in hex):
     locks/prune          encrypted: the prune lock (one prune at a time; backups ignore it)
 
 Pack: ``blob* || header_ct || u32 len(header_ct) || b"KWP1"``. The header is an encrypted object
-(kind ``pack-header``) listing, for each blob: type u8, id 32 bytes, offset u32, stored length
+(kind ``kw-pack-header``) listing, for each blob: type u8, id 32 bytes, offset u32, stored length
 u32, raw length u32. Packs are self-describing, so the index can be rebuilt from packs alone.
 """
 
