@@ -53,7 +53,7 @@ def open_backend(location: str, **options: Any) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        missing = missing_extra(exc, f"a {scheme}:// repository")
+        missing = missing_extra(exc, f"the {scheme}:// backend")
         if missing is None:
             raise
         raise missing from None
