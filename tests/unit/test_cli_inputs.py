@@ -13,6 +13,7 @@ import resource
 import stat
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,10 @@ from keepwell.repository import Repository
 CLI = "import sys; from keepwell.cli.main import run; sys.argv[0] = 'keepwell'; run()"
 
 
-def kw(*args: str, env: dict[str, str] | None = None, prelude: str = "",
+def kw(*args: str, env: Mapping[str, str | None] | None = None, prelude: str = "",
        limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "KEEPWELL_TESTONLY_WEAK_KDF": "1", **(env or {})}
-    full = {k: v for k, v in full.items() if v is not None}
+    merged: dict[str, str | None] = {**os.environ, "KEEPWELL_TESTONLY_WEAK_KDF": "1", **(env or {})}
+    full = {k: v for k, v in merged.items() if v is not None}
 
     def cap() -> None:  # so a read without bound fails at once instead of eating the machine
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
@@ -176,7 +177,7 @@ def test_a_missing_extra_names_what_to_install(module: str, extra: str, args: li
 
 
 def test_s3_without_credentials_says_so(tmp_path: Path) -> None:
-    clean = {k: None for k in os.environ if k.startswith("AWS_")}
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("AWS_")}
     for endpoint in ({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"},  # an S3-compatible server
                      {"AWS_METADATA_ENDPOINT": "http://127.0.0.1:1"}):  # AWS, off EC2
         proc = kw("-r", "s3://bucket/repo", "snapshots",
