@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.terminal import run_on_tty
 
 CLI = [sys.executable, "-c", "import sys; from keepwell.cli.main import run; sys.argv[0] = "
                              "'keepwell'; run()"]
@@ -153,26 +154,9 @@ def test_quiet_after_the_command(env: dict[str, str], tmp_path: Path) -> None:
     for i in range(300):
         (data / f"f{i}").write_bytes(os.urandom(20_000))
 
-    def on_tty(*args: str) -> tuple[int, str]:
-        master, slave = pty.openpty()
-        p = subprocess.Popen([*CLI, *args], env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=slave)
-        os.close(slave)
-        out = bytearray()
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        os.close(master)
-        return p.wait(), out.decode(errors="replace")
-
-    rc, err = on_tty("backup", str(data))
+    rc, err = run_on_tty(["backup", str(data)], env)
     assert rc == 0 and "backup: 300/300 files" in err, err  # what -q silences
-    rc, err = on_tty("backup", str(data), "-q")
+    rc, err = run_on_tty(["backup", str(data), "-q"], env)
     assert rc == 0 and "backup:" not in err, err
-    rc, err = on_tty("-q", "backup", str(data))
+    rc, err = run_on_tty(["-q", "backup", str(data)], env)
     assert rc == 0 and "backup:" not in err, err
