@@ -160,3 +160,16 @@ def test_quiet_after_the_command(env: dict[str, str], tmp_path: Path) -> None:
     assert rc == 0 and "backup:" not in err, err
     rc, err = run_on_tty(["-q", "backup", str(data)], env)
     assert rc == 0 and "backup:" not in err, err
+
+
+def test_options_that_would_be_ignored_or_misread(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    proc = kw(env, "backup", str(tmp_path / "f"), "--tag", "daily,db", "--tag", "x")
+    assert proc.returncode == 0, text(proc)
+    assert snapshots(env)[0]["tags"] == ["daily", "db", "x"]
+    for args in (["forget", "--keep-last", "1", "--grace", "0"],  # --grace is for --prune
+                 ["forget", "--keep-tag", "daily,db"],  # would keep nothing: one tag each
+                 ["--limit-upload", "-5", "snapshots"]):
+        proc = kw(env, *args)
+        assert proc.returncode == 2, (args, text(proc))
+    assert len(snapshots(env)) == 1

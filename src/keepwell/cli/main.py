@@ -44,8 +44,10 @@ def _version(value: bool) -> None:
 def _root(
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
-    limit_upload: Annotated[int | None, typer.Option(help="Upload limit in KiB/s.")] = None,
-    limit_download: Annotated[int | None, typer.Option(help="Download limit in KiB/s.")] = None,
+    limit_upload: Annotated[int | None, typer.Option(
+        min=0, help="Upload limit in KiB/s (0: none).")] = None,
+    limit_download: Annotated[int | None, typer.Option(
+        min=0, help="Download limit in KiB/s (0: none).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,

@@ -159,7 +159,8 @@ def backup(
     paths: Annotated[list[str] | None, typer.Argument(
         help="Files and directories; with --stdin-from-command, the command and its arguments "
              "(after --).")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the snapshot (repeatable).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", help="Tag the snapshot (repeatable; 'a,b' gives both).")] = None,
     host: Annotated[str | None, typer.Option(help="Host name to record.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
         "--exclude", "-e", help="Pattern of paths to skip (repeatable; docs/operations.md).")] = None,
@@ -192,6 +193,7 @@ def backup(
     if stdin and sys.stdin.isatty():
         raise UsageError("--stdin reads a pipe or a file, not a terminal",
                          hint="e.g. keepwell backup --stdin < dump.sql")
+    tags = [t for group in tag or [] for t in group.split(",") if t]
     r = open_repo(repo, password_file)
     progress = Progress("backup")
     r.events.subscribe(progress)
@@ -201,9 +203,9 @@ def backup(
 
         name = stdin_filename or "stdin"
         if stdin_from_command:
-            snap = backup_command(r, paths or [], name, host=host, tags=tag or [])
+            snap = backup_command(r, paths or [], name, host=host, tags=tags)
         else:
-            snap = backup_stdin(r, sys.stdin.buffer, name, host=host, tags=tag or [])
+            snap = backup_stdin(r, sys.stdin.buffer, name, host=host, tags=tags)
     else:
         excludes = list(exclude or [])
         for f in exclude_file or []:
@@ -211,7 +213,7 @@ def backup(
         if progress.enabled:
             _count_in_background(progress, paths or [], excludes, one_file_system)
         res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
-                           tags=tag or [], host=host)
+                           tags=tags, host=host)
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary
@@ -424,10 +426,14 @@ def forget(
     from keepwell.repository.policy import Policy, apply_policy, parse_duration
     from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused
 
+    if any("," in t for t in keep_tag or []):
+        raise UsageError("--keep-tag takes one tag", hint="repeat it to keep snapshots with any of several")
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_duration(keep_within) if keep_within else None, keep_tag or [])
     if snapshot_ids and not policy.empty():
         raise UsageError("give snapshot ids or a --keep-* policy, not both")
+    if not prune_ and (max_unused != "5%" or grace != "1h"):
+        raise UsageError("--max-unused and --grace are for --prune")
     flt = snapshot_filter(host, tag, path, kind)
     r = open_repo(repo, password_file)
     if snapshot_ids:
