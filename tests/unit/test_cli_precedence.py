@@ -197,3 +197,11 @@ def test_from_password_file_beats_from_password(world: dict[str, Any], tmp_path:
         env={"KEEPWELL_PASSWORD": "dst pw", "KEEPWELL_FROM_PASSWORD": SRC_PW})
     assert isinstance(res.exception, WrongPasswordError), res.output
     assert "source" in str(res.exception)
+
+
+def test_an_empty_option_does_not_fall_back_to_the_environment(world: dict[str, Any]) -> None:
+    env = {"KEEPWELL_REPOSITORY": world["cli_repo"], "KEEPWELL_PASSWORD": CLI_PW}
+    res = CliRunner().invoke(app, ["-r", "", "snapshots"], env=env)
+    assert isinstance(res.exception, UsageError) and "no repository given" in str(res.exception)
+    res = CliRunner().invoke(app, ["--password-file", "", "snapshots"], env=env)
+    assert isinstance(res.exception, UsageError) and "password file" in str(res.exception)

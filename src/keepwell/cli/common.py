@@ -88,7 +88,9 @@ def password_file_given(password_file: str | None) -> str | None:
 
 
 def resolve_repo(repo: str | None) -> str:
-    location = repo_given(repo) or os.environ.get("KEEPWELL_REPOSITORY")
+    location = repo_given(repo)
+    if location is None:  # an empty -r "" is an empty location, not a reason to look elsewhere
+        location = os.environ.get("KEEPWELL_REPOSITORY")
     if not location:
         raise UsageError("no repository given", hint="pass -r/--repo or set KEEPWELL_REPOSITORY")
     return location
@@ -98,7 +100,7 @@ def password_source(password_file: str | None, *, prefix: str = "KEEPWELL") -> t
     """Where the password comes from: ``(file, None)`` or ``(None, password)``, or
     ``(None, None)`` when nothing gives it. ``password_file`` is the command line's file; then
     ``{prefix}_PASSWORD``, then ``{prefix}_PASSWORD_FILE``."""
-    if password_file:
+    if password_file is not None:
         return password_file, None
     env = os.environ.get(f"{prefix}_PASSWORD")
     if env is not None:
@@ -110,7 +112,7 @@ def read_password(password_file: str | None, *, prefix: str = "KEEPWELL", what: 
                   flag: str = "--password-file", confirm: bool = False) -> str:
     """The password by `password_source`, or a prompt on a terminal."""
     path, password = password_source(password_file, prefix=prefix)
-    if path:
+    if path is not None:
         return read_password_file(path, f"{what} file")
     if password is not None:
         return password
