@@ -193,7 +193,8 @@ def _refuse_repeats(cmd: Any) -> None:
             for param in order:
                 if isinstance(param, TyperOption) and not param.multiple and not param.count:
                     if param.name in seen:
-                        raise UsageError(f"{'/'.join(param.opts)} is given more than once for "
+                        names = "/".join(sorted(param.opts, key=len))
+                        raise UsageError(f"{names} is given more than once for "
                                          f"'{ctx.command_path}'",
                                          hint="it takes one value: give it once")
                     seen.add(param.name or "")
