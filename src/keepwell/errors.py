@@ -79,6 +79,10 @@ class PartialError(KeepwellError):
     exit_code = EXIT_PARTIAL
 
 
+class MissingExtraError(KeepwellError):
+    """An optional dependency (an install extra) that a command needs is not installed."""
+
+
 class SourceError(KeepwellError):
     """A source (file tree, database, stream) could not be read or restored."""
 

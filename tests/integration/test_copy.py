@@ -31,11 +31,11 @@ from keepwell.backends.memory import MemoryBackend
 from keepwell.repository import Repository
 from keepwell.repository.check import check
 from keepwell.repository.copy import (
-    SnapshotFilter,
     copy_snapshots,
     init_like,
     select_snapshots,
 )
+from keepwell.repository.snapshot import SnapshotFilter
 from tests.integration.conftest_remote import (  # noqa: F401
     BUCKET,
     s3_env,
@@ -261,7 +261,8 @@ def test_copy_filters(tmp_path: Path) -> None:
     assert copied("--host", "alpha") == [ids[0], ids[2], ids[3]]
     assert copied("--host", "alpha", "--host", "beta", "--kind", "files") == [ids[0], ids[1], ids[3]]
     assert copied("--tag", "daily") == [ids[0], ids[1]]
-    assert copied("--tag", "daily", "--tag", "x") == [ids[1]]
+    assert copied("--tag", "daily,x") == [ids[1]]
+    assert copied("--tag", "x", "--tag", "weekly") == [ids[1], ids[3]]
     assert copied(ids[3][:8], ids[0][:10]) == [ids[0], ids[3]]
     assert copied("latest") == [ids[3]]
     assert copied("--kind", "files", "--host", "beta", "latest") == [ids[1]]

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import os
-import pty
 import random
 import subprocess
-import sys
 from pathlib import Path
 
-KW = [sys.executable, "-m", "keepwell.cli.main"]
-
-
-def _run_on_tty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    master, slave = pty.openpty()
-    p = subprocess.Popen(KW + args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=slave)
-    os.close(slave)
-    out = bytearray()
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO once the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    return p.wait(), out.decode(errors="replace")
+from tests.terminal import KW, run_on_tty
 
 
 def _tree(root: Path, files: int) -> int:
@@ -46,12 +26,12 @@ def test_backup_and_restore_show_totals_percentage_and_eta(tmp_path: Path) -> No
     _tree(tmp_path / "src", 1500)
     env = dict(os.environ, KEEPWELL_PASSWORD="pw", KEEPWELL_REPOSITORY=str(tmp_path / "repo"))
     subprocess.run(KW + ["init"], env=env, check=True, capture_output=True)
-    rc, out = _run_on_tty(["backup", str(tmp_path / "src")], env)
+    rc, out = run_on_tty(["backup", str(tmp_path / "src")], env)
     assert rc == 0, out
     final = [line for line in out.split("\r") if line.startswith("backup:")][-1]
     assert "1500/1500 files" in final and "(100%)" in final and "ETA" in final, final
 
-    rc, out = _run_on_tty(["restore", "latest", "--target", str(tmp_path / "out")], env)
+    rc, out = run_on_tty(["restore", "latest", "--target", str(tmp_path / "out")], env)
     assert rc == 0, out
     final = [line for line in out.split("\r") if line.startswith("restore:")][-1]
     assert "/1500 files" in final and "(100%)" in final, final

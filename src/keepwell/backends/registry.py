@@ -2,7 +2,8 @@
 
 A location is a local path (or ``file://`` URL), ``memory://`` or a URL whose scheme names a
 backend (``s3://``, ``sftp://``, ...). Factories are named as ``module:function`` strings and
-imported only when their scheme is used, so optional SDKs cost nothing until needed.
+imported only when their scheme is used, so optional SDKs cost nothing until needed; a missing
+one is reported as the install extra to add (`keepwell.extras`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from keepwell.backends.base import Backend
 from keepwell.errors import UsageError
+from keepwell.extras import missing_extra
 
 _FACTORIES: dict[str, str] = {
     "file": "keepwell.backends.local:from_url",
@@ -48,5 +50,12 @@ def open_backend(location: str, **options: Any) -> Backend:
         known = ", ".join(sorted(s + "://" for s in _FACTORIES))
         raise UsageError(f"unknown repository scheme {scheme!r} in {location!r} (known: {known})")
     module_name, func_name = target.split(":")
-    factory: Callable[..., Backend] = getattr(importlib.import_module(module_name), func_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = missing_extra(exc, f"the {scheme}:// backend")
+        if missing is None:
+            raise
+        raise missing from None
+    factory: Callable[..., Backend] = getattr(module, func_name)
     return factory(location, **options)

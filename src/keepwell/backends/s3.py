@@ -69,8 +69,17 @@ def _short(exc: BaseException) -> str:
     return first[:400]
 
 
+NO_CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
+                       "see docs/storage.md")
+# what obstore's error says when it asked the cloud's instance metadata service for credentials
+_METADATA_PATHS = ("/latest/api/token", "/latest/meta-data/")
+
+
 def classify(exc: BaseException, what: str) -> KeepwellError:
     """Turn an obstore (or builtin) exception into the keepwell error it means."""
+    if any(m in str(exc) for m in _METADATA_PATHS):
+        # no credentials anywhere but a metadata service that is not there (not on EC2)
+        return PermanentBackendError(f"{what}: no S3 credentials found", hint=NO_CREDENTIALS_HINT)
     detail = _short(exc)
     if isinstance(exc, FileNotFoundError):
         if "NoSuchBucket" in str(exc) or "ContainerNotFound" in str(exc):  # S3, Azure
@@ -267,6 +276,17 @@ def _aws_profile(profile: str) -> dict[str, str]:
     return out
 
 
+def _credentials_given(settings: dict[str, str], opts: dict[str, Any]) -> bool:
+    """Whether anything but an instance metadata service can give credentials (or none are
+    needed: an anonymous bucket)."""
+    env = os.environ
+    return bool(settings.get("access_key_id") or env.get("AWS_ACCESS_KEY_ID")
+                or env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+                or env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+                or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+                or opts.get("skip_signature") or env.get("AWS_SKIP_SIGNATURE"))
+
+
 def _split(url: str, scheme: str) -> tuple[str, str]:
     parts = urlsplit(url)
     if parts.scheme.lower() != scheme or not parts.netloc:
@@ -306,6 +326,10 @@ def from_url(url: str, **options: Any) -> ObjectStoreBackend:
     for key in ("access_key_id", "secret_access_key", "session_token"):
         if opts.get(key):
             settings[key] = opts.pop(key)
+    if endpoint and not _credentials_given(settings, opts):
+        # an S3-compatible server (not AWS): no instance metadata service can give credentials
+        location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        raise ConfigurationError(f"no S3 credentials for {location}", hint=NO_CREDENTIALS_HINT)
     config: dict[str, Any] = {**settings, "region": region}
     if endpoint:
         config["endpoint"] = endpoint.rstrip("/")

@@ -1,7 +1,17 @@
-"""What every command shares: repository and password options, opening the repository, output.
+"""What every command shares: repository and password options, opening the repository, snapshot
+filters, output, and the options every command takes wherever they are placed.
 
-Commands take the repository from ``-r/--repo`` or ``KEEPWELL_REPOSITORY`` and the password from
-``KEEPWELL_PASSWORD``, ``--password-file``/``KEEPWELL_PASSWORD_FILE``, or a prompt on a terminal.
+Precedence, the same for every command: the command line, then the environment, then a prompt.
+``-r/--repo`` and ``--password-file`` may stand before the command (``keepwell -r R backup``) or
+after it (``keepwell backup -r R``); given in both places they must agree. The options declare no
+environment variable themselves: `resolve_repo` and `resolve_password` read
+``KEEPWELL_REPOSITORY``, ``KEEPWELL_PASSWORD`` and ``KEEPWELL_PASSWORD_FILE`` only when the
+command line names nothing, so a variable can never beat what the user typed.
+
+`KeepwellGroup` is the root group's class. When the command tree is built it gives every command
+``-q/--quiet`` and ``--debug`` (so they work after the command too), lets a ``--json`` given
+before the command reach the command, and refuses an option given twice where it takes one value
+(click would keep the last one without a word).
 """
 
 from __future__ import annotations
@@ -13,28 +23,45 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup, TyperOption
 
 from keepwell.errors import UsageError
+from keepwell.repository.keys import read_password_file
+from keepwell.repository.snapshot import SnapshotFilter
 
 RepoOption = Annotated[
     str | None,
-    typer.Option("--repo", "-r", envvar="KEEPWELL_REPOSITORY", help="Repository location."),
+    typer.Option("--repo", "-r", help="Repository location (default: $KEEPWELL_REPOSITORY)."),
 ]
 PasswordFileOption = Annotated[
     str | None,
-    typer.Option(
-        "--password-file", envvar="KEEPWELL_PASSWORD_FILE", help="Read the password from a file."
-    ),
+    typer.Option("--password-file",
+                 help="Read the password from the first line of this file (default: "
+                      "$KEEPWELL_PASSWORD, then $KEEPWELL_PASSWORD_FILE)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+# snapshot selection, as restic has it
+HostFilterOption = Annotated[list[str] | None, typer.Option(
+    "--host", help="Only snapshots of this host (repeat for any of several).")]
+TagFilterOption = Annotated[list[str] | None, typer.Option(
+    "--tag", help="Only snapshots with this tag; 'a,b' needs both, a repeated --tag any group.")]
+PathFilterOption = Annotated[list[str] | None, typer.Option(
+    "--path", help="Only snapshots of this path, exactly as backed up (repeat: all of them).")]
+KindFilterOption = Annotated[list[str] | None, typer.Option(
+    "--kind", help="Only snapshots of this kind (files, stdin, sqlite, postgres...; repeat for "
+                   "any of several).")]
 
 
 @dataclass
 class GlobalOptions:
+    """What the root command's options said (command line only: never the environment)."""
+
     repo: str | None = None
     password_file: str | None = None
     debug: bool = False
     quiet: bool = False
+    json: bool = False
     limit_upload: int | None = None
     limit_download: int | None = None
 
@@ -42,41 +69,65 @@ class GlobalOptions:
 GLOBALS = GlobalOptions()
 
 
-def read_password_file(path: str, what: str) -> str:
-    """The first line of a password file; a clear error if it cannot be read or is empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            pw = f.readline().rstrip("\r\n")
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if not pw:
-        raise UsageError(f"{what} {path} is empty")
-    return pw
+def _one(option: str, here: str | None, before: str | None) -> str | None:
+    """The value of an option that may stand before or after the command."""
+    if here is not None and before is not None and here != before:
+        raise UsageError(f"{option} is given twice, as {before!r} before the command and as "
+                         f"{here!r} after it", hint="give it once")
+    return here if here is not None else before
 
 
-def resolve_password(password_file: str | None, *, confirm: bool = False) -> str:
-    env = os.environ.get("KEEPWELL_PASSWORD")
-    if env is not None:
-        return env
-    path = password_file or GLOBALS.password_file or os.environ.get("KEEPWELL_PASSWORD_FILE")
-    if path:
-        return read_password_file(path, "password file")
-    if not sys.stdin.isatty():
-        raise UsageError(
-            "no password given",
-            hint="set KEEPWELL_PASSWORD or KEEPWELL_PASSWORD_FILE, or pass --password-file",
-        )
-    pw = typer.prompt("repository password", hide_input=True, confirmation_prompt=confirm)
-    if not pw:
-        raise UsageError("empty password")
-    return str(pw)
+def repo_given(repo: str | None) -> str | None:
+    """The repository the command line names (before or after the command), if any."""
+    return _one("-r/--repo", repo, GLOBALS.repo)
+
+
+def password_file_given(password_file: str | None) -> str | None:
+    """The password file the command line names (before or after the command), if any."""
+    return _one("--password-file", password_file, GLOBALS.password_file)
 
 
 def resolve_repo(repo: str | None) -> str:
-    location = repo or GLOBALS.repo or os.environ.get("KEEPWELL_REPOSITORY")
+    location = repo_given(repo)
+    if location is None:  # an empty -r "" is an empty location, not a reason to look elsewhere
+        location = os.environ.get("KEEPWELL_REPOSITORY")
     if not location:
         raise UsageError("no repository given", hint="pass -r/--repo or set KEEPWELL_REPOSITORY")
     return location
+
+
+def password_source(password_file: str | None, *, prefix: str = "KEEPWELL") -> tuple[str | None, str | None]:
+    """Where the password comes from: ``(file, None)`` or ``(None, password)``, or
+    ``(None, None)`` when nothing gives it. ``password_file`` is the command line's file; then
+    ``{prefix}_PASSWORD``, then ``{prefix}_PASSWORD_FILE``."""
+    if password_file is not None:
+        return password_file, None
+    env = os.environ.get(f"{prefix}_PASSWORD")
+    if env is not None:
+        return None, env
+    return os.environ.get(f"{prefix}_PASSWORD_FILE") or None, None
+
+
+def read_password(password_file: str | None, *, prefix: str = "KEEPWELL", what: str = "password",
+                  flag: str = "--password-file", confirm: bool = False) -> str:
+    """The password by `password_source`, or a prompt on a terminal."""
+    path, password = password_source(password_file, prefix=prefix)
+    if path is not None:
+        return read_password_file(path, f"{what} file")
+    if password is not None:
+        return password
+    if not sys.stdin.isatty():
+        raise UsageError(f"no {what} given",
+                         hint=f"pass {flag}, or set {prefix}_PASSWORD or {prefix}_PASSWORD_FILE")
+    pw = typer.prompt(what, hide_input=True, confirmation_prompt=confirm)
+    if not pw:
+        raise UsageError(f"empty {what}")
+    return str(pw)
+
+
+def resolve_password(password_file: str | None, *, confirm: bool = False) -> str:
+    return read_password(password_file_given(password_file), what="repository password",
+                         confirm=confirm)
 
 
 def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
@@ -92,6 +143,13 @@ def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
     )
 
 
+def snapshot_filter(host: list[str] | None = None, tag: list[str] | None = None,
+                    path: list[str] | None = None, kind: list[str] | None = None) -> SnapshotFilter:
+    """The filter the --host/--tag/--path/--kind options describe."""
+    return SnapshotFilter.parse(hosts=host or (), tags=tag or (), paths=path or (),
+                                kinds=kind or ())
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -104,14 +162,92 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+# -- options every command takes ------------------------------------------------------------------
+def _set_quiet(_ctx: Any, _param: Any, value: bool) -> bool:
+    if value:
+        GLOBALS.quiet = True
+    return value
+
+
+def _set_debug(_ctx: Any, _param: Any, value: bool) -> bool:
+    if value:
+        GLOBALS.debug = True
+    return value
+
+
+def _json_default() -> bool:
+    return GLOBALS.json
+
+
+def _refuse_repeats(cmd: Any) -> None:
+    """Make ``cmd`` refuse a single-valued option given more than once (click keeps the last)."""
+    parse_args = cmd.parse_args
+
+    def strict_parse_args(ctx: Any, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            try:
+                _opts, _rest, order = cmd.make_parser(ctx).parse_args(args=list(args))
+            except Exception:  # the real parse below reports it
+                order = []
+            seen: set[str] = set()
+            for param in order:
+                if isinstance(param, TyperOption) and not param.multiple and not param.count:
+                    if param.name in seen:
+                        names = "/".join(sorted(param.opts, key=len))
+                        raise UsageError(f"{names} is given more than once for "
+                                         f"'{ctx.command_path}'",
+                                         hint="it takes one value: give it once")
+                    seen.add(param.name or "")
+        rest: list[str] = parse_args(ctx, args)
+        if GLOBALS.json and not any("--json" in p.opts for p in cmd.params
+                                    if isinstance(p, TyperOption)):
+            raise UsageError(f"'{ctx.command_path}' has no JSON output", hint="drop --json")
+        return rest
+
+    cmd.parse_args = strict_parse_args
+
+
+def _adopt(cmd: Any) -> None:
+    """Give one command (and every command of a group) the options of `KeepwellGroup`."""
+    sub = getattr(cmd, "commands", None)
+    if sub is not None:
+        for child in sub.values():
+            _adopt(child)
+        return
+    names = {o for p in cmd.params for o in getattr(p, "opts", ())}
+    for p in cmd.params:
+        if isinstance(p, TyperOption) and "--json" in p.opts:
+            p.default = _json_default
+    if "--quiet" not in names:
+        cmd.params.append(TyperOption(param_decls=["--quiet", "-q"], is_flag=True, default=False,
+                                      expose_value=False, callback=_set_quiet,
+                                      help="No progress output."))
+    if "--debug" not in names:
+        cmd.params.append(TyperOption(param_decls=["--debug"], is_flag=True, default=False,
+                                      expose_value=False, callback=_set_debug,
+                                      help="Show tracebacks."))
+    _refuse_repeats(cmd)
+
+
+class KeepwellGroup(TyperGroup):
+    """The root group: every command under it gets the shared options (see the module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():
+            _adopt(cmd)
+        _refuse_repeats(self)
+
+
 def run_app(app: Any, *, debug: bool = False) -> int:
     """Run a Typer app; every KeepwellError becomes one line and its exit code."""
     from keepwell.errors import EXIT_FAILURE, KeepwellError
+    from keepwell.extras import missing_extra
 
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit raised inside
     except KeepwellError as exc:
-        if debug:
+        if debug or GLOBALS.debug:
             raise
         sys.stderr.write(f"keepwell: {exc.line()}\n")
         return exc.exit_code
@@ -131,8 +267,12 @@ def run_app(app: Any, *, debug: bool = False) -> int:
         sys.stderr.write("keepwell: interrupted\n")
         return 130
     except Exception as exc:
-        if debug:
+        if debug or GLOBALS.debug:
             raise
+        missing = missing_extra(exc) if isinstance(exc, ImportError) else None
+        if missing is not None:  # an optional dependency imported where the command needs it
+            sys.stderr.write(f"keepwell: {missing.line()}\n")
+            return missing.exit_code
         sys.stderr.write(f"keepwell: internal error: {type(exc).__name__}: {exc} "
                          "(rerun with --debug and report it)\n")
         return EXIT_FAILURE

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from keepwell.cli.common import JsonOption, human_bytes, print_json, run_app
+from keepwell.cli.common import JsonOption, KeepwellGroup, human_bytes, print_json, run_app
 from keepwell.errors import EXIT_FAILURE, ConfigurationError
 
 ConfigOption = Annotated[
@@ -215,7 +215,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    app = typer.Typer(no_args_is_help=True, add_completion=False,
+    app = typer.Typer(cls=KeepwellGroup, no_args_is_help=True, add_completion=False,
                       help="keepwell control plane.")
     register(app)
     sys.exit(run_app(app))

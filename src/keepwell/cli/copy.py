@@ -2,13 +2,13 @@
 rendering only; the work is done by keepwell.repository.copy.
 
 The source is given by ``--from-repo`` (or ``KEEPWELL_FROM_REPOSITORY``); its password comes
-from ``KEEPWELL_FROM_PASSWORD``, ``--from-password-file``/``KEEPWELL_FROM_PASSWORD_FILE``, or a
-prompt on a terminal, exactly as the destination's does from the ``KEEPWELL_PASSWORD*`` set.
+from ``--from-password-file``, ``KEEPWELL_FROM_PASSWORD``, ``KEEPWELL_FROM_PASSWORD_FILE``, or a
+prompt on a terminal, exactly as the destination's does from ``--password-file`` and the
+``KEEPWELL_PASSWORD*`` set. The destination is the repository of ``-r``, before or after ``copy``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,13 +17,18 @@ import typer
 
 from keepwell.cli.common import (
     GLOBALS,
+    HostFilterOption,
     JsonOption,
+    KindFilterOption,
     PasswordFileOption,
+    PathFilterOption,
     RepoOption,
+    TagFilterOption,
     human_bytes,
     open_repo,
     print_json,
-    read_password_file,
+    read_password,
+    snapshot_filter,
 )
 from keepwell.errors import RepositoryNotFoundError, UsageError, WrongPasswordError
 
@@ -37,27 +42,10 @@ FromRepoOption = Annotated[
 ]
 FromPasswordFileOption = Annotated[
     str | None,
-    typer.Option("--from-password-file", envvar="KEEPWELL_FROM_PASSWORD_FILE",
-                 help="Read the source repository's password from a file."),
+    typer.Option("--from-password-file",
+                 help="Read the source repository's password from a file (default: "
+                      "$KEEPWELL_FROM_PASSWORD, then $KEEPWELL_FROM_PASSWORD_FILE)."),
 ]
-
-
-def resolve_from_password(password_file: str | None) -> str:
-    env = os.environ.get("KEEPWELL_FROM_PASSWORD")
-    if env is not None:
-        return env
-    path = password_file or os.environ.get("KEEPWELL_FROM_PASSWORD_FILE")
-    if path:
-        return read_password_file(path, "source password file")
-    if not sys.stdin.isatty():
-        raise UsageError(
-            "no password given for the source repository",
-            hint="set KEEPWELL_FROM_PASSWORD or KEEPWELL_FROM_PASSWORD_FILE, or pass --from-password-file",
-        )
-    pw = typer.prompt("source repository password", hide_input=True)
-    if not pw:
-        raise UsageError("empty source password")
-    return str(pw)
 
 
 def open_source(location: str | None, password_file: str | None) -> Repository:
@@ -67,7 +55,8 @@ def open_source(location: str | None, password_file: str | None) -> Repository:
     if not location:
         raise UsageError("no source repository given",
                          hint="pass --from-repo or set KEEPWELL_FROM_REPOSITORY")
-    password = resolve_from_password(password_file)
+    password = read_password(password_file, prefix="KEEPWELL_FROM",
+                             what="source repository password", flag="--from-password-file")
     try:
         return open_repository(location, password, limit_upload=GLOBALS.limit_upload,
                                limit_download=GLOBALS.limit_download)
@@ -125,21 +114,14 @@ def copy(
              "the filters.")] = None,
     from_repo: FromRepoOption = None,
     from_password_file: FromPasswordFileOption = None,
-    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only snapshots of this kind "
-                                                   "(files, sqlite, postgres...); repeatable.")] = None,
-    host: Annotated[list[str] | None, typer.Option("--host", help="Only snapshots of this host; "
-                                                   "repeatable.")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Only snapshots with this tag; "
-                                                  "repeat to require several.")] = None,
+    host: HostFilterOption = None, tag: TagFilterOption = None,
+    path: PathFilterOption = None, kind: KindFilterOption = None,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Copy snapshots from another repository (--from-repo) into this one (-r)."""
-    from keepwell.repository.copy import SnapshotFilter, copy_snapshots, select_snapshots
+    from keepwell.repository.copy import copy_snapshots, select_snapshots
 
-    flt = SnapshotFilter(
-        kinds=tuple(kind or ()), hosts=tuple(host or ()),
-        tags=tuple(tag or ()),
-    )
+    flt = snapshot_filter(host, tag, path, kind)
     with open_source(from_repo, from_password_file) as src, open_repo(repo, password_file) as dst:
         if src.id == dst.id:
             raise UsageError("the source and the destination are the same repository")

@@ -1,7 +1,9 @@
 """The ``keepwell`` command: the root app, its groups, and the one top-level error handler.
 
 Every `KeepwellError` becomes one line on stderr and its exit code; a traceback only with
-``--debug``. Command groups are listed in `COMMAND_GROUPS` and imported only when present.
+``--debug``. Command groups are listed in `COMMAND_GROUPS` and imported only when present. The
+root options that every command shares (``-r``, ``--password-file``, ``-q``, ``--json``,
+``--debug``) work before or after the command: see `keepwell.cli.common`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import typer
 
 from keepwell import __version__
 from keepwell.cli import repo_commands
-from keepwell.cli.common import GLOBALS, run_app
+from keepwell.cli.common import GLOBALS, KeepwellGroup, PasswordFileOption, RepoOption, run_app
 from keepwell.process import tune_malloc
 
 app = typer.Typer(
+    cls=KeepwellGroup,
     help="keepwell: deduplicated, encrypted, verifiable backups of files and databases.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,22 +34,32 @@ COMMAND_GROUPS = {
 }
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"keepwell {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
-    repo: Annotated[str | None, typer.Option("--repo", "-r", envvar="KEEPWELL_REPOSITORY",
-                                             help="Repository location (path, s3://, sftp://).")] = None,
-    password_file: Annotated[str | None, typer.Option("--password-file", envvar="KEEPWELL_PASSWORD_FILE",
-                                                      help="Read the password from a file.")] = None,
-    limit_upload: Annotated[int | None, typer.Option(help="Upload limit in KiB/s.")] = None,
-    limit_download: Annotated[int | None, typer.Option(help="Download limit in KiB/s.")] = None,
+    repo: RepoOption = None,
+    password_file: PasswordFileOption = None,
+    limit_upload: Annotated[int | None, typer.Option(
+        min=0, help="Upload limit in KiB/s (0: none).")] = None,
+    limit_download: Annotated[int | None, typer.Option(
+        min=0, help="Download limit in KiB/s (0: none).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    _show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_version, help="Print the version and exit.")] = False,
 ) -> None:
     GLOBALS.repo = repo
     GLOBALS.password_file = password_file
     GLOBALS.limit_upload = limit_upload
     GLOBALS.limit_download = limit_download
     GLOBALS.quiet = quiet
+    GLOBALS.json = json_
     GLOBALS.debug = debug or os.environ.get("KEEPWELL_DEBUG") == "1"
 
 

@@ -21,7 +21,10 @@ from keepwell.cli.common import (
     RepoOption,
     human_bytes,
     open_repo,
+    password_file_given,
+    password_source,
     print_json,
+    repo_given,
     resolve_password,
     resolve_repo,
     run_app,
@@ -209,13 +212,13 @@ def restore(
         ts_map[key] = value
     if archive_mode not in ("off", "preserve"):
         raise UsageError("--archive-mode is 'off' or 'preserve'")
-    pw_file = password_file or GLOBALS.password_file or os.environ.get("KEEPWELL_PASSWORD_FILE")
+    pw_file, password = password_source(password_file_given(password_file))
     location = resolve_repo(repo)
     opts = RestoreOptions(
         target_dir=target_dir, target=target, snapshot=snapshot, delta=delta,
         tablespace_map=ts_map, start=start, port=port, archive_mode=archive_mode,
         repo_location=os.path.abspath(location) if "://" not in location else location,
-        password_file=pw_file, password=None if pw_file else resolve_password(None),
+        password_file=pw_file, password=None if pw_file else password or resolve_password(None),
     )
     with open_repo(repo, password_file) as r:
         result = restore_physical(r, cluster, opts)
@@ -268,7 +271,7 @@ def _hook_settings(repo: str | None, password_file: str | None, cluster: str,
                    spool: str | None = None, spool_max: str | None = None) -> Any:
     from keepwell.sources.postgres.hooks import HookSettings
 
-    return HookSettings.resolve(repo or GLOBALS.repo, password_file or GLOBALS.password_file,
+    return HookSettings.resolve(repo_given(repo), password_file_given(password_file),
                                 cluster, spool, spool_max)
 
 
@@ -344,7 +347,7 @@ def archive_command(
 
         parse_size(spool_max)
     line = build(asynchronous=asynchronous, spool=spool, spool_max=spool_max, cluster=cluster,
-                 repo=repo or GLOBALS.repo, password_file=password_file or GLOBALS.password_file)
+                 repo=repo_given(repo), password_file=password_file_given(password_file))
     if json_out:
         print_json({"archive_command": line})
     else:

@@ -1,29 +1,32 @@
-"""Repository and file commands: init, key, backup, snapshots, ls, diff, dump, stats, restore,
-forget, prune, check. Parsing and rendering only."""
+"""Repository and file commands: init, backup, snapshots, ls, diff, dump, stats, restore, forget,
+prune, check (and the ``key`` group of keepwell.cli.keys). Parsing and rendering only."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Annotated, Any
 
 import typer
 
+from keepwell.cli import keys
 from keepwell.cli.common import (
     GLOBALS,
+    HostFilterOption,
     JsonOption,
+    KindFilterOption,
     PasswordFileOption,
+    PathFilterOption,
     RepoOption,
+    TagFilterOption,
     human_bytes,
     open_repo,
     print_json,
     resolve_password,
     resolve_repo,
+    snapshot_filter,
 )
 from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, UsageError
-
-key_app = typer.Typer(help="Manage the passwords of a repository.", no_args_is_help=True)
 
 
 class Progress:
@@ -92,8 +95,12 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              help="Share the chunker parameters and blob-id key of this repository, so "
                   "'keepwell copy' between the two copies blobs as they are (docs/storage.md).")] = None,
          from_password_file: Annotated[str | None, typer.Option(
-             "--from-password-file", envvar="KEEPWELL_FROM_PASSWORD_FILE",
-             help="Password file of the --copy-chunker-params-from repository.")] = None,
+             "--from-password-file",
+             help="Password file of the --copy-chunker-params-from repository (default: "
+                  "$KEEPWELL_FROM_PASSWORD, then $KEEPWELL_FROM_PASSWORD_FILE).")] = None,
+         allow_non_empty: Annotated[bool, typer.Option(
+             "--allow-non-empty",
+             help="Create the repository even where other files already are.")] = False,
          compression: Annotated[int, typer.Option(
              "--compression", metavar="LEVEL", min=0, max=19,
              help="zstd level (0: none).")] = 3,
@@ -106,23 +113,26 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              help="Level instead of --compression for database page images (PostgreSQL "
                   "physical backups), where it pays.")] = 5,
          json_: JsonOption = False) -> None:
-    """Create a new repository."""
+    """Create a new repository (in an empty location, unless --allow-non-empty)."""
     from keepwell.backends.registry import open_backend
     from keepwell.repository import Repository
 
     location = resolve_repo(repo)
+    levels: dict[str, Any] = {"compression": compression, "fast_compression": fast_compression,
+                              "page_compression": page_compression,
+                              "require_empty": not allow_non_empty}
     if copy_chunker_params_from:
         from keepwell.cli.copy import open_source
         from keepwell.repository.copy import init_like
 
         with open_source(copy_chunker_params_from, from_password_file) as src:
             r = init_like(open_backend(location), resolve_password(password_file, confirm=True), src,
-                          compression=compression, fast_compression=fast_compression,
-                          page_compression=page_compression)
+                          **levels)
     else:
+        if from_password_file:
+            raise UsageError("--from-password-file is for --copy-chunker-params-from")
         r = Repository.init(open_backend(location), resolve_password(password_file, confirm=True),
-                            compression=compression, fast_compression=fast_compression,
-                            page_compression=page_compression)
+                            **levels)
     if json_:
         print_json({"id": r.id, "location": location,
                     "chunker_params_from": copy_chunker_params_from})
@@ -144,28 +154,56 @@ def _count_in_background(progress: Progress, paths: list[str], excludes: list[st
 
 
 def backup(
-    paths: Annotated[list[str] | None, typer.Argument(help="Files and directories.")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag the snapshot.")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(
+        help="Files and directories; with --stdin-from-command, the command and its arguments "
+             "(after --).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", help="Tag the snapshot (repeatable; 'a,b' gives both).")] = None,
     host: Annotated[str | None, typer.Option(help="Host name to record.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", "-e", help="Glob to skip.")] = None,
-    exclude_file: Annotated[list[str] | None, typer.Option(help="File of exclude globs.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-e", help="Pattern of paths to skip (repeatable; docs/operations.md).")] = None,
+    exclude_file: Annotated[list[str] | None, typer.Option(
+        help="File of exclude patterns, one a line (repeatable).")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
     stdin: Annotated[bool, typer.Option("--stdin", help="Back up standard input.")] = False,
-    stdin_filename: Annotated[str, typer.Option(help="Name for --stdin data.")] = "stdin",
+    stdin_from_command: Annotated[bool, typer.Option(
+        "--stdin-from-command",
+        help="Run the command given after -- and back up its output; the snapshot is saved "
+             "only if the command exits with status 0.")] = False,
+    stdin_filename: Annotated[str | None, typer.Option(
+        help="File name of the --stdin / --stdin-from-command data (default: stdin).")] = None,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
-    """Back up files and directories (or standard input) into a new snapshot."""
+    """Back up files and directories, standard input, or a command's output into a new snapshot."""
     from keepwell.sources.files import backup_paths
     from keepwell.sources.files.select import read_pattern_file
 
+    streamed = stdin or stdin_from_command
+    if stdin and stdin_from_command:
+        raise UsageError("--stdin and --stdin-from-command exclude each other")
+    if stdin and paths:
+        raise UsageError("--stdin backs up standard input: give no paths with it")
+    if stdin_filename is not None and not streamed:
+        raise UsageError("--stdin-filename is for --stdin or --stdin-from-command")
+    if streamed and (exclude or exclude_file or one_file_system):
+        raise UsageError("--exclude, --exclude-file and --one-file-system are for paths, "
+                         "not for --stdin or --stdin-from-command")
+    if stdin and sys.stdin.isatty():
+        raise UsageError("--stdin reads a pipe or a file, not a terminal",
+                         hint="e.g. keepwell backup --stdin < dump.sql")
+    tags = [t for group in tag or [] for t in group.split(",") if t]
     r = open_repo(repo, password_file)
     progress = Progress("backup")
     r.events.subscribe(progress)
-    if stdin:
-        with r.new_snapshot("stdin", [stdin_filename], host=host, tags=tag or []) as w:
-            w.add_stream(stdin_filename, sys.stdin.buffer)
-            snap = w.commit()
-        errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    if streamed:
+        from keepwell.sources.files.stream import backup_command, backup_stdin
+
+        name = stdin_filename or "stdin"
+        if stdin_from_command:
+            snap = backup_command(r, paths or [], name, host=host, tags=tags)
+        else:
+            snap = backup_stdin(r, sys.stdin.buffer, name, host=host, tags=tags)
     else:
         excludes = list(exclude or [])
         for f in exclude_file or []:
@@ -173,7 +211,7 @@ def backup(
         if progress.enabled:
             _count_in_background(progress, paths or [], excludes, one_file_system)
         res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
-                           tags=tag or [], host=host)
+                           tags=tags, host=host)
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary
@@ -191,12 +229,14 @@ def backup(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def snapshots(kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+def snapshots(host: HostFilterOption = None, tag: TagFilterOption = None,
+              path: PathFilterOption = None, kind: KindFilterOption = None,
               repo: RepoOption = None, password_file: PasswordFileOption = None,
               json_: JsonOption = False) -> None:
-    """List snapshots."""
+    """List snapshots (those that match the filters)."""
     r = open_repo(repo, password_file)
-    snaps = r.list_snapshots(kind)
+    flt = snapshot_filter(host, tag, path, kind)
+    snaps = [s for s in r.list_snapshots() if flt.matches(s)]
     if json_:
         print_json([s.to_json() for s in snaps])
         return
@@ -207,29 +247,40 @@ def snapshots(kind: Annotated[str | None, typer.Option(help="Only this kind.")] 
     print(f"{len(snaps)} snapshots")
 
 
-def ls(snapshot: str, path: Annotated[str, typer.Argument()] = "", repo: RepoOption = None,
-       password_file: PasswordFileOption = None, json_: JsonOption = False) -> None:
+def ls(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'.")],
+       path: Annotated[str, typer.Argument(help="Only this directory or file.")] = "",
+       host: HostFilterOption = None, tag: TagFilterOption = None,
+       path_filter: PathFilterOption = None, kind: KindFilterOption = None,
+       repo: RepoOption = None, password_file: PasswordFileOption = None,
+       json_: JsonOption = False) -> None:
     """List the files of a snapshot."""
     r = open_repo(repo, password_file)
-    snap = r.find_snapshot(snapshot)
+    snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
     prefix = path.strip("/")
     rows = []
+    found = not prefix
     for p, node in r.walk(snap):
         if prefix and not (p == prefix or p.startswith(prefix + "/")):
             continue
+        found = True
         if json_:
             rows.append({"path": "/" + p, **node.to_json()})
         else:
             print(f"/{p}" + ("/" if node.type == "dir" else ""))
     if json_:
         print_json(rows)
+    if not found:
+        raise UsageError(f"{path} is not in snapshot {snap.short_id}")
 
 
-def diff(a: str, b: str, repo: RepoOption = None, password_file: PasswordFileOption = None,
+def diff(a: str, b: str, host: HostFilterOption = None, tag: TagFilterOption = None,
+         path: PathFilterOption = None, kind: KindFilterOption = None,
+         repo: RepoOption = None, password_file: PasswordFileOption = None,
          json_: JsonOption = False) -> None:
-    """Show what changed between two snapshots."""
+    """Show what changed between two snapshots ('latest' is the newest that matches the filters)."""
     r = open_repo(repo, password_file)
-    sa, sb = r.find_snapshot(a), r.find_snapshot(b)
+    flt = snapshot_filter(host, tag, path, kind)
+    sa, sb = r.find_snapshot(a, where=flt), r.find_snapshot(b, where=flt)
     na = {p: (n.type, n.content, n.mode, n.size) for p, n in r.walk(sa)}
     nb = {p: (n.type, n.content, n.mode, n.size) for p, n in r.walk(sb)}
     out = {"added": sorted(set(nb) - set(na)), "removed": sorted(set(na) - set(nb)),
@@ -243,29 +294,55 @@ def diff(a: str, b: str, repo: RepoOption = None, password_file: PasswordFileOpt
     print(f"{len(out['added'])} added, {len(out['removed'])} removed, {len(out['modified'])} modified")
 
 
-def dump(snapshot: str, path: str, repo: RepoOption = None,
-         password_file: PasswordFileOption = None) -> None:
+def dump(snapshot: str, path: str, host: HostFilterOption = None, tag: TagFilterOption = None,
+         path_filter: PathFilterOption = None, kind: KindFilterOption = None,
+         repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
     """Write one file of a snapshot to standard output."""
     r = open_repo(repo, password_file)
-    snap = r.find_snapshot(snapshot)
+    snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
     out = sys.stdout.buffer
     for chunk in r.iter_file(snap, path):
         out.write(chunk)
     out.flush()
 
 
-def stats(repo: RepoOption = None, password_file: PasswordFileOption = None,
+def stats(snapshot_ids: Annotated[list[str] | None, typer.Argument(
+              help="Snapshots to count (ids or 'latest'); default: all that match the filters.")] = None,
+          host: HostFilterOption = None, tag: TagFilterOption = None,
+          path: PathFilterOption = None, kind: KindFilterOption = None,
+          repo: RepoOption = None, password_file: PasswordFileOption = None,
           json_: JsonOption = False) -> None:
-    """Raw versus stored size, deduplication ratio, blob counts."""
+    """Raw versus stored size, deduplication ratio, blob counts: of the whole repository, or
+    of the blobs that the snapshots named or filtered use."""
     r = open_repo(repo, password_file)
-    snaps = r.list_snapshots()
-    raw = sum(n.size for s in snaps for _p, n in r.walk(s) if n.type == "file")
+    flt = snapshot_filter(host, tag, path, kind)
+    if snapshot_ids:
+        snaps = list({s.id: s for s in (r.find_snapshot(i, where=flt) for i in snapshot_ids)}.values())
+    else:
+        snaps = [s for s in r.list_snapshots() if flt.matches(s)]
+    selected = bool(snapshot_ids or flt)
+    raw = 0
+    used: set[bytes] = set()  # with a selection: the blobs it uses
+    for snap in snaps:
+        used.add(bytes.fromhex(snap.tree))
+        for _p, n in r.walk(snap):
+            if n.type == "file":
+                raw += n.size
+            if selected:
+                used.update(n.content)
+                if n.subtree is not None:
+                    used.add(n.subtree)
     blobs = {"data": 0, "tree": 0}
-    unique_raw = 0
-    for _bid, loc in r.index.entries():
+    unique_raw = stored = 0
+    locations = ((b, r.index.lookup(b)) for b in used) if selected else r.index.entries()
+    for _bid, loc in locations:
+        if loc is None:
+            continue
         blobs["tree" if loc.type == 1 else "data"] += 1
         unique_raw += loc.raw_length
-    stored = sum(i.size for p in ("data/", "tree/") for i in r.backend.list(p))
+        stored += loc.length
+    if not selected:  # the whole repository: what its packs take, headers and unused data too
+        stored = sum(i.size for p in ("data/", "tree/") for i in r.backend.list(p))
     out = {"snapshots": len(snaps), "total_file_size": raw, "unique_raw_size": unique_raw,
            "stored_size": stored, "dedup_ratio": round(raw / unique_raw, 3) if unique_raw else 0,
            "compression_ratio": round(unique_raw / stored, 3) if stored else 0,
@@ -282,59 +359,89 @@ def stats(repo: RepoOption = None, password_file: PasswordFileOption = None,
 
 def restore(snapshot: str,
             target: Annotated[str, typer.Option("--target", "-t", help="Directory to restore into.")],
-            include: Annotated[list[str] | None, typer.Option("--include", "-i")] = None,
-            exclude: Annotated[list[str] | None, typer.Option("--exclude", "-e")] = None,
+            include: Annotated[list[str] | None, typer.Option(
+                "--include", "-i", help="Restore only what this pattern matches (repeatable).")] = None,
+            exclude: Annotated[list[str] | None, typer.Option(
+                "--exclude", "-e", help="Skip what this pattern matches (repeatable).")] = None,
             overwrite: Annotated[bool, typer.Option(help="Allow a non-empty target.")] = False,
+            host: HostFilterOption = None, tag: TagFilterOption = None,
+            path: PathFilterOption = None, kind: KindFilterOption = None,
             repo: RepoOption = None, password_file: PasswordFileOption = None,
             json_: JsonOption = False) -> None:
-    """Restore a snapshot; every blob is verified against its id before it is written."""
+    """Restore a snapshot; every blob is verified against its id before it is written. An
+    --include that matches nothing is reported and makes the exit code non-zero."""
     from keepwell.sources.files import restore_snapshot
+    from keepwell.sources.files.select import Matcher
 
     r = open_repo(repo, password_file)
-    snap = r.find_snapshot(snapshot)
+    snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path, kind))
     progress = Progress("restore")
     r.events.subscribe(progress)
-    res = restore_snapshot(r, snap, target, includes=include or [], excludes=exclude or [],
+    includes = Matcher(include or [])
+    res = restore_snapshot(r, snap, target, includes=includes, excludes=exclude or [],
                            overwrite=overwrite)
     progress.done()
+    unmatched = includes.unmatched()
     if json_:
         print_json({"files": res.files, "dirs": res.dirs, "bytes": res.bytes,
-                    "errors": [list(e) for e in res.errors]})
+                    "errors": [list(e) for e in res.errors], "unmatched_includes": unmatched})
     else:
         print(f"restored {res.files} files, {res.dirs} dirs, {human_bytes(res.bytes)} to {target}")
+    for pattern in unmatched:
+        print(f"keepwell: warning: --include {pattern} matched nothing in snapshot {snap.short_id}",
+              file=sys.stderr)
     if res.errors:
-        for path, msg in res.errors[:20]:
-            print(f"keepwell: {path}: {msg}", file=sys.stderr)
+        for path_, msg in res.errors[:20]:
+            print(f"keepwell: {path_}: {msg}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE)
+    if unmatched:  # nothing at all, or not all that was asked for
+        raise typer.Exit(EXIT_PARTIAL if res.files or res.dirs else EXIT_FAILURE)
 
 
 def forget(
     snapshot_ids: Annotated[list[str] | None, typer.Argument(help="Snapshots to forget.")] = None,
-    keep_last: int = 0, keep_hourly: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
-    keep_monthly: int = 0, keep_yearly: int = 0,
+    keep_last: Annotated[int, typer.Option(min=0)] = 0,
+    keep_hourly: Annotated[int, typer.Option(min=0)] = 0,
+    keep_daily: Annotated[int, typer.Option(min=0)] = 0,
+    keep_weekly: Annotated[int, typer.Option(min=0)] = 0,
+    keep_monthly: Annotated[int, typer.Option(min=0)] = 0,
+    keep_yearly: Annotated[int, typer.Option(min=0)] = 0,
     keep_within: Annotated[str | None, typer.Option(help="e.g. 7d, 1y6m")] = None,
-    keep_tag: Annotated[list[str] | None, typer.Option()] = None,
-    kind: Annotated[str | None, typer.Option(help="Only snapshots of this kind.")] = None,
+    keep_tag: Annotated[list[str] | None, typer.Option(help="Keep snapshots with this tag (repeatable).")] = None,
+    host: HostFilterOption = None, tag: TagFilterOption = None,
+    path: PathFilterOption = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="Only snapshots of this kind (repeatable; default: files, stdin and "
+                       "sqlite, as databases keep their own retention).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     prune_: Annotated[bool, typer.Option("--prune", help="Prune afterwards.")] = False,
     max_unused: Annotated[str, typer.Option(help="With --prune: as prune --max-unused.")] = "5%",
     grace: Annotated[str, typer.Option(help="With --prune: as prune --grace.")] = "1h",
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
-    """Remove snapshots by id or by a --keep-* policy."""
+    """Remove snapshots by id, or those a --keep-* policy does not keep (among the snapshots
+    that match the filters; grouped by host, paths and kind)."""
     from keepwell.repository.policy import Policy, apply_policy, parse_duration
     from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused
 
+    if any("," in t for t in keep_tag or []):
+        raise UsageError("--keep-tag takes one tag", hint="repeat it to keep snapshots with any of several")
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
+                    parse_duration(keep_within) if keep_within else None, keep_tag or [])
+    if snapshot_ids and not policy.empty():
+        raise UsageError("give snapshot ids or a --keep-* policy, not both")
+    if not prune_ and (max_unused != "5%" or grace != "1h"):
+        raise UsageError("--max-unused and --grace are for --prune")
+    flt = snapshot_filter(host, tag, path, kind)
     r = open_repo(repo, password_file)
     if snapshot_ids:
-        remove = [r.find_snapshot(s) for s in snapshot_ids]
+        remove = [r.find_snapshot(s, where=flt) for s in snapshot_ids]
         kept: list[Any] = []
     else:
-        policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
-                        parse_duration(keep_within) if keep_within else None, keep_tag or [])
         if policy.empty():
             raise UsageError("no snapshots and no --keep-* policy given: refusing to forget everything")
-        snaps = [s for s in r.list_snapshots(kind) if kind or s.kind in ("files", "stdin", "sqlite")]
+        snaps = [s for s in r.list_snapshots() if flt.matches(s)
+                 and (kind or s.kind in ("files", "stdin", "sqlite"))]
         kept, remove = apply_policy(snaps, policy)
     prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused), grace=parse_grace(grace))
     if not dry_run:
@@ -414,10 +521,15 @@ def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
 
     fraction = 1.0 if read_data else 0.0
     if read_data_subset:
+        if read_data:
+            raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
         try:
             fraction = float(read_data_subset.rstrip("%")) / 100
         except ValueError:
-            raise UsageError(f"--read-data-subset {read_data_subset!r}: give a percentage like 10%") from None
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise UsageError(f"--read-data-subset {read_data_subset!r}: give a percentage "
+                             "above 0 and up to 100, like 10%")
     rep = do_check(open_repo(repo, password_file), read_data_fraction=fraction)
     if json_:
         print_json(rep.__dict__)
@@ -432,72 +544,9 @@ def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
         raise typer.Exit(EXIT_FAILURE)
 
 
-@key_app.command("list")
-def key_list(repo: RepoOption = None, password_file: PasswordFileOption = None,
-             json_: JsonOption = False) -> None:
-    """List the keys (passwords) of the repository."""
-    from keepwell.repository.keys import list_keys
-
-    r = open_repo(repo, password_file)
-    ks = list_keys(r.backend)
-    if json_:
-        print_json([{**k.__dict__, "current": k.id == r.key_id} for k in ks])
-        return
-    for k in ks:
-        print(f"{'*' if k.id == r.key_id else ' '} {k.id[:10]}  {k.created[:19]}  {k.username}@{k.host}")
-
-
-@key_app.command("add")
-def key_add(new_password_file: Annotated[str | None, typer.Option(help="File with the new password.")] = None,
-            repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
-    """Add a password."""
-    from keepwell.repository.keys import add_key
-
-    r = open_repo(repo, password_file)
-    new = _new_password(new_password_file)
-    print(f"added key {add_key(r.backend, r.master, new)[:10]}")
-
-
-@key_app.command("remove")
-def key_remove(key_id: str, repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
-    """Remove a password (not the one in use)."""
-    from keepwell.repository.keys import remove_key
-
-    r = open_repo(repo, password_file)
-    remove_key(r.backend, key_id, r.key_id)
-    print(f"removed key {key_id}")
-
-
-@key_app.command("passwd")
-def key_passwd(new_password_file: Annotated[str | None, typer.Option()] = None,
-               repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
-    """Change the password in use."""
-    from keepwell.repository.keys import add_key
-
-    r = open_repo(repo, password_file)
-    new_id = add_key(r.backend, r.master, _new_password(new_password_file))
-    r.backend.delete(f"keys/{r.key_id}")
-    print(f"password changed (key {new_id[:10]})")
-
-
-def _new_password(path: str | None) -> str:
-    if path:
-        with open(path, encoding="utf-8") as f:
-            pw = f.readline().rstrip("\r\n")
-    elif os.environ.get("KEEPWELL_NEW_PASSWORD"):
-        pw = os.environ["KEEPWELL_NEW_PASSWORD"]
-    elif sys.stdin.isatty():
-        pw = typer.prompt("new password", hide_input=True, confirmation_prompt=True)
-    else:
-        raise UsageError("no new password", hint="pass --new-password-file or set KEEPWELL_NEW_PASSWORD")
-    if not pw:
-        raise UsageError("empty new password")
-    return str(pw)
-
-
 def register(app: typer.Typer) -> None:
     for fn in (init, backup, snapshots, ls, diff, dump, stats, restore, forget, prune, check):
         app.command()(fn)
-    app.add_typer(key_app, name="key")
+    app.add_typer(keys.app, name="key")
 
 

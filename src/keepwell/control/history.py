@@ -217,7 +217,10 @@ class _SqliteStore:
     engine = "sqlite"
 
     def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        # created readable by its owner only, like the repository's files (SQLite gives its -wal
+        # and -shm files the database file's mode)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self.db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
                                   isolation_level=None)
         self.db.row_factory = sqlite3.Row

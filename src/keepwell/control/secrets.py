@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from keepwell.errors import ConfigurationError
+from keepwell.repository.keys import read_password_file
 
 SCHEMES = ("env:", "file:")
 
@@ -37,15 +38,7 @@ def resolve(ref: str, *, what: str = "secret") -> str:
             )
         return value
     if ref.startswith("file:"):
-        path = os.path.expanduser(ref[5:])
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigurationError(f"{what}: cannot read {path}: {exc.strerror}") from None
-        if not value:
-            raise ConfigurationError(f"{what}: {path} is empty")
-        return value
+        return read_password_file(os.path.expanduser(ref[5:]), f"{what} file", ConfigurationError)
     raise ConfigurationError(f"{what}: {ref!r} is not env:NAME or file:PATH")
 
 

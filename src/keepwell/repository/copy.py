@@ -41,12 +41,12 @@ import blake3
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
 from keepwell.crypto import keyed_id
-from keepwell.errors import IntegrityError, SnapshotNotFoundError
+from keepwell.errors import IntegrityError
 from keepwell.repository.events import Events
 from keepwell.repository.format import DATA, pack_object_name
 from keepwell.repository.packer import BlobSink
 from keepwell.repository.repo import BlobReader, Repository
-from keepwell.repository.snapshot import Snapshot
+from keepwell.repository.snapshot import Snapshot, SnapshotFilter
 from keepwell.repository.tree import DIR, Node
 from keepwell.repository.writer import SnapshotWriter
 
@@ -58,23 +58,6 @@ RECHUNK_BATCH_BYTES = 32 * 1024 * 1024  # file content fetched per round on the 
 
 
 # -- choosing what to copy ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SnapshotFilter:
-    """Which snapshots to copy: any of ``kinds``, any of ``hosts``, and every one of ``tags``
-    (an empty field matches everything)."""
-
-    kinds: tuple[str, ...] = ()
-    hosts: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-
-    def matches(self, snap: Snapshot) -> bool:
-        if self.kinds and snap.kind not in self.kinds:
-            return False
-        if self.hosts and snap.host not in self.hosts:
-            return False
-        return set(self.tags) <= set(snap.tags)
-
-
 def identity(snap: Snapshot) -> str:
     return str(snap.source.get(COPIED_FROM) or snap.id)
 
@@ -87,21 +70,12 @@ def shares_ids(src: Repository, dst: Repository) -> bool:
 def select_snapshots(src: Repository, refs: Iterable[str] = (),
                      flt: SnapshotFilter | None = None) -> list[Snapshot]:
     """The source snapshots to copy, oldest first: all that match ``flt``, or the ones named by
-    ``refs`` (id prefixes; ``latest`` is the newest that matches ``flt``)."""
+    ``refs`` (id prefixes, which must match ``flt``; ``latest`` is the newest that does)."""
     flt = flt or SnapshotFilter()
     refs = list(refs)
-    matching = [s for s in src.list_snapshots() if flt.matches(s)]
     if not refs:
-        return matching
-    chosen: dict[str, Snapshot] = {}
-    for ref in refs:
-        if ref == "latest":
-            if not matching:
-                raise SnapshotNotFoundError("no snapshot of the source matches 'latest'")
-            snap = matching[-1]
-        else:
-            snap = src.find_snapshot(ref)
-        chosen[snap.id] = snap
+        return [s for s in src.list_snapshots() if flt.matches(s)]
+    chosen = {snap.id: snap for snap in (src.find_snapshot(ref, where=flt) for ref in refs)}
     return sorted(chosen.values(), key=lambda s: (s.time, s.id))
 
 

@@ -1,13 +1,19 @@
-"""Key files: the master key wrapped by each password of the repository.
+"""Key files: the master key wrapped by each password of the repository, and password files.
 
 ``keys/<id>`` is plain JSON (it must be readable before anything can be decrypted): who made it,
-when, the Argon2id parameters and salt, and the sealed master key.
+when, the Argon2id parameters and salt, and the sealed master key. Its id is the hash of its
+bytes, so a *damaged* key file (changed bytes, or not a key file at all) is told apart from a
+*wrong password* (the file is whole, but the password does not open it).
+
+A *password file* holds the password on its first line; only a bounded first line is read, so
+pointing it at a device or a large file is an error, not a memory blow-up.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,12 +21,15 @@ from datetime import UTC, datetime
 from keepwell.backends.base import Backend
 from keepwell.crypto import KdfParams, MasterKey, content_name, unwrap_master_key, wrap_master_key
 from keepwell.errors import (
+    FormatError,
     KeepwellError,
     ObjectNotFoundError,
     RepositoryNotFoundError,
     UsageError,
     WrongPasswordError,
 )
+
+PASSWORD_LINE_MAX = 4096  # bytes of a password file's first line, newline excluded
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,60 @@ class KeyInfo:
     created: str
     host: str
     username: str
+    damaged: bool = False
+
+
+def read_password_file(path: str, what: str = "password file",
+                       error: type[KeepwellError] = UsageError) -> str:
+    """The first line of a password file (without its line end), read at most
+    `PASSWORD_LINE_MAX` bytes far; ``error`` is raised, naming ``what``, for a file that cannot
+    be read, is empty, is not text, or whose first line is longer than that."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    buf = b""
+    try:
+        while b"\n" not in buf and len(buf) <= PASSWORD_LINE_MAX:
+            part = os.read(fd, PASSWORD_LINE_MAX + 1 - len(buf))
+            if not part:
+                break
+            buf += part
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    line, newline, _ = buf.partition(b"\n")
+    if not newline and len(line) > PASSWORD_LINE_MAX:
+        raise error(f"{what} {path}: the first line is longer than {PASSWORD_LINE_MAX} bytes",
+                    hint="give a file whose first line is the password")
+    line = line.removesuffix(b"\r")
+    if b"\0" in line:
+        raise error(f"{what} {path} is not a text file",
+                    hint="give a file whose first line is the password")
+    try:
+        password = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text",
+                    hint="give a file whose first line is the password") from None
+    if not password:
+        raise error(f"{what} {path} is empty" if not buf else f"the first line of {what} {path} is empty")
+    return password
+
+
+def _key_doc(backend: Backend, name: str) -> dict[str, object] | None:
+    """A key file's JSON, or None when it is damaged (its bytes no longer hash to its name, or
+    it does not parse as a key file)."""
+    data = backend.get(name)
+    if content_name(data) != name.split("/", 1)[1]:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not all(k in doc for k in ("salt", "sealed", "time_cost")):
+        return None
+    return doc
 
 
 def add_key(backend: Backend, master: MasterKey, password: str, params: KdfParams | None = None) -> str:
@@ -47,14 +110,21 @@ def add_key(backend: Backend, master: MasterKey, password: str, params: KdfParam
 def list_keys(backend: Backend) -> list[KeyInfo]:
     out = []
     for info in backend.list("keys/"):
-        doc = json.loads(backend.get(info.name))
-        out.append(KeyInfo(info.name.split("/", 1)[1], doc.get("created", ""), doc.get("host", ""),
-                           doc.get("username", "")))
+        key_id = info.name.split("/", 1)[1]
+        doc = _key_doc(backend, info.name)
+        if doc is None:
+            out.append(KeyInfo(key_id, "", "", "", damaged=True))
+            continue
+        out.append(KeyInfo(key_id, str(doc.get("created", "")), str(doc.get("host", "")),
+                           str(doc.get("username", ""))))
     return sorted(out, key=lambda k: k.created)
 
 
 def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]:
-    """Try every key file; return the master key and the id of the key that opened it."""
+    """Try every key file; return the master key and the id of the key that opened it.
+
+    Damaged key files are skipped; if no whole one opens with the password, the error says
+    which files are damaged (their password may be this one)."""
     names = [i.name for i in backend.list("keys/")]
     if not names:
         try:
@@ -63,14 +133,29 @@ def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]
             raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
         raise KeepwellError(f"repository at {backend.location} has no key files",
                             hint="restore the keys/ folder from a copy")
+    damaged = []
     for name in names:
+        doc = _key_doc(backend, name)
+        if doc is None:
+            damaged.append(name)
+            continue
         try:
-            doc = json.loads(backend.get(name))
             return unwrap_master_key(doc, password), name.split("/", 1)[1]
         except WrongPasswordError:
             continue
-        except (ValueError, KeyError):
-            continue
+        except (ValueError, KeyError, TypeError):
+            damaged.append(name)
+    if damaged:
+        listed = ", ".join(damaged)
+        if len(damaged) == len(names):
+            raise FormatError(
+                f"key file {listed} of repository {backend.location} is damaged" if len(damaged) == 1
+                else f"key files {listed} of repository {backend.location} are damaged",
+                hint="restore the keys/ folder from a copy of the repository")
+        raise WrongPasswordError(
+            f"wrong password for repository {backend.location}, or it is the password of the "
+            f"damaged key file {listed}",
+            hint="check KEEPWELL_PASSWORD / --password-file, or restore keys/ from a copy")
     raise WrongPasswordError(f"wrong password for repository {backend.location}")
 
 

@@ -48,7 +48,7 @@ from keepwell.repository.index import (
     decode_index,
     encode_index,
 )
-from keepwell.repository.snapshot import Snapshot, decode_snapshot
+from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree
 
 
@@ -91,9 +91,10 @@ class Repository:
     def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
              compression: int = 3, fast_compression: int = 1, page_compression: int = 5,
              kdf: KdfParams | None = None,
-             id_key: bytes | None = None) -> Repository:
+             id_key: bytes | None = None, require_empty: bool = False) -> Repository:
         """Create a repository. ``chunker`` and ``id_key`` are given only to share them with
-        another repository (``init --copy-chunker-params-from``; see keepwell.repository.copy)."""
+        another repository (``init --copy-chunker-params-from``; see keepwell.repository.copy).
+        ``require_empty``: refuse a location that holds anything already."""
         try:
             backend.stat("config")
             raise RepositoryExistsError(f"a repository already exists at {backend.location}")
@@ -101,6 +102,9 @@ class Repository:
             pass
         if any(True for _ in backend.list("keys/")):
             raise RepositoryExistsError(f"{backend.location} already holds keys of a repository")
+        if require_empty and next(iter(backend.list("")), None) is not None:
+            raise UsageError(f"{backend.location} is not empty and is not a repository",
+                             hint="choose an empty location, or pass --allow-non-empty")
         master = MasterKey.generate()
         params = chunker or ChunkerParams(seed=tokens.randbits(62))
         config = {
@@ -350,18 +354,24 @@ class Repository:
 
     def find_snapshot(self, ref: str, *, kind: str | None = None, host: str | None = None,
                       tags: list[str] | tuple[str, ...] | None = None,
-                      paths: list[str] | None = None) -> Snapshot:
-        if ref == "latest" or ref.startswith("latest"):
-            snaps = self.list_snapshots(kind)
-            snaps = [s for s in snaps if (host is None or s.host == host)
-                     and (not tags or set(tags) <= set(s.tags))
-                     and (paths is None or sorted(s.paths) == sorted(paths))]
+                      paths: list[str] | None = None,
+                      where: SnapshotFilter | None = None) -> Snapshot:
+        """The snapshot ``ref`` names: ``latest``, the newest one that matches the filters, or a
+        unique prefix of an id (4 hex digits or more), which must match them too. The filters
+        are ``where`` and the one ``kind``, ``host``, ``tags`` (all of them) and ``paths`` make."""
+        filters = [f for f in (where, SnapshotFilter(
+            hosts=(host,) if host else (), tag_groups=(tuple(tags),) if tags else (),
+            paths=tuple(paths or ()), kinds=(kind,) if kind else ())) if f]
+        if ref == "latest":
+            snaps = [s for s in self.list_snapshots() if all(f.matches(s) for f in filters)]
             if not snaps:
+                said = " ".join(f.describe() for f in filters)
                 raise SnapshotNotFoundError("no snapshot matches 'latest'"
-                                            + (f" of kind {kind}" if kind else ""))
+                                            + (f" with {said}" if said else ""))
             return snaps[-1]
         if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref.lower()):
-            raise UsageError(f"{ref!r} is not a snapshot id (give 'latest' or a hex id prefix)")
+            raise UsageError(f"{ref!r} is not a snapshot id",
+                             hint="give 'latest' or at least 4 hex digits of an id")
         matches = [i for i in self.snapshot_ids() if i.startswith(ref.lower())]
         if not matches:
             raise SnapshotNotFoundError(f"no snapshot with id {ref}")
@@ -370,6 +380,10 @@ class Repository:
         snap = self.load_snapshot(matches[0])
         if kind is not None and snap.kind != kind:
             raise UsageError(f"snapshot {snap.short_id} is a {snap.kind} snapshot, not {kind}")
+        for f in filters:
+            if not f.matches(snap):
+                raise UsageError(f"snapshot {snap.short_id} does not match {f.describe()}",
+                                 hint="drop the filter, or name another snapshot")
         return snap
 
     def forget(self, snapshot_ids: list[str]) -> None:

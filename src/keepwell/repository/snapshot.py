@@ -3,11 +3,18 @@
 A snapshot holds the time, host, user, paths, tags, the kind of source (``files``, ``stdin``,
 ``sqlite``, ``postgres``...), the root tree, the parent snapshot, summary figures and a free-form
 ``source`` dict in which database sources keep what they need (LSNs, binlog positions...).
+
+A `SnapshotFilter` selects snapshots as restic's ``--host``/``--tag``/``--path`` do (and by
+kind): any of the hosts; any of the tag groups, each group needing all its tags (``--tag a,b``
+needs both, ``--tag a --tag b`` either); every one of the paths, compared exactly; any of the
+kinds. An empty field selects everything.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,3 +68,47 @@ def decode_snapshot(snapshot_id: str, plain: bytes) -> Snapshot:
         source=dict(d.get("source", {})),
         program_version=d.get("program_version", ""),
     )
+
+
+@dataclass(frozen=True)
+class SnapshotFilter:
+    hosts: tuple[str, ...] = ()
+    tag_groups: tuple[tuple[str, ...], ...] = ()
+    paths: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, *, hosts: Iterable[str] = (), tags: Iterable[str] = (),
+              paths: Iterable[str] = (), kinds: Iterable[str] = ()) -> SnapshotFilter:
+        """From option values: each ``tags`` item is a comma-separated group; an absolute path
+        is normalised (``/srv/data/`` is ``/srv/data``)."""
+        return cls(
+            hosts=tuple(hosts),
+            tag_groups=tuple(tuple(t for t in group.split(",") if t) for group in tags),
+            paths=tuple(posixpath.normpath(p) if p.startswith("/") else p for p in paths),
+            kinds=tuple(kinds),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.tag_groups or self.paths or self.kinds)
+
+    def matches(self, snap: Snapshot) -> bool:
+        if self.hosts and snap.host not in self.hosts:
+            return False
+        if self.kinds and snap.kind not in self.kinds:
+            return False
+        if self.paths and not set(self.paths) <= set(snap.paths):
+            return False
+        if self.tag_groups:
+            tags = set(snap.tags)
+            # an empty group (``--tag ""``) selects the snapshots without tags
+            return any(set(g) <= tags if g else not tags for g in self.tag_groups)
+        return True
+
+    def describe(self) -> str:
+        """The filter as the options that make it, for messages."""
+        parts = [f"--host {h}" for h in self.hosts]
+        parts += [f"--tag {','.join(g)}" for g in self.tag_groups]
+        parts += [f"--path {p}" for p in self.paths]
+        parts += [f"--kind {k}" for k in self.kinds]
+        return " ".join(parts)

@@ -481,12 +481,19 @@ class Archiver:
                 old = self.repo.find_node(self.parent, path)
             except KeepwellError:
                 old = None
-        if node.type == FILE:
+        if node.type == FILE:  # a file named on the command line: counted as the walk counts
             if self._unchanged(node, old):
                 assert old is not None
                 node.content = old.content
+                counter = "files_unmodified"
+                self.repo.events.emit("bytes", n=node.size)
             else:
                 node.content = self._read_file(path, node)
+                counter = "files_new" if old is None else "files_changed"
+            with self._lock:
+                self.counts[counter] += 1
+                self.counts["bytes_processed"] += node.size
+            self.repo.events.emit("file", path=path, size=node.size)
             return node
         if node.type == SYMLINK:
             node.target = os.readlink(path)
@@ -593,13 +600,20 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
     absolute = []
+    missing: list[tuple[str, str]] = []  # reported, and the rest is saved (a partial snapshot)
     for p in paths:
         ap = os.path.abspath(os.path.expanduser(p))
-        if not os.path.lexists(ap):
-            raise UsageError(f"{p}: no such file or directory")
         if ap == "/":
             raise UsageError("backing up / itself: give its subdirectories instead")
-        absolute.append(ap)
+        if not os.path.lexists(ap):
+            missing.append((ap, "no such file or directory"))
+        elif ap not in absolute:
+            absolute.append(ap)
+    if not absolute:
+        raise UsageError(f"{paths[0]}: no such file or directory" if len(paths) == 1
+                         else "nothing to back up: none of the paths exists")
+    for path, msg in missing:
+        repo.events.emit("error", path=path, message=msg)
     import socket
 
     host = host or socket.gethostname()
@@ -624,6 +638,7 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         finally:
             prefetch.stop()
             archiver.close()
+        archiver.counts["errors"] += len(missing)
         writer.summary.update(archiver.counts)
         snap = writer.commit()
-    return BackupResult(snap, archiver.errors)
+    return BackupResult(snap, missing + archiver.errors)

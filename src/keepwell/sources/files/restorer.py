@@ -407,8 +407,8 @@ class Restorer:
 
 
 def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
-                     includes: list[str] | tuple[str, ...] = (),
-                     excludes: list[str] | tuple[str, ...] = (), overwrite: bool = False,
+                     includes: list[str] | tuple[str, ...] | Matcher = (),
+                     excludes: list[str] | tuple[str, ...] | Matcher = (), overwrite: bool = False,
                      workers: int = 4) -> RestoreResult:
     target = os.path.abspath(target)
     if os.path.exists(target):
@@ -418,8 +418,13 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
             raise RestoreTargetError(f"restore target {target} is not empty")
     os.makedirs(target, exist_ok=True)
     with fewer_collections():
-        return Restorer(repo, snap, target, includes=Matcher(includes), excludes=Matcher(excludes),
+        # a Matcher given by the caller records which of its patterns matched something
+        return Restorer(repo, snap, target, includes=_matcher(includes), excludes=_matcher(excludes),
                         workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1)).run()
+
+
+def _matcher(patterns: list[str] | tuple[str, ...] | Matcher) -> Matcher:
+    return patterns if isinstance(patterns, Matcher) else Matcher(patterns)
 
 
 class PackWriter:

@@ -1,13 +1,25 @@
-"""Include/exclude patterns for file trees (glob, as users of restic and borg expect).
+"""Include/exclude patterns for file trees, with the rules restic documents.
 
-A pattern with a "/" is matched against the whole path; one without against each name, so
-``*.log`` excludes log files at any depth and ``/srv/cache`` excludes that directory.
+A pattern is matched against the absolute path of each file and directory ("/"-separated, the
+path as backed up), on whole path components:
+
+- ``foo`` matches a component named ``foo`` anywhere: ``/a/foo`` and ``/a/foo/b``, not
+  ``/a/foobar``. A relative pattern of several components (``stdlib/email``) matches that run of
+  components anywhere in the path (``/usr/lib/stdlib/email/x.py``).
+- A leading ``/`` anchors the pattern at the root: ``/bin`` matches ``/bin/bash``, not
+  ``/usr/bin``. A trailing ``/`` is ignored.
+- ``*``, ``?`` and ``[...]`` match within one component (never across a ``/``); ``**`` as a
+  whole component matches any number of components, none included (``foo/**/bar`` matches
+  ``/foo/bar`` and ``/x/foo/a/b/bar``). ``\\`` escapes the next character.
+
+A pattern that matches a directory matches everything below it. A `Matcher` also records which
+of its patterns matched something, so a restore can say which ``--include`` selected nothing.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from fnmatch import fnmatchcase
 
 from keepwell.errors import UsageError
 
@@ -18,26 +30,78 @@ def read_pattern_file(path: str) -> list[str]:
             return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     except OSError as exc:
         raise UsageError(f"cannot read exclude file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"exclude file {path} is not UTF-8 text") from None
+
+
+def _component(glob: str) -> str:
+    """The regular expression of one path component's glob (never matching a "/")."""
+    out = []
+    i, n = 0, len(glob)
+    while i < n:
+        c = glob[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\" and i < n:
+            out.append(re.escape(glob[i]))
+            i += 1
+        elif c == "[":
+            j = i
+            if j < n and glob[j] in "!^":
+                j += 1
+            if j < n and glob[j] == "]":
+                j += 1
+            while j < n and glob[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal "["
+                out.append(re.escape(c))
+                continue
+            body = glob[i:j]
+            i = j + 1
+            negate = body[:1] in ("!", "^")
+            if negate:
+                body = body[1:]
+            body = body.replace("\\", "\\\\").replace("/", "")
+            out.append(f"[^/{body}]" if negate else f"[{body}]")
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def pattern_regex(pattern: str) -> str:
+    """The regular expression (for `re.search` on an absolute path) of one pattern."""
+    anchored = pattern.startswith("/")
+    parts = [p for p in pattern.strip("/").split("/") if p]
+    seq = "".join("(?:/[^/]+)*" if p == "**" else "/" + _component(p) for p in parts)
+    return ("^" if anchored else "") + seq + "(?=/|$)"
 
 
 class Matcher:
     def __init__(self, patterns: Iterable[str]) -> None:
-        self.full = [p.rstrip("/") for p in patterns if "/" in p.rstrip("/")]
-        self.names = [p for p in patterns if "/" not in p.rstrip("/")]
+        self.patterns = [p for p in patterns if p.strip()]
+        self._each = [re.compile(pattern_regex(p)) for p in self.patterns]
+        self._any = re.compile("|".join(f"(?:{r.pattern})" for r in self._each)) if self._each else None
+        self._matched: set[int] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.full or self.names)
+        return bool(self.patterns)
 
-    def matches(self, path: str, name: str) -> bool:
-        """True if this path (absolute, "/"-separated) or its name matches a pattern."""
-        return any(fnmatchcase(name, p) for p in self.names) or any(
-            fnmatchcase(path, p) for p in self.full
-        )
+    def matches(self, path: str, name: str | None = None) -> bool:
+        """True if a pattern matches this absolute path (so also when one matches a directory
+        above it). ``name`` (the last component) is accepted for callers that have it."""
+        if self._any is None or self._any.search(path) is None:
+            return False
+        if len(self._matched) < len(self._each):
+            for i, r in enumerate(self._each):
+                if i not in self._matched and r.search(path):
+                    self._matched.add(i)
+        return True
 
-    def matches_within(self, path: str) -> bool:
-        """True if the path or any of its parent directories matches."""
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts) + 1):
-            if self.matches("/" + "/".join(parts[:i]), parts[i - 1]):
-                return True
-        return False
+    matches_within = matches  # a pattern matching a parent directory matches already
+
+    def unmatched(self) -> list[str]:
+        """The patterns that have matched nothing so far."""
+        return [p for i, p in enumerate(self.patterns) if i not in self._matched]

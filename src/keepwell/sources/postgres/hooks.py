@@ -68,29 +68,24 @@ class HookSettings:
         max_env = spool_max if spool_max is not None else os.environ.get("KEEPWELL_PG_SPOOL_MAX")
         return cls(
             repo=repo or os.environ.get("KEEPWELL_REPOSITORY"),
-            password_file=password_file or os.environ.get("KEEPWELL_PASSWORD_FILE"),
+            # the command line's file, then KEEPWELL_PASSWORD (see `password`), then this
+            password_file=password_file or (None if "KEEPWELL_PASSWORD" in os.environ
+                                            else os.environ.get("KEEPWELL_PASSWORD_FILE")),
             cluster=cluster or os.environ.get("KEEPWELL_PG_CLUSTER") or "main",
             spool=spool or os.environ.get("KEEPWELL_PG_SPOOL"),
             spool_max=parse_size(max_env) if max_env is not None else DEFAULT_MAX_BYTES,
         )
 
     def password(self) -> str:
+        if self.password_file:
+            from keepwell.repository.keys import read_password_file  # only when needed: start-up
+
+            return read_password_file(self.password_file)
         env = os.environ.get("KEEPWELL_PASSWORD")
         if env is not None:
             return env
-        if not self.password_file:
-            raise UsageError("no password given",
-                             hint="set KEEPWELL_PASSWORD or KEEPWELL_PASSWORD_FILE")
-        try:
-            with open(self.password_file, encoding="utf-8") as f:
-                pw = f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read password file {self.password_file}: {exc.strerror}"
-            ) from None
-        if not pw:
-            raise UsageError(f"password file {self.password_file} is empty")
-        return pw
+        raise UsageError("no password given",
+                         hint="set KEEPWELL_PASSWORD or KEEPWELL_PASSWORD_FILE")
 
     def open_repository(self) -> Repository:
         if not self.repo:
