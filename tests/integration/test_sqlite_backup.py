@@ -24,7 +24,7 @@ from tests.integration.sqlite_support import (  # noqa: F401
     stop,
     wait_line,
 )
-from tests.unit.test_progress import _run_on_tty
+from tests.terminal import run_on_tty
 
 MODES = ["delete", "truncate", "persist", "wal", "memory", "off"]
 
@@ -110,7 +110,7 @@ def test_backup_shows_the_copy_and_the_upload_on_a_terminal(env: Env) -> None:
     db = env.root / "app.db"
     make_ledger(db)
     size = db.stat().st_size
-    rc, out = _run_on_tty(["sqlite", "backup", str(db)], env.env)
+    rc, out = run_on_tty(["sqlite", "backup", str(db)], env.env)
     assert rc == 0, out
     lines = [line.strip() for line in out.replace("\n", "\r").split("\r") if line.strip()]
     copy = [line for line in lines if line.startswith("copy:")]

@@ -72,11 +72,11 @@ def backup(path: str,
 
 
 @app.command()
-def restore(snapshot: Annotated[str, typer.Argument(
+def restore(target: Annotated[str, typer.Option("--target", "-t",
+                                            help="Database file to create or replace.")],
+            snapshot: Annotated[str, typer.Argument(
                 help="Snapshot id, or 'latest' (of the database --path names, else of the one "
                      "at --target, else of the only one in the repository).")] = "latest",
-            target: Annotated[str, typer.Option("--target", "-t",
-                                                help="Database file to create or replace.")] = "",
             overwrite: Annotated[bool, typer.Option(
                 help="Replace an existing database at --target, with its -wal/-shm/-journal "
                      "files.")] = False,
@@ -87,11 +87,8 @@ def restore(snapshot: Annotated[str, typer.Argument(
             repo: RepoOption = None, password_file: PasswordFileOption = None,
             json_: JsonOption = False) -> None:
     """Restore a database file; it is checked with PRAGMA integrity_check where it lands."""
-    from keepwell.errors import UsageError
     from keepwell.sources.sqlite import restore_database, select_snapshot
 
-    if not target:
-        raise UsageError("no --target given", hint="name the database file to restore to")
     r = open_repo(repo, password_file)
     snap = select_snapshot(r, snapshot, target=target, path=path, host=host)
     progress = Progress("restore")
