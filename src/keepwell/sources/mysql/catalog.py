@@ -297,9 +297,10 @@ class ServerArchive:
                       key=lambda b: (b.time, b.snapshot_id))
 
     def catalog_of(self, snapshot_id: str) -> Catalog | None:
+        """The history holding the snapshot (``snapshot_id`` may be a prefix)."""
         for cat in self.catalogs:
-            if any(b.snapshot_id == snapshot_id for b in cat.bases) or any(
-                    s.id == snapshot_id for s in cat.binlog_snapshots):
+            if any(b.snapshot_id.startswith(snapshot_id) for b in cat.bases) or any(
+                    s.id.startswith(snapshot_id) for s in cat.binlog_snapshots):
                 return cat
         return None
 

@@ -193,11 +193,17 @@ def gtid_state_at(scan: BinlogScan, offset: int) -> dict[int, set[tuple[int, int
     return state
 
 
+def comparable(base: Base) -> bool:
+    """A base whose GTID `base_mismatch` can check (MariaDB's; MySQL's sets are not)."""
+    return bool(base.gtid) and base.position is not None and ":" not in str(base.gtid)
+
+
 def base_mismatch(base: Base, scan: BinlogScan) -> str | None:
     """Why a MariaDB base's recorded GTID is not the binlog's state at its position, or None
-    (also when there is nothing to compare: no GTID, or MySQL's GTID sets)."""
-    if not base.gtid or base.position is None or ":" in base.gtid:
+    (also when there is nothing to compare, see `comparable`)."""
+    if not comparable(base):
         return None
+    assert base.gtid is not None and base.position is not None
     state = gtid_state_at(scan, base.position.offset)
     for g in base.gtid.split(","):
         try:
@@ -225,7 +231,8 @@ def plan_in(cat: Catalog, target: Target, fetch: Fetch, *, base_id: str | None =
         chain = cat.chain(base.position, stop.position)
         if chain is None:
             continue
-        why = base_mismatch(base, _scan(cat, chain[0], fetch))
+        why = (base_mismatch(base, _scan(cat, chain[0], fetch)) if comparable(base)
+               else None)
         if why is not None:
             if base_id is not None:
                 raise SourceError(f"{why}: the base and the binlogs come from different servers")
