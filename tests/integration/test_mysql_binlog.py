@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from keepwell.sources.mysql.catalog import load_catalog
 from keepwell.sources.mysql.binlog import FORMAT_DESCRIPTION_EVENT, iter_events
+from keepwell.sources.mysql.catalog import load_catalog
 from tests.servers.mariadb import (
     KeepwellRepo,
     MariaDBServer,

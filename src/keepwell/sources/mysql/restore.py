@@ -330,7 +330,9 @@ class LocalServer:
             if self.proc.poll() is not None:
                 log = os.path.join(self.datadir, "keepwell-restore.err")
                 text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
-                lines = [ln for ln in text.splitlines() if "ERROR" in ln] or text.splitlines()
+                # the last error that says why ("Aborting" only says that it stopped)
+                lines = ([ln for ln in text.splitlines() if "ERROR" in ln
+                          and not ln.rstrip().endswith("Aborting")] or text.splitlines())
                 raise SourceError("the restored server did not start: "
                                   + (lines[-1] if lines else "no log"))
             if os.path.exists(self.socket):
