@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from keepwell.backends.memory import MemoryBackend
 from keepwell.errors import SourceError, UsageError
+from keepwell.repository import Repository
 from keepwell.repository.snapshot import Snapshot
 from keepwell.sources.mysql.admission import admit, discontinuity
 from keepwell.sources.mysql.binlog import BinlogHead
@@ -19,6 +21,8 @@ from keepwell.sources.mysql.dumpfilter import DumpInventory, filter_dump, lines_
 from keepwell.sources.mysql.identity import same_server
 from keepwell.sources.mysql.logical import builtin_account
 from keepwell.sources.mysql.plan import Target, plan
+from keepwell.sources.mysql.recover import forget_plan
+from keepwell.sources.retention import policy_of
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 A = {"flavor": "mariadb", "server_id": 1, "server_uuid": None,
@@ -184,3 +188,26 @@ def test_builtin_accounts() -> None:
     for user, host, role in [("mysql", "%", False), ("public", "", True), ("app", "%", False),
                              ("PUBLIC", "%", False)]:
         assert not builtin_account(user, host, role), (user, host)
+
+
+def test_forget_keeps_each_history_whole_and_drops_a_history_without_bases() -> None:
+    repo = Repository.init(MemoryBackend(), "pw")
+    made = [
+        _base(1, A, ("binlog.000001", 300), 0),
+        _binlogs(2, A, [("binlog.000001", 900), ("binlog.000002", 800)], 1),
+        _base(3, {**B, "history": 1}, ("binlog.000001", 350), 5, new_server=True),
+        _binlogs(4, {**B, "history": 1}, [("binlog.000001", 700)], 6, new_server=True),
+        _base(5, {**B, "history": 1}, ("binlog.000002", 100), 7),
+        _binlogs(6, {**B, "history": 1}, [("binlog.000002", 600)], 8),
+    ]
+    ids = {}
+    for s in made:
+        with repo.new_snapshot(s.kind, [], host="prod") as w:
+            w.source.update(s.source)
+            ids[s.id[:2]] = w.commit(time_=s.time).id
+    result = forget_plan(repo, policy_of(last=1))
+    gone = {k for k, v in ids.items() if v in result.bases + result.binlogs}
+    # the newest base is history 1's second; the first history keeps no base, so its binlogs
+    # go too; history 1 keeps what its kept base rolls forward with
+    assert gone == {"01", "02", "03", "04"}
+    assert result.binlog_floor == "binlog.000002"
