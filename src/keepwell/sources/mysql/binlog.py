@@ -20,6 +20,7 @@ MariaDB GTIDs are ``domain-server-seq``; MySQL GTIDs are ``uuid:gno``. Both are 
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -286,8 +287,7 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
                 crc = 4 if out.checksum else 0
             continue
         if etype == MARIADB_START_ENCRYPTION_EVENT:
-            raise SourceError(f"{name} is encrypted; keepwell reads only unencrypted binlogs",
-                              hint="turn off encrypt_binlog or use physical backups only")
+            raise _encrypted(name)
         if ts:
             if out.first_time is None and etype not in (ROTATE_EVENT,):
                 out.first_time = ts
@@ -329,6 +329,11 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
     return out
 
 
+def _encrypted(name: str) -> SourceError:
+    return SourceError(f"{name} is encrypted; keepwell reads only unencrypted binlogs",
+                       hint="turn off encrypt_binlog or use physical backups only")
+
+
 def read_head(path: str) -> BinlogHead:
     """The head of a binlog file, reading only its first events."""
     created: int | None = None
@@ -340,6 +345,8 @@ def read_head(path: str) -> BinlogHead:
             elif etype == MARIADB_GTID_LIST_EVENT:
                 gtids = _gtid_list(body)
                 break
+            elif etype == MARIADB_START_ENCRYPTION_EVENT:
+                raise _encrypted(os.path.basename(path))
             elif etype in TRANSACTION_STARTS or etype == MYSQL_PREVIOUS_GTIDS_EVENT:
                 break
     return BinlogHead(created, tuple(gtids))
@@ -357,7 +364,5 @@ def _gtid_list(body: bytes) -> list[str]:
 
 
 def scan_path(path: str, name: str | None = None, *, keep_transactions: bool = False) -> BinlogScan:
-    import os
-
     with open(path, "rb") as f:
         return scan(f, name or os.path.basename(path), keep_transactions=keep_transactions)

@@ -104,8 +104,18 @@ class ReplayPlan:
         }
 
 
-def _scan(cat: Catalog, f: BinlogFile, fetch: Fetch) -> BinlogScan:
-    return scan_path(fetch(f), f.name, keep_transactions=True)
+class Scans:
+    """Scans of archived binlog files (with their transactions), each file read once."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        self.fetch = fetch
+        self.done: dict[tuple[str, str], BinlogScan] = {}
+
+    def __call__(self, f: BinlogFile) -> BinlogScan:
+        key = (f.history, f.name)
+        if key not in self.done:
+            self.done[key] = scan_path(self.fetch(f), f.name, keep_transactions=True)
+        return self.done[key]
 
 
 def _exact(a: str | None, b: str) -> bool:
@@ -118,7 +128,7 @@ def _exact(a: str | None, b: str) -> bool:
     return ":" not in a and parse_gtid(a) == parse_gtid(b)
 
 
-def stop_position(cat: Catalog, target: Target, fetch: Fetch) -> Stop:
+def stop_position(cat: Catalog, target: Target, scan: Scans) -> Stop:
     files = cat.ordered()
     if not files:
         raise SourceError("no binlogs are archived for this server",
@@ -138,7 +148,7 @@ def stop_position(cat: Catalog, target: Target, fetch: Fetch) -> Stop:
             rng = f.gtids.get(key)
             if not rng or not (gtid_key(rng[0])[1] <= seq <= gtid_key(rng[1])[1]):
                 continue
-            s = _scan(cat, f, fetch)
+            s = scan(f)
             for i, t in enumerate(s.transactions):
                 if _exact(t.gtid, target.gtid):
                     end = (s.transactions[i + 1].pos if i + 1 < len(s.transactions) else s.end)
@@ -163,7 +173,7 @@ def stop_position(cat: Catalog, target: Target, fetch: Fetch) -> Stop:
     if not candidates:
         return Stop(BinlogPosition(files[0].seq, 4, files[0].name))
     f = candidates[-1]
-    s = _scan(cat, f, fetch)
+    s = scan(f)
     last: Transaction | None = None
     second = int(ts)
     same = 0
@@ -217,10 +227,10 @@ def base_mismatch(base: Base, scan: BinlogScan) -> str | None:
     return None
 
 
-def plan_in(cat: Catalog, target: Target, fetch: Fetch, *, base_id: str | None = None,
+def plan_in(cat: Catalog, target: Target, scan: Scans, *, base_id: str | None = None,
             kinds: tuple[str, ...] | None = None) -> ReplayPlan:
     """Plan within one history (see the module)."""
-    stop = stop_position(cat, target, fetch)
+    stop = stop_position(cat, target, scan)
     candidates = [b for b in cat.bases if b.position is not None and b.position <= stop.position
                   and (kinds is None or b.kind in kinds)
                   and (base_id is None or b.snapshot_id.startswith(base_id))]
@@ -231,8 +241,7 @@ def plan_in(cat: Catalog, target: Target, fetch: Fetch, *, base_id: str | None =
         chain = cat.chain(base.position, stop.position)
         if chain is None:
             continue
-        why = (base_mismatch(base, _scan(cat, chain[0], fetch)) if comparable(base)
-               else None)
+        why = base_mismatch(base, scan(chain[0])) if comparable(base) else None
         if why is not None:
             if base_id is not None:
                 raise SourceError(f"{why}: the base and the binlogs come from different servers")
@@ -277,11 +286,12 @@ def plan(archive: ServerArchive, target: Target, fetch: Fetch, *, base_id: str |
     if base_id is not None:
         own = archive.catalog_of(base_id)
         catalogs = [own] if own is not None else []
+    scan = Scans(fetch)
     found: list[tuple[ReplayPlan, Catalog]] = []
     errors: list[tuple[SourceError, Catalog]] = []
     for cat in reversed(catalogs):  # the newest history first
         try:
-            found.append((plan_in(cat, target, fetch, base_id=base_id, kinds=kinds), cat))
+            found.append((plan_in(cat, target, scan, base_id=base_id, kinds=kinds), cat))
         except SourceError as exc:
             errors.append((exc, cat))
     if len(found) > 1:

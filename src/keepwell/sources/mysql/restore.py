@@ -188,6 +188,8 @@ def check_reachable(target: Path, user: str) -> None:
 def check_port(port: int) -> None:
     """Refuse a port something already listens on, before anything is restored."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server binds: a closed connection lingering on the port does not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
