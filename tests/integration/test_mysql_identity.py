@@ -68,6 +68,14 @@ def test_another_server_under_the_same_name_is_refused(tmp_path: Path) -> None:
         # so a restore of "the latest" is the named server's
         repo.run("restore", "--target-db-url", dst.url, "--server-name", "prod")
         assert rows(dst, "SELECT DISTINCT v FROM app.t") == ["a"]
+        # under a name of its own the other server is welcome; with two names in the
+        # repository a restore must say which, and a named base says it by itself
+        lab = repo.json("backup", "--logical", "--db-url", b.url, "--server-name", "lab")
+        res = repo.run("restore", "--target-db-url", dst.url, check=False)
+        assert res.returncode == 2 and "choose one with --server-name" in res.stderr
+        dst.sql("DROP DATABASE app")
+        repo.run("restore", "--target-db-url", dst.url, "--snapshot", lab["short_id"])
+        assert rows(dst, "SELECT DISTINCT v FROM app.t") == ["b"]
 
         # declared, the other server starts history 1; the first one is now the stranger
         out = repo.json("backup", "--logical", "--db-url", b.url, "--server-name", "prod",

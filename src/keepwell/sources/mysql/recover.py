@@ -97,6 +97,8 @@ def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = N
             check_port(port or 3306)
         if start or target is not None:
             check_reachable(Path(target_dir), server_user(owner))
+    if host is None and snapshot not in (None, "latest"):
+        host = repo.find_snapshot(snapshot).host  # a named base names its server
     archive = load_archive(repo, host)
     replay_plan: ReplayPlan | None = None
     with tempfile.TemporaryDirectory(prefix="keepwell-binlog-") as spool:
