@@ -53,8 +53,8 @@ class OnceCommand(TyperCommand):
                 continue
             if id(param) in seen:
                 names = "/".join(param.opts + param.secondary_opts)
-                raise UsageError(f"{names} given more than once; it takes one value",
-                                 hint="give it once")
+                what = "" if getattr(param, "is_flag", False) else "; it takes one value"
+                raise UsageError(f"{names} given more than once{what}", hint="give it once")
             seen.add(id(param))
         rest: list[str] = super().parse_args(ctx, args)
         return rest
@@ -176,7 +176,8 @@ def backup(
 def restore(
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", help="Base to restore (default: latest, or what the target needs).")] = None,
-    target_time: Annotated[str | None, typer.Option(help="Recover to this time.")] = None,
+    target_time: Annotated[str | None, typer.Option(
+        help="Recover to this time (ISO 8601; without a zone, the local one).")] = None,
     target_position: Annotated[str | None, typer.Option(
         help="Recover up to this binlog position, FILE:OFFSET (exclusive).")] = None,
     target_gtid: Annotated[str | None, typer.Option(
@@ -196,7 +197,8 @@ def restore(
     owner: Annotated[str | None, typer.Option(
         help="Owner of the restored datadir (default: mysql when run as root).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start a server on the datadir.")] = False,
-    port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="Port for --start (default 3306; refused if in use).")] = None,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,

@@ -107,7 +107,8 @@ class Catalog:
         return [self.identity] if self.identity else []
 
     def add(self, snap: Any) -> None:
-        """Take one snapshot of this history (in time order)."""
+        """Take one snapshot of this history; snapshots come in time order (`ServerArchive`
+        sorts them), so the bases stay in time order."""
         src = snap.source or {}
         self.identity = merge(self.identity, src.get("server") or {})
         if snap.kind in BASE_KINDS:
@@ -120,7 +121,6 @@ class Catalog:
                 start_time=_epoch(src.get("start_time")),
                 stop_time=_epoch(src.get("stop_time")),
                 databases=list(src.get("databases") or []), history=self.key))
-            self.bases.sort(key=lambda b: (b.time, b.snapshot_id))
         elif snap.kind == KIND_BINLOG:
             self.binlog_snapshots.append(snap)
             synced = _epoch(src.get("synced_at")) or snap.time.timestamp()
