@@ -46,6 +46,9 @@ class OnceCommand(TyperCommand):
     """A command whose single-valued options may be given once each."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: never an error
+            rest: list[str] = super().parse_args(ctx, args)
+            return rest
         _values, _rest, order = self.make_parser(ctx).parse_args(args=list(args))
         seen: set[int] = set()
         for param in order:
@@ -56,8 +59,8 @@ class OnceCommand(TyperCommand):
                 what = "" if getattr(param, "is_flag", False) else "; it takes one value"
                 raise UsageError(f"{names} given more than once{what}", hint="give it once")
             seen.add(id(param))
-        rest: list[str] = super().parse_args(ctx, args)
-        return rest
+        parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
 
 
 def command(name: str | None = None) -> Any:
