@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from keepwell.sources.mysql.archive import load_catalog
 from keepwell.sources.mysql.binlog import FORMAT_DESCRIPTION_EVENT, iter_events
+from keepwell.sources.mysql.catalog import load_catalog
 from tests.servers.mariadb import (
     KeepwellRepo,
     MariaDBServer,
@@ -174,10 +174,11 @@ def test_foreign_server_is_refused(server: MariaDBServer, tmp_path: Path) -> Non
         res = repo.run("binlog-push", "--flush", "--db-url", other.url, "--server-name", "prod",
                        check=False)
         assert res.returncode == 1
-        assert "refusing a foreign stream" in res.stderr and res.stderr.count("\n") == 1
+        assert "refusing to file another server's data" in res.stderr
+        assert res.stderr.count("\n") == 1
         proc = repo.popen("binlog-stream", "--db-url", other.url, "--server-name", "prod")
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 1 and "refusing a foreign stream" in err
+        assert proc.returncode == 1 and "refusing to file another server's data" in err
 
 
 def test_push_check_info_and_forget_keep_needed_binlogs(server: MariaDBServer,
@@ -191,8 +192,9 @@ def test_push_check_info_and_forget_keep_needed_binlogs(server: MariaDBServer,
     info = repo.json("info")
     assert len(info["bases"]) == 3 and all(b["reach"] for b in info["bases"])
     assert info["window"]["from"] and info["window"]["to"]
-    assert info["binlogs"]["servers"] == [{"flavor": "mariadb", "server_id": 31,
-                                           "server_uuid": None}]
+    (who,) = info["binlogs"]["servers"]
+    assert who["flavor"] == "mariadb" and who["server_id"] == 31
+    assert who["server_uuid"] is None and who["initialized"] and who["history"] == 0
     again = repo.json("binlog-push", "--db-url", server.url)
     assert again["stored"] == [] and len(again["skipped"]) == 3
     plan = repo.json("forget", "--keep-last", "1", "--dry-run")

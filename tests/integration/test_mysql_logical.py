@@ -190,3 +190,44 @@ def test_tool_started_before_the_repository_opens_is_ended_on_a_repository_error
     env.pop("KEEPWELL_REPOSITORY")
     bad = repo.run("backup", f"--{kind}", "--db-url", source.url, env=env, check=False)
     assert bad.returncode == 2 and "no repository given" in bad.stderr
+
+
+def test_every_name_given_is_restored_and_one_that_matches_nothing_is_an_error(
+        source: MariaDBServer, target: MariaDBServer, repo: KeepwellRepo) -> None:
+    repo.run("backup", "--logical", "--db-url", source.url)
+    for db in ("shop", "other"):
+        target.sql(f"DROP DATABASE IF EXISTS {db}")
+    bad = repo.run("restore", "--target-db-url", target.url, "-d", "shop", "-t", "nosuchtable",
+                   check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stdout + bad.stderr
+    assert "table nosuchtable is not in database shop of snapshot" in bad.stderr
+    assert "restored" not in bad.stdout
+    assert rows(target, "SHOW DATABASES LIKE 'shop'") == []  # the target was not touched
+
+    repo.run("restore", "--target-db-url", target.url, "-d", "shop", "-d", "other")
+    assert target.checksums(["shop", "other"]) == source.checksums(["shop", "other"])
+    target.sql("DROP DATABASE shop")
+    repo.run("restore", "--target-db-url", target.url, "-d", "shop", "-t", "items",
+             "-t", "big_items")
+    assert sorted(rows(target, "SHOW TABLES", "shop")) == ["big_items", "items"]
+    assert rows(target, "SELECT COUNT(*) FROM big_items", "shop") == rows(
+        source, "SELECT COUNT(*) FROM big_items", "shop")
+    bad = repo.run("restore", "--target-db-url", target.url, "-d", "shop", "-d", "other",
+                   "-t", "items", check=False)
+    assert bad.returncode == 2 and "give one --database" in bad.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["restore", "--snapshot", "latest", "--snapshot", "latest"],
+    ["restore", "--target-time", "2026-01-01T00:00:00Z", "--target-time",
+     "2026-01-02T00:00:00Z"],
+    ["restore", "--no-users", "--users"],
+    ["backup", "--logical", "--retries", "1", "--retries", "5"],
+    ["forget", "--keep-last", "1", "--keep-last", "3"],
+    ["binlog-push", "--binlog-dir", "/a", "--binlog-dir", "/b"],
+])
+def test_a_single_valued_option_given_twice_is_refused(args: list[str],
+                                                       repo: KeepwellRepo) -> None:
+    res = repo.run(*args, check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "given more than once" in res.stderr

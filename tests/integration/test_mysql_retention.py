@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from keepwell.sources.mysql.archive import load_catalog
 from keepwell.sources.mysql.binlog import binlog_seq
+from keepwell.sources.mysql.catalog import load_catalog
 from tests.servers import free_port
 from tests.servers.mariadb import (
     PYTHON,

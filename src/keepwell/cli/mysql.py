@@ -6,6 +6,10 @@ Parsing and rendering only; the work is in `keepwell.sources.mysql`. The connect
 option file (``--defaults-file`` or ``~/.my.cnf``) and the MySQL environment (MYSQL_HOST,
 MYSQL_TCP_PORT, MYSQL_PWD, USER). Snapshots are filed under the server's host name, or under
 ``--server-name`` when given.
+
+Every command refuses a single-valued option given twice (`OnceCommand`): the last one would
+otherwise win in silence. Options that take several values (``--database``, ``--table``,
+``--tag``) collect every one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from keepwell.cli.common import (
     GLOBALS,
@@ -35,6 +40,31 @@ app = typer.Typer(
     " point in time.",
     no_args_is_help=True,
 )
+
+
+class OnceCommand(TyperCommand):
+    """A command whose single-valued options may be given once each."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: never an error
+            rest: list[str] = super().parse_args(ctx, args)
+            return rest
+        _values, _rest, order = self.make_parser(ctx).parse_args(args=list(args))
+        seen: set[int] = set()
+        for param in order:
+            if getattr(param, "param_type_name", "") != "option" or param.multiple:
+                continue
+            if id(param) in seen:
+                names = "/".join(param.opts + param.secondary_opts)
+                what = "" if getattr(param, "is_flag", False) else "; it takes one value"
+                raise UsageError(f"{names} given more than once{what}", hint="give it once")
+            seen.add(id(param))
+        parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
+
+
+def command(name: str | None = None) -> Any:
+    return app.command(name, cls=OnceCommand)
 
 DbUrlOption = Annotated[
     str | None,
@@ -63,17 +93,31 @@ def _say(text: str) -> None:
         typer.echo(text)
 
 
-def _parse_time(text: str) -> datetime:
+NewServerOption = Annotated[bool, typer.Option(
+    "--new-server",
+    help="This server now owns the server name: start a new history under it (another server,"
+         " or this one after its binary log was reset). Without it such a server is refused.")]
+
+
+def _parse_time(text: str) -> tuple[datetime, str]:
+    """The absolute time of a ``--target-time``, and a line saying how it was read: a time
+    without a zone is in the local zone (``TZ``)."""
     try:
         dt = datetime.fromisoformat(text.strip().replace(" UTC", "+00:00"))
     except ValueError:
         raise UsageError(f"invalid time {text!r} (use ISO 8601, e.g. 2026-11-24T17:05:00Z)"
                          ) from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # the local zone, as TZ says
+        how = f"read in the local zone ({dt.tzname()}, UTC{dt.strftime('%z')})"
+    else:
+        how = "as given"
+    exact = dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return dt, f"target time {exact} ({text.strip()} {how})"
 
 
 # --- backup ---------------------------------------------------------------------------------------
-@app.command()
+@command()
 def backup(
     logical: Annotated[bool, typer.Option("--logical", help="mariadb-dump of databases.")] = False,
     physical: Annotated[bool, typer.Option("--physical", help="mariabackup copy.")] = False,
@@ -87,6 +131,7 @@ def backup(
     db_url: DbUrlOption = None,
     defaults_file: DefaultsFileOption = None,
     server_name: ServerNameOption = None,
+    new_server: NewServerOption = False,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
@@ -108,16 +153,21 @@ def backup(
     try:
         with open_repo(repo, password_file) as r:
             if logical:
-                snap = job.store(r, host=server_name, tags=tags, retries=retries).snapshot
+                res = job.store(r, host=server_name, tags=tags, retries=retries,
+                                new_server=new_server)
+                snap, notes = res.snapshot, res.notes
             else:
-                snap = job.store(r, host=server_name, tags=tags)
+                snap = job.store(r, host=server_name, tags=tags, new_server=new_server)
+                notes = job.notes
     finally:
         job.close()
     src, summ = snap.source, snap.summary
     if json_out:
         print_json({"snapshot": snap.id, "short_id": snap.short_id, "kind": snap.kind,
-                    "host": snap.host, "source": src, "summary": summ})
+                    "host": snap.host, "source": src, "summary": summ, "notes": notes})
         return
+    for note in notes:
+        _say(f"note: {note}")
     pos = f"{src.get('binlog_file')}:{src.get('binlog_pos')}" if src.get("binlog_file") else "-"
     _say(f"snapshot {snap.short_id} saved ({snap.kind}): {human_bytes(summ['bytes_read'])} read,"
          f" {human_bytes(summ['bytes_added'])} new, {human_bytes(summ['bytes_stored'])} stored;"
@@ -125,11 +175,12 @@ def backup(
 
 
 # --- restore --------------------------------------------------------------------------------------
-@app.command()
+@command()
 def restore(
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", help="Base to restore (default: latest, or what the target needs).")] = None,
-    target_time: Annotated[str | None, typer.Option(help="Recover to this time.")] = None,
+    target_time: Annotated[str | None, typer.Option(
+        help="Recover to this time (ISO 8601; without a zone, the local one).")] = None,
     target_position: Annotated[str | None, typer.Option(
         help="Recover up to this binlog position, FILE:OFFSET (exclusive).")] = None,
     target_gtid: Annotated[str | None, typer.Option(
@@ -140,14 +191,17 @@ def restore(
         help="Option file for the target server.")] = None,
     target_dir: Annotated[str | None, typer.Option(
         help="Empty datadir to restore a physical backup into.")] = None,
-    database: Annotated[str | None, typer.Option("--database", "-d")] = None,
-    table: Annotated[str | None, typer.Option("--table", "-t")] = None,
+    database: Annotated[list[str] | None, typer.Option(
+        "--database", "-d", help="Database to restore (repeatable; default: all).")] = None,
+    table: Annotated[list[str] | None, typer.Option(
+        "--table", "-t", help="Table or view of the --database to restore (repeatable).")] = None,
     users: Annotated[bool, typer.Option(
         "--users/--no-users", help="Restore accounts and grants too.")] = True,
     owner: Annotated[str | None, typer.Option(
         help="Owner of the restored datadir (default: mysql when run as root).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start a server on the datadir.")] = False,
-    port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="Port for --start (default 3306; refused if in use).")] = None,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
@@ -158,20 +212,25 @@ def restore(
     from keepwell.sources.mysql.plan import Target
     from keepwell.sources.mysql.recover import restore as do_restore
 
-    target = Target.of(_parse_time(target_time) if target_time else None, target_position,
-                       target_gtid)
+    when, how = _parse_time(target_time) if target_time else (None, "")
+    target = Target.of(when, target_position, target_gtid)
     target_db = None
     if target_db_url or target_defaults_file:
         target_db = resolve(target_db_url, target_defaults_file)
     if start and target_dir is None:
         raise UsageError("--start needs --target-dir")
+    if how and not json_out:
+        _say(how)
     with open_repo(repo, password_file) as r:
         res = do_restore(r, snapshot=snapshot, target=target, target_db=target_db,
-                         target_dir=target_dir, database=database, table=table, users=users,
+                         target_dir=target_dir, databases=database, tables=table, users=users,
                          start=start, port=port, owner=owner, host=server_name,
                          progress=(lambda m: None) if json_out else _say)
     if json_out:
-        print_json(res.__dict__)
+        out = dict(res.__dict__)
+        if when is not None:
+            out["target_time"] = when.astimezone(UTC).isoformat()
+        print_json(out)
         return
     _say(f"restored {res.kind} {res.snapshot}"
          + (f", replayed to {res.plan['stop']}" if res.plan else "")
@@ -179,7 +238,7 @@ def restore(
 
 
 # --- binlogs --------------------------------------------------------------------------------------
-@app.command("binlog-push")
+@command("binlog-push")
 def binlog_push(
     binlog_dir: Annotated[str | None, typer.Option(
         help="Directory of the binlogs (default: the server's log_bin_basename).")] = None,
@@ -190,6 +249,7 @@ def binlog_push(
     db_url: DbUrlOption = None,
     defaults_file: DefaultsFileOption = None,
     server_name: ServerNameOption = None,
+    new_server: NewServerOption = False,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
@@ -200,10 +260,12 @@ def binlog_push(
     settings = _settings(db_url, defaults_file)
     with open_repo(repo, password_file) as r:
         res = push_binlogs(r, settings, binlog_dir=binlog_dir, include_current=include_current,
-                           host=server_name, flush=flush)
+                           host=server_name, flush=flush, new_server=new_server)
     if json_out:
         print_json(res.__dict__)
         return
+    for note in res.notes:
+        _say(f"note: {note}")
     _say(f"stored {len(res.stored)} binlog(s)"
          + (f" ({res.stored[0]} .. {res.stored[-1]})" if res.stored else "")
          + f", {len(res.skipped)} already archived")
@@ -211,7 +273,7 @@ def binlog_push(
         typer.echo(f"GAP: binlogs missing between {gap['after']} and {gap['before']}", err=True)
 
 
-@app.command("binlog-stream")
+@command("binlog-stream")
 def binlog_stream(
     spool: Annotated[str | None, typer.Option(
         "--spool", envvar="KEEPWELL_MYSQL_SPOOL",
@@ -222,6 +284,7 @@ def binlog_stream(
     db_url: DbUrlOption = None,
     defaults_file: DefaultsFileOption = None,
     server_name: ServerNameOption = None,
+    new_server: NewServerOption = False,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
 ) -> None:
@@ -240,12 +303,13 @@ def binlog_stream(
         stored=lambda names: _say(f"stored {', '.join(names)}"),
         reconnect=lambda why: typer.echo(f"reconnecting: {why}", err=True),
         gap=on_gap,
+        note=lambda text: _say(f"note: {text}"),
     )
     with open_repo(repo, password_file) as r, tempfile.TemporaryDirectory(
             prefix="keepwell-binlog-spool-") as tmp:
         streamer = BinlogStreamer(r, settings, spool or tmp, host=server_name,
                                   interval=interval, client_server_id=client_server_id,
-                                  events=events)
+                                  events=events, new_server=new_server)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: streamer.stop())
         streamer.run()
@@ -254,7 +318,7 @@ def binlog_stream(
 
 
 # --- reports and retention ------------------------------------------------------------------------
-@app.command()
+@command()
 def info(
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
@@ -273,6 +337,14 @@ def info(
 
 
 def _render(data: dict[str, Any]) -> None:
+    from keepwell.sources.mysql.identity import describe_server
+
+    histories = data.get("histories") or []
+    if len(histories) > 1:
+        for h in histories:
+            typer.echo(f"  history {h['history']}{' (current)' if h['current'] else ''}: "
+                       f"{describe_server(h['server'])}; {h['bases']} base(s), {h['binlogs']} "
+                       f"binlog(s){'' if h['declared'] or h is histories[0] else '; NOT declared'}")
     for b in data["bases"]:
         reach = f"reaches {b['reach']}" if b["reach"] else "no binlogs from it"
         typer.echo(f"  {b['kind']:<14} {b['snapshot']}  {b['time']}  at {b['position'] or '-'}"
@@ -286,7 +358,7 @@ def _render(data: dict[str, Any]) -> None:
     typer.echo(f"  point-in-time window: {w['from'] or '-'} .. {w['to'] or '-'}")
 
 
-@app.command()
+@command()
 def check(
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
@@ -310,7 +382,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def forget(
     keep_last: Annotated[int, typer.Option(help="Keep the newest N bases of each kind.")] = 0,
     keep_hourly: Annotated[int, typer.Option(help="Keep the newest base of N hours.")] = 0,

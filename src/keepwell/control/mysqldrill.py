@@ -93,7 +93,7 @@ def check_server(settings: Any, wanted: dict[str, int], default_db: str | None,
 
 def drill_mysql(spec: JobSpec, ctx: JobContext, scratch: str) -> JobOutcome:
     from keepwell.sources.mysql import KIND_LOGICAL, KIND_PHYSICAL
-    from keepwell.sources.mysql.archive import load_catalog
+    from keepwell.sources.mysql.catalog import load_archive
     from keepwell.sources.mysql.recover import restore
     from keepwell.sources.mysql.restore import LocalServer, restore_logical
     from keepwell.sources.mysql.tools import find_tool
@@ -108,7 +108,7 @@ def drill_mysql(spec: JobSpec, ctx: JobContext, scratch: str) -> JobOutcome:
     repo = open_job_repository(spec, ctx)
     server = None
     try:
-        bases = [b for b in load_catalog(repo, host).bases if b.kind == kind]
+        bases = [b for b in load_archive(repo, host).bases if b.kind == kind]
         if not bases:
             raise SourceError(f"no {'physical' if physical else 'logical'} backup of "
                               f"{spec.source} to drill")

@@ -79,7 +79,7 @@ def postgres_window(name: str, snapshots: list[Any], cluster: str) -> Window:
 
 
 def mysql_window(name: str, snapshots: list[Any], server_name: str | None) -> Window:
-    from keepwell.sources.mysql.catalog import Catalog
+    from keepwell.sources.mysql.catalog import ServerArchive
 
     snaps = [s for s in snapshots if s.kind.startswith("mysql-")
              and (server_name is None or s.host == server_name)]
@@ -89,7 +89,7 @@ def mysql_window(name: str, snapshots: list[Any], server_name: str | None) -> Wi
         win.error = (f"the repository holds MySQL snapshots of {len(hosts)} servers; set the "
                      "source's server_name")
         return win
-    cat = Catalog.build(snaps)
+    cat = ServerArchive.build(snaps)
     w = cat.window()
     win.start, win.end = _ts(w.get("from")), _ts(w.get("to"))
     win.parts = 1 if win.start is not None else 0
@@ -98,6 +98,7 @@ def mysql_window(name: str, snapshots: list[Any], server_name: str | None) -> Wi
                             "is not possible")
     for gap in cat.gaps():
         win.problems.append(f"binlogs missing after {gap['after']}: {', '.join(gap['missing'])}")
+    win.problems += cat.problems()
     return win
 
 

@@ -1,9 +1,10 @@
 """Binlog archiving: pushing closed files from the datadir, or streaming them from the server.
 
 Every stored binlog lives in a ``mysql-binlog`` snapshot as ``binlog/<name>``; its ``source``
-records the server identity (server id, and server UUID on MySQL), when the archive was last in
-step with the server (``synced_at``) and a summary of each file (size, closed, first/last event
-time, GTID range) from `binlog.scan`. Closed files are stored in batches; the growing current
+records the server identity and history (`admission.Admission`), the moment up to which the
+archive holds every event (``synced_at``: the time of the copy, or when the first file not
+stored began) and a summary of each file (size, closed, head, first/last event time, GTID
+range) from `binlog.scan`. Closed files are stored in batches; the growing current
 file is stored again each time it grows (only new chunks are uploaded). Only complete events are
 stored: a torn last event is left for the next round.
 
@@ -14,8 +15,9 @@ reconnects from the newest file, and because files are stored whole, by name, a 
 neither skip nor repeat an event. A binlog that the server purged before it was archived is a
 *gap*: reported (`StreamEvents.gap`) and visible to ``check``, never glossed over.
 
-A repository accepts binlogs from one server per host name: a stream whose server id or UUID
-differs from what is archived for that host is refused.
+Both are admitted first (`admission.admit`): binlogs of another server, or of a binary log that
+no longer continues the archived one, are refused unless ``--new-server`` starts a new history.
+A streamed file whose head differs from the archived file of the same name stops the stream.
 """
 
 from __future__ import annotations
@@ -28,13 +30,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepwell.errors import SourceError, UsageError
+from keepwell.errors import SourceError
 from keepwell.sources.mysql import KIND_BINLOG
-from keepwell.sources.mysql.binlog import BinlogScan, binlog_seq, scan_path, split_name
-from keepwell.sources.mysql.catalog import Catalog
+from keepwell.sources.mysql.admission import Admission, admit
+from keepwell.sources.mysql.binlog import (
+    BinlogHead,
+    BinlogScan,
+    binlog_seq,
+    read_head,
+    scan_path,
+    split_name,
+)
+from keepwell.sources.mysql.catalog import Catalog, load_archive
 from keepwell.sources.mysql.connection import (
     ConnectionSettings,
     ServerInfo,
+    binlog_list,
     connect,
     query,
     server_info,
@@ -70,35 +81,11 @@ class LimitedReader:
         self.f.close()
 
 
-def check_identity(cat: Catalog, info: ServerInfo, host: str) -> None:
-    mine = info.identity()
-    for snap in cat.binlog_snapshots:
-        if snap.host != host:
-            continue
-        theirs = (snap.source or {}).get("server") or {}
-        if theirs.get("server_id") != mine["server_id"] or (
-                theirs.get("server_uuid") and theirs.get("server_uuid") != mine["server_uuid"]):
-            raise SourceError(
-                f"this repository archives binlogs of server id {theirs.get('server_id')} for "
-                f"host {host}, but the server reports server id {mine['server_id']}; refusing "
-                "a foreign stream",
-                hint="use another repository or --server-name for a different server")
-
-
-def load_catalog(repo: Any, host: str | None = None) -> Catalog:
-    """The catalog of one server; without ``host`` the repository must hold only one."""
-    snaps = [s for s in repo.list_snapshots() if s.kind.startswith("mysql-")
-             and (host is None or s.host == host)]
-    hosts = sorted({s.host for s in snaps})
-    if host is None and len(hosts) > 1:
-        raise UsageError(f"this repository holds MySQL snapshots of {len(hosts)} servers "
-                         f"({', '.join(hosts)})", hint="choose one with --server-name")
-    return Catalog.build(snaps)
-
-
-def store_files(repo: Any, info: ServerInfo, host: str, items: list[tuple[str, BinlogScan]],
-                *, tags: tuple[str, ...] = (), final: frozenset[str] = frozenset()) -> Any:
-    """Store binlog files (path, scan) as one snapshot; returns it."""
+def store_files(repo: Any, info: ServerInfo, admission: Admission, host: str,
+                items: list[tuple[str, BinlogScan]], *, synced_at: float,
+                tags: tuple[str, ...] = (), final: frozenset[str] = frozenset()) -> Any:
+    """Store binlog files (path, scan) as one snapshot; returns it. ``synced_at``: every event
+    the server wrote before it is archived once this snapshot is."""
     with repo.new_snapshot(KIND_BINLOG, ["binlog"], host=host, tags=tags) as w:
         summaries = []
         for path, s in items:
@@ -110,13 +97,9 @@ def store_files(repo: Any, info: ServerInfo, host: str, items: list[tuple[str, B
             summary = s.summary()
             summary["final"] = s.closed or s.name in final
             summaries.append(summary)
-        w.source.update({"type": "binlog", "server": info.identity(), "synced_at": time.time(),
+        w.source.update({"type": "binlog", **admission.source(info), "synced_at": synced_at,
                          "files": summaries})
         return w.commit()
-
-
-def binlog_list(conn: Any) -> list[tuple[str, int]]:
-    return [(str(r[0]), int(r[1])) for r in query(conn, "SHOW BINARY LOGS")]
 
 
 @dataclass
@@ -124,11 +107,13 @@ class PushResult:
     stored: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
+    history: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def push_binlogs(repo: Any, settings: ConnectionSettings, *, binlog_dir: str | None = None,
                  include_current: bool = False, host: str | None = None,
-                 flush: bool = False) -> PushResult:
+                 flush: bool = False, new_server: bool = False) -> PushResult:
     """Store the closed binlogs of the server's binlog directory not archived yet."""
     conn = connect(settings)
     try:
@@ -143,12 +128,25 @@ def push_binlogs(repo: Any, settings: ConnectionSettings, *, binlog_dir: str | N
         conn.close()
     host = host or info.hostname
     directory = binlog_dir or os.path.dirname(info.binlog_basename or "") or info.datadir
-    cat = load_catalog(repo, host)
-    check_identity(cat, info, host)
-    result = PushResult()
+    for name, _size in names:
+        if not os.path.exists(os.path.join(directory, name)):
+            raise SourceError(f"binlog {name} is not in {directory}",
+                              hint="pass --binlog-dir, or run binlog-push on the database host")
+
+    def head(name: str) -> BinlogHead:
+        return read_head(os.path.join(directory, name))
+
+    archive = load_archive(repo, host)
+    adm = admit(archive, info, host, names, heads=head, new_server=new_server)
+    cat = archive.history(adm.history, info.identity())
+    result = PushResult(history=adm.history, notes=list(adm.notes))
     todo: list[tuple[str, BinlogScan]] = []
     # a file the server has moved on from is final as it is on disk, rotate event or not
     finals = frozenset(name for name, _ in names[:-1])
+    # everything written before the first file not stored began is archived with this push;
+    # a file is read after this moment, so it holds at least what was written before it
+    synced_at = time.time() if include_current else float(
+        head(names[-1][0]).created or time.time())
     batch = 0
     for i, (name, _size) in enumerate(names):
         current = i == len(names) - 1
@@ -156,9 +154,6 @@ def push_binlogs(repo: Any, settings: ConnectionSettings, *, binlog_dir: str | N
             continue
         have = cat.files.get(name)
         path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            raise SourceError(f"binlog {name} is not in {directory}",
-                              hint="pass --binlog-dir, or run binlog-push on the database host")
         if have is not None and have.final:
             result.skipped.append(name)
             continue
@@ -169,13 +164,13 @@ def push_binlogs(repo: Any, settings: ConnectionSettings, *, binlog_dir: str | N
         todo.append((path, s))
         batch += s.end
         if batch >= BATCH_BYTES:
-            store_files(repo, info, host, todo, final=finals)
+            store_files(repo, info, adm, host, todo, synced_at=synced_at, final=finals)
             result.stored += [x[1].name for x in todo]
             todo, batch = [], 0
     if todo:
-        store_files(repo, info, host, todo, final=finals)
+        store_files(repo, info, adm, host, todo, synced_at=synced_at, final=finals)
         result.stored += [x[1].name for x in todo]
-    result.gaps = load_catalog(repo, host).gaps()
+    result.gaps = load_archive(repo, host).history(adm.history, info.identity()).gaps()
     return result
 
 
@@ -186,6 +181,7 @@ class StreamEvents:
     stored: Callable[[list[str]], None] = lambda names: None
     reconnect: Callable[[str], None] = lambda reason: None
     gap: Callable[[list[str]], None] = lambda missing: None
+    note: Callable[[str], None] = lambda text: None
 
 
 class BinlogStreamer:
@@ -194,7 +190,7 @@ class BinlogStreamer:
     def __init__(self, repo: Any, settings: ConnectionSettings, spool_dir: str, *,
                  host: str | None = None, interval: float = 10.0,
                  client_server_id: int = 65535, events: StreamEvents | None = None,
-                 retry_delay: float = 1.0) -> None:
+                 retry_delay: float = 1.0, new_server: bool = False) -> None:
         self.repo = repo
         self.settings = settings
         self.spool = spool_dir
@@ -206,7 +202,10 @@ class BinlogStreamer:
         self.stop_event = threading.Event()
         self.stored_sizes: dict[str, int] = {}
         self.closed: set[str] = set()
+        self.new_server = new_server
         self.info: ServerInfo | None = None
+        self.admission = Admission(0)
+        self.heads: dict[str, BinlogHead] = {}  # of the files archived in this history
         self.host = ""
         self.reconnects = 0
         self.gaps: list[list[str]] = []
@@ -227,12 +226,12 @@ class BinlogStreamer:
         finally:
             conn.close()
 
-    def _start_file(self, on_server: list[tuple[str, int]]) -> str:
+    def _start_file(self, on_server: list[tuple[str, int]], cat: Catalog) -> str:
         names = [n for n, _ in on_server]
         if not names:
             raise SourceError("the server lists no binary logs")
-        cat = load_catalog(self.repo, self.host)
         for f in cat.files.values():
+            self.heads[f.name] = f.head
             self.stored_sizes[f.name] = max(self.stored_sizes.get(f.name, 0), f.size)
             if f.final:
                 self.closed.add(f.name)
@@ -280,6 +279,7 @@ class BinlogStreamer:
         """Store every spooled file that grew; drop closed files once stored."""
         assert self.info is not None
         files = self._spool_files()
+        synced_at = time.time()  # what the server sent before now is in the spool
         # the server sends files in order: one this connection received whole is final once
         # a later one arrives (even without a rotate event, as after a crash)
         final = frozenset(n for n in files[:-1] if self.session_start is not None
@@ -291,6 +291,14 @@ class BinlogStreamer:
                 s = scan_path(path, name)
             except SourceError:
                 continue  # only the magic so far
+            archived = self.heads.get(name)
+            if archived is not None and s.head_read and s.head().differs(archived):
+                raise SourceError(
+                    f"the server sent a {name} ({s.head().describe()}) that is not the archived "
+                    f"{name} ({archived.describe()}): its binary log was reset, or the address "
+                    "now reaches another server",
+                    hint="stopping; if the server's history restarted, run binlog-stream with "
+                         "--new-server")
             done = s.closed or name in final
             grew = s.end > self.stored_sizes.get(name, 0)
             if grew or (done and name not in self.closed):
@@ -299,9 +307,12 @@ class BinlogStreamer:
                 os.unlink(path)
         if not todo:
             return []
-        store_files(self.repo, self.info, self.host, todo, final=final)
+        store_files(self.repo, self.info, self.admission, self.host, todo, synced_at=synced_at,
+                    final=final)
         for path, s in todo:
             self.stored_sizes[s.name] = s.end
+            if s.head_read:
+                self.heads[s.name] = s.head()
             if s.closed or s.name in final:
                 self.closed.add(s.name)
                 if s.name != files[-1]:
@@ -336,9 +347,18 @@ class BinlogStreamer:
                 delay = min(delay * 2, 30.0)
                 continue
             self.host = self.host_name or info.hostname
-            check_identity(load_catalog(self.repo, self.host), info, self.host)
-            self.info = info
-            start = self._start_file(on_server)
+            archive = load_archive(self.repo, self.host)
+            adm = admit(archive, info, self.host, on_server, new_server=self.new_server)
+            if adm.declared and first and self._spool_files():
+                raise SourceError(f"the spool {self.spool} holds binlogs of the server archived "
+                                  f"before under {self.host}",
+                                  hint="archive them with that server's stream, or give an "
+                                       "empty --spool")
+            if adm.history != self.admission.history or first:
+                for note in adm.notes:
+                    self.events.note(note)
+            self.info, self.admission = info, adm
+            start = self._start_file(on_server, archive.history(adm.history, info.identity()))
             first = False
             started = time.monotonic()
             reason = self._follow(start)

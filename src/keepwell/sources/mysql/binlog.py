@@ -10,12 +10,17 @@ scanning is fast and needs no server. Words used here:
   transactions.
 - *closed*: the file ends with a rotate or stop event; the server will not append to it again.
 - `BinlogPosition`: a (file, offset) pair, ordered by file sequence number then offset.
+- *head*: when the file was created (the timestamp of its format description event) and the
+  GTID state it starts from (its GTID list event). Two files of the same name with different
+  heads belong to different binlog histories (another server, or a reset binary log); the head
+  is the same in the file on disk and in a copy streamed by ``mariadb-binlog --raw``.
 
 MariaDB GTIDs are ``domain-server-seq``; MySQL GTIDs are ``uuid:gno``. Both are kept as strings.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -106,12 +111,18 @@ class BinlogScan:
     transactions: list[Transaction] = field(default_factory=list)
     next_file: str | None = None
     checksum: bool = False
+    created: int | None = None
+    head_read: bool = False  # the scan got past the GTID list (the head is complete)
+
+    def head(self) -> BinlogHead:
+        return BinlogHead(self.created, tuple(self.gtid_list))
 
     def summary(self) -> dict[str, object]:
         return {
             "name": self.name,
             "size": self.end,
             "closed": self.closed,
+            "created": self.created,
             "server_ids": sorted(self.server_ids),
             "first_time": _iso(self.first_time),
             "last_time": _iso(self.last_time),
@@ -119,6 +130,31 @@ class BinlogScan:
             "gtids": {k: list(v) for k, v in self.gtids.items()},
             "transactions": len(self.transactions),
         }
+
+
+@dataclass(frozen=True)
+class BinlogHead:
+    """What identifies a binlog file within its history (see the module's *head*)."""
+
+    created: int | None
+    gtid_list: tuple[str, ...]
+
+    @classmethod
+    def of_summary(cls, summary: dict[str, object]) -> BinlogHead:
+        created, gtids = summary.get("created"), summary.get("gtid_list")
+        return cls(created if isinstance(created, int) else None,
+                   tuple(str(g) for g in gtids) if isinstance(gtids, list) else ())
+
+    def differs(self, other: BinlogHead) -> bool:
+        """True when the two cannot be the same file (an unknown creation time is not
+        compared: summaries written by older keepwell versions lack it)."""
+        if self.gtid_list != other.gtid_list:
+            return True
+        return None not in (self.created, other.created) and self.created != other.created
+
+    def describe(self) -> str:
+        when = _iso(self.created) if self.created else "an unknown time"
+        return f"created {when}, starting after [{', '.join(self.gtid_list)}]"
 
 
 def _iso(ts: int | None) -> str | None:
@@ -241,6 +277,8 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
     for pos, (ts, etype, server_id, length, _next, _flags), body in iter_events(f):
         out.end = pos + length
         if etype == FORMAT_DESCRIPTION_EVENT:
+            if out.created is None:
+                out.created = ts
             # The in-use flag is not reliable (a server clears it in what it streams), so
             # only a rotate or stop event marks a file closed. The checksum algorithm byte
             # precedes the 4-byte checksum at the body's end.
@@ -249,8 +287,7 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
                 crc = 4 if out.checksum else 0
             continue
         if etype == MARIADB_START_ENCRYPTION_EVENT:
-            raise SourceError(f"{name} is encrypted; keepwell reads only unencrypted binlogs",
-                              hint="turn off encrypt_binlog or use physical backups only")
+            raise _encrypted(name)
         if ts:
             if out.first_time is None and etype not in (ROTATE_EVENT,):
                 out.first_time = ts
@@ -258,12 +295,11 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
         if server_id:
             out.server_ids.add(server_id)
         payload = body[: len(body) - crc] if crc else body
+        if etype in (MARIADB_GTID_LIST_EVENT, MYSQL_PREVIOUS_GTIDS_EVENT) or (
+                etype in TRANSACTION_STARTS):
+            out.head_read = True
         if etype == MARIADB_GTID_LIST_EVENT:
-            (count,) = struct.unpack_from("<I", payload, 0)
-            count &= 0x0FFFFFFF
-            for i in range(count):
-                d, s, q = struct.unpack_from("<IIQ", payload, 4 + 16 * i)
-                out.gtid_list.append(_mariadb_gtid(d, s, q))
+            out.gtid_list.extend(_gtid_list(payload))
         elif etype in TRANSACTION_STARTS:
             gtid: str | None = None
             if etype == MARIADB_GTID_EVENT:
@@ -287,13 +323,46 @@ def scan(f: BinaryIO, name: str, *, keep_transactions: bool = False) -> BinlogSc
             out.closed = True
         elif etype == STOP_EVENT:
             out.closed = True
+            out.head_read = True
     f.seek(0, 2)
     out.size = f.tell()
     return out
 
 
-def scan_path(path: str, name: str | None = None, *, keep_transactions: bool = False) -> BinlogScan:
-    import os
+def _encrypted(name: str) -> SourceError:
+    return SourceError(f"{name} is encrypted; keepwell reads only unencrypted binlogs",
+                       hint="turn off encrypt_binlog or use physical backups only")
 
+
+def read_head(path: str) -> BinlogHead:
+    """The head of a binlog file, reading only its first events."""
+    created: int | None = None
+    gtids: list[str] = []
+    with open(path, "rb") as f:
+        for _pos, (ts, etype, _sid, _len, _next, _flags), body in iter_events(f):
+            if etype == FORMAT_DESCRIPTION_EVENT and created is None:
+                created = ts
+            elif etype == MARIADB_GTID_LIST_EVENT:
+                gtids = _gtid_list(body)
+                break
+            elif etype == MARIADB_START_ENCRYPTION_EVENT:
+                raise _encrypted(os.path.basename(path))
+            elif etype in TRANSACTION_STARTS or etype == MYSQL_PREVIOUS_GTIDS_EVENT:
+                break
+    return BinlogHead(created, tuple(gtids))
+
+
+def _gtid_list(body: bytes) -> list[str]:
+    """The GTIDs of a MariaDB GTID list event's body (a trailing checksum is ignored)."""
+    (count,) = struct.unpack_from("<I", body, 0)
+    count &= 0x0FFFFFFF
+    out = []
+    for i in range(count):
+        d, s, q = struct.unpack_from("<IIQ", body, 4 + 16 * i)
+        out.append(_mariadb_gtid(d, s, q))
+    return out
+
+
+def scan_path(path: str, name: str | None = None, *, keep_transactions: bool = False) -> BinlogScan:
     with open(path, "rb") as f:
         return scan(f, name or os.path.basename(path), keep_transactions=keep_transactions)

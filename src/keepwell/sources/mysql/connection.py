@@ -203,7 +203,13 @@ def query(conn: Any, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """Who the server is: what binlog identity checks and the catalog record."""
+    """Who the server is: what the identity checks and the catalog record.
+
+    ``initialized`` is when the server's data directory was initialised: the oldest creation
+    time of the tables of its ``mysql`` schema (UTC, ISO 8601). Aria/MyISAM keep that time in
+    the table files themselves, so it survives copies, moves and restarts, and differs between
+    two installations; None when the account cannot see those tables.
+    """
 
     version: str
     flavor: str  # "mariadb" or "mysql"
@@ -214,10 +220,25 @@ class ServerInfo:
     datadir: str
     hostname: str
     gtid_pos: str
+    initialized: str | None = None
 
     def identity(self) -> dict[str, Any]:
+        """What is recorded with every snapshot (see `keepwell.sources.mysql.identity`)."""
         return {"server_id": self.server_id, "server_uuid": self.server_uuid,
-                "flavor": self.flavor}
+                "flavor": self.flavor, "initialized": self.initialized,
+                "hostname": self.hostname, "datadir": self.datadir}
+
+
+def _initialized(conn: Any) -> str | None:
+    """The oldest creation time of the ``mysql`` schema's tables, read in UTC."""
+    query(conn, "SET @keepwell_tz = @@session.time_zone, time_zone = '+00:00'")
+    try:
+        rows = query(conn, "SELECT DATE_FORMAT(MIN(create_time), '%Y-%m-%dT%H:%i:%sZ') FROM "
+                           "information_schema.tables WHERE table_schema = 'mysql' "
+                           "AND create_time IS NOT NULL")
+    finally:
+        query(conn, "SET time_zone = @keepwell_tz")
+    return str(rows[0][0]) if rows and rows[0][0] else None
 
 
 def server_info(conn: Any) -> ServerInfo:
@@ -236,4 +257,10 @@ def server_info(conn: Any) -> ServerInfo:
         datadir=str(variables.get("datadir", "")),
         hostname=str(variables.get("hostname", "")),
         gtid_pos=str(variables.get("gtid_binlog_pos", variables.get("gtid_executed", "")) or ""),
+        initialized=_initialized(conn),
     )
+
+
+def binlog_list(conn: Any) -> list[tuple[str, int]]:
+    """The server's binary logs, oldest first, with their sizes (``SHOW BINARY LOGS``)."""
+    return [(str(r[0]), int(r[1])) for r in query(conn, "SHOW BINARY LOGS")]

@@ -7,11 +7,19 @@ never wait; ``--master-data=2 --gtid`` writes it into the dump as comments, whic
 as it comes (no compression before keepwell), so consecutive daily dumps deduplicate.
 
 Accounts and grants are read by keepwell itself (``SHOW CREATE USER`` / ``SHOW GRANTS``) into
-``users.sql`` as ``CREATE USER IF NOT EXISTS`` + ``GRANT``, skipping the server's own accounts,
-so restoring them never overwrites ``root`` on the target.
+``users.sql``: every ``CREATE USER IF NOT EXISTS`` / ``CREATE ROLE IF NOT EXISTS`` first, then
+every ``GRANT`` (a role must exist before it is granted). The accounts and roles every server
+creates for itself are left out (`builtin_account`), so restoring them never replaces the
+target's own: ``root`` on any host, ``mariadb.sys``, ``mysql``@``localhost`` (the server's system
+user in MariaDB 10.4+), MySQL's ``mysql.sys``/``mysql.session``/``mysql.infoschema``,
+Debian's ``debian-sys-maint``, the Docker image's ``healthcheck``, and MariaDB 10.11's built-in
+role ``PUBLIC``, which cannot be created (ERROR 1959) but whose grants are kept.
 
 DDL on a table the dump has not reached yet makes that table's read fail ("table definition has
 changed"); the whole dump is then taken again (``retries``), so a stored dump is always complete.
+
+The databases and tables the dump holds are stored beside it as ``inventory.json``, so a restore
+of chosen databases or tables checks their names before it touches the target.
 
 `begin_logical` checks the server and starts the dump (a `DumpRun`) before the repository is
 opened; `LogicalJob.store` then stores it, so the tool works while keepwell starts up.
@@ -20,6 +28,7 @@ opened; `LogicalJob.store` then stores it, so the tool works while keepwell star
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -28,21 +37,28 @@ from typing import Any
 
 from keepwell.errors import SourceError
 from keepwell.sources.mysql import KIND_LOGICAL
+from keepwell.sources.mysql.admission import admit
 from keepwell.sources.mysql.binlog import normalize_gtid_set
+from keepwell.sources.mysql.catalog import load_archive
 from keepwell.sources.mysql.connection import (
     ConnectionSettings,
     ServerInfo,
+    binlog_list,
     connect,
     query,
     server_info,
 )
+from keepwell.sources.mysql.dumpfilter import DumpInventory
 from keepwell.sources.mysql.tools import MYSQL, Tool, ToolProcess, find
 from keepwell.sources.streams import ReadAhead
 
 SYSTEM_DATABASES = ("information_schema", "performance_schema", "sys", "mysql")
 SYSTEM_ACCOUNTS = ("root", "mariadb.sys", "mysql.sys", "mysql.session", "mysql.infoschema",
                    "debian-sys-maint", "healthcheck")
+SYSTEM_ACCOUNTS_AT = (("mysql", "localhost"),)  # MariaDB 10.4+: the server's own system user
+PUBLIC_ROLE = "PUBLIC"  # MariaDB 10.11+: every account's implicit role
 KEEP = 64 * 1024
+INVENTORY = "inventory.json"  # {database: [tables and views]} as the dump holds them
 # Extended INSERT statements end where a row would pass this many bytes, so a row added or
 # removed early in a table moves every later statement boundary. Long statements (the tool's
 # maximum is 16 MiB; 15 MiB stays under the servers' default max_allowed_packet of 16 MiB) put
@@ -60,15 +76,18 @@ _DONE = re.compile(rb"-- Dump completed")
 
 
 class DumpMarks:
-    """A pass-through reader that keeps the head and tail of a dump for its comments."""
+    """A pass-through reader that keeps the head and tail of a dump for its comments, and
+    lists the databases and tables it holds (`dumpfilter.DumpInventory`)."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
         self.head = bytearray()
         self.tail = bytearray()
         self.size = 0
+        self.inventory = DumpInventory()
 
     def _note(self, data: bytes | bytearray | memoryview) -> None:
+        self.inventory.feed(data)
         if len(self.head) < KEEP:
             self.head += bytes(data[: KEEP - len(self.head)])
         self.tail += bytes(data[-KEEP:])
@@ -115,37 +134,54 @@ class LogicalResult:
     snapshot: Any
     attempts: int
     databases: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def list_databases(conn: Any) -> list[str]:
     return [str(r[0]) for r in query(conn, "SHOW DATABASES") if r[0] not in SYSTEM_DATABASES]
 
 
+def builtin_account(user: str, host: str, is_role: bool) -> bool:
+    """An account or role the server creates for itself (see the module)."""
+    return (user in SYSTEM_ACCOUNTS or user.startswith("mysql.") or not user
+            or (user, host) in SYSTEM_ACCOUNTS_AT or (is_role and user == PUBLIC_ROLE))
+
+
+def _quote_account(user: str, host: str) -> str:
+    return "`{}`@`{}`".format(user.replace("`", "``"), host.replace("`", "``"))
+
+
 def dump_accounts(conn: Any, info: ServerInfo) -> tuple[str, list[str]]:
-    """``users.sql`` text for the non-system accounts, and the accounts that were skipped."""
+    """``users.sql`` text for the non-built-in accounts, and the accounts that were skipped."""
     cols = "user, host, is_role" if info.flavor == "mariadb" else "user, host, 'N'"
     rows = query(conn, f"SELECT {cols} FROM mysql.user ORDER BY user, host")
-    lines = ["-- accounts and grants written by keepwell", "SET sql_mode = '';"]
+    creates = ["-- accounts and grants written by keepwell", "SET sql_mode = '';"]
+    grants: list[str] = []
     skipped: list[str] = []
     for user, host, is_role in rows:
-        user, host = str(user), str(host)
-        if user in SYSTEM_ACCOUNTS or user.startswith("mysql.") or not user:
+        user, host, role = str(user), str(host), str(is_role) == "Y"
+        if role and user == PUBLIC_ROLE:
+            # built in (10.11+): never created, but what was granted to it is restored
+            grants += [f"{g[0]};" for g in query(conn, f"SHOW GRANTS FOR {PUBLIC_ROLE}")]
             continue
-        account = "`{}`@`{}`".format(user.replace("`", "``"), host.replace("`", "``"))
+        if builtin_account(user, host, role):
+            continue
+        name = "`{}`".format(user.replace("`", "``"))
         try:
-            if str(is_role) == "Y":
-                lines.append(f"CREATE ROLE IF NOT EXISTS `{user}`;")
-                grants = query(conn, f"SHOW GRANTS FOR `{user}`")
+            if role:
+                creates.append(f"CREATE ROLE IF NOT EXISTS {name};")
+                granted = query(conn, f"SHOW GRANTS FOR {name}")
             else:
+                account = _quote_account(user, host)
                 (create,) = query(conn, f"SHOW CREATE USER {account}")[0]
-                lines.append(re.sub(r"^CREATE USER ", "CREATE USER IF NOT EXISTS ",
-                                    str(create)) + ";")
-                grants = query(conn, f"SHOW GRANTS FOR {account}")
+                creates.append(re.sub(r"^CREATE USER ", "CREATE USER IF NOT EXISTS ",
+                                      str(create)) + ";")
+                granted = query(conn, f"SHOW GRANTS FOR {account}")
         except SourceError:
             skipped.append(f"{user}@{host}")
             continue
-        lines += [f"{g[0]};" for g in grants]
-    lines.append("FLUSH PRIVILEGES;")
+        grants += [f"{g[0]};" for g in granted]
+    lines = [*creates, *grants, "FLUSH PRIVILEGES;"]
     return "\n".join(lines) + "\n", skipped
 
 
@@ -180,11 +216,12 @@ def position_options(tool: Tool) -> list[str]:
 
 def logical_backup(repo: Any, settings: ConnectionSettings, *, databases: list[str] | None = None,
                    users: bool = True, host: str | None = None, tags: tuple[str, ...] = (),
-                   retries: int = 3, extra_args: tuple[str, ...] = ()) -> LogicalResult:
+                   retries: int = 3, extra_args: tuple[str, ...] = (),
+                   new_server: bool = False) -> LogicalResult:
     """Dump the server (or the chosen databases) into a ``mysql-logical`` snapshot."""
     job = begin_logical(settings, databases=databases, users=users, extra_args=extra_args)
     try:
-        return job.store(repo, host=host, tags=tags, retries=retries)
+        return job.store(repo, host=host, tags=tags, retries=retries, new_server=new_server)
     finally:
         job.close()
 
@@ -208,9 +245,10 @@ def begin_logical(settings: ConnectionSettings, *, databases: list[str] | None =
         if not chosen:
             raise SourceError(f"no user databases on {settings.describe()} to back up")
         users_sql, skipped = dump_accounts(conn, info) if users else ("", [])
+        binlogs = binlog_list(conn) if info.log_bin else []
     finally:
         conn.close()
-    job = LogicalJob(settings, info, chosen, users_sql, skipped, extra_args)
+    job = LogicalJob(settings, info, chosen, users_sql, skipped, extra_args, binlogs=binlogs)
     job.first = DumpRun(settings, info, chosen, extra_args)
     return job
 
@@ -250,18 +288,24 @@ class LogicalJob:
     skipped: list[str]
     extra: tuple[str, ...] = ()
     first: DumpRun | None = None
+    binlogs: list[tuple[str, int]] = field(default_factory=list)
 
     def store(self, repo: Any, *, host: str | None = None, tags: tuple[str, ...] = (),
-              retries: int = 3) -> LogicalResult:
-        """Store the dump; take it again (``retries`` times) when DDL broke it."""
+              retries: int = 3, new_server: bool = False) -> LogicalResult:
+        """Store the dump; take it again (``retries`` times) when DDL broke it. Refused
+        (`admission.admit`) when the name holds another server's history."""
+        name = host or self.info.hostname
+        adm = admit(load_archive(repo, name), self.info, name, self.binlogs,
+                    new_server=new_server)
         attempt = 0
         while True:
             attempt += 1
             run = self.first or DumpRun(self.settings, self.info, self.databases, self.extra)
             self.first = None
             try:
-                snap = self._store(repo, run, host=host, tags=tags, attempt=attempt)
-                return LogicalResult(snap, attempt, self.databases)
+                snap = self._store(repo, run, host=name, tags=tags, attempt=attempt,
+                                   recorded=adm.source(self.info))
+                return LogicalResult(snap, attempt, self.databases, list(adm.notes))
             except SourceError as exc:
                 transient = any(t in str(exc) for t in RETRYABLE)
                 if not transient or attempt > retries:
@@ -275,11 +319,10 @@ class LogicalJob:
             self.first.close()
             self.first = None
 
-    def _store(self, repo: Any, run: DumpRun, *, host: str | None, tags: tuple[str, ...],
-               attempt: int) -> Any:
+    def _store(self, repo: Any, run: DumpRun, *, host: str, tags: tuple[str, ...],
+               attempt: int, recorded: dict[str, Any]) -> Any:
         info = self.info
-        with repo.new_snapshot(KIND_LOGICAL, ["dump.sql"], host=host or info.hostname,
-                               tags=tags) as w:
+        with repo.new_snapshot(KIND_LOGICAL, ["dump.sql"], host=host, tags=tags) as w:
             try:
                 w.add_stream("dump.sql", run.marks)  # type: ignore[arg-type]
             finally:
@@ -293,15 +336,17 @@ class LogicalJob:
                 raise SourceError("the dump does not carry its binlog position")
             if self.users_sql:
                 w.add_bytes("users.sql", self.users_sql.encode())
+            w.add_bytes(INVENTORY, json.dumps(run.marks.inventory.databases).encode())
             w.source.update({
                 "type": "logical",
-                "server": info.identity(),
+                **recorded,
                 "version": info.version,
                 "databases": self.databases,
                 "binlog_file": file,
                 "binlog_pos": pos,
                 "gtid": gtid,
                 "users": bool(self.users_sql),
+                "inventory": INVENTORY,
                 "skipped_accounts": self.skipped,
                 "start_time": run.started,
                 "stop_time": time.time(),

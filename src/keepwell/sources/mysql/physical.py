@@ -26,10 +26,13 @@ from typing import Any
 
 from keepwell.errors import SourceError
 from keepwell.sources.mysql import KIND_PHYSICAL
+from keepwell.sources.mysql.admission import admit
 from keepwell.sources.mysql.binlog import normalize_gtid_set
+from keepwell.sources.mysql.catalog import load_archive
 from keepwell.sources.mysql.connection import (
     ConnectionSettings,
     ServerInfo,
+    binlog_list,
     connect,
     server_info,
 )
@@ -96,7 +99,7 @@ def read_backup_position(directory: str) -> Position:
 
 def physical_backup(repo: Any, settings: ConnectionSettings, *, host: str | None = None,
                     tags: tuple[str, ...] = (), parallel: int = 1,
-                    extra_args: tuple[str, ...] = ()) -> Any:
+                    extra_args: tuple[str, ...] = (), new_server: bool = False) -> Any:
     """Stream mariabackup into a ``mysql-physical`` snapshot; return the snapshot.
 
     ``parallel`` above 1 copies several files at once, and their pieces interleave in the
@@ -106,7 +109,7 @@ def physical_backup(repo: Any, settings: ConnectionSettings, *, host: str | None
     """
     run = begin_physical(settings, parallel=parallel, extra_args=extra_args)
     try:
-        return run.store(repo, host=host, tags=tags)
+        return run.store(repo, host=host, tags=tags, new_server=new_server)
     finally:
         run.close()
 
@@ -117,9 +120,10 @@ def begin_physical(settings: ConnectionSettings, *, parallel: int = 1,
     conn = connect(settings)
     try:
         info = server_info(conn)
+        binlogs = binlog_list(conn) if info.log_bin else []
     finally:
         conn.close()
-    return PhysicalRun(settings, info, parallel, extra_args)
+    return PhysicalRun(settings, info, parallel, extra_args, binlogs)
 
 
 class PhysicalRun:
@@ -127,8 +131,11 @@ class PhysicalRun:
     repository; `store` makes the snapshot, `close` ends the tool and removes its files."""
 
     def __init__(self, settings: ConnectionSettings, info: ServerInfo, parallel: int,
-                 extra_args: tuple[str, ...]) -> None:
+                 extra_args: tuple[str, ...], binlogs: list[tuple[str, int]] | None = None
+                 ) -> None:
         self.info = info
+        self.binlogs = binlogs or []
+        self.notes: list[str] = []
         self.started = time.time()
         self._stack = contextlib.ExitStack()
         try:
@@ -152,10 +159,16 @@ class PhysicalRun:
     def close(self) -> None:
         self._stack.close()
 
-    def store(self, repo: Any, *, host: str | None = None, tags: tuple[str, ...] = ()) -> Any:
+    def store(self, repo: Any, *, host: str | None = None, tags: tuple[str, ...] = (),
+              new_server: bool = False) -> Any:
+        """Store the stream; refused (`admission.admit`) when the name holds another
+        server's history."""
         info, name = self.info, self.tool.name
-        with repo.new_snapshot(KIND_PHYSICAL, ["backup.xbstream"], host=host or info.hostname,
-                               tags=tags) as w:
+        server = host or info.hostname
+        adm = admit(load_archive(repo, server), info, server, self.binlogs,
+                    new_server=new_server)
+        self.notes = list(adm.notes)
+        with repo.new_snapshot(KIND_PHYSICAL, ["backup.xbstream"], host=server, tags=tags) as w:
             try:
                 size = w.add_stream("backup.xbstream", self.ahead)  # type: ignore[arg-type]
             finally:
@@ -170,7 +183,7 @@ class PhysicalRun:
                 raise SourceError(f"{name} did not report the binlog position")
             w.source.update({
                 "type": "physical",
-                "server": info.identity(),
+                **adm.source(info),
                 "version": info.version,
                 "datadir": info.datadir,
                 "binlog_file": file,

@@ -4,7 +4,14 @@
 point-in-time `plan.Target` needs), restores it (logical into a running server, physical into a
 datadir) and replays the archived binlogs up to the target. A physical restore with a target is
 replayed through a private server started on the new datadir (socket only, no grant checks),
-which is then stopped, or kept running on ``port`` when ``start`` is asked.
+which is then stopped, or kept running on ``port`` when ``start`` is asked. Everything that can
+be refused is refused before the target is touched: an unknown database or table, a target
+time beyond the archive, a target directory that is not empty or lies in a server's data
+directory, one the server's user cannot enter, a port in use, and a server name whose
+snapshots come from two servers without ``--new-server`` (the base must then be named).
+
+`check` reports, per history of the name, the bases, binlogs, gaps and window, and as problems
+the gaps and the histories another server started without ``--new-server``.
 """
 
 from __future__ import annotations
@@ -12,21 +19,26 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from keepwell.errors import PartialError, SourceError, UsageError
 from keepwell.repository.policy import Policy
 from keepwell.sources.mysql import BASE_KINDS, KIND_LOGICAL, KIND_PHYSICAL
-from keepwell.sources.mysql.archive import load_catalog
-from keepwell.sources.mysql.catalog import Catalog
+from keepwell.sources.mysql.catalog import ServerArchive, load_archive
 from keepwell.sources.mysql.connection import ConnectionSettings
+from keepwell.sources.mysql.identity import describe_server
 from keepwell.sources.mysql.plan import ReplayPlan, Target, plan
 from keepwell.sources.mysql.restore import (
     LocalServer,
+    check_port,
+    check_reachable,
+    check_target_dir,
     flavor_of,
     replay,
     restore_logical,
     restore_physical,
+    server_user,
     spool_binlog,
 )
 from keepwell.sources.retention import keep_bases, oldest_kept
@@ -44,14 +56,17 @@ class RestoreResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _base_snapshot(repo: Any, ref: str | None, kinds: tuple[str, ...], host: str | None) -> Any:
+def _base_snapshot(repo: Any, archive: ServerArchive, ref: str | None,
+                   kinds: tuple[str, ...]) -> Any:
     if ref is None or ref == "latest":
-        snaps = [s for s in repo.list_snapshots() if s.kind in kinds
-                 and (host is None or s.host == host)]
-        if not snaps:
+        if archive.undeclared():
+            raise SourceError("; ".join(archive.problems()),
+                              hint="name the base to restore with --snapshot")
+        bases = [b for b in archive.bases if b.kind in kinds]
+        if not bases:
             raise SourceError("no MySQL/MariaDB base backup in this repository",
                               hint="take one with 'keepwell mysql backup'")
-        return snaps[-1]
+        return repo.find_snapshot(bases[-1].snapshot_id)
     snap = repo.find_snapshot(ref)
     if snap.kind not in BASE_KINDS:
         raise UsageError(f"snapshot {snap.short_id} is a {snap.kind} snapshot, not a MySQL base")
@@ -60,9 +75,9 @@ def _base_snapshot(repo: Any, ref: str | None, kinds: tuple[str, ...], host: str
 
 def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = None,
             target_db: ConnectionSettings | None = None, target_dir: str | None = None,
-            database: str | None = None, table: str | None = None, users: bool = True,
-            start: bool = False, port: int | None = None, owner: str | None = None,
-            kind: str | None = None, host: str | None = None,
+            databases: list[str] | None = None, tables: list[str] | None = None,
+            users: bool = True, start: bool = False, port: int | None = None,
+            owner: str | None = None, kind: str | None = None, host: str | None = None,
             progress: Progress = lambda msg: None) -> RestoreResult:
     if target_db is None and target_dir is None:
         raise UsageError("give --target-db-url (logical) or --target-dir (physical)")
@@ -71,22 +86,32 @@ def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = N
     kinds: tuple[str, ...] = (KIND_LOGICAL,) if target_db is not None else (KIND_PHYSICAL,)
     if kind is not None:
         kinds = (kind,)
-    if target is not None and (database or table):
+    if target is not None and (databases or tables):
         raise UsageError("--database/--table restore a base only; point-in-time restore "
                          "replays the whole server")
+    if target_dir is not None and (databases or tables):
+        raise UsageError("--database/--table apply to logical dumps only")
+    if target_dir is not None:
+        check_target_dir(Path(target_dir))
+        if start:
+            check_port(port or 3306)
+        if start or target is not None:
+            check_reachable(Path(target_dir), server_user(owner))
+    if host is None and snapshot not in (None, "latest"):
+        host = repo.find_snapshot(snapshot).host  # a named base names its server
+    archive = load_archive(repo, host)
     replay_plan: ReplayPlan | None = None
     with tempfile.TemporaryDirectory(prefix="keepwell-binlog-") as spool:
         if target is not None:
-            cat = load_catalog(repo, host)
             ref = None if snapshot in (None, "latest") else snapshot
             base_id = repo.find_snapshot(ref).id if ref else None
-            replay_plan = plan(cat, target, lambda f: spool_binlog(repo, f, spool),
+            replay_plan = plan(archive, target, lambda f: spool_binlog(repo, f, spool),
                                base_id=base_id, kinds=kinds)
             snap = repo.find_snapshot(replay_plan.base.snapshot_id)
             progress(f"base {snap.short_id} ({snap.kind}) at {replay_plan.base.position}, "
                      f"replaying {len(replay_plan.files)} binlog(s) to {replay_plan.stop}")
         else:
-            snap = _base_snapshot(repo, snapshot, kinds, host)
+            snap = _base_snapshot(repo, archive, snapshot, kinds)
         if snap.kind == KIND_LOGICAL and target_db is None:
             raise UsageError(f"snapshot {snap.short_id} is a logical dump: restore it with "
                              "--target-db-url")
@@ -94,18 +119,24 @@ def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = N
             raise UsageError(f"snapshot {snap.short_id} is a physical backup: restore it with "
                              "--target-dir")
         result = RestoreResult(snapshot=snap.short_id, kind=snap.kind,
-                               plan=replay_plan.describe() if replay_plan else None)
+                               plan=replay_plan.describe() if replay_plan else None,
+                               notes=list(replay_plan.notes) if replay_plan else [])
+        own = archive.catalog_of(snap.id)
+        if own is not None and len(archive.catalogs) > 1:
+            result.notes.append(f"{snap.short_id} is of history {own.history}: "
+                                f"{describe_server(own.identity)}")
+        for note in result.notes:
+            progress(f"note: {note}")
         if snap.kind == KIND_LOGICAL:
             assert target_db is not None
             progress(f"restoring dump {snap.short_id} into {target_db.describe()}")
-            restore_logical(repo, snap, target_db, database=database, table=table, users=users)
+            restore_logical(repo, snap, target_db, databases=databases, tables=tables,
+                            users=users)
             if replay_plan is not None:
                 progress("replaying binlogs")
                 replay(repo, replay_plan, target_db, spool)
             return result
         assert target_dir is not None
-        if database or table:
-            raise UsageError("--database/--table apply to logical dumps only")
         progress(f"extracting and preparing {snap.short_id} into {target_dir}")
         restore_physical(repo, snap, target_dir, owner=owner)
         if replay_plan is not None and replay_plan.files:
@@ -119,22 +150,25 @@ def restore(repo: Any, *, snapshot: str | None = None, target: Target | None = N
         if start:
             server = LocalServer.start(target_dir, port=port, user=owner,
                                        flavor=flavor_of(snap))
-            result.server_pid, result.port = server.pid, port
+            result.server_pid, result.port = server.pid, port or 3306
         return result
 
 
 def check(repo: Any, host: str | None = None) -> dict[str, Any]:
-    """Binlog continuity from every base to now, and the PITR window."""
-    cat = load_catalog(repo, host)
-    report = cat.report()
-    problems = []
+    """Binlog continuity from every base to now, and the PITR window, per history."""
+    archive = load_archive(repo, host)
+    report = archive.report()
+    several = len(archive.catalogs) > 1
+    problems = list(archive.problems())
     for gap in report["gaps"]:
-        problems.append(f"binlogs missing between {gap['after']} and {gap['before']}: "
+        problems.append(f"binlogs missing between {gap['after']} and {gap['before']}"
+                        + (f" (history {gap['history']})" if several else "") + ": "
                         + ", ".join(gap["missing"]))
-    for b in cat.bases:
-        if b.position is not None and cat.reach(b) is None and cat.files:
-            problems.append(f"base {b.short_id} starts in {b.position.file}, which is not "
-                            "archived")
+    for cat in archive.catalogs:
+        for b in cat.bases:
+            if b.position is not None and cat.reach(b) is None and cat.files:
+                problems.append(f"base {b.short_id} starts in {b.position.file}, which is not "
+                                "archived")
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -173,12 +207,21 @@ def forget_plan(repo: Any, policy: Policy, *, host: str | None = None) -> Forget
     base's position on, so each kept base still rolls forward to the end of the archive."""
     if policy.empty():
         raise UsageError("no --keep-* policy given: refusing to forget every base")
-    snaps = [s for s in repo.list_snapshots() if s.kind.startswith("mysql-")
+    snaps = [s for s in repo.list_snapshots() if s.kind in BASE_KINDS
              and (host is None or s.host == host)]
-    cat: Catalog = load_catalog(repo, host)
-    verdict = keep_bases([s for s in snaps if s.kind in BASE_KINDS], policy)
-    oldest = oldest_kept(cat.bases, verdict, lambda b: b.position)
-    kept = [b for b in cat.bases if verdict.keeps(b.snapshot_id)]
-    return ForgetPlan(bases=verdict.forget, binlogs=cat.binlog_snapshots_to_forget(kept),
-                      kept=verdict.kept,
-                      binlog_floor=oldest.position.file if oldest is not None else None)
+    archive = load_archive(repo, host)
+    verdict = keep_bases(snaps, policy)
+    binlogs: list[str] = []
+    floor = None
+    for cat in archive.catalogs:
+        kept = [b for b in cat.bases if verdict.keeps(b.snapshot_id)]
+        if not kept and cat is not archive.current:
+            # an earlier history with no base left: its binlogs roll nothing forward
+            binlogs += [s.id for s in cat.binlog_snapshots]
+            continue
+        binlogs += cat.binlog_snapshots_to_forget(kept)
+        if cat is archive.current:
+            oldest = oldest_kept(cat.bases, verdict, lambda b: b.position)
+            floor = oldest.position.file if oldest is not None else None
+    return ForgetPlan(bases=verdict.forget, binlogs=binlogs, kept=verdict.kept,
+                      binlog_floor=floor)

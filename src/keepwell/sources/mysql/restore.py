@@ -1,26 +1,35 @@
 """Restoring: logical dumps into a running server, physical backups into a datadir, and binlog
 replay up to a target.
 
-- `restore_logical` pipes the stored dump (all of it, one database or one table, see
-  `dumpfilter`) and the accounts into the ``mariadb`` client of the target server.
+- `restore_logical` pipes the stored dump (all of it, chosen databases or tables of one
+  database, see `dumpfilter`) and the accounts into the ``mariadb`` client of the target
+  server. Every name given must be in the dump: checked against the dump's inventory before
+  the target is touched (older snapshots have none; the filter then sends nothing for a name
+  it does not find).
 - `restore_physical` extracts the stored xbstream with ``mbstream`` (``xbstream`` for MySQL)
   into a directory beside the target, runs ``mariabackup --prepare`` and ``--move-back`` into
   the empty target datadir (a rename on the same file system), and gives the files to the
-  owner the server runs as.
+  owner the server runs as. It writes only inside the target and that hidden directory beside
+  it, and refuses a target inside another server's data directory (`check_target_dir`).
 - `replay` writes the archived binlogs of a `plan.ReplayPlan` to a spool directory and runs one
   ``mariadb-binlog --start-position --stop-position`` into one client session, so the replay
   stops exactly at the planned position.
 - `LocalServer` starts a server on a restored datadir: privately (socket only, no grant checks)
-  for replay, or on a port for ``--start``.
+  for replay, or on a port for ``--start``. It runs as the datadir's owner; a private server's
+  socket directory is made for that user, and `check_reachable` refuses, before anything is
+  restored, a target that user could not enter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keepwell.errors import RestoreTargetError, SourceError
+from keepwell.errors import RestoreTargetError, SourceError, UsageError
 from keepwell.sources.mysql.catalog import BinlogFile
 from keepwell.sources.mysql.connection import ConnectionSettings
 from keepwell.sources.mysql.dumpfilter import filter_dump, lines_of
@@ -84,25 +93,117 @@ def run_sql_stream(settings: ConnectionSettings, chunks: Iterator[bytes], what: 
             proc.kill()
 
 
-def restore_logical(repo: Any, snap: Any, target: ConnectionSettings, *,
-                    database: str | None = None, table: str | None = None,
-                    users: bool = True) -> None:
-    dbs = list((snap.source or {}).get("databases") or [])
-    if table is not None and database is None:
+def read_inventory(repo: Any, snap: Any) -> dict[str, list[str]] | None:
+    """The databases and tables a logical snapshot's dump holds (None for older snapshots)."""
+    name = (snap.source or {}).get("inventory")
+    if not name:
+        return None
+    data: dict[str, list[str]] = json.loads(b"".join(repo.iter_file(snap, name)))
+    return data
+
+
+def check_names(snap: Any, inventory: dict[str, list[str]] | None,
+                databases: list[str], tables: list[str]) -> list[str]:
+    """The databases to restore, after checking every name given is in the snapshot."""
+    dbs = list((snap.source or {}).get("databases") or []) or list(inventory or {})
+    if tables and not databases:
         if len(dbs) != 1:
-            raise SourceError("--table needs --database (the dump holds several databases)")
-        database = dbs[0]
-    if database is not None and dbs and database not in dbs:
-        raise SourceError(f"database {database} is not in snapshot {snap.short_id} "
+            raise UsageError("--table needs --database (the dump holds several databases)")
+        databases = [dbs[0]]
+    if tables and len(databases) > 1:
+        raise UsageError("--table restores tables of one database: give one --database with it")
+    missing = [d for d in databases if dbs and d not in dbs]
+    if missing:
+        raise SourceError(f"database {', '.join(missing)} is not in snapshot {snap.short_id} "
                           f"(it holds {', '.join(dbs)})")
+    if tables and inventory is not None:
+        have = inventory.get(databases[0], [])
+        missing = [t for t in tables if t not in have]
+        if missing:
+            shown = ", ".join(have[:12]) + (", ..." if len(have) > 12 else "")
+            raise SourceError(f"table {', '.join(missing)} is not in database {databases[0]} "
+                              f"of snapshot {snap.short_id} (it holds {shown or 'no tables'})")
+    return databases
+
+
+def restore_logical(repo: Any, snap: Any, target: ConnectionSettings, *,
+                    databases: list[str] | None = None, tables: list[str] | None = None,
+                    users: bool = True) -> None:
+    chosen = check_names(snap, read_inventory(repo, snap), list(databases or []),
+                         list(tables or []))
     chunks: Iterator[bytes] = repo.iter_file(snap, "dump.sql")
-    if database is not None:
-        chunks = filter_dump(lines_of(chunks), database, table)
+    if chosen:
+        chunks = filter_dump(lines_of(chunks), chosen, list(tables or []) or None)
     flavor = flavor_of(snap)
     run_sql_stream(target, chunks, "the client (restoring the dump)", flavor)
-    if users and database is None and (snap.source or {}).get("users"):
+    if users and not chosen and (snap.source or {}).get("users"):
         run_sql_stream(target, repo.iter_file(snap, "users.sql"),
                        "the client (restoring accounts)", flavor)
+
+
+def _looks_like_datadir(path: Path) -> bool:
+    return (path / "mysql").is_dir() and any(
+        (path / n).exists() for n in ("ibdata1", "aria_log_control", "auto.cnf"))
+
+
+def check_target_dir(target: Path) -> None:
+    """Refuse a target that is not empty, or lies inside a server's data directory (the
+    server would take the restored directory for one of its databases)."""
+    full = target.resolve()
+    for parent in full.parents:
+        if _looks_like_datadir(parent):
+            raise RestoreTargetError(f"{target} is inside {parent}, the data directory of a "
+                                     "MySQL/MariaDB server",
+                                     hint="choose a --target-dir outside any data directory")
+    if target.exists() and any(target.iterdir()):
+        what = ("the data directory of a MySQL/MariaDB server" if _looks_like_datadir(full)
+                else "not empty")
+        raise RestoreTargetError(f"{target} is {what}",
+                                 hint="give an empty or new --target-dir")
+
+
+def check_reachable(target: Path, user: str) -> None:
+    """Refuse a target the server's user could not enter (a private parent such as /root)."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SourceError(f"user {user} does not exist", hint="pass an existing --owner") from None
+    if pw.pw_uid == 0:
+        return
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+    for parent in reversed(target.resolve().parents):
+        try:
+            st = parent.stat()
+        except OSError:
+            break
+        bit = (stat.S_IXUSR if st.st_uid == pw.pw_uid else
+               stat.S_IXGRP if st.st_gid in groups else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            raise RestoreTargetError(
+                f"the restored server would run as {user}, which cannot enter {parent} "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})",
+                hint=f"choose a --target-dir {user} can reach, or pass --owner")
+
+
+def check_port(port: int) -> None:
+    """Refuse a port something already listens on, before anything is restored."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server binds: a closed connection lingering on the port does not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise UsageError(f"port {port} is in use on 127.0.0.1 (a server runs there?)",
+                             hint="choose a free --port for the restored server") from None
+
+
+def server_user(owner: str | None) -> str:
+    """Who a server started on a restored datadir runs as (its files' owner)."""
+    if owner:
+        return owner
+    if os.geteuid() == 0:
+        return "mysql" if _has_user("mysql") else "root"
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def _owner_ids(owner: str | None) -> tuple[int, int] | None:
@@ -148,8 +249,7 @@ def _work_dir(target: Path, work_dir: str | None) -> str | None:
 def restore_physical(repo: Any, snap: Any, target_dir: str, *, owner: str | None = None,
                      work_dir: str | None = None, memory: str | None = None) -> None:
     target = Path(target_dir)
-    if target.exists() and any(target.iterdir()):
-        raise RestoreTargetError(f"{target} is not empty")
+    check_target_dir(target)
     target.mkdir(parents=True, exist_ok=True)
     memory = memory or prepare_memory()
     with tempfile.TemporaryDirectory(prefix=".keepwell-restore-",
@@ -190,10 +290,20 @@ class LocalServer:
     def start(cls, datadir: str, *, port: int | None = None, user: str | None = None,
               private: bool = False, server_id: int | None = None,
               timeout: float = 120, flavor: str = MARIADB) -> LocalServer:
-        sock = os.path.join(tempfile.mkdtemp(prefix="keepwell-mysqld-"), "mysqld.sock") \
-            if private else os.path.join(datadir, "mysqld.sock")
-        run_as = user or ("root" if os.geteuid() == 0 and not _has_user("mysql") else
-                          ("mysql" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name))
+        run_as = server_user(user)
+        if private:
+            # the server creates its socket there: the directory must be its user's
+            try:
+                pw = pwd.getpwnam(run_as)
+            except KeyError:
+                raise SourceError(f"user {run_as} does not exist",
+                                  hint="pass an existing --owner") from None
+            sockdir = tempfile.mkdtemp(prefix="keepwell-mysqld-")
+            if os.geteuid() == 0 and pw.pw_uid != 0:
+                os.chown(sockdir, pw.pw_uid, pw.pw_gid)
+            sock = os.path.join(sockdir, "mysqld.sock")
+        else:
+            sock = os.path.join(datadir, "mysqld.sock")
         argv = [find_tool("server", flavor), "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                 f"--user={run_as}", f"--pid-file={os.path.join(datadir, 'keepwell.pid')}",
                 f"--log-error={os.path.join(datadir, 'keepwell-restore.err')}"]
@@ -208,7 +318,11 @@ class LocalServer:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=not private)
         server = cls(datadir, sock, port, proc.pid, proc)
-        server._wait(timeout)
+        try:
+            server._wait(timeout)
+        except BaseException:
+            server.stop()
+            raise
         return server
 
     def _wait(self, timeout: float) -> None:
@@ -218,7 +332,9 @@ class LocalServer:
             if self.proc.poll() is not None:
                 log = os.path.join(self.datadir, "keepwell-restore.err")
                 text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
-                lines = [ln for ln in text.splitlines() if "ERROR" in ln] or text.splitlines()
+                # the last error that says why ("Aborting" only says that it stopped)
+                lines = ([ln for ln in text.splitlines() if "ERROR" in ln
+                          and not ln.rstrip().endswith("Aborting")] or text.splitlines())
                 raise SourceError("the restored server did not start: "
                                   + (lines[-1] if lines else "no log"))
             if os.path.exists(self.socket):
@@ -230,14 +346,13 @@ class LocalServer:
         return ConnectionSettings(host="localhost", socket=self.socket, user="root")
 
     def stop(self, timeout: float = 120) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         sockdir = os.path.dirname(self.socket)
         if os.path.basename(sockdir).startswith("keepwell-mysqld-"):
             shutil.rmtree(sockdir, ignore_errors=True)
@@ -252,8 +367,10 @@ def _has_user(name: str) -> bool:
 
 
 def spool_binlog(repo: Any, f: BinlogFile, directory: str) -> str:
-    """Write one archived binlog to ``directory``; return its path."""
-    path = os.path.join(directory, f.name)
+    """Write one archived binlog under ``directory`` (in a folder of its history: two histories
+    may hold files of the same name); return its path."""
+    os.makedirs(os.path.join(directory, f.history), exist_ok=True)
+    path = os.path.join(directory, f.history, f.name)
     if os.path.exists(path) and os.path.getsize(path) >= f.size:
         return path
     snap = repo.find_snapshot(f.snapshot_id)
