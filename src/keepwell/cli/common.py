@@ -239,6 +239,14 @@ class KeepwellGroup(TyperGroup):
         _refuse_repeats(self)
 
 
+def run_group(app: typer.Typer) -> int:
+    """Run one command group on its own (``python -m keepwell.cli.mysql``), with the options and
+    rules every command has under ``keepwell``."""
+    group = typer.main.get_command(app)
+    _adopt(group)
+    return run_app(group)
+
+
 def run_app(app: Any, *, debug: bool = False) -> int:
     """Run a Typer app; every KeepwellError becomes one line and its exit code."""
     from keepwell.errors import EXIT_FAILURE, KeepwellError

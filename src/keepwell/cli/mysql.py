@@ -7,9 +7,8 @@ option file (``--defaults-file`` or ``~/.my.cnf``) and the MySQL environment (MY
 MYSQL_TCP_PORT, MYSQL_PWD, USER). Snapshots are filed under the server's host name, or under
 ``--server-name`` when given.
 
-Every command refuses a single-valued option given twice (`OnceCommand`): the last one would
-otherwise win in silence. Options that take several values (``--database``, ``--table``,
-``--tag``) collect every one.
+Options that take several values (``--database``, ``--table``, ``--tag``) collect every one; a
+single-valued option given twice is refused, as for every command (keepwell.cli.common).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand
 
 from keepwell.cli.common import (
     GLOBALS,
@@ -31,7 +29,7 @@ from keepwell.cli.common import (
     open_repo,
     print_json,
     resolve_repo,
-    run_app,
+    run_group,
 )
 from keepwell.errors import UsageError
 
@@ -41,30 +39,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-
-class OnceCommand(TyperCommand):
-    """A command whose single-valued options may be given once each."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if ctx.resilient_parsing:  # shell completion: never an error
-            rest: list[str] = super().parse_args(ctx, args)
-            return rest
-        _values, _rest, order = self.make_parser(ctx).parse_args(args=list(args))
-        seen: set[int] = set()
-        for param in order:
-            if getattr(param, "param_type_name", "") != "option" or param.multiple:
-                continue
-            if id(param) in seen:
-                names = "/".join(param.opts + param.secondary_opts)
-                what = "" if getattr(param, "is_flag", False) else "; it takes one value"
-                raise UsageError(f"{names} given more than once{what}", hint="give it once")
-            seen.add(id(param))
-        parsed: list[str] = super().parse_args(ctx, args)
-        return parsed
-
-
-def command(name: str | None = None) -> Any:
-    return app.command(name, cls=OnceCommand)
 
 DbUrlOption = Annotated[
     str | None,
@@ -117,7 +91,7 @@ def _parse_time(text: str) -> tuple[datetime, str]:
 
 
 # --- backup ---------------------------------------------------------------------------------------
-@command()
+@app.command()
 def backup(
     logical: Annotated[bool, typer.Option("--logical", help="mariadb-dump of databases.")] = False,
     physical: Annotated[bool, typer.Option("--physical", help="mariabackup copy.")] = False,
@@ -175,7 +149,7 @@ def backup(
 
 
 # --- restore --------------------------------------------------------------------------------------
-@command()
+@app.command()
 def restore(
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", help="Base to restore (default: latest, or what the target needs).")] = None,
@@ -238,7 +212,7 @@ def restore(
 
 
 # --- binlogs --------------------------------------------------------------------------------------
-@command("binlog-push")
+@app.command("binlog-push")
 def binlog_push(
     binlog_dir: Annotated[str | None, typer.Option(
         help="Directory of the binlogs (default: the server's log_bin_basename).")] = None,
@@ -273,7 +247,7 @@ def binlog_push(
         typer.echo(f"GAP: binlogs missing between {gap['after']} and {gap['before']}", err=True)
 
 
-@command("binlog-stream")
+@app.command("binlog-stream")
 def binlog_stream(
     spool: Annotated[str | None, typer.Option(
         "--spool", envvar="KEEPWELL_MYSQL_SPOOL",
@@ -318,7 +292,7 @@ def binlog_stream(
 
 
 # --- reports and retention ------------------------------------------------------------------------
-@command()
+@app.command()
 def info(
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
@@ -358,7 +332,7 @@ def _render(data: dict[str, Any]) -> None:
     typer.echo(f"  point-in-time window: {w['from'] or '-'} .. {w['to'] or '-'}")
 
 
-@command()
+@app.command()
 def check(
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
@@ -382,7 +356,7 @@ def check(
         raise typer.Exit(1)
 
 
-@command()
+@app.command()
 def forget(
     keep_last: Annotated[int, typer.Option(help="Keep the newest N bases of each kind.")] = 0,
     keep_hourly: Annotated[int, typer.Option(help="Keep the newest base of N hours.")] = 0,
@@ -427,7 +401,7 @@ def forget(
 
 def main() -> int:
     """Run this group on its own (``python -m keepwell.cli.mysql``)."""
-    return run_app(app)
+    return run_group(app)
 
 
 if __name__ == "__main__":

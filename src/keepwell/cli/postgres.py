@@ -27,7 +27,7 @@ from keepwell.cli.common import (
     repo_given,
     resolve_password,
     resolve_repo,
-    run_app,
+    run_group,
 )
 from keepwell.errors import UsageError
 
@@ -498,7 +498,7 @@ def forget(
 
 def main() -> int:
     """Run this group on its own (``python -m keepwell.cli.postgres``)."""
-    return run_app(app)
+    return run_group(app)
 
 
 if __name__ == "__main__":
