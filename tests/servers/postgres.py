@@ -207,6 +207,39 @@ class PgEnv:
             raise AssertionError(f"repository init failed: {res.stderr}")
 
 
+def control_config(env: PgEnv, cluster: PgCluster, *, mode: str = "physical",
+                   drills: dict[str, Any] | None = None, source: str = "live") -> Path:
+    """A control-plane config with one PostgreSQL source `source` for `cluster` and its drills,
+    readable by the postgres user (``keepwell.cli.control ... -c`` it)."""
+    import yaml
+
+    state = env.workdir / "state"
+    state.mkdir(exist_ok=True)
+    chown_pg(state)
+    config = env.workdir / "keepwell.yaml"
+    config.write_text(yaml.safe_dump({
+        "history": str(state / "history.db"),
+        "scratch": str(env.workdir / "scratch"),
+        "repositories": {"main": {"location": str(env.repo),
+                                  "password": f"file:{env.password_file}"}},
+        "sources": {source: {"kind": "postgres", "repository": "main", "mode": mode,
+                             "connection": {"host": "127.0.0.1", "port": cluster.port,
+                                            "user": PG_USER, "database": "postgres"}}},
+        "drills": drills or {},
+    }, sort_keys=False))
+    chown_pg(config)
+    return config
+
+
+def control(env: PgEnv, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``keepwell ARGS -c CONFIG`` of the control plane, as this process's user."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "KEEPWELL_"))}
+    run_env.update(HOME=str(env.workdir), KEEPWELL_TESTONLY_WEAK_KDF="1")
+    return subprocess.run([PYTHON, "-m", "keepwell.cli.control", *args, "-c", str(config)],
+                          env=run_env, capture_output=True, text=True, timeout=600,
+                          cwd=str(env.workdir))
+
+
 def make_env(workdir: Path) -> PgEnv:
     pw = workdir / "password"
     pw.write_text(PASSWORD + "\n")

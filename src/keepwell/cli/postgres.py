@@ -60,14 +60,18 @@ def _say(text: str) -> None:
         typer.echo(text)
 
 
-def _parse_time(text: str) -> datetime:
+def _parse_time(text: str) -> tuple[datetime, bool]:
+    """The time and whether it was given without a zone (then it is read in the local zone,
+    ``TZ``, as PostgreSQL reads a ``recovery_target_time`` without one in its own zone)."""
     try:
         dt = datetime.fromisoformat(text.strip().replace(" UTC", "+00:00"))
     except ValueError:
         raise UsageError(
             f"invalid time {text!r} (use ISO 8601, e.g. 2026-11-24T17:05:00Z)"
         ) from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    if dt.tzinfo:
+        return dt, False
+    return dt.astimezone(), True
 
 
 def _parse_duration(text: str) -> timedelta:
@@ -152,7 +156,13 @@ def restore(
         "--delta", help="Restore into an existing data directory, rewriting what differs.")
     ] = False,
     tablespace_map: Annotated[list[str] | None, typer.Option(
-        "--tablespace-map", help="NAME_OR_OID=DIR (repeat).")] = None,
+        "--tablespace-map", help="NAME_OR_OID=DIR: restore this tablespace to DIR (repeat);"
+        " by default each tablespace stays inside the data directory.")] = None,
+    tablespace_map_all: Annotated[str | None, typer.Option(
+        "--tablespace-map-all", help="Restore every tablespace to DIR/<oid>.")] = None,
+    allow_gap: Annotated[bool, typer.Option(
+        "--allow-gap", help="Restore to the end of the WAL even though a gap stops it short.")
+    ] = False,
     start: Annotated[bool, typer.Option("--start", help="Start the server and wait.")] = False,
     port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
     archive_mode: Annotated[str, typer.Option(
@@ -198,14 +208,16 @@ def restore(
         lsn = Lsn.parse(target_lsn) if target_lsn else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    target = Target(time=_parse_time(target_time) if target_time else None, lsn=lsn,
-                    xid=target_xid, name=target_name, immediate=immediate,
+    when, local = _parse_time(target_time) if target_time else (None, False)
+    target = Target(time=when, lsn=lsn, xid=target_xid, name=target_name, immediate=immediate,
                     timeline=target_timeline, exclusive=exclusive)
-    ts_map = {}
+    ts_map: dict[str, str] = {}
     for item in tablespace_map or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"invalid --tablespace-map {item!r} (use NAME=DIR)")
+        if not sep or not key or not value:
+            raise UsageError(f"invalid --tablespace-map {item!r} (use NAME_OR_OID=DIR)")
+        if key in ts_map and ts_map[key] != value:
+            raise UsageError(f"--tablespace-map names tablespace {key} twice")
         ts_map[key] = value
     if archive_mode not in ("off", "preserve"):
         raise UsageError("--archive-mode is 'off' or 'preserve'")
@@ -213,7 +225,8 @@ def restore(
     location = resolve_repo(repo)
     opts = RestoreOptions(
         target_dir=target_dir, target=target, snapshot=snapshot, delta=delta,
-        tablespace_map=ts_map, start=start, port=port, archive_mode=archive_mode,
+        tablespace_map=ts_map, tablespace_map_all=tablespace_map_all, allow_gap=allow_gap,
+        start=start, port=port, archive_mode=archive_mode,
         repo_location=os.path.abspath(location) if "://" not in location else location,
         password_file=pw_file, password=None if pw_file else resolve_password(None),
     )
@@ -229,7 +242,13 @@ def restore(
     point = result.plan.point
     _say(f"recovery target: {target.describe()}"
          + (f" (recorded at LSN {point.lsn}, {point.time:%Y-%m-%d %H:%M:%S})"
-            if point is not None else ""))
+            if point is not None else "")
+         + (f" (= {when.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f} UTC; no zone given, so read in"
+            f" the local zone {when.tzname()})" if when is not None and local else ""))
+    if result.plan.gap and target.kind() == "end":
+        typer.echo(f"keepwell: WARNING: WAL segment {result.plan.gap[0]} is missing: recovery"
+                   f" stops there ({result.plan.wal_end}); the WAL archived after it, up to"
+                   f" {result.plan.gap[1]}, is not replayed (--allow-gap)", err=True)
     if result.plan.note:
         typer.echo(f"keepwell: note: {result.plan.note}", err=True)
     if result.started:
@@ -295,14 +314,38 @@ def wal_fetch(
     name: Annotated[str, typer.Argument(help="%f of restore_command.")],
     dest: Annotated[str, typer.Argument(help="%p of restore_command.")],
     prefetch: Annotated[int, typer.Option(help="Segments to fetch ahead.")] = 16,
+    tablespaces: Annotated[str | None, typer.Option(
+        "--tablespaces", metavar="inside|as-recorded",
+        help="Where tablespaces the replayed WAL creates go: in the data directory, or at the"
+             " location in the WAL (refused when a running server uses it).")] = None,
+    tablespace_map: Annotated[list[str] | None, typer.Option(
+        "--tablespace-map", help="OID=DIR for a tablespace the WAL creates (repeat).")] = None,
+    tablespace_map_all: Annotated[str | None, typer.Option("--tablespace-map-all")] = None,
+    timeline: Annotated[str | None, typer.Option(help="The timeline recovery follows.")] = None,
+    allow_gap: Annotated[bool, typer.Option(
+        "--allow-gap", help="End recovery at a gap in the archive instead of failing.")
+    ] = False,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
 ) -> None:
-    """Fetch one WAL file (for restore_command); exits 1 when it is not archived."""
-    from keepwell.sources.postgres.hooks import fetch
+    """Fetch one WAL file (for restore_command): exits 1 when it is not archived (the end of
+    the WAL) and 126 on any other failure, which makes recovery stop with an error."""
+    from keepwell.errors import KeepwellError
+    from keepwell.sources.postgres.errors import WalNotFoundError
+    from keepwell.sources.postgres.hooks import FETCH_FAILED, fetch
 
-    fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch)
+    try:
+        fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch,
+              policy={"tablespaces": tablespaces, "tablespace_map": tablespace_map,
+                      "tablespace_map_all": tablespace_map_all, "timeline": timeline,
+                      "allow_gap": allow_gap})
+    except WalNotFoundError:
+        raise
+    except (KeepwellError, OSError) as exc:
+        typer.echo(f"keepwell: {exc.line() if isinstance(exc, KeepwellError) else exc}",
+                   err=True)
+        raise typer.Exit(FETCH_FAILED) from None
 
 
 @app.command("wal-upload")

@@ -4,7 +4,10 @@ A *physical* drill restores the newest complete base backup with the source's ow
 (`keepwell.sources.postgres.restore.restore_physical`, recovering to the end of the archived WAL
 through ``restore_command``), then starts a temporary server on that data directory: a free
 port, a private socket directory, no TCP listener, no archiving, trust authentication on the
-socket only. A *logical* drill runs ``initdb`` into scratch space, starts that temporary server
+socket only, and nothing written outside scratch space: every tablespace, those of the backup
+and those the replayed WAL creates, stays inside the restored data directory (the restore's
+default), the server's data directory, pid file and log are pinned there whatever the restored
+configuration says, and a restore that would touch a path a running server uses is refused. A *logical* drill runs ``initdb`` into scratch space, starts that temporary server
 and restores the newest logical dump (globals, then every database) with
 `keepwell.sources.postgres.logical.restore_logical`.
 
@@ -126,8 +129,11 @@ class TempServer:
         os.makedirs(self.sockdir, 0o700, exist_ok=True)
         for p in (hba, conf, self.sockdir):
             hand_over(p, self.user)
-        opts = (f"-p {self.port} -c listen_addresses='' -c unix_socket_directories='"
-                f"{self.sockdir}' -c hba_file='{hba}' -c archive_mode=off")
+        from keepwell.sources.postgres.restore import safe_start_options
+
+        opts = (f"{safe_start_options(self.datadir, self.port)} -c listen_addresses=''"
+                f" -c unix_socket_directories='{self.sockdir}' -c hba_file='{hba}'"
+                " -c archive_mode=off")
         res = self._run([os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l",
                          self.log, "-o", opts, "-W", "start"])
         if res.returncode != 0:

@@ -63,10 +63,12 @@ def archive_command(*, asynchronous: bool, spool: str | None, spool_max: str | N
     return _quote([*argv, "%p"], ("%p",))
 
 
-def restore_command(*, repo: str, password_file: str, cluster: str) -> str:
-    """The restore_command line that fetches archived WAL (``%f`` and ``%p`` left)."""
+def restore_command(*, repo: str, password_file: str, cluster: str,
+                    policy: list[str] | None = None) -> str:
+    """The restore_command line that fetches archived WAL (``%f`` and ``%p`` left); `policy`
+    are the options of the restore's fetch policy (`walguard.FetchPolicy.args`)."""
     argv = [*hook_command(), "fetch", "%f", "%p", "--repo", repo,
-            "--password-file", password_file, "--cluster", cluster]
+            "--password-file", password_file, "--cluster", cluster, *(policy or [])]
     return _quote(argv, ("%f", "%p"))
 
 
