@@ -192,6 +192,44 @@ class PgEnv:
         prefix = " ".join(f"{k}={env[k]}" for k in keep)
         return f"env {prefix} " + " ".join(wal_push_argv(hook)) + " " + " ".join(args)
 
+    def python(self, code: str, *args: str) -> str:
+        """Run Python `code` as the postgres user with `repo` bound to the open repository
+        (and `sys.argv[1:]` = `args`); returns its stdout."""
+        prelude = (
+            "import os, sys\n"
+            "from keepwell.repository import open_repository\n"
+            "repo = open_repository(os.environ['KEEPWELL_REPOSITORY'],"
+            " open(os.environ['KEEPWELL_PASSWORD_FILE']).read().strip())\n"
+        )
+        res = subprocess.run(as_pg_user([PYTHON, "-c", prelude + code, *args]), env=self.env(),
+                             capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise AssertionError(f"repository script failed: {res.stderr}")
+        return res.stdout
+
+    def forget_wal(self, name: str) -> None:
+        """Forget the archived WAL file `name` (a gap in the archive)."""
+        self.python("ids = [s.id for s in repo.list_snapshots('postgres-wal')"
+                    " if sys.argv[1] in s.source['files']]\nrepo.forget(ids)\n", name)
+
+    def damage_wal(self, name: str) -> None:
+        """Flip bytes of the stored first chunk of archived WAL file `name` (its page header
+        makes that chunk its own), in the pack that holds it."""
+        self.python(
+            "from keepwell.repository.format import pack_object_name\n"
+            "snap = next(s for s in repo.list_snapshots('postgres-wal')"
+            " if sys.argv[1] in s.source['files'])\n"
+            "node = repo.find_node(snap, snap.source['files'][sys.argv[1]]['path'])\n"
+            "loc = repo.locate(node.content[0])\n"
+            "path = os.path.join(os.environ['KEEPWELL_REPOSITORY'],"
+            " pack_object_name(loc.pack_type, loc.pack.hex()))\n"
+            "os.chmod(path, 0o600)\n"
+            "with open(path, 'r+b') as f:\n"
+            "    f.seek(loc.offset + loc.length // 2)\n"
+            "    b = f.read(16)\n"
+            "    f.seek(loc.offset + loc.length // 2)\n"
+            "    f.write(bytes(x ^ 0xFF for x in b))\n", name)
+
     def init_repo(self) -> None:
         code = (
             "import os\n"

@@ -325,6 +325,10 @@ def wal_fetch(
     allow_gap: Annotated[bool, typer.Option(
         "--allow-gap", help="End recovery at a gap in the archive instead of failing.")
     ] = False,
+    target: Annotated[str | None, typer.Option(
+        "--target", metavar="end|point",
+        help="Recovery runs to the end of the archive (a gap or damage aborts it) or toward a"
+             " point before it.")] = None,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
@@ -339,7 +343,7 @@ def wal_fetch(
         fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch,
               policy={"tablespaces": tablespaces, "tablespace_map": tablespace_map,
                       "tablespace_map_all": tablespace_map_all, "timeline": timeline,
-                      "allow_gap": allow_gap})
+                      "allow_gap": allow_gap, "target": target})
     except WalNotFoundError:
         raise
     except (KeepwellError, OSError) as exc:

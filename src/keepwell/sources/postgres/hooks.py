@@ -387,7 +387,8 @@ USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
 
   push PATH [--async --spool DIR [--spool-max SIZE]]   archive one WAL file (archive_command)
   fetch NAME DEST [--prefetch N] [--tablespaces inside|as-recorded]
-        [--tablespace-map OID=DIR]... [--tablespace-map-all DIR] [--timeline N] [--allow-gap]
+        [--tablespace-map OID=DIR]... [--tablespace-map-all DIR] [--timeline N]
+        [--target end|point] [--allow-gap]
                                                         fetch one WAL file (restore_command)
   upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
 
@@ -398,7 +399,7 @@ KEEPWELL_PG_CLUSTER, KEEPWELL_PG_SPOOL, KEEPWELL_PG_SPOOL_MAX)
 _FLAGS = {"--async", "--daemon", "--allow-gap"}
 _VALUED = {"--repo", "-r", "--password-file", "--cluster", "--spool", "--spool-max",
            "--prefetch", "--prefetch-dir", "--pg-wal", "--idle-exit", "--tablespaces",
-           "--tablespace-map", "--tablespace-map-all", "--timeline"}
+           "--tablespace-map", "--tablespace-map-all", "--timeline", "--target"}
 _REPEATED = {"--tablespace-map"}  # kept one per line; every other option is given once
 _POSITIONALS = {"push": 1, "fetch": 2, "upload": 0}
 
@@ -455,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                       "tablespace_map": opts["--tablespace-map"].split("\n")
                       if "--tablespace-map" in opts else None,
                       "tablespace_map_all": opts.get("--tablespace-map-all"),
-                      "timeline": opts.get("--timeline"), "allow_gap": "--allow-gap" in opts})
+                      "timeline": opts.get("--timeline"), "allow_gap": "--allow-gap" in opts,
+                      "target": opts.get("--target")})
         else:
             if not settings.spool:
                 raise UsageError("the uploader needs a spool directory (--spool)")

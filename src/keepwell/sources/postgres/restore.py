@@ -48,6 +48,7 @@ _STOP_RE = re.compile(r"LOG:\s+(recovery stopping .*)")
 _LAST_RE = re.compile(r"LOG:\s+last completed transaction was at log time (.*)")
 _REDO_DONE_RE = re.compile(r"LOG:\s+redo done at (\S+)")
 _FATAL_RE = re.compile(r"(FATAL|PANIC):\s+(.*)")
+_KEEPWELL_RE = re.compile(r"^keepwell: (.*(?:cannot|missing|refus|overwrite).*)$", re.M)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     password_file = _password_file(opts, root)
     policy = FetchPolicy("inside", _oid_map(opts, plan),
                          os.path.abspath(opts.tablespace_map_all)
-                         if opts.tablespace_map_all else None, plan.timeline, opts.allow_gap)
+                         if opts.tablespace_map_all else None, plan.timeline, opts.allow_gap,
+                         "end" if plan.target.kind() == "end" else "point")
     write_recovery_settings(root, restore_command(opts, cluster, password_file, policy),
                             plan.target, opts.archive_mode)
     # one flush of everything at the end (files were written without an fsync each)
@@ -222,7 +224,9 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
             break
         fatal = _FATAL_RE.findall(text)
         if fatal and not _running(pg_ctl, root):
-            raise RecoveryError(f"recovery failed: {fatal[-1][1]}")
+            ours = _KEEPWELL_RE.findall(text)  # the fetch says why it failed, in the same log
+            raise RecoveryError(f"recovery failed: {fatal[-1][1]}"
+                                + (f" ({ours[-1]})" if ours else ""))
         time.sleep(0.2)
     else:
         raise RecoveryError(f"recovery did not finish within {opts.wait_timeout:.0f} s")
@@ -259,7 +263,8 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-_NOT_ARCHIVED_RE = re.compile(r"keepwell: WAL file ([0-9A-F]{24}) is not in the repository")
+_NOT_ARCHIVED_RE = re.compile(
+    r"keepwell: WAL (?:file|segment) ([0-9A-F]{24}) is (?:not in the repository|missing)")
 
 
 def check_reached_end(plan: RestorePlan, log_text: str) -> None:

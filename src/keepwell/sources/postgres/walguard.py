@@ -16,7 +16,10 @@ the fetch (`fetch_segment`) guards it:
   fatal) instead of letting the server end recovery and promote early, unless the policy allows
   the gap (``--allow-gap``); then the server log says where recovery ends and why.
 - *Failures.* Any failure to fetch the segment asked for aborts recovery too (only "not
-  archived" ends it). A damaged segment *ahead* of it only ends the read-ahead: the segment
+  archived" ends it). Toward a target (``--target point``) a gap or an unreadable segment
+  ends recovery instead, with a note in the server log: PostgreSQL reads WAL ahead of what it
+  replays, so it may ask for segments past its target, and it fails by itself ("recovery
+  ended before configured recovery target was reached") when the target lies beyond. A damaged segment *ahead* of it only ends the read-ahead: the segment
   asked for is handed on, and the damaged one fails when (and if) recovery reaches it.
 - *Identity.* Each segment's system identifier (its page header) must be the cluster's.
 
@@ -85,6 +88,7 @@ class FetchPolicy:
     tablespace_map_all: str | None = None
     timeline: int | None = None
     allow_gap: bool = False
+    target: str = "end"  # "end": recovery must reach the end of the archive; "point": a target
 
     def args(self) -> list[str]:
         out = ["--tablespaces", self.tablespaces]
@@ -96,14 +100,18 @@ class FetchPolicy:
             out += ["--timeline", str(self.timeline)]
         if self.allow_gap:
             out.append("--allow-gap")
+        if self.target != "end":
+            out += ["--target", self.target]
         return out
 
     @classmethod
     def parse(cls, *, tablespaces: str | None = None, tablespace_map: list[str] | None = None,
               tablespace_map_all: str | None = None, timeline: str | None = None,
-              allow_gap: bool = False) -> FetchPolicy:
+              allow_gap: bool = False, target: str | None = None) -> FetchPolicy:
         if tablespaces not in (None, "inside", "as-recorded"):
             raise UsageError(f"--tablespaces is 'inside' or 'as-recorded', not {tablespaces!r}")
+        if target not in (None, "end", "point"):
+            raise UsageError(f"--target is 'end' or 'point', not {target!r}")
         mapping = {}
         for item in tablespace_map or []:
             oid, sep, directory = item.partition("=")
@@ -114,7 +122,8 @@ class FetchPolicy:
             tli = int(timeline) if timeline else None
         except ValueError:
             raise UsageError(f"invalid --timeline {timeline!r}") from None
-        return cls(tablespaces or "as-recorded", mapping, tablespace_map_all, tli, allow_gap)
+        return cls(tablespaces or "as-recorded", mapping, tablespace_map_all, tli, allow_gap,
+                   target or "end")
 
     def wanted_location(self, oid: str) -> str | None:
         """The directory the user named for tablespace `oid`, if any."""
@@ -222,9 +231,12 @@ def fetch_segment(name: str, dest: str, archive: WalArchive, *, prefetch: int,
     timeline = policy.timeline or cat.latest_timeline()
     if cat.find(name) is None:
         why = missing(cat, name, timeline)
+        if isinstance(why, WalGapError) and policy.target != "end":
+            # recovery (or PostgreSQL's read-ahead) past a target: if the target lies beyond
+            # the gap, PostgreSQL fails with "recovery ended before ... target was reached"
+            raise WalNotFoundError(f"{why}; recovery toward its target ends here")
         if isinstance(why, WalGapError) and policy.allow_gap:
-            _note(f"{str(why)}; recovery ends here, as --allow-gap allows")
-            raise WalNotFoundError(str(why))
+            raise WalNotFoundError(f"{why}; recovery ends here, as --allow-gap allows")
         raise why
     parsed = parse_segment_name(name, cat.segment_size)
     if wal_kind(name) != "segment" or parsed is None:
@@ -234,7 +246,7 @@ def fetch_segment(name: str, dest: str, archive: WalArchive, *, prefetch: int,
     pre = _Prefetch(prefetch_dir)
     os.makedirs(pre.dir, 0o700, exist_ok=True)
     pre.clean_before(segment_name(tli, segno - 1, cat.segment_size))
-    files = _gather(name, tli, segno, cat, archive, pre, prefetch)
+    files = _gather(name, tli, segno, cat, archive, pre, prefetch, policy)
     end = len(files) < prefetch + 2  # the archive (or its readable part) ends in this batch
     _guard(files, tli, segno, cat, pre, policy, handed_tail=os.path.exists(
         pre.tail(segment_name(tli, segno - 1, cat.segment_size))))
@@ -255,9 +267,11 @@ def fetch_segment(name: str, dest: str, archive: WalArchive, *, prefetch: int,
 
 
 def _gather(name: str, tli: int, segno: int, cat: Catalog, archive: WalArchive,
-            pre: _Prefetch, prefetch: int) -> list[tuple[str, str]]:
+            pre: _Prefetch, prefetch: int, policy: FetchPolicy) -> list[tuple[str, str]]:
     """(name, working file) of the asked-for segment and those after it, read ahead; a
-    segment ahead that cannot be read (or is not this cluster's) ends the batch quietly."""
+    segment ahead that cannot be read (or is not this cluster's) ends the batch quietly. The
+    asked-for one failing aborts recovery to the end; toward a target it ends recovery there
+    (PostgreSQL reads ahead of its target, and fails by itself if the target lies beyond)."""
     out: list[tuple[str, str]] = []
     for i in range(prefetch + 2):
         n = segment_name(tli, segno + i, cat.segment_size)
@@ -275,6 +289,9 @@ def _gather(name: str, tli: int, segno: int, cat: Catalog, archive: WalArchive,
         except KeepwellError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(work)
+            if i == 0 and policy.target != "end":
+                raise WalNotFoundError(f"WAL file {n} cannot be restored: {exc}; recovery"
+                                       " toward its target ends here") from None
             if i == 0:
                 raise RecoveryAbort(f"WAL file {n} cannot be restored: {exc}") from None
             _note(f"WAL file {n} could not be read ahead ({exc}); it is fetched again"
