@@ -10,21 +10,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tests.servers.postgres as servers_pg
-from tests.servers.postgres import PgCluster, PgEnv, free_port
+from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
 
 pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def backed_up_cluster(env: PgEnv) -> PgCluster:
-    """A cluster archiving synchronously, with an empty table marks, and a base backup."""
-    c = PgCluster(env.workdir).initdb(archive_timeout=0)
-    c.set_archive_command(env.wal_hook_command("push", "%p"))
-    c.start()
-    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
-    env.keepwell("backup", "--physical", "--db-url", c.url())
-    return c
 
 
 def cluster_with_marks(env: PgEnv, segments: int) -> tuple[PgCluster, list[tuple[int, str, str]]]:

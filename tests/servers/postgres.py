@@ -230,6 +230,22 @@ class PgEnv:
             "    f.seek(loc.offset + loc.length // 2)\n"
             "    f.write(bytes(x ^ 0xFF for x in b))\n", name)
 
+    def unindex_wal(self, name: str) -> None:
+        """Delete the index objects that list the pack holding WAL file `name`'s first chunk:
+        the pack stays in storage, but no index points a reader at it."""
+        self.python(
+            "from keepwell.repository.format import KIND_INDEX\n"
+            "from keepwell.repository.index import decode_index\n"
+            "snap = next(s for s in repo.list_snapshots('postgres-wal')"
+            " if sys.argv[1] in s.source['files'])\n"
+            "node = repo.find_node(snap, snap.source['files'][sys.argv[1]]['path'])\n"
+            "pack = repo.locate(node.content[0]).pack\n"
+            "for info in repo.backend.list('index/'):\n"
+            "    n = info.name.split('/', 1)[1]\n"
+            "    if pack in [bytes(p) for p in"
+            " decode_index(repo.get_object('index', n, KIND_INDEX)).packs]:\n"
+            "        repo.backend.delete(info.name)\n", name)
+
     def init_repo(self) -> None:
         code = (
             "import os\n"
@@ -243,6 +259,17 @@ class PgEnv:
         )
         if res.returncode != 0:
             raise AssertionError(f"repository init failed: {res.stderr}")
+
+
+def backed_up_cluster(env: PgEnv, table: str = "marks (i int PRIMARY KEY)") -> PgCluster:
+    """A started cluster archiving synchronously through keepwell, with one table created, and
+    a physical backup of it."""
+    c = PgCluster(env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(env.wal_hook_command("push", "%p"))
+    c.start()
+    c.sql(f"CREATE TABLE {table}")
+    env.keepwell("backup", "--physical", "--db-url", c.url())
+    return c
 
 
 def control_config(env: PgEnv, cluster: PgCluster, *, mode: str = "physical",

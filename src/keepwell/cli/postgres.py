@@ -480,7 +480,8 @@ def check(
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Check WAL continuity, backups' completeness and the restore window; exit 1 on problems."""
+    """Check WAL continuity, backups' completeness, that every WAL file and backup can be read
+    as a restore reads it, and the restore window; exit 1 on problems."""
     from keepwell.sources.postgres.report import check as build_check
     from keepwell.sources.postgres.report import server_archiver
 
@@ -495,8 +496,13 @@ def check(
 
         with connect(_spec(db_url)) as conn:
             server = server_archiver(conn)
+    from keepwell.sources.postgres.walindex import unreadable
+
     with open_repo(repo, password_file) as r:
-        data = build_check(_catalog(r, cluster), spool_status=spool_status, server=server)
+        cat = _catalog(r, cluster)
+        ids = [*cat.wal_snapshots, *(b.snapshot_id for b in cat.backups)]
+        data = build_check(cat, spool_status=spool_status, server=server,
+                           unreadable=unreadable(r, ids))
     if json_out:
         print_json(data)
     else:
