@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from keepwell.cli.common import (
     GLOBALS,
@@ -27,6 +28,37 @@ from keepwell.cli.common import (
     run_app,
 )
 from keepwell.errors import UsageError
+
+
+class OnceCommand(TyperCommand):
+    """A command whose single-valued options may be given once: with click, the last of
+    ``--target-time A --target-time B`` would win without a word."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        single = {o: p for p in self.params if getattr(p, "opts", None) and not p.multiple
+                  and not getattr(p, "is_flag", False) and not getattr(p, "count", False)
+                  for o in p.opts}
+        valued = {o for p in self.params if not getattr(p, "is_flag", True)
+                  for o in getattr(p, "opts", [])}
+        seen: dict[str, str] = {}
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2] \
+                if arg.startswith("-") and len(arg) > 1 else None
+            if name in single:
+                first = single[name].opts[0]
+                if first in seen:
+                    raise UsageError(f"{first} is given twice ({seen[first]} and {arg})",
+                                     hint=f"{first} takes one value; see --help")
+                seen[first] = arg
+            if name in valued and arg == name:
+                i += 1  # its value, which may look like an option
+            i += 1
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
     help="Back up PostgreSQL (logical dumps, physical base backups, WAL) and restore it to any"
@@ -83,7 +115,7 @@ def _parse_duration(text: str) -> timedelta:
 
 
 # --- backup ---
-@app.command()
+@app.command(cls=OnceCommand)
 def backup(
     logical: Annotated[bool, typer.Option("--logical", help="pg_dump of databases.")] = False,
     physical: Annotated[bool, typer.Option(
@@ -137,7 +169,7 @@ def backup(
 
 
 # --- restore ---
-@app.command()
+@app.command(cls=OnceCommand)
 def restore(
     target_dir: Annotated[str | None, typer.Option(
         "--target-dir", help="Data directory to write (physical restore).")] = None,
@@ -163,16 +195,26 @@ def restore(
     allow_gap: Annotated[bool, typer.Option(
         "--allow-gap", help="Restore to the end of the WAL even though a gap stops it short.")
     ] = False,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="A standby that follows the archive (standby.signal; no target).")
+    ] = False,
     start: Annotated[bool, typer.Option("--start", help="Start the server and wait.")] = False,
     port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
     archive_mode: Annotated[str, typer.Option(
         help="'off' (the restored server does not archive) or 'preserve'.")] = "off",
     logical: Annotated[bool, typer.Option(
         "--logical", help="Restore a logical dump into a running server.")] = False,
-    database: Annotated[str | None, typer.Option("--database", "-d")] = None,
+    database: Annotated[list[str] | None, typer.Option(
+        "--database", "-d", help="Database to restore (repeat).")] = None,
+    all_databases: Annotated[bool, typer.Option(
+        "--all", help="Restore the globals and every database of the dump (creating the"
+                      " databases that are missing).")] = False,
     into: Annotated[str | None, typer.Option(help="Restore into this database.")] = None,
-    schema: Annotated[str | None, typer.Option("--schema", "-n")] = None,
-    table: Annotated[str | None, typer.Option("--table", "-t")] = None,
+    schema: Annotated[list[str] | None, typer.Option(
+        "--schema", "-n", help="Only this schema (repeat).")] = None,
+    table: Annotated[list[str] | None, typer.Option(
+        "--table", "-t", help="Only this table, with its constraints, indexes, triggers,"
+                              " sequences and comments (repeat).")] = None,
     create: Annotated[bool, typer.Option("--create", help="Create the database.")] = False,
     clean: Annotated[bool, typer.Option("--clean", help="Drop objects first.")] = False,
     globals_: Annotated[bool, typer.Option("--globals", help="Restore roles too.")] = False,
@@ -183,20 +225,26 @@ def restore(
     json_out: JsonOption = False,
 ) -> None:
     """Restore a logical dump (--logical) or a physical backup to a point in time."""
+    physical_only = {"--target-dir": target_dir, "--target-time": target_time,
+                     "--target-lsn": target_lsn, "--target-xid": target_xid,
+                     "--target-name": target_name, "--immediate": immediate,
+                     "--target-timeline": target_timeline, "--exclusive": exclusive,
+                     "--delta": delta, "--tablespace-map": tablespace_map,
+                     "--tablespace-map-all": tablespace_map_all, "--allow-gap": allow_gap,
+                     "--start": start, "--port": port, "--standby": standby}
+    logical_only = {"--database": database, "--all": all_databases, "--into": into,
+                    "--schema": schema, "--table": table, "--create": create, "--clean": clean,
+                    "--globals": globals_}
+    wrong = [k for k, v in (physical_only if logical else logical_only).items() if v]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not for a"
+                         f" {'logical' if logical else 'physical'} restore",
+                         hint="see 'keepwell postgres restore --help'")
     if logical:
-        from keepwell.sources.postgres.logical import restore_logical
-
-        with open_repo(repo, password_file) as r:
-            res = restore_logical(r, _spec(db_url), cluster, snapshot=snapshot or "latest",
-                                  database=database, into=into, schema=schema, table=table,
-                                  create=create, clean=clean, restore_globals=globals_)
-        if json_out:
-            print_json(res)
-        else:
-            what = f"table {table} of " if table else f"schema {schema} of " if schema else ""
-            _say(f"restored {what}database {res.get('database')} into {res.get('into')}"
-                 f" from {res['snapshot']}" if res.get("database") else
-                 f"restored globals from {res['snapshot']}")
+        _restore_logical(_spec(db_url), cluster, snapshot, json_out, repo, password_file,
+                         databases=list(database or []), all_databases=all_databases,
+                         restore_globals=globals_, into=into, schemas=list(schema or []),
+                         tables=list(table or []), create=create, clean=clean)
         return
     if not target_dir:
         raise UsageError("give --target-dir for a physical restore (or --logical)")
@@ -226,7 +274,7 @@ def restore(
     opts = RestoreOptions(
         target_dir=target_dir, target=target, snapshot=snapshot, delta=delta,
         tablespace_map=ts_map, tablespace_map_all=tablespace_map_all, allow_gap=allow_gap,
-        start=start, port=port, archive_mode=archive_mode,
+        standby=standby, start=start, port=port, archive_mode=archive_mode,
         repo_location=os.path.abspath(location) if "://" not in location else location,
         password_file=pw_file, password=None if pw_file else resolve_password(None),
     )
@@ -240,7 +288,8 @@ def restore(
          f" {result.stats.files} files, {human_bytes(result.stats.bytes)}"
          + (f", {result.stats.written_files} rewritten" if delta else ""))
     point = result.plan.point
-    _say(f"recovery target: {target.describe()}"
+    _say(("recovery: a standby, following the archived WAL" if standby else
+          f"recovery target: {target.describe()}")
          + (f" (recorded at LSN {point.lsn}, {point.time:%Y-%m-%d %H:%M:%S})"
             if point is not None else "")
          + (f" (= {when.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f} UTC; no zone given, so read in"
@@ -251,7 +300,10 @@ def restore(
                    f" {result.plan.gap[1]}, is not replayed (--allow-gap)", err=True)
     if result.plan.note:
         typer.echo(f"keepwell: note: {result.plan.note}", err=True)
-    if result.started:
+    if result.started and standby:
+        _say(f"standby started on port {port}: it replays the archived WAL and follows it as it"
+             " grows")
+    elif result.started:
         _say(f"server started on port {port}: "
              + (result.stopped_at or f"recovered to the end of the archived WAL"
                 f" ({result.redo_done_at or 'no WAL replayed'})"))
@@ -261,7 +313,30 @@ def restore(
         _say("start the server to recover (pg_ctl -D DIR start), or pass --start")
 
 
-@app.command("restore-point")
+def _restore_logical(spec: Any, cluster: str, snapshot: str | None, json_out: bool,
+                     repo: str | None, password_file: str | None, **request: Any) -> None:
+    from keepwell.sources.postgres.logicalrestore import LogicalRequest, restore_logical
+
+    with open_repo(repo, password_file) as r:
+        res = restore_logical(r, spec, cluster, LogicalRequest(**request),
+                              snapshot=snapshot or "latest")
+    if json_out:
+        print_json(res)
+        return
+    if res["globals"]:
+        _say(f"restored globals (roles, tablespaces) from {res['snapshot']}")
+    for db in res["databases"]:
+        what = (f"table(s) {', '.join(db['tables'])} of " if db.get("tables")
+                else f"schema(s) {', '.join(db['schemas'])} of " if db.get("schemas") else "")
+        _say(f"restored {what}database {db['database']} into {db['into']} from"
+             f" {res['snapshot']}")
+        for kind, names in (db.get("restored") or {}).items():
+            _say(f"  with {kind}: {', '.join(names)}")
+        for line in db.get("skipped") or []:
+            typer.echo(f"keepwell: note: skipped {line}", err=True)
+
+
+@app.command("restore-point", cls=OnceCommand)
 def restore_point(
     name: Annotated[str, typer.Argument(help="Name of the restore point.")],
     db_url: DbUrlOption = None,
@@ -291,7 +366,7 @@ def _hook_settings(repo: str | None, password_file: str | None, cluster: str,
                                 cluster, spool, spool_max)
 
 
-@app.command("wal-push")
+@app.command("wal-push", cls=OnceCommand)
 def wal_push(
     path: Annotated[str, typer.Argument(help="%p of archive_command.")],
     asynchronous: Annotated[bool, typer.Option(
@@ -309,7 +384,7 @@ def wal_push(
          asynchronous=asynchronous)
 
 
-@app.command("wal-fetch")
+@app.command("wal-fetch", cls=OnceCommand)
 def wal_fetch(
     name: Annotated[str, typer.Argument(help="%f of restore_command.")],
     dest: Annotated[str, typer.Argument(help="%p of restore_command.")],
@@ -352,7 +427,7 @@ def wal_fetch(
         raise typer.Exit(FETCH_FAILED) from None
 
 
-@app.command("wal-upload")
+@app.command("wal-upload", cls=OnceCommand)
 def wal_upload(
     spool: SpoolOption = None,
     pg_wal: Annotated[str | None, typer.Option(help="pg_wal to upload ahead from.")] = None,
@@ -368,7 +443,7 @@ def wal_upload(
                  daemon=daemon)
 
 
-@app.command("archive-command")
+@app.command("archive-command", cls=OnceCommand)
 def archive_command(
     asynchronous: Annotated[bool, typer.Option(
         "--async", help="Acknowledge from the local spool; upload in the background.")] = False,
@@ -398,7 +473,7 @@ def archive_command(
         typer.echo(conf_line("archive_command", line))
 
 
-@app.command("wal-stream")
+@app.command("wal-stream", cls=OnceCommand)
 def wal_stream(
     directory: Annotated[str, typer.Option(
         "--dir", help="Local directory pg_receivewal writes to.")],
@@ -433,7 +508,7 @@ def _catalog(r: Any, cluster: str) -> Any:
     return Catalog.build(r.list_snapshots(), cluster)
 
 
-@app.command()
+@app.command(cls=OnceCommand)
 def info(
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
@@ -471,7 +546,7 @@ def _render_info(data: dict[str, Any]) -> None:
                    f"  tl {p['timeline']}")
 
 
-@app.command()
+@app.command(cls=OnceCommand)
 def check(
     spool: SpoolOption = None,
     db_url: DbUrlOption = None,
@@ -515,7 +590,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=OnceCommand)
 def forget(
     keep_last: Annotated[int | None, typer.Option(help="Keep the newest N backups.")] = None,
     keep_within: Annotated[str | None, typer.Option(

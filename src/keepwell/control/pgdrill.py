@@ -9,7 +9,7 @@ and those the replayed WAL creates, stays inside the restored data directory (th
 default), the server's data directory, pid file and log are pinned there whatever the restored
 configuration says, and a restore that would touch a path a running server uses is refused. A *logical* drill runs ``initdb`` into scratch space, starts that temporary server
 and restores the newest logical dump (globals, then every database) with
-`keepwell.sources.postgres.logical.restore_logical`.
+`keepwell.sources.postgres.logicalrestore.restore_logical`.
 
 Checks: the server recovers and accepts connections; ``pg_amcheck --all`` passes (when the
 program is installed and the drill does not turn it off); every table the drill names exists
@@ -377,7 +377,7 @@ def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, serve
 def _restore_logical(repo: Any, spec: JobSpec, cluster: str, snap: Any, server: TempServer,
                      ctx: JobContext, timeout: float) -> tuple[str, float]:
     from keepwell.sources.postgres.connection import ConnSpec
-    from keepwell.sources.postgres.logical import restore_logical
+    from keepwell.sources.postgres.logicalrestore import LogicalRequest, restore_logical
 
     os.makedirs(server.datadir, 0o700)
     hand_over(server.datadir, server.user)
@@ -391,10 +391,12 @@ def _restore_logical(repo: Any, spec: JobSpec, cluster: str, snap: Any, server: 
     source = snap.source or {}
     spec_conn = ConnSpec(server.conninfo(su))
     if source.get("globals"):
-        restore_logical(repo, spec_conn, cluster, snapshot=snap.id, restore_globals=True)
+        restore_logical(repo, spec_conn, cluster, LogicalRequest(restore_globals=True),
+                        snapshot=snap.id)
     for db in source.get("databases") or []:
         ctx.check()
-        restore_logical(repo, spec_conn, cluster, snapshot=snap.id, database=db,
-                        create=db != "postgres")
+        restore_logical(repo, spec_conn, cluster,
+                        LogicalRequest(databases=[db], create=db != "postgres"),
+                        snapshot=snap.id)
     return snap.id, float(snap.time.timestamp())
 

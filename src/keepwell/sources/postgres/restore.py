@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from keepwell.errors import UsageError
 from keepwell.sources.postgres import commands
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.datadir import (
@@ -48,6 +49,7 @@ _STOP_RE = re.compile(r"LOG:\s+(recovery stopping .*)")
 _LAST_RE = re.compile(r"LOG:\s+last completed transaction was at log time (.*)")
 _REDO_DONE_RE = re.compile(r"LOG:\s+redo done at (\S+)")
 _FATAL_RE = re.compile(r"(FATAL|PANIC):\s+(.*)")
+_STANDBY_READY = "database system is ready to accept read-only connections"
 _KEEPWELL_RE = re.compile(r"^keepwell: (.*(?:cannot|missing|refus|overwrite).*)$", re.M)
 
 
@@ -60,6 +62,7 @@ class RestoreOptions:
     tablespace_map: dict[str, str] | None = None
     tablespace_map_all: str | None = None
     allow_gap: bool = False
+    standby: bool = False  # a standby that follows the archive (standby.signal), no target
     start: bool = False
     port: int | None = None
     archive_mode: str = "off"  # "off" or "preserve"
@@ -105,6 +108,8 @@ def restore_command(opts: RestoreOptions, cluster: str, password_file: str,
 
 def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreResult:
     catalog = Catalog.build(repo.list_snapshots(), cluster)
+    if opts.standby and opts.target.kind() != "end":
+        raise UsageError("a standby follows the archive to its end: give it no recovery target")
     plan = choose(catalog, opts.target, opts.snapshot, allow_gap=opts.allow_gap)
     if opts.start and os.geteuid() == 0:
         raise ToolError("PostgreSQL refuses to run as root",
@@ -130,9 +135,10 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     policy = FetchPolicy("inside", _oid_map(opts, plan),
                          os.path.abspath(opts.tablespace_map_all)
                          if opts.tablespace_map_all else None, plan.timeline, opts.allow_gap,
+                         "follow" if opts.standby else
                          "end" if plan.target.kind() == "end" else "point")
     write_recovery_settings(root, restore_command(opts, cluster, password_file, policy),
-                            plan.target, opts.archive_mode)
+                            plan.target, opts.archive_mode, standby=opts.standby)
     # one flush of everything at the end (files were written without an fsync each)
     make_durable(layout.roots(), stats.synced)
     if not opts.start:
@@ -178,8 +184,11 @@ def _password_file(opts: RestoreOptions, root: str) -> str:
     return path
 
 
-def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str) -> None:
-    """Append recovery settings to postgresql.auto.conf and create recovery.signal."""
+def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str, *,
+                            standby: bool = False) -> None:
+    """Append recovery settings to postgresql.auto.conf and create recovery.signal (a standby:
+    standby.signal, no target, and WAL from the archive only, not streamed from a primary the
+    restored configuration may name, which would bypass the fetch's guard)."""
     auto = os.path.join(root, "postgresql.auto.conf")
     try:
         with open(auto, encoding="utf-8") as f:
@@ -188,19 +197,24 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
         text = ""
     if RECOVERY_MARK in text:
         text = text[: text.index(RECOVERY_MARK)]
-    settings = {"restore_command": command, **target.recovery_settings(),
-                "recovery_target_action": "promote",
+    settings = {"restore_command": command,
                 # tablespaces kept inside the data directory are directories in pg_tblspc,
                 # which recovery refuses to finish with unless this is on
                 "allow_in_place_tablespaces": "on"}
+    if standby:
+        settings.update(primary_conninfo="", primary_slot_name="")
+    else:
+        settings.update(**target.recovery_settings(), recovery_target_action="promote")
     if archive_mode == "off":
         settings["archive_mode"] = "off"
     body = "".join(f"{k} = '{str(v).replace(chr(39), chr(39) * 2)}'\n"
                    for k, v in settings.items())
     with open(own_file(auto), "w", encoding="utf-8") as f:
         f.write(text.rstrip("\n") + ("\n" if text.strip() else "") + RECOVERY_MARK + "\n" + body)
-    open(own_file(os.path.join(root, "recovery.signal")), "w").close()
-    for stale in ("standby.signal", "postmaster.pid", "backup_label.old"):
+    signal, stale_signal = ("standby.signal", "recovery.signal") if standby else (
+        "recovery.signal", "standby.signal")
+    open(own_file(os.path.join(root, signal)), "w").close()
+    for stale in (stale_signal, "postmaster.pid", "backup_label.old"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(root, stale))
 
@@ -220,8 +234,8 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     deadline = time.monotonic() + opts.wait_timeout
     while time.monotonic() < deadline:
         text = _read(log)
-        if _promoted(text):
-            break
+        if _promoted(text) or opts.standby and _STANDBY_READY in text and reached_end(plan, text):
+            break  # a standby: once it has replayed the archive as it was
         fatal = _FATAL_RE.findall(text)
         if fatal and not _running(pg_ctl, root):
             ours = _KEEPWELL_RE.findall(text)  # the fetch says why it failed, in the same log
@@ -235,7 +249,7 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     last = _LAST_RE.findall(text)
     redo = _REDO_DONE_RE.findall(text)
     tli = re.findall(r"selected new timeline ID: (\d+)", text)
-    if plan.target.kind() == "end":
+    if plan.target.kind() == "end" and not opts.standby:
         check_reached_end(plan, text)
     return RestoreResult(
         plan, stats, root, True, stopped_at=stop[-1] if stop else None,
@@ -267,21 +281,28 @@ _NOT_ARCHIVED_RE = re.compile(
     r"keepwell: WAL (?:file|segment) ([0-9A-F]{24}) is (?:not in the repository|missing)")
 
 
-def check_reached_end(plan: RestorePlan, log_text: str) -> None:
-    """Recovery to the end of the WAL must have read the last segment the plan counted on:
-    the fetch reported a later one missing, or redo went on into that last segment."""
+def reached_end(plan: RestorePlan, log_text: str) -> bool:
+    """Whether recovery read the last segment the plan counted on: the fetch reported a later
+    one missing, or redo went on into that last segment."""
     size = plan.backup.segment_size
     last = plan.wal_end.segno(size) - 1
     asked = [parse_segment_name(n, size) for n in _NOT_ARCHIVED_RE.findall(log_text)]
     if any(p is not None and p[1] > last for p in asked):
-        return
+        return True
     redo = _REDO_DONE_RE.findall(log_text)
-    done = Lsn.parse(redo[-1]) if redo else None
-    if done is not None and done.segno(size) >= last:
+    return bool(redo) and Lsn.parse(redo[-1]).segno(size) >= last
+
+
+def check_reached_end(plan: RestorePlan, log_text: str) -> None:
+    """Recovery to the end of the WAL that stopped short of it is a failure."""
+    if reached_end(plan, log_text):
         return
+    size = plan.backup.segment_size
+    redo = _REDO_DONE_RE.findall(log_text)
     raise RecoveryError(
-        f"recovery ended at {done or 'the start of the backup'}, before the end of the archived"
-        f" WAL ({segment_name(plan.timeline, last, size)}): the server read no further",
+        f"recovery ended at {redo[-1] if redo else 'the start of the backup'}, before the end"
+        f" of the archived WAL ({segment_name(plan.timeline, plan.wal_end.segno(size) - 1, size)}"
+        "): the server read no further",
         hint=f"see the restored server's log {LOG_NAME} in the target directory")
 
 

@@ -88,7 +88,9 @@ class FetchPolicy:
     tablespace_map_all: str | None = None
     timeline: int | None = None
     allow_gap: bool = False
-    target: str = "end"  # "end": recovery must reach the end of the archive; "point": a target
+    # "end": recovery must reach the end of the archive; "point": it stops at a target before;
+    # "follow": a standby, which waits at the end of the archive for more
+    target: str = "end"
 
     def args(self) -> list[str]:
         out = ["--tablespaces", self.tablespaces]
@@ -110,8 +112,8 @@ class FetchPolicy:
               allow_gap: bool = False, target: str | None = None) -> FetchPolicy:
         if tablespaces not in (None, "inside", "as-recorded"):
             raise UsageError(f"--tablespaces is 'inside' or 'as-recorded', not {tablespaces!r}")
-        if target not in (None, "end", "point"):
-            raise UsageError(f"--target is 'end' or 'point', not {target!r}")
+        if target not in (None, "end", "point", "follow"):
+            raise UsageError(f"--target is 'end', 'point' or 'follow', not {target!r}")
         mapping = {}
         for item in tablespace_map or []:
             oid, sep, directory = item.partition("=")
@@ -224,20 +226,57 @@ def missing(cat: Catalog, name: str, timeline: int) -> KeepwellError:
         " recovery would end at the gap and lose everything archived after it")
 
 
+GAP_GRACE = 60.0  # seconds a gap may take to fill: archiving uploads batches side by side
+
+
+def _wait_for_gap(archive: WalArchive, name: str, timeline: int,
+                  gap: KeepwellError) -> KeepwellError | None:
+    """A gap found while archiving runs may be a segment still on its way (two batches are
+    uploaded at once, so a later one can land first): look again for a while. None when the
+    segment arrived."""
+    import time
+
+    deadline = time.monotonic() + GAP_GRACE
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        cat = archive.catalog(refresh=True)
+        if cat.find(name) is not None:
+            return None
+        gap = missing(cat, name, timeline)
+        if not isinstance(gap, WalGapError):
+            return gap
+    return gap
+
+
+def _not_archived(archive: WalArchive, cat: Catalog, name: str, timeline: int,
+                  policy: FetchPolicy) -> None:
+    """Raise what a missing `name` means under `policy`, unless it arrives after all."""
+    why: KeepwellError | None = missing(cat, name, timeline)
+    if isinstance(why, WalGapError) and policy.target == "end" and not policy.allow_gap:
+        why = _wait_for_gap(archive, name, timeline, why)
+    if why is None:
+        return
+    if isinstance(why, WalGapError) and policy.target == "follow":
+        # a standby asks again and again: the server log says why it does not advance
+        raise WalNotFoundError(f"{why}; the standby waits for it")
+    if isinstance(why, WalGapError) and policy.target == "point":
+        # recovery (or PostgreSQL's read-ahead) past a target: if the target lies beyond the
+        # gap, PostgreSQL fails with "recovery ended before configured recovery target was
+        # reached"
+        raise WalNotFoundError(f"{why}; recovery toward its target ends here")
+    if isinstance(why, WalGapError) and policy.allow_gap:
+        raise WalNotFoundError(f"{why}; recovery ends here, as --allow-gap allows")
+    raise why
+
+
 def fetch_segment(name: str, dest: str, archive: WalArchive, *, prefetch: int,
                   prefetch_dir: str, policy: FetchPolicy) -> str:
     """Hand archived WAL file `name` to recovery at `dest`, guarded as the module says."""
     cat = archive.catalog()
     timeline = policy.timeline or cat.latest_timeline()
     if cat.find(name) is None:
-        why = missing(cat, name, timeline)
-        if isinstance(why, WalGapError) and policy.target != "end":
-            # recovery (or PostgreSQL's read-ahead) past a target: if the target lies beyond
-            # the gap, PostgreSQL fails with "recovery ended before ... target was reached"
-            raise WalNotFoundError(f"{why}; recovery toward its target ends here")
-        if isinstance(why, WalGapError) and policy.allow_gap:
-            raise WalNotFoundError(f"{why}; recovery ends here, as --allow-gap allows")
-        raise why
+        _not_archived(archive, cat, name, timeline, policy)
+        cat = archive.catalog()  # the segment arrived while the gap was watched
     parsed = parse_segment_name(name, cat.segment_size)
     if wal_kind(name) != "segment" or parsed is None:
         archive.fetch(name, dest)
@@ -289,7 +328,7 @@ def _gather(name: str, tli: int, segno: int, cat: Catalog, archive: WalArchive,
         except KeepwellError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(work)
-            if i == 0 and policy.target != "end":
+            if i == 0 and policy.target == "point":
                 raise WalNotFoundError(f"WAL file {n} cannot be restored: {exc}; recovery"
                                        " toward its target ends here") from None
             if i == 0:
