@@ -246,7 +246,8 @@ class PgEnv:
             " decode_index(repo.get_object('index', n, KIND_INDEX)).packs]:\n"
             "        repo.backend.delete(info.name)\n", name)
 
-    def init_repo(self) -> None:
+    def init_repo(self, location: Path | None = None) -> None:
+        """Initialise the repository (or another one at `location`, same password)."""
         code = (
             "import os\n"
             "from keepwell.backends.registry import open_backend\n"
@@ -254,8 +255,11 @@ class PgEnv:
             "Repository.init(open_backend(os.environ['KEEPWELL_REPOSITORY']),"
             " open(os.environ['KEEPWELL_PASSWORD_FILE']).read().strip()).close()\n"
         )
+        env = self.env()
+        if location is not None:
+            env["KEEPWELL_REPOSITORY"] = str(location)
         res = subprocess.run(
-            as_pg_user([PYTHON, "-c", code]), env=self.env(), capture_output=True, text=True,
+            as_pg_user([PYTHON, "-c", code]), env=env, capture_output=True, text=True,
         )
         if res.returncode != 0:
             raise AssertionError(f"repository init failed: {res.stderr}")

@@ -449,6 +449,12 @@ def archive_command(
         "--async", help="Acknowledge from the local spool; upload in the background.")] = False,
     spool: SpoolOption = None,
     spool_max: Annotated[str | None, typer.Option(help="Spool bound, e.g. 4G.")] = None,
+    also_repo: Annotated[list[str] | None, typer.Option(
+        "--also-repo", help="Archive into this repository too (repeat; with --async each gets"
+                            " its own spool and bound).")] = None,
+    also_password_file: Annotated[list[str] | None, typer.Option(
+        "--also-password-file", help="Password file of each --also-repo, in order (default:"
+                                     " the first repository's).")] = None,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
@@ -465,8 +471,19 @@ def archive_command(
         from keepwell.sources.postgres.hooks import parse_size
 
         parse_size(spool_max)
+    extra_pw = list(also_password_file or [])
+    if extra_pw and len(extra_pw) != len(also_repo or []):
+        raise UsageError("give one --also-password-file per --also-repo, or none")
+    first_repo = repo or GLOBALS.repo
+    first_pw = password_file or GLOBALS.password_file
+    if also_repo and not first_repo:
+        raise UsageError("--also-repo needs the first repository (--repo)")
+    if extra_pw and not first_pw:
+        raise UsageError("--also-password-file needs the first repository's --password-file")
     line = build(asynchronous=asynchronous, spool=spool, spool_max=spool_max, cluster=cluster,
-                 repo=repo or GLOBALS.repo, password_file=password_file or GLOBALS.password_file)
+                 repo=first_repo, password_file=first_pw,
+                 also=[(r, extra_pw[i] if extra_pw else None)
+                       for i, r in enumerate(also_repo or [])])
     if json_out:
         print_json({"archive_command": line})
     else:
@@ -562,9 +579,11 @@ def check(
 
     spool_status = None
     if spool:
+        from keepwell.sources.postgres.fanout import spool_dirs
         from keepwell.sources.postgres.spool import WalSpool
 
-        spool_status = WalSpool(spool).status().as_dict()
+        spools = {label: WalSpool(d).status().as_dict() for label, d in spool_dirs(spool)}
+        spool_status = spools.get("spool") or _merged_spools(spools)
     server = None
     if db_url or os.environ.get("PGHOST") or os.environ.get("PGPORT"):
         from keepwell.sources.postgres.connection import connect
@@ -588,6 +607,15 @@ def check(
             typer.echo("ok: every backup is complete and the WAL has no gap")
     if not data["ok"]:
         raise typer.Exit(1)
+
+
+def _merged_spools(spools: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The spools of several repositories as one status (alerts named by repository)."""
+    alerts = [f"{label}: {st['alert']}" for label, st in spools.items() if st.get("alert")]
+    return {"ready_segments": sum(st["ready_segments"] for st in spools.values()),
+            "ready_bytes": sum(st["ready_bytes"] for st in spools.values()),
+            "rejected": sum(st["rejected"] for st in spools.values()),
+            "alert": "; ".join(alerts) or None, "repositories": spools}
 
 
 @app.command(cls=OnceCommand)

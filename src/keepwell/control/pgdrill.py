@@ -356,7 +356,11 @@ def _major_of(snap: Any) -> int | None:
 def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, server: TempServer,
                       ctx: JobContext, timeout: float, cat: Any) -> tuple[str, float]:
     from keepwell.sources.postgres.plan import Target
-    from keepwell.sources.postgres.restore import RestoreOptions, restore_physical
+    from keepwell.sources.postgres.restore import (
+        RestoreOptions,
+        check_reached_end,
+        restore_physical,
+    )
 
     repo_cfg = spec.params["repository"]
     location = repo_cfg["location"]
@@ -369,6 +373,7 @@ def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, serve
     ctx.check()
     hand_over(server.datadir, server.user)
     server.start(ctx, timeout, recovery=True)
+    check_reached_end(result.plan, server.log_text())  # a drill that stopped short failed
     reach = cat.reach(result.plan.backup)
     end = reach.end_time or backup.stop_time or backup.time
     return backup.snapshot_id, float(end.timestamp())

@@ -392,7 +392,9 @@ USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
                                                         fetch one WAL file (restore_command)
   upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
 
-common options: --repo/-r LOCATION, --password-file FILE, --cluster NAME, --spool DIR,
+common options: --repo/-r LOCATION (push: repeat to archive into each, with a --password-file
+each or one for all; asynchronously each gets the spool DIR/repoN), --password-file FILE,
+--cluster NAME, --spool DIR,
 --spool-max SIZE (environment: KEEPWELL_REPOSITORY, KEEPWELL_PASSWORD[_FILE],
 KEEPWELL_PG_CLUSTER, KEEPWELL_PG_SPOOL, KEEPWELL_PG_SPOOL_MAX)
 """
@@ -400,7 +402,9 @@ _FLAGS = {"--async", "--daemon", "--allow-gap"}
 _VALUED = {"--repo", "-r", "--password-file", "--cluster", "--spool", "--spool-max",
            "--prefetch", "--prefetch-dir", "--pg-wal", "--idle-exit", "--tablespaces",
            "--tablespace-map", "--tablespace-map-all", "--timeline", "--target"}
-_REPEATED = {"--tablespace-map"}  # kept one per line; every other option is given once
+# kept one per line; every other option is given once (--repo and --password-file more than
+# once: a push into several repositories, `fanout`)
+_REPEATED = {"--tablespace-map", "--repo", "--password-file"}
 _POSITIONALS = {"push": 1, "fetch": 2, "upload": 0}
 
 
@@ -443,10 +447,22 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     try:
         command, pos, opts = parse_args(sys.argv[1:] if argv is None else argv)
-        settings = HookSettings.resolve(opts.get("--repo"), opts.get("--password-file"),
+        repos = opts["--repo"].split("\n") if "--repo" in opts else []
+        passwords = opts["--password-file"].split("\n") if "--password-file" in opts else []
+        if command != "push" and (len(repos) > 1 or len(passwords) > 1):
+            raise UsageError(f"{command} works on one repository: --repo is given twice")
+        settings = HookSettings.resolve(repos[0] if repos else None,
+                                        passwords[0] if passwords else None,
                                         opts.get("--cluster"), opts.get("--spool"),
                                         opts.get("--spool-max"))
-        if command == "push":
+        if command == "push" and len(repos) > 1:
+            from keepwell.sources.postgres.fanout import push_to_all, settings_each
+
+            push_to_all(pos[0], settings_each(repos, passwords, settings),
+                        asynchronous="--async" in opts)
+        elif command == "push":
+            if len(passwords) > 1:
+                raise UsageError("--password-file is given twice for one repository")
             push(pos[0], settings, asynchronous="--async" in opts)
         elif command == "fetch":
             fetch(pos[0], pos[1], settings,
