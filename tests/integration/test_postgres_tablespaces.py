@@ -145,7 +145,11 @@ def test_restore_refuses_paths_a_running_server_uses(pg_env: PgEnv) -> None:
         assert why in res.stderr and "refusing" in res.stderr, res.stderr
         assert "--delta" not in res.stderr.split("refusing", 1)[1], res.stderr
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
-    assert not (pg_env.workdir / "r1").exists() and not (pg_env.workdir / "r2").exists()
+    port = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r4"), "--start",
+                           "--port", str(c.port), check=False)
+    assert port.returncode != 0 and f"port {c.port} is in use" in port.stderr
+    for name in ("r1", "r2", "r4"):
+        assert not (pg_env.workdir / name).exists(), "refused before writing anything"
     # mapping a tablespace the WAL creates onto its live location is refused at replay
     port = free_port()
     oid = c.scalar("SELECT oid FROM pg_tablespace WHERE spcname = 'ts2'")

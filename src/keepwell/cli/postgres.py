@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand
 
 from keepwell.cli.common import (
     GLOBALS,
@@ -27,38 +26,15 @@ from keepwell.cli.common import (
     resolve_repo,
     run_app,
 )
+from keepwell.cli.once import OnceCommand
+from keepwell.cli.pgoutput import (
+    merged_spools,
+    render_info,
+    render_logical_restore,
+    render_physical_restore,
+    say,
+)
 from keepwell.errors import UsageError
-
-
-class OnceCommand(TyperCommand):
-    """A command whose single-valued options may be given once: with click, the last of
-    ``--target-time A --target-time B`` would win without a word."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        single = {o: p for p in self.params if getattr(p, "opts", None) and not p.multiple
-                  and not getattr(p, "is_flag", False) and not getattr(p, "count", False)
-                  for o in p.opts}
-        valued = {o for p in self.params if not getattr(p, "is_flag", True)
-                  for o in getattr(p, "opts", [])}
-        seen: dict[str, str] = {}
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            if arg == "--":
-                break
-            name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2] \
-                if arg.startswith("-") and len(arg) > 1 else None
-            if name in single:
-                first = single[name].opts[0]
-                if first in seen:
-                    raise UsageError(f"{first} is given twice ({seen[first]} and {arg})",
-                                     hint=f"{first} takes one value; see --help")
-                seen[first] = arg
-            if name in valued and arg == name:
-                i += 1  # its value, which may look like an option
-            i += 1
-        return super().parse_args(ctx, args)
-
 
 app = typer.Typer(
     help="Back up PostgreSQL (logical dumps, physical base backups, WAL) and restore it to any"
@@ -85,11 +61,6 @@ def _spec(db_url: str | None) -> Any:
     from keepwell.sources.postgres.connection import ConnSpec
 
     return ConnSpec.from_url(db_url)
-
-
-def _say(text: str) -> None:
-    if not GLOBALS.quiet:
-        typer.echo(text)
 
 
 def _parse_time(text: str) -> tuple[datetime, bool]:
@@ -165,7 +136,7 @@ def backup(
             text = (f"physical backup {pres.short_id}: timeline {pres.timeline},"
                     f" LSN {pres.start_lsn} .. {pres.stop_lsn}, {human_bytes(pres.bytes)} in"
                     f" {pres.seconds:.1f} s ({pres.method}), complete (all WAL archived)")
-    print_json(out) if json_out else _say(text)
+    print_json(out) if json_out else say(text)
 
 
 # --- restore ---
@@ -283,34 +254,8 @@ def restore(
     if json_out:
         print_json(result.as_dict())
         return
-    b = result.plan.backup
-    _say(f"restored backup {b.short_id} ({b.time:%Y-%m-%d %H:%M:%S} UTC) to {result.target_dir}:"
-         f" {result.stats.files} files, {human_bytes(result.stats.bytes)}"
-         + (f", {result.stats.written_files} rewritten" if delta else ""))
-    point = result.plan.point
-    _say(("recovery: a standby, following the archived WAL" if standby else
-          f"recovery target: {target.describe()}")
-         + (f" (recorded at LSN {point.lsn}, {point.time:%Y-%m-%d %H:%M:%S})"
-            if point is not None else "")
-         + (f" (= {when.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f} UTC; no zone given, so read in"
-            f" the local zone {when.tzname()})" if when is not None and local else ""))
-    if result.plan.gap and target.kind() == "end":
-        typer.echo(f"keepwell: WARNING: WAL segment {result.plan.gap[0]} is missing: recovery"
-                   f" stops there ({result.plan.wal_end}); the WAL archived after it, up to"
-                   f" {result.plan.gap[1]}, is not replayed (--allow-gap)", err=True)
-    if result.plan.note:
-        typer.echo(f"keepwell: note: {result.plan.note}", err=True)
-    if result.started and standby:
-        _say(f"standby started on port {port}: it replays the archived WAL and follows it as it"
-             " grows")
-    elif result.started:
-        _say(f"server started on port {port}: "
-             + (result.stopped_at or f"recovered to the end of the archived WAL"
-                f" ({result.redo_done_at or 'no WAL replayed'})"))
-        if result.last_transaction_time:
-            _say(f"last replayed transaction committed at {result.last_transaction_time}")
-    else:
-        _say("start the server to recover (pg_ctl -D DIR start), or pass --start")
+    render_physical_restore(result, when=when, local=local, standby=standby, delta=delta,
+                            port=port)
 
 
 def _restore_logical(spec: Any, cluster: str, snapshot: str | None, json_out: bool,
@@ -322,18 +267,8 @@ def _restore_logical(spec: Any, cluster: str, snapshot: str | None, json_out: bo
                               snapshot=snapshot or "latest")
     if json_out:
         print_json(res)
-        return
-    if res["globals"]:
-        _say(f"restored globals (roles, tablespaces) from {res['snapshot']}")
-    for db in res["databases"]:
-        what = (f"table(s) {', '.join(db['tables'])} of " if db.get("tables")
-                else f"schema(s) {', '.join(db['schemas'])} of " if db.get("schemas") else "")
-        _say(f"restored {what}database {db['database']} into {db['into']} from"
-             f" {res['snapshot']}")
-        for kind, names in (db.get("restored") or {}).items():
-            _say(f"  with {kind}: {', '.join(names)}")
-        for line in db.get("skipped") or []:
-            typer.echo(f"keepwell: note: skipped {line}", err=True)
+    else:
+        render_logical_restore(res)
 
 
 @app.command("restore-point", cls=OnceCommand)
@@ -353,7 +288,7 @@ def restore_point(
     if json_out:
         print_json(res.as_dict())
     else:
-        _say(f"restore point {res.name!r} at LSN {res.lsn} (timeline {res.timeline},"
+        say(f"restore point {res.name!r} at LSN {res.lsn} (timeline {res.timeline},"
              f" {res.time:%Y-%m-%d %H:%M:%S %Z}); restore to it with --target-name {res.name}")
 
 
@@ -515,7 +450,7 @@ def wal_stream(
                                synchronous=synchronous, interval=interval,
                                on_event=lambda m: typer.echo(f"keepwell: {m}", err=True))
         stats = streamer.run(exit_on_disconnect=exit_on_disconnect)
-    _say(f"streamed {stats.segments} segments, {stats.partial_uploads} partial uploads")
+    say(f"streamed {stats.segments} segments, {stats.partial_uploads} partial uploads")
 
 
 # --- info, check, forget ---
@@ -540,27 +475,7 @@ def info(
     if json_out:
         print_json(data)
         return
-    _render_info(data)
-
-
-def _render_info(data: dict[str, Any]) -> None:
-    typer.echo(f"cluster {data['cluster']} (system identifier {data['system_identifier']})")
-    for b in data["physical"]:
-        state = "complete" if b["complete"] else f"INCOMPLETE (missing {b['missing_wal'][0]})"
-        typer.echo(f"  physical {b['short_id']}  {b['stop_time']}  tl {b['timeline']}"
-                   f"  {b['start_lsn']}..{b['stop_lsn']}  {state}")
-    for lb in data["logical"]:
-        typer.echo(f"  logical  {lb['short_id']}  {lb['time']}  {', '.join(lb['databases'])}")
-    for tli, t in data["wal"]["timelines"].items():
-        typer.echo(f"  WAL timeline {tli}: {t['first']} .. {t['last']} ({t['segments']} segments)")
-    for gap in data["wal"]["gaps"]:
-        typer.echo(f"  WAL GAP timeline {gap['timeline']}: {gap['from']} .. {gap['to']}")
-    for w in data["windows"]:
-        typer.echo(f"  restore window: {w['from_time']} .. {w['to_time']} (LSN {w['from_lsn']}"
-                   f" .. {w['to_lsn']}, timeline {w['timeline']})")
-    for p in data.get("restore_points", []):
-        typer.echo(f"  restore point {p['name']!r}  {p['time']}  LSN {p['lsn']}"
-                   f"  tl {p['timeline']}")
+    render_info(data)
 
 
 @app.command(cls=OnceCommand)
@@ -583,7 +498,7 @@ def check(
         from keepwell.sources.postgres.spool import WalSpool
 
         spools = {label: WalSpool(d).status().as_dict() for label, d in spool_dirs(spool)}
-        spool_status = spools.get("spool") or _merged_spools(spools)
+        spool_status = spools.get("spool") or merged_spools(spools)
     server = None
     if db_url or os.environ.get("PGHOST") or os.environ.get("PGPORT"):
         from keepwell.sources.postgres.connection import connect
@@ -600,22 +515,13 @@ def check(
     if json_out:
         print_json(data)
     else:
-        _render_info(data)
+        render_info(data)
         for p in data["problems"]:
             typer.echo(f"PROBLEM: {p}")
         if data["ok"]:
             typer.echo("ok: every backup is complete and the WAL has no gap")
     if not data["ok"]:
         raise typer.Exit(1)
-
-
-def _merged_spools(spools: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The spools of several repositories as one status (alerts named by repository)."""
-    alerts = [f"{label}: {st['alert']}" for label, st in spools.items() if st.get("alert")]
-    return {"ready_segments": sum(st["ready_segments"] for st in spools.values()),
-            "ready_bytes": sum(st["ready_bytes"] for st in spools.values()),
-            "rejected": sum(st["rejected"] for st in spools.values()),
-            "alert": "; ".join(alerts) or None, "repositories": spools}
 
 
 @app.command(cls=OnceCommand)
@@ -644,7 +550,7 @@ def forget(
         print_json(data)
     else:
         verb = "would forget" if dry_run else "forgot"
-        _say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
+        say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
              f" {len(plan.wal)} WAL snapshots; kept {len(plan.kept_physical)} physical backups,"
              f" WAL from segment {plan.wal_floor or '(all)'}")
 

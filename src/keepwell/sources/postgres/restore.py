@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from keepwell.errors import UsageError
+from keepwell.errors import RestoreTargetError, UsageError
 from keepwell.sources.postgres import commands
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.datadir import (
@@ -114,6 +114,9 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
     if opts.start and os.geteuid() == 0:
         raise ToolError("PostgreSQL refuses to run as root",
                         hint="run keepwell as the cluster's owner, e.g. runuser -u postgres --")
+    if opts.start and opts.port and port_in_use(opts.port):
+        raise RestoreTargetError(f"port {opts.port} is in use (by a running server?): the"
+                                 " restored server must not take it", hint="pass another --port")
     layout = plan_layout(opts.target_dir, plan.backup, delta=opts.delta,
                          tablespace_map=opts.tablespace_map,
                          tablespace_map_all=opts.tablespace_map_all)
@@ -224,9 +227,6 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     major = int(plan.backup.version.split(".")[0]) if plan.backup.version else None
     pg_ctl = find_program("pg_ctl", major)
     log = own_file(os.path.join(root, LOG_NAME))
-    if opts.port and port_in_use(opts.port):
-        raise RecoveryError(f"port {opts.port} is in use: the restored server would not start",
-                            hint="pass another --port")
     argv = [pg_ctl, "-D", root, "-l", log, "-W", "-o", safe_start_options(root, opts.port)]
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:

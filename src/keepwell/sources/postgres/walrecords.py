@@ -152,9 +152,8 @@ def rewrite_location(layout: WalLayout, create: TablespaceCreate, new_location: 
     data = record[start:start + length]
     if struct.unpack_from("<I", data, 0)[0] != int(create.oid):
         raise ToolError(f"the record at {create.lsn} is not the one of tablespace {create.oid}")
-    old = bytes(data[4:]).split(b"\0", 1)[0]
     new = new_location.encode()
-    if len(new) > len(old):
+    if len(new) > length - 5:  # the record's path bytes, with their terminating NUL
         raise ToolError(f"tablespace location {new_location} is longer than the one in the WAL")
     record[start + 4:start + length] = new + b"\0" * (length - 4 - len(new))
     struct.pack_into("<I", record, 20, record_crc(record))
