@@ -177,3 +177,24 @@ def test_tablespace_created_by_wal_goes_where_mapped(pg_env: PgEnv) -> None:
     assert r.scalar("SELECT count(*) FROM new_rows") == 3000
     assert any(elsewhere.rglob("*")), "the tablespace's files are where it was mapped"
     r.stop("immediate")
+
+
+def test_a_restored_cluster_with_tablespaces_inside_backs_up_and_restores(pg_env: PgEnv) -> None:
+    c, _ts1, _ts2 = live_cluster_with_tablespaces(pg_env)
+    c.stop()
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
+                    str(port), "--archive-mode", "preserve")
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    pg_env.keepwell("backup", "--physical", "--db-url", r.url())
+    r.sql("INSERT INTO new_rows VALUES (100000, 7)")
+    r.switch_wal()
+    r.wait_archived()
+    r.stop()
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "again"), "--start",
+                    "--port", str(port))
+    again = PgCluster(pg_env.workdir, "again", port=port)
+    assert again.scalar("SELECT count(*) FROM new_rows") == 3001
+    assert again.scalar("SELECT count(*) FROM old_rows") == 2000
+    again.stop("immediate")

@@ -227,6 +227,8 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     major = int(plan.backup.version.split(".")[0]) if plan.backup.version else None
     pg_ctl = find_program("pg_ctl", major)
     log = own_file(os.path.join(root, LOG_NAME))
+    with open(log, "w", encoding="utf-8"):
+        pass  # a log restored with the data directory (of an earlier restore) says nothing now
     argv = [pg_ctl, "-D", root, "-l", log, "-W", "-o", safe_start_options(root, opts.port)]
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:
@@ -261,10 +263,12 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
 
 def safe_start_options(root: str, port: int | None) -> str:
     """Options for ``pg_ctl -o`` that keep a restored server inside its data directory, whatever
-    the restored configuration says: no other data directory, no pid file elsewhere, its log on
-    stderr (into the log file given to pg_ctl, where keepwell reads it)."""
-    opts = [f"-c {shlex.quote('data_directory=' + root)}", "-c external_pid_file=''",
-            "-c logging_collector=off"]
+    the restored configuration says: no other data directory, an external pid file (if the
+    configuration names one, it may be the live server's) inside it, its log on stderr (into
+    the log file given to pg_ctl, where keepwell reads it)."""
+    pid_file = os.path.join(root, "keepwell-server.pid")
+    opts = [f"-c {shlex.quote('data_directory=' + root)}",
+            f"-c {shlex.quote('external_pid_file=' + pid_file)}", "-c logging_collector=off"]
     if port:
         opts.insert(0, f"-p {int(port)}")
     return " ".join(opts)
