@@ -11,7 +11,7 @@ import time
 import pytest
 
 import tests.servers.postgres as servers_pg
-from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
+from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster
 
 pg_env = servers_pg.pg_env
 
@@ -60,10 +60,7 @@ def test_a_short_index_write_failure_leaves_every_archived_segment_readable(
     report = json.loads(check.stdout)
     assert check.returncode == 0 and not report.get("unreadable"), report["problems"]
     c.stop()
-    port = free_port()
-    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
-                    str(port))
-    r = PgCluster(pg_env.workdir, "r", port=port)
+    r = pg_env.start_restored("r")
     assert r.scalar("SELECT count(*) FROM t") == rows == 5000
     r.stop("immediate")
 
@@ -131,10 +128,6 @@ def test_archiving_into_two_repositories_goes_on_while_one_is_down(pg_env: PgEnv
         at = {"KEEPWELL_REPOSITORY": str(repo)}
         wait_for(lambda at=at: pg_env.keepwell("check", check=False, env=at).returncode == 0,
                  f"{repo} to be complete", timeout=120)
-        port = free_port()
-        target = pg_env.workdir / f"r-{repo.name}"
-        pg_env.keepwell("restore", "--target-dir", str(target), "--start", "--port", str(port),
-                        env=at)
-        r = PgCluster(pg_env.workdir, target.name, port=port)
+        r = pg_env.start_restored(f"r-{repo.name}", env=at)
         assert r.scalar("SELECT count(*) FROM t") == rows == 6000
         r.stop("immediate")

@@ -39,7 +39,7 @@ def restored_marks(env: PgEnv, name: str, *args: str) -> tuple[list[int], str]:
     r = PgCluster(env.workdir, name, port=port)
     rows = [row[0] for row in r.sql("SELECT i FROM marks ORDER BY i")]
     r.stop("immediate")
-    return rows, res.stdout + res.stderr
+    return rows, res.stdout + res.stderr  # the output matters here: not start_restored
 
 
 def test_restore_to_the_end_fails_at_a_gap_unless_allowed(pg_env: PgEnv) -> None:

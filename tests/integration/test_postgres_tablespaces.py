@@ -166,11 +166,8 @@ def test_tablespace_created_by_wal_goes_where_mapped(pg_env: PgEnv) -> None:
     oid = c.scalar("SELECT oid FROM pg_tablespace WHERE spcname = 'ts2'")
     c.stop()
     elsewhere = pg_env.workdir / "t2"  # no longer than the path in the WAL record
-    port = free_port()
-    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--tablespace-map",
-                    f"ts1={pg_env.workdir / 'moved-ts1'}", "--tablespace-map",
-                    f"{oid}={elsewhere}", "--start", "--port", str(port))
-    r = PgCluster(pg_env.workdir, "r", port=port)
+    r = pg_env.start_restored("r", "--tablespace-map", f"ts1={pg_env.workdir / 'moved-ts1'}",
+                              "--tablespace-map", f"{oid}={elsewhere}")
     locations = dict(r.sql("SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace"
                            " WHERE spcname LIKE 'ts%'"))
     assert locations == {"ts1": str(pg_env.workdir / "moved-ts1"), "ts2": str(elsewhere)}
@@ -182,19 +179,13 @@ def test_tablespace_created_by_wal_goes_where_mapped(pg_env: PgEnv) -> None:
 def test_a_restored_cluster_with_tablespaces_inside_backs_up_and_restores(pg_env: PgEnv) -> None:
     c, _ts1, _ts2 = live_cluster_with_tablespaces(pg_env)
     c.stop()
-    port = free_port()
-    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
-                    str(port), "--archive-mode", "preserve")
-    r = PgCluster(pg_env.workdir, "r", port=port)
+    r = pg_env.start_restored("r", "--archive-mode", "preserve")
     pg_env.keepwell("backup", "--physical", "--db-url", r.url())
     r.sql("INSERT INTO new_rows VALUES (100000, 7)")
     r.switch_wal()
     r.wait_archived()
     r.stop()
-    port = free_port()
-    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "again"), "--start",
-                    "--port", str(port))
-    again = PgCluster(pg_env.workdir, "again", port=port)
+    again = pg_env.start_restored("again")
     assert again.scalar("SELECT count(*) FROM new_rows") == 3001
     assert again.scalar("SELECT count(*) FROM old_rows") == 2000
     again.stop("immediate")

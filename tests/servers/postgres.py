@@ -192,6 +192,14 @@ class PgEnv:
         prefix = " ".join(f"{k}={env[k]}" for k in keep)
         return f"env {prefix} " + " ".join(wal_push_argv(hook)) + " " + " ".join(args)
 
+    def start_restored(self, name: str, *args: str,
+                       env: dict[str, str] | None = None) -> PgCluster:
+        """``restore --target-dir WORKDIR/NAME ARGS --start`` on a free port: the server."""
+        port = free_port()
+        self.keepwell("restore", "--target-dir", str(self.workdir / name), *args, "--start",
+                      "--port", str(port), env=env)
+        return PgCluster(self.workdir, name, port=port)
+
     def python(self, code: str, *args: str) -> str:
         """Run Python `code` as the postgres user with `repo` bound to the open repository
         (and `sys.argv[1:]` = `args`); returns its stdout."""
