@@ -159,6 +159,13 @@ def test_restore_refuses_paths_a_running_server_uses(pg_env: PgEnv) -> None:
     assert res.returncode != 0
     assert tree_digest(c.datadir, ts1, ts2, wal=wal) == before
     assert c.scalar("SELECT sum(v) FROM new_rows") == 3000 + 10 * 100
+    # the restored configuration names the live server's port: not started, said plainly
+    c.sql(f"ALTER SYSTEM SET port = {c.port}")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r5"), "--start",
+                          check=False)
+    assert res.returncode != 0
+    assert f"port {c.port} of the restored configuration is in use" in res.stderr
 
 
 def test_tablespace_created_by_wal_goes_where_mapped(pg_env: PgEnv) -> None:

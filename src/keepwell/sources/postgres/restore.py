@@ -229,6 +229,11 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     log = own_file(os.path.join(root, LOG_NAME))
     with open(log, "w", encoding="utf-8"):
         pass  # a log restored with the data directory (of an earlier restore) says nothing now
+    configured = None if opts.port else configured_port(root)
+    if configured is not None and port_in_use(configured):
+        raise RecoveryError(f"port {configured} of the restored configuration is in use (by the"
+                            " live server?): the restored server was not started",
+                            hint="start it with pg_ctl -o '-p PORT', or restore with --port")
     argv = [pg_ctl, "-D", root, "-l", log, "-W", "-o", safe_start_options(root, opts.port)]
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:
@@ -272,6 +277,17 @@ def safe_start_options(root: str, port: int | None) -> str:
     if port:
         opts.insert(0, f"-p {int(port)}")
     return " ".join(opts)
+
+
+def configured_port(root: str) -> int:
+    """The port a data directory's own configuration sets (the last setting wins)."""
+    port = 5432
+    for name in ("postgresql.conf", "postgresql.auto.conf"):
+        with contextlib.suppress(OSError), open(os.path.join(root, name), encoding="utf-8",
+                                                errors="replace") as f:
+            for m in re.finditer(r"^\s*port\s*=?\s*'?(\d+)'?", f.read(), re.M):
+                port = int(m.group(1))
+    return port
 
 
 def port_in_use(port: int) -> bool:

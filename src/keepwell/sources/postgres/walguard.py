@@ -144,6 +144,8 @@ def _note(message: str) -> None:
 def redirect(create: TablespaceCreate, policy: FetchPolicy, live: LivePaths
              ) -> tuple[str | None, str | None]:
     """(new location or None to keep the record, a note) for one CREATE TABLESPACE record."""
+    if not create.location:
+        return None, None  # in place already (WAL of a cluster restored by keepwell)
     wanted = policy.wanted_location(create.oid)
     if wanted is None and policy.tablespaces == "inside":
         return "", None
@@ -297,7 +299,10 @@ def fetch_segment(name: str, dest: str, archive: WalArchive, *, prefetch: int,
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pre.tail(names[-1]))
-        os.link(pre.cleared(names[-1]), pre.tail(names[-1]))
+        try:
+            os.link(pre.cleared(names[-1]), pre.tail(names[-1]))
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(pre.cleared(names[-1]), pre.tail(names[-1]))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pre.tail(segment_name(tli, segno - 1, cat.segment_size)))
     os.replace(pre.cleared(name), dest)
