@@ -149,3 +149,20 @@ def test_a_table_is_restored_with_what_hangs_off_it() -> None:
     assert sel.restored["foreign keys"] == ["orders_customer_fkey"] and not sel.skipped
     with pytest.raises(UsageError, match="no table nosuch"):
         select_tables(toc, defs, ["nosuch"], [], Target())
+
+
+def test_a_fetched_segment_of_another_cluster_is_refused(tmp_path: Path) -> None:
+    from keepwell.sources.postgres.catalog import Catalog
+    from keepwell.sources.postgres.errors import ForeignClusterError
+    from keepwell.sources.postgres.walguard import check_segment_identity
+
+    def segment(sysid: int) -> Path:
+        path = tmp_path / f"seg-{sysid}"
+        head = struct.pack("<HHIQI4xQII", 0xD110, 0x0002, 1, 0, 0, sysid, 16 << 20, PAGE)
+        path.write_bytes(head + bytes(PAGE - len(head)))
+        return path
+
+    cat = Catalog("main", system_identifier=42)
+    check_segment_identity("000000010000000000000001", str(segment(42)), cat)
+    with pytest.raises(ForeignClusterError, match="system identifier 43"):
+        check_segment_identity("000000010000000000000001", str(segment(43)), cat)

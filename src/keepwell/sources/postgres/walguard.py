@@ -329,7 +329,7 @@ def _gather(name: str, tli: int, segno: int, cat: Catalog, archive: WalArchive,
                 os.replace(pre.cleared(n), work)
             else:
                 archive.fetch(n, work)
-            _check_identity(n, work, cat)
+            check_segment_identity(n, work, cat)
         except KeepwellError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(work)
@@ -351,7 +351,8 @@ def _gather(name: str, tli: int, segno: int, cat: Catalog, archive: WalArchive,
     return out
 
 
-def _check_identity(name: str, path: str, cat: Catalog) -> None:
+def check_segment_identity(name: str, path: str, cat: Catalog) -> None:
+    """A segment about to be handed to recovery must be of the cluster's system identifier."""
     with open(path, "rb") as f:
         header = read_segment_header(f.read(64))
     if header is None:
