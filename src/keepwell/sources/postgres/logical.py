@@ -60,7 +60,7 @@ def backup_logical(
         facts = server_facts(conn)
         WalArchive(repo, cluster).check_identity(facts.system_identifier, "this server")
         existing = list_databases(conn)
-    chosen = list(databases) if databases else existing
+    chosen = list(dict.fromkeys(databases)) if databases else existing  # each once
     unknown = [d for d in chosen if d not in existing]
     if unknown:
         raise UsageError(f"no database {unknown[0]!r} on {spec.describe()}",

@@ -99,7 +99,7 @@ def restore_logical(repo: Any, spec: ConnSpec, cluster: str, req: LogicalRequest
                      "ON_ERROR_STOP=0", "-f", "-"], "restore of globals", input_data=data)
         done["globals"] = True
     pg_restore = find_program("pg_restore", major)
-    for db in held if req.all_databases else req.databases:
+    for db in held if req.all_databases else dict.fromkeys(req.databases):
         done["databases"].append(_restore_database(repo, snap, spec, db, req, pg_restore,
                                                    create=req.create or req.all_databases))
     return done
