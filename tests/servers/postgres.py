@@ -192,7 +192,70 @@ class PgEnv:
         prefix = " ".join(f"{k}={env[k]}" for k in keep)
         return f"env {prefix} " + " ".join(wal_push_argv(hook)) + " " + " ".join(args)
 
-    def init_repo(self) -> None:
+    def start_restored(self, name: str, *args: str,
+                       env: dict[str, str] | None = None) -> PgCluster:
+        """``restore --target-dir WORKDIR/NAME ARGS --start`` on a free port: the server."""
+        port = free_port()
+        self.keepwell("restore", "--target-dir", str(self.workdir / name), *args, "--start",
+                      "--port", str(port), env=env)
+        return PgCluster(self.workdir, name, port=port)
+
+    def python(self, code: str, *args: str) -> str:
+        """Run Python `code` as the postgres user with `repo` bound to the open repository
+        (and `sys.argv[1:]` = `args`); returns its stdout."""
+        prelude = (
+            "import os, sys\n"
+            "from keepwell.repository import open_repository\n"
+            "repo = open_repository(os.environ['KEEPWELL_REPOSITORY'],"
+            " open(os.environ['KEEPWELL_PASSWORD_FILE']).read().strip())\n"
+        )
+        res = subprocess.run(as_pg_user([PYTHON, "-c", prelude + code, *args]), env=self.env(),
+                             capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise AssertionError(f"repository script failed: {res.stderr}")
+        return res.stdout
+
+    def forget_wal(self, name: str) -> None:
+        """Forget the archived WAL file `name` (a gap in the archive)."""
+        self.python("ids = [s.id for s in repo.list_snapshots('postgres-wal')"
+                    " if sys.argv[1] in s.source['files']]\nrepo.forget(ids)\n", name)
+
+    def damage_wal(self, name: str) -> None:
+        """Flip bytes of the stored first chunk of archived WAL file `name` (its page header
+        makes that chunk its own), in the pack that holds it."""
+        self.python(
+            "from keepwell.repository.format import pack_object_name\n"
+            "snap = next(s for s in repo.list_snapshots('postgres-wal')"
+            " if sys.argv[1] in s.source['files'])\n"
+            "node = repo.find_node(snap, snap.source['files'][sys.argv[1]]['path'])\n"
+            "loc = repo.locate(node.content[0])\n"
+            "path = os.path.join(os.environ['KEEPWELL_REPOSITORY'],"
+            " pack_object_name(loc.pack_type, loc.pack.hex()))\n"
+            "os.chmod(path, 0o600)\n"
+            "with open(path, 'r+b') as f:\n"
+            "    f.seek(loc.offset + loc.length // 2)\n"
+            "    b = f.read(16)\n"
+            "    f.seek(loc.offset + loc.length // 2)\n"
+            "    f.write(bytes(x ^ 0xFF for x in b))\n", name)
+
+    def unindex_wal(self, name: str) -> None:
+        """Delete the index objects that list the pack holding WAL file `name`'s first chunk:
+        the pack stays in storage, but no index points a reader at it."""
+        self.python(
+            "from keepwell.repository.format import KIND_INDEX\n"
+            "from keepwell.repository.index import decode_index\n"
+            "snap = next(s for s in repo.list_snapshots('postgres-wal')"
+            " if sys.argv[1] in s.source['files'])\n"
+            "node = repo.find_node(snap, snap.source['files'][sys.argv[1]]['path'])\n"
+            "pack = repo.locate(node.content[0]).pack\n"
+            "for info in repo.backend.list('index/'):\n"
+            "    n = info.name.split('/', 1)[1]\n"
+            "    if pack in [bytes(p) for p in"
+            " decode_index(repo.get_object('index', n, KIND_INDEX)).packs]:\n"
+            "        repo.backend.delete(info.name)\n", name)
+
+    def init_repo(self, location: Path | None = None) -> None:
+        """Initialise the repository (or another one at `location`, same password)."""
         code = (
             "import os\n"
             "from keepwell.backends.registry import open_backend\n"
@@ -200,11 +263,58 @@ class PgEnv:
             "Repository.init(open_backend(os.environ['KEEPWELL_REPOSITORY']),"
             " open(os.environ['KEEPWELL_PASSWORD_FILE']).read().strip()).close()\n"
         )
+        env = self.env()
+        if location is not None:
+            env["KEEPWELL_REPOSITORY"] = str(location)
         res = subprocess.run(
-            as_pg_user([PYTHON, "-c", code]), env=self.env(), capture_output=True, text=True,
+            as_pg_user([PYTHON, "-c", code]), env=env, capture_output=True, text=True,
         )
         if res.returncode != 0:
             raise AssertionError(f"repository init failed: {res.stderr}")
+
+
+def backed_up_cluster(env: PgEnv, table: str = "marks (i int PRIMARY KEY)") -> PgCluster:
+    """A started cluster archiving synchronously through keepwell, with one table created, and
+    a physical backup of it."""
+    c = PgCluster(env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(env.wal_hook_command("push", "%p"))
+    c.start()
+    c.sql(f"CREATE TABLE {table}")
+    env.keepwell("backup", "--physical", "--db-url", c.url())
+    return c
+
+
+def control_config(env: PgEnv, cluster: PgCluster, *, mode: str = "physical",
+                   drills: dict[str, Any] | None = None, source: str = "live") -> Path:
+    """A control-plane config with one PostgreSQL source `source` for `cluster` and its drills,
+    readable by the postgres user (``keepwell.cli.control ... -c`` it)."""
+    import yaml
+
+    state = env.workdir / "state"
+    state.mkdir(exist_ok=True)
+    chown_pg(state)
+    config = env.workdir / "keepwell.yaml"
+    config.write_text(yaml.safe_dump({
+        "history": str(state / "history.db"),
+        "scratch": str(env.workdir / "scratch"),
+        "repositories": {"main": {"location": str(env.repo),
+                                  "password": f"file:{env.password_file}"}},
+        "sources": {source: {"kind": "postgres", "repository": "main", "mode": mode,
+                             "connection": {"host": "127.0.0.1", "port": cluster.port,
+                                            "user": PG_USER, "database": "postgres"}}},
+        "drills": drills or {},
+    }, sort_keys=False))
+    chown_pg(config)
+    return config
+
+
+def control(env: PgEnv, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``keepwell ARGS -c CONFIG`` of the control plane, as this process's user."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "KEEPWELL_"))}
+    run_env.update(HOME=str(env.workdir), KEEPWELL_TESTONLY_WEAK_KDF="1")
+    return subprocess.run([PYTHON, "-m", "keepwell.cli.control", *args, "-c", str(config)],
+                          env=run_env, capture_output=True, text=True, timeout=600,
+                          cwd=str(env.workdir))
 
 
 def make_env(workdir: Path) -> PgEnv:

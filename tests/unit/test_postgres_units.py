@@ -101,9 +101,17 @@ def test_catalog_completeness_gaps_and_plan() -> None:
     # the newest complete backup before the target
     plan = choose(cat, Target(time=T0 + timedelta(minutes=11)))
     assert plan.backup.short_id == "b2b2b2b2"
-    plan = choose(cat, Target(time=T0 + timedelta(minutes=5)))
+    plan = choose(cat, Target(time=T0 + timedelta(seconds=30)))
     assert plan.backup.short_id == "b1b1b1b1"
+    # past the WAL b1 reaches (the gap at …04): refused, naming the gap
+    with pytest.raises(RestorePlanError, match=f"{seg[3]} is missing"):
+        choose(cat, Target(time=T0 + timedelta(minutes=5)))
     assert choose(cat, Target(xid=105)).backup.short_id == "b1b1b1b1"
+    # to the end: b2 reaches the end of the archive; from b1, the gap stops it short
+    assert choose(cat, Target()).gap is None
+    with pytest.raises(RestorePlanError, match="would stop at the gap"):
+        choose(cat, Target(), "b1b1b1b1")
+    assert choose(cat, Target(), "b1b1b1b1", allow_gap=True).gap == (seg[3], seg[6])
     with pytest.raises(RestorePlanError):
         choose(cat, Target(time=T0 - timedelta(minutes=1)))
     with pytest.raises(RestorePlanError):

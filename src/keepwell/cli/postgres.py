@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
 
 from keepwell.cli.common import (
-    GLOBALS,
     JsonOption,
     PasswordFileOption,
     RepoOption,
@@ -28,6 +27,13 @@ from keepwell.cli.common import (
     resolve_password,
     resolve_repo,
     run_group,
+)
+from keepwell.cli.pgoutput import (
+    merged_spools,
+    render_info,
+    render_logical_restore,
+    render_physical_restore,
+    say,
 )
 from keepwell.errors import UsageError
 
@@ -58,19 +64,18 @@ def _spec(db_url: str | None) -> Any:
     return ConnSpec.from_url(db_url)
 
 
-def _say(text: str) -> None:
-    if not GLOBALS.quiet:
-        typer.echo(text)
-
-
-def _parse_time(text: str) -> datetime:
+def _parse_time(text: str) -> tuple[datetime, bool]:
+    """The time and whether it was given without a zone (then it is read in the local zone,
+    ``TZ``, as PostgreSQL reads a ``recovery_target_time`` without one in its own zone)."""
     try:
         dt = datetime.fromisoformat(text.strip().replace(" UTC", "+00:00"))
     except ValueError:
         raise UsageError(
             f"invalid time {text!r} (use ISO 8601, e.g. 2026-11-24T17:05:00Z)"
         ) from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    if dt.tzinfo:
+        return dt, False
+    return dt.astimezone(), True
 
 
 def _parse_duration(text: str) -> timedelta:
@@ -132,7 +137,7 @@ def backup(
             text = (f"physical backup {pres.short_id}: timeline {pres.timeline},"
                     f" LSN {pres.start_lsn} .. {pres.stop_lsn}, {human_bytes(pres.bytes)} in"
                     f" {pres.seconds:.1f} s ({pres.method}), complete (all WAL archived)")
-    print_json(out) if json_out else _say(text)
+    print_json(out) if json_out else say(text)
 
 
 # --- restore ---
@@ -155,17 +160,33 @@ def restore(
         "--delta", help="Restore into an existing data directory, rewriting what differs.")
     ] = False,
     tablespace_map: Annotated[list[str] | None, typer.Option(
-        "--tablespace-map", help="NAME_OR_OID=DIR (repeat).")] = None,
+        "--tablespace-map", help="NAME_OR_OID=DIR: restore this tablespace to DIR (repeat);"
+        " by default each tablespace stays inside the data directory.")] = None,
+    tablespace_map_all: Annotated[str | None, typer.Option(
+        "--tablespace-map-all", help="Restore every tablespace to DIR/<oid>.")] = None,
+    allow_gap: Annotated[bool, typer.Option(
+        "--allow-gap", help="Restore to the end of the WAL even though a gap stops it short.")
+    ] = False,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="A standby that follows the archive (standby.signal; no target).")
+    ] = False,
     start: Annotated[bool, typer.Option("--start", help="Start the server and wait.")] = False,
     port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
     archive_mode: Annotated[str, typer.Option(
         help="'off' (the restored server does not archive) or 'preserve'.")] = "off",
     logical: Annotated[bool, typer.Option(
         "--logical", help="Restore a logical dump into a running server.")] = False,
-    database: Annotated[str | None, typer.Option("--database", "-d")] = None,
+    database: Annotated[list[str] | None, typer.Option(
+        "--database", "-d", help="Database to restore (repeat).")] = None,
+    all_databases: Annotated[bool, typer.Option(
+        "--all", help="Restore the globals and every database of the dump (creating the"
+                      " databases that are missing).")] = False,
     into: Annotated[str | None, typer.Option(help="Restore into this database.")] = None,
-    schema: Annotated[str | None, typer.Option("--schema", "-n")] = None,
-    table: Annotated[str | None, typer.Option("--table", "-t")] = None,
+    schema: Annotated[list[str] | None, typer.Option(
+        "--schema", "-n", help="Only this schema (repeat).")] = None,
+    table: Annotated[list[str] | None, typer.Option(
+        "--table", "-t", help="Only this table, with its constraints, indexes, triggers,"
+                              " sequences and comments (repeat).")] = None,
     create: Annotated[bool, typer.Option("--create", help="Create the database.")] = False,
     clean: Annotated[bool, typer.Option("--clean", help="Drop objects first.")] = False,
     globals_: Annotated[bool, typer.Option("--globals", help="Restore roles too.")] = False,
@@ -176,20 +197,26 @@ def restore(
     json_out: JsonOption = False,
 ) -> None:
     """Restore a logical dump (--logical) or a physical backup to a point in time."""
+    physical_only = {"--target-dir": target_dir, "--target-time": target_time,
+                     "--target-lsn": target_lsn, "--target-xid": target_xid,
+                     "--target-name": target_name, "--immediate": immediate,
+                     "--target-timeline": target_timeline, "--exclusive": exclusive,
+                     "--delta": delta, "--tablespace-map": tablespace_map,
+                     "--tablespace-map-all": tablespace_map_all, "--allow-gap": allow_gap,
+                     "--start": start, "--port": port, "--standby": standby}
+    logical_only = {"--database": database, "--all": all_databases, "--into": into,
+                    "--schema": schema, "--table": table, "--create": create, "--clean": clean,
+                    "--globals": globals_}
+    wrong = [k for k, v in (physical_only if logical else logical_only).items() if v]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not for a"
+                         f" {'logical' if logical else 'physical'} restore",
+                         hint="see 'keepwell postgres restore --help'")
     if logical:
-        from keepwell.sources.postgres.logical import restore_logical
-
-        with open_repo(repo, password_file) as r:
-            res = restore_logical(r, _spec(db_url), cluster, snapshot=snapshot or "latest",
-                                  database=database, into=into, schema=schema, table=table,
-                                  create=create, clean=clean, restore_globals=globals_)
-        if json_out:
-            print_json(res)
-        else:
-            what = f"table {table} of " if table else f"schema {schema} of " if schema else ""
-            _say(f"restored {what}database {res.get('database')} into {res.get('into')}"
-                 f" from {res['snapshot']}" if res.get("database") else
-                 f"restored globals from {res['snapshot']}")
+        _restore_logical(_spec(db_url), cluster, snapshot, json_out, repo, password_file,
+                         databases=list(database or []), all_databases=all_databases,
+                         restore_globals=globals_, into=into, schemas=list(schema or []),
+                         tables=list(table or []), create=create, clean=clean)
         return
     if not target_dir:
         raise UsageError("give --target-dir for a physical restore (or --logical)")
@@ -201,14 +228,16 @@ def restore(
         lsn = Lsn.parse(target_lsn) if target_lsn else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    target = Target(time=_parse_time(target_time) if target_time else None, lsn=lsn,
-                    xid=target_xid, name=target_name, immediate=immediate,
+    when, local = _parse_time(target_time) if target_time else (None, False)
+    target = Target(time=when, lsn=lsn, xid=target_xid, name=target_name, immediate=immediate,
                     timeline=target_timeline, exclusive=exclusive)
-    ts_map = {}
+    ts_map: dict[str, str] = {}
     for item in tablespace_map or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"invalid --tablespace-map {item!r} (use NAME=DIR)")
+        if not sep or not key or not value:
+            raise UsageError(f"invalid --tablespace-map {item!r} (use NAME_OR_OID=DIR)")
+        if key in ts_map and ts_map[key] != value:
+            raise UsageError(f"--tablespace-map names tablespace {key} twice")
         ts_map[key] = value
     if archive_mode not in ("off", "preserve"):
         raise UsageError("--archive-mode is 'off' or 'preserve'")
@@ -216,7 +245,8 @@ def restore(
     location = resolve_repo(repo)
     opts = RestoreOptions(
         target_dir=target_dir, target=target, snapshot=snapshot, delta=delta,
-        tablespace_map=ts_map, start=start, port=port, archive_mode=archive_mode,
+        tablespace_map=ts_map, tablespace_map_all=tablespace_map_all, allow_gap=allow_gap,
+        standby=standby, start=start, port=port, archive_mode=archive_mode,
         repo_location=os.path.abspath(location) if "://" not in location else location,
         password_file=pw_file, password=None if pw_file else password or resolve_password(None),
     )
@@ -225,24 +255,21 @@ def restore(
     if json_out:
         print_json(result.as_dict())
         return
-    b = result.plan.backup
-    _say(f"restored backup {b.short_id} ({b.time:%Y-%m-%d %H:%M:%S} UTC) to {result.target_dir}:"
-         f" {result.stats.files} files, {human_bytes(result.stats.bytes)}"
-         + (f", {result.stats.written_files} rewritten" if delta else ""))
-    point = result.plan.point
-    _say(f"recovery target: {target.describe()}"
-         + (f" (recorded at LSN {point.lsn}, {point.time:%Y-%m-%d %H:%M:%S})"
-            if point is not None else ""))
-    if result.plan.note:
-        typer.echo(f"keepwell: note: {result.plan.note}", err=True)
-    if result.started:
-        _say(f"server started on port {port}: "
-             + (result.stopped_at or f"recovered to the end of the archived WAL"
-                f" ({result.redo_done_at or 'no WAL replayed'})"))
-        if result.last_transaction_time:
-            _say(f"last replayed transaction committed at {result.last_transaction_time}")
+    render_physical_restore(result, when=when, local=local, standby=standby, delta=delta,
+                            port=port)
+
+
+def _restore_logical(spec: Any, cluster: str, snapshot: str | None, json_out: bool,
+                     repo: str | None, password_file: str | None, **request: Any) -> None:
+    from keepwell.sources.postgres.logicalrestore import LogicalRequest, restore_logical
+
+    with open_repo(repo, password_file) as r:
+        res = restore_logical(r, spec, cluster, LogicalRequest(**request),
+                              snapshot=snapshot or "latest")
+    if json_out:
+        print_json(res)
     else:
-        _say("start the server to recover (pg_ctl -D DIR start), or pass --start")
+        render_logical_restore(res)
 
 
 @app.command("restore-point")
@@ -262,7 +289,7 @@ def restore_point(
     if json_out:
         print_json(res.as_dict())
     else:
-        _say(f"restore point {res.name!r} at LSN {res.lsn} (timeline {res.timeline},"
+        say(f"restore point {res.name!r} at LSN {res.lsn} (timeline {res.timeline},"
              f" {res.time:%Y-%m-%d %H:%M:%S %Z}); restore to it with --target-name {res.name}")
 
 
@@ -298,14 +325,42 @@ def wal_fetch(
     name: Annotated[str, typer.Argument(help="%f of restore_command.")],
     dest: Annotated[str, typer.Argument(help="%p of restore_command.")],
     prefetch: Annotated[int, typer.Option(help="Segments to fetch ahead.")] = 16,
+    tablespaces: Annotated[str | None, typer.Option(
+        "--tablespaces", metavar="inside|as-recorded",
+        help="Where tablespaces the replayed WAL creates go: in the data directory, or at the"
+             " location in the WAL (refused when a running server uses it).")] = None,
+    tablespace_map: Annotated[list[str] | None, typer.Option(
+        "--tablespace-map", help="OID=DIR for a tablespace the WAL creates (repeat).")] = None,
+    tablespace_map_all: Annotated[str | None, typer.Option("--tablespace-map-all")] = None,
+    timeline: Annotated[str | None, typer.Option(help="The timeline recovery follows.")] = None,
+    allow_gap: Annotated[bool, typer.Option(
+        "--allow-gap", help="End recovery at a gap in the archive instead of failing.")
+    ] = False,
+    target: Annotated[str | None, typer.Option(
+        "--target", metavar="end|point",
+        help="Recovery runs to the end of the archive (a gap or damage aborts it) or toward a"
+             " point before it.")] = None,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
 ) -> None:
-    """Fetch one WAL file (for restore_command); exits 1 when it is not archived."""
-    from keepwell.sources.postgres.hooks import fetch
+    """Fetch one WAL file (for restore_command): exits 1 when it is not archived (the end of
+    the WAL) and 126 on any other failure, which makes recovery stop with an error."""
+    from keepwell.errors import KeepwellError
+    from keepwell.sources.postgres.errors import WalNotFoundError
+    from keepwell.sources.postgres.hooks import FETCH_FAILED, fetch
 
-    fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch)
+    try:
+        fetch(name, dest, _hook_settings(repo, password_file, cluster), prefetch=prefetch,
+              policy={"tablespaces": tablespaces, "tablespace_map": tablespace_map,
+                      "tablespace_map_all": tablespace_map_all, "timeline": timeline,
+                      "allow_gap": allow_gap, "target": target})
+    except WalNotFoundError:
+        raise
+    except (KeepwellError, OSError) as exc:
+        typer.echo(f"keepwell: {exc.line() if isinstance(exc, KeepwellError) else exc}",
+                   err=True)
+        raise typer.Exit(FETCH_FAILED) from None
 
 
 @app.command("wal-upload")
@@ -330,6 +385,12 @@ def archive_command(
         "--async", help="Acknowledge from the local spool; upload in the background.")] = False,
     spool: SpoolOption = None,
     spool_max: Annotated[str | None, typer.Option(help="Spool bound, e.g. 4G.")] = None,
+    also_repo: Annotated[list[str] | None, typer.Option(
+        "--also-repo", help="Archive into this repository too (repeat; with --async each gets"
+                            " its own spool and bound).")] = None,
+    also_password_file: Annotated[list[str] | None, typer.Option(
+        "--also-password-file", help="Password file of each --also-repo, in order (default:"
+                                     " the first repository's).")] = None,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
@@ -346,8 +407,19 @@ def archive_command(
         from keepwell.sources.postgres.hooks import parse_size
 
         parse_size(spool_max)
+    extra_pw = list(also_password_file or [])
+    if extra_pw and len(extra_pw) != len(also_repo or []):
+        raise UsageError("give one --also-password-file per --also-repo, or none")
+    first_repo = repo_given(repo)
+    first_pw = password_file_given(password_file)
+    if also_repo and not first_repo:
+        raise UsageError("--also-repo needs the first repository (--repo)")
+    if extra_pw and not first_pw:
+        raise UsageError("--also-password-file needs the first repository's --password-file")
     line = build(asynchronous=asynchronous, spool=spool, spool_max=spool_max, cluster=cluster,
-                 repo=repo_given(repo), password_file=password_file_given(password_file))
+                 repo=first_repo, password_file=first_pw,
+                 also=[(r, extra_pw[i] if extra_pw else None)
+                       for i, r in enumerate(also_repo or [])])
     if json_out:
         print_json({"archive_command": line})
     else:
@@ -379,7 +451,7 @@ def wal_stream(
                                synchronous=synchronous, interval=interval,
                                on_event=lambda m: typer.echo(f"keepwell: {m}", err=True))
         stats = streamer.run(exit_on_disconnect=exit_on_disconnect)
-    _say(f"streamed {stats.segments} segments, {stats.partial_uploads} partial uploads")
+    say(f"streamed {stats.segments} segments, {stats.partial_uploads} partial uploads")
 
 
 # --- info, check, forget ---
@@ -404,27 +476,7 @@ def info(
     if json_out:
         print_json(data)
         return
-    _render_info(data)
-
-
-def _render_info(data: dict[str, Any]) -> None:
-    typer.echo(f"cluster {data['cluster']} (system identifier {data['system_identifier']})")
-    for b in data["physical"]:
-        state = "complete" if b["complete"] else f"INCOMPLETE (missing {b['missing_wal'][0]})"
-        typer.echo(f"  physical {b['short_id']}  {b['stop_time']}  tl {b['timeline']}"
-                   f"  {b['start_lsn']}..{b['stop_lsn']}  {state}")
-    for lb in data["logical"]:
-        typer.echo(f"  logical  {lb['short_id']}  {lb['time']}  {', '.join(lb['databases'])}")
-    for tli, t in data["wal"]["timelines"].items():
-        typer.echo(f"  WAL timeline {tli}: {t['first']} .. {t['last']} ({t['segments']} segments)")
-    for gap in data["wal"]["gaps"]:
-        typer.echo(f"  WAL GAP timeline {gap['timeline']}: {gap['from']} .. {gap['to']}")
-    for w in data["windows"]:
-        typer.echo(f"  restore window: {w['from_time']} .. {w['to_time']} (LSN {w['from_lsn']}"
-                   f" .. {w['to_lsn']}, timeline {w['timeline']})")
-    for p in data.get("restore_points", []):
-        typer.echo(f"  restore point {p['name']!r}  {p['time']}  LSN {p['lsn']}"
-                   f"  tl {p['timeline']}")
+    render_info(data)
 
 
 @app.command()
@@ -436,27 +488,35 @@ def check(
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Check WAL continuity, backups' completeness and the restore window; exit 1 on problems."""
+    """Check WAL continuity, backups' completeness, that every WAL file and backup can be read
+    as a restore reads it, and the restore window; exit 1 on problems."""
     from keepwell.sources.postgres.report import check as build_check
     from keepwell.sources.postgres.report import server_archiver
 
     spool_status = None
     if spool:
+        from keepwell.sources.postgres.fanout import spool_dirs
         from keepwell.sources.postgres.spool import WalSpool
 
-        spool_status = WalSpool(spool).status().as_dict()
+        spools = {label: WalSpool(d).status().as_dict() for label, d in spool_dirs(spool)}
+        spool_status = spools.get("spool") or merged_spools(spools)
     server = None
     if db_url or os.environ.get("PGHOST") or os.environ.get("PGPORT"):
         from keepwell.sources.postgres.connection import connect
 
         with connect(_spec(db_url)) as conn:
             server = server_archiver(conn)
+    from keepwell.sources.postgres.walindex import unreadable
+
     with open_repo(repo, password_file) as r:
-        data = build_check(_catalog(r, cluster), spool_status=spool_status, server=server)
+        cat = _catalog(r, cluster)
+        ids = [*cat.wal_snapshots, *(b.snapshot_id for b in cat.backups)]
+        data = build_check(cat, spool_status=spool_status, server=server,
+                           unreadable=unreadable(r, ids))
     if json_out:
         print_json(data)
     else:
-        _render_info(data)
+        render_info(data)
         for p in data["problems"]:
             typer.echo(f"PROBLEM: {p}")
         if data["ok"]:
@@ -491,7 +551,7 @@ def forget(
         print_json(data)
     else:
         verb = "would forget" if dry_run else "forgot"
-        _say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
+        say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
              f" {len(plan.wal)} WAL snapshots; kept {len(plan.kept_physical)} physical backups,"
              f" WAL from segment {plan.wal_floor or '(all)'}")
 

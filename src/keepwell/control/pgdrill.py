@@ -4,9 +4,12 @@ A *physical* drill restores the newest complete base backup with the source's ow
 (`keepwell.sources.postgres.restore.restore_physical`, recovering to the end of the archived WAL
 through ``restore_command``), then starts a temporary server on that data directory: a free
 port, a private socket directory, no TCP listener, no archiving, trust authentication on the
-socket only. A *logical* drill runs ``initdb`` into scratch space, starts that temporary server
+socket only, and nothing written outside scratch space: every tablespace, those of the backup
+and those the replayed WAL creates, stays inside the restored data directory (the restore's
+default), the server's data directory, pid file and log are pinned there whatever the restored
+configuration says, and a restore that would touch a path a running server uses is refused. A *logical* drill runs ``initdb`` into scratch space, starts that temporary server
 and restores the newest logical dump (globals, then every database) with
-`keepwell.sources.postgres.logical.restore_logical`.
+`keepwell.sources.postgres.logicalrestore.restore_logical`.
 
 Checks: the server recovers and accepts connections; ``pg_amcheck --all`` passes (when the
 program is installed and the drill does not turn it off); every table the drill names exists
@@ -126,8 +129,11 @@ class TempServer:
         os.makedirs(self.sockdir, 0o700, exist_ok=True)
         for p in (hba, conf, self.sockdir):
             hand_over(p, self.user)
-        opts = (f"-p {self.port} -c listen_addresses='' -c unix_socket_directories='"
-                f"{self.sockdir}' -c hba_file='{hba}' -c archive_mode=off")
+        from keepwell.sources.postgres.restore import safe_start_options
+
+        opts = (f"{safe_start_options(self.datadir, self.port)} -c listen_addresses=''"
+                f" -c unix_socket_directories='{self.sockdir}' -c hba_file='{hba}'"
+                " -c archive_mode=off")
         res = self._run([os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l",
                          self.log, "-o", opts, "-W", "start"])
         if res.returncode != 0:
@@ -350,7 +356,11 @@ def _major_of(snap: Any) -> int | None:
 def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, server: TempServer,
                       ctx: JobContext, timeout: float, cat: Any) -> tuple[str, float]:
     from keepwell.sources.postgres.plan import Target
-    from keepwell.sources.postgres.restore import RestoreOptions, restore_physical
+    from keepwell.sources.postgres.restore import (
+        RestoreOptions,
+        check_reached_end,
+        restore_physical,
+    )
 
     repo_cfg = spec.params["repository"]
     location = repo_cfg["location"]
@@ -363,6 +373,7 @@ def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, serve
     ctx.check()
     hand_over(server.datadir, server.user)
     server.start(ctx, timeout, recovery=True)
+    check_reached_end(result.plan, server.log_text())  # a drill that stopped short failed
     reach = cat.reach(result.plan.backup)
     end = reach.end_time or backup.stop_time or backup.time
     return backup.snapshot_id, float(end.timestamp())
@@ -371,7 +382,7 @@ def _restore_physical(repo: Any, spec: JobSpec, cluster: str, backup: Any, serve
 def _restore_logical(repo: Any, spec: JobSpec, cluster: str, snap: Any, server: TempServer,
                      ctx: JobContext, timeout: float) -> tuple[str, float]:
     from keepwell.sources.postgres.connection import ConnSpec
-    from keepwell.sources.postgres.logical import restore_logical
+    from keepwell.sources.postgres.logicalrestore import LogicalRequest, restore_logical
 
     os.makedirs(server.datadir, 0o700)
     hand_over(server.datadir, server.user)
@@ -385,10 +396,12 @@ def _restore_logical(repo: Any, spec: JobSpec, cluster: str, snap: Any, server: 
     source = snap.source or {}
     spec_conn = ConnSpec(server.conninfo(su))
     if source.get("globals"):
-        restore_logical(repo, spec_conn, cluster, snapshot=snap.id, restore_globals=True)
+        restore_logical(repo, spec_conn, cluster, LogicalRequest(restore_globals=True),
+                        snapshot=snap.id)
     for db in source.get("databases") or []:
         ctx.check()
-        restore_logical(repo, spec_conn, cluster, snapshot=snap.id, database=db,
-                        create=db != "postgres")
+        restore_logical(repo, spec_conn, cluster,
+                        LogicalRequest(databases=[db], create=db != "postgres"),
+                        snapshot=snap.id)
     return snap.id, float(snap.time.timestamp())
 

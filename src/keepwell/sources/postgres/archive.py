@@ -8,7 +8,9 @@ file, its BLAKE3 hash, size and modification time (and the text of history files
 
 Every segment pushed is checked against the cluster's system identifier (read from the segment's
 own header); a file already archived under the same name is accepted again only if it is
-byte-identical.
+byte-identical. A push returns (and so a segment is acknowledged) only once every chunk of the
+snapshot holding it is in a pack a stored index lists (`walindex.PackLedger.ensure_listed`),
+the one just written or the one found already archived.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from keepwell.sources.postgres import KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.errors import ForeignClusterError, WalConflictError, WalNotFoundError
 from keepwell.sources.postgres.spool import fsync_dir
+from keepwell.sources.postgres.walindex import PackLedger
 from keepwell.sources.postgres.walnames import read_segment_header, timeline_of, wal_kind
 
 MAX_BATCH_BYTES = 512 * 1024 * 1024
@@ -59,11 +62,20 @@ def wal_path(name: str) -> str:
 class WalArchive:
     """Push and fetch WAL of cluster `cluster` in the open repository `repo`."""
 
-    def __init__(self, repo: Any, cluster: str, host: str | None = None) -> None:
+    def __init__(self, repo: Any, cluster: str, host: str | None = None,
+                 ledger: PackLedger | None = None) -> None:
         self.repo = repo
         self.cluster = cluster
         self.host = host or socket.gethostname()
         self._catalog: Catalog | None = None
+        self._ledger = ledger
+
+    @property
+    def ledger(self) -> PackLedger:
+        """Made at the first push unless shared: before this archive writes anything."""
+        if self._ledger is None:
+            self._ledger = PackLedger(self.repo)
+        return self._ledger
 
     def catalog(self, refresh: bool = False) -> Catalog:
         if self._catalog is None or refresh:
@@ -81,6 +93,7 @@ class WalArchive:
     def push(self, items: list[WalItem]) -> PushResult:
         """Archive `items` in one snapshot; conflicts and foreign files go to `refused`."""
         cat = self.catalog()
+        ledger = self.ledger
         result = PushResult()
         accepted: list[tuple[WalItem, bytes, str, os.stat_result]] = []
         batch_sysid: int | None = cat.system_identifier
@@ -108,6 +121,7 @@ class WalArchive:
             existing = cat.wal.get(item.name) if kind != "partial" else None
             if existing is not None:
                 if existing.digest == digest:
+                    ledger.ensure_listed(self.repo.find_snapshot(existing.snapshot_id))
                     result.already.append(item.name)
                 else:
                     result.refused[item.name] = (
@@ -153,6 +167,8 @@ class WalArchive:
             w.source["last"] = names[-1]
             w.source["timelines"] = sorted({timeline_of(n) for n in names})
             snap = w.commit()
+            self.ledger.note_written(w.sink.index_names)
+        self.ledger.ensure_listed(snap)
         return str(snap.id)
 
     def push_one(self, name: str, path: str) -> str:

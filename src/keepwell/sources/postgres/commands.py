@@ -45,8 +45,10 @@ def _quote(argv: list[str], placeholders: tuple[str, ...]) -> str:
 
 def archive_command(*, asynchronous: bool, spool: str | None, spool_max: str | None = None,
                     cluster: str | None = None, repo: str | None = None,
-                    password_file: str | None = None) -> str:
-    """The archive_command line for these settings (``%p`` left for PostgreSQL)."""
+                    password_file: str | None = None,
+                    also: list[tuple[str, str | None]] | None = None) -> str:
+    """The archive_command line for these settings (``%p`` left for PostgreSQL); `also`: more
+    (repository, password file or None for the first one's) to archive into (`fanout`)."""
     argv = push_command()
     if asynchronous:
         argv.append("--async")
@@ -56,17 +58,26 @@ def archive_command(*, asynchronous: bool, spool: str | None, spool_max: str | N
         argv += ["--spool-max", spool_max]
     if cluster and cluster != "main":
         argv += ["--cluster", cluster]
+    def location(r: str) -> str:
+        return os.path.abspath(r) if "://" not in r else r
+
     if repo:
-        argv += ["--repo", os.path.abspath(repo) if "://" not in repo else repo]
+        argv += ["--repo", location(repo)]
     if password_file:
         argv += ["--password-file", os.path.abspath(password_file)]
+    for extra, extra_pw in also or []:
+        argv += ["--repo", location(extra)]
+        if extra_pw:
+            argv += ["--password-file", os.path.abspath(extra_pw)]
     return _quote([*argv, "%p"], ("%p",))
 
 
-def restore_command(*, repo: str, password_file: str, cluster: str) -> str:
-    """The restore_command line that fetches archived WAL (``%f`` and ``%p`` left)."""
+def restore_command(*, repo: str, password_file: str, cluster: str,
+                    policy: list[str] | None = None) -> str:
+    """The restore_command line that fetches archived WAL (``%f`` and ``%p`` left); `policy`
+    are the options of the restore's fetch policy (`walguard.FetchPolicy.args`)."""
     argv = [*hook_command(), "fetch", "%f", "%p", "--repo", repo,
-            "--password-file", password_file, "--cluster", cluster]
+            "--password-file", password_file, "--cluster", cluster, *(policy or [])]
     return _quote(argv, ("%f", "%p"))
 
 

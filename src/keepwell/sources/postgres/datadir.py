@@ -1,7 +1,8 @@
 """Writing a data directory from stored tar streams, optionally as a delta.
 
 `extract_tar` unpacks one tar stream under a root directory, refusing members that would land
-outside it. In *delta* mode it compares each file with what is already on disk block by block
+outside it, also through a symbolic link the stream itself created (a link in the target
+before the restore, such as ``pg_wal`` on another disk, is the user's own layout). In *delta* mode it compares each file with what is already on disk block by block
 and writes only from the first differing block on, and it lists what the stream did not contain
 so that stale files can be removed afterwards.
 
@@ -45,6 +46,7 @@ class ExtractStats:
     removed: int = 0
     seen: set[str] = field(default_factory=set)
     synced: set[str] = field(default_factory=set)  # files already fsynced
+    links: set[str] = field(default_factory=set)  # symbolic links the streams created
 
 
 def _safe_join(root: str, name: str) -> str:
@@ -248,21 +250,44 @@ def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
     return stats
 
 
+def _through_link(path: str, root: str, links: set[str]) -> None:
+    """Refuse a path that passes through a symbolic link the restore itself created."""
+    p = os.path.dirname(path)
+    while len(p) > len(root):
+        if p in links:
+            raise RestoreTargetError(f"refusing tar member {path}: it lies behind the symbolic"
+                                     f" link {p} of the same backup")
+        p = os.path.dirname(p)
+
+
 def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], root: str, delta: bool,
                     stats: ExtractStats, writers: _Writers, made: set[str]) -> None:
     path = _safe_join(root, member.name)
     stats.seen.add(path)
     if member.isdir():
+        if path not in made:
+            _through_link(path, root, stats.links)
+            if path in stats.links:
+                raise RestoreTargetError(f"refusing tar member {path}: a directory over the"
+                                         " symbolic link of the same backup")
         os.makedirs(path, 0o700, exist_ok=True)
-        os.chmod(path, member.mode & 0o7777 or 0o700)
+        if not os.path.islink(path):
+            os.chmod(path, member.mode & 0o7777 or 0o700)
         made.add(path)
         return
     parent = os.path.dirname(path)
     if parent not in made:
+        _through_link(path, root, stats.links)
+        if parent in stats.links:
+            raise RestoreTargetError(f"refusing tar member {path}: it lies behind the symbolic"
+                                     " link of the same backup")
         if not os.path.isdir(parent):
             os.makedirs(parent, 0o700, exist_ok=True)
         made.add(parent)
     if member.issym():
+        stats.links.add(path)
+        if path in made:  # a directory of this stream is being replaced by a link
+            made.difference_update({m for m in made if m == path or m.startswith(path + os.sep)})
         if os.path.lexists(path):
             if os.path.islink(path) and os.readlink(path) == member.linkname:
                 return
@@ -361,6 +386,14 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Ask the kernel to start writing a range of a file to disk, without waiting for it (a hint:
     durability still comes from fsync). False where the kernel cannot be asked."""
     return _sync_file_range is not None and _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+def own_file(path: str) -> str:
+    """`path`, made safe to write: a symbolic link there (restored or left by anyone) is removed
+    first, so keepwell's own files in a data directory never write through one."""
+    if os.path.islink(path):
+        os.unlink(path)
+    return path
 
 
 def _remove(path: str) -> None:

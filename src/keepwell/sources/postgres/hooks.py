@@ -37,6 +37,8 @@ from keepwell.sources.postgres.spool import (
 
 TYPE_CHECKING = False  # typing itself costs milliseconds on every archive_command
 if TYPE_CHECKING:
+    from typing import Any
+
     from keepwell.repository import Repository
 
 DEFAULT_PREFETCH = 16
@@ -355,8 +357,11 @@ def _ensure_uploader(spool: WalSpool, settings: HookSettings, pg_wal: str) -> bo
 
 # --- fetch ---
 def fetch(name: str, dest: str, settings: HookSettings, *, prefetch: int = DEFAULT_PREFETCH,
-          prefetch_dir: str | None = None) -> str:
-    """Write archived WAL file `name` to `dest`; `WalNotFoundError` when it is not archived."""
+          prefetch_dir: str | None = None, policy: dict[str, Any] | None = None) -> str:
+    """Write archived WAL file `name` to `dest` for recovery; `WalNotFoundError` when it is not
+    archived (the end of the WAL). A segment read ahead earlier is handed on at once; anything
+    else goes through the guarded fetch (`walguard`: tablespaces, gaps, identity), following
+    `policy` (the keyword arguments of `walguard.FetchPolicy.parse`)."""
     pdir = prefetch_dir or os.path.join(os.path.dirname(os.path.abspath(dest)),
                                         "keepwell-prefetch")
     ready = os.path.join(pdir, name)
@@ -364,46 +369,37 @@ def fetch(name: str, dest: str, settings: HookSettings, *, prefetch: int = DEFAU
         os.replace(ready, dest)
         return "prefetched"
     from keepwell.sources.postgres.archive import WalArchive
-    from keepwell.sources.postgres.walnames import parse_segment_name, segment_name
+    from keepwell.sources.postgres.walguard import FetchPolicy, fetch_segment
 
+    rules = FetchPolicy.parse(**(policy or {}))
     with settings.open_repository() as repo:
-        archive = WalArchive(repo, settings.cluster)
-        cat = archive.catalog()
-        if cat.find(name) is None:
-            raise WalNotFoundError(f"WAL file {name} is not in the repository")
-        archive.fetch(name, dest)
-        parsed = parse_segment_name(name, cat.segment_size)
-        if parsed is None or prefetch <= 0:
-            return "fetched"
-        tli, segno = parsed
-        os.makedirs(pdir, 0o700, exist_ok=True)
-        for entry in os.scandir(pdir):
-            if entry.name < name or ".kwtmp" in entry.name:
-                os.unlink(entry.path)
-        for nxt in range(segno + 1, segno + 1 + prefetch):
-            nname = segment_name(tli, nxt, cat.segment_size)
-            if nname not in cat.wal:
-                break
-            target = os.path.join(pdir, nname)
-            if not os.path.exists(target):
-                archive.fetch(nname, target)
-    return "fetched"
+        return fetch_segment(name, dest, WalArchive(repo, settings.cluster), prefetch=prefetch,
+                             prefetch_dir=pdir, policy=rules)
 
 
 # --- the console script ---
 USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
 
   push PATH [--async --spool DIR [--spool-max SIZE]]   archive one WAL file (archive_command)
-  fetch NAME DEST [--prefetch N] [--prefetch-dir DIR]   fetch one WAL file (restore_command)
+  fetch NAME DEST [--prefetch N] [--tablespaces inside|as-recorded]
+        [--tablespace-map OID=DIR]... [--tablespace-map-all DIR] [--timeline N]
+        [--target end|point] [--allow-gap]
+                                                        fetch one WAL file (restore_command)
   upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
 
-common options: --repo/-r LOCATION, --password-file FILE, --cluster NAME, --spool DIR,
+common options: --repo/-r LOCATION (push: repeat to archive into each, with a --password-file
+each or one for all; asynchronously each gets the spool DIR/repoN), --password-file FILE,
+--cluster NAME, --spool DIR,
 --spool-max SIZE (environment: KEEPWELL_REPOSITORY, KEEPWELL_PASSWORD[_FILE],
 KEEPWELL_PG_CLUSTER, KEEPWELL_PG_SPOOL, KEEPWELL_PG_SPOOL_MAX)
 """
-_FLAGS = {"--async", "--daemon"}
+_FLAGS = {"--async", "--daemon", "--allow-gap"}
 _VALUED = {"--repo", "-r", "--password-file", "--cluster", "--spool", "--spool-max",
-           "--prefetch", "--prefetch-dir", "--pg-wal", "--idle-exit"}
+           "--prefetch", "--prefetch-dir", "--pg-wal", "--idle-exit", "--tablespaces",
+           "--tablespace-map", "--tablespace-map-all", "--timeline", "--target"}
+# kept one per line; every other option is given once (--repo and --password-file more than
+# once: a push into several repositories, `fanout`)
+_REPEATED = {"--tablespace-map", "--repo", "--password-file"}
 _POSITIONALS = {"push": 1, "fetch": 2, "upload": 0}
 
 
@@ -429,7 +425,10 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
                 if i >= len(rest):
                     raise UsageError(f"{key} needs a value")
                 value = rest[i]
-            options["--repo" if key == "-r" else key] = value
+            key = "--repo" if key == "-r" else key
+            if key in options and key not in _REPEATED:
+                raise UsageError(f"{key} is given twice")
+            options[key] = f"{options[key]}\n{value}" if key in options else value
         elif arg.startswith("-") and arg != "-":
             raise UsageError(f"unknown option {arg}")
         else:
@@ -443,15 +442,33 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     try:
         command, pos, opts = parse_args(sys.argv[1:] if argv is None else argv)
-        settings = HookSettings.resolve(opts.get("--repo"), opts.get("--password-file"),
+        repos = opts["--repo"].split("\n") if "--repo" in opts else []
+        passwords = opts["--password-file"].split("\n") if "--password-file" in opts else []
+        if command != "push" and (len(repos) > 1 or len(passwords) > 1):
+            raise UsageError(f"{command} works on one repository: --repo is given twice")
+        settings = HookSettings.resolve(repos[0] if repos else None,
+                                        passwords[0] if passwords else None,
                                         opts.get("--cluster"), opts.get("--spool"),
                                         opts.get("--spool-max"))
-        if command == "push":
+        if command == "push" and len(repos) > 1:
+            from keepwell.sources.postgres.fanout import push_to_all, settings_each
+
+            push_to_all(pos[0], settings_each(repos, passwords, settings),
+                        asynchronous="--async" in opts)
+        elif command == "push":
+            if len(passwords) > 1:
+                raise UsageError("--password-file is given twice for one repository")
             push(pos[0], settings, asynchronous="--async" in opts)
         elif command == "fetch":
             fetch(pos[0], pos[1], settings,
                   prefetch=int(opts.get("--prefetch", DEFAULT_PREFETCH)),
-                  prefetch_dir=opts.get("--prefetch-dir"))
+                  prefetch_dir=opts.get("--prefetch-dir"), policy={
+                      "tablespaces": opts.get("--tablespaces"),
+                      "tablespace_map": opts["--tablespace-map"].split("\n")
+                      if "--tablespace-map" in opts else None,
+                      "tablespace_map_all": opts.get("--tablespace-map-all"),
+                      "timeline": opts.get("--timeline"), "allow_gap": "--allow-gap" in opts,
+                      "target": opts.get("--target")})
         else:
             if not settings.spool:
                 raise UsageError("the uploader needs a spool directory (--spool)")
@@ -469,11 +486,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeepwellError as exc:
         sys.stderr.write(f"keepwell: {exc.line()}\n")
-        return exc.exit_code if exc.exit_code < 126 else 1
+        return _failure_status(argv, exc.exit_code)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"keepwell: {exc}\n")
-        return 1
+        return _failure_status(argv, 1)
     return 0
+
+
+FETCH_FAILED = 126  # above 125: PostgreSQL stops recovery with an error instead of ending it
+
+
+def _failure_status(argv: list[str] | None, code: int) -> int:
+    """A failed fetch other than "not archived" must not look like the end of the WAL (exit 1
+    would make recovery end and the server promote short of its target)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "fetch":
+        return FETCH_FAILED
+    return code if code < 126 else 1
 
 
 if __name__ == "__main__":

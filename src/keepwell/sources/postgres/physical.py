@@ -74,11 +74,15 @@ def wal_range(label: bytes | None, manifest: bytes | None) -> tuple[int, Lsn, Ls
 
 
 def tablespaces(conn: Any) -> dict[str, dict[str, str]]:
+    """The cluster's tablespaces outside its data directory. An in-place one (a directory
+    ``pg_tblspc/<oid>``, as a restore leaves them by default; its location is relative) is part
+    of the data directory, and so of ``base.tar``."""
     rows = conn.execute(
         "SELECT oid::text, spcname, pg_tablespace_location(oid) FROM pg_tablespace"
         " WHERE spcname NOT IN ('pg_default', 'pg_global')"
     ).fetchall()
-    return {str(oid): {"name": str(name), "location": str(loc)} for oid, name, loc in rows}
+    return {str(oid): {"name": str(name), "location": str(loc)} for oid, name, loc in rows
+            if str(loc).startswith("/")}
 
 
 def backup_physical(

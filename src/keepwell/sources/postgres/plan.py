@@ -9,6 +9,11 @@ A restore point (``--target-name``) has a known position only when it was made t
 lie between the backup's start and it (recovery stops at the first one it meets). The newest
 recorded point of a name is the target. For a name keepwell does not know, the newest complete
 backup is used and the plan carries a note saying so.
+
+A target must lie within the WAL the backup reaches without a gap: an LSN or a time past its end
+is refused before anything is restored, and so is a restore to the end of the WAL when archived
+WAL lies beyond a gap (it would stop at the gap and lose the rest) unless the gap is accepted
+(``allow_gap``); the plan then names the gap (`RestorePlan.gap`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from datetime import UTC, datetime
 
 from keepwell.sources.postgres.catalog import BaseBackup, Catalog, RestorePoint
 from keepwell.sources.postgres.errors import RestorePlanError
-from keepwell.sources.postgres.walnames import Lsn
+from keepwell.sources.postgres.walnames import Lsn, parse_segment_name
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class RestorePlan:
     wal_end_time: datetime | None
     point: RestorePoint | None = None  # the recorded restore point of a --target-name
     note: str | None = None
+    gap: tuple[str, str] | None = None  # (first missing segment, last archived after it)
 
 
 def point_reached(backup: BaseBackup, points: list[RestorePoint]) -> RestorePoint | None:
@@ -114,7 +120,8 @@ def _usable_before(backup: BaseBackup, target: Target,
     return True
 
 
-def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None) -> RestorePlan:
+def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
+           allow_gap: bool = False) -> RestorePlan:
     if count_targets(target) > 1:
         raise RestorePlanError(
             "give at most one of --target-time, --target-lsn, --target-xid, --target-name,"
@@ -169,9 +176,31 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None) -> 
                 f" the first one after the backup: this restore reaches the one at LSN"
                 f" {point.lsn} ({point.time:%Y-%m-%d %H:%M:%S})")
     reach = catalog.reach(backup, timeline)
-    _check_reach(target, reach.end_lsn, reach.end_time, backup, point)
+    gap = gap_after(catalog, reach.timeline, reach.end_lsn)
+    _check_reach(target, reach.end_lsn, reach.end_time, backup, point, gap)
+    if gap is not None and target.kind() == "end" and not allow_gap:
+        raise RestorePlanError(
+            f"WAL segment {gap[0]} is missing from the archive, which goes on to {gap[1]}: a"
+            f" restore to the end would stop at the gap ({reach.end_lsn}"
+            f"{', ' + reach.end_time.isoformat() if reach.end_time else ''}) and lose everything"
+            " archived after it",
+            hint="restore to a point before the gap (--target-time/--target-lsn), or pass"
+                 " --allow-gap to accept the loss")
     return RestorePlan(backup, target, reach.timeline, reach.end_lsn, reach.end_time, point,
-                       note)
+                       note, gap)
+
+
+def gap_after(catalog: Catalog, timeline: int, end: Lsn) -> tuple[str, str] | None:
+    """(first missing, last archived) when archived WAL on `timeline`'s lineage lies past `end`,
+    the end of the gap-free WAL."""
+    lineage = catalog.lineage(timeline)
+    first = end.segno(catalog.segment_size)
+    later = sorted(n for n in list(catalog.wal) + list(catalog.partials)
+                   if (p := parse_segment_name(n, catalog.segment_size)) is not None
+                   and p[1] > first and catalog.segment_for(p[1], lineage) == n)
+    if not later:
+        return None
+    return catalog.segment_for(first, lineage), later[-1]
 
 
 def _describe(target: Target, points: list[RestorePoint],
@@ -196,7 +225,10 @@ def _timeline_number(catalog: Catalog, target: Target) -> int | None:
 
 
 def _check_reach(target: Target, end_lsn: Lsn, end_time: datetime | None,
-                 backup: BaseBackup, point: RestorePoint | None = None) -> None:
+                 backup: BaseBackup, point: RestorePoint | None = None,
+                 gap: tuple[str, str] | None = None) -> None:
+    after_gap = (f"; segment {gap[0]} is missing, though the archive goes on to {gap[1]}"
+                 if gap else "")
     if point is not None and point.lsn > end_lsn:
         raise RestorePlanError(
             f"{_describe(target, [point])} is past the archived WAL (it ends at {end_lsn} after"
@@ -207,5 +239,13 @@ def _check_reach(target: Target, end_lsn: Lsn, end_time: datetime | None,
         if target.lsn > end_lsn:
             raise RestorePlanError(
                 f"target LSN {target.lsn} is past the archived WAL (it ends at {end_lsn} after"
-                f" backup {backup.short_id})"
+                f" backup {backup.short_id}{after_gap})"
             )
+    if target.kind() == "time":
+        assert target.time is not None
+        if end_time is not None and target.time > end_time:
+            raise RestorePlanError(
+                f"target time {target.time.isoformat()} is past the archived WAL (it ends at"
+                f" {end_time.isoformat()}, LSN {end_lsn}, after backup {backup.short_id}"
+                f"{after_gap})", hint="wait for archiving (or switch WAL on the server), or"
+                " restore to the end of the WAL without a target")

@@ -93,10 +93,23 @@ def info(cat: Catalog) -> dict[str, Any]:
 
 
 def check(cat: Catalog, *, spool_status: dict[str, Any] | None = None,
-          server: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`info` plus a list of problems; ``ok`` is true when there is none."""
+          server: dict[str, Any] | None = None,
+          unreadable: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """`info` plus a list of problems; ``ok`` is true when there is none. `unreadable`: per
+    snapshot, the paths a restore could not read (`walindex.unreadable`)."""
     report = info(cat)
     problems: list[str] = []
+    for sid, paths in sorted((unreadable or {}).items()):
+        names = [p.rsplit("/", 1)[-1] for p in paths if p.startswith("wal/")]
+        if sid in cat.wal_snapshots:  # its trees unreadable: all of its files
+            names = names or list(cat.wal_snapshots[sid])
+            problems.append(f"WAL file(s) {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                            f" of snapshot {sid[:8]} cannot be read: chunks that no index lists"
+                            " (a restore stops there; 'keepwell prune' indexes stored packs"
+                            " again)")
+        else:
+            problems.append(f"snapshot {sid[:8]} cannot be read: {', '.join(paths[:3])}")
+    report["unreadable"] = {sid[:8]: paths for sid, paths in (unreadable or {}).items()}
     if not cat.backups:
         problems.append("no physical backup: point-in-time restore is not possible")
     for entry in report["physical"]:

@@ -1,11 +1,17 @@
 """Physical and point-in-time restore: data directory, recovery settings, optional start.
 
-`restore_physical` plans (`plan.choose`), writes the data directory from the chosen base backup
-(remapping tablespaces on request; into an existing directory only as a delta), writes
-``recovery.signal`` and the recovery settings (``restore_command`` calling keepwell's WAL fetch,
-the target, ``recovery_target_action = 'promote'``) and, when asked, starts the server, waits
-until recovery has reached the target and promoted, and reports where it stopped (from the
-server's own log lines).
+`restore_physical` plans (`plan.choose`), decides and checks every destination before writing
+(`restoretarget`: the data directory, each tablespace in place or where the user mapped it,
+never a path a running server uses), writes the data directory from the chosen base backup
+(into an existing directory only as a delta), writes ``recovery.signal`` and the recovery settings
+(``restore_command`` calling keepwell's guarded WAL fetch with the restore's `FetchPolicy`
+(`walguard`), the target, ``recovery_target_action = 'promote'``), and, when asked, starts the
+server, waits until recovery has reached the target and promoted, and reports where it stopped
+(from the server's own log lines). Recovery to the end of the WAL that stops before the last
+archived segment is a failure, not a success.
+
+The server is started with the settings that could reach outside the data directory pinned
+(`SAFE_START`): the data directory itself, no external pid file, the log on stderr.
 """
 
 from __future__ import annotations
@@ -13,23 +19,29 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from keepwell.errors import RestoreTargetError
+from keepwell.errors import RestoreTargetError, UsageError
 from keepwell.sources.postgres import commands
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.datadir import (
     ExtractStats,
     extract_tar,
     make_durable,
+    own_file,
     remove_unlisted,
 )
 from keepwell.sources.postgres.errors import RecoveryError, ToolError
 from keepwell.sources.postgres.plan import RestorePlan, Target, choose
+from keepwell.sources.postgres.restoretarget import TargetLayout, plan_layout
 from keepwell.sources.postgres.tools import find_program
+from keepwell.sources.postgres.walguard import FetchPolicy
+from keepwell.sources.postgres.walnames import Lsn, parse_segment_name, segment_name
 
 RECOVERY_MARK = "# keepwell restore: recovery settings"
 LOG_NAME = "keepwell-restore.log"
@@ -37,6 +49,8 @@ _STOP_RE = re.compile(r"LOG:\s+(recovery stopping .*)")
 _LAST_RE = re.compile(r"LOG:\s+last completed transaction was at log time (.*)")
 _REDO_DONE_RE = re.compile(r"LOG:\s+redo done at (\S+)")
 _FATAL_RE = re.compile(r"(FATAL|PANIC):\s+(.*)")
+_STANDBY_READY = "database system is ready to accept read-only connections"
+_KEEPWELL_RE = re.compile(r"^keepwell: (.*(?:cannot|missing|refus|overwrite).*)$", re.M)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,9 @@ class RestoreOptions:
     snapshot: str | None = None
     delta: bool = False
     tablespace_map: dict[str, str] | None = None
+    tablespace_map_all: str | None = None
+    allow_gap: bool = False
+    standby: bool = False  # a standby that follows the archive (standby.signal), no target
     start: bool = False
     port: int | None = None
     archive_mode: str = "off"  # "off" or "preserve"
@@ -79,95 +96,102 @@ class RestoreResult:
             "redo_done_at": self.redo_done_at, "timeline": self.timeline,
             "restore_point_lsn": str(self.plan.point.lsn) if self.plan.point else None,
             "note": self.plan.note,
+            "gap": list(self.plan.gap) if self.plan.gap else None,
         }
 
 
-def restore_command(opts: RestoreOptions, cluster: str, password_file: str) -> str:
+def restore_command(opts: RestoreOptions, cluster: str, password_file: str,
+                    policy: FetchPolicy) -> str:
     return commands.restore_command(repo=opts.repo_location, password_file=password_file,
-                                    cluster=cluster)
-
-
-def _check_target_dir(opts: RestoreOptions) -> None:
-    d = opts.target_dir
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise RestoreTargetError(f"{d} exists and is not a directory")
-    if os.path.isdir(d) and os.listdir(d):
-        if not opts.delta:
-            raise RestoreTargetError(
-                f"{d} is not empty", hint="restore into an empty directory, or pass --delta"
-            )
-        if os.path.exists(os.path.join(d, "postmaster.pid")):
-            raise RestoreTargetError(
-                f"{d} holds a running server (postmaster.pid)", hint="stop the server first"
-            )
+                                    cluster=cluster, policy=policy.args())
 
 
 def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreResult:
     catalog = Catalog.build(repo.list_snapshots(), cluster)
-    plan = choose(catalog, opts.target, opts.snapshot)
+    if opts.standby and opts.target.kind() != "end":
+        raise UsageError("a standby follows the archive to its end: give it no recovery target")
+    plan = choose(catalog, opts.target, opts.snapshot, allow_gap=opts.allow_gap)
     if opts.start and os.geteuid() == 0:
         raise ToolError("PostgreSQL refuses to run as root",
                         hint="run keepwell as the cluster's owner, e.g. runuser -u postgres --")
-    _check_target_dir(opts)
-    root = os.path.abspath(opts.target_dir)
+    if opts.start and opts.port and port_in_use(opts.port):
+        raise RestoreTargetError(f"port {opts.port} is in use (by a running server?): the"
+                                 " restored server must not take it", hint="pass another --port")
+    layout = plan_layout(opts.target_dir, plan.backup, delta=opts.delta,
+                         tablespace_map=opts.tablespace_map,
+                         tablespace_map_all=opts.tablespace_map_all)
+    root = layout.root
     os.makedirs(root, 0o700, exist_ok=True)
     os.chmod(root, 0o700)
     snap = repo.find_snapshot(plan.backup.snapshot_id)
     stats = ExtractStats()
     extract_tar(repo.iter_file(snap, "base.tar"), root, delta=opts.delta, stats=stats)
-    ts_lines = _restore_tablespaces(repo, snap, plan, opts, stats)
+    _restore_tablespaces(repo, snap, layout, opts, stats)
     keep = {"postmaster.opts"}
     if opts.delta:
-        stats.removed = remove_unlisted(root, stats.seen, keep)
-    if ts_lines is not None:
-        with open(os.path.join(root, "tablespace_map"), "w", encoding="utf-8") as f:
-            f.write("".join(ts_lines))
+        stats.removed = sum(remove_unlisted(r, stats.seen, keep if r == root else set())
+                            for r in layout.roots())
+    _write_tablespace_map(root, layout)
     for sub in ("pg_wal", "pg_wal/archive_status"):
         os.makedirs(os.path.join(root, sub), 0o700, exist_ok=True)
     password_file = _password_file(opts, root)
-    write_recovery_settings(root, restore_command(opts, cluster, password_file),
-                            plan.target, opts.archive_mode)
+    policy = FetchPolicy("inside", _oid_map(opts, plan),
+                         os.path.abspath(opts.tablespace_map_all)
+                         if opts.tablespace_map_all else None, plan.timeline, opts.allow_gap,
+                         "follow" if opts.standby else
+                         "end" if plan.target.kind() == "end" else "point")
+    write_recovery_settings(root, restore_command(opts, cluster, password_file, policy),
+                            plan.target, opts.archive_mode, standby=opts.standby)
     # one flush of everything at the end (files were written without an fsync each)
-    make_durable([root, *(line.split(" ", 1)[1].rstrip("\n") for line in ts_lines or [])], stats.synced)
+    make_durable(layout.roots(), stats.synced)
     if not opts.start:
         return RestoreResult(plan, stats, root, False)
     return _start_and_wait(plan, stats, root, opts)
 
 
-def _restore_tablespaces(repo: Any, snap: Any, plan: RestorePlan, opts: RestoreOptions,
-                         stats: ExtractStats) -> list[str] | None:
-    spaces = plan.backup.tablespaces
-    if not spaces:
-        return None
-    mapping = opts.tablespace_map or {}
-    lines = []
-    for oid, meta in sorted(spaces.items()):
-        location = mapping.get(oid) or mapping.get(str(meta.get("name"))) or meta["location"]
-        location = os.path.abspath(location)
-        if os.path.isdir(location) and os.listdir(location) and not opts.delta:
-            raise RestoreTargetError(
-                f"tablespace {meta.get('name')} location {location} is not empty",
-                hint="remap it with --tablespace-map NAME=DIR, or pass --delta",
-            )
-        extract_tar(repo.iter_file(snap, f"tablespaces/{oid}.tar"), location, delta=opts.delta,
-                    stats=stats)
+def _oid_map(opts: RestoreOptions, plan: RestorePlan) -> dict[str, str]:
+    """The user's tablespace mapping by OID (names resolved through the backup)."""
+    by_name = {str(m.get("name")): oid for oid, m in plan.backup.tablespaces.items()}
+    return {(key if key.isdigit() else by_name[key]): os.path.abspath(value)
+            for key, value in (opts.tablespace_map or {}).items()}
+
+
+def _restore_tablespaces(repo: Any, snap: Any, layout: TargetLayout, opts: RestoreOptions,
+                         stats: ExtractStats) -> None:
+    for place in layout.tablespaces:
+        location = place.path(layout.root)
+        if place.directory is None and os.path.islink(location):
+            os.unlink(location)  # a link left by an earlier restore: in place now
+        extract_tar(repo.iter_file(snap, f"tablespaces/{place.oid}.tar"), location,
+                    delta=opts.delta, stats=stats)
         os.chmod(location, 0o700)
-        lines.append(f"{oid} {location}\n")
-    return lines
+
+
+def _write_tablespace_map(root: str, layout: TargetLayout) -> None:
+    """``tablespace_map`` names the tablespaces outside the data directory; one from the backup
+    would point PostgreSQL at the original (possibly live) locations, so it never stays."""
+    path = os.path.join(root, "tablespace_map")
+    lines = layout.map_lines()
+    if lines or os.path.lexists(path):
+        with open(own_file(path), "w", encoding="utf-8") as f:
+            f.write("".join(lines))
 
 
 def _password_file(opts: RestoreOptions, root: str) -> str:
     if opts.password_file:
         return os.path.abspath(opts.password_file)
-    path = os.path.join(root, "keepwell-restore.password")
+    path = own_file(os.path.join(root, "keepwell-restore.password"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write((opts.password or "") + "\n")
     return path
 
 
-def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str) -> None:
-    """Append recovery settings to postgresql.auto.conf and create recovery.signal."""
+def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str, *,
+                            standby: bool = False) -> None:
+    """Append recovery settings to postgresql.auto.conf and create recovery.signal (a standby:
+    standby.signal, no target, and WAL from the archive only, not streamed from a primary the
+    restored configuration may name, which would bypass the fetch's guard)."""
     auto = os.path.join(root, "postgresql.auto.conf")
     try:
         with open(auto, encoding="utf-8") as f:
@@ -176,16 +200,24 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
         text = ""
     if RECOVERY_MARK in text:
         text = text[: text.index(RECOVERY_MARK)]
-    settings = {"restore_command": command, **target.recovery_settings(),
-                "recovery_target_action": "promote"}
+    settings = {"restore_command": command,
+                # tablespaces kept inside the data directory are directories in pg_tblspc,
+                # which recovery refuses to finish with unless this is on
+                "allow_in_place_tablespaces": "on"}
+    if standby:
+        settings.update(primary_conninfo="", primary_slot_name="")
+    else:
+        settings.update(**target.recovery_settings(), recovery_target_action="promote")
     if archive_mode == "off":
         settings["archive_mode"] = "off"
     body = "".join(f"{k} = '{str(v).replace(chr(39), chr(39) * 2)}'\n"
                    for k, v in settings.items())
-    with open(auto, "w", encoding="utf-8") as f:
+    with open(own_file(auto), "w", encoding="utf-8") as f:
         f.write(text.rstrip("\n") + ("\n" if text.strip() else "") + RECOVERY_MARK + "\n" + body)
-    open(os.path.join(root, "recovery.signal"), "w").close()
-    for stale in ("standby.signal", "postmaster.pid", "backup_label.old"):
+    signal, stale_signal = ("standby.signal", "recovery.signal") if standby else (
+        "recovery.signal", "standby.signal")
+    open(own_file(os.path.join(root, signal)), "w").close()
+    for stale in (stale_signal, "postmaster.pid", "backup_label.old"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(root, stale))
 
@@ -194,22 +226,28 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
                     opts: RestoreOptions) -> RestoreResult:
     major = int(plan.backup.version.split(".")[0]) if plan.backup.version else None
     pg_ctl = find_program("pg_ctl", major)
-    log = os.path.join(root, LOG_NAME)
-    extra = f"-p {opts.port}" if opts.port else ""
-    argv = [pg_ctl, "-D", root, "-l", log, "-W"]
-    if extra:
-        argv += ["-o", extra]
+    log = own_file(os.path.join(root, LOG_NAME))
+    with open(log, "w", encoding="utf-8"):
+        pass  # a log restored with the data directory (of an earlier restore) says nothing now
+    configured = None if opts.port else configured_port(root)
+    if configured is not None and port_in_use(configured):
+        raise RecoveryError(f"port {configured} of the restored configuration is in use (by the"
+                            " live server?): the restored server was not started",
+                            hint="start it with pg_ctl -o '-p PORT', or restore with --port")
+    argv = [pg_ctl, "-D", root, "-l", log, "-W", "-o", safe_start_options(root, opts.port)]
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:
         raise RecoveryError(f"pg_ctl start failed: {res.stderr.strip() or res.stdout.strip()}")
     deadline = time.monotonic() + opts.wait_timeout
     while time.monotonic() < deadline:
         text = _read(log)
-        if _promoted(text):
-            break
+        if _promoted(text) or opts.standby and _STANDBY_READY in text and reached_end(plan, text):
+            break  # a standby: once it has replayed the archive as it was
         fatal = _FATAL_RE.findall(text)
         if fatal and not _running(pg_ctl, root):
-            raise RecoveryError(f"recovery failed: {fatal[-1][1]}")
+            ours = _KEEPWELL_RE.findall(text)  # the fetch says why it failed, in the same log
+            raise RecoveryError(f"recovery failed: {fatal[-1][1]}"
+                                + (f" ({ours[-1]})" if ours else ""))
         time.sleep(0.2)
     else:
         raise RecoveryError(f"recovery did not finish within {opts.wait_timeout:.0f} s")
@@ -218,12 +256,74 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     last = _LAST_RE.findall(text)
     redo = _REDO_DONE_RE.findall(text)
     tli = re.findall(r"selected new timeline ID: (\d+)", text)
+    if plan.target.kind() == "end" and not opts.standby:
+        check_reached_end(plan, text)
     return RestoreResult(
         plan, stats, root, True, stopped_at=stop[-1] if stop else None,
         last_transaction_time=last[-1] if last else None,
         redo_done_at=redo[-1] if redo else None,
         timeline=int(tli[-1]) if tli else None, port=opts.port,
     )
+
+
+def safe_start_options(root: str, port: int | None) -> str:
+    """Options for ``pg_ctl -o`` that keep a restored server inside its data directory, whatever
+    the restored configuration says: no other data directory, an external pid file (if the
+    configuration names one, it may be the live server's) inside it, its log on stderr (into
+    the log file given to pg_ctl, where keepwell reads it)."""
+    pid_file = os.path.join(root, "keepwell-server.pid")
+    opts = [f"-c {shlex.quote('data_directory=' + root)}",
+            f"-c {shlex.quote('external_pid_file=' + pid_file)}", "-c logging_collector=off"]
+    if port:
+        opts.insert(0, f"-p {int(port)}")
+    return " ".join(opts)
+
+
+def configured_port(root: str) -> int:
+    """The port a data directory's own configuration sets (the last setting wins)."""
+    port = 5432
+    for name in ("postgresql.conf", "postgresql.auto.conf"):
+        with contextlib.suppress(OSError), open(os.path.join(root, name), encoding="utf-8",
+                                                errors="replace") as f:
+            for m in re.finditer(r"^\s*port\s*=?\s*'?(\d+)'?", f.read(), re.M):
+                port = int(m.group(1))
+    return port
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something listens on `port` of the loopback address."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+_NOT_ARCHIVED_RE = re.compile(
+    r"keepwell: WAL (?:file|segment) ([0-9A-F]{24}) is (?:not in the repository|missing)")
+
+
+def reached_end(plan: RestorePlan, log_text: str) -> bool:
+    """Whether recovery read the last segment the plan counted on: the fetch reported a later
+    one missing, or redo went on into that last segment."""
+    size = plan.backup.segment_size
+    last = plan.wal_end.segno(size) - 1
+    asked = [parse_segment_name(n, size) for n in _NOT_ARCHIVED_RE.findall(log_text)]
+    if any(p is not None and p[1] > last for p in asked):
+        return True
+    redo = _REDO_DONE_RE.findall(log_text)
+    return bool(redo) and Lsn.parse(redo[-1]).segno(size) >= last
+
+
+def check_reached_end(plan: RestorePlan, log_text: str) -> None:
+    """Recovery to the end of the WAL that stopped short of it is a failure."""
+    if reached_end(plan, log_text):
+        return
+    size = plan.backup.segment_size
+    redo = _REDO_DONE_RE.findall(log_text)
+    raise RecoveryError(
+        f"recovery ended at {redo[-1] if redo else 'the start of the backup'}, before the end"
+        f" of the archived WAL ({segment_name(plan.timeline, plan.wal_end.segno(size) - 1, size)}"
+        "): the server read no further",
+        hint=f"see the restored server's log {LOG_NAME} in the target directory")
 
 
 def _promoted(log_text: str) -> bool:

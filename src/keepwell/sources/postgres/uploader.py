@@ -8,7 +8,9 @@ holds the oldest pending segment is kept small, since PostgreSQL waits for it. T
 uploaded are published in the spool's ``inflight`` file (pushes wait for those instead of
 spooling them). Each archived file gets a done marker once its snapshot is committed, so the
 ``archive_command`` for a segment uploaded ahead returns at once (in the shell fast path,
-``keepwell-wal-push``). A file that must not be
+``keepwell-wal-push``); the snapshot is committed only once a stored index lists every chunk
+it uses (`WalArchive.push`), also after a failed write left a pack unlisted, so a segment is
+never acknowledged while another process could not read it. A file that must not be
 archived (another cluster's, or different from the archived file of that name) is set aside with
 an alert, never dropped silently. The uploader exits after ``idle_exit`` seconds with nothing to
 do (``archive_command`` starts it again) unless it runs as a daemon.
@@ -26,6 +28,7 @@ from keepwell.errors import KeepwellError
 from keepwell.sources.postgres.archive import WalArchive, WalItem
 from keepwell.sources.postgres.hooks import IDLE_EXIT, HookSettings, take_uploader_lock
 from keepwell.sources.postgres.spool import WalSpool, file_identity
+from keepwell.sources.postgres.walindex import PackLedger
 from keepwell.sources.postgres.walnames import wal_kind
 
 BATCH_FILES = 16
@@ -166,10 +169,11 @@ def _run_workers(repo: Any, cluster: str, spool: WalSpool, pg_wal: str | None, d
     claimed: set[str] = set()
     known_done: set[str] = set()
     lock = threading.Lock()
+    ledger = PackLedger(repo)  # shared, and made before either worker writes anything
     threads = [
         threading.Thread(target=_worker, name=f"kw-wal-upload-{i}",
-                         args=(WalArchive(repo, cluster), spool, pg_wal, daemon, idle_exit,
-                               claimed, lock, known_done))
+                         args=(WalArchive(repo, cluster, ledger=ledger), spool, pg_wal, daemon,
+                               idle_exit, claimed, lock, known_done))
         for i in range(WORKERS)
     ]
     for t in threads:

@@ -1,0 +1,113 @@
+"""Point-in-time restores that stop where asked or fail loudly: gaps in the archive, damaged
+WAL ahead of the target, time targets without a zone or past the end of the archive."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tests.servers.postgres as servers_pg
+from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
+
+pg_env = servers_pg.pg_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def cluster_with_marks(env: PgEnv, segments: int) -> tuple[PgCluster, list[tuple[int, str, str]]]:
+    """`backed_up_cluster`, then one committed row per WAL segment: [(row, LSN after its
+    commit, segment it is in)]."""
+    c = backed_up_cluster(env)
+    rows = []
+    for i in range(segments):
+        c.sql("INSERT INTO marks VALUES (%s)", (i,))
+        lsn, seg = c.sql("SELECT pg_current_wal_lsn()::text,"
+                         " pg_walfile_name(pg_current_wal_lsn())")[0]
+        rows.append((i, str(lsn), str(seg)))
+        c.switch_wal()
+    c.wait_archived()
+    return c, rows
+
+
+def restored_marks(env: PgEnv, name: str, *args: str) -> tuple[list[int], str]:
+    port = free_port()
+    res = env.keepwell("restore", "--target-dir", str(env.workdir / name), "--start", "--port",
+                       str(port), *args)
+    r = PgCluster(env.workdir, name, port=port)
+    rows = [row[0] for row in r.sql("SELECT i FROM marks ORDER BY i")]
+    r.stop("immediate")
+    return rows, res.stdout + res.stderr  # the output matters here: not start_restored
+
+
+def test_restore_to_the_end_fails_at_a_gap_unless_allowed(pg_env: PgEnv) -> None:
+    c, rows = cluster_with_marks(pg_env, 6)
+    c.stop()
+    missing = rows[3][2]  # the segment holding row 3: rows 3.. lie beyond the gap
+    pg_env.forget_wal(missing)
+    assert pg_env.keepwell("check", check=False).returncode == 1
+
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start",
+                          "--port", str(free_port()), check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert missing in res.stderr and "--allow-gap" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not (pg_env.workdir / "r").exists(), "refused before writing anything"
+
+    got, out = restored_marks(pg_env, "gap", "--allow-gap")
+    assert got == [0, 1, 2]
+    assert f"WAL segment {missing} is missing" in out and "not replayed" in out
+
+    # a target before the gap needs no permission; one after it is refused
+    assert restored_marks(pg_env, "before", "--target-lsn", rows[1][1])[0] == [0, 1]
+    after = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "after"),
+                            "--target-lsn", rows[4][1], check=False)
+    assert after.returncode == 1 and "past the archived WAL" in after.stderr
+    assert missing in after.stderr
+
+
+def test_damaged_wal_ahead_does_not_stop_an_earlier_target(pg_env: PgEnv) -> None:
+    c, rows = cluster_with_marks(pg_env, 6)
+    c.stop()
+    pg_env.damage_wal(rows[4][2])  # read ahead by the fetch of row 1's segment
+    got, _ = restored_marks(pg_env, "early", "--target-lsn", rows[1][1])
+    assert got == [0, 1]
+    # a restore that needs the damaged segment fails, and says which one
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "late"), "--start",
+                          "--port", str(free_port()), check=False)
+    assert res.returncode != 0
+    assert f"WAL file {rows[4][2]} cannot be restored" in res.stderr, res.stderr
+
+
+def test_target_time_is_read_in_the_local_zone_and_must_be_archived(pg_env: PgEnv) -> None:
+    c = backed_up_cluster(pg_env)
+    stamps = []
+    for i in range(3):
+        c.sql("INSERT INTO marks VALUES (%s)", (i,))
+        stamps.append(c.scalar("SELECT clock_timestamp()"))
+        time.sleep(0.3)
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    zone = {"TZ": "KWT-5:30"}  # UTC+05:30, no tz database needed
+    mid = stamps[1] + (stamps[2] - stamps[1]) / 2
+    local = mid.astimezone(UTC) + timedelta(hours=5, minutes=30)
+    naive = local.replace(tzinfo=None).isoformat(sep=" ")
+    port = free_port()
+    out = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--target-time",
+                          naive, "--start", "--port", str(port), env=zone)
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    assert [row[0] for row in r.sql("SELECT i FROM marks ORDER BY i")] == [0, 1]
+    r.stop("immediate")
+    assert "+05:30" in out.stdout and "local zone KWT" in out.stdout
+    assert f"{mid.astimezone(UTC):%Y-%m-%d %H:%M:%S}" in out.stdout
+
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "f"),
+                          "--target-time", future, check=False)
+    assert res.returncode == 1 and "past the archived WAL" in res.stderr
+    assert res.stderr.count("\n") == 1 and not (pg_env.workdir / "f").exists()
+    report = json.loads(pg_env.keepwell("info", "--json").stdout)
+    assert report["windows"], "the archive has a window to restore within"
