@@ -7,7 +7,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test servers lint typecheck unit clean
 
-$(STAMP): pyproject.toml
+# the archive_command shell script is copied into the venv at install: a change needs a reinstall
+$(STAMP): pyproject.toml src/keepwell/sources/postgres/keepwell-wal-push
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
