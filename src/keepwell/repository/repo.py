@@ -32,6 +32,7 @@ from keepwell.errors import (
     UsageError,
 )
 from keepwell.repository import keys
+from keepwell.repository.damage import Damage, load_damage
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
     FORMAT_VERSION,
@@ -50,6 +51,8 @@ from keepwell.repository.index import (
 )
 from keepwell.repository.snapshot import Snapshot, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree
+
+_REPAIR_INDEX_HINT = "run 'keepwell repair index' to rebuild the index from the packs"
 
 
 class Repository:
@@ -82,6 +85,7 @@ class Repository:
         self._pending: dict[bytes, BlobLocation] | None = None
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
+        self.damage = Damage()  # the damage records the index was loaded with
         # (location, options) when opened through `open_repository`: what a worker process
         # needs to open the same storage again (`reopen_repository`)
         self.opened_as: tuple[str, dict[str, Any]] | None = None
@@ -181,19 +185,25 @@ class Repository:
                     self._index = self._load_index()
         return self._index
 
-    def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None) -> MasterIndex:
+    def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None,
+                    damage: Damage | None = None) -> MasterIndex:
         idx = into if into is not None else MasterIndex()  # an empty index is falsy
         names = [i.name.split("/", 1)[1] for i in self.backend.list("index/")]
         todo = [n for n in names if not skip or n not in skip]
+        # damaged copies stay out of the index, so a backup stores their data again
+        damage = self.damage = damage if damage is not None else load_damage(self)
 
         def load(name: str) -> None:
             # staged in the worker, so each decrypted object is dropped as soon as it is copied
             try:
-                idx.stage(name, decode_index(self.get_object("index", name, KIND_INDEX)))
+                idx.stage(name, damage.filter(decode_index(self.get_object("index", name, KIND_INDEX))))
             except ObjectNotFoundError:
                 return  # superseded and deleted by a prune since the listing
             except ValueError as exc:
-                raise FormatError(f"index/{name} cannot be decoded: {exc}") from None
+                raise FormatError(f"index/{name} cannot be decoded: {exc}",
+                                  hint=_REPAIR_INDEX_HINT) from None
+            except IntegrityError as exc:
+                raise IntegrityError(str(exc), hint=_REPAIR_INDEX_HINT) from None
 
         with ThreadPoolExecutor(4) as pool:
             for _ in pool.map(load, todo):
@@ -205,10 +215,12 @@ class Repository:
         """Bring the index up to date with storage (new index objects, or a prune's rewrite)."""
         with self._index_lock:
             current = {i.name.split("/", 1)[1] for i in self.backend.list("index/")}
-            if self._index is None or not self._index.files <= current:
-                self._index = self._load_index()
+            damage = load_damage(self)
+            if self._index is None or not self._index.files <= current \
+                    or damage.names() != self.damage.names():
+                self._index = self._load_index(damage=damage)
             else:
-                self._load_index(self._index, skip=self._index.files)
+                self._load_index(self._index, skip=self._index.files, damage=damage)
             return self._index
 
     def write_index(self, content: IndexContent) -> str:
