@@ -14,7 +14,9 @@ Words:
                    time, packs: {pack object name: [blob id hex, ...]}}``. Written once with a
                    create-only put and never rewritten, so writing one needs no lock and a
                    backup running meanwhile is never disturbed (it keeps the index it loaded).
-    settled        a record none of whose packs is stored any more; ``repair`` deletes it.
+    settled        a record none of whose packs is stored or listed by an index object any more
+                   (they were salvaged, or the index was rebuilt without them, and then deleted);
+                   ``repair`` deletes it.
 
 A record that cannot be read is ignored (its damage is found again by the next
 ``check --read-data``); `Damage.unreadable` names it for ``check`` and ``repair``.
@@ -166,10 +168,11 @@ def check_findings(repo: Repository, found: Mapping[str, Iterable[bytes]]) -> tu
     return errors, warnings
 
 
-def settle(repo: Repository, damage: Damage, stored: set[str]) -> list[str]:
-    """Delete the records none of whose packs is in ``stored`` (a listing of the packs made
-    after ``damage`` was loaded), and unreadable ones; returns what was deleted."""
-    done = [r for r, packs in damage.records.items() if not packs & stored]
+def settle(repo: Repository, damage: Damage, present: set[str]) -> list[str]:
+    """Delete the records none of whose packs is in ``present`` (the packs stored or listed by
+    an index object, found after ``damage`` was loaded), and unreadable ones; returns what was
+    deleted."""
+    done = [r for r, packs in damage.records.items() if not packs & present]
     done += list(damage.unreadable)
     deleted = []
     for name in sorted(done):

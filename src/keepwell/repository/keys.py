@@ -9,12 +9,14 @@ from __future__ import annotations
 import getpass
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from keepwell.backends.base import Backend
 from keepwell.crypto import KdfParams, MasterKey, content_name, unwrap_master_key, wrap_master_key
 from keepwell.errors import (
+    IntegrityError,
     KeepwellError,
     ObjectNotFoundError,
     RepositoryNotFoundError,
@@ -47,14 +49,20 @@ def add_key(backend: Backend, master: MasterKey, password: str, params: KdfParam
 def list_keys(backend: Backend) -> list[KeyInfo]:
     out = []
     for info in backend.list("keys/"):
-        doc = json.loads(backend.get(info.name))
+        try:
+            doc = json.loads(backend.get(info.name))
+        except ValueError:
+            doc = {"host": "(damaged key file)"}
         out.append(KeyInfo(info.name.split("/", 1)[1], doc.get("created", ""), doc.get("host", ""),
                            doc.get("username", "")))
     return sorted(out, key=lambda k: k.created)
 
 
-def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]:
-    """Try every key file; return the master key and the id of the key that opened it."""
+def open_with_password(backend: Backend, password: str,
+                       opens: Callable[[MasterKey], bool] | None = None) -> tuple[MasterKey, str]:
+    """Try every key file; return the master key and the id of the key that opened it.
+    ``opens``: whether a master key opens the repository (decrypts its config); a key file
+    the password unlocks but whose master key does not is passed over."""
     names = [i.name for i in backend.list("keys/")]
     if not names:
         try:
@@ -63,14 +71,37 @@ def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]
             raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
         raise KeepwellError(f"repository at {backend.location} has no key files",
                             hint="restore the keys/ folder from a copy")
+    damaged: list[str] = []
+    refused: list[str] = []
     for name in names:
         try:
-            doc = json.loads(backend.get(name))
-            return unwrap_master_key(doc, password), name.split("/", 1)[1]
+            data = backend.get(name)
+        except ObjectNotFoundError:
+            continue
+        if content_name(data) != name.split("/", 1)[1]:
+            damaged.append(name)  # tried all the same: a misnamed key file may be whole
+        try:
+            master = unwrap_master_key(json.loads(data), password)
         except WrongPasswordError:
             continue
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
+            if name not in damaged:
+                damaged.append(name)
             continue
+        if opens is not None and not opens(master):
+            refused.append(name)
+            continue
+        return master, name.split("/", 1)[1]
+    if refused:
+        raise IntegrityError(
+            f"the config of {backend.location} fails authentication with the key(s) this password "
+            f"unlocks ({', '.join(refused)}): the config is damaged, or those key files belong to "
+            "another repository", hint="restore config and keys/ from a copy of the repository")
+    if damaged:
+        raise WrongPasswordError(
+            f"no key file of {backend.location} opens with this password, and "
+            f"{len(damaged)} key file(s) are damaged: {', '.join(damaged)}",
+            hint="if the password is right, restore keys/ from a copy of the repository")
     raise WrongPasswordError(f"wrong password for repository {backend.location}")
 
 

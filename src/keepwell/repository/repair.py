@@ -38,7 +38,7 @@ from keepwell.errors import (
     ObjectNotFoundError,
     UsageError,
 )
-from keepwell.repository.damage import load_damage, pack_id_of, record_damage, settle
+from keepwell.repository.damage import Damage, load_damage, pack_id_of, record_damage, settle
 from keepwell.repository.format import (
     KIND_INDEX,
     KIND_PACK_HEADER,
@@ -110,6 +110,22 @@ def indexed_packs(repo: Repository) -> dict[str, StoredPack]:
             PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length))
     return {pack_object_name(t, p.hex()): StoredPack(p, t, unique_entries(es))
             for (p, t), es in raw.items()}
+
+
+def listed_packs(repo: Repository) -> set[str]:
+    """Every pack an index object lists, whether or not an entry of it is left."""
+    index = repo.index
+    return {pack_object_name(t, p.hex()) for p, t in zip(index.pack_ids, index.pack_types,
+                                                         strict=True)}
+
+
+def settle_records(repo: Repository, damage: Damage) -> list[str]:
+    """Delete the damage records that no stored or indexed pack needs any more."""
+    repo.refresh_index()
+    deleted = settle(repo, damage, set(stored_packs(repo)) | listed_packs(repo))
+    if deleted:
+        repo.refresh_index()
+    return deleted
 
 
 def _within(entries: list[PackEntry], size: int) -> list[PackEntry]:
@@ -214,8 +230,7 @@ def _rebuild(repo: Repository, report: IndexRepair, lock: PruneLock | None) -> N
             report.removed.append(name)
         except ObjectNotFoundError:
             pass
-    report.removed += settle(repo, damage, set(stored_packs(repo)))
-    repo.refresh_index()
+    report.removed += settle_records(repo, damage)
 
 
 def _entries_differ(listed: dict[str, StoredPack], packs: list[StoredPack]) -> bool:
@@ -317,11 +332,11 @@ def _repair_packs(repo: Repository, names: list[str] | None, report: PackRepair,
     repo.refresh_index()
     old_files = sorted(repo.index.files)
     by_pack = indexed_packs(repo)
+    listed = listed_packs(repo)  # with those whose every entry was recorded damaged
     stored = stored_packs(repo)
-    # a pack whose every entry was recorded damaged has no entries left, and is looked at too
     recorded = {n for r in repo.damage.records.values() for n in r} & set(stored)
     pending = {n for r in load_pending(repo) for n in r.packs}
-    candidates = set(by_pack) | (recorded - pending)
+    candidates = set(by_pack) | listed | (recorded - pending)
     chosen = resolve_packs(names, candidates | set(stored)) if names else sorted(candidates)
     todo = [(n, by_pack[n].entries if n in by_pack else []) for n in chosen]
     broken: list[_PackState] = []
@@ -355,5 +370,4 @@ def _repair_packs(repo: Repository, names: list[str] | None, report: PackRepair,
     if doomed:
         sessions = {s.id for s in list_sessions(repo, strict=True)}
         report.pending_record = write_pending(repo, time.time(), sessions, doomed)
-    repo.refresh_index()
-    settle(repo, repo.damage, set(stored_packs(repo)))
+    settle_records(repo, repo.damage)

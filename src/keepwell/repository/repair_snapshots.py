@@ -218,13 +218,13 @@ class _Healer:
 
         try:
             self.reader.read(present, store)
-        except IntegrityError:
-            for b in present:  # a truncated pack of the replica: the others one at a time
+        except LOST:
+            for b in present:  # a pack of the replica is truncated or lost: one at a time
                 if b in self._settled:
                     continue
                 try:
                     self.reader.read([b], store)
-                except IntegrityError as exc:
+                except LOST as exc:
                     self._unavailable(b, str(exc))
 
     def run(self) -> None:

@@ -127,7 +127,14 @@ class Repository:
             stored = backend.get("config")
         except ObjectNotFoundError:
             raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
-        master, key_id = keys.open_with_password(backend, password)
+        def opens(master: MasterKey) -> bool:
+            try:
+                master.decrypt_object(KIND_CONFIG, stored, "config")
+                return True
+            except IntegrityError:
+                return False
+
+        master, key_id = keys.open_with_password(backend, password, opens)
         config = json.loads(master.decrypt_object(KIND_CONFIG, stored, "config"))
         if int(config.get("version", 0)) > FORMAT_VERSION:
             raise KeepwellError(
