@@ -18,11 +18,8 @@ repository:
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +28,8 @@ import pytest
 from keepwell.errors import KeepwellError
 from keepwell.repository import open_repository
 from keepwell.sources.files import backup_paths, restore_snapshot
+from tests.fault.cli import PASSWORD, kw, ok
 
-KW = [sys.executable, "-m", "keepwell.cli.main"]
-PASSWORD = "pw"
 KINDS = ["config", "keys", "index", "snapshot", "data", "tree", "pending"]
 DAMAGES = ["flip", "truncate", "delete", "swap", "foreign"]
 # where damage cannot be told from a deliberate act (see the module docstring)
@@ -41,17 +37,6 @@ UNDETECTABLE = {("snapshot", "delete"), ("pending", "delete")}
 # how each kind is repaired; the others have no repair (config, keys: restore them from a copy;
 # a damaged snapshot is forgotten)
 REPAIR = {"index": "index", "pending": "index", "data": "packs", "tree": "packs"}
-
-
-def kw(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
-            "KEEPWELL_TESTONLY_WEAK_KDF": "1", **(env or {})}
-    return subprocess.run(KW + list(args), env=full, capture_output=True, text=True, timeout=300)
-
-
-def ok(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
 
 
 def names(repo: Path, prefix: str) -> list[str]:

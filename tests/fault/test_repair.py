@@ -8,27 +8,14 @@ Every command runs as a real ``keepwell`` process on a local repository.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-KW = [sys.executable, "-m", "keepwell.cli.main"]
-
-
-def kw(repo: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KEEPWELL_PASSWORD": "pw", "KEEPWELL_REPOSITORY": str(repo),
-           "KEEPWELL_TESTONLY_WEAK_KDF": "1", "KEEPWELL_FROM_PASSWORD": "pw", **extra}
-    return subprocess.run(KW + list(args), env=env, capture_output=True, text=True, timeout=300)
-
-
-def ok(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+from tests.fault.cli import kw, ok
 
 
 def objects(repo: Path, prefix: str) -> list[Path]:
