@@ -107,6 +107,7 @@ class ObjectStoreBackend:
         *,
         create_store: Any = None,
         multipart_threshold: int = MULTIPART_THRESHOLD,
+        endpoint: str | None = None,
     ) -> None:
         self.store = store
         # Create-only puts go through a store that never retries by itself: if the answer to a
@@ -115,6 +116,10 @@ class ObjectStoreBackend:
         # transient (ambiguous), which then compares contents.
         self.create_store = create_store if create_store is not None else store
         self.location = location
+        # the server (an S3-compatible endpoint, or the provider's own): the same bucket and
+        # prefix on two servers are two stores (a cache must keep them apart)
+        self.endpoint = endpoint
+        self.identity = f"{location} at {endpoint}" if endpoint else location
         self.multipart_threshold = multipart_threshold
 
     def _what(self, verb: str, name: str) -> str:
@@ -327,7 +332,8 @@ def from_url(url: str, **options: Any) -> ObjectStoreBackend:
         raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
     location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
     return ObjectStoreBackend(
-        store, location, create_store=create_store, multipart_threshold=multipart_threshold
+        store, location, create_store=create_store, multipart_threshold=multipart_threshold,
+        endpoint=config.get("endpoint") or f"https://s3.{region}.amazonaws.com",
     )
 
 
@@ -397,4 +403,4 @@ def azure_from_url(url: str, **options: Any) -> ObjectStoreBackend:
         )
     except Exception as exc:
         raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
-    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store)
+    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store, endpoint=endpoint)

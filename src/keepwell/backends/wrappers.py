@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -348,17 +349,26 @@ class ConcurrencyLimitedBackend(_Wrapper):
 
 # --- cache ---------------------------------------------------------------------------------------
 
-DEFAULT_CACHED_PREFIXES = ("config", "keys/", "index/", "snapshots/", "tree/")
+# ``config`` is not among them: it is read before the repository is known (see `bind`), and a
+# repository made anew at the same place has a config of the same name and other content
+DEFAULT_CACHED_PREFIXES = ("keys/", "index/", "snapshots/", "tree/")
+Verify = Callable[[str, bytes], bool]
 
 
 class CachedBackend(_Wrapper):
-    """A local read-through cache of small immutable objects (config, keys, index, trees...).
+    """A local read-through cache of small immutable objects (keys, index, snapshots, trees).
 
     Objects whose names start with one of ``prefixes`` are kept in ``cache_dir`` once read or
     written; reads of them never reach the inner backend again. ``delete`` drops the cached copy.
     ``list`` always asks the inner backend. ``sessions/`` and ``data/`` are never cached, whatever
     the prefixes say: sessions change, and packs are large. Cache files are written to a temporary
     name and renamed, so a crash never leaves a partial object in the cache.
+
+    Trust: ``verify(name, data)`` (when given) tells whether a cached copy is the object of that
+    name; a copy that fails it (a damaged cache file) is dropped and read again from the inner
+    backend, once per process and object. `bind` narrows the cache to one repository (a
+    subdirectory named by its id), so that a repository made anew at the same location, or
+    another one of the same name elsewhere, never meets the cache of the first.
     """
 
     NEVER = ("sessions/", "data/")
@@ -368,11 +378,36 @@ class CachedBackend(_Wrapper):
         inner: Backend,
         cache_dir: str | os.PathLike[str],
         prefixes: tuple[str, ...] = DEFAULT_CACHED_PREFIXES,
+        *,
+        verify: Verify | None = None,
     ) -> None:
         super().__init__(inner)
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.prefixes = prefixes
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
         os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+
+    def bind(self, key: str) -> None:
+        """Keep the cache of one repository (``key``: its id) apart from any other: from now
+        on, in a subdirectory of its own, which records the key it was made for."""
+        check_name(key)
+        directory = os.path.join(self.cache_dir, key)
+        marker = os.path.join(directory, ".repository")
+        try:
+            with open(marker, encoding="utf-8") as f:
+                trusted = f.read() == f"{key}\n{self.location}\n"
+        except OSError:
+            trusted = False
+        if not trusted:
+            # a cache we cannot tell is this repository's: start it anew
+            shutil.rmtree(directory, ignore_errors=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._store_file(marker, f"{key}\n{self.location}\n".encode())
+        with self._lock:
+            self.cache_dir = directory
+            self._verified.clear()
 
     def _cacheable(self, name: str) -> bool:
         return name.startswith(self.prefixes) and not name.startswith(self.NEVER)
@@ -381,7 +416,12 @@ class CachedBackend(_Wrapper):
         return os.path.join(self.cache_dir, *check_name(name).split("/"))
 
     def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        path = self._path(name)
+        self._store_file(self._path(name), data)
+        with self._lock:
+            self._verified.add(name)  # what we wrote or read from the inner backend
+
+    @staticmethod
+    def _store_file(path: str, data: bytes | bytearray | memoryview) -> None:
         tmp = f"{path}.tmp-{tokens.token_hex(6)}"
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -390,13 +430,38 @@ class CachedBackend(_Wrapper):
             os.replace(tmp, path)
         except OSError as exc:
             # A cache that cannot be written is only slower, never wrong.
-            log.warning("cannot write %s to the cache: %s", name, exc)
+            log.warning("cannot write %s to the cache: %s", path, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
     def _drop(self, name: str) -> None:
+        with self._lock:
+            self._verified.discard(name)
         with contextlib.suppress(OSError):
             os.unlink(self._path(name))
+
+    def _cached(self, name: str, offset: int, length: int | None) -> bytes | None:
+        """The cached bytes asked for, or None (not cached, or a copy that fails `verify`)."""
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                with self._lock:
+                    trusted = self.verify is None or name in self._verified
+                if trusted:  # only the range asked for: a tree pack holds thousands of trees
+                    if length is None:
+                        f.seek(offset)
+                        return f.read()
+                    return os.pread(f.fileno(), length, offset)
+                whole = f.read()
+        except OSError:
+            return None
+        assert self.verify is not None
+        if not self.verify(name, whole):
+            log.warning("cached copy of %s is damaged; read again from %s", name, self.location)
+            self._drop(name)
+            return None
+        with self._lock:
+            self._verified.add(name)
+        return whole[offset:] if length is None else whole[offset:offset + length]
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         if overwrite and self._cacheable(name):
@@ -408,14 +473,9 @@ class CachedBackend(_Wrapper):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if not self._cacheable(name):
             return self.inner.get(name, offset, length)
-        try:  # only the range asked for: a tree pack holds thousands of small trees
-            with open(self._path(name), "rb", buffering=0) as f:
-                if length is None:
-                    f.seek(offset)
-                    return f.read()
-                return os.pread(f.fileno(), length, offset)
-        except OSError:
-            pass
+        hit = self._cached(name, offset, length)
+        if hit is not None:
+            return hit
         data = self.inner.get(name)
         self._store(name, data)
         end = len(data) if length is None else offset + length
@@ -446,12 +506,15 @@ def wrap(
     retries: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     max_concurrent: int | None = None,
+    cache_verify: Verify | None = None,
 ) -> Backend:
     """Dress ``backend`` in the usual wrappers.
 
     ``limit_upload`` and ``limit_download`` are in KiB/s (as the ``--limit-upload`` and
     ``--limit-download`` options); ``None`` or 0 means unlimited. ``cache_dir`` is a base
-    directory: the cache of this backend is a subdirectory named by a hash of its location.
+    directory: the cache of this backend is a subdirectory named by a hash of its location and
+    endpoint (``backend.identity``, where it has one), and `CachedBackend.bind` narrows it to one
+    repository; ``cache_verify`` is the cache's `CachedBackend.verify`.
     From the outside in: cache → retries → circuit breaker → rate limit → concurrency limit →
     backend, so cache hits cost nothing, a retry waits without holding a connection slot, and
     retried bytes count against the rate limit.
@@ -470,9 +533,10 @@ def wrap(
         b = RetryingBackend(b)
     if cache_dir is not None:
         # One directory may serve many repositories (~/.cache/keepwell): each location gets its
-        # own subdirectory, or every repository's "config" would share one cached copy.
+        # own subdirectory, the same bucket and prefix on two endpoints two of them.
         import hashlib  # here: hashlib loads OpenSSL's libcrypto (see keepwell.tokens)
 
-        digest = hashlib.sha256(backend.location.encode()).hexdigest()[:24]
-        b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest))
+        identity = getattr(backend, "identity", backend.location)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest), verify=cache_verify)
     return b

@@ -511,6 +511,7 @@ def open_repository(location: str, password: str, **options: Any) -> Repository:
     backend = open_backend(location)
     backend = _wrap(backend, location, options)
     repo = Repository.open(backend, password)
+    _bind_cache(repo)
     repo.opened_as = (location, dict(options))
     return repo
 
@@ -523,9 +524,22 @@ def reopen_repository(location: str, options: dict[str, Any], master_key: bytes,
 
     backend = _wrap(open_backend(location), location, options)
     repo = Repository(backend, MasterKey(master_key), config, key_id)
+    _bind_cache(repo)
     repo.opened_as = (location, dict(options))
     repo._index = MasterIndex()
     return repo
+
+
+def _bind_cache(repo: Repository) -> None:
+    """Narrow the local cache (if any) to this repository, now that its id is known."""
+    bind = getattr(repo.backend, "bind", None)
+    if bind is not None:
+        bind(repo.id)
+
+
+def named_by_content(name: str, data: bytes) -> bool:
+    """Whether ``data`` is the object ``name`` (every cached object is named by its hash)."""
+    return content_name(data) == name.rsplit("/", 1)[1]
 
 
 def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
@@ -540,4 +554,4 @@ def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
     cache_dir = options.get("cache_dir") or (os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, cache_verify=named_by_content)
