@@ -7,10 +7,11 @@ Words:
                 (keepwell.repository.damage, by ``check --read-data`` or ``repair packs``); a
                 tree is lost too when it cannot be read or does not match its id. Data blobs are
                 judged by the index alone: ``check --read-data`` finds damaged ones first.
-    replica     a repository that holds copies of this one's snapshots, made by ``keepwell copy``
-                with shared blob ids (one of the two was made with ``init
-                --copy-chunker-params-from`` the other): the same data has the same id in both,
-                so a lost blob can be taken from it. Every blob taken is decrypted with the
+    replica     a repository that holds copies of this one's snapshots with shared blob ids:
+                made by ``keepwell copy`` (one of the two was made with ``init
+                --copy-chunker-params-from`` the other), or a mirror of its objects (the
+                control plane's replicas). The same data has the same id in both, so a lost
+                blob can be taken from it. Every blob taken is decrypted with the
                 replica's key, checked against its id, and encrypted with this repository's key.
     repaired    a snapshot rewritten without the files whose content is lost, and without the
                 directories whose tree is lost. Such files are removed, not truncated: a restore
@@ -254,7 +255,7 @@ class _Healer:
 
 def repair_from(repo: Repository, replica: Repository, *, dry_run: bool = False) -> ReplicaRepair:
     """Take every lost blob of ``repo``'s snapshots from ``replica``; see the module docstring."""
-    if replica.id == repo.id:
+    if replica.backend.location == repo.backend.location:
         raise UsageError("the replica is this repository itself")
     if not shares_ids(replica, repo):
         raise UsageError(
