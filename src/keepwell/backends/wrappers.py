@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from keepwell import tokens
@@ -28,6 +29,7 @@ from keepwell.errors import (
     CircuitOpenError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StallError,
 )
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,13 @@ class RetryingBackend(_Wrapper):
     """Retries transient errors with exponential backoff and full jitter.
 
     Only errors whose ``transient`` is true are retried; not-found, exists and permanent errors
-    pass through at once. A create-only ``put`` that failed ambiguously and then meets
+    pass through at once. A stall (`StallError`: no progress for the stall time) is retried at
+    most ``stall_attempts - 1`` times, so a frozen server costs about ``stall_attempts`` stall
+    times, not ``attempts`` of them. A create-only ``put`` that failed ambiguously and then meets
     `ObjectExistsError` reads the object back: identical content means the earlier attempt did
     store it, which counts as success. A ``delete`` that failed ambiguously and then meets
-    `ObjectNotFoundError` likewise succeeded.
+    `ObjectNotFoundError` likewise succeeded. The error of the last attempt says how many were
+    made and for how long.
     """
 
     def __init__(
@@ -85,11 +90,13 @@ class RetryingBackend(_Wrapper):
         backoff: Backoff | None = None,
         sleep: Sleep = time.sleep,
         on_retry: RetryHook | None = None,
+        stall_attempts: int = 2,
     ) -> None:
         super().__init__(inner)
-        if attempts < 1:
+        if attempts < 1 or stall_attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.attempts = attempts
+        self.stall_attempts = stall_attempts
         self.backoff = backoff if backoff is not None else Backoff()
         self._sleep = sleep
         self._on_retry = on_retry
@@ -106,18 +113,35 @@ class RetryingBackend(_Wrapper):
             self._on_retry(what, attempt, exc, delay)
         self._sleep(delay)
 
+    def _failed(self, what: str, attempt: int, exc: BackendError,
+                run: _Run) -> BackendError | None:
+        """After a failed attempt: None to try again (after a pause), else the error to raise
+        (``exc`` itself when it is not worth a retry)."""
+        if not exc.transient:
+            return exc
+        # a breaker that stalls opened counts as a stall: no long wait for its probe
+        run.stalls += isinstance(exc, StallError) or getattr(exc, "stalled", False)
+        if attempt == self.attempts - 1 or run.stalls >= self.stall_attempts:
+            return _final(exc, attempt + 1, time.monotonic() - run.started)
+        self._pause(what, attempt, exc)
+        return None
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 return fn()
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(what, attempt, exc, run)
+                if final is exc:
                     raise
-                self._pause(what, attempt, exc)
+                if final is not None:
+                    raise final from None
         raise AssertionError("unreachable")
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         ambiguous = False
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 self.inner.put(name, data, overwrite=overwrite)
@@ -128,10 +152,12 @@ class RetryingBackend(_Wrapper):
                     return
                 raise
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"put {name}", attempt, exc, run)
+                if final is exc:
                     raise
+                if final is not None:
+                    raise final from None
                 ambiguous = True
-                self._pause(f"put {name}", attempt, exc)
 
     def _resolved(self, what: str) -> None:
         log.info("%s: an earlier attempt had done it", what)
@@ -153,6 +179,7 @@ class RetryingBackend(_Wrapper):
 
     def delete(self, name: str) -> None:
         ambiguous = False
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 self.inner.delete(name)
@@ -163,15 +190,18 @@ class RetryingBackend(_Wrapper):
                     return
                 raise
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"delete {name}", attempt, exc, run)
+                if final is exc:
                     raise
+                if final is not None:
+                    raise final from None
                 ambiguous = True
-                self._pause(f"delete {name}", attempt, exc)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # A listing that fails half-way starts again and skips what was already yielded.
         seen: set[str] = set()
         attempt = 0
+        run = _Run()
         while True:
             try:
                 for info in self.inner.list(prefix):
@@ -180,10 +210,29 @@ class RetryingBackend(_Wrapper):
                         yield info
                 return
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"list {prefix or '/'}", attempt, exc, run)
+                if final is exc:
                     raise
-                self._pause(f"list {prefix or '/'}", attempt, exc)
+                if final is not None:
+                    raise final from None
                 attempt += 1
+
+
+@dataclass
+class _Run:
+    """The attempts of one call so far."""
+
+    started: float = field(default_factory=time.monotonic)
+    stalls: int = 0
+
+
+def _final(exc: BackendError, attempts: int, seconds: float) -> BackendError:
+    """The error of the last attempt, saying how many were made (same class and hint)."""
+    if attempts == 1:
+        return exc
+    final = type(exc)(f"{exc} (gave up after {attempts} attempts in {seconds:.0f}s)")
+    final.hint = exc.hint
+    return final
 
 
 # --- circuit breaker -----------------------------------------------------------------------------
@@ -192,22 +241,31 @@ class RetryingBackend(_Wrapper):
 class CircuitBreakerBackend(_Wrapper):
     """Fails fast with `CircuitOpenError` while the breaker is open.
 
-    Transient errors count as failures. Any answer from the store (success, not found, exists,
-    permanent) counts as success: the store is reachable, which is all a breaker is about.
+    Transient errors count as failures, a stall as half the threshold (two stalls in a row
+    open it: each cost a stall time already). Any answer from the store (success, not found,
+    exists, permanent) counts as success: the store is reachable, which is all a breaker is
+    about. The error of a call refused meanwhile names the failure that opened it.
     """
 
     def __init__(self, inner: Backend, breaker: CircuitBreaker | None = None) -> None:
         super().__init__(inner)
         self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._last_failure: BackendError | None = None
 
     def _call(self, fn: Callable[[], T]) -> T:
         if not self.breaker.allow():
-            raise CircuitOpenError(f"{self.location} failed repeatedly; not trying it for a while")
+            last = self._last_failure
+            refused = CircuitOpenError(f"{self.location} was not tried again: it failed "
+                                       f"repeatedly just before (last: {last})")
+            refused.stalled = isinstance(last, StallError)  # type: ignore[attr-defined]
+            raise refused
         try:
             result = fn()
         except BackendError as exc:
             if exc.transient:
-                self.breaker.record_failure()
+                self._last_failure = exc
+                stall = isinstance(exc, StallError)
+                self.breaker.record_failure(-(-self.breaker.failure_threshold // 2) if stall else 1)
             else:
                 self.breaker.record_success()
             raise
