@@ -25,6 +25,7 @@ import pytest
 
 from keepwell.backends.base import Backend
 from keepwell.backends.resilience import Backoff, TokenBucket
+from keepwell.backends.s3 import ObjectStoreBackend
 from keepwell.backends.s3 import from_url as s3_from_url
 from keepwell.backends.sftp import from_url as sftp_from_url
 from keepwell.backends.wrappers import RateLimitedBackend, RetryingBackend
@@ -71,8 +72,7 @@ def s3_remote(seaweed: SeaweedServer) -> Iterator[Remote]:
                 f"s3://{BUCKET}/{prefix}",
                 endpoint=f"http://127.0.0.1:{proxy.port}",
                 max_retries=0,
-                connect_timeout=2,
-                read_timeout=2,
+                stall_timeout=2,
                 timeout=20,
                 **creds,
             )
@@ -278,6 +278,27 @@ def test_s3_without_retries_reports_503_as_transient(s3_remote: Remote) -> None:
         assert info.value.transient
     finally:
         s3_remote.proxy.clear()
+
+
+def test_an_upload_slower_than_the_stall_time_is_no_stall(s3_remote: Remote) -> None:
+    """A slow link is not a stalled one: 3 MB uploads at 512 KiB/s (6 s each) with a stall time
+    of 2 s complete, since an upload is given the time its bytes need. The first may take one
+    retry (the link is slower than an unmeasured one is assumed to be), the next none."""
+    prefix = f"slow-{uuid.uuid4().hex[:8]}"
+    inner = s3_remote.via_proxy(prefix)
+    assert isinstance(inner, ObjectStoreBackend) and inner.stall == 2
+    b = retrying(inner)
+    data = os.urandom(3_000_000)
+    s3_remote.proxy.throttle(512 * 1024)
+    try:
+        b.put("data/00/first", data)
+        assert b.retries <= 1
+        before = b.retries
+        b.put("data/00/second", data)
+        assert b.retries == before
+    finally:
+        s3_remote.proxy.clear()
+    assert s3_remote.direct(prefix).get("data/00/second") == data
 
 
 # --- bandwidth -----------------------------------------------------------------------------------
