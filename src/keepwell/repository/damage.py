@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from keepwell.crypto import content_name
 from keepwell.errors import BackendError, IntegrityError, ObjectNotFoundError
 from keepwell.repository.format import KIND_PENDING
-from keepwell.repository.index import ENTRY, IndexContent, entries_bytes
+from keepwell.repository.index import ENTRY, NUMPY_AT, IndexContent, entries_bytes, entry_dtype
 
 if TYPE_CHECKING:
     from keepwell.repository.repo import Repository
@@ -76,6 +76,8 @@ class Damage:
         if not bad:
             return content
         raw = memoryview(entries_bytes(content.entries)).cast("B")
+        if len(raw) // ENTRY.size >= NUMPY_AT:
+            return self._filter_large(content, raw, bad)
         size = ENTRY.size
         kept = bytearray()
         for pos in range(0, len(raw), size):
@@ -84,6 +86,21 @@ class Damage:
             if ids is None or raw[pos:pos + 32].tobytes() not in ids:
                 kept += raw[pos:pos + size]
         return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes)
+
+    @staticmethod
+    def _filter_large(content: IndexContent, raw: memoryview,
+                      bad: dict[int, frozenset[bytes]]) -> IndexContent:
+        """`filter` of a large index object (a prune's): only the rows of damaged packs are
+        looked at one by one."""
+        import numpy as np
+
+        records = np.frombuffer(raw, dtype=entry_dtype())
+        keep = np.ones(len(records), dtype=bool)
+        for row in np.flatnonzero(np.isin(records["pack"], list(bad))):
+            if records["id"][row].tobytes() in bad[int(records["pack"][row])]:
+                keep[row] = False
+        return IndexContent(content.packs, content.pack_types, records[keep].tobytes(),
+                            content.supersedes)
 
 
 def load_damage(repo: Repository) -> Damage:
