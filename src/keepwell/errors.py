@@ -121,4 +121,7 @@ class PermanentBackendError(BackendError):
 
 
 class CircuitOpenError(TransientBackendError):
-    """Not tried: the storage failed repeatedly just before (see its message for the cause)."""
+    """Not tried: the storage failed repeatedly just before (see its message for the cause).
+    ``stalled``: the last failure was a stall."""
+
+    stalled = False

@@ -145,8 +145,8 @@ class ObjectStoreBackend:
     ``build(client, retry)`` makes a store with those obstore client and retry options. Reads
     and listings use one store whose ``read_timeout`` is the stall time (it restarts with every
     byte that arrives, so only a silent connection trips it). Uploads go through stores whose
-    ``read_timeout`` covers the upload (see `UPLOAD_FLOOR`), made as needed, one per power of
-    two of the stall time. Create-only puts go through stores that never retry by themselves:
+    ``read_timeout`` covers the upload (see `UPLOAD_FLOOR`), made as needed, one for each
+    multiple of half the stall time that an upload was given. Create-only puts go through stores that never retry by themselves:
     if the answer to a conditional PUT that did succeed is lost, a silent retry would meet "412
     exists" and report our own object as someone else's; the failure must reach RetryingBackend
     as transient (ambiguous), which then compares contents.
@@ -170,7 +170,7 @@ class ObjectStoreBackend:
         self.store = build(client, retry)
         self._put_stores: dict[tuple[int, bool], Any] = {}
         self._lock = threading.Lock()
-        self._rate: float | None = None  # upload bytes per second, as measured
+        self._rate: float | None = None  # upload bytes per second, as measured (None: not yet)
         self.location = location
         # the server (an S3-compatible endpoint, or the provider's own): errors name it, and
         # the same bucket and prefix on two servers are two stores (a cache keeps them apart)

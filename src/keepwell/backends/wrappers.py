@@ -120,7 +120,7 @@ class RetryingBackend(_Wrapper):
         if not exc.transient:
             return exc
         # a breaker that stalls opened counts as a stall: no long wait for its probe
-        run.stalls += isinstance(exc, StallError) or getattr(exc, "stalled", False)
+        run.stalls += isinstance(exc, StallError) or (isinstance(exc, CircuitOpenError) and exc.stalled)
         if attempt == self.attempts - 1 or run.stalls >= self.stall_attempts:
             return _final(exc, attempt + 1, time.monotonic() - run.started)
         self._pause(what, attempt, exc)
@@ -257,7 +257,7 @@ class CircuitBreakerBackend(_Wrapper):
             last = self._last_failure
             refused = CircuitOpenError(f"{self.location} was not tried again: it failed "
                                        f"repeatedly just before (last: {last})")
-            refused.stalled = isinstance(last, StallError)  # type: ignore[attr-defined]
+            refused.stalled = isinstance(last, StallError)
             raise refused
         try:
             result = fn()
