@@ -461,7 +461,12 @@ class CachedBackend(_Wrapper):
         if not trusted:
             # a cache we cannot tell is this repository's: start it anew
             shutil.rmtree(directory, ignore_errors=True)
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:  # a cache that cannot be written is only slower
+                log.warning("cannot make the cache %s (%s); not caching", directory, exc)
+                self.prefixes = ()
+                return
             self._store_file(marker, f"{key}\n{self.location}\n".encode())
         with self._lock:
             self.cache_dir = directory
