@@ -106,10 +106,16 @@ class ObjectExistsError(BackendError):
 
 
 class TransientBackendError(BackendError):
-    """Worth retrying: timeouts, resets, throttling, 5xx."""
+    """Worth retrying: timeouts, resets, throttling, 5xx. Its hint is for the end of a command
+    (the retries are over by then): it promises no retry."""
 
     transient = True
-    hint = "the storage did not answer; it will be retried, or try again later"
+    hint = "check the network and the storage, then run the command again"
+
+
+class StallError(TransientBackendError):
+    """No progress on a request for the stall time (``KEEPWELL_STALL_TIMEOUT``): a frozen server
+    or a dead network path. Retried a bounded number of times, on a new connection."""
 
 
 class PermanentBackendError(BackendError):
@@ -119,4 +125,7 @@ class PermanentBackendError(BackendError):
 
 
 class CircuitOpenError(TransientBackendError):
-    hint = "the storage failed repeatedly; keepwell will probe it again later"
+    """Not tried: the storage failed repeatedly just before (see its message for the cause).
+    ``stalled``: the last failure was a stall."""
+
+    stalled = False

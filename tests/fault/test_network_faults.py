@@ -14,19 +14,23 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from keepwell.backends.base import Backend
 from keepwell.backends.resilience import Backoff, TokenBucket
+from keepwell.backends.s3 import ObjectStoreBackend
 from keepwell.backends.s3 import from_url as s3_from_url
 from keepwell.backends.sftp import from_url as sftp_from_url
 from keepwell.backends.wrappers import RateLimitedBackend, RetryingBackend
 from keepwell.errors import BackendError, ObjectExistsError, ObjectNotFoundError
+from tests.fault.cli import kw, ok
 from tests.integration.conftest_remote import BUCKET, seaweed, sshd  # noqa: F401
 from tests.servers.proxy import FaultProxy
 from tests.servers.seaweed import SeaweedServer
@@ -68,8 +72,7 @@ def s3_remote(seaweed: SeaweedServer) -> Iterator[Remote]:
                 f"s3://{BUCKET}/{prefix}",
                 endpoint=f"http://127.0.0.1:{proxy.port}",
                 max_retries=0,
-                connect_timeout=2,
-                read_timeout=2,
+                stall_timeout=2,
                 timeout=20,
                 **creds,
             )
@@ -277,6 +280,27 @@ def test_s3_without_retries_reports_503_as_transient(s3_remote: Remote) -> None:
         s3_remote.proxy.clear()
 
 
+def test_an_upload_slower_than_the_stall_time_is_no_stall(s3_remote: Remote) -> None:
+    """A slow link is not a stalled one: 3 MB uploads at 512 KiB/s (6 s each) with a stall time
+    of 2 s complete, since an upload is given the time its bytes need. The first may take one
+    retry (the link is slower than an unmeasured one is assumed to be), the next none."""
+    prefix = f"slow-{uuid.uuid4().hex[:8]}"
+    inner = s3_remote.via_proxy(prefix)
+    assert isinstance(inner, ObjectStoreBackend) and inner.stall == 2
+    b = retrying(inner)
+    data = os.urandom(3_000_000)
+    s3_remote.proxy.throttle(512 * 1024)
+    try:
+        b.put("data/00/first", data)
+        assert b.retries <= 1
+        before = b.retries
+        b.put("data/00/second", data)
+        assert b.retries == before
+    finally:
+        s3_remote.proxy.clear()
+    assert s3_remote.direct(prefix).get("data/00/second") == data
+
+
 # --- bandwidth -----------------------------------------------------------------------------------
 
 RATE = 1024 * 1024  # 1 MiB/s
@@ -321,3 +345,118 @@ def test_download_rate_limit_holds_on_the_wire(sftp_remote: Remote) -> None:
     assert len(got[0]) == int(SECONDS * RATE)
     print(f"download: {rate / 1024:.0f} KiB/s on the wire for a limit of {RATE / 1024:.0f} KiB/s")
     assert RATE * 0.9 <= rate <= RATE * 1.1
+
+
+# --- a command against a stalled or cut link -----------------------------------------------------
+
+STALL = 2  # KEEPWELL_STALL_TIMEOUT of the commands below, in seconds
+
+
+@dataclass
+class Site:
+    """A repository seen through the faulty proxy and directly, as the command sees it."""
+
+    proxy: FaultProxy
+    via_proxy: tuple[str, dict[str, str]]  # location, environment
+    direct: tuple[str, dict[str, str]]
+    endpoint: str  # what the error line must name
+
+    def kw(self, *args: str, direct: bool = False) -> subprocess.CompletedProcess[str]:
+        location, env = self.direct if direct else self.via_proxy
+        return kw(location, *args, env=env, timeout=300)
+
+
+@pytest.fixture(params=["s3", "sftp"])
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "KEEPWELL_STALL_TIMEOUT": str(STALL)}
+    if request.param == "s3":
+        remote: Remote = request.getfixturevalue("s3_remote")
+        server: SeaweedServer = request.getfixturevalue("seaweed")
+        location = f"s3://{BUCKET}/cmd-{uuid.uuid4().hex[:8]}"
+        env = {**server.env(), **cache}
+        via = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{remote.proxy.port}"}
+        yield Site(remote.proxy, (location, via), (location, env), f"127.0.0.1:{remote.proxy.port}")
+    else:
+        remote = request.getfixturevalue("sftp_remote")
+        sshd_server: SshServer = request.getfixturevalue("sshd")
+        root = tmp_path / "sftp-repo"
+        env = {**sshd_server.env(), **cache}
+        via = sshd_server.url(str(root), port=remote.proxy.port)
+        yield Site(remote.proxy, (via, env), (sshd_server.url(str(root)), env),
+                   f"127.0.0.1:{remote.proxy.port}")
+    remote.proxy.clear()
+
+
+def source_tree(root: Path) -> Path:
+    rng = random.Random(3)
+    (root / "d").mkdir(parents=True)
+    (root / "big").write_bytes(rng.randbytes(6_000_000))  # one pack, uploaded in one request
+    for i in range(5):
+        (root / "d" / f"f{i}").write_bytes(rng.randbytes(20_000))
+    return root
+
+
+def assert_clear_lines(r: subprocess.CompletedProcess[str], site: Site, cause: str,
+                       one: bool = True) -> None:
+    """The command failed with one line (``one``; else one line per file it could not
+    restore) that names the endpoint and the cause, and promises nothing the finished command
+    would not do."""
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and (len(lines) == 1 or not one), r.stderr
+    for line in lines:
+        assert line.startswith("keepwell: "), r.stderr
+        assert site.endpoint in line and cause in line.lower(), line
+        assert "retried" not in line and "again later" not in line, line
+
+
+def assert_sound_after(site: Site, src: Path, work: Path) -> None:
+    """With the link back, the repository checks clean, and a backup and a restore work."""
+    site.proxy.clear()
+    assert "no errors were found" in ok(site.kw("check", "--read-data", direct=True))
+    ok(site.kw("backup", str(src)))
+    ok(site.kw("restore", "latest", "--target", str(work / "after"), direct=True))
+    got = work / "after" / str(src).lstrip("/")
+    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+
+
+@dataclass(frozen=True)
+class LinkFault:
+    name: str
+    arm: Callable[[FaultProxy], None]
+    command: tuple[str, ...]  # "SRC" and "OUT" stand for the source tree and a target
+    cause: str  # what the error line must say
+    one_line: bool = True  # a restore names every file it could not restore
+
+
+LINK_FAULTS = [
+    # a frozen server, in the middle of the pack's upload
+    LinkFault("frozen-during-backup", lambda p: p.freeze_after(2_000_000), ("backup", "SRC"),
+              "stalled"),
+    # ... in the middle of the pack's download
+    LinkFault("frozen-during-restore", lambda p: p.freeze_after(1_000_000),
+              ("restore", "latest", "--target", "OUT"), "stalled", one_line=False),
+    LinkFault("accepts-and-never-answers", lambda p: p.freeze_after(0), ("snapshots",),
+              "stalled"),
+    # reset, then every new connection refused
+    LinkFault("cut-during-backup", lambda p: p.outage_after(2_000_000), ("backup", "SRC"),
+              "connection"),
+]
+
+
+@pytest.mark.parametrize("fault", LINK_FAULTS, ids=[f.name for f in LINK_FAULTS])
+def test_a_command_on_a_stalled_or_cut_link(site: Site, fault: LinkFault, tmp_path: Path) -> None:
+    """It fails within a few stall times, with one line naming the server and the cause, and
+    leaves a sound repository."""
+    src = source_tree(tmp_path / "src")
+    ok(site.kw("init", direct=True))
+    if fault.command[0] == "restore":
+        ok(site.kw("backup", str(src), direct=True))
+    fault.arm(site.proxy)
+    args = [{"SRC": str(src), "OUT": str(tmp_path / "out")}.get(a, a) for a in fault.command]
+    started = time.monotonic()
+    r = site.kw(*args)
+    print(f"{site.endpoint} {fault.name}: failed after {time.monotonic() - started:.1f}s: "
+          f"{r.stderr}")
+    assert_clear_lines(r, site, fault.cause, one=fault.one_line)
+    assert_sound_after(site, src, tmp_path)

@@ -1,6 +1,7 @@
 """A TCP proxy on loopback that a test controls, to put network faults between a client and a
-server: cut every connection after some bytes, stall, throttle, refuse, or (for HTTP servers)
-answer a burst of ``503 Slow Down`` itself.
+server: cut every connection after some bytes, stall, throttle, refuse, freeze (the server
+stops answering, on every connection, and new ones are accepted and never answered), or (for
+HTTP servers) answer a burst of ``503 Slow Down`` itself.
 
 Faults are armed on the proxy and apply to all its connections; ``bytes_up``/``bytes_down``
 count what actually crossed it (client→server and server→client).
@@ -33,6 +34,8 @@ class _Faults:
     http_503: int = 0  # answer this many new HTTP requests with 503
     outage: bool = False  # after the cut, refuse every new connection until cleared
     cut_down_after: int | None = None  # reset everything once the server sent this many more
+    freeze_after: int | None = None  # stop forwarding anything once this many more bytes flowed
+    frozen: bool = False
 
 
 class FaultProxy:
@@ -44,6 +47,8 @@ class FaultProxy:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._thaw = threading.Event()  # set by `clear` and `stop`: frozen pumps stop waiting
+        self._held: list[socket.socket] = []  # accepted while frozen, never answered
         self.bytes_up = 0
         self.bytes_down = 0
         self.cuts = 0
@@ -70,6 +75,14 @@ class FaultProxy:
         with self._lock:
             self._faults.cut_down_after = after
 
+    def freeze_after(self, n: int) -> None:
+        """Once ``n`` more bytes have crossed (either way), nothing crosses any more, on any
+        connection, until `clear`; new connections are accepted and never answered (a frozen
+        server, or a path that drops everything). ``n = 0``: at once."""
+        with self._lock:
+            self._faults.freeze_after = n
+            self._faults.frozen = n <= 0
+
     def stall_after(self, n: int, seconds: float) -> None:
         with self._lock:
             self._faults.stall_after = n
@@ -91,8 +104,14 @@ class FaultProxy:
         self.cut_all()
 
     def clear(self) -> None:
+        """No more faults; connections accepted while frozen are reset, the others go on."""
         with self._lock:
             self._faults = _Faults()
+            held, self._held = self._held, []
+        self._thaw.set()
+        for s in held:
+            _reset(s)
+        self._thaw.clear()
 
     def cut_all(self) -> None:
         with self._lock:
@@ -117,6 +136,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thaw.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
@@ -144,6 +164,11 @@ class FaultProxy:
                 if refuse:
                     self._faults.refuse -= 1
                 answer = self._faults.http_503 > 0
+                frozen = self._faults.frozen
+                if frozen:
+                    self._held.append(client)
+            if frozen:
+                continue
             if refuse:
                 _reset(client)
                 continue
@@ -231,6 +256,11 @@ class FaultProxy:
                     if action == "cut":
                         self.cut_all()
                         return
+                    if action == "freeze":
+                        self._thaw.wait()
+                        if self._stop.is_set():
+                            return
+                        continue
                     if pause:
                         time.sleep(pause)
         finally:
@@ -245,6 +275,14 @@ class FaultProxy:
         """How many of ``n`` bytes may go now, then what to do: ("", "cut") and a pause."""
         with self._lock:
             f = self._faults
+            if f.frozen:
+                return 0, "freeze", 0.0
+            if f.freeze_after is not None:
+                n = min(n, f.freeze_after)
+                f.freeze_after -= n
+                if f.freeze_after <= 0:
+                    f.freeze_after = None
+                    f.frozen = True
             if f.cut_down_after is not None and not up:
                 if f.cut_down_after <= 0:
                     f.cut_down_after = None

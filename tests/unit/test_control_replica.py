@@ -58,3 +58,16 @@ def test_mirror_copies_data_before_snapshots_and_deletes_snapshots_first(tmp_pat
     assert sorted(o.name for o in replica.list()) == ["config", "index/i1", "keys/k1",
                                                       "snapshots/s2"]
     assert mirror(primary, replica).copied == 0
+
+
+def test_mirror_never_copies_a_damaged_object(tmp_path: Path) -> None:
+    from keepwell.crypto import content_name
+
+    primary = open_backend(str(tmp_path / "p"))
+    replica = open_backend(str(tmp_path / "r"))
+    good, bad = b"good pack", b"damaged pack"
+    primary.put(f"data/aa/{content_name(good)}", good)
+    primary.put(f"data/bb/{content_name(b'what it held')}", bad)
+    result = mirror(primary, replica)
+    assert result.copied == 1 and result.damaged == [f"data/bb/{content_name(b'what it held')}"]
+    assert [o.name for o in replica.list()] == [f"data/aa/{content_name(good)}"]

@@ -11,15 +11,39 @@ Words:
     probe         the single call a half-open breaker lets through to test the service.
     debt          a token bucket may go below zero when one request is larger than the burst; the
                   next callers then wait until it is paid back.
+    stall time    how long a request may go without progress before it counts as stalled
+                  (``KEEPWELL_STALL_TIMEOUT``, default 30 s); the backends detect it, the retry
+                  wrapper retries a stall a bounded number of times.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from typing import Literal
+
+from keepwell.errors import ConfigurationError
+
+STALL_TIMEOUT = 30.0  # seconds without progress on a request after which it counts as stalled
+
+
+def stall_timeout() -> float:
+    """The stall time: ``KEEPWELL_STALL_TIMEOUT`` (seconds), else `STALL_TIMEOUT`."""
+    text = os.environ.get("KEEPWELL_STALL_TIMEOUT", "").strip()
+    if not text:
+        return STALL_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise ConfigurationError(f"KEEPWELL_STALL_TIMEOUT={text!r} is not a number of seconds",
+                                 hint="give a positive number, e.g. 30")
+    return value
+
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -96,9 +120,10 @@ class CircuitBreaker:
             self._opened_at = None
             self._probe_in_flight = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, weight: int = 1) -> None:
+        """A failure; ``weight`` counts it as that many (a costly one)."""
         with self._lock:
-            self._failures += 1
+            self._failures += weight
             if self._probe_in_flight or self._opened_at is not None:
                 # A failed probe (or a late failure while open) restarts the wait.
                 self._opened_at = self._clock()

@@ -24,9 +24,12 @@ retries are its job too.
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +46,7 @@ from obstore.exceptions import (
 )
 
 from keepwell.backends.base import ObjectInfo, check_name
+from keepwell.backends.resilience import stall_timeout
 from keepwell.errors import (
     BackendError,
     ConfigurationError,
@@ -50,6 +54,7 @@ from keepwell.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
     PermanentBackendError,
+    StallError,
     TransientBackendError,
 )
 
@@ -73,10 +78,28 @@ NO_CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_
                        "see docs/storage.md")
 # what obstore's error says when it asked the cloud's instance metadata service for credentials
 _METADATA_PATHS = ("/latest/api/token", "/latest/meta-data/")
+_TIMED_OUT = re.compile(r"kind: Timeout|TimedOut|timed out", re.IGNORECASE)
+_OS_MESSAGE = re.compile(r'message: "([^"]+)"')
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
 
 
-def classify(exc: BaseException, what: str) -> KeepwellError:
-    """Turn an obstore (or builtin) exception into the keepwell error it means."""
+def _cause(exc: BaseException) -> str | None:
+    """Why a request failed on the network, from the debug dump of an obstore error:
+    ``"stalled"`` for a timeout, the system's message (connection refused, reset...), or the
+    kind of HTTP failure; None when the store answered."""
+    text = str(exc)
+    if _TIMED_OUT.search(text):
+        return "stalled"
+    found = _OS_MESSAGE.findall(text)
+    if found:
+        return found[-1][0].lower() + found[-1][1:]
+    kind = _HTTP_KIND.search(text)
+    return f"connection {kind.group(1).lower()}" if kind else None
+
+
+def classify(exc: BaseException, what: str, stall: float | None = None) -> KeepwellError:
+    """Turn an obstore (or builtin) exception into the keepwell error it means. ``stall``: the
+    seconds the request was given without an answer (for the message of a stall)."""
     if any(m in str(exc) for m in _METADATA_PATHS):
         # no credentials anywhere but a metadata service that is not there (not on EC2)
         return PermanentBackendError(f"{what}: no S3 credentials found", hint=NO_CREDENTIALS_HINT)
@@ -102,47 +125,120 @@ def classify(exc: BaseException, what: str) -> KeepwellError:
         code = int(status.group(1))
         if 400 <= code < 500 and code not in (408, 409, 423, 429):
             return PermanentBackendError(f"{what}: {detail}")
-    # 5xx, throttling, timeouts, resets, refused connections: worth another try.
-    return TransientBackendError(f"{what}: {detail}")
+        # 5xx, throttling: worth another try
+        return TransientBackendError(f"{what}: {detail}")
+    cause = _cause(exc)
+    if cause == "stalled":
+        waited = f" for {stall:.0f}s" if stall else ""
+        return StallError(f"{what}: no answer{waited} (stalled)")
+    # timeouts, resets, refused connections: worth another try
+    return TransientBackendError(f"{what}: {cause or detail}")
+
+
+# An upload's progress cannot be seen through obstore: an upload counts as stalled when it has
+# had no answer for the stall time plus the time its bytes need at half the upload rate measured
+# so far (`UPLOAD_FLOOR` before one was measured). Each stalled upload halves the rate assumed,
+# so the next attempt on a link slower than thought is twice as patient.
+UPLOAD_FLOOR = 1024 * 1024  # bytes per second
+_MEASURED_FROM = 1024 * 1024  # uploads this large tell the rate
+_MAX_WAIT = 64  # stall times: the most an upload store waits for an answer
+
+StoreBuilder = Callable[[dict[str, Any], dict[str, Any]], Any]  # client, retry options -> store
 
 
 class ObjectStoreBackend:
-    """The backend interface over one obstore store (one bucket and prefix)."""
+    """The backend interface over one obstore store (one bucket and prefix).
+
+    ``build(client, retry)`` makes a store with those obstore client and retry options. Reads
+    and listings use one store whose ``read_timeout`` is the stall time (it restarts with every
+    byte that arrives, so only a silent connection trips it). Uploads go through stores whose
+    ``read_timeout`` covers the upload (see `UPLOAD_FLOOR`), made as needed, one for each
+    multiple of half the stall time that an upload was given. Create-only puts go through stores that never retry by themselves:
+    if the answer to a conditional PUT that did succeed is lost, a silent retry would meet "412
+    exists" and report our own object as someone else's; the failure must reach RetryingBackend
+    as transient (ambiguous), which then compares contents.
+    """
 
     def __init__(
         self,
-        store: Any,
+        build: StoreBuilder,
         location: str,
         *,
-        create_store: Any = None,
+        client: dict[str, Any],
+        retry: dict[str, Any],
+        stall: float,
         multipart_threshold: int = MULTIPART_THRESHOLD,
+        endpoint: str | None = None,
     ) -> None:
-        self.store = store
-        # Create-only puts go through a store that never retries by itself: if the answer to a
-        # conditional PUT that did succeed is lost, a silent retry would meet "412 exists" and
-        # report our own object as someone else's. The failure must reach RetryingBackend as
-        # transient (ambiguous), which then compares contents.
-        self.create_store = create_store if create_store is not None else store
+        self._build = build
+        self._client = client
+        self._retry = retry
+        self.stall = stall
+        self.store = build(client, retry)
+        self._put_stores: dict[tuple[int, bool], Any] = {}
+        self._lock = threading.Lock()
+        self._rate: float | None = None  # upload bytes per second, as measured (None: not yet)
         self.location = location
+        # the server (an S3-compatible endpoint, or the provider's own): errors name it, and
+        # the same bucket and prefix on two servers are two stores (a cache keeps them apart)
+        self.endpoint = endpoint
+        self.identity = f"{location} at {endpoint}" if endpoint else location
         self.multipart_threshold = multipart_threshold
 
     def _what(self, verb: str, name: str) -> str:
-        return f"{verb} {name} in {self.location}"
+        at = f" at {self.endpoint}" if self.endpoint else ""
+        return f"{verb} {name} in {self.location}{at}"
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def allowance(self, size: int) -> float:
+        """Seconds an upload of ``size`` bytes may go without an answer."""
+        with self._lock:
+            rate = 2 * UPLOAD_FLOOR if self._rate is None else self._rate
+        return self.stall + size / (rate / 2)
+
+    def _put_store(self, seconds: float, create: bool) -> tuple[Any, float]:
+        # one store per half stall time of patience (uploads of one size share it)
+        rung = min(math.ceil(2 * seconds / self.stall), 2 * _MAX_WAIT)
+        wait = rung * self.stall / 2
+        with self._lock:
+            store = self._put_stores.get((rung, create))
+            if store is None:
+                client = {**self._client, "read_timeout": timedelta(seconds=wait),
+                          "timeout": max(self._client["timeout"], timedelta(seconds=2 * wait))}
+                retry = {**self._retry, "max_retries": 0} if create else self._retry
+                store = self._put_stores[rung, create] = self._build(client, retry)
+        return store, wait
+
+    def _uploaded(self, size: int, seconds: float) -> None:
+        if size >= _MEASURED_FROM and seconds > 0:
+            with self._lock:
+                sample = size / seconds
+                self._rate = sample if self._rate is None else 0.7 * self._rate + 0.3 * sample
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         check_name(name)
         what = self._what("writing", name)
+        size = len(data)
+        multipart = overwrite and size > self.multipart_threshold
+        store, wait = self._put_store(self.allowance(MULTIPART_CHUNK if multipart else size),
+                                      create=not overwrite)
+        started = time.monotonic()
         try:
             if not overwrite:
                 # A conditional put is always one request: S3 cannot make a multipart upload
                 # conditional through obstore, and one PUT holds up to 5 GiB.
-                obstore.put(self.create_store, name, data, mode="create", use_multipart=False)
-            elif len(data) > self.multipart_threshold:
-                obstore.put(self.store, name, data, use_multipart=True, chunk_size=MULTIPART_CHUNK)
+                obstore.put(store, name, data, mode="create", use_multipart=False)
+            elif multipart:
+                obstore.put(store, name, data, use_multipart=True, chunk_size=MULTIPART_CHUNK)
             else:
-                obstore.put(self.store, name, data, use_multipart=False)
+                obstore.put(store, name, data, use_multipart=False)
         except Exception as exc:
-            raise classify(exc, what) from None
+            err = classify(exc, what, wait)
+            if isinstance(err, StallError):
+                with self._lock:  # perhaps only a slower link than measured: be more patient
+                    self._rate = (self._rate or 2 * UPLOAD_FLOOR) / 2
+            raise err from None
+        self._uploaded(size, time.monotonic() - started)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_name(name)
@@ -161,7 +257,7 @@ class ObjectStoreBackend:
                 result = obstore.get(self.store, name)
             return bytes(result.bytes())
         except Exception as exc:
-            err = classify(exc, what)
+            err = classify(exc, what, self.stall)
             if "status code: 416" in str(exc) and self.stat(name).size <= offset:
                 return b""  # a range that starts at or past the end is empty, as for files
             raise err from None
@@ -171,13 +267,13 @@ class ObjectStoreBackend:
         try:
             meta = obstore.head(self.store, name)
         except Exception as exc:
-            raise classify(exc, self._what("stat of", name)) from None
+            raise classify(exc, self._what("stat of", name), self.stall) from None
         return ObjectInfo(name, int(meta["size"]))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # obstore lists whole path segments; list the enclosing "directory" and filter.
         directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        what = f"listing {prefix or '/'} in {self.location}"
+        what = self._what("listing", prefix or "/")
         try:
             stream = obstore.list(self.store, prefix=directory or None, chunk_size=1000)
             chunks = iter(stream)
@@ -193,7 +289,7 @@ class ObjectStoreBackend:
         except BackendError:
             raise
         except Exception as exc:
-            raise classify(exc, what) from None
+            raise classify(exc, what, self.stall) from None
 
     def delete(self, name: str) -> None:
         # S3's DELETE succeeds on a missing key; the contract wants not-found reported.
@@ -201,7 +297,7 @@ class ObjectStoreBackend:
         try:
             obstore.delete(self.store, name)
         except Exception as exc:
-            raise classify(exc, self._what("deleting", name)) from None
+            raise classify(exc, self._what("deleting", name), self.stall) from None
 
     def close(self) -> None:
         pass
@@ -221,27 +317,35 @@ def _timedelta(value: object, default: float) -> timedelta:
     return timedelta(seconds=float(value))  # type: ignore[arg-type]
 
 
-def client_options(endpoint: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """HTTP client settings: timeouts that detect a stalled connection, http only when asked."""
+def client_options(endpoint: str | None, options: dict[str, Any], stall: float) -> dict[str, Any]:
+    """HTTP client settings: timeouts that detect a stalled connection within ``stall`` seconds
+    (a read silent that long; uploads: see `ObjectStoreBackend`), http only when asked."""
     return {
         "allow_http": bool(endpoint and endpoint.startswith("http://")),
-        "connect_timeout": _timedelta(options.pop("connect_timeout", None), 10),
+        "connect_timeout": _timedelta(options.pop("connect_timeout", None), min(10.0, stall)),
         # A whole request may take long on a slow link; a silent connection may not.
         "timeout": _timedelta(options.pop("timeout", None), 600),
-        "read_timeout": _timedelta(options.pop("read_timeout", None), 60),
+        "read_timeout": _timedelta(options.pop("read_timeout", None), stall),
     }
 
 
-def retry_config(options: dict[str, Any]) -> dict[str, Any]:
+def retry_config(options: dict[str, Any], stall: float) -> dict[str, Any]:
+    """obstore's own quick retries (5xx, resets); none after a request that stalled (its time
+    is spent already: the retry wrapper decides)."""
     return {
         "max_retries": int(options.pop("max_retries", 3)),
-        "retry_timeout": _timedelta(options.pop("retry_timeout", None), 60),
+        "retry_timeout": _timedelta(options.pop("retry_timeout", None), stall),
         "backoff": {
             "init_backoff": timedelta(milliseconds=100),
             "max_backoff": timedelta(seconds=5),
             "base": 2,
         },
     }
+
+
+def _stall(options: dict[str, Any]) -> float:
+    given = options.pop("stall_timeout", None)
+    return float(given) if given is not None else stall_timeout()
 
 
 def _aws_profile(profile: str) -> dict[str, str]:
@@ -321,8 +425,9 @@ def from_url(url: str, **options: Any) -> ObjectStoreBackend:
         or settings.pop("region", None)
         or "us-east-1"
     )
-    client = client_options(endpoint, opts)
-    retry = retry_config(opts)
+    stall = _stall(opts)
+    client = client_options(endpoint, opts, stall)
+    retry = retry_config(opts, stall)
     for key in ("access_key_id", "secret_access_key", "session_token"):
         if opts.get(key):
             settings[key] = opts.pop(key)
@@ -336,39 +441,37 @@ def from_url(url: str, **options: Any) -> ObjectStoreBackend:
         # S3-compatible servers (SeaweedFS, MinIO, Ceph) want path-style requests.
         config.setdefault("virtual_hosted_style_request", False)
     config.update(opts)  # anything else is an obstore S3 setting, e.g. server_side_encryption
+
+    def build(client: dict[str, Any], retry: dict[str, Any]) -> Any:
+        return S3Store(bucket, prefix=prefix or None, config=config,  # type: ignore[arg-type]
+                       client_options=client, retry_config=retry)  # type: ignore[arg-type]
+
+    location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return _backend(build, url, location, client=client, retry=retry, stall=stall,
+                    multipart_threshold=multipart_threshold,
+                    endpoint=config.get("endpoint") or f"https://s3.{region}.amazonaws.com")
+
+
+def _backend(build: StoreBuilder, url: str, location: str, **kw: Any) -> ObjectStoreBackend:
     try:
-        store, create_store = (
-            S3Store(
-                bucket,
-                prefix=prefix or None,
-                config=config,  # type: ignore[arg-type]
-                client_options=client,  # type: ignore[arg-type]
-                retry_config=r,  # type: ignore[arg-type]
-            )
-            for r in (retry, {**retry, "max_retries": 0})
-        )
+        return ObjectStoreBackend(build, location, **kw)
     except Exception as exc:
         raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
-    location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-    return ObjectStoreBackend(
-        store, location, create_store=create_store, multipart_threshold=multipart_threshold
-    )
 
 
 def _generic_from_url(url: str, options: dict[str, Any]) -> ObjectStoreBackend:
     from obstore.store import from_url as store_from_url
 
     opts = dict(options)
-    client = client_options(None, opts)
-    retry = retry_config(opts)
-    try:
-        store, create_store = (
-            store_from_url(url, client_options=client, retry_config=r, **opts)  # type: ignore[call-overload]
-            for r in (retry, {**retry, "max_retries": 0})
-        )
-    except Exception as exc:
-        raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
-    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store)
+    stall = _stall(opts)
+    client = client_options(None, opts, stall)
+    retry = retry_config(opts, stall)
+
+    def build(client: dict[str, Any], retry: dict[str, Any]) -> Any:
+        return store_from_url(url, client_options=client, retry_config=retry,  # type: ignore[call-overload]
+                              **opts)
+
+    return _backend(build, url, url.rstrip("/"), client=client, retry=retry, stall=stall)
 
 
 def gcs_from_url(url: str, **options: Any) -> ObjectStoreBackend:
@@ -406,19 +509,13 @@ def azure_from_url(url: str, **options: Any) -> ObjectStoreBackend:
     endpoint = _azure_endpoint(opts)
     if endpoint is None:
         return _generic_from_url(url, opts)
-    client = client_options(endpoint, opts)
-    retry = retry_config(opts)
-    try:
-        store, create_store = (
-            AzureStore.from_url(
-                url,
-                endpoint=endpoint,
-                client_options=client,  # type: ignore[arg-type]
-                retry_config=r,  # type: ignore[arg-type]
-                **opts,
-            )
-            for r in (retry, {**retry, "max_retries": 0})
-        )
-    except Exception as exc:
-        raise ConfigurationError(f"cannot configure {url}: {_short(exc)}") from None
-    return ObjectStoreBackend(store, url.rstrip("/"), create_store=create_store)
+    stall = _stall(opts)
+    client = client_options(endpoint, opts, stall)
+    retry = retry_config(opts, stall)
+
+    def build(client: dict[str, Any], retry: dict[str, Any]) -> Any:
+        return AzureStore.from_url(url, endpoint=endpoint, client_options=client,  # type: ignore[arg-type]
+                                   retry_config=retry, **opts)  # type: ignore[arg-type]
+
+    return _backend(build, url, url.rstrip("/"), client=client, retry=retry, stall=stall,
+                    endpoint=endpoint)

@@ -11,6 +11,11 @@ in one process fight over the GIL so badly that together they read at a third of
 one (measured on loopback: one read 100-120 MiB/s, four at once about 30 MiB/s in total).
 Writes do not suffer from it and run in parallel.
 
+Stalls: a request that gets no answer for ``timeout`` seconds (default: the stall time,
+``KEEPWELL_STALL_TIMEOUT``) fails with `StallError`, and so does a connection whose SSH
+handshake does not complete within ``connect_timeout``; the connection is dropped without
+waiting for the server to confirm anything more.
+
 Trust and keys: the server's host key must be in a known_hosts file (``known_hosts`` option or
 ``KEEPWELL_SFTP_KNOWN_HOSTS``, else ``~/.ssh/known_hosts``); unknown or changed keys are refused.
 Authentication uses, in order, the ``identity`` option or ``KEEPWELL_SFTP_IDENTITY``, the SSH
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
+import logging
 import os
 import posixpath
 import queue
@@ -44,14 +50,20 @@ import paramiko
 
 from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
+from keepwell.backends.resilience import stall_timeout
 from keepwell.errors import (
     BackendError,
     ConfigurationError,
     ObjectExistsError,
     ObjectNotFoundError,
     PermanentBackendError,
+    StallError,
     TransientBackendError,
 )
+
+# paramiko logs a failed connection at ERROR level; with no handler, Python would print it on
+# stderr beside keepwell's own one-line error, which already says what happened
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 _TMP_PREFIX = ".tmp-"
@@ -59,8 +71,19 @@ _WRITE_PIECE = 1024 * 1024
 _LARGE_READ = 256 * 1024
 
 
-def classify(exc: BaseException, what: str) -> BackendError:
-    """Turn a paramiko or socket exception into the keepwell error it means."""
+def _stalled(exc: BaseException) -> bool:
+    """A timeout: no answer for the channel's timeout, or an SSH handshake that did not
+    complete in time (paramiko then reports "No existing session" from the authentication
+    that follows, or a banner it could not read)."""
+    text = str(exc).lower()
+    return isinstance(exc, socket.timeout | TimeoutError) or (
+        isinstance(exc, paramiko.SSHException) and "errno" not in text
+        and ("banner" in text or "no existing session" in text))
+
+
+def classify(exc: BaseException, what: str, stall: float | None = None) -> BackendError:
+    """Turn a paramiko or socket exception into the keepwell error it means. ``stall``: the
+    seconds a request was given without an answer (for the message of a stall)."""
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, paramiko.BadHostKeyException):
@@ -80,8 +103,9 @@ def classify(exc: BaseException, what: str) -> BackendError:
         )
     if isinstance(exc, socket.gaierror):
         return PermanentBackendError(f"{what}: unknown host ({exc})")
-    if isinstance(exc, socket.timeout | TimeoutError):
-        return TransientBackendError(f"{what}: timed out")
+    if _stalled(exc):
+        waited = f" for {stall:.0f}s" if stall else ""
+        return StallError(f"{what}: no answer{waited} (stalled)")
     if isinstance(exc, paramiko.SSHException | EOFError):
         return TransientBackendError(f"{what}: connection lost ({exc or type(exc).__name__})")
     if isinstance(exc, OSError):
@@ -97,6 +121,21 @@ def classify(exc: BaseException, what: str) -> BackendError:
             return PermanentBackendError(f"{what}: the server refused: {exc}")
         return TransientBackendError(f"{what}: {exc.strerror or exc}")
     return TransientBackendError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _opened(sftp: paramiko.SFTPClient, path: str, mode: str) -> Iterator[paramiko.SFTPFile]:
+    """An open remote file, closed at the end; after a stall it is dropped without waiting for
+    the server to confirm the close (it would stall as long again)."""
+    f = sftp.open(path, mode)
+    try:
+        yield f
+    except BaseException as exc:
+        if not (_stalled(exc) or isinstance(exc, EOFError | paramiko.SSHException)):
+            with contextlib.suppress(Exception):
+                f.close()
+        raise
+    f.close()
 
 
 class _Connection:
@@ -128,8 +167,8 @@ class SftpBackend:
         known_hosts: str | None = None,
         connections: int = 4,
         parallel_reads: int = 1,
-        timeout: float = 60.0,
-        connect_timeout: float = 15.0,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
         location: str | None = None,
     ) -> None:
         if connections < 1:
@@ -141,8 +180,10 @@ class SftpBackend:
         self.password = password
         self.identity = identity
         self.known_hosts = known_hosts
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        # the stall time: how long a request may go without an answer (the channel's timeout)
+        self.timeout = float(timeout) if timeout is not None else stall_timeout()
+        self.connect_timeout = (float(connect_timeout) if connect_timeout is not None
+                                else min(15.0, self.timeout))
         self.location = location or f"sftp://{self.user}@{host}:{port}/{root.lstrip('/')}"
         self._idle: queue.LifoQueue[_Connection] = queue.LifoQueue()
         self._open = 0
@@ -207,7 +248,8 @@ class SftpBackend:
             except ConfigurationError:
                 raise
             except Exception as exc:
-                raise classify(exc, f"{what}: connecting to {self.host}:{self.port}") from None
+                raise classify(exc, f"{what}: connecting to {self.host}:{self.port}",
+                               self.connect_timeout) from None
         except BaseException:
             self._slots.release()
             raise
@@ -245,7 +287,7 @@ class SftpBackend:
             healthy = (
                 type(exc) is OSError or isinstance(exc, FileNotFoundError | PermissionError)
             ) and not isinstance(exc, TimeoutError)
-            raise classify(exc, what) from None
+            raise classify(exc, what, self.timeout) from None
         finally:
             self._give_back(conn, healthy)
 
@@ -282,7 +324,7 @@ class SftpBackend:
         def do(sftp: paramiko.SFTPClient) -> None:
             self._makedirs(sftp, directory)
             try:
-                with sftp.open(tmp, "wb") as f:
+                with _opened(sftp, tmp, "wb") as f:
                     f.set_pipelined(True)
                     view = memoryview(data).cast("B")
                     for start in range(0, len(view), _WRITE_PIECE):
@@ -302,9 +344,10 @@ class SftpBackend:
                                 f"{name} already exists in {self.location}"
                             ) from None
                         raise
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(tmp)
+            except BaseException as exc:
+                if not (_stalled(exc) or isinstance(exc, EOFError | paramiko.SSHException)):
+                    with contextlib.suppress(Exception):  # the server answers: tidy up
+                        sftp.remove(tmp)
                 raise
 
         self._run(f"writing {name} in {self.location}", do)
@@ -333,7 +376,7 @@ class SftpBackend:
             raise ValueError("offset and length must not be negative")
 
         def do(sftp: paramiko.SFTPClient) -> bytes:
-            with sftp.open(path, "rb") as f:
+            with _opened(sftp, path, "rb") as f:
                 size = f.stat().st_size or 0
                 end = size if length is None else min(size, offset + length)
                 want = max(0, end - offset)

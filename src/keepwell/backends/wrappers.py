@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from keepwell import tokens
@@ -27,6 +29,7 @@ from keepwell.errors import (
     CircuitOpenError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StallError,
 )
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,13 @@ class RetryingBackend(_Wrapper):
     """Retries transient errors with exponential backoff and full jitter.
 
     Only errors whose ``transient`` is true are retried; not-found, exists and permanent errors
-    pass through at once. A create-only ``put`` that failed ambiguously and then meets
+    pass through at once. A stall (`StallError`: no progress for the stall time) is retried at
+    most ``stall_attempts - 1`` times, so a frozen server costs about ``stall_attempts`` stall
+    times, not ``attempts`` of them. A create-only ``put`` that failed ambiguously and then meets
     `ObjectExistsError` reads the object back: identical content means the earlier attempt did
     store it, which counts as success. A ``delete`` that failed ambiguously and then meets
-    `ObjectNotFoundError` likewise succeeded.
+    `ObjectNotFoundError` likewise succeeded. The error of the last attempt says how many were
+    made and for how long.
     """
 
     def __init__(
@@ -84,11 +90,13 @@ class RetryingBackend(_Wrapper):
         backoff: Backoff | None = None,
         sleep: Sleep = time.sleep,
         on_retry: RetryHook | None = None,
+        stall_attempts: int = 2,
     ) -> None:
         super().__init__(inner)
-        if attempts < 1:
+        if attempts < 1 or stall_attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.attempts = attempts
+        self.stall_attempts = stall_attempts
         self.backoff = backoff if backoff is not None else Backoff()
         self._sleep = sleep
         self._on_retry = on_retry
@@ -105,18 +113,35 @@ class RetryingBackend(_Wrapper):
             self._on_retry(what, attempt, exc, delay)
         self._sleep(delay)
 
+    def _failed(self, what: str, attempt: int, exc: BackendError,
+                run: _Run) -> BackendError | None:
+        """After a failed attempt: None to try again (after a pause), else the error to raise
+        (``exc`` itself when it is not worth a retry)."""
+        if not exc.transient:
+            return exc
+        # a breaker that stalls opened counts as a stall: no long wait for its probe
+        run.stalls += isinstance(exc, StallError) or (isinstance(exc, CircuitOpenError) and exc.stalled)
+        if attempt == self.attempts - 1 or run.stalls >= self.stall_attempts:
+            return _final(exc, attempt + 1, time.monotonic() - run.started)
+        self._pause(what, attempt, exc)
+        return None
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 return fn()
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(what, attempt, exc, run)
+                if final is exc:
                     raise
-                self._pause(what, attempt, exc)
+                if final is not None:
+                    raise final from None
         raise AssertionError("unreachable")
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         ambiguous = False
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 self.inner.put(name, data, overwrite=overwrite)
@@ -127,10 +152,12 @@ class RetryingBackend(_Wrapper):
                     return
                 raise
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"put {name}", attempt, exc, run)
+                if final is exc:
                     raise
+                if final is not None:
+                    raise final from None
                 ambiguous = True
-                self._pause(f"put {name}", attempt, exc)
 
     def _resolved(self, what: str) -> None:
         log.info("%s: an earlier attempt had done it", what)
@@ -152,6 +179,7 @@ class RetryingBackend(_Wrapper):
 
     def delete(self, name: str) -> None:
         ambiguous = False
+        run = _Run()
         for attempt in range(self.attempts):
             try:
                 self.inner.delete(name)
@@ -162,15 +190,18 @@ class RetryingBackend(_Wrapper):
                     return
                 raise
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"delete {name}", attempt, exc, run)
+                if final is exc:
                     raise
+                if final is not None:
+                    raise final from None
                 ambiguous = True
-                self._pause(f"delete {name}", attempt, exc)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # A listing that fails half-way starts again and skips what was already yielded.
         seen: set[str] = set()
         attempt = 0
+        run = _Run()
         while True:
             try:
                 for info in self.inner.list(prefix):
@@ -179,10 +210,29 @@ class RetryingBackend(_Wrapper):
                         yield info
                 return
             except BackendError as exc:
-                if not exc.transient or attempt == self.attempts - 1:
+                final = self._failed(f"list {prefix or '/'}", attempt, exc, run)
+                if final is exc:
                     raise
-                self._pause(f"list {prefix or '/'}", attempt, exc)
+                if final is not None:
+                    raise final from None
                 attempt += 1
+
+
+@dataclass
+class _Run:
+    """The attempts of one call so far."""
+
+    started: float = field(default_factory=time.monotonic)
+    stalls: int = 0
+
+
+def _final(exc: BackendError, attempts: int, seconds: float) -> BackendError:
+    """The error of the last attempt, saying how many were made (same class and hint)."""
+    if attempts == 1:
+        return exc
+    final = type(exc)(f"{exc} (gave up after {attempts} attempts in {seconds:.0f}s)")
+    final.hint = exc.hint
+    return final
 
 
 # --- circuit breaker -----------------------------------------------------------------------------
@@ -191,22 +241,31 @@ class RetryingBackend(_Wrapper):
 class CircuitBreakerBackend(_Wrapper):
     """Fails fast with `CircuitOpenError` while the breaker is open.
 
-    Transient errors count as failures. Any answer from the store (success, not found, exists,
-    permanent) counts as success: the store is reachable, which is all a breaker is about.
+    Transient errors count as failures, a stall as half the threshold (two stalls in a row
+    open it: each cost a stall time already). Any answer from the store (success, not found,
+    exists, permanent) counts as success: the store is reachable, which is all a breaker is
+    about. The error of a call refused meanwhile names the failure that opened it.
     """
 
     def __init__(self, inner: Backend, breaker: CircuitBreaker | None = None) -> None:
         super().__init__(inner)
         self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._last_failure: BackendError | None = None
 
     def _call(self, fn: Callable[[], T]) -> T:
         if not self.breaker.allow():
-            raise CircuitOpenError(f"{self.location} failed repeatedly; not trying it for a while")
+            last = self._last_failure
+            refused = CircuitOpenError(f"{self.location} was not tried again: it failed "
+                                       f"repeatedly just before (last: {last})")
+            refused.stalled = isinstance(last, StallError)
+            raise refused
         try:
             result = fn()
         except BackendError as exc:
             if exc.transient:
-                self.breaker.record_failure()
+                self._last_failure = exc
+                stall = isinstance(exc, StallError)
+                self.breaker.record_failure(-(-self.breaker.failure_threshold // 2) if stall else 1)
             else:
                 self.breaker.record_success()
             raise
@@ -348,17 +407,26 @@ class ConcurrencyLimitedBackend(_Wrapper):
 
 # --- cache ---------------------------------------------------------------------------------------
 
-DEFAULT_CACHED_PREFIXES = ("config", "keys/", "index/", "snapshots/", "tree/")
+# ``config`` is not among them: it is read before the repository is known (see `bind`), and a
+# repository made anew at the same place has a config of the same name and other content
+DEFAULT_CACHED_PREFIXES = ("keys/", "index/", "snapshots/", "tree/")
+Verify = Callable[[str, bytes], bool]
 
 
 class CachedBackend(_Wrapper):
-    """A local read-through cache of small immutable objects (config, keys, index, trees...).
+    """A local read-through cache of small immutable objects (keys, index, snapshots, trees).
 
     Objects whose names start with one of ``prefixes`` are kept in ``cache_dir`` once read or
     written; reads of them never reach the inner backend again. ``delete`` drops the cached copy.
     ``list`` always asks the inner backend. ``sessions/`` and ``data/`` are never cached, whatever
     the prefixes say: sessions change, and packs are large. Cache files are written to a temporary
     name and renamed, so a crash never leaves a partial object in the cache.
+
+    Trust: ``verify(name, data)`` (when given) tells whether a cached copy is the object of that
+    name; a copy that fails it (a damaged cache file) is dropped and read again from the inner
+    backend, once per process and object. `bind` narrows the cache to one repository (a
+    subdirectory named by its id), so that a repository made anew at the same location, or
+    another one of the same name elsewhere, never meets the cache of the first.
     """
 
     NEVER = ("sessions/", "data/")
@@ -368,11 +436,41 @@ class CachedBackend(_Wrapper):
         inner: Backend,
         cache_dir: str | os.PathLike[str],
         prefixes: tuple[str, ...] = DEFAULT_CACHED_PREFIXES,
+        *,
+        verify: Verify | None = None,
     ) -> None:
         super().__init__(inner)
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.prefixes = prefixes
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
         os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+
+    def bind(self, key: str) -> None:
+        """Keep the cache of one repository (``key``: its id) apart from any other: from now
+        on, in a subdirectory of its own, which records the key it was made for."""
+        check_name(key)
+        directory = os.path.join(self.cache_dir, key)
+        marker = os.path.join(directory, ".repository")
+        try:
+            with open(marker, encoding="utf-8") as f:
+                trusted = f.read() == f"{key}\n{self.location}\n"
+        except OSError:
+            trusted = False
+        if not trusted:
+            # a cache we cannot tell is this repository's: start it anew
+            shutil.rmtree(directory, ignore_errors=True)
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:  # a cache that cannot be written is only slower
+                log.warning("cannot make the cache %s (%s); not caching", directory, exc)
+                self.prefixes = ()
+                return
+            self._store_file(marker, f"{key}\n{self.location}\n".encode())
+        with self._lock:
+            self.cache_dir = directory
+            self._verified.clear()
 
     def _cacheable(self, name: str) -> bool:
         return name.startswith(self.prefixes) and not name.startswith(self.NEVER)
@@ -381,7 +479,12 @@ class CachedBackend(_Wrapper):
         return os.path.join(self.cache_dir, *check_name(name).split("/"))
 
     def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        path = self._path(name)
+        self._store_file(self._path(name), data)
+        with self._lock:
+            self._verified.add(name)  # what we wrote or read from the inner backend
+
+    @staticmethod
+    def _store_file(path: str, data: bytes | bytearray | memoryview) -> None:
         tmp = f"{path}.tmp-{tokens.token_hex(6)}"
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -390,13 +493,38 @@ class CachedBackend(_Wrapper):
             os.replace(tmp, path)
         except OSError as exc:
             # A cache that cannot be written is only slower, never wrong.
-            log.warning("cannot write %s to the cache: %s", name, exc)
+            log.warning("cannot write %s to the cache: %s", path, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
     def _drop(self, name: str) -> None:
+        with self._lock:
+            self._verified.discard(name)
         with contextlib.suppress(OSError):
             os.unlink(self._path(name))
+
+    def _cached(self, name: str, offset: int, length: int | None) -> bytes | None:
+        """The cached bytes asked for, or None (not cached, or a copy that fails `verify`)."""
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                with self._lock:
+                    trusted = self.verify is None or name in self._verified
+                if trusted:  # only the range asked for: a tree pack holds thousands of trees
+                    if length is None:
+                        f.seek(offset)
+                        return f.read()
+                    return os.pread(f.fileno(), length, offset)
+                whole = f.read()
+        except OSError:
+            return None
+        assert self.verify is not None
+        if not self.verify(name, whole):
+            log.warning("cached copy of %s is damaged; read again from %s", name, self.location)
+            self._drop(name)
+            return None
+        with self._lock:
+            self._verified.add(name)
+        return whole[offset:] if length is None else whole[offset:offset + length]
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
         if overwrite and self._cacheable(name):
@@ -408,14 +536,9 @@ class CachedBackend(_Wrapper):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if not self._cacheable(name):
             return self.inner.get(name, offset, length)
-        try:  # only the range asked for: a tree pack holds thousands of small trees
-            with open(self._path(name), "rb", buffering=0) as f:
-                if length is None:
-                    f.seek(offset)
-                    return f.read()
-                return os.pread(f.fileno(), length, offset)
-        except OSError:
-            pass
+        hit = self._cached(name, offset, length)
+        if hit is not None:
+            return hit
         data = self.inner.get(name)
         self._store(name, data)
         end = len(data) if length is None else offset + length
@@ -446,12 +569,15 @@ def wrap(
     retries: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     max_concurrent: int | None = None,
+    cache_verify: Verify | None = None,
 ) -> Backend:
     """Dress ``backend`` in the usual wrappers.
 
     ``limit_upload`` and ``limit_download`` are in KiB/s (as the ``--limit-upload`` and
     ``--limit-download`` options); ``None`` or 0 means unlimited. ``cache_dir`` is a base
-    directory: the cache of this backend is a subdirectory named by a hash of its location.
+    directory: the cache of this backend is a subdirectory named by a hash of its location and
+    endpoint (``backend.identity``, where it has one), and `CachedBackend.bind` narrows it to one
+    repository; ``cache_verify`` is the cache's `CachedBackend.verify`.
     From the outside in: cache → retries → circuit breaker → rate limit → concurrency limit →
     backend, so cache hits cost nothing, a retry waits without holding a connection slot, and
     retried bytes count against the rate limit.
@@ -470,9 +596,10 @@ def wrap(
         b = RetryingBackend(b)
     if cache_dir is not None:
         # One directory may serve many repositories (~/.cache/keepwell): each location gets its
-        # own subdirectory, or every repository's "config" would share one cached copy.
+        # own subdirectory, the same bucket and prefix on two endpoints two of them.
         import hashlib  # here: hashlib loads OpenSSL's libcrypto (see keepwell.tokens)
 
-        digest = hashlib.sha256(backend.location.encode()).hexdigest()[:24]
-        b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest))
+        identity = getattr(backend, "identity", backend.location)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest), verify=cache_verify)
     return b

@@ -5,14 +5,17 @@ replace it outright). Objects are immutable and content-named, so mirroring is c
 missing and deleting what the primary no longer has, in an order that keeps the replica valid
 at every moment: data before the indexes and snapshots that point at it are copied, and
 snapshots are deleted before the data they reference. ``sessions/`` (live backup sessions) and
-``locks/`` (a running prune's lock) are not mirrored.
+``locks/`` (a running prune's lock) are not mirrored. An object named by the hash of its bytes
+(a 64-digit hex name) whose bytes no longer match it is damaged on the primary: it is not
+copied (``damaged``), so damage never spreads to the replica, which keeps any good copy it has.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keepwell.backends.base import Backend
+from keepwell.crypto import content_name
 
 COPY_ORDER = ("config", "keys/", "data/", "tree/", "index/", "snapshots/")
 SKIP = ("sessions/", "locks/")  # live sessions and the prune lock belong to the primary
@@ -23,10 +26,17 @@ class MirrorResult:
     copied: int = 0
     copied_bytes: int = 0
     deleted: int = 0
+    damaged: list[str] = field(default_factory=list)  # on the primary: not copied
 
     def as_dict(self) -> dict[str, int]:
         return {"copied": self.copied, "copied_bytes": self.copied_bytes,
-                "deleted": self.deleted}
+                "deleted": self.deleted, "damaged": len(self.damaged)}
+
+
+def _damaged(name: str, data: bytes) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    named = len(base) == 64 and all(c in "0123456789abcdef" for c in base)
+    return named and content_name(data) != base
 
 
 def _rank(name: str) -> int:
@@ -43,6 +53,9 @@ def mirror(primary: Backend, replica: Backend) -> MirrorResult:
     want = {o.name: o.size for o in primary.list("") if not o.name.startswith(SKIP)}
     for name in sorted(set(want) - have, key=lambda n: (_rank(n), n)):
         data = primary.get(name)
+        if _damaged(name, data):
+            result.damaged.append(name)
+            continue
         replica.put(name, data, overwrite=True)
         result.copied += 1
         result.copied_bytes += len(data)

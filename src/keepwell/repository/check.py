@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.crypto import content_name
-from keepwell.errors import KeepwellError
+from keepwell.errors import KeepwellError, ObjectNotFoundError
+from keepwell.repository.damage import check_findings
 from keepwell.repository.format import (
     KIND_PACK_HEADER,
     PACK_PREFIX,
@@ -59,6 +60,7 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
             stored[info.name] = info.size
     referenced_packs = {pack_object_name(t, p.hex()) for p, t in zip(index.pack_ids, index.pack_types, strict=True)}
     bad_blobs: set[bytes] = set()
+    found: dict[str, set[bytes]] = defaultdict(set)  # damaged copies, for `check_findings`
     for name in sorted(referenced_packs - set(stored)):
         report.errors.append(f"{name} is in the index but missing from storage")
     unindexed = set(stored) - referenced_packs
@@ -73,6 +75,7 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
         by_pack[name].append((blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
         if name not in stored:
             bad_blobs.add(blob_id)
+            found[name].add(blob_id)
 
     if read_data_fraction > 0:
         names = sorted(n for n in by_pack if n in stored)
@@ -85,6 +88,8 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
             try:
                 data = repo.backend.get(name)
             except KeepwellError as exc:
+                if isinstance(exc, ObjectNotFoundError):
+                    found[name].update(b[0] for b in by_pack[name])
                 return [f"{name}: {exc}"], {b[0] for b in by_pack[name]}, 0
             if content_name(data) != name.rsplit("/", 1)[1]:
                 errs.append(f"{name}: content does not match its name (corrupt)")
@@ -106,6 +111,8 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
                 except KeepwellError as exc:
                     errs.append(f"{name}: {exc}")
                     bad.add(blob_id)
+            if bad:
+                found[name].update(bad)
             return errs, bad, n
 
         with ThreadPoolExecutor(4) as pool:
@@ -114,6 +121,10 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
                 bad_blobs |= bad
                 report.blobs_checked += n
                 report.packs_read += 1
+
+    errors, warnings = check_findings(repo, found if read_data_fraction > 0 else {})
+    report.errors += errors
+    report.warnings += warnings
 
     for snap in repo.list_snapshots():
         awaiting = int(not index.has(bytes.fromhex(snap.tree)))

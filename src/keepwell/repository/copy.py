@@ -164,11 +164,15 @@ class PackReader:
 def open_payload(repo: Repository, want: _Want, stored: bytes | memoryview) -> bytes:
     """Decrypt one stored blob and verify it against its id, as `Repository.open_blob` does, but
     return the (possibly compressed) payload, so the fast path need not compress it again."""
-    payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
+    where = repo.backend.location
+    try:
+        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{exc} in {where}", hint=f"run 'keepwell check --read-data' on "
+                             f"{where} to see what is affected") from None
     plain = unpack_payload(payload, want.raw_length)
     if len(plain) != want.raw_length or keyed_id(repo.id_key, plain) != want.blob_id:
-        raise IntegrityError(f"blob {want.blob_id.hex()[:16]} of {repo.backend.location} does not "
-                             "match its id")
+        raise IntegrityError(f"blob {want.blob_id.hex()[:16]} of {where} does not match its id")
     return payload
 
 

@@ -13,6 +13,8 @@ the BLAKE3 hash of the object's stored bytes, in hex):
     pending/<id>         encrypted: packs a prune has removed from the index and will delete
                          once safe (JSON: time, sessions live then, pack names and sizes)
     locks/prune          encrypted: the prune lock (one prune at a time; backups ignore it)
+    damaged/<id>         encrypted: blobs whose stored copy is damaged, left out of the index
+                         (keepwell.repository.damage)
 
 Pack: ``blob* || header_ct || u32 len(header_ct) || b"KWP1"``. The header is an encrypted object
 (kind ``kw-pack-header``) listing, for each blob: type u8, id 32 bytes, offset u32, stored length

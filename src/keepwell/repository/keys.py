@@ -15,6 +15,7 @@ import getpass
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,6 +23,7 @@ from keepwell.backends.base import Backend
 from keepwell.crypto import KdfParams, MasterKey, content_name, unwrap_master_key, wrap_master_key
 from keepwell.errors import (
     FormatError,
+    IntegrityError,
     KeepwellError,
     ObjectNotFoundError,
     RepositoryNotFoundError,
@@ -82,7 +84,10 @@ def read_password_file(path: str, what: str = "password file",
 def _key_doc(backend: Backend, name: str) -> dict[str, object] | None:
     """A key file's JSON, or None when it is damaged (its bytes no longer hash to its name, or
     it does not parse as a key file)."""
-    data = backend.get(name)
+    try:
+        data = backend.get(name)
+    except ObjectNotFoundError:  # removed since the listing (key remove): not a key any more
+        return None
     if content_name(data) != name.split("/", 1)[1]:
         return None
     try:
@@ -120,11 +125,14 @@ def list_keys(backend: Backend) -> list[KeyInfo]:
     return sorted(out, key=lambda k: k.created)
 
 
-def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]:
+def open_with_password(backend: Backend, password: str,
+                       opens: Callable[[MasterKey], bool] | None = None) -> tuple[MasterKey, str]:
     """Try every key file; return the master key and the id of the key that opened it.
 
     Damaged key files are skipped; if no whole one opens with the password, the error says
-    which files are damaged (their password may be this one)."""
+    which files are damaged (their password may be this one). ``opens``: whether a master key
+    opens the repository (decrypts its config); a key file the password unlocks but whose
+    master key does not is passed over."""
     names = [i.name for i in backend.list("keys/")]
     if not names:
         try:
@@ -133,18 +141,29 @@ def open_with_password(backend: Backend, password: str) -> tuple[MasterKey, str]
             raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
         raise KeepwellError(f"repository at {backend.location} has no key files",
                             hint="restore the keys/ folder from a copy")
-    damaged = []
+    damaged: list[str] = []
+    refused: list[str] = []
     for name in names:
         doc = _key_doc(backend, name)
         if doc is None:
             damaged.append(name)
             continue
         try:
-            return unwrap_master_key(doc, password), name.split("/", 1)[1]
+            master = unwrap_master_key(doc, password)
         except WrongPasswordError:
             continue
         except (ValueError, KeyError, TypeError):
             damaged.append(name)
+            continue
+        if opens is not None and not opens(master):
+            refused.append(name)
+            continue
+        return master, name.split("/", 1)[1]
+    if refused:
+        raise IntegrityError(
+            f"the config of {backend.location} fails authentication with the key(s) this password "
+            f"unlocks ({', '.join(refused)}): the config is damaged, or those key files belong to "
+            "another repository", hint="restore config and keys/ from a copy of the repository")
     if damaged:
         listed = ", ".join(damaged)
         if len(damaged) == len(names):

@@ -37,7 +37,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -198,7 +198,9 @@ def write_pending(repo: Repository, when: float, sessions: Iterable[str], packs:
 
 # -- reading packs and trees that no index lists ------------------------------------------------
 def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
-    """The blobs a pack says it holds (packs are self-describing); None if unreadable."""
+    """The blobs a pack says it holds (packs are self-describing); None if unreadable. Copies
+    recorded as damaged are left out (keepwell.repository.damage), so that no pack is indexed
+    again for their sake."""
     try:
         size = repo.backend.stat(name).size
         tail = repo.backend.get(name, max(0, size - 65536))
@@ -206,9 +208,11 @@ def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
         header = tail[-TRAILER_SIZE - hlen : -TRAILER_SIZE]
         if len(header) != hlen:
             header = repo.backend.get(name, size - TRAILER_SIZE - hlen, hlen)
-        return decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, header, name))
+        entries = decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, header, name))
     except (KeepwellError, ValueError):
         return None
+    pack = bytes.fromhex(name.rsplit("/", 1)[1])
+    return [e for e in entries if not repo.damage.covers(pack, e.id)]
 
 
 def pack_type_of(name: str) -> int:
@@ -287,6 +291,22 @@ def referenced_blobs(repo: Repository, index: MasterIndex, unindexed: UnindexedP
                         if node.type == DIR and node.subtree is not None and node.subtree not in used:
                             frontier.append(node.subtree)
     return used
+
+
+def supersede_index(repo: Repository, packs: list[StoredPack], old_files: list[str],
+                    verify: Callable[[], None]) -> str:
+    """Write one index object of ``packs`` that supersedes the index objects ``old_files``, then
+    (once ``verify`` passed: the prune lock is still held) delete those."""
+    name = repo.write_index(index_content(packs, supersedes=old_files))
+    repo.events.emit("prune", step="index_written")
+    verify()
+    for old in old_files:
+        try:
+            repo.backend.delete(f"index/{old}")
+        except ObjectNotFoundError:
+            pass
+    repo.events.emit("prune", step="index_superseded")
+    return name
 
 
 # -- choosing what to repack ---------------------------------------------------------------------
@@ -561,15 +581,7 @@ class _Pass:
         if doomed or adopted or missing:
             new_index = [StoredPack(bytes.fromhex(p.name.rsplit("/", 1)[1]), p.type, p.entries)
                          for p in kept] + adopted
-            repo.write_index(index_content(new_index, supersedes=old_files))
-            repo.events.emit("prune", step="index_written")
-            self._verify_lock()
-            for name in old_files:
-                try:
-                    repo.backend.delete(f"index/{name}")
-                except ObjectNotFoundError:
-                    pass
-            repo.events.emit("prune", step="index_superseded")
+            supersede_index(repo, new_index, old_files, self._verify_lock)
         if not (doomed or deferred):
             return None
         # listed only now: a session that is not in this list loads the index after the

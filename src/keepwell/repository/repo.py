@@ -32,6 +32,7 @@ from keepwell.errors import (
     UsageError,
 )
 from keepwell.repository import keys
+from keepwell.repository.damage import Damage, load_damage
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
     FORMAT_VERSION,
@@ -50,6 +51,8 @@ from keepwell.repository.index import (
 )
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree
+
+_REPAIR_INDEX_HINT = "run 'keepwell repair index' to rebuild the index from the packs"
 
 
 class Repository:
@@ -82,6 +85,7 @@ class Repository:
         self._pending: dict[bytes, BlobLocation] | None = None
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
+        self.damage = Damage()  # the damage records the index was loaded with
         # (location, options) when opened through `open_repository`: what a worker process
         # needs to open the same storage again (`reopen_repository`)
         self.opened_as: tuple[str, dict[str, Any]] | None = None
@@ -127,7 +131,14 @@ class Repository:
             stored = backend.get("config")
         except ObjectNotFoundError:
             raise RepositoryNotFoundError(f"no repository at {backend.location}") from None
-        master, key_id = keys.open_with_password(backend, password)
+        def opens(master: MasterKey) -> bool:
+            try:
+                master.decrypt_object(KIND_CONFIG, stored, "config")
+                return True
+            except IntegrityError:
+                return False
+
+        master, key_id = keys.open_with_password(backend, password, opens)
         config = json.loads(master.decrypt_object(KIND_CONFIG, stored, "config"))
         if int(config.get("version", 0)) > FORMAT_VERSION:
             raise KeepwellError(
@@ -185,19 +196,25 @@ class Repository:
                     self._index = self._load_index()
         return self._index
 
-    def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None) -> MasterIndex:
+    def _load_index(self, into: MasterIndex | None = None, skip: set[str] | None = None,
+                    damage: Damage | None = None) -> MasterIndex:
         idx = into if into is not None else MasterIndex()  # an empty index is falsy
         names = [i.name.split("/", 1)[1] for i in self.backend.list("index/")]
         todo = [n for n in names if not skip or n not in skip]
+        # damaged copies stay out of the index, so a backup stores their data again
+        damage = self.damage = damage if damage is not None else load_damage(self)
 
         def load(name: str) -> None:
             # staged in the worker, so each decrypted object is dropped as soon as it is copied
             try:
-                idx.stage(name, decode_index(self.get_object("index", name, KIND_INDEX)))
+                idx.stage(name, damage.filter(decode_index(self.get_object("index", name, KIND_INDEX))))
             except ObjectNotFoundError:
                 return  # superseded and deleted by a prune since the listing
             except ValueError as exc:
-                raise FormatError(f"index/{name} cannot be decoded: {exc}") from None
+                raise FormatError(f"index/{name} cannot be decoded: {exc}",
+                                  hint=_REPAIR_INDEX_HINT) from None
+            except IntegrityError as exc:
+                raise IntegrityError(str(exc), hint=_REPAIR_INDEX_HINT) from None
 
         with ThreadPoolExecutor(4) as pool:
             for _ in pool.map(load, todo):
@@ -209,10 +226,12 @@ class Repository:
         """Bring the index up to date with storage (new index objects, or a prune's rewrite)."""
         with self._index_lock:
             current = {i.name.split("/", 1)[1] for i in self.backend.list("index/")}
-            if self._index is None or not self._index.files <= current:
-                self._index = self._load_index()
+            damage = load_damage(self)
+            if self._index is None or not self._index.files <= current \
+                    or damage.names() != self.damage.names():
+                self._index = self._load_index(damage=damage)
             else:
-                self._load_index(self._index, skip=self._index.files)
+                self._load_index(self._index, skip=self._index.files, damage=damage)
             return self._index
 
     def write_index(self, content: IndexContent) -> str:
@@ -506,6 +525,7 @@ def open_repository(location: str, password: str, **options: Any) -> Repository:
     backend = open_backend(location)
     backend = _wrap(backend, location, options)
     repo = Repository.open(backend, password)
+    _bind_cache(repo)
     repo.opened_as = (location, dict(options))
     return repo
 
@@ -518,9 +538,22 @@ def reopen_repository(location: str, options: dict[str, Any], master_key: bytes,
 
     backend = _wrap(open_backend(location), location, options)
     repo = Repository(backend, MasterKey(master_key), config, key_id)
+    _bind_cache(repo)
     repo.opened_as = (location, dict(options))
     repo._index = MasterIndex()
     return repo
+
+
+def _bind_cache(repo: Repository) -> None:
+    """Narrow the local cache (if any) to this repository, now that its id is known."""
+    bind = getattr(repo.backend, "bind", None)
+    if bind is not None:
+        bind(repo.id)
+
+
+def named_by_content(name: str, data: bytes) -> bool:
+    """Whether ``data`` is the object ``name`` (every cached object is named by its hash)."""
+    return content_name(data) == name.rsplit("/", 1)[1]
 
 
 def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
@@ -535,4 +568,4 @@ def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
     cache_dir = options.get("cache_dir") or (os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, cache_verify=named_by_content)
