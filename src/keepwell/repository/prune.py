@@ -42,7 +42,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.crypto import content_name
-from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError, UsageError
+from keepwell.errors import (
+    DamagedSnapshotError,
+    IntegrityError,
+    KeepwellError,
+    ObjectNotFoundError,
+    UsageError,
+)
 from keepwell.repository.format import (
     KIND_PACK_HEADER,
     KIND_PENDING,
@@ -271,9 +277,18 @@ def load_tree_anywhere(repo: Repository, index: MasterIndex, unindexed: Unindexe
 
 
 def referenced_blobs(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None) -> set[bytes]:
-    """Every blob (trees and content) any snapshot references; each tree is read once."""
+    """Every blob (trees and content) any snapshot references; each tree is read once.
+    A damaged snapshot object stops it: what that snapshot references cannot be known."""
     used: set[bytes] = set()
     frontier = [bytes.fromhex(s.tree) for s in repo.list_snapshots()]
+    if repo.damaged_snapshots:
+        sid, why = sorted(repo.damaged_snapshots.items())[0]
+        more = len(repo.damaged_snapshots) - 1
+        raise DamagedSnapshotError(
+            f"{why}{f' (and {more} more)' if more else ''}: prune cannot tell which data it "
+            "still needs, and changes nothing", snapshot_id=sid,
+            hint=f"forget it with 'keepwell forget {sid[:8]}', or copy it again from a "
+                 "repository that holds it; then prune")
     with ThreadPoolExecutor(8) as pool:
         while frontier:
             todo = [t for t in dict.fromkeys(frontier) if t not in used]
