@@ -33,6 +33,10 @@ Manifest = dict[str, tuple[str, int]]  # file (relative path) -> (sha256, size)
 
 
 def manifest(root: Path) -> Manifest:
+    """Every file under ``root`` (a file itself: under the name ".")."""
+    if root.is_file():
+        data = root.read_bytes()
+        return {".": (hashlib.sha256(data).hexdigest(), len(data))}
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():

@@ -129,7 +129,7 @@ class LocalBackend:
             st = os.stat(self._path(name))
         except OSError as exc:
             raise _classify(exc, f"{name} in {self.location}") from exc
-        return ObjectInfo(name, st.st_size)
+        return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Walk only the part of the tree the prefix can be in.
@@ -156,10 +156,10 @@ class LocalBackend:
                         subdirs.append((entry.path, name))
                 elif name.startswith(prefix):
                     try:
-                        size = entry.stat(follow_symlinks=False).st_size
+                        st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    yield ObjectInfo(name, size)
+                    yield ObjectInfo(name, st.st_size, st.st_mtime)
             stack.extend(reversed(subdirs))
 
     def delete(self, name: str) -> None:

@@ -418,7 +418,13 @@ class _Pass:
         repo = self.repo
         now = time.time()
         records = load_pending(repo, self.report.warnings)
-        live = {s.id for s in list_sessions(repo, strict=True) if s.live(now)}
+        sessions = [s for s in list_sessions(repo, strict=True) if s.live(now)]
+        live = {s.id for s in sessions}
+        for s in sessions:
+            if not s.readable and not any(s.name in w for w in self.report.warnings):
+                self.report.warnings.append(
+                    f"{s.describe(now)}: it is taken for a running backup, whose data is kept "
+                    "('keepwell unlock --remove-all' removes it if no backup runs)")
         self.report.live_sessions = max(self.report.live_sessions, len(live))
         ready = [r for r in records if r.ready(live, now, self.opts.grace)]
         matured = {n for r in records if r.ended(live) for n in r.deferred}
