@@ -6,8 +6,8 @@ restores), the repository passes `check --read-data`, every snapshot restores by
 and once the fault is gone a backup succeeds and stores again whatever the failed run lost.
 
 By default every write of the run is failed for the main kinds (the disk fills up, a write
-fails once) and a sample of writes for the others; ``KEEPWELL_FAULT_WRITES=all`` fails every
-write for every kind."""
+fails once) and a sample of writes for the others (and for a copy); ``KEEPWELL_FAULT_WRITES=all``
+fails every write for every kind."""
 
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def _change(src: Path, rng: random.Random) -> None:
         p.write_bytes(rng.randbytes(p.stat().st_size))
 
 
-def _which(total: int, kind: str, rng: random.Random) -> list[int]:
+def _which(total: int, kind: str, rng: random.Random, sample: int = SAMPLED) -> list[int]:
+    """The writes to fail: every one, or a sample (``sample``: how many)."""
     every = list(range(1, total + 1))
-    if kind in EVERY_WRITE or os.environ.get("KEEPWELL_FAULT_WRITES") == "all":
+    if kind in EVERY_WRITE and sample == SAMPLED or os.environ.get("KEEPWELL_FAULT_WRITES") == "all":
         return every
-    return sorted(rng.sample(every, k=min(SAMPLED, total)))
+    return sorted(rng.sample(every, k=min(sample, total)))
 
 
 class Scenario:
@@ -173,4 +174,41 @@ def test_prune_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
             _change(sc.src, sc.rng)
             sc.clean_backup(repo, made)
             sc.check(repo, made, f"{what}, then a prune and a backup")
+            shutil.rmtree(repo)
+
+
+@pytest.mark.slow
+def test_copy_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
+    """Failed writes in the destination of `keepwell copy`: the snapshots it did copy restore,
+    and a copy after the fault completes the rest."""
+    sc = Scenario(tmp_path / "source", small=20, workers=0, seed=5)
+    _change(sc.src, sc.rng)
+    sc.backup(kw_env(sc.base))
+    source = sc.base
+    sc.base = tmp_path / "empty"  # the repository copied afresh for each trial: the destination
+    kw(kw_env(sc.base), "init")
+    args = ["copy", "--from-repo", str(source)]
+    extra = {"KEEPWELL_FROM_PASSWORD": PASSWORD}
+    sc.extra.update(extra)
+    total = sc.writes(args)
+    assert total >= 4, total
+
+    def copies(repo: Path) -> dict[str, Manifest]:
+        from keepwell.repository import open_repository
+
+        with open_repository(str(repo), PASSWORD) as r:
+            return {s.id: sc.made[s.source["copied_from"]] for s in r.list_snapshots()}
+
+    for kind in EVERY_WRITE:  # a sample: the writes of a copy are those of a backup
+        for n in _which(total, kind, sc.rng, sample=4):
+            repo, env, counter = sc.fresh()
+            what = f"copy, {kind} at write {n} of {total}"
+            r = kw({**env, **plan_env(counter, n, kind)}, *args, check=False)
+            if r.returncode != 0:
+                assert_one_line_error(r)
+            sc.check(repo, copies(repo), what)
+            kw(env, *args)  # the fault is gone: the copy completes
+            made = copies(repo)
+            assert len(made) == len(sc.made), what
+            sc.check(repo, made, f"{what}, then a copy")
             shutil.rmtree(repo)
