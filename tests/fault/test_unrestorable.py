@@ -125,3 +125,21 @@ def test_check_fails_when_one_index_object_is_lost(tmp_path: Path) -> None:
     r = kw(env, "check", check=False)
     assert r.returncode == 1, r.stdout
     assert "no index lists" in r.stdout
+
+
+def test_prune_never_indexes_a_damaged_pack_again(tmp_path: Path) -> None:
+    """Packs outside the index are read whole before prune indexes them again: a damaged one
+    stays out, so the next backup stores its data anew instead of reusing broken blobs."""
+    env, src, _made = _repo_with_snapshots(tmp_path, 2)
+    repo = tmp_path / "repo"
+    shutil.rmtree(repo / "index")
+    (repo / "index").mkdir()
+    victim = max((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _damage(victim, "flip")
+    r = kw(env, "prune", "--grace", "0")
+    assert f"data/{victim.parent.name}/{victim.name} is in no index" in r.stderr, r.stderr
+    r = kw(env, "backup", "--json", str(src))
+    assert json.loads(r.stdout)["snapshot"]["summary"]["blobs_new"] > 0
+    out = tmp_path / "latest"
+    kw(env, "restore", "latest", "--target", str(out))
+    assert manifest(out / str(src).lstrip("/")) == manifest(src)

@@ -29,10 +29,11 @@ from keepwell.repository.format import (
     parse_trailer,
 )
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.prune import UnindexedPacks, load_pending, load_tree_anywhere
+from keepwell.repository.prune import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
 from keepwell.repository.tree import DIR, Node
+from keepwell.repository.unindexed import UnindexedPacks, load_tree_anywhere
 
 
 @dataclass
