@@ -187,3 +187,22 @@ def test_a_damaged_session_of_a_running_backup_keeps_its_data(tmp_path: Path) ->
     made[json.loads(out)["snapshot"]["id"]] = {".": (hashlib.sha256(data).hexdigest(), len(data))}
     found = audit(repo, made, tmp_path / "out")
     assert found.ok, found.errors
+
+
+def test_a_pid_that_names_another_process_now_is_gone() -> None:
+    """A marker's pid may be reused by a later process: its start time tells them apart (in
+    ticks since boot, which a wall-clock step does not move); another machine's pid says
+    nothing here."""
+    import socket
+    from dataclasses import replace
+
+    from keepwell.repository.sessions import Marker, process_start, this_machine
+
+    me = os.getpid()
+    alive = Marker("sessions/a", socket.gethostname(), me, time.time(), time.time(),
+                   this_machine(), process_start(me))
+    assert alive.process_start > 0 and not alive.gone()
+    assert replace(alive, process_start=alive.process_start + 1).gone()
+    assert not replace(alive, process_start=0).gone()  # written before starts were recorded
+    assert not replace(alive, process_start=1, machine="another-boot/1").gone()
+    assert not replace(alive, process_start=1, host="far-away").gone()

@@ -15,8 +15,8 @@ Words:
     stale   a marker whose heartbeat is older than the stale limit (``KEEPWELL_SESSION_STALE``,
             900 s): its process is taken as dead, wherever it ran
     gone    a marker written on this machine (same host name, boot and process namespace) by a
-            process that no longer runs (no such pid, or a pid that started after the marker):
-            dead at once, without waiting for the stale limit
+            process that no longer runs (no such pid, or the pid now names a process that
+            started at another moment): dead at once, without waiting for the stale limit
 
 A marker that cannot be read (damaged) counts as live until it is stale, by the time its object
 was last written: prune fails safe, and keeps what a running backup may use. Where the backend
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 KIND_SESSION = b"kw-session"
 KIND_LOCK = b"kw-lock"
 PRUNE_LOCK = "locks/prune"
-_REUSED_AFTER = 5.0  # seconds: a pid whose process began this long after the marker is another's
 
 
 def heartbeat_seconds() -> float:
@@ -74,16 +73,14 @@ def this_machine() -> str:
         return ""
 
 
-def _process_began(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), from /proc; None if unknown."""
+def process_start(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (from /proc; 0 if unknown): with
+    the pid, it names one process of this boot, whatever the wall clock does meanwhile."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +94,7 @@ class Marker:
     started: float
     heartbeat: float
     machine: str = ""
+    process_start: int = 0  # of its writer, see `process_start` (0: not recorded)
     purpose: str = ""
     readable: bool = True
     token: str = field(default="", repr=False)
@@ -119,8 +117,9 @@ class Marker:
             return True
         except PermissionError:
             pass  # it runs, as another user
-        began = _process_began(self.pid)
-        return began is not None and began > self.started + _REUSED_AFTER
+        # the pid runs: the same process, unless it started at another moment (a reused pid)
+        now_start = process_start(self.pid)
+        return bool(self.process_start and now_start and now_start != self.process_start)
 
     def live(self, now: float) -> bool:
         return not self.stale(now) and not self.gone()
@@ -142,7 +141,8 @@ def _marker(repo: Repository, name: str, kind: bytes, stored: bytes,
     try:
         d = json.loads(repo.master.decrypt_object(kind, stored, name))
         return Marker(name, str(d["host"]), int(d["pid"]), float(d["started"]),
-                      float(d["heartbeat"]), str(d.get("machine", "")), str(d.get("purpose", "")),
+                      float(d["heartbeat"]), str(d.get("machine", "")),
+                      int(d.get("process_start", 0)), str(d.get("purpose", "")),
                       token=str(d.get("token", "")))
     except (IntegrityError, ValueError, KeyError, TypeError, AttributeError):
         written = time.time() if mtime is None else mtime
@@ -151,8 +151,9 @@ def _marker(repo: Repository, name: str, kind: bytes, stored: bytes,
 
 def _doc(purpose: str, started: float, **more: str) -> bytes:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "machine": this_machine(),
-                       "started": started, "heartbeat": time.time(), "purpose": purpose,
-                       **more}).encode()
+                       "process_start": process_start(os.getpid()), "started": started,
+                       "heartbeat": time.time(), "purpose": purpose, **more}).encode()
+
 
 
 class Session:
