@@ -132,6 +132,7 @@ def _fail_backups(tmp_path: Path, *, small: int, workers: int, kinds: tuple[str,
             sc.check(repo, made, f"{what}, then a backup")
             shutil.rmtree(repo)
             trials += 1
+    print(f"backup ({workers} worker processes): {total} writes, {trials} faults injected")
     return trials
 
 
@@ -159,8 +160,10 @@ def test_prune_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
     args = ["prune", "--grace", "0", "--max-unused", "0%", "--wait"]
     total = sc.writes(args)
     assert total >= 3, total
+    trials = 0
     for kind in KINDS:
         for n in _which(total, kind, sc.rng):
+            trials += 1
             repo, env, counter = sc.fresh()
             what = f"prune, {kind} at write {n} of {total}"
             r = kw({**env, **plan_env(counter, n, kind)}, *args, check=False)
@@ -175,6 +178,7 @@ def test_prune_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
             sc.clean_backup(repo, made)
             sc.check(repo, made, f"{what}, then a prune and a backup")
             shutil.rmtree(repo)
+    print(f"prune: {total} writes, {trials} faults injected")
 
 
 @pytest.mark.slow
@@ -199,8 +203,10 @@ def test_copy_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
         with open_repository(str(repo), PASSWORD) as r:
             return {s.id: sc.made[s.source["copied_from"]] for s in r.list_snapshots()}
 
+    trials = 0
     for kind in EVERY_WRITE:  # a sample: the writes of a copy are those of a backup
         for n in _which(total, kind, sc.rng, sample=4):
+            trials += 1
             repo, env, counter = sc.fresh()
             what = f"copy, {kind} at write {n} of {total}"
             r = kw({**env, **plan_env(counter, n, kind)}, *args, check=False)
@@ -212,3 +218,4 @@ def test_copy_survives_a_failed_write_anywhere(tmp_path: Path) -> None:
             assert len(made) == len(sc.made), what
             sc.check(repo, made, f"{what}, then a copy")
             shutil.rmtree(repo)
+    print(f"copy: {total} writes, {trials} faults injected")
