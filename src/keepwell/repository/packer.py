@@ -207,7 +207,7 @@ class BlobSink:
                    reserved: bool = False) -> bool:
         """Add an already encrypted blob (used by prune and copy). False if it was known."""
         full: PackBuilder | None = None
-        failed: PackBuilder | None = None
+        failed: BaseException | None = None
         with self._lock:
             if not reserved:
                 if self._error is not None:
@@ -225,7 +225,8 @@ class BlobSink:
                 self._held.difference_update(e.id for e in builder.entries)
                 if self._error is None:
                     self._error = exc
-                failed = builder
+                builder.discard()
+                failed = exc
             else:
                 self.stats.blobs_new += 1
                 self.stats.bytes_raw_new += raw_length
@@ -234,8 +235,7 @@ class BlobSink:
                     full = builder
                     self._builders[blob_type] = PackBuilder(blob_type, self.repo.backend)
         if failed is not None:
-            failed.discard()
-            raise self._error if self._error is not None else RuntimeError("pack write failed")
+            raise failed
         if full is not None:
             self._submit(full)
         return True
