@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # idempotent scripts of .ci/install.d, as root (through sudo when run by another user)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test servers lint typecheck unit clean
+.PHONY: run test servers lint typecheck unit fault clean
 
 # the archive_command shell script is copied into the venv at install: a change needs a reinstall
 $(STAMP): pyproject.toml src/keepwell/sources/postgres/keepwell-wal-push
@@ -30,6 +30,11 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q tests/unit
+
+# the fault suite (crashes, full disks, failed writes, damage, network faults); for the long
+# randomised crash run: KEEPWELL_FAULT_TRIALS=200 make fault
+fault: $(STAMP) servers
+	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q -p no:cacheprovider -rP tests/fault
 
 # every test, with the servers installed first; a skipped test fails the run (tests/conftest.py)
 test: $(STAMP) servers lint typecheck

@@ -73,6 +73,18 @@ class FormatError(IntegrityError):
     """An object could be read but not parsed as the format says."""
 
 
+class DamagedSnapshotError(IntegrityError):
+    """A snapshot object that cannot be read back (corrupt, truncated, foreign). Its id is the
+    object's name, so it can still be named, and forgotten."""
+
+    def __init__(self, message: str, *, snapshot_id: str = "", hint: str | None = None) -> None:
+        short = snapshot_id[:8] or "ID"
+        super().__init__(message, hint=hint if hint is not None else (
+            f"forget it with 'keepwell forget {short}', or copy it again from a repository "
+            "that holds it"))
+        self.snapshot_id = snapshot_id
+
+
 class PartialError(KeepwellError):
     """The work finished, but some items could not be processed."""
 

@@ -17,7 +17,7 @@ that any backend can wear; they are never written into a backend.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -25,6 +25,8 @@ from typing import Protocol, runtime_checkable
 class ObjectInfo:
     name: str
     size: int
+    # when the object was last written (seconds since the epoch), where the backend tells
+    mtime: float | None = field(default=None, compare=False)
 
 
 @runtime_checkable

@@ -135,12 +135,20 @@ def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
     from keepwell.repository import open_repository
 
     location = resolve_repo(repo)
-    return open_repository(
+    opened = open_repository(
         location,
         resolve_password(password_file),
         limit_upload=GLOBALS.limit_upload,
         limit_download=GLOBALS.limit_download,
     )
+    opened.events.subscribe(print_warning)
+    return opened
+
+
+def print_warning(name: str, fields: dict[str, Any]) -> None:
+    """Renders the repository's ``warning`` events (a damaged snapshot skipped, say)."""
+    if name == "warning":
+        sys.stderr.write(f"keepwell: warning: {fields['message']}\n")
 
 
 def snapshot_filter(host: list[str] | None = None, tag: list[str] | None = None,

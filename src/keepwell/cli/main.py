@@ -72,6 +72,7 @@ def version() -> None:
 repo_commands.register(app)
 importlib.import_module("keepwell.cli.copy").register(app)
 importlib.import_module("keepwell.cli.repair").register(app)
+importlib.import_module("keepwell.cli.maintenance").register(app)
 try:
     from keepwell.cli import sqlite as _sqlite
 

@@ -26,7 +26,7 @@ from keepwell.cli.common import (
     resolve_repo,
     snapshot_filter,
 )
-from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, UsageError
+from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, DamagedSnapshotError, UsageError
 
 
 class Progress:
@@ -434,8 +434,14 @@ def forget(
         raise UsageError("--max-unused and --grace are for --prune")
     flt = snapshot_filter(host, tag, path, kind)
     r = open_repo(repo, password_file)
+    damaged: list[str] = []  # named, but unreadable: forgotten by their id alone
     if snapshot_ids:
-        remove = [r.find_snapshot(s, where=flt) for s in snapshot_ids]
+        remove = []
+        for ref in snapshot_ids:
+            try:
+                remove.append(r.find_snapshot(ref, where=flt))
+            except DamagedSnapshotError as exc:
+                damaged.append(exc.snapshot_id)
         kept: list[Any] = []
     else:
         if policy.empty():
@@ -445,17 +451,19 @@ def forget(
         kept, remove = apply_policy(snaps, policy)
     prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused), grace=parse_grace(grace))
     if not dry_run:
-        r.forget([s.id for s in remove])
+        r.forget([s.id for s in remove] + damaged)
     if json_:
         pruned = _run_prune(r, prune_opts, quiet=True) if prune_ and not dry_run else None
         print_json({"keep": [{"id": s.id, "reasons": why} for s, why in kept],
-                    "remove": [s.id for s in remove], "dry_run": dry_run,
+                    "remove": [s.id for s in remove] + damaged, "dry_run": dry_run,
                     **({"prune": pruned} if pruned is not None else {})})
     else:
         for s, why in kept:
             print(f"keep   {s.short_id}  {s.time.astimezone():%Y-%m-%d %H:%M}  {', '.join(why)}")
         for s in remove:
             print(f"{'would remove' if dry_run else 'remove'} {s.short_id}  {s.time.astimezone():%Y-%m-%d %H:%M}")
+        for sid in damaged:
+            print(f"{'would remove' if dry_run else 'remove'} {sid[:8]}  (damaged)")
         if prune_ and not dry_run:
             _run_prune(r, prune_opts, quiet=False)
 

@@ -4,7 +4,10 @@
 decrypts and verifies every blob. Damage is reported with what it affects: which snapshots and
 which files inside them reference a damaged or missing blob. Packs that a prune recorded as
 pending deletion are not in the index by design and are not reported; a snapshot whose blobs only
-such packs hold (a backup that raced a prune) is a warning: the next prune indexes them again.
+such packs hold (a backup that raced a prune) is a warning: a restore finds them there, and the
+next prune indexes them again. Whatever makes a snapshot fail to restore is an error: a damaged
+snapshot object, a damaged or missing blob, or one that only packs outside the index and the
+pending records hold (a restore cannot locate it).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from keepwell.repository.format import (
     parse_trailer,
 )
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.prune import UnindexedPacks, load_pending, load_tree_anywhere
+from keepwell.repository.prune import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
 from keepwell.repository.tree import DIR, Node
+from keepwell.repository.unindexed import UnindexedPacks, load_tree_anywhere
 
 
 @dataclass
@@ -126,29 +130,51 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
     report.errors += errors
     report.warnings += warnings
 
+    _check_snapshots(repo, index, bad_blobs, UnindexedPacks(repo, pending), spare, report)
+    return report
+
+
+def _check_snapshots(repo: Repository, index: MasterIndex, bad_blobs: set[bytes],
+                     pending: UnindexedPacks, spare: UnindexedPacks, report: CheckReport) -> None:
+    """Every snapshot must restore: each blob its trees reference is one a restore can locate
+    (the index, or a pack pending deletion, which readers find through the pending records) and
+    not damaged. A blob that only a pack outside both holds (an orphan: its index object was
+    lost, or never written) fails a restore as surely as a missing one: an error too."""
     for snap in repo.list_snapshots():
-        awaiting = int(not index.has(bytes.fromhex(snap.tree)))
+        awaiting = unindexed = 0
         try:
+            root = bytes.fromhex(snap.tree)
+            if not index.has(root):
+                awaiting, unindexed = (1, 0) if pending.find(root) else (0, 1)
             for path, node in _walk(repo, index, spare, snap):
                 blobs = list(node.content)
                 if node.type == DIR and node.subtree is not None:
                     blobs.append(node.subtree)
-                for b in blobs:
-                    if b in bad_blobs or not (index.has(b) or spare.find(b)):
-                        report.affected.setdefault(snap.id, []).append("/" + path)
-                        break
-                else:
-                    awaiting += any(not index.has(b) for b in blobs)
+                outside = [b for b, known in zip(blobs, index.has_each(blobs), strict=True)
+                           if not known]
+                if any(b in bad_blobs for b in blobs) or any(not spare.find(b) for b in outside):
+                    report.affected.setdefault(snap.id, []).append("/" + path)
+                elif any(not pending.find(b) for b in outside):
+                    unindexed += 1
+                elif outside:
+                    awaiting += 1
+            if unindexed:
+                report.errors.append(
+                    f"snapshot {snap.short_id}: {unindexed} item(s) use blobs that no index lists "
+                    "(only packs outside the index hold them), so a restore fails; run 'keepwell "
+                    "prune' to index those packs again")
             if awaiting:
                 report.warnings.append(
-                    f"snapshot {snap.short_id}: {awaiting} item(s) use blobs that only unindexed "
-                    "packs hold; run 'keepwell prune' to index them again before restoring")
+                    f"snapshot {snap.short_id}: {awaiting} item(s) use blobs that only packs "
+                    "pending deletion hold (a restore reads them there); run 'keepwell prune' to "
+                    "index them again")
         except KeepwellError as exc:
             report.errors.append(f"snapshot {snap.short_id}: {exc}")
             report.affected.setdefault(snap.id, []).append("(its trees)")
+    for sid, why in sorted(repo.damaged_snapshots.items()):
+        report.errors.append(f"{why} (forget it with 'keepwell forget {sid[:8]}')")
     for sid, paths in report.affected.items():
         report.errors.append(f"snapshot {sid[:8]}: {len(paths)} damaged or missing file(s), e.g. {paths[0]}")
-    return report
 
 
 def _walk(repo: Repository, index: MasterIndex, spare: UnindexedPacks,

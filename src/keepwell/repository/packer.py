@@ -3,9 +3,16 @@
 `BlobSink` is shared by all threads of one writing process. ``save`` hashes, checks the index,
 compresses and encrypts in the calling thread (native code that releases the GIL), appends the
 result to the open pack of its type, and hands a full pack to a bounded pool of upload threads.
-After a pack is stored its blobs enter the in-memory index; every few packs (and at ``flush``) an
-index object is written for the packs stored so far, so a run that is killed later still leaves
-its uploads findable for the next run. Order on storage: packs → index → (caller) snapshot.
+Every few packs (and at ``flush``) an index object is written for the packs stored so far, so a
+run that is killed later still leaves its uploads findable for the next run; only then do their
+blobs enter the in-memory index that other writers of the process dedup against (until then the
+sink knows them as its own, ``_held``). Order on storage: packs → index → (caller) snapshot.
+
+Nothing is indexed before it is known whole: a pack whose builder met a failed write is
+discarded, never stored; a stored pack is one whose backend accepted all of it (the local spool
+names it by the hash of the bytes the kernel took and links it only after checking its length
+and syncing it). A failed write fails the sink: every later ``save`` raises it, and ``flush``
+indexes the packs that were stored whole, then raises it.
 """
 
 from __future__ import annotations
@@ -14,9 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-import blake3
+from typing import TYPE_CHECKING, Protocol
 
 from keepwell.compression import Levels, pack_payload
 from keepwell.crypto import content_name, keyed_id
@@ -42,6 +47,8 @@ class Spool(Protocol):
 
     def write(self, data: bytes | bytearray) -> None: ...
 
+    def hexdigest(self) -> str: ...
+
     def commit(self, name: str) -> None: ...
 
     def abort(self) -> None: ...
@@ -55,32 +62,40 @@ INDEX_EVERY_SECONDS = 10.0
 class PackBuilder:
     """A pack being filled. Its bytes go into a spool file of the backend where it offers one
     (the local backend: a file on the repository's filesystem, linked into place when the pack
-    is complete), else into memory; either way the pack is named by the hash of its bytes."""
+    is complete), else into memory; either way the pack is named by the hash of its bytes.
+
+    A blob's entry is recorded only once its bytes were written. A write that fails spoils the
+    builder (``failed``): it can neither take more blobs nor be stored, only discarded."""
 
     def __init__(self, blob_type: int, backend: Backend) -> None:
         self.type = blob_type
         self.entries: list[PackEntry] = []
         self.size = 0
+        self.failed: BaseException | None = None
         self._backend = backend
         self._spool: Spool | None = None
-        self._hash: Any = None
         self.buf = bytearray()  # when not spooled
 
     def add(self, blob_id: bytes, stored: bytes | bytearray, raw_length: int) -> None:
-        self.entries.append(PackEntry(self.type, blob_id, self.size, len(stored), raw_length))
+        offset = self.size
         self._write(stored)
+        self.entries.append(PackEntry(self.type, blob_id, offset, len(stored), raw_length))
 
     def _write(self, data: bytes | bytearray) -> None:
-        if self.size == 0:  # opened at the first blob: a builder may stay empty
-            open_spool = getattr(self._backend, "open_spool", None)
-            if open_spool is not None:
-                self._spool = open_spool()
-                self._hash = blake3.blake3()
-        if self._spool is not None:
-            self._spool.write(data)
-            self._hash.update(data)
-        else:
-            self.buf += data
+        if self.failed is not None:
+            raise self.failed
+        try:
+            if self.size == 0:  # opened at the first blob: a builder may stay empty
+                open_spool = getattr(self._backend, "open_spool", None)
+                if open_spool is not None:
+                    self._spool = open_spool()
+            if self._spool is not None:
+                self._spool.write(data)
+            else:
+                self.buf += data
+        except BaseException as exc:
+            self.failed = exc
+            raise
         self.size += len(data)
 
     def __len__(self) -> int:
@@ -92,15 +107,21 @@ class PackBuilder:
         header = repo.master.encrypt_object(KIND_PACK_HEADER, encode_pack_header(self.entries))
         self._write(header)
         self._write(pack_trailer(len(header)))
-        pack_hex = self._hash.hexdigest() if self._spool is not None else content_name(self.buf)
-        name = pack_object_name(self.type, pack_hex)
         try:
             if self._spool is not None:
+                # the hash of what the file holds; commit checks its length and syncs it first
+                pack_hex = self._spool.hexdigest()
+                name = pack_object_name(self.type, pack_hex)
                 self._spool.commit(name)
             else:
+                pack_hex = content_name(self.buf)
+                name = pack_object_name(self.type, pack_hex)
                 repo.backend.put(name, self.buf)
         except ObjectExistsError:
             pass  # same name means same bytes: already stored
+        except BaseException as exc:
+            self.failed = exc
+            raise
         self.buf = bytearray()
         return pack_hex
 
@@ -108,6 +129,7 @@ class PackBuilder:
         if self._spool is not None:
             self._spool.abort()
             self._spool = None
+        self.buf = bytearray()
 
 
 @dataclass
@@ -147,7 +169,9 @@ class BlobSink:
         self.levels = levels or Levels(self.level, self.level)
         self._lock = threading.Lock()
         self._builders = self._new_builders()
-        self._inflight: set[bytes] = set()
+        # blobs this sink took and no index object lists yet (in a builder, uploading, or stored
+        # and waiting for their index object): known to this sink only
+        self._held: set[bytes] = set()
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="kw-upload")
         self._slots = threading.BoundedSemaphore(upload_workers + 1)
         self._futures: set[Future[None]] = set()
@@ -165,12 +189,17 @@ class BlobSink:
             blob_id = keyed_id(self.repo.id_key, data)
         index = self.repo.index
         with self._lock:
-            if blob_id in self._inflight or index.has(blob_id):
+            if blob_id in self._held or index.has(blob_id):
                 self.stats.blobs_known += 1
                 return blob_id
-            self._inflight.add(blob_id)
-        payload = self.levels.payload(data) if blob_type == DATA else pack_payload(data, self.level)
-        stored = self.repo.master.encrypt_blob(blob_id, blob_type, payload)
+            self._held.add(blob_id)
+        try:
+            payload = self.levels.payload(data) if blob_type == DATA else pack_payload(data, self.level)
+            stored = self.repo.master.encrypt_blob(blob_id, blob_type, payload)
+        except BaseException:
+            with self._lock:
+                self._held.discard(blob_id)
+            raise
         self.add_stored(blob_type, blob_id, stored, len(data), reserved=True)
         return blob_id
 
@@ -178,19 +207,35 @@ class BlobSink:
                    reserved: bool = False) -> bool:
         """Add an already encrypted blob (used by prune and copy). False if it was known."""
         full: PackBuilder | None = None
+        failed: BaseException | None = None
         with self._lock:
             if not reserved:
-                if blob_id in self._inflight or self.repo.index.has(blob_id):
+                if self._error is not None:
+                    raise self._error
+                if blob_id in self._held or self.repo.index.has(blob_id):
                     return False
-                self._inflight.add(blob_id)
+                self._held.add(blob_id)
             builder = self._builders[blob_type]
-            builder.add(blob_id, stored, raw_length)
-            self.stats.blobs_new += 1
-            self.stats.bytes_raw_new += raw_length
-            self.stats.bytes_stored += len(stored)
-            if len(builder) >= PACK_TARGET[blob_type]:
-                full = builder
+            try:
+                builder.add(blob_id, stored, raw_length)
+            except BaseException as exc:
+                # the pack has a hole now: it goes, with every blob it took
                 self._builders[blob_type] = PackBuilder(blob_type, self.repo.backend)
+                self._held.discard(blob_id)
+                self._held.difference_update(e.id for e in builder.entries)
+                if self._error is None:
+                    self._error = exc
+                builder.discard()
+                failed = exc
+            else:
+                self.stats.blobs_new += 1
+                self.stats.bytes_raw_new += raw_length
+                self.stats.bytes_stored += len(stored)
+                if len(builder) >= PACK_TARGET[blob_type]:
+                    full = builder
+                    self._builders[blob_type] = PackBuilder(blob_type, self.repo.backend)
+        if failed is not None:
+            raise failed
         if full is not None:
             self._submit(full)
         return True
@@ -217,15 +262,14 @@ class BlobSink:
         repo = self.repo
         try:
             pack_hex = builder.store(repo)
+        except BaseException:
+            with self._lock:
+                self._held.difference_update(e.id for e in builder.entries)
+            raise
         finally:
             builder.discard()
-        pack_id = bytes.fromhex(pack_hex)
-        for e in builder.entries:
-            repo.index.add(e.id, pack_id, builder.type, e.offset, e.length, e.raw_length, e.type)
         with self._lock:
-            for e in builder.entries:
-                self._inflight.discard(e.id)
-            self._unindexed.append(StoredPack(pack_id, builder.type, builder.entries))
+            self._unindexed.append(StoredPack(bytes.fromhex(pack_hex), builder.type, builder.entries))
             self.stats.packs += 1
             due = len(self._unindexed) >= INDEX_EVERY_PACKS or (
                 time.monotonic() - self._last_index > INDEX_EVERY_SECONDS
@@ -241,15 +285,31 @@ class BlobSink:
         return batch
 
     def _write_index(self, packs: list[StoredPack]) -> None:
-        name = self.repo.write_index(index_content(packs))
+        """Write an index object for stored packs; their blobs then enter the in-memory index.
+        On failure the packs wait for the next attempt (`flush`)."""
+        try:
+            name = self.repo.write_index(index_content(packs))
+        except BaseException:
+            with self._lock:
+                self._unindexed[:0] = packs
+            raise
+        index = self.repo.index
+        for p in packs:
+            for e in p.entries:
+                index.add(e.id, p.id, p.type, e.offset, e.length, e.raw_length, e.type)
+        with self._lock:
+            for p in packs:
+                self._held.difference_update(e.id for e in p.entries)
         self.index_names.append(name)
         # known to the in-memory index, so refresh_index reloads in full once a prune
         # supersedes it (otherwise this process would keep entries for packs prune doomed)
-        self.repo.index.files.add(name)
+        index.files.add(name)
 
     # -- the end of a run ---------------------------------------------------------------------
     def flush(self) -> None:
-        """Store every open pack, wait for all uploads, and index everything stored."""
+        """Store every open pack, wait for all uploads, and index everything stored. After a
+        failed write, the packs that were stored whole are indexed all the same (a later run
+        reuses them) and the failure is raised."""
         with self._lock:
             builders = [b for b in self._builders.values() if b.entries]
             self._builders = self._new_builders()
@@ -265,12 +325,16 @@ class BlobSink:
                     f.result()
                 except BaseException:
                     pass
-        if self._error is not None:
-            raise self._error
         with self._lock:
             batch = self._take_unindexed()
         if batch:
-            self._write_index(batch)
+            try:
+                self._write_index(batch)
+            except BaseException as exc:
+                if self._error is None:
+                    self._error = exc
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -42,24 +42,31 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.crypto import content_name
-from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError, UsageError
+from keepwell.errors import (
+    DamagedSnapshotError,
+    IntegrityError,
+    ObjectNotFoundError,
+    UsageError,
+)
 from keepwell.repository.format import (
-    KIND_PACK_HEADER,
     KIND_PENDING,
     PACK_PREFIX,
-    TRAILER_SIZE,
-    TREE,
     PackEntry,
-    decode_pack_header,
     pack_object_name,
-    parse_trailer,
 )
 from keepwell.repository.index import MasterIndex
 from keepwell.repository.packer import PACK_TARGET, StoredPack, index_content
 from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import PruneLock, heartbeat_seconds, list_sessions
-from keepwell.repository.tree import DIR, Node, decode_tree
+from keepwell.repository.tree import DIR
+from keepwell.repository.unindexed import (
+    UnindexedPacks,
+    damaged_packs,
+    load_tree_anywhere,
+    pack_type_of,
+    unique_entries,
+)
 
 DEFAULT_GRACE = 3600.0  # seconds a doomed pack stays after its sessions ended (protects readers)
 SMALL_SHARE = 0.5  # with repack_small: packs under this share of their target size are merged
@@ -196,88 +203,20 @@ def write_pending(repo: Repository, when: float, sessions: Iterable[str], packs:
     return "pending/" + repo.put_object("pending", KIND_PENDING, json.dumps(doc).encode())
 
 
-# -- reading packs and trees that no index lists ------------------------------------------------
-def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
-    """The blobs a pack says it holds (packs are self-describing); None if unreadable. Copies
-    recorded as damaged are left out (keepwell.repository.damage), so that no pack is indexed
-    again for their sake."""
-    try:
-        size = repo.backend.stat(name).size
-        tail = repo.backend.get(name, max(0, size - 65536))
-        hlen = parse_trailer(tail)
-        header = tail[-TRAILER_SIZE - hlen : -TRAILER_SIZE]
-        if len(header) != hlen:
-            header = repo.backend.get(name, size - TRAILER_SIZE - hlen, hlen)
-        entries = decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, header, name))
-    except (KeepwellError, ValueError):
-        return None
-    pack = bytes.fromhex(name.rsplit("/", 1)[1])
-    return [e for e in entries if not repo.damage.covers(pack, e.id)]
-
-
-def pack_type_of(name: str) -> int:
-    return TREE if name.startswith(PACK_PREFIX[TREE] + "/") else 0
-
-
-def unique_entries(entries: Iterable[PackEntry]) -> list[PackEntry]:
-    seen: set[bytes] = set()
-    out = []
-    for e in entries:
-        if e.id not in seen:
-            seen.add(e.id)
-            out.append(e)
-    return out
-
-
-class UnindexedPacks:
-    """Stored packs that no index lists (pending deletion or orphans); headers read on demand."""
-
-    def __init__(self, repo: Repository, names: Iterable[str]) -> None:
-        self.repo = repo
-        self.names = set(names)
-        self._headers: dict[str, list[PackEntry] | None] | None = None
-        self._where: dict[bytes, tuple[str, PackEntry]] = {}
-
-    def _load(self) -> dict[str, list[PackEntry] | None]:
-        if self._headers is None:
-            names = sorted(self.names)
-            with ThreadPoolExecutor(8) as pool:
-                headers = dict(zip(names, pool.map(lambda n: read_pack_header(self.repo, n), names),
-                                   strict=True))
-            for name, header in headers.items():
-                for e in header or []:
-                    self._where.setdefault(e.id, (name, e))
-            self._headers = headers
-        return self._headers
-
-    def header(self, name: str) -> list[PackEntry] | None:
-        return self._load().get(name)
-
-    def find(self, blob_id: bytes) -> tuple[str, PackEntry] | None:
-        if not self.names:
-            return None
-        self._load()
-        return self._where.get(blob_id)
-
-
-def load_tree_anywhere(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None,
-                       tree_id: bytes) -> list[Node]:
-    """A tree from the index, or else from a pack no index lists (a pending or orphan pack)."""
-    if index.has(tree_id):
-        return repo.load_tree(tree_id)
-    hit = unindexed.find(tree_id) if unindexed is not None else None
-    if hit is None:
-        raise IntegrityError(f"tree {tree_id.hex()[:16]} that a snapshot references is missing",
-                             hint="run 'keepwell check', and forget the snapshots it names")
-    name, e = hit
-    stored = repo.backend.get(name, e.offset, e.length)
-    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length))
-
-
+# -- what the snapshots use ----------------------------------------------------------------------
 def referenced_blobs(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None) -> set[bytes]:
-    """Every blob (trees and content) any snapshot references; each tree is read once."""
+    """Every blob (trees and content) any snapshot references; each tree is read once.
+    A damaged snapshot object stops it: what that snapshot references cannot be known."""
     used: set[bytes] = set()
     frontier = [bytes.fromhex(s.tree) for s in repo.list_snapshots()]
+    if repo.damaged_snapshots:
+        sid, why = sorted(repo.damaged_snapshots.items())[0]
+        more = len(repo.damaged_snapshots) - 1
+        raise DamagedSnapshotError(
+            f"{why}{f' (and {more} more)' if more else ''}: prune cannot tell which data it "
+            "still needs, and changes nothing", snapshot_id=sid,
+            hint=f"forget it with 'keepwell forget {sid[:8]}', or copy it again from a "
+                 "repository that holds it; then prune")
     with ThreadPoolExecutor(8) as pool:
         while frontier:
             todo = [t for t in dict.fromkeys(frontier) if t not in used]
@@ -423,7 +362,13 @@ class _Pass:
         repo = self.repo
         now = time.time()
         records = load_pending(repo, self.report.warnings)
-        live = {s.id for s in list_sessions(repo, strict=True) if s.live(now)}
+        sessions = [s for s in list_sessions(repo, strict=True) if s.live(now)]
+        live = {s.id for s in sessions}
+        for s in sessions:
+            if not s.readable and not any(s.name in w for w in self.report.warnings):
+                self.report.warnings.append(
+                    f"{s.describe(now)}: it is taken for a running backup, whose data is kept "
+                    "('keepwell unlock --remove-all' removes it if no backup runs)")
         self.report.live_sessions = max(self.report.live_sessions, len(live))
         ready = [r for r in records if r.ready(live, now, self.opts.grace)]
         matured = {n for r in records if r.ended(live) for n in r.deferred}
@@ -475,6 +420,12 @@ class _Pass:
             elif any(e.id in missing for e in header):
                 restore.append(StoredPack(bytes.fromhex(name.rsplit("/", 1)[1]),
                                           pack_type_of(name), unique_entries(header)))
+        damaged = damaged_packs(self.repo, (pack_object_name(p.type, p.id.hex()) for p in restore))
+        for name, why in sorted(damaged.items()):
+            unread.add(name)
+            self.report.warnings.append(f"{name} is pending deletion and a snapshot uses it, but "
+                                        f"{why}: not indexed again, not deleted (run 'keepwell check')")
+        restore = [p for p in restore if pack_object_name(p.type, p.id.hex()) not in damaged]
         self.report.packs_restored += len(restore)
         if restore and not self.opts.dry_run:
             self.repo.write_index(index_content(restore))
@@ -550,6 +501,11 @@ class _Pass:
                                           unique_entries(header)))
             else:
                 orphans.append(name)
+        damaged = damaged_packs(repo, (pack_object_name(p.type, p.id.hex()) for p in adopted))
+        for name, why in sorted(damaged.items()):
+            report.warnings.append(f"{name} is in no index and a snapshot uses it, but {why}: "
+                                   "not indexed, left alone (run 'keepwell check')")
+        adopted = [p for p in adopted if pack_object_name(p.type, p.id.hex()) not in damaged]
 
         repacked: list[str] = []
         if opts.dry_run:

@@ -51,17 +51,11 @@ from keepwell.repository.format import (
 )
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
-from keepwell.repository.prune import (
-    load_pending,
-    pack_type_of,
-    read_pack_header,
-    supersede_index,
-    unique_entries,
-    write_pending,
-)
+from keepwell.repository.prune import load_pending, supersede_index, write_pending
 from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import PruneLock, list_sessions
+from keepwell.repository.unindexed import pack_type_of, read_pack_header, unique_entries
 
 READ_AHEAD = 2  # packs read at once by `repair packs` (bounds memory to a few packs)
 

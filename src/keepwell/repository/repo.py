@@ -22,6 +22,8 @@ from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
 from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
 from keepwell.errors import (
+    BackendError,
+    DamagedSnapshotError,
     FormatError,
     IntegrityError,
     KeepwellError,
@@ -86,6 +88,8 @@ class Repository:
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
         self.damage = Damage()  # the damage records the index was loaded with
+        # snapshot objects that cannot be read back (id -> why), as `list_snapshots` met them
+        self.damaged_snapshots: dict[str, str] = {}
         # (location, options) when opened through `open_repository`: what a worker process
         # needs to open the same storage again (`reopen_repository`)
         self.opened_as: tuple[str, dict[str, Any]] | None = None
@@ -347,26 +351,52 @@ class Repository:
 
     # -- snapshots ------------------------------------------------------------------------------
     def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        """The snapshot of that id (the object's full name). `DamagedSnapshotError` if its
+        object cannot be read back; storage errors (and a missing object) pass through."""
         snap = self._snapshots.get(snapshot_id)
         if snap is None:
-            plain = self.get_object("snapshots", snapshot_id, KIND_SNAPSHOT)
-            snap = self._snapshots[snapshot_id] = decode_snapshot(snapshot_id, plain)
+            try:
+                plain = self.get_object("snapshots", snapshot_id, KIND_SNAPSHOT)
+                snap = decode_snapshot(snapshot_id, plain)
+            except BackendError:
+                raise
+            except IntegrityError as exc:
+                detail = str(exc).removeprefix(f"snapshots/{snapshot_id} ")
+                raise DamagedSnapshotError(f"snapshots/{snapshot_id} is damaged ({detail})",
+                                           snapshot_id=snapshot_id) from None
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise DamagedSnapshotError(
+                    f"snapshots/{snapshot_id} is damaged (it cannot be decoded: "
+                    f"{type(exc).__name__}: {exc})", snapshot_id=snapshot_id) from None
+            self._snapshots[snapshot_id] = snap
         return snap
 
     def snapshot_ids(self) -> list[str]:
         return [i.name.split("/", 1)[1] for i in self.backend.list("snapshots/")]
 
     def list_snapshots(self, kind: str | None = None) -> list[Snapshot]:
+        """Every snapshot that can be read, oldest first. One that cannot is skipped with a
+        ``warning`` event naming it (once per snapshot) and recorded in `damaged_snapshots`,
+        so that one damaged object never stops the work on the others."""
         ids = self.snapshot_ids()
 
-        def load(i: str) -> Snapshot | None:
+        def load(i: str) -> Snapshot | DamagedSnapshotError | None:
             try:
                 return self.load_snapshot(i)
             except ObjectNotFoundError:
-                return None
+                return None  # forgotten since the listing
+            except DamagedSnapshotError as exc:
+                return exc
 
+        snaps = []
         with ThreadPoolExecutor(8) as pool:
-            snaps = [s for s in pool.map(load, ids) if s is not None]
+            for i, found in zip(ids, pool.map(load, ids), strict=True):
+                if isinstance(found, DamagedSnapshotError):
+                    if i not in self.damaged_snapshots:
+                        self.damaged_snapshots[i] = str(found)
+                        self.events.emit("warning", message=f"{found}; skipped ({found.hint})")
+                elif found is not None:
+                    snaps.append(found)
         if kind is not None:
             snaps = [s for s in snaps if s.kind == kind]
         return sorted(snaps, key=lambda s: (s.time, s.id))
@@ -406,12 +436,14 @@ class Repository:
         return snap
 
     def forget(self, snapshot_ids: list[str]) -> None:
+        """Delete snapshot objects by their full ids (damaged ones too: the id is the name)."""
         for sid in snapshot_ids:
             try:
                 self.backend.delete(f"snapshots/{sid}")
             except ObjectNotFoundError:
                 pass
             self._snapshots.pop(sid, None)
+            self.damaged_snapshots.pop(sid, None)
 
     # -- reading trees and files ----------------------------------------------------------------
     def walk(self, snap: Snapshot | str, prefix: str = "") -> Iterator[tuple[str, Node]]:

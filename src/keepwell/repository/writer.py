@@ -4,7 +4,8 @@
 this run may reference), refreshes the index, and offers ``add_stream``/``add_bytes`` for byte
 streams and ``add_node`` for already-built subtrees (the file archiver). ``commit`` stores the
 directory trees, waits for every pack and index object, and writes the snapshot object last.
-Leaving without ``commit`` records no snapshot; uploaded data stays indexed for reuse.
+Leaving without ``commit`` (or a ``commit`` that fails) records no snapshot; the packs that were
+stored whole are indexed for reuse, and none that a failed write spoiled.
 """
 
 from __future__ import annotations
@@ -217,14 +218,17 @@ class SnapshotWriter:
             }
             plain = encode_snapshot(fields)
             sid = self.repo.put_object("snapshots", KIND_SNAPSHOT, plain)
-            snap = decode_snapshot(sid, plain)
-            self.repo.events.emit("snapshot_saved", snapshot=snap)
-            return snap
-        finally:
-            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+        snap = decode_snapshot(sid, plain)
+        self.repo.events.emit("snapshot_saved", snapshot=snap)
+        return snap
 
     def abort(self) -> None:
-        """Store what was uploaded (so a later run reuses it) but record no snapshot."""
+        """Index what was stored whole (so a later run reuses it) but record no snapshot. A pack
+        whose writing failed was discarded by the sink: it is never stored, nor indexed."""
         try:
             self.sink.flush()
         except Exception:

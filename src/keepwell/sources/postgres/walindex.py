@@ -28,8 +28,8 @@ from keepwell.errors import IntegrityError
 from keepwell.repository.format import KIND_INDEX, pack_object_name
 from keepwell.repository.index import decode_index
 from keepwell.repository.packer import StoredPack, index_content
-from keepwell.repository.prune import read_pack_header, unique_entries
 from keepwell.repository.tree import DIR
+from keepwell.repository.unindexed import read_pack_header, unique_entries
 
 
 def snapshot_blobs(repo: Any, snap: Any) -> Iterator[tuple[str, list[bytes]]]:
