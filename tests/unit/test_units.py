@@ -16,7 +16,7 @@ from keepwell.backends.local import LocalBackend
 from keepwell.control.config import parse_config
 from keepwell.errors import ConfigurationError, UsageError
 from keepwell.repository import Repository
-from keepwell.sources.postgres.hooks import HookSettings
+from keepwell.sources.postgres.hooks import HookSettings, main
 from keepwell.units import (
     UnitError,
     parse_duration,
@@ -94,6 +94,17 @@ def test_the_wal_hooks_read_sizes_the_same_way(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KEEPWELL_PG_SPOOL_MAX", "lots")
     with pytest.raises(UnitError, match="^KEEPWELL_PG_SPOOL_MAX: expected a size"):
         HookSettings.resolve()
+
+
+def test_the_wal_uploader_reads_its_idle_time_as_a_duration(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = str(tmp_path / "spool")
+    assert main(["upload", "--spool", spool, "--idle-exit", "a while"]) == 2
+    assert capsys.readouterr().err == ("keepwell: --idle-exit: expected a duration such as 90s, "
+                                       "30min, 2h, 7d, 2w, 6mo, 1y or 1y6mo, got 'a while'\n")
+    assert not os.path.exists(spool)  # refused before anything was touched
+    assert main(["push", "p", "--async", "--spool", spool, "--spool-max", "4 parsecs"]) == 2
+    assert "--spool-max: expected a size" in capsys.readouterr().err
 
 
 # -- the configuration file -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from keepwell.sources.postgres.spool import (
     WalSpool,
     file_identity,
 )
-from keepwell.units import parse_size
+from keepwell.units import parse_seconds, parse_size
 
 TYPE_CHECKING = False  # typing itself costs milliseconds on every archive_command
 if TYPE_CHECKING:
@@ -374,7 +374,8 @@ USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
         [--tablespace-map OID=DIR]... [--tablespace-map-all DIR] [--timeline N]
         [--target end|point] [--allow-gap]
                                                         fetch one WAL file (restore_command)
-  upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
+  upload [--pg-wal DIR] [--daemon] [--idle-exit DURATION]
+                                                        run the spool's uploader
 
 common options: --repo/-r LOCATION (push: repeat to archive into each, with a --password-file
 each or one for all; asynchronously each gets the spool DIR/repoN), --password-file FILE,
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                       "timeline": opts.get("--timeline"), "allow_gap": "--allow-gap" in opts,
                       "target": opts.get("--target")})
         else:
+            idle_exit = parse_seconds(opts.get("--idle-exit", IDLE_EXIT), "--idle-exit")
             if not settings.spool:
                 raise UsageError("the uploader needs a spool directory (--spool)")
             lock_fd = take_uploader_lock(WalSpool(settings.spool, settings.spool_max).ensure())
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_uploader(settings, pg_wal=opts.get("--pg-wal"),
                                 daemon="--daemon" in opts,
-                                idle_exit=float(opts.get("--idle-exit", IDLE_EXIT)),
+                                idle_exit=idle_exit,
                                 lock_fd=lock_fd)
     except WalNotFoundError as exc:
         sys.stderr.write(f"keepwell: {exc.line()}\n")
