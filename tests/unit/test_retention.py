@@ -54,10 +54,10 @@ def _kept(items: list[Item], policy: Policy, now: datetime = NOW) -> dict[str, l
     return {s.id: why for s, why in kept}
 
 
-@pytest.fixture
-def local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Buckets follow the local calendar: run in a zone five hours behind UTC."""
-    monkeypatch.setenv("TZ", "EST5")
+@pytest.fixture(autouse=True)
+def zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Calendar buckets follow the local zone: the tests say which (UTC unless they set one)."""
+    monkeypatch.setenv("TZ", "UTC0")
     time.tzset()
     yield
     monkeypatch.undo()
@@ -129,8 +129,10 @@ def test_within_buckets_keep_the_newest_of_each_inside_the_duration() -> None:
                     "d0h0": ["oldest weekly within"]}
 
 
-def test_calendar_buckets_are_local_time(local_time: None) -> None:
+def test_calendar_buckets_are_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # 03:00 and 06:00 UTC are 22:00 the day before and 01:00 in EST: two days, not one
+    monkeypatch.setenv("TZ", "EST5")
+    time.tzset()
     items = [Item("late", T0), Item("early", T0 + timedelta(hours=3))]
     assert _kept(items, Policy(daily=2)) == {"early": ["daily"], "late": ["daily"]}
     assert _kept(items, Policy(daily=1)) == {"early": ["daily"]}
