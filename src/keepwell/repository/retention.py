@@ -80,6 +80,8 @@ class Item:
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
+    """The keep rules (see the module's docstring); 0, None and () leave a rule out."""
+
     last: int = 0
     hourly: int = 0
     daily: int = 0
