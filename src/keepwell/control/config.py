@@ -97,8 +97,9 @@ class Retention(_Model):
         try:  # the rules the daemon will apply, checked now, with the file's line
             Policy.from_options(**self.as_kwargs())
         except UsageError as exc:
-            key = re.sub(r"--keep-([a-z-]+)", lambda m: "keep_" + m[1].replace("-", "_"), str(exc))
-            raise ValueError(key) from None
+            said = re.sub(r"--keep-([a-z-]+)", lambda m: "keep_" + m[1].replace("-", "_"),
+                          str(exc))  # the configuration's names, not the options'
+            raise ValueError(said) from None
         return self
 
     def as_kwargs(self) -> dict[str, Any]:
