@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keepwell.control.config import load_config, parse_config, parse_duration, parse_size
+from keepwell.control.config import load_config, parse_config
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError
 
@@ -49,18 +49,6 @@ def test_relative_paths_are_taken_from_the_config_file(tmp_path: Path) -> None:
     assert cfg.repositories["main"].location == str(tmp_path / "repo")
     assert cfg.sources["home"].paths == [str(tmp_path / "data")]  # type: ignore[union-attr]
     assert cfg.history.endswith("keepwell/history.db")
-
-
-@pytest.mark.parametrize("text,value", [("10MiB", 10 * 1024**2), ("5MB", 5_000_000),
-                                        (1234, 1234), ("1.5KiB", 1536)])
-def test_sizes(text: object, value: int) -> None:
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text,value", [("30s", 30), ("1h30m", 5400), (2.5, 2.5),
-                                        ("250ms", 0.25), ("1d", 86400)])
-def test_durations(text: object, value: float) -> None:
-    assert parse_duration(text) == value
 
 
 def test_errors_name_file_line_and_key(tmp_path: Path) -> None:

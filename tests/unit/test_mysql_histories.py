@@ -12,6 +12,7 @@ import pytest
 from keepwell.backends.memory import MemoryBackend
 from keepwell.errors import SourceError, UsageError
 from keepwell.repository import Repository
+from keepwell.repository.retention import Policy
 from keepwell.repository.snapshot import Snapshot
 from keepwell.sources.mysql.admission import admit, discontinuity
 from keepwell.sources.mysql.binlog import BinlogHead
@@ -22,7 +23,6 @@ from keepwell.sources.mysql.identity import same_server
 from keepwell.sources.mysql.logical import builtin_account
 from keepwell.sources.mysql.plan import Target, plan
 from keepwell.sources.mysql.recover import forget_plan
-from keepwell.sources.retention import policy_of
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 A = {"flavor": "mariadb", "server_id": 1, "server_uuid": None,
@@ -205,7 +205,7 @@ def test_forget_keeps_each_history_whole_and_drops_a_history_without_bases() -> 
         with repo.new_snapshot(s.kind, [], host="prod") as w:
             w.source.update(s.source)
             ids[s.id[:2]] = w.commit(time_=s.time).id
-    result = forget_plan(repo, policy_of(last=1))
+    result = forget_plan(repo, Policy(last=1))
     gone = {k for k, v in ids.items() if v in result.bases + result.binlogs}
     # the newest base is history 1's second; the first history keeps no base, so its binlogs
     # go too; history 1 keeps what its kept base rolls forward with

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from keepwell.repository.retention import Policy
 from keepwell.sources.postgres import KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.errors import RestorePlanError
-from keepwell.sources.postgres.hooks import parse_args, parse_size
+from keepwell.sources.postgres.hooks import HookSettings, parse_args
 from keepwell.sources.postgres.plan import Target, choose
 from keepwell.sources.postgres.retention import plan_forget
 from keepwell.sources.postgres.spool import SpoolFull, WalSpool
@@ -37,6 +38,7 @@ class Snap:
     kind: str
     time: datetime
     source: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
 
     @property
     def short_id(self) -> str:
@@ -116,7 +118,7 @@ def test_catalog_completeness_gaps_and_plan() -> None:
         choose(cat, Target(time=T0 - timedelta(minutes=1)))
     with pytest.raises(RestorePlanError):
         choose(cat, Target(lsn=Lsn.parse("0/4000000"), immediate=True))
-    forget = plan_forget(cat, keep_last=1, keep_within=None)
+    forget = plan_forget(cat, Policy(last=1))
     assert [i[:8] for i in forget.physical] == ["b1b1b1b1"]
     assert forget.wal == ["w1" * 8]
 
@@ -150,7 +152,8 @@ def test_hook_arguments() -> None:
     assert parse_args(["push", "p", "--async", "--spool=/s"]) == (
         "push", ["p"], {"--async": "1", "--spool": "/s"})
     assert parse_args(["fetch", "f", "p", "-r", "/r"])[2] == {"--repo": "/r"}
-    assert parse_size("4G") == 4 << 30 and parse_size("512MiB") == 512 << 20
+    assert HookSettings.resolve(spool_max="4G").spool_max == 4 << 30
+    assert HookSettings.resolve(spool_max="512MiB").spool_max == 512 << 20
 
 
 def point_snap(sid: str, name: str, lsn: str, minute: int) -> Snap:

@@ -27,6 +27,7 @@ from typer.core import TyperGroup, TyperOption
 
 from keepwell.errors import UsageError
 from keepwell.repository.keys import read_password_file
+from keepwell.repository.retention import Policy
 from keepwell.repository.snapshot import SnapshotFilter
 
 RepoOption = Annotated[
@@ -51,6 +52,32 @@ PathFilterOption = Annotated[list[str] | None, typer.Option(
 KindFilterOption = Annotated[list[str] | None, typer.Option(
     "--kind", help="Only snapshots of this kind (files, stdin, sqlite, postgres...; repeat for "
                    "any of several).")]
+
+# the keep policy of every forget (keepwell.repository.retention); durations as keepwell.units
+# reads them where they choose what to keep: 36h, 7d, 2w, 6mo, 1y6mo (never a bare m)
+_EACH = "Keep the newest snapshot of each of the N newest {} that have one."
+_WITHIN = "Keep the newest snapshot of each {} within DURATION of the newest snapshot."
+KeepLastOption = Annotated[int, typer.Option(min=0, help="Keep the N newest snapshots.")]
+KeepHourlyOption = Annotated[int, typer.Option(min=0, help=_EACH.format("hours"))]
+KeepDailyOption = Annotated[int, typer.Option(min=0, help=_EACH.format("days"))]
+KeepWeeklyOption = Annotated[int, typer.Option(min=0, help=_EACH.format("weeks"))]
+KeepMonthlyOption = Annotated[int, typer.Option(min=0, help=_EACH.format("months"))]
+KeepYearlyOption = Annotated[int, typer.Option(min=0, help=_EACH.format("years"))]
+KeepWithinOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help="Keep every snapshot within DURATION of the newest snapshot "
+                             "(36h, 7d, 2w, 6mo, 1y6mo).")]
+KeepWithinHourlyOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help=_WITHIN.format("hour"))]
+KeepWithinDailyOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help=_WITHIN.format("day"))]
+KeepWithinWeeklyOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help=_WITHIN.format("week"))]
+KeepWithinMonthlyOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help=_WITHIN.format("month"))]
+KeepWithinYearlyOption = Annotated[str | None, typer.Option(
+    metavar="DURATION", help=_WITHIN.format("year"))]
+KeepTagOption = Annotated[list[str] | None, typer.Option(
+    help="Keep snapshots with this tag (repeat for any of several).")]
 
 
 @dataclass
@@ -156,6 +183,11 @@ def snapshot_filter(host: list[str] | None = None, tag: list[str] | None = None,
     """The filter the --host/--tag/--path/--kind options describe."""
     return SnapshotFilter.parse(hosts=host or (), tags=tag or (), paths=path or (),
                                 kinds=kind or ())
+
+
+def keep_policy(options: dict[str, Any]) -> Policy:
+    """The `Policy` the ``--keep-*`` options among a command's ``options`` describe."""
+    return Policy.from_options(**{k: v for k, v in options.items() if k.startswith("keep_")})
 
 
 def print_json(obj: Any) -> None:

@@ -23,9 +23,23 @@ import typer
 from keepwell.cli.common import (
     GLOBALS,
     JsonOption,
+    KeepDailyOption,
+    KeepHourlyOption,
+    KeepLastOption,
+    KeepMonthlyOption,
+    KeepTagOption,
+    KeepWeeklyOption,
+    KeepWithinDailyOption,
+    KeepWithinHourlyOption,
+    KeepWithinMonthlyOption,
+    KeepWithinOption,
+    KeepWithinWeeklyOption,
+    KeepWithinYearlyOption,
+    KeepYearlyOption,
     PasswordFileOption,
     RepoOption,
     human_bytes,
+    keep_policy,
     open_repo,
     print_json,
     resolve_repo,
@@ -358,31 +372,26 @@ def check(
 
 @app.command()
 def forget(
-    keep_last: Annotated[int, typer.Option(help="Keep the newest N bases of each kind.")] = 0,
-    keep_hourly: Annotated[int, typer.Option(help="Keep the newest base of N hours.")] = 0,
-    keep_daily: Annotated[int, typer.Option(help="Keep the newest base of N days.")] = 0,
-    keep_weekly: Annotated[int, typer.Option(help="Keep the newest base of N weeks.")] = 0,
-    keep_monthly: Annotated[int, typer.Option(help="Keep the newest base of N months.")] = 0,
-    keep_yearly: Annotated[int, typer.Option(help="Keep the newest base of N years.")] = 0,
-    keep_within: Annotated[str | None, typer.Option(
-        help="Keep a point-in-time window this long before the newest base (e.g. 7d, 1y6m): "
-             "its bases and the one before it.")] = None,
-    keep_tag: Annotated[list[str] | None, typer.Option(
-        help="Keep bases with this tag (repeatable).")] = None,
+    keep_last: KeepLastOption = 0, keep_hourly: KeepHourlyOption = 0,
+    keep_daily: KeepDailyOption = 0, keep_weekly: KeepWeeklyOption = 0,
+    keep_monthly: KeepMonthlyOption = 0, keep_yearly: KeepYearlyOption = 0,
+    keep_within: KeepWithinOption = None, keep_within_hourly: KeepWithinHourlyOption = None,
+    keep_within_daily: KeepWithinDailyOption = None,
+    keep_within_weekly: KeepWithinWeeklyOption = None,
+    keep_within_monthly: KeepWithinMonthlyOption = None,
+    keep_within_yearly: KeepWithinYearlyOption = None, keep_tag: KeepTagOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Forget bases outside a --keep-* policy and the binlogs no kept base needs (space
-    returns with prune)."""
+    """Forget bases outside a --keep-* policy (logical and physical bases each on their own;
+    with --keep-within also the base the window starts from) and the binlogs no kept base
+    needs (space returns with prune)."""
     from keepwell.sources.mysql.recover import forget_plan
-    from keepwell.sources.retention import policy_of
 
-    policy = policy_of(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
-                       monthly=keep_monthly, yearly=keep_yearly, within=keep_within,
-                       tags=keep_tag)
+    policy = keep_policy(locals())
     with open_repo(repo, password_file) as r:
         plan = forget_plan(r, policy, host=server_name)
         if not dry_run:

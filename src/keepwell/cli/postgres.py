@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from keepwell.cli.common import (
     JsonOption,
+    KeepDailyOption,
+    KeepHourlyOption,
+    KeepLastOption,
+    KeepMonthlyOption,
+    KeepTagOption,
+    KeepWeeklyOption,
+    KeepWithinDailyOption,
+    KeepWithinHourlyOption,
+    KeepWithinMonthlyOption,
+    KeepWithinOption,
+    KeepWithinWeeklyOption,
+    KeepWithinYearlyOption,
+    KeepYearlyOption,
     PasswordFileOption,
     RepoOption,
     human_bytes,
+    keep_policy,
     open_repo,
     password_file_given,
     password_source,
@@ -36,6 +50,7 @@ from keepwell.cli.pgoutput import (
     say,
 )
 from keepwell.errors import UsageError
+from keepwell.units import parse_size
 
 app = typer.Typer(
     help="Back up PostgreSQL (logical dumps, physical base backups, WAL) and restore it to any"
@@ -76,14 +91,6 @@ def _parse_time(text: str) -> tuple[datetime, bool]:
     if dt.tzinfo:
         return dt, False
     return dt.astimezone(), True
-
-
-def _parse_duration(text: str) -> timedelta:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    try:
-        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
-    except (KeyError, ValueError, IndexError):
-        raise UsageError(f"invalid duration {text!r} (examples: 36h, 7d, 4w)") from None
 
 
 # --- backup ---
@@ -404,9 +411,7 @@ def archive_command(
         raise UsageError("--async needs a spool directory",
                          hint="pass --spool DIR (a local directory the server's user owns)")
     if spool_max is not None:
-        from keepwell.sources.postgres.hooks import parse_size
-
-        parse_size(spool_max)
+        parse_size(spool_max, "--spool-max")
     extra_pw = list(also_password_file or [])
     if extra_pw and len(extra_pw) != len(also_repo or []):
         raise UsageError("give one --also-password-file per --also-repo, or none")
@@ -527,23 +532,30 @@ def check(
 
 @app.command()
 def forget(
-    keep_last: Annotated[int | None, typer.Option(help="Keep the newest N backups.")] = None,
-    keep_within: Annotated[str | None, typer.Option(
-        help="Keep the PITR window of this long (e.g. 7d).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    keep_last: KeepLastOption = 0, keep_hourly: KeepHourlyOption = 0,
+    keep_daily: KeepDailyOption = 0, keep_weekly: KeepWeeklyOption = 0,
+    keep_monthly: KeepMonthlyOption = 0, keep_yearly: KeepYearlyOption = 0,
+    keep_within: KeepWithinOption = None, keep_within_hourly: KeepWithinHourlyOption = None,
+    keep_within_daily: KeepWithinDailyOption = None,
+    keep_within_weekly: KeepWithinWeeklyOption = None,
+    keep_within_monthly: KeepWithinMonthlyOption = None,
+    keep_within_yearly: KeepWithinYearlyOption = None, keep_tag: KeepTagOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     cluster: ClusterOption = "main",
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Forget backups by policy and the WAL no kept backup needs (space returns with prune)."""
+    """Forget backups outside a --keep-* policy (base backups and dumps each on their own; with
+    --keep-within also the base the window starts from) and the WAL no kept backup needs
+    (space returns with prune)."""
     from keepwell.sources.postgres.retention import plan_forget
 
-    if keep_last is None and keep_within is None:
-        raise UsageError("give --keep-last and/or --keep-within")
-    within = _parse_duration(keep_within) if keep_within else None
+    policy = keep_policy(locals())
+    if policy.empty():
+        raise UsageError("no --keep-* policy given: refusing to forget every backup")
     with open_repo(repo, password_file) as r:
-        plan = plan_forget(_catalog(r, cluster), keep_last=keep_last, keep_within=within)
+        plan = plan_forget(_catalog(r, cluster), policy)
         if not dry_run:
             r.forget(plan.ids())
     data = {**plan.as_dict(), "dry_run": dry_run}
@@ -551,9 +563,11 @@ def forget(
         print_json(data)
     else:
         verb = "would forget" if dry_run else "forgot"
+        for sid, why in plan.kept.items():
+            say(f"keep   {sid[:8]}  {', '.join(why)}")
         say(f"{verb} {len(plan.physical)} physical, {len(plan.logical)} logical backups and"
-             f" {len(plan.wal)} WAL snapshots; kept {len(plan.kept_physical)} physical backups,"
-             f" WAL from segment {plan.wal_floor or '(all)'}")
+            f" {len(plan.wal)} WAL snapshots; kept {len(plan.kept_physical)} physical backups,"
+            f" WAL from segment {plan.wal_floor or '(all)'}")
 
 
 def main() -> int:

@@ -14,12 +14,26 @@ from keepwell.cli.common import (
     GLOBALS,
     HostFilterOption,
     JsonOption,
+    KeepDailyOption,
+    KeepHourlyOption,
+    KeepLastOption,
+    KeepMonthlyOption,
+    KeepTagOption,
+    KeepWeeklyOption,
+    KeepWithinDailyOption,
+    KeepWithinHourlyOption,
+    KeepWithinMonthlyOption,
+    KeepWithinOption,
+    KeepWithinWeeklyOption,
+    KeepWithinYearlyOption,
+    KeepYearlyOption,
     KindFilterOption,
     PasswordFileOption,
     PathFilterOption,
     RepoOption,
     TagFilterOption,
     human_bytes,
+    keep_policy,
     open_repo,
     print_json,
     resolve_password,
@@ -400,14 +414,14 @@ def restore(snapshot: str,
 
 def forget(
     snapshot_ids: Annotated[list[str] | None, typer.Argument(help="Snapshots to forget.")] = None,
-    keep_last: Annotated[int, typer.Option(min=0)] = 0,
-    keep_hourly: Annotated[int, typer.Option(min=0)] = 0,
-    keep_daily: Annotated[int, typer.Option(min=0)] = 0,
-    keep_weekly: Annotated[int, typer.Option(min=0)] = 0,
-    keep_monthly: Annotated[int, typer.Option(min=0)] = 0,
-    keep_yearly: Annotated[int, typer.Option(min=0)] = 0,
-    keep_within: Annotated[str | None, typer.Option(help="e.g. 7d, 1y6m")] = None,
-    keep_tag: Annotated[list[str] | None, typer.Option(help="Keep snapshots with this tag (repeatable).")] = None,
+    keep_last: KeepLastOption = 0, keep_hourly: KeepHourlyOption = 0,
+    keep_daily: KeepDailyOption = 0, keep_weekly: KeepWeeklyOption = 0,
+    keep_monthly: KeepMonthlyOption = 0, keep_yearly: KeepYearlyOption = 0,
+    keep_within: KeepWithinOption = None, keep_within_hourly: KeepWithinHourlyOption = None,
+    keep_within_daily: KeepWithinDailyOption = None,
+    keep_within_weekly: KeepWithinWeeklyOption = None,
+    keep_within_monthly: KeepWithinMonthlyOption = None,
+    keep_within_yearly: KeepWithinYearlyOption = None, keep_tag: KeepTagOption = None,
     host: HostFilterOption = None, tag: TagFilterOption = None,
     path: PathFilterOption = None,
     kind: Annotated[list[str] | None, typer.Option(
@@ -421,17 +435,17 @@ def forget(
 ) -> None:
     """Remove snapshots by id, or those a --keep-* policy does not keep (among the snapshots
     that match the filters; grouped by host, paths and kind)."""
-    from keepwell.repository.policy import Policy, apply_policy, parse_duration
-    from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused
+    from keepwell.repository.prune import PruneOptions, parse_max_unused
+    from keepwell.repository.retention import apply_policy, source_group
+    from keepwell.units import parse_seconds
 
-    if any("," in t for t in keep_tag or []):
-        raise UsageError("--keep-tag takes one tag", hint="repeat it to keep snapshots with any of several")
-    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
-                    parse_duration(keep_within) if keep_within else None, keep_tag or [])
+    policy = keep_policy(locals())
     if snapshot_ids and not policy.empty():
         raise UsageError("give snapshot ids or a --keep-* policy, not both")
     if not prune_ and (max_unused != "5%" or grace != "1h"):
         raise UsageError("--max-unused and --grace are for --prune")
+    prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused),
+                              grace=parse_seconds(grace, "--grace"))
     flt = snapshot_filter(host, tag, path, kind)
     r = open_repo(repo, password_file)
     damaged: list[str] = []  # named, but unreadable: forgotten by their id alone
@@ -448,8 +462,7 @@ def forget(
             raise UsageError("no snapshots and no --keep-* policy given: refusing to forget everything")
         snaps = [s for s in r.list_snapshots() if flt.matches(s)
                  and (kind or s.kind in ("files", "stdin", "sqlite"))]
-        kept, remove = apply_policy(snaps, policy)
-    prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused), grace=parse_grace(grace))
+        kept, remove = apply_policy(snaps, policy, group_by=source_group)
     if not dry_run:
         r.forget([s.id for s in remove] + damaged)
     if json_:
@@ -509,12 +522,13 @@ def prune(
     json_: JsonOption = False,
 ) -> None:
     """Repack partly used packs and delete unused ones, in two phases, beside running backups."""
-    from keepwell.repository.prune import PruneOptions, parse_grace, parse_max_unused, parse_size
+    from keepwell.repository.prune import PruneOptions, parse_max_unused
+    from keepwell.units import parse_seconds, parse_size
 
     opts = PruneOptions(
         max_unused=parse_max_unused(max_unused),
         max_repack_bytes=parse_size(max_repack_size, "--max-repack-size") if max_repack_size else None,
-        repack_small=repack_small, grace=parse_grace(grace), wait=wait, dry_run=dry_run)
+        repack_small=repack_small, grace=parse_seconds(grace, "--grace"), wait=wait, dry_run=dry_run)
     report = _run_prune(open_repo(repo, password_file), opts, quiet=json_)
     if json_:
         print_json(report)
@@ -531,11 +545,10 @@ def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
     if read_data_subset:
         if read_data:
             raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
-        try:
-            fraction = float(read_data_subset.rstrip("%")) / 100
-        except ValueError:
-            fraction = -1.0
-        if not 0 < fraction <= 1:
+        from keepwell.units import parse_percent
+
+        fraction = parse_percent(read_data_subset, "--read-data-subset", sign_required=False) / 100
+        if fraction == 0:
             raise UsageError(f"--read-data-subset {read_data_subset!r}: give a percentage "
                              "above 0 and up to 100, like 10%")
     rep = do_check(open_repo(repo, password_file), read_data_fraction=fraction)

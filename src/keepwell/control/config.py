@@ -7,9 +7,10 @@ taken relative to the file's own directory.
 
 Words: a *repository* is where snapshots go (with an optional *replica*); a *source* is one thing
 that is backed up (files, sqlite, postgres, mysql) on a *schedule* into a repository, kept by its
-*retention* policy; a *drill* restores a source's newest snapshot into scratch space and checks
-it. Sizes take units (``10MiB``, ``5MB``, bytes if bare); durations take ``s``/``m``/``h``/``d``
-(``1h30m``, seconds if bare). Secrets are references (``env:NAME``, ``file:PATH``), never inline.
+*retention* policy (`keepwell.repository.retention`); a *drill* restores a source's newest
+snapshot into scratch space and checks it. Sizes and durations follow `keepwell.units` (``10M``,
+``1GiB``; ``90s``, ``15min``, ``2h``; a retention's ``keep_within`` refuses ``m`` and bare
+numbers). Secrets are references (``env:NAME``, ``file:PATH``), never inline.
 """
 
 from __future__ import annotations
@@ -32,48 +33,15 @@ from pydantic import (
 
 from keepwell.control.schedule import Schedule
 from keepwell.control.secrets import check_reference
-from keepwell.errors import ConfigurationError
-
-_SIZE_UNITS = {
-    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-    "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-}
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+from keepwell.errors import ConfigurationError, UsageError
+from keepwell.repository.retention import Policy
+from keepwell.units import parse_seconds, parse_size
 
 
-def parse_size(value: Any) -> int:
-    """``"10MiB"`` -> 10485760; ints pass through (bytes)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 10MiB")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size such as 10MiB or 500KB, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
-def parse_duration(value: Any) -> float:
-    """``"1h30m"`` -> 5400.0; numbers are seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s or 2h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    text = str(value).strip().replace(" ", "")
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"expected a duration such as 30s, 15m, 2h or 1h30m, got {value!r}")
-    return total
+def _retention_duration(value: Any) -> str:
+    """A ``keep_within*`` duration, checked as retention reads it and kept as written."""
+    parse_seconds(value, retention=True)
+    return str(value).strip()
 
 
 def default_history() -> str:
@@ -86,7 +54,8 @@ def _secret(value: Any) -> str:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_seconds)]
+RetentionDuration = Annotated[str, BeforeValidator(_retention_duration)]
 SecretRef = Annotated[str, BeforeValidator(_secret)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -115,7 +84,23 @@ class Retention(_Model):
     keep_weekly: int | None = Field(default=None, ge=0)
     keep_monthly: int | None = Field(default=None, ge=0)
     keep_yearly: int | None = Field(default=None, ge=0)
-    keep_within: Duration | None = None
+    keep_within: RetentionDuration | None = None
+    keep_within_hourly: RetentionDuration | None = None
+    keep_within_daily: RetentionDuration | None = None
+    keep_within_weekly: RetentionDuration | None = None
+    keep_within_monthly: RetentionDuration | None = None
+    keep_within_yearly: RetentionDuration | None = None
+    keep_tag: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _policy(self) -> Retention:
+        try:  # the rules the daemon will apply, checked now, with the file's line
+            Policy.from_options(**self.as_kwargs())
+        except UsageError as exc:
+            said = re.sub(r"--keep-([a-z-]+)", lambda m: "keep_" + m[1].replace("-", "_"),
+                          str(exc))  # the configuration's names, not the options'
+            raise ValueError(said) from None
+        return self
 
     def as_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -75,20 +75,9 @@ def apply_retention(repo: Any, spec: JobSpec, outcome: JobOutcome) -> None:
     retention = spec.params["source"].get("retention")
     if not retention:
         return
-    from datetime import timedelta
+    from keepwell.repository.retention import Policy, apply_policy
 
-    from keepwell.repository.policy import Policy, apply_policy
-
-    within = retention.get("keep_within")
-    policy = Policy(
-        last=retention.get("keep_last") or 0,
-        hourly=retention.get("keep_hourly") or 0,
-        daily=retention.get("keep_daily") or 0,
-        weekly=retention.get("keep_weekly") or 0,
-        monthly=retention.get("keep_monthly") or 0,
-        yearly=retention.get("keep_yearly") or 0,
-        within=timedelta(seconds=within) if within else None,
-    )
+    policy = Policy.from_options(**retention)
     tag = source_tag(spec.source)
     mine = [s for s in repo.list_snapshots() if tag in s.tags]
     _kept, removed = apply_policy(mine, policy, group_by=lambda s: tag)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,6 @@ from keepwell.errors import (
     DamagedSnapshotError,
     IntegrityError,
     ObjectNotFoundError,
-    UsageError,
 )
 from keepwell.repository.format import (
     KIND_PENDING,
@@ -67,6 +65,7 @@ from keepwell.repository.unindexed import (
     pack_type_of,
     unique_entries,
 )
+from keepwell.units import SIZE_EXAMPLES, UnitError, parse_percent, parse_size
 
 DEFAULT_GRACE = 3600.0  # seconds a doomed pack stays after its sessions ended (protects readers)
 SMALL_SHARE = 0.5  # with repack_small: packs under this share of their target size are merged
@@ -88,41 +87,18 @@ class UnusedLimit:
         return used * self.percent / (100 - self.percent)  # unused / (used + unused) <= percent
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if m is None:
-        raise UsageError(f"{what} {text!r} is not a size", hint="use forms like 500M, 2G, 10k")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
 def parse_max_unused(text: str) -> UnusedLimit:
-    t = text.strip().lower()
-    if t == "unlimited":
+    """``--max-unused``: a percentage (``5%``), a size (``2G``, as `keepwell.units` reads it)
+    or ``unlimited``."""
+    if text.strip().lower() == "unlimited":
         return UnusedLimit(percent=None)
-    if t.endswith("%"):
-        try:
-            pct = float(t[:-1])
-        except ValueError:
-            pct = -1.0
-        if not 0 <= pct <= 100:
-            raise UsageError(f"--max-unused {text!r}: give a percentage from 0% to 100%")
-        return UnusedLimit(percent=pct)
+    if "%" in text:
+        return UnusedLimit(percent=parse_percent(text, "--max-unused"))
     try:
         return UnusedLimit(percent=None, size=parse_size(text, "--max-unused"))
-    except UsageError:
-        raise UsageError(f"--max-unused {text!r} is neither a percentage nor a size",
-                         hint="use forms like 5%, 2G or unlimited") from None
-
-
-def parse_grace(text: str) -> float:
-    """'0', '90s', '30min', '2h', '1d' (m alone is refused: minutes or months?)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)?\s*", text.lower())
-    if m is None:
-        raise UsageError(f"--grace {text!r} is not a duration", hint="use forms like 0, 90s, 30min, 2h, 1d")
-    return float(m.group(1)) * {None: 1, "s": 1, "min": 60, "h": 3600, "d": 86400}[m.group(2)]
+    except UnitError:
+        raise UnitError(f"--max-unused: expected a percentage (5%), a size ({SIZE_EXAMPLES}) "
+                         f"or unlimited, got {text!r}") from None
 
 
 @dataclass

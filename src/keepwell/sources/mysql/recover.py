@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from keepwell.errors import PartialError, SourceError, UsageError
-from keepwell.repository.policy import Policy
+from keepwell.repository.retention import Policy, keep_bases, oldest_kept
 from keepwell.sources.mysql import BASE_KINDS, KIND_LOGICAL, KIND_PHYSICAL
 from keepwell.sources.mysql.catalog import ServerArchive, load_archive
 from keepwell.sources.mysql.connection import ConnectionSettings
@@ -41,7 +41,6 @@ from keepwell.sources.mysql.restore import (
     server_user,
     spool_binlog,
 )
-from keepwell.sources.retention import keep_bases, oldest_kept
 
 Progress = Callable[[str], None]
 
@@ -210,7 +209,7 @@ def forget_plan(repo: Any, policy: Policy, *, host: str | None = None) -> Forget
     snaps = [s for s in repo.list_snapshots() if s.kind in BASE_KINDS
              and (host is None or s.host == host)]
     archive = load_archive(repo, host)
-    verdict = keep_bases(snaps, policy)
+    verdict = keep_bases(snaps, policy, group_by=lambda s: s.kind)
     binlogs: list[str] = []
     floor = None
     for cat in archive.catalogs:

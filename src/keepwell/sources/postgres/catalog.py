@@ -54,6 +54,7 @@ class BaseBackup:
     version: str
     from_standby: bool
     tablespaces: dict[str, dict[str, str]]  # oid -> {name, location}
+    tags: tuple[str, ...] = ()
 
     def start_segno(self) -> int:
         return self.start_lsn.segno(self.segment_size)
@@ -71,6 +72,7 @@ class LogicalBackup:
     time: datetime
     databases: list[str]
     globals_included: bool
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Catalog:
             else:
                 cat.logical.append(LogicalBackup(
                     snap.id, snap.short_id, snap.time, list(src.get("databases", [])),
-                    bool(src.get("globals")),
+                    bool(src.get("globals")), tuple(snap.tags),
                 ))
         return cat
 
@@ -294,4 +296,5 @@ def _base_backup(snap: Any, src: dict[str, Any], default_segsize: int) -> BaseBa
             str(k): {"name": str(v.get("name", k)), "location": str(v.get("location", ""))}
             for k, v in (src.get("tablespaces") or {}).items() if isinstance(v, dict)
         },
+        tags=tuple(snap.tags),
     )

@@ -34,6 +34,7 @@ from keepwell.sources.postgres.spool import (
     WalSpool,
     file_identity,
 )
+from keepwell.units import parse_seconds, parse_size
 
 TYPE_CHECKING = False  # typing itself costs milliseconds on every archive_command
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ class HookSettings:
                                             else os.environ.get("KEEPWELL_PASSWORD_FILE")),
             cluster=cluster or os.environ.get("KEEPWELL_PG_CLUSTER") or "main",
             spool=spool or os.environ.get("KEEPWELL_PG_SPOOL"),
-            spool_max=parse_size(max_env) if max_env is not None else DEFAULT_MAX_BYTES,
+            spool_max=DEFAULT_MAX_BYTES if max_env is None else parse_size(
+                max_env, "--spool-max" if spool_max is not None else "KEEPWELL_PG_SPOOL_MAX"),
         )
 
     def password(self) -> str:
@@ -106,19 +108,6 @@ class HookSettings:
         if self.spool:
             out += ["--spool", self.spool, "--spool-max", str(self.spool_max)]
         return out
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(s)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r} (examples: 512M, 4G)") from None
 
 
 def _digest_file(path: str) -> str:
@@ -385,7 +374,8 @@ USAGE = """usage: keepwell-wal COMMAND [OPTIONS]
         [--tablespace-map OID=DIR]... [--tablespace-map-all DIR] [--timeline N]
         [--target end|point] [--allow-gap]
                                                         fetch one WAL file (restore_command)
-  upload [--pg-wal DIR] [--daemon] [--idle-exit S]      run the spool's uploader
+  upload [--pg-wal DIR] [--daemon] [--idle-exit DURATION]
+                                                        run the spool's uploader
 
 common options: --repo/-r LOCATION (push: repeat to archive into each, with a --password-file
 each or one for all; asynchronously each gets the spool DIR/repoN), --password-file FILE,
@@ -470,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                       "timeline": opts.get("--timeline"), "allow_gap": "--allow-gap" in opts,
                       "target": opts.get("--target")})
         else:
+            idle_exit = parse_seconds(opts.get("--idle-exit", IDLE_EXIT), "--idle-exit")
             if not settings.spool:
                 raise UsageError("the uploader needs a spool directory (--spool)")
             lock_fd = take_uploader_lock(WalSpool(settings.spool, settings.spool_max).ensure())
@@ -479,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_uploader(settings, pg_wal=opts.get("--pg-wal"),
                                 daemon="--daemon" in opts,
-                                idle_exit=float(opts.get("--idle-exit", IDLE_EXIT)),
+                                idle_exit=idle_exit,
                                 lock_fd=lock_fd)
     except WalNotFoundError as exc:
         sys.stderr.write(f"keepwell: {exc.line()}\n")

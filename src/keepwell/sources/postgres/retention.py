@@ -1,19 +1,28 @@
 """Retention for PostgreSQL snapshots: forget backups by policy, and WAL nobody needs anymore.
 
-Base backups and logical dumps are kept by ``keep_last`` and ``keep_within``; keeping a PITR
-window of ``keep_within`` also keeps the newest base backup older than the window (the base that
-restores to its first second). WAL snapshots are forgotten only when every file in them lies
-before the start of the oldest kept base backup; history files are always kept.
+The keep policy is the one every ``forget`` takes (`keepwell.repository.retention`), applied to
+the complete base backups (dated by their stop time, from which they restore) and, separately,
+to the logical dumps. A base backup is worth something with the WAL that rolls it forward, so
+base backups also keep the *window start* (with ``within``: the newest base older than the
+window, from which the window's first moment is restored), and an incomplete base backup is
+kept while it is the newest (its WAL may still be arriving); it never counts toward the policy.
+A dump rolls nothing forward: it is kept by the policy alone. WAL snapshots are forgotten only
+when every file in them lies before the start of the oldest kept base backup (the *WAL floor*);
+history files are always kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from keepwell.errors import UsageError
+from keepwell.repository.retention import Item, Policy, apply_policy, keep_bases
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.walnames import parse_segment_name, wal_kind
+
+NEWEST_INCOMPLETE = "newest, incomplete"
 
 
 @dataclass
@@ -22,6 +31,7 @@ class ForgetPlan:
     logical: list[str] = field(default_factory=list)
     wal: list[str] = field(default_factory=list)
     kept_physical: list[str] = field(default_factory=list)
+    kept: dict[str, list[str]] = field(default_factory=dict)  # base or dump -> its reasons
     wal_floor: str | None = None
 
     def ids(self) -> list[str]:
@@ -32,44 +42,33 @@ class ForgetPlan:
                 "forget_logical": [i[:8] for i in self.logical],
                 "forget_wal_snapshots": len(self.wal),
                 "kept_physical": [i[:8] for i in self.kept_physical],
+                "keep": [{"id": i, "reasons": why} for i, why in self.kept.items()],
                 "wal_kept_from": self.wal_floor}
 
 
-def _keep(items: list[tuple[str, datetime]], keep_last: int | None,
-          keep_within: timedelta | None, now: datetime) -> set[str]:
-    ordered = sorted(items, key=lambda x: x[1])
-    keep: set[str] = set()
-    if keep_last:
-        keep.update(i for i, _ in ordered[-keep_last:])
-    if keep_within is not None:
-        cutoff = now - keep_within
-        inside = [i for i, t in ordered if t >= cutoff]
-        keep.update(inside)
-        older = [i for i, t in ordered if t < cutoff]
-        if older:
-            keep.add(older[-1])
-    if keep_last is None and keep_within is None:
-        keep.update(i for i, _ in ordered)
-    return keep
-
-
-def plan_forget(cat: Catalog, *, keep_last: int | None, keep_within: timedelta | None,
-                now: datetime | None = None) -> ForgetPlan:
-    now = now or datetime.now(UTC)
+def plan_forget(cat: Catalog, policy: Policy, *, now: datetime | None = None) -> ForgetPlan:
+    """What ``forget`` drops under ``policy``; ``now`` only tells which backups lie in the
+    future (see `keepwell.repository.retention`)."""
+    if policy.empty():
+        raise UsageError("no --keep-* policy given: refusing to forget every backup")
     plan = ForgetPlan()
     complete = {b.snapshot_id for b in cat.complete_backups()}
-    # Count only complete backups toward the policy: an incomplete one cannot restore anything.
-    keep_phys = _keep([(b.snapshot_id, b.stop_time) for b in cat.backups
-                       if b.snapshot_id in complete], keep_last, keep_within, now)
+    verdict = keep_bases([Item(b.snapshot_id, b.stop_time, b.tags) for b in cat.backups
+                          if b.snapshot_id in complete], policy, group_by=lambda _: None, now=now)
     newest = max(cat.backups, key=lambda b: b.time, default=None)
+    if newest is not None and newest.snapshot_id not in complete:
+        verdict.kept[newest.snapshot_id] = [NEWEST_INCOMPLETE]
     for b in cat.backups:
-        if b.snapshot_id in keep_phys or (b.snapshot_id not in complete and b is newest):
+        if verdict.keeps(b.snapshot_id):
             plan.kept_physical.append(b.snapshot_id)
+            plan.kept[b.snapshot_id] = verdict.kept[b.snapshot_id]
         else:
             plan.physical.append(b.snapshot_id)
-    keep_log = _keep([(lb.snapshot_id, lb.time) for lb in cat.logical], keep_last, keep_within,
-                     now)
-    plan.logical = [lb.snapshot_id for lb in cat.logical if lb.snapshot_id not in keep_log]
+    dumps, forgotten = apply_policy([Item(d.snapshot_id, d.time, d.tags) for d in cat.logical],
+                                    policy, group_by=lambda _: None, now=now)
+    plan.kept.update((d.id, why) for d, why in dumps)
+    gone = {d.id for d in forgotten}
+    plan.logical = [d.snapshot_id for d in cat.logical if d.snapshot_id in gone]
     kept = [b for b in cat.backups if b.snapshot_id in plan.kept_physical]
     floor = cat.needed_segment_floor(kept)
     if floor is None:
