@@ -74,10 +74,12 @@ def test_the_control_plane_holds_no_branch_on_a_source_kind() -> None:
     bad = []
     for path in sorted((SRC / "control").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Compare):
-                continue
-            sides = [node.left, *node.comparators]
-            if any(_names_a_kind(s) for s in sides) and any(
-                    "kind" in ast.unparse(s) for s in sides):
-                bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
-    assert not bad, "the control plane compares with a source kind:\n" + "\n".join(bad)
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(_names_a_kind(s) for s in sides) and any(
+                        "kind" in ast.unparse(s) for s in sides):
+                    bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Dict) and any(
+                    k is not None and _names_a_kind(k) for k in node.keys):
+                bad.append(f"{path.relative_to(SRC)}:{node.lineno}: a table keyed by kind")
+    assert not bad, "the control plane branches on a source kind:\n" + "\n".join(bad)

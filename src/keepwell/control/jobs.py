@@ -127,6 +127,13 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
     )
 
 
+def configured_source(cfg: Config, name: str) -> SourceJob:
+    """A configured source as its kind sees it, outside any job (``status``, PITR windows)."""
+    src = cfg.sources[name]
+    return SourceJob(name, src.kind, src.model_dump(mode="json"),
+                     cfg.repositories[src.repository].model_dump(mode="json"))
+
+
 def source_job(spec: JobSpec) -> SourceJob:
     """The job as its source sees it: the source's and the repository's settings."""
     return SourceJob(name=spec.source, kind=spec.kind, settings=spec.params["source"],

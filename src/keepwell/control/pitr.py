@@ -16,10 +16,11 @@ import time
 from typing import Any
 
 from keepwell.backends import open_backend
+from keepwell.control.jobs import configured_source
 from keepwell.control.secrets import resolve
 from keepwell.errors import KeepwellError
 from keepwell.repository import Repository
-from keepwell.sources.base import SourceJob, Window, source_for
+from keepwell.sources.base import Window, source_for
 
 
 def has_windows(cfg: Any) -> bool:
@@ -48,10 +49,8 @@ def windows(cfg: Any) -> dict[str, Window]:
                 out[name] = Window(name, cfg.sources[name].kind, error=exc.line())
             continue
         for name in names:
-            src = cfg.sources[name]
-            job = SourceJob(name, src.kind, src.model_dump(mode="json"),
-                            repo_cfg.model_dump(mode="json"))
-            found = source_for(src.kind).pitr_window(job, snapshots)
+            found = source_for(cfg.sources[name].kind).pitr_window(configured_source(cfg, name),
+                                                                  snapshots)
             if found is not None:
                 out[name] = found
     return out

@@ -192,6 +192,10 @@ class Source(ABC, Generic[CopyT]):
         """The point-in-time-restore window the snapshots give (None: the kind has none)."""
         return None
 
+    def describe(self, job: SourceJob) -> str:
+        """What the source backs up, in words (``keepwell config check``)."""
+        return self.kind
+
     def environment(self, job: SourceJob, ctl: JobControl) -> dict[str, str]:
         """The environment of a command run for this source (its ``backup_command``,
         ``drill_command``, streamer): keepwell's, with the repository and its password."""

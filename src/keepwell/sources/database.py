@@ -57,6 +57,10 @@ class DatabaseSource(Source[CopyT]):
                               f"{job.tag}")
         return BackupReport(snap)
 
+    def describe(self, job: SourceJob) -> str:
+        conn = job.settings.get("connection") or {}
+        return f"{self.kind} ({job.settings.get('mode') or 'logical'}) on {conn.get('host')}"
+
     def environment(self, job: SourceJob, ctl: JobControl) -> dict[str, str]:
         env = super().environment(job, ctl)
         conn = job.settings.get("connection") or {}

@@ -29,7 +29,9 @@ from keepwell.sources.rowcount import count_rows, figures
 from keepwell.sources.sqlite import backup_database, restore_database
 
 
-class _Tables:
+class SqliteTables:
+    """The tables of an SQLite database (`rowcount.TableReader`)."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
@@ -49,6 +51,9 @@ class SqliteSource(Source[RestoredCopy]):
     def backup(self, job: SourceJob, repo: Repository, ctl: JobControl) -> BackupReport:
         return BackupReport(backup_database(repo, job.settings["path"], tags=job.tags).snapshot)
 
+    def describe(self, job: SourceJob) -> str:
+        return f"SQLite database {job.settings['path']}"
+
     @contextmanager
     def restore(self, job: SourceJob, repo: Repository, ctl: JobControl,
                 scratch: str) -> Iterator[RestoredCopy]:
@@ -64,7 +69,7 @@ class SqliteSource(Source[RestoredCopy]):
             found = [str(r[0]) for r in db.execute("PRAGMA integrity_check").fetchall()]
             if found != ["ok"]:
                 raise IntegrityError(f"drill: integrity_check of {job.name} failed: {found[:3]}")
-            counts = count_rows(_Tables(db), job.drill.get("tables") or {}, every=True)
+            counts = count_rows(SqliteTables(db), job.drill.get("tables") or {}, every=True)
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(f"drill: restored database of {job.name} is unreadable: "
                                  f"{exc}") from None

@@ -44,6 +44,11 @@ class FilesSource(Source[RestoredCopy]):
         return BackupReport(result.snapshot,
                             [f"{p}: {m}" for p, m in result.errors[:PROBLEMS_SHOWN]])
 
+    def describe(self, job: SourceJob) -> str:
+        excludes = job.settings.get("excludes")
+        return (f"files {', '.join(job.settings['paths'])}"
+                + (f" excluding {', '.join(excludes)}" if excludes else ""))
+
     @contextmanager
     def restore(self, job: SourceJob, repo: Repository, ctl: JobControl,
                 scratch: str) -> Iterator[RestoredCopy]:
