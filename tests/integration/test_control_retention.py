@@ -220,6 +220,7 @@ def test_daemon_retention_of_mysql_keeps_the_window_start_and_forgets_binlogs_be
         "metrics": {"listen": None},
         "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
         "sources": {"shop": {"kind": "mysql", "repository": "main", "mode": "logical",
+                             "tags": ["nightly"],
                              "connection": {"host": "127.0.0.1", "port": server.port,
                                             "user": "root", "password": "env:KW_DB_PASSWORD"}}},
     }, sort_keys=False))
@@ -239,6 +240,7 @@ def test_daemon_retention_of_mysql_keeps_the_window_start_and_forgets_binlogs_be
     os.environ["KEEPWELL_TESTONLY_WEAK_KDF"] = "1"
     with Repository.open(open_backend(str(repo)), PASSWORD) as r:
         before = load_catalog(r)
+        assert all({"source:shop", "nightly"} <= set(r.find_snapshot(b).tags) for b in bases)
     assert [b.snapshot_id for b in before.bases] == bases
     start = next(b for b in before.bases if b.snapshot_id == bases[2])
     assert start.position is not None

@@ -138,7 +138,6 @@ def source_job(spec: JobSpec) -> SourceJob:
     """The job as its source sees it: the source's and the repository's settings."""
     return SourceJob(name=spec.source, kind=spec.kind, settings=spec.params["source"],
                      repository=spec.params["repository"], job_id=spec.job_id,
-                     recovering=spec.trigger == "recovery",
                      drill=spec.params.get("drill") or {})
 
 

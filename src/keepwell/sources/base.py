@@ -70,8 +70,7 @@ class SourceJob:
     kind: str
     settings: Mapping[str, Any]
     repository: Mapping[str, Any]
-    job_id: str = ""
-    recovering: bool = False  # a re-run after a crash: its snapshot may already be committed
+    job_id: str = ""  # recorded in the snapshot where the kind can (a re-run finds it)
     drill: Mapping[str, Any] = field(default_factory=dict)
 
     @property
