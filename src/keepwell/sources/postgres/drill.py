@@ -127,9 +127,11 @@ class PgServer:
         text = self.log_text()
         if _READY not in text or recovery and not any(p in text for p in _PROMOTED):
             return False
-        res = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-h", self.sockdir,
-                              "-p", str(self.port), "-t", "2"], capture_output=True)
-        return res.returncode == 0
+        with ToolProcess([os.path.join(self.bindir, "pg_isready"), "-h", self.sockdir, "-p",
+                          str(self.port), "-t", "2"], stdout=subprocess.DEVNULL) as probe:
+            accepts = probe.wait(30) == 0
+        probe.close()
+        return accepts
 
     def _why(self) -> str | None:
         fatal = _FATAL_RE.findall(self.log_text())
