@@ -23,11 +23,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from keepwell.backends import open_backend
 from keepwell.backends.base import Backend, ObjectInfo
 from keepwell.backends.resilience import TokenBucket
+from keepwell.backends.wrappers import RateLimitedBackend
 from keepwell.control.config import Config
+from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
+from keepwell.repository import Repository
 from keepwell.sources.base import SourceJob
 
 ACTIONS = ("backup", "drill")
@@ -236,8 +240,6 @@ class GuardedBackend:
 
 def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
     """Dress a backend in the job's budgets: its own bucket, then the shared one, then guard."""
-    from keepwell.backends.wrappers import RateLimitedBackend
-
     if ctx.shared_upload is not None:
         backend = RateLimitedBackend(backend, upload=ctx.shared_upload)
     if spec.upload_limit:
@@ -246,11 +248,8 @@ def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
     return GuardedBackend(backend, ctx)
 
 
-def open_job_repository(spec: JobSpec, ctx: JobContext) -> Any:
+def open_job_repository(spec: JobSpec, ctx: JobContext) -> Repository:
     """Open the job's repository behind its budgets."""
-    from keepwell.backends import open_backend
-    from keepwell.repository import Repository
-
     repo_cfg = spec.params["repository"]
     password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
     return Repository.open(budgeted(open_backend(repo_cfg["location"]), spec, ctx), password)
@@ -258,9 +257,6 @@ def open_job_repository(spec: JobSpec, ctx: JobContext) -> Any:
 
 def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:
     """After a backup: bring the repository's replica (if any) up to date, inside the budgets."""
-    from keepwell.backends import open_backend
-    from keepwell.control.replica import mirror
-
     replica_cfg = spec.params["repository"].get("replica")
     if not replica_cfg:
         return None

@@ -14,6 +14,7 @@ from typing import Any
 from keepwell.control.config import Config, LoadedConfig
 from keepwell.control.history import History, describe_location, open_history
 from keepwell.control.jobs import configured_source
+from keepwell.control.pitr import windows
 from keepwell.control.schedule import Schedule
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError
@@ -33,8 +34,6 @@ def _consecutive_failures(history: History, source: str) -> int:
 def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
     cfg = loaded.config
     now = time.time() if now is None else now
-    from keepwell.control.pitr import windows
-
     pitr = windows(cfg)
     history = open_history(cfg)
     try:
