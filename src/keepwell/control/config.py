@@ -372,7 +372,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             continue
         if isinstance(src.get("paths"), list):
             src["paths"] = [_absolute(base, p) if isinstance(p, str) else p for p in src["paths"]]
-        if src.get("kind") == "sqlite" and isinstance(src.get("path"), str):
+        if isinstance(src.get("path"), str):  # a database file
             src["path"] = _absolute(base, src["path"])
 
 

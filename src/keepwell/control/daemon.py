@@ -36,13 +36,16 @@ from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.config import LoadedConfig
 from keepwell.control.history import open_history
-from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
+from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, source_job
 from keepwell.control.limits import Caps, JobQueue, Slots
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServer
+from keepwell.control.pitr import WindowCache, has_windows
 from keepwell.control.runner import finish, run_job
 from keepwell.control.schedule import Schedule
+from keepwell.control.streams import StreamSupervisor, stop_orphan
 from keepwell.errors import UsageError
+from keepwell.sources.base import source_for
 
 OVERRUN_GRACE = 5.0
 
@@ -180,21 +183,15 @@ class Daemon:
 
     def start_metrics(self) -> None:
         if self.cfg.metrics.listen:
-            from keepwell.control.pitr import WindowCache
-
-            databases = any(s.kind in ("postgres", "mysql") for s in self.cfg.sources.values())
             collector = KeepwellCollector(self.history, sorted(self.cfg.sources), self.live,
-                                          WindowCache(self.cfg) if databases else None)
+                                          WindowCache(self.cfg) if has_windows(self.cfg)
+                                          else None)
             self.metrics = MetricsServer(self.cfg.metrics.listen, collector, self.health)
             self.metrics.start()
             log_event(self.log, "metrics_listening",
                       address=f"{self.cfg.metrics.listen.rpartition(':')[0]}:{self.metrics.port}")
 
     def start_streams(self) -> None:
-        from keepwell.control.jobs import build_job as _build
-        from keepwell.control.kinds import database_env
-        from keepwell.control.streams import StreamSupervisor, stop_orphan
-
         for source, pid, command in self.history.orphaned_streamers():
             if stop_orphan(pid, command):
                 log_event(self.log, "stream_orphan_stopped", level=logging.WARNING,
@@ -204,7 +201,8 @@ class Daemon:
             stream = getattr(src, "stream", None)
             if stream is None or not src.enabled:
                 continue
-            env = database_env(_build(self.cfg, "backup", name, time.time()))
+            job = source_job(build_job(self.cfg, "backup", name, time.time()))
+            env = source_for(src.kind).environment(job, JobContext())
             sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
                                    on_spawn=self.history.set_streamer)
             self.streams[name] = sup

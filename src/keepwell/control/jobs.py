@@ -1,4 +1,4 @@
-"""Jobs: what to run (`JobSpec`, a plain value) and running it (`execute`).
+"""Jobs: what to run (`JobSpec`, a plain value) and what a running job is given (`JobContext`).
 
 A `JobSpec` holds everything a worker needs, as JSON-able values: the action (``backup`` or
 ``drill``), the source's settings and the repository's location with secret *references* (never
@@ -7,9 +7,11 @@ a crash, or another executor (a fleet worker) all refer to the same job, and a j
 already succeeded is not run twice. Definitions live here; queues, budgets and retries live in
 the daemon, so any executor can run the same specs.
 
-`execute(spec, context)` opens the repository through the job's bandwidth budget (the shared
-bucket and the job's own), checks for cancellation and the deadline on every storage call, runs
-the job kind's function (`keepwell.control.kinds`) and returns a `JobOutcome`.
+A running job gets a `JobContext`: its deadline and cancellation (checked on every storage
+call of the repository `open_job_repository` opens through the job's bandwidth budgets, the
+shared bucket and its own) and its secrets; it is the `keepwell.sources.base.JobControl` its
+source works with. `source_job` is the spec as its source sees it. Running a spec is
+`keepwell.control.runner.execute`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from keepwell.backends import open_backend
 from keepwell.backends.base import Backend, ObjectInfo
 from keepwell.backends.resilience import TokenBucket
+from keepwell.backends.wrappers import RateLimitedBackend
 from keepwell.control.config import Config
+from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
+from keepwell.repository import Repository
+from keepwell.sources.base import SourceJob
 
 ACTIONS = ("backup", "drill")
 
@@ -67,11 +74,6 @@ class JobSpec:
 
     def retry(self, trigger: str = "retry") -> JobSpec:
         return dataclasses.replace(self, attempt=self.attempt + 1, trigger=trigger)
-
-
-def source_tag(name: str) -> str:
-    """The tag every snapshot of a configured source carries."""
-    return f"source:{name}"
 
 
 def _host_of(src: Any) -> str:
@@ -129,6 +131,20 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
     )
 
 
+def configured_source(cfg: Config, name: str) -> SourceJob:
+    """A configured source as its kind sees it, outside any job (``status``, PITR windows)."""
+    src = cfg.sources[name]
+    return SourceJob(name, src.kind, src.model_dump(mode="json"),
+                     cfg.repositories[src.repository].model_dump(mode="json"))
+
+
+def source_job(spec: JobSpec) -> SourceJob:
+    """The job as its source sees it: the source's and the repository's settings."""
+    return SourceJob(name=spec.source, kind=spec.kind, settings=spec.params["source"],
+                     repository=spec.params["repository"], job_id=spec.job_id,
+                     drill=spec.params.get("drill") or {})
+
+
 @dataclass
 class JobOutcome:
     status: str  # succeeded | failed | timeout | interrupted
@@ -176,6 +192,9 @@ class JobContext:
                 return
             self.cancel.wait(min(left, 0.1))
 
+    def secret(self, reference: str, what: str) -> str:
+        return resolve(reference, what=what)
+
     def count_upload(self, n: int) -> None:
         with self._lock:
             self.uploaded += n
@@ -221,8 +240,6 @@ class GuardedBackend:
 
 def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
     """Dress a backend in the job's budgets: its own bucket, then the shared one, then guard."""
-    from keepwell.backends.wrappers import RateLimitedBackend
-
     if ctx.shared_upload is not None:
         backend = RateLimitedBackend(backend, upload=ctx.shared_upload)
     if spec.upload_limit:
@@ -231,11 +248,8 @@ def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
     return GuardedBackend(backend, ctx)
 
 
-def open_job_repository(spec: JobSpec, ctx: JobContext) -> Any:
+def open_job_repository(spec: JobSpec, ctx: JobContext) -> Repository:
     """Open the job's repository behind its budgets."""
-    from keepwell.backends import open_backend
-    from keepwell.repository import Repository
-
     repo_cfg = spec.params["repository"]
     password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
     return Repository.open(budgeted(open_backend(repo_cfg["location"]), spec, ctx), password)
@@ -243,9 +257,6 @@ def open_job_repository(spec: JobSpec, ctx: JobContext) -> Any:
 
 def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:
     """After a backup: bring the repository's replica (if any) up to date, inside the budgets."""
-    from keepwell.backends import open_backend
-    from keepwell.control.replica import mirror
-
     replica_cfg = spec.params["repository"].get("replica")
     if not replica_cfg:
         return None
@@ -254,36 +265,3 @@ def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[
         return mirror(primary, replica).as_dict()
     finally:
         replica.close()
-
-
-def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
-    """Run one job to its end; never raises for a job's own failure."""
-    from keepwell.control.kinds import get_kind
-
-    started = time.monotonic()
-    try:
-        kind = get_kind(spec.kind)
-        ctx.check()
-        outcome = kind.drill(spec, ctx) if spec.action == "drill" else kind.backup(spec, ctx)
-    except JobCancelled as exc:
-        outcome = JobOutcome("timeout" if exc.timed_out else "interrupted", error=str(exc),
-                             error_type=type(exc).__name__)
-    except KeepwellError as exc:
-        outcome = JobOutcome("failed", error=exc.line(), error_type=type(exc).__name__,
-                             transient=bool(getattr(exc, "transient", False)))
-    except Exception as exc:  # a job must not take the daemon down; record it as a failure
-        outcome = JobOutcome("failed", error=f"{type(exc).__name__}: {exc}",
-                             error_type=type(exc).__name__)
-    if outcome.status == "failed":
-        # Worker threads of a source may wrap the cancellation in their own error.
-        try:
-            ctx.check()
-        except JobCancelled as exc:
-            outcome.status = "timeout" if exc.timed_out else "interrupted"
-            outcome.error = str(exc)
-    outcome.bytes_uploaded = ctx.uploaded
-    if ctx.upload_started is not None:
-        outcome.details["upload_started"] = round(ctx.upload_started, 6)
-        outcome.details["upload_ended"] = round(ctx.upload_ended or ctx.upload_started, 6)
-    outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
-    return outcome

@@ -1,7 +1,9 @@
-"""Running one job with its bookkeeping: history row, execution, alerts, log event.
+"""Running one job: `execute` (the work) and `run_job` (with its history row, alerts, log event).
 
-Both the daemon's workers and ``keepwell run``/``keepwell drill`` go through `run_job`, so a job
-run by hand is recorded, judged and alerted on exactly like a scheduled one.
+`execute(spec, context)` runs a spec's action through its source (`keepwell.control.backups`,
+`keepwell.control.drills`) and returns a `JobOutcome`; it is what any executor calls. Both the
+daemon's workers and ``keepwell run``/``keepwell drill`` go through `run_job`, so a job run by
+hand is recorded, judged and alerted on exactly like a scheduled one.
 """
 
 from __future__ import annotations
@@ -12,10 +14,43 @@ import time
 
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
+from keepwell.control.backups import run_backup
 from keepwell.control.config import LoadedConfig
+from keepwell.control.drills import run_drill
 from keepwell.control.history import History, open_history
-from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, execute
+from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.logs import log_event
+from keepwell.errors import KeepwellError
+
+
+def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
+    """Run one job to its end; never raises for a job's own failure."""
+    started = time.monotonic()
+    try:
+        ctx.check()
+        outcome = run_drill(spec, ctx) if spec.action == "drill" else run_backup(spec, ctx)
+    except JobCancelled as exc:
+        outcome = JobOutcome("timeout" if exc.timed_out else "interrupted", error=str(exc),
+                             error_type=type(exc).__name__)
+    except KeepwellError as exc:
+        outcome = JobOutcome("failed", error=exc.line(), error_type=type(exc).__name__,
+                             transient=bool(getattr(exc, "transient", False)))
+    except Exception as exc:  # a job must not take the daemon down; record it as a failure
+        outcome = JobOutcome("failed", error=f"{type(exc).__name__}: {exc}",
+                             error_type=type(exc).__name__)
+    if outcome.status == "failed":
+        # Worker threads of a source may wrap the cancellation in their own error.
+        try:
+            ctx.check()
+        except JobCancelled as exc:
+            outcome.status = "timeout" if exc.timed_out else "interrupted"
+            outcome.error = str(exc)
+    outcome.bytes_uploaded = ctx.uploaded
+    if ctx.upload_started is not None:
+        outcome.details["upload_started"] = round(ctx.upload_started, 6)
+        outcome.details["upload_ended"] = round(ctx.upload_ended or ctx.upload_started, 6)
+    outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
+    return outcome
 
 
 def run_job(spec: JobSpec, ctx: JobContext, history: History, alerts: Alerts,

@@ -2,7 +2,7 @@
 
 `overview` gives, per source: the last success (time, age, snapshot), the last run and its
 error, consecutive failures, the next scheduled run, the breaker state, the last drill (RTO,
-RPO), active alerts and, for PostgreSQL and MySQL sources, the point-in-time-restore window
+RPO), active alerts and, for sources that archive a log, the point-in-time-restore window
 (`keepwell.control.pitr`). `explain` describes what a validated config will do.
 """
 
@@ -13,9 +13,12 @@ from typing import Any
 
 from keepwell.control.config import Config, LoadedConfig
 from keepwell.control.history import History, describe_location, open_history
+from keepwell.control.jobs import configured_source
+from keepwell.control.pitr import windows
 from keepwell.control.schedule import Schedule
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError
+from keepwell.sources.base import source_for
 
 
 def _consecutive_failures(history: History, source: str) -> int:
@@ -31,8 +34,6 @@ def _consecutive_failures(history: History, source: str) -> int:
 def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
     cfg = loaded.config
     now = time.time() if now is None else now
-    from keepwell.control.pitr import windows
-
     pitr = windows(cfg)
     history = open_history(cfg)
     try:
@@ -97,11 +98,7 @@ def explain(loaded: LoadedConfig) -> dict[str, Any]:
     sources = []
     for name, src in cfg.sources.items():
         tz = src.timezone or cfg.timezone
-        what = {
-            "files": lambda s: f"files {', '.join(s.paths)}"
-            + (f" excluding {', '.join(s.excludes)}" if s.excludes else ""),
-            "sqlite": lambda s: f"SQLite database {s.path}",
-        }.get(src.kind, lambda s: f"{s.kind} ({s.mode}) on {s.connection.host}")(src)
+        what = source_for(src.kind).describe(configured_source(cfg, name))
         sched = Schedule(src.schedule, tz).explain() if src.schedule else "only when run by hand"
         retention = src.retention.as_kwargs() if src.retention else None
         sources.append({"source": name, "what": what, "repository": src.repository,

@@ -50,7 +50,8 @@ from keepwell.sources.mysql.connection import (
     query,
     server_info,
 )
-from keepwell.sources.mysql.tools import MYSQL, find, last_error_line
+from keepwell.sources.mysql.tools import MYSQL, find
+from keepwell.sources.tools import failure_line
 
 BATCH_BYTES = 1 << 30
 
@@ -392,7 +393,7 @@ class BinlogStreamer:
                 text = err.read().decode("utf-8", "replace")
                 self.sync()
                 return (f"{os.path.basename(argv[0])} exited ({proc.returncode}): "
-                        f"{last_error_line(text)}")
+                        f"{failure_line(text)}")
             finally:
                 if proc.poll() is None:
                     proc.terminate()

@@ -49,8 +49,9 @@ from keepwell.sources.mysql.connection import (
     server_info,
 )
 from keepwell.sources.mysql.dumpfilter import DumpInventory
-from keepwell.sources.mysql.tools import MYSQL, Tool, ToolProcess, find
+from keepwell.sources.mysql.tools import MYSQL, Tool, find
 from keepwell.sources.streams import ReadAhead
+from keepwell.sources.tools import ToolProcess
 
 SYSTEM_DATABASES = ("information_schema", "performance_schema", "sys", "mysql")
 SYSTEM_ACCOUNTS = ("root", "mariadb.sys", "mysql.sys", "mysql.session", "mysql.infoschema",

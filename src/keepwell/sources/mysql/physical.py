@@ -36,8 +36,9 @@ from keepwell.sources.mysql.connection import (
     connect,
     server_info,
 )
-from keepwell.sources.mysql.tools import ToolProcess, find
+from keepwell.sources.mysql.tools import find
 from keepwell.sources.streams import ReadAhead
+from keepwell.sources.tools import ToolProcess
 
 _POSITION = re.compile(r"binlog position: filename '([^']+)', position '(\d+)'"
                        r"(?:, GTID of the last change '([^']*)')?")

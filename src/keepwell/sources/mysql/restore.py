@@ -14,10 +14,11 @@ replay up to a target.
 - `replay` writes the archived binlogs of a `plan.ReplayPlan` to a spool directory and runs one
   ``mariadb-binlog --start-position --stop-position`` into one client session, so the replay
   stops exactly at the planned position.
-- `LocalServer` starts a server on a restored datadir: privately (socket only, no grant checks)
-  for replay, or on a port for ``--start``. It runs as the datadir's owner; a private server's
-  socket directory is made for that user, and `check_reachable` refuses, before anything is
-  restored, a target that user could not enter.
+- `LocalServer` starts a server on a restored datadir (`keepwell.sources.tempserver`):
+  privately (socket only, no grant checks) for replay and drills, or on a port for ``--start``.
+  It runs as the datadir's owner; a private server's socket directory is made for that user,
+  and `check_reachable` refuses, before anything is restored, a target that user could not
+  enter.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
-import stat
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,17 +41,13 @@ from keepwell.sources.mysql.catalog import BinlogFile
 from keepwell.sources.mysql.connection import ConnectionSettings
 from keepwell.sources.mysql.dumpfilter import filter_dump, lines_of
 from keepwell.sources.mysql.plan import ReplayPlan
-from keepwell.sources.mysql.tools import (
-    MARIADB,
-    MYSQL,
-    ToolProcess,
-    find,
-    find_tool,
-    run_tool,
-)
+from keepwell.sources.mysql.tools import MARIADB, MYSQL, find, find_tool
 from keepwell.sources.streams import widen_pipe
+from keepwell.sources.tempserver import TempServer, hand_over, unreachable
+from keepwell.sources.tools import ToolProcess, run_tool
 
 PIPE_BLOCK = 1 << 20
+_SOCKDIR_PREFIX = "keepwell-mysqld-"
 
 
 def _feed(proc: ToolProcess, chunks: Iterator[bytes]) -> None:
@@ -165,24 +159,13 @@ def check_target_dir(target: Path) -> None:
 def check_reachable(target: Path, user: str) -> None:
     """Refuse a target the server's user could not enter (a private parent such as /root)."""
     try:
-        pw = pwd.getpwnam(user)
+        where = unreachable(target, user)
     except KeyError:
         raise SourceError(f"user {user} does not exist", hint="pass an existing --owner") from None
-    if pw.pw_uid == 0:
-        return
-    groups = set(os.getgrouplist(user, pw.pw_gid))
-    for parent in reversed(target.resolve().parents):
-        try:
-            st = parent.stat()
-        except OSError:
-            break
-        bit = (stat.S_IXUSR if st.st_uid == pw.pw_uid else
-               stat.S_IXGRP if st.st_gid in groups else stat.S_IXOTH)
-        if not st.st_mode & bit:
-            raise RestoreTargetError(
-                f"the restored server would run as {user}, which cannot enter {parent} "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})",
-                hint=f"choose a --target-dir {user} can reach, or pass --owner")
+    if where is not None:
+        raise RestoreTargetError(f"the restored server would run as {user}, which cannot enter "
+                                 f"{where}",
+                                 hint=f"choose a --target-dir {user} can reach, or pass --owner")
 
 
 def check_port(port: int) -> None:
@@ -206,20 +189,13 @@ def server_user(owner: str | None) -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def _owner_ids(owner: str | None) -> tuple[int, int] | None:
+def _files_owner(owner: str | None) -> str | None:
+    """Who the restored files are given to: ``owner``, else (as root) ``mysql`` if it exists."""
     if owner is None:
-        if os.geteuid() != 0:
-            return None
-        try:
-            pw = pwd.getpwnam("mysql")
-        except KeyError:
-            return None
-        return pw.pw_uid, pw.pw_gid
-    try:
-        pw = pwd.getpwnam(owner)
-    except KeyError:
-        raise SourceError(f"user {owner} does not exist", hint="pass an existing --owner") from None
-    return pw.pw_uid, pw.pw_gid
+        return "mysql" if os.geteuid() == 0 and _has_user("mysql") else None
+    if not _has_user(owner):
+        raise SourceError(f"user {owner} does not exist", hint="pass an existing --owner")
+    return owner
 
 
 def prepare_memory() -> str:
@@ -268,28 +244,28 @@ def restore_physical(repo: Any, snap: Any, target_dir: str, *, owner: str | None
                   f"--use-memory={memory}"], what=f"{backup.name} --prepare")
         run_tool([backup.path, "--no-defaults", "--move-back", f"--target-dir={tmp}",
                   f"--datadir={target}"], what=f"{backup.name} --move-back")
-    ids = _owner_ids(owner)
-    if ids is not None:
-        for root, dirs, files in os.walk(target):
-            for n in (*dirs, *files):
-                os.lchown(os.path.join(root, n), *ids)
-        os.chown(target, *ids)
+    hand_over(str(target), _files_owner(owner))
 
 
 @dataclass
 class LocalServer:
-    """A mariadbd on a restored datadir, started by keepwell."""
+    """A mariadbd on a restored datadir, started by keepwell (`keepwell.sources.tempserver`):
+    stopped by `stop`, or left running for the user (``--start``)."""
 
     datadir: str
     socket: str
     port: int | None
-    pid: int
-    proc: subprocess.Popen[bytes] | None
+    server: TempServer
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
 
     @classmethod
     def start(cls, datadir: str, *, port: int | None = None, user: str | None = None,
               private: bool = False, server_id: int | None = None,
-              timeout: float = 120, flavor: str = MARIADB) -> LocalServer:
+              timeout: float = 120, flavor: str = MARIADB,
+              stop: Callable[[], None] | None = None) -> LocalServer:
         run_as = server_user(user)
         if private:
             # the server creates its socket there: the directory must be its user's
@@ -298,15 +274,16 @@ class LocalServer:
             except KeyError:
                 raise SourceError(f"user {run_as} does not exist",
                                   hint="pass an existing --owner") from None
-            sockdir = tempfile.mkdtemp(prefix="keepwell-mysqld-")
+            sockdir = tempfile.mkdtemp(prefix=_SOCKDIR_PREFIX)
             if os.geteuid() == 0 and pw.pw_uid != 0:
                 os.chown(sockdir, pw.pw_uid, pw.pw_gid)
             sock = os.path.join(sockdir, "mysqld.sock")
         else:
             sock = os.path.join(datadir, "mysqld.sock")
+        log = os.path.join(datadir, "keepwell-restore.err")
         argv = [find_tool("server", flavor), "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                 f"--user={run_as}", f"--pid-file={os.path.join(datadir, 'keepwell.pid')}",
-                f"--log-error={os.path.join(datadir, 'keepwell-restore.err')}"]
+                f"--log-error={log}"]
         if private:
             # MySQL 8.0.26+ renamed the option; 8.4 no longer knows the old name
             argv += ["--skip-networking", "--skip-grant-tables", "--skip-log-bin",
@@ -315,47 +292,32 @@ class LocalServer:
             argv += [f"--port={port or 3306}", "--bind-address=127.0.0.1"]
         if server_id is not None:
             argv.append(f"--server-id={server_id}")
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=not private)
-        server = cls(datadir, sock, port, proc.pid, proc)
+        server = cls(datadir, sock, port, TempServer(
+            argv, ready=lambda: os.path.exists(sock), why=lambda: _start_error(log)))
         try:
-            server._wait(timeout)
+            server.server.start(timeout, stop)
         except BaseException:
             server.stop()
             raise
         return server
 
-    def _wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                log = os.path.join(self.datadir, "keepwell-restore.err")
-                text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
-                # the last error that says why ("Aborting" only says that it stopped)
-                lines = ([ln for ln in text.splitlines() if "ERROR" in ln
-                          and not ln.rstrip().endswith("Aborting")] or text.splitlines())
-                raise SourceError("the restored server did not start: "
-                                  + (lines[-1] if lines else "no log"))
-            if os.path.exists(self.socket):
-                return
-            time.sleep(0.1)
-        raise SourceError(f"the restored server did not start within {timeout:.0f} s")
-
     def settings(self) -> ConnectionSettings:
         return ConnectionSettings(host="localhost", socket=self.socket, user="root")
 
     def stop(self, timeout: float = 120) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.server.stop(timeout)
         sockdir = os.path.dirname(self.socket)
-        if os.path.basename(sockdir).startswith("keepwell-mysqld-"):
+        if os.path.basename(sockdir).startswith(_SOCKDIR_PREFIX):
             shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _start_error(log: str) -> str | None:
+    """The last error of the server's log that says why it stopped ("Aborting" only says that
+    it did)."""
+    text = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
+    lines = ([ln for ln in text.splitlines() if "ERROR" in ln
+              and not ln.rstrip().endswith("Aborting")] or text.splitlines())
+    return lines[-1] if lines else None
 
 
 def _has_user(name: str) -> bool:

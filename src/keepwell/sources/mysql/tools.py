@@ -12,9 +12,7 @@ Names are tried in order, MariaDB's first for a MariaDB server (``mariadb-dump``
 ``mysqldump``), MySQL's for MySQL (``mysqldump``, ``mysqlbinlog``, ``xtrabackup``,
 ``xbstream``), in ``KEEPWELL_MYSQL_BINDIR`` first, then on ``PATH`` and in the sbin directories.
 
-`ToolProcess` runs one program with its standard error captured to a temporary file (so a
-chatty tool can never block on a full pipe) and turns a failure into one `SourceError` line that
-quotes the tool's own last error line.
+The programs run through keepwell's one runner (`keepwell.sources.tools.ToolProcess`).
 """
 
 from __future__ import annotations
@@ -23,10 +21,8 @@ import functools
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any
 
 from keepwell.errors import SourceError
 
@@ -187,67 +183,3 @@ def find(role: str, flavor: str | None = None, *, dirs: Sequence[str] | None = N
 def find_tool(role: str, flavor: str | None = None) -> str:
     """The path of the program for ``role`` (see `find`)."""
     return find(role, flavor).path
-
-
-def last_error_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        low = ln.lower()
-        if "error" in low or "failed" in low or "couldn't" in low or "can't" in low:
-            return ln
-    return lines[-1] if lines else "no message"
-
-
-class ToolProcess:
-    """One running native program; `finish` waits and raises on failure."""
-
-    def __init__(self, argv: Sequence[str], *, stdin: Any = None, stdout: Any = subprocess.PIPE,
-                 env: dict[str, str] | None = None, what: str | None = None,
-                 cwd: str | None = None) -> None:
-        self.argv = list(argv)
-        self.what = what or os.path.basename(self.argv[0])
-        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish()
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=stdout, stderr=self._err,
-                                         env=env, cwd=cwd)
-        except OSError as exc:
-            self._err.close()
-            raise SourceError(f"cannot run {self.what}: {exc.strerror}") from None
-
-    @property
-    def stdout(self) -> IO[bytes]:
-        assert self.proc.stdout is not None
-        return self.proc.stdout
-
-    def stderr_text(self) -> str:
-        self._err.seek(0)
-        return self._err.read().decode("utf-8", "replace")
-
-    def finish(self, *, timeout: float | None = None) -> str:
-        """Wait; return standard error; raise `SourceError` if the program failed."""
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        rc = self.proc.wait(timeout)
-        err = self.stderr_text()
-        self._err.close()
-        if rc != 0:
-            raise SourceError(f"{self.what} failed (exit {rc}): {last_error_line(err)}")
-        return err
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if not self._err.closed:
-            self._err.close()
-
-
-def run_tool(argv: Sequence[str], *, what: str | None = None, stdin: Any = None,
-             env: dict[str, str] | None = None, cwd: str | None = None) -> str:
-    """Run to completion; return standard output and error together (for parsing logs)."""
-    p = ToolProcess(argv, stdin=stdin, stdout=subprocess.DEVNULL, env=env, what=what, cwd=cwd)
-    return p.finish()
-
-

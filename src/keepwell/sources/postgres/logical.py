@@ -18,7 +18,7 @@ from keepwell.errors import UsageError
 from keepwell.sources.postgres import KIND_LOGICAL
 from keepwell.sources.postgres.archive import WalArchive
 from keepwell.sources.postgres.connection import ConnSpec, connect, server_facts
-from keepwell.sources.postgres.tools import ToolProcess, find_program
+from keepwell.sources.postgres.tools import find_program, pg_tool
 
 GLOBALS_PATH = "globals.sql"
 
@@ -76,12 +76,12 @@ def backup_logical(
                            source=source) as w:
         for db in chosen:
             argv = [pg_dump, *spec.with_dbname(db).dbname_arg(), "-Fc", "-Z0"]
-            with ToolProcess(argv) as proc:
+            with pg_tool(argv) as proc:
                 total += w.add_stream(dump_path(db), proc.stdout, mode=0o600)
                 proc.check(f"dump of database {db}")
         if with_globals:
             pg_dumpall = find_program("pg_dumpall", facts.major)
-            with ToolProcess([pg_dumpall, *spec.dbname_arg(), "--globals-only"]) as proc:
+            with pg_tool([pg_dumpall, *spec.dbname_arg(), "--globals-only"]) as proc:
                 total += w.add_stream(GLOBALS_PATH, proc.stdout, mode=0o600)
                 proc.check("dump of globals (roles, tablespaces)")
         w.source["stop_time"] = datetime.now(UTC).isoformat()

@@ -23,6 +23,7 @@ from keepwell.errors import UsageError
 from keepwell.sources.postgres import KIND_LOGICAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.connection import ConnSpec, connect, server_facts
+from keepwell.sources.postgres.errors import ToolError
 from keepwell.sources.postgres.logical import GLOBALS_PATH, dump_path
 from keepwell.sources.postgres.tablepick import (
     Selection,
@@ -31,7 +32,8 @@ from keepwell.sources.postgres.tablepick import (
     parse_list,
     select_tables,
 )
-from keepwell.sources.postgres.tools import ToolProcess, find_program, run_program
+from keepwell.sources.postgres.tools import find_program, pg_tool
+from keepwell.sources.tools import ToolProcess, run_program
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ def restore_logical(repo: Any, spec: ConnSpec, cluster: str, req: LogicalRequest
             raise UsageError(f"snapshot {snap.short_id} holds no globals")
         data = b"".join(repo.iter_file(snap, GLOBALS_PATH))
         run_program([find_program("psql", major), *spec.dbname_arg(), "-q", "-v",
-                     "ON_ERROR_STOP=0", "-f", "-"], "restore of globals", input_data=data)
+                     "ON_ERROR_STOP=0", "-f", "-"], "restore of globals", input_data=data,
+                    error=ToolError)
         done["globals"] = True
     pg_restore = find_program("pg_restore", major)
     for db in held if req.all_databases else dict.fromkeys(req.databases):
@@ -164,7 +167,7 @@ def _head_output(repo: Any, snap: Any, database: str, argv: list[str]) -> str:
     """What `argv` prints reading the dump of `database` (it stops after the table of
     contents, so the rest of the dump is not read)."""
     out: list[bytes] = []
-    with ToolProcess(argv, stdin=-1, stdout=-1) as proc:
+    with pg_tool(argv, stdin=-1, stdout=-1) as proc:
         reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
         reader.start()
         _feed(proc, repo, snap, database)
@@ -182,7 +185,7 @@ def _stream_into(repo: Any, snap: Any, database: str, argv: list[str], listing: 
             f.write(listing)
         argv = [*argv, "-L", list_file]
     try:
-        with ToolProcess(argv, stdin=-1, stdout=-3) as proc:
+        with pg_tool(argv, stdin=-1, stdout=-3) as proc:
             _feed(proc, repo, snap, database)
             proc.check(what)
     finally:

@@ -32,7 +32,7 @@ from keepwell.sources.postgres.archive import WalArchive
 from keepwell.sources.postgres.connection import ConnSpec, connect, next_xid, server_facts
 from keepwell.sources.postgres.errors import PostgresError, WalWaitTimeoutError
 from keepwell.sources.postgres.tartap import TarTap
-from keepwell.sources.postgres.tools import ToolProcess, find_program
+from keepwell.sources.postgres.tools import find_program, pg_tool
 from keepwell.sources.postgres.walnames import Lsn, segment_name
 from keepwell.sources.streams import Prefetch, ReadAhead
 
@@ -187,7 +187,7 @@ def _via_copy(w: Any, conn: Any, major: int, datadir: str,
 
 def _via_stdout(w: Any, argv: list[str],
                 on_progress: Callable[[int], None] | None) -> tuple[dict[str, bytes], int]:
-    with ToolProcess([*argv, "-D", "-"]) as proc:
+    with pg_tool([*argv, "-D", "-"]) as proc:
         ahead = ReadAhead(proc.stdout)  # pg_basebackup keeps sending while a block is stored
         try:
             tap = TarTap(ahead, {"backup_label", "backup_manifest"})
@@ -203,7 +203,7 @@ def _via_stdout(w: Any, argv: list[str],
 def _via_directory(w: Any, argv: list[str]) -> tuple[dict[str, bytes], int]:
     tmp = tempfile.mkdtemp(prefix="keepwell-basebackup-")
     try:
-        with ToolProcess([*argv, "-D", tmp], stdout=None) as proc:
+        with pg_tool([*argv, "-D", tmp], stdout=None) as proc:
             proc.check("pg_basebackup")
         captured: dict[str, bytes] = {}
         total = 0

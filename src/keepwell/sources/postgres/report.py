@@ -1,8 +1,9 @@
 """What ``postgres info`` and ``postgres check`` report, as plain dicts built from a `Catalog`.
 
 A *window* is the span a restore can stop anywhere in: from a complete base backup's stop to the
-end of the gap-free WAL after it. ``check`` adds the problems: incomplete backups, gaps, a spool
-that holds an alert or a backlog, and (when the server can be asked) archiving lag and failures.
+end of the gap-free WAL after it (`spans`; the source's PITR window is read from them too).
+``check`` adds the problems: incomplete backups, gaps, a spool that holds an alert or a
+backlog, and (when the server can be asked) archiving lag and failures.
 """
 
 from __future__ import annotations
@@ -32,25 +33,32 @@ def backup_entry(cat: Catalog, b: BaseBackup) -> dict[str, Any]:
     }
 
 
-def windows(cat: Catalog) -> list[dict[str, Any]]:
-    """Restore windows, merged where one backup's window reaches into the next one's."""
-    spans: list[dict[str, Any]] = []
+def spans(cat: Catalog) -> list[dict[str, Any]]:
+    """Restore windows (times, LSNs, timeline, backups), merged where one backup's window
+    reaches into the next one's: the one computation of a cluster's PITR window."""
+    found: list[dict[str, Any]] = []
     for b in sorted(cat.complete_backups(), key=lambda b: b.stop_lsn):
         reach = cat.reach(b)
-        span = {"from_time": b.stop_time, "to_time": reach.end_time or b.stop_time,
+        start = b.stop_time or b.time
+        span = {"from_time": start, "to_time": reach.end_time or start,
                 "from_lsn": b.stop_lsn, "to_lsn": reach.end_lsn, "timeline": reach.timeline,
                 "backups": [b.short_id]}
-        if spans and spans[-1]["timeline"] == span["timeline"] and (
-            spans[-1]["to_lsn"] >= span["from_lsn"]
+        if found and found[-1]["timeline"] == span["timeline"] and (
+            found[-1]["to_lsn"] >= span["from_lsn"]
         ):
-            last = spans[-1]
+            last = found[-1]
             last["to_lsn"] = max(last["to_lsn"], span["to_lsn"])
             last["to_time"] = max(last["to_time"], span["to_time"])
             last["backups"].append(b.short_id)
         else:
-            spans.append(span)
+            found.append(span)
+    return found
+
+
+def windows(cat: Catalog) -> list[dict[str, Any]]:
+    """`spans` as ``postgres info`` shows them."""
     return [{**s, "from_time": _iso(s["from_time"]), "to_time": _iso(s["to_time"]),
-             "from_lsn": str(s["from_lsn"]), "to_lsn": str(s["to_lsn"])} for s in spans]
+             "from_lsn": str(s["from_lsn"]), "to_lsn": str(s["to_lsn"])} for s in spans(cat)]
 
 
 def wal_summary(cat: Catalog) -> dict[str, Any]:

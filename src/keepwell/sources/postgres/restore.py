@@ -266,17 +266,20 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     )
 
 
-def safe_start_options(root: str, port: int | None) -> str:
-    """Options for ``pg_ctl -o`` that keep a restored server inside its data directory, whatever
-    the restored configuration says: no other data directory, an external pid file (if the
-    configuration names one, it may be the live server's) inside it, its log on stderr (into
-    the log file given to pg_ctl, where keepwell reads it)."""
+def safe_start_arguments(root: str, port: int | None) -> list[str]:
+    """Server arguments that keep a restored server inside its data directory, whatever the
+    restored configuration says: no other data directory, an external pid file (if the
+    configuration names one, it may be the live server's) inside it, its log on stderr (where
+    keepwell reads it)."""
     pid_file = os.path.join(root, "keepwell-server.pid")
-    opts = [f"-c {shlex.quote('data_directory=' + root)}",
-            f"-c {shlex.quote('external_pid_file=' + pid_file)}", "-c logging_collector=off"]
-    if port:
-        opts.insert(0, f"-p {int(port)}")
-    return " ".join(opts)
+    args = ["-c", f"data_directory={root}", "-c", f"external_pid_file={pid_file}",
+            "-c", "logging_collector=off"]
+    return ["-p", str(int(port)), *args] if port else args
+
+
+def safe_start_options(root: str, port: int | None) -> str:
+    """`safe_start_arguments` as one ``pg_ctl -o`` string (its log file is where stderr goes)."""
+    return shlex.join(safe_start_arguments(root, port))
 
 
 def configured_port(root: str) -> int:

@@ -25,7 +25,7 @@ from psycopg import sql
 from keepwell.sources.postgres.archive import WalArchive, WalItem
 from keepwell.sources.postgres.connection import ConnSpec, connect, server_facts
 from keepwell.sources.postgres.errors import PostgresError
-from keepwell.sources.postgres.tools import ToolProcess, find_program
+from keepwell.sources.postgres.tools import find_program, pg_tool
 from keepwell.sources.postgres.walnames import PARTIAL_SUFFIX, wal_kind
 
 
@@ -82,7 +82,7 @@ class WalStreamer:
                 signal.signal(sig, lambda *_: self.stop.set())
         delay = 1.0
         while not self.stop.is_set():
-            with ToolProcess(argv, stdout=None) as proc:
+            with pg_tool(argv, stdout=None) as proc:
                 while proc.proc.poll() is None and not self.stop.is_set():
                     self.ship()
                     self.stop.wait(self.interval)

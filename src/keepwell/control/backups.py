@@ -1,0 +1,103 @@
+"""Backup jobs: the source's backup, then its retention, then the replica.
+
+The control plane knows no kind of source: `run_backup` looks the job's kind up
+(`keepwell.sources.base.source_for`) and calls its `Source.backup` with the job's repository,
+opened behind the job's budgets. After a crash, a re-run first looks for the snapshot its
+interrupted run may have committed (a snapshot is written last and records the job's id).
+
+Once the snapshot is committed, the source's retention runs (`apply_retention`): the policy of
+its settings, given to the source's own forget plan, so a database keeps the bases its
+point-in-time window needs and the log (WAL, binlogs) from their floor on, and forgets what lies
+below; then the repository's replica, if any, is brought up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from keepwell.control.jobs import (
+    JobContext,
+    JobOutcome,
+    JobSpec,
+    mirror_to_replica,
+    open_job_repository,
+    source_job,
+)
+from keepwell.repository import Repository, Snapshot
+from keepwell.repository.retention import Policy
+from keepwell.sources.base import Source, SourceJob, source_for
+
+
+def outcome_from_snapshot(snap: Snapshot) -> JobOutcome:
+    summary = dict(snap.summary or {})
+    read = summary.get("bytes_processed", summary.get("bytes_read"))
+    added = summary.get("bytes_added")
+    dedup = None
+    if isinstance(read, int | float) and read > 0 and isinstance(added, int | float):
+        dedup = round(max(0.0, 1.0 - added / read), 6)
+    return JobOutcome(
+        "succeeded",
+        bytes_read=int(read) if read is not None else None,
+        bytes_stored=int(summary.get("bytes_stored", 0)),
+        dedup_ratio=dedup,
+        snapshot_id=snap.id,
+        details={"summary": summary, "bytes_added": added},
+    )
+
+
+def retention_policy(retention: Mapping[str, Any] | None) -> Policy | None:
+    """The policy of a source's ``retention`` settings; None when it keeps everything."""
+    if not retention:
+        return None
+    policy = Policy.from_options(**retention)
+    return None if policy.empty() else policy
+
+
+def apply_retention(source: Source[Any], job: SourceJob, repo: Repository,
+                    outcome: JobOutcome) -> None:
+    """Forget what the source's retention does not keep (through the source's forget plan)."""
+    policy = retention_policy(job.settings.get("retention"))
+    if policy is None:
+        return
+    plan = source.forget_plan(job, repo, policy)
+    if plan.ids():
+        repo.forget(plan.ids())
+    outcome.details["forgotten"] = [i[:8] for i in plan.bases]
+    if source.point_in_time:
+        outcome.details["forgotten_logs"] = len(plan.logs)
+        outcome.details["log_floor"] = plan.log_floor
+
+
+def _recovered(repo: Repository, spec: JobSpec) -> JobOutcome | None:
+    """After a crash: the snapshot of this job may already be committed (it is written last)."""
+    if spec.trigger != "recovery":
+        return None
+    for snap in reversed(repo.list_snapshots()):
+        if (snap.source or {}).get("keepwell_job") == spec.job_id:
+            outcome = outcome_from_snapshot(snap)
+            outcome.details["recovered"] = True
+            return outcome
+    return None
+
+
+def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
+    """One backup of the job's source, its retention, and its replica."""
+    source = source_for(spec.kind)
+    job = source_job(spec)
+    repo = open_job_repository(spec, ctx)
+    try:
+        done = _recovered(repo, spec)
+        if done is not None:
+            return done
+        report = source.backup(job, repo, ctx)
+        outcome = outcome_from_snapshot(report.snapshot)
+        if report.problems:
+            outcome.details["partial"] = report.problems
+        apply_retention(source, job, repo, outcome)
+        replica = mirror_to_replica(spec, ctx, repo.backend)
+        if replica is not None:
+            outcome.details["replica"] = replica
+        return outcome
+    finally:
+        repo.close()
