@@ -46,7 +46,7 @@ pg_env = servers_pg.pg_env
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # shorter than the time between two backups: the window holds the newest base only
-WINDOW = 0.001
+WINDOW = "1ms"
 
 
 def _daemon_backup(config: Path, log: Path, environ: dict[str, str],
