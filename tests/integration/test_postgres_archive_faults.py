@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,10 @@ def wait_for(predicate: object, what: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def spooled_segments(spool: Path) -> list[str]:
+    return [n for n in os.listdir(spool / "ready") if len(n) == 24 and n.isalnum()]
 
 
 def test_a_short_index_write_failure_leaves_every_archived_segment_readable(
@@ -54,6 +59,8 @@ def test_a_short_index_write_failure_leaves_every_archived_segment_readable(
         c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
         c.switch_wal()
     c.wait_archived(timeout=120)
+    # acknowledged means spooled: the uploader retries the spooled segments after its back-off
+    wait_for(lambda: not spooled_segments(spool), "the spool to drain", timeout=120)
     rows = c.scalar("SELECT count(*) FROM t")
 
     check = pg_env.keepwell("check", "--json", check=False)
