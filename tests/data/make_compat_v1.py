@@ -244,7 +244,7 @@ def make_postgres() -> dict[str, Any]:
     push = " ".join([
         "env", *(f"{k}={e[k]}" for k in ("PYTHONPATH", "KEEPWELL_REPOSITORY",
                                           "KEEPWELL_PASSWORD_FILE", "KEEPWELL_TESTONLY_WEAK_KDF")),
-        sys.executable, "-m", "keepwell.sources.postgres.hooks", "push", "%p",
+        sys.executable, "-m", "keepwell.sources.postgres.walcommand", "push", "%p",
     ])
     # no Unix socket: its directory would be recorded in the copy, and be gone when it is
     # restored

@@ -120,7 +120,7 @@ def wal_hook_argv() -> list[str]:
     script = VENV_BIN / "keepwell-wal"
     if script.exists():
         return [str(script)]
-    return [PYTHON, "-m", "keepwell.sources.postgres.hooks"]
+    return [PYTHON, "-m", "keepwell.sources.postgres.walcommand"]
 
 
 FAST_PUSH_SOURCE = (Path(__file__).resolve().parents[2] / "src" / "keepwell" / "sources"
@@ -525,6 +525,6 @@ def stop_all_in(workdir: Path) -> None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"keepwell.sources.postgres.hooks" in cmdline and str(workdir).encode() in cmdline:
+        if b"keepwell.sources.postgres.walcommand" in cmdline and str(workdir).encode() in cmdline:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

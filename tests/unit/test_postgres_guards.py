@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from keepwell.errors import UsageError
-from keepwell.sources.postgres.hooks import parse_args
 from keepwell.sources.postgres.liveservers import LivePaths, LiveServer
 from keepwell.sources.postgres.tablepick import (
     Target,
@@ -17,6 +16,7 @@ from keepwell.sources.postgres.tablepick import (
     parse_list,
     select_tables,
 )
+from keepwell.sources.postgres.walcommand import parse_args
 from keepwell.sources.postgres.walguard import FetchPolicy
 from keepwell.sources.postgres.walnames import Lsn
 from keepwell.sources.postgres.walrecords import (

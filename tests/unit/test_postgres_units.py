@@ -17,11 +17,12 @@ from keepwell.repository.retention import Policy
 from keepwell.sources.postgres import KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.errors import RestorePlanError
-from keepwell.sources.postgres.hooks import HookSettings, parse_args
+from keepwell.sources.postgres.hooks import HookSettings
 from keepwell.sources.postgres.plan import Target, choose
 from keepwell.sources.postgres.retention import plan_forget
 from keepwell.sources.postgres.spool import SpoolFull, WalSpool
 from keepwell.sources.postgres.tartap import TarTap
+from keepwell.sources.postgres.walcommand import parse_args
 from keepwell.sources.postgres.walnames import (
     Lsn,
     parse_segment_name,

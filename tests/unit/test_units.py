@@ -16,7 +16,8 @@ from keepwell.backends.local import LocalBackend
 from keepwell.control.config import parse_config
 from keepwell.errors import ConfigurationError, UsageError
 from keepwell.repository import Repository
-from keepwell.sources.postgres.hooks import HookSettings, main
+from keepwell.sources.postgres.hooks import HookSettings
+from keepwell.sources.postgres.walcommand import main
 from keepwell.units import (
     UnitError,
     parse_duration,

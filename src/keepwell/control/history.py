@@ -26,66 +26,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from keepwell.control.history_store import SCHEMA, Row, Store, Tx
 from keepwell.errors import ConfigurationError, KeepwellError
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    source TEXT NOT NULL,
-    action TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 1,
-    trigger TEXT NOT NULL DEFAULT 'schedule',
-    status TEXT NOT NULL,
-    scheduled_at REAL,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    error TEXT,
-    bytes_read INTEGER,
-    bytes_stored INTEGER,
-    bytes_uploaded INTEGER,
-    dedup_ratio REAL,
-    snapshot_id TEXT,
-    rto REAL,
-    rpo REAL,
-    pid INTEGER,
-    spec TEXT,
-    details TEXT,
-    session TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_source ON runs(source, action, started_at);
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
-CREATE INDEX IF NOT EXISTS runs_job ON runs(job_id);
-CREATE TABLE IF NOT EXISTS alerts (
-    key TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL,
-    active INTEGER NOT NULL,
-    first_at REAL NOT NULL,
-    last_at REAL NOT NULL,
-    notified_at REAL,
-    resolved_at REAL
-);
-CREATE TABLE IF NOT EXISTS streamers (
-    source TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    daemon_pid INTEGER NOT NULL,
-    command TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS breakers (
-    source TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    failures INTEGER NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
 
 FINAL_STATUSES = ("succeeded", "failed", "timeout", "interrupted", "skipped")
 PG_SCHEMES = ("postgresql://", "postgres://")
@@ -181,17 +127,6 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-Row = dict[str, Any]
-
-
-class _Tx(Protocol):
-    def q(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
-
-    def x(self, sql: str, args: Sequence[Any] = ()) -> int: ...
-
-    def insert(self, sql: str, args: Sequence[Any] = ()) -> int: ...
-
-    def serialize(self) -> None: ...
 
 
 class _SqliteTx:
@@ -229,7 +164,7 @@ class _SqliteStore:
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _SCHEMA.split(";"):
+            for stmt in SCHEMA.split(";"):
                 if stmt.strip() and "runs_job" not in stmt:
                     self.db.execute(stmt)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(runs)").fetchall()}
@@ -242,7 +177,7 @@ class _SqliteStore:
         self.db.execute("COMMIT")
 
     @contextmanager
-    def tx(self, write: bool) -> Iterator[_Tx]:
+    def tx(self, write: bool) -> Iterator[Tx]:
         if not write:
             yield _SqliteTx(self.db)
             return
@@ -264,18 +199,6 @@ class _SqliteStore:
         self.db.close()
 
 
-class _Store(Protocol):
-    engine: str
-
-    def tx(self, write: bool) -> AbstractContextManager[_Tx]: ...
-
-    def session(self) -> str | None: ...
-
-    def live_sessions(self) -> set[str] | None: ...
-
-    def close(self) -> None: ...
-
-
 class History:
     """The store of runs, alerts and breaker states (thread-safe).
 
@@ -287,7 +210,7 @@ class History:
         self.path = location
         self.where = describe_location(location)
         self._lock = threading.RLock()
-        self._store: _Store
+        self._store: Store
         try:
             if is_postgres_url(location):
                 from keepwell.control.history_pg import PgStore
@@ -323,7 +246,7 @@ class History:
             self._store.close()
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[_Tx]:
+    def _tx(self, write: bool = True) -> Iterator[Tx]:
         with self._lock:
             try:
                 with self._store.tx(write) as tx:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from keepwell.control.history import _SCHEMA, Row, _Tx
+from keepwell.control.history_store import SCHEMA, Row, Tx
 
 LOCK_ALERTS = 0x6B77_0001  # advisory lock keys (pg_advisory_*): "kw" and a number
 LOCK_DAEMON = 0x6B77_0002
@@ -43,7 +43,7 @@ class _PgTx:
 
 
 def _pg_schema() -> list[str]:
-    ddl = (_SCHEMA.replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
+    ddl = (SCHEMA.replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
            .replace(" REAL", " DOUBLE PRECISION").replace(" INTEGER", " BIGINT"))
     return [s.strip() for s in ddl.split(";") if s.strip()]
 
@@ -79,7 +79,7 @@ class PgStore:
         return str(row["s"]) if row is not None else "?"
 
     @contextmanager
-    def tx(self, write: bool) -> Iterator[_Tx]:
+    def tx(self, write: bool) -> Iterator[Tx]:
         if self.conn.closed or self.conn.broken:
             self.conn = self._psycopg.connect(self._url, **self._kwargs)
             self._session = self._whoami()

@@ -23,7 +23,7 @@ def hook_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), HOOK)
     if os.access(script, os.X_OK):
         return [script]
-    return [sys.executable, "-m", "keepwell.sources.postgres.hooks"]
+    return [sys.executable, "-m", "keepwell.sources.postgres.walcommand"]
 
 
 def push_command() -> list[str]:
