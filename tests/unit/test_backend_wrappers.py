@@ -32,6 +32,7 @@ from keepwell.errors import (
     TransientBackendError,
 )
 from tests.backend_contract import BackendContract
+from tests.fakeclock import FakeClock
 
 NO_WAIT = Backoff(base=0.0, cap=0.0)
 
@@ -314,24 +315,24 @@ def test_retry_over_breaker_waits_for_the_probe() -> None:
 # --- RateLimitedBackend --------------------------------------------------------------------------
 
 
-def test_rate_limit_holds_in_real_time(tmp_path: Path) -> None:
+def test_rate_limit_holds(tmp_path: Path) -> None:
+    # the buckets run on a clock that moves only when they sleep: the time they slept is the time
+    # the transfers took at the limit
     rate = 4 * 1024 * 1024
+    up_clock, down_clock = FakeClock(), FakeClock()
     b = RateLimitedBackend(
         LocalBackend(str(tmp_path)),
-        upload=TokenBucket(rate, burst=256 * 1024),
-        download=TokenBucket(rate, burst=256 * 1024),
+        upload=TokenBucket(rate, burst=256 * 1024, clock=up_clock, sleep=up_clock.sleep),
+        download=TokenBucket(rate, burst=256 * 1024, clock=down_clock, sleep=down_clock.sleep),
     )
-    data = os.urandom(2 * 1024 * 1024)
-    start = time.monotonic()
+    data = os.urandom(2 * 1024 * 1024 - 4096)
     b.put("data/a", data)
     b.put("data/b", data)
-    up = time.monotonic() - start
-    start = time.monotonic()
     assert b.get("data/a") + b.get("data/b") == data + data
-    down = time.monotonic() - start
-    expected = (4 * 1024 * 1024 - 256 * 1024) / rate
-    assert expected * 0.9 <= up <= expected * 1.25
-    assert expected * 0.9 <= down <= expected * 1.25
+    # an upload pays its bytes; a download pays each ranged piece before it reads it, so the
+    # short last piece is paid in full; the first 256 KiB of each direction is the burst
+    assert sum(up_clock.slept) == pytest.approx((2 * len(data) - 256 * 1024) / rate)
+    assert sum(down_clock.slept) == pytest.approx((4 * 1024 * 1024 - 256 * 1024) / rate)
 
 
 def test_rate_limited_ranged_and_whole_reads(tmp_path: Path) -> None:
