@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from keepwell.backends.base import Backend
+from keepwell.backends.objectstore import ObjectStoreBackend
+from keepwell.backends.objectstore import from_url as s3_from_url
 from keepwell.backends.resilience import Backoff, TokenBucket
-from keepwell.backends.s3 import ObjectStoreBackend
-from keepwell.backends.s3 import from_url as s3_from_url
 from keepwell.backends.sftp import from_url as sftp_from_url
 from keepwell.backends.wrappers import RateLimitedBackend, RetryingBackend
 from keepwell.errors import BackendError, ObjectExistsError, ObjectNotFoundError

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from keepwell.backends.base import Backend
+from keepwell.backends.objectstore import ObjectStoreBackend, azure_from_url
 from keepwell.backends.registry import open_backend
-from keepwell.backends.s3 import ObjectStoreBackend, azure_from_url
 from keepwell.backends.wrappers import wrap
 from keepwell.errors import PermanentBackendError
 from tests.backend_contract import BackendContract

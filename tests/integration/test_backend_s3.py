@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from keepwell.backends.base import Backend
+from keepwell.backends.objectstore import ObjectStoreBackend, from_url
 from keepwell.backends.registry import open_backend
-from keepwell.backends.s3 import ObjectStoreBackend, from_url
 from keepwell.backends.wrappers import wrap
 from keepwell.errors import (
     ConfigurationError,

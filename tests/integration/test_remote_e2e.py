@@ -25,9 +25,9 @@ import blake3
 import pytest
 
 from keepwell.backends.base import Backend
+from keepwell.backends.objectstore import from_url as s3_from_url
 from keepwell.backends.registry import open_backend
 from keepwell.backends.resilience import Backoff
-from keepwell.backends.s3 import from_url as s3_from_url
 from keepwell.backends.wrappers import RetryingBackend
 from keepwell.errors import KeepwellError
 from keepwell.repository import Repository, open_repository

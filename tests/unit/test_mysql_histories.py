@@ -21,8 +21,8 @@ from keepwell.sources.mysql.connection import ServerInfo
 from keepwell.sources.mysql.dumpfilter import DumpInventory, filter_dump, lines_of
 from keepwell.sources.mysql.identity import same_server
 from keepwell.sources.mysql.logical import builtin_account
+from keepwell.sources.mysql.operations import forget_plan
 from keepwell.sources.mysql.plan import Target, plan
-from keepwell.sources.mysql.recover import forget_plan
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 A = {"flavor": "mariadb", "server_id": 1, "server_uuid": None,

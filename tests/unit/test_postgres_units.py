@@ -309,7 +309,7 @@ def test_copy_method_leaves_out_what_pg_basebackup_leaves_out(tmp_path: Path) ->
     import hashlib
     import json as json_mod
 
-    from keepwell.sources.postgres import direct
+    from keepwell.sources.postgres import filecopy
     from keepwell.sources.postgres.datadir import tar_members
     from keepwell.sources.postgres.walnames import Lsn
 
@@ -323,16 +323,16 @@ def test_copy_method_leaves_out_what_pg_basebackup_leaves_out(tmp_path: Path) ->
     }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    manifest = direct.Manifest()
-    stream = direct.tar_blocks(str(root), manifest)
+    manifest = filecopy.Manifest()
+    stream = filecopy.tar_blocks(str(root), manifest)
     blocks: list[bytes] = []
     for block in stream:
         blocks.append(bytes(block))
         if block[:11] == b"base/1/1259":  # its header (listed at 9000 bytes) went out
             (root / "base/1/1259").write_bytes(b"p" * 100)  # it shrinks while being copied
-    copy = direct.CopyResult(1, Lsn.parse("0/2000028"), Lsn.parse("0/2000100"),
+    copy = filecopy.CopyResult(1, Lsn.parse("0/2000028"), Lsn.parse("0/2000100"),
                              b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
-    blocks.append(direct.closing_members(copy, manifest, 0))
+    blocks.append(filecopy.closing_members(copy, manifest, 0))
     members = {i.name: (i, b"".join(d)) for i, d in tar_members(blocks)}
     assert set(members) == {"PG_VERSION", "base", "base/1", "base/1/1259", "global",
                             "global/pg_control", "pg_wal", "pg_wal/archive_status", "pg_stat_tmp",

@@ -19,9 +19,9 @@ from keepwell.extras import missing_extra
 _FACTORIES: dict[str, str] = {
     "file": "keepwell.backends.local:from_url",
     "memory": "keepwell.backends.registry:_memory",
-    "s3": "keepwell.backends.s3:from_url",
-    "gs": "keepwell.backends.s3:gcs_from_url",
-    "az": "keepwell.backends.s3:azure_from_url",
+    "s3": "keepwell.backends.objectstore:from_url",
+    "gs": "keepwell.backends.objectstore:gcs_from_url",
+    "az": "keepwell.backends.objectstore:azure_from_url",
     "sftp": "keepwell.backends.sftp:from_url",
 }
 

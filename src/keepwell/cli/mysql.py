@@ -197,8 +197,8 @@ def restore(
 ) -> None:
     """Restore a base backup, optionally rolled forward to a point in time."""
     from keepwell.sources.mysql.connection import resolve
+    from keepwell.sources.mysql.operations import restore as do_restore
     from keepwell.sources.mysql.plan import Target
-    from keepwell.sources.mysql.recover import restore as do_restore
 
     when, how = _parse_time(target_time) if target_time else (None, "")
     target = Target.of(when, target_position, target_gtid)
@@ -314,7 +314,7 @@ def info(
     json_out: JsonOption = False,
 ) -> None:
     """List base backups, archived binlogs and the point-in-time window."""
-    from keepwell.sources.mysql.recover import check as build
+    from keepwell.sources.mysql.operations import check as build
 
     with open_repo(repo, password_file) as r:
         data = build(r, host=server_name)
@@ -354,7 +354,7 @@ def check(
     json_out: JsonOption = False,
 ) -> None:
     """Check binlog continuity from every base to now; exit 1 on a gap."""
-    from keepwell.sources.mysql.recover import check as build
+    from keepwell.sources.mysql.operations import check as build
 
     with open_repo(repo, password_file) as r:
         data = build(r, host=server_name)
@@ -389,7 +389,7 @@ def forget(
     """Forget bases outside a --keep-* policy (logical and physical bases each on their own;
     with --keep-within also the base the window starts from) and the binlogs no kept base
     needs (space returns with prune)."""
-    from keepwell.sources.mysql.recover import forget_plan
+    from keepwell.sources.mysql.operations import forget_plan
 
     policy = keep_policy(locals())
     with open_repo(repo, password_file) as r:

@@ -43,7 +43,7 @@ from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServ
 from keepwell.control.pitr import WindowCache, has_windows
 from keepwell.control.runner import finish, run_job
 from keepwell.control.schedule import Schedule
-from keepwell.control.streams import StreamSupervisor, stop_orphan
+from keepwell.control.streamers import StreamSupervisor, stop_orphan
 from keepwell.errors import UsageError
 from keepwell.sources.base import source_for
 

@@ -17,7 +17,7 @@ Modules: `connection` (settings and sessions), `tools` (the native programs), `b
 binlog files), `identity` (who a server is), `admission` (which history a snapshot joins),
 `logical`, `physical`, `archive` (binlog push/stream), `catalog` (what the repository holds,
 per history), `plan` (choosing a base and a replay range), `dumpfilter` (cutting databases and
-tables out of a dump), `restore`, `recover` (the use cases behind the commands).
+tables out of a dump), `restore`, `operations` (the use cases behind the commands).
 """
 
 KIND_LOGICAL = "mysql-logical"

@@ -1,7 +1,7 @@
 """MySQL/MariaDB restore drills: a restored copy in scratch space with a temporary server on it.
 
 A *physical* drill restores the newest physical base of the source's server with the source's
-own code (`keepwell.sources.mysql.recover.restore`: extract, ``mariabackup --prepare`` and
+own code (`keepwell.sources.mysql.operations.restore`: extract, ``mariabackup --prepare`` and
 ``--move-back`` into scratch space); a *logical* drill runs ``mariadb-install-db`` into scratch
 space and restores the newest dump into it (`keepwell.sources.mysql.restore.restore_logical`,
 accounts left out: the temporary server runs without grant tables). Either way the server is a
@@ -31,7 +31,7 @@ from keepwell.sources.base import JobControl, RestoredCopy, SourceJob
 from keepwell.sources.mysql import KIND_LOGICAL, KIND_PHYSICAL
 from keepwell.sources.mysql.catalog import load_archive
 from keepwell.sources.mysql.connection import connect, query
-from keepwell.sources.mysql.recover import restore
+from keepwell.sources.mysql.operations import restore
 from keepwell.sources.mysql.restore import LocalServer, flavor_of, restore_logical
 from keepwell.sources.mysql.tools import find_tool
 from keepwell.sources.rowcount import count_rows, figures

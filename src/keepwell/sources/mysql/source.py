@@ -9,7 +9,7 @@ mariadb-dump; ``physical``: mariabackup), its binlogs archived by ``binlog-push`
   the clients' standard variables (``MYSQL_HOST``, ``MYSQL_TCP_PORT``, ``MYSQL_UNIX_PORT``,
   ``MYSQL_USER`` and ``USER``, ``MYSQL_DATABASE``, ``MYSQL_PWD``).
 - Restore and verify: the drill (`keepwell.sources.mysql.drill`).
-- Forget plan: ``keepwell mysql forget``'s (`keepwell.sources.mysql.recover.forget_plan`): the
+- Forget plan: ``keepwell mysql forget``'s (`keepwell.sources.mysql.operations.forget_plan`): the
   bases the policy keeps (and the one a ``within`` window starts from), and the binlogs from
   the oldest kept base's position on.
 - PITR window: from the oldest base whose binlogs are archived to the newest archived event it
@@ -34,7 +34,7 @@ from keepwell.sources.base import (
 from keepwell.sources.database import DatabaseSource
 from keepwell.sources.mysql.catalog import ServerArchive
 from keepwell.sources.mysql.drill import MysqlCopy, check_copy, restore_copy
-from keepwell.sources.mysql.recover import forget_plan
+from keepwell.sources.mysql.operations import forget_plan
 
 MYSQL_PREFIX = "mysql-"  # the kinds of this source's snapshots
 

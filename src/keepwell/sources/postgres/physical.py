@@ -1,7 +1,7 @@
 """Physical base backups: tar streams of the cluster stored through the chunker.
 
 On the database host, with read access to the data directory, keepwell copies the files itself
-(keepwell.sources.postgres.direct: the "copy" method); elsewhere, or with extra tablespaces, the
+(keepwell.sources.postgres.filecopy: the "copy" method); elsewhere, or with extra tablespaces, the
 backup streams ``pg_basebackup -Ft -D - -X none`` straight into a snapshot (``base.tar``),
 so each backup is a full backup that stores only the chunks that changed. Its WAL comes from the
 archive, not from the backup: the snapshot records the WAL range (start/stop LSN and timeline,
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keepwell.errors import UsageError
-from keepwell.sources.postgres import KIND_PHYSICAL, direct
+from keepwell.sources.postgres import KIND_PHYSICAL, filecopy
 from keepwell.sources.postgres.archive import WalArchive
 from keepwell.sources.postgres.connection import ConnSpec, connect, next_xid, server_facts
 from keepwell.sources.postgres.errors import PostgresError, WalWaitTimeoutError
@@ -98,7 +98,7 @@ def backup_physical(
 ) -> PhysicalResult:
     """Take a base backup of the cluster at `spec` into `repo`, then wait for its WAL.
 
-    ``method``: ``copy`` reads the data directory itself (keepwell.sources.postgres.direct),
+    ``method``: ``copy`` reads the data directory itself (keepwell.sources.postgres.filecopy),
     ``stream`` runs pg_basebackup, ``auto`` copies when this process can read the cluster's
     files and the cluster has no extra tablespaces, and streams otherwise."""
     if method not in METHODS:
@@ -110,7 +110,7 @@ def backup_physical(
         archive.check_identity(facts.system_identifier, "this server")
         spaces = tablespaces(conn)
         start_time = datetime.now(UTC)
-        why_not = "the cluster has tablespaces" if spaces else direct.copy_possible(facts)
+        why_not = "the cluster has tablespaces" if spaces else filecopy.copy_possible(facts)
         if method == "copy" and why_not:
             raise PostgresError(f"cannot copy the data directory: {why_not}",
                                 hint="run on the database host as its owner, or use --method stream")
@@ -163,17 +163,17 @@ def backup_physical(
 
 
 def _via_copy(w: Any, conn: Any, major: int, datadir: str,
-              label: str) -> tuple[direct.CopyResult, int]:
+              label: str) -> tuple[filecopy.CopyResult, int]:
     """The data directory read here, as a tar stream with the backup label last. The backup
     is started and stopped on `conn`; if anything fails between, closing it ends the backup."""
-    direct.backup_start(conn, major, label)
-    done: list[direct.CopyResult] = []
-    manifest = direct.Manifest()
+    filecopy.backup_start(conn, major, label)
+    done: list[filecopy.CopyResult] = []
+    manifest = filecopy.Manifest()
 
     def blocks() -> Iterator[bytes | memoryview]:
-        yield from direct.tar_blocks(datadir, manifest)
-        done.append(direct.backup_stop(conn, major))
-        yield direct.closing_members(done[0], manifest, time.time())
+        yield from filecopy.tar_blocks(datadir, manifest)
+        done.append(filecopy.backup_stop(conn, major))
+        yield filecopy.closing_members(done[0], manifest, time.time())
 
     stream = Prefetch(blocks(), name="kw-pg-copy")
     try:
