@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from tests.fault.support import (
     kw_env,
     manifest,
 )
+from tests.waiting import wait_for
 
 HOLD_LOCK = """
 import sys
@@ -52,13 +52,6 @@ def on(name, fields):
 repo.events.subscribe(on)
 prune(repo, PruneOptions(grace=0, max_unused=UnusedLimit(percent=0)))
 """
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _repo(tmp_path: Path, snapshots: int = 1) -> tuple[Path, dict[str, str], dict[str, Manifest]]:
@@ -140,7 +133,7 @@ def test_unlock_sessions(tmp_path: Path) -> None:
     running = subprocess.Popen(KW + ["backup", "--stdin"], env=env, stdin=subprocess.PIPE)
     sessions = repo / "sessions"
     try:
-        _wait_for(lambda: sessions.exists() and len(list(sessions.iterdir())) == 2, "two sessions")
+        wait_for(lambda: sessions.exists() and len(list(sessions.iterdir())) == 2, "two sessions")
         killed.kill()
         killed.wait()
         _write_marker(repo, "sessions/elsewhere", KIND_SESSION, {
@@ -172,7 +165,7 @@ def test_a_damaged_session_of_a_running_backup_keeps_its_data(tmp_path: Path) ->
         backup.stdin.write(data[: 36 << 20])
         backup.stdin.flush()
         packs = repo / "data"
-        _wait_for(lambda: packs.exists() and any(
+        wait_for(lambda: packs.exists() and any(
             not p.name.startswith(".tmp") for p in packs.rglob("*") if p.is_file()),
             "a pack of the running backup")
         (session,) = (repo / "sessions").iterdir()

@@ -20,6 +20,7 @@ from tests.servers.postgres import (
     chown_pg,
     wal_hook_argv,
 )
+from tests.waiting import wait_for
 
 pg_env = servers_pg.pg_env
 
@@ -241,7 +242,8 @@ def test_read_ahead_segments_are_acknowledged_without_python(pg_env: PgEnv) -> N
     c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
     fresh = current_segment(c)
     c.switch_wal()
-    time.sleep(2)
+    wait_for(lambda: c.scalar("SELECT last_failed_wal FROM pg_stat_archiver") == fresh,
+             "the hook to refuse the fresh segment")
     assert (status / f"{fresh}.ready").exists()
     reload(pg_env.wal_push_command("--async", "--spool", str(spool), "%p"))
     c.wait_archived(timeout=60)

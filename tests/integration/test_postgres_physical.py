@@ -91,7 +91,6 @@ def test_pitr_exact_by_time_lsn_and_xid(pg_env: PgEnv) -> None:
         time.sleep(0.3)
     c.switch_wal()
     c.wait_archived()
-    time.sleep(0.5)
 
     def restored_rows(name: str, *target: str) -> list[int]:
         port = free_port()
@@ -131,7 +130,6 @@ def test_pitr_by_restore_point_name(pg_env: PgEnv) -> None:
     c.sql("INSERT INTO marks VALUES (4)")
     c.switch_wal()
     c.wait_archived()
-    time.sleep(0.5)
     info = json.loads(pg_env.keepwell("info", "--json").stdout)
     assert [p["name"] for p in info["restore_points"]] == ["before-two"]
     assert info["restore_points"][0]["lsn"] == point["lsn"]
@@ -186,7 +184,6 @@ def test_timeline_switch_and_restore_on_new_timeline(pg_env: PgEnv) -> None:
     r.sql("INSERT INTO marks VALUES (20)")
     r.switch_wal()
     r.wait_archived()
-    time.sleep(1.0)
     info = json.loads(pg_env.keepwell("info", "--json").stdout)
     assert "00000002.history" in info["wal"]["history_files"]
     assert "2" in info["wal"]["timelines"]
@@ -232,7 +229,6 @@ def test_forget_keeps_the_wal_retained_backups_need(pg_env: PgEnv) -> None:
         c.sql("INSERT INTO marks VALUES (%s)", (10 + i,))
         c.switch_wal()
     c.wait_archived()
-    time.sleep(1.0)
     before = json.loads(pg_env.keepwell("info", "--json").stdout)
     first_wal = before["wal"]["timelines"]["1"]["first"]
     out = json.loads(pg_env.keepwell("forget", "--keep-last", "1", "--json").stdout)

@@ -18,6 +18,7 @@ from tests.servers.postgres import (
     free_port,
     keepwell_argv,
 )
+from tests.waiting import wait_for
 
 pg_env = servers_pg.pg_env
 
@@ -62,7 +63,7 @@ def test_streaming_rpo_under_a_second_after_immediate_stop(pg_env: PgEnv) -> Non
         thread = threading.Thread(target=ticker)
         with c.pgbench_load(seconds=30):
             thread.start()
-            time.sleep(3)
+            wait_for(lambda: len(acked) >= 50, "commits acknowledged under load")
             c.stop("immediate")
         stop.set()
         thread.join(10)
