@@ -225,3 +225,27 @@ def test_rewrite_with_forget_removes_the_original(repo: Path, tmp_path: Path) ->
     assert now["original"] == first["id"] and now["summary"]["rewritten"]["files_removed"] == 1
     assert "rewrote 0 of 1" in ok(kw(repo, "rewrite", "-e", "secret.key"))
     _usage(kw(repo, "rewrite", "latest"), "nothing to remove")
+
+
+# -- check --read-data-subset ----------------------------------------------------------------------
+def test_check_read_data_subset_forms(repo: Path, tmp_path: Path) -> None:
+    for i in range(6):  # several packs: one backup each
+        _tree(tmp_path / f"d{i}", {"f": os.urandom(50_000)})
+        _backup(repo, str(tmp_path / f"d{i}"))
+
+    def packs_read(*args: str) -> int:
+        return int(json.loads(ok(kw(repo, "check", "--json", *args)))["packs_read"])
+
+    everything = packs_read("--read-data")
+    assert everything >= 6
+    groups = [packs_read("--read-data-subset", f"{n}/3") for n in (1, 2, 3)]
+    assert sum(groups) == everything
+    assert packs_read("--read-data-subset", "2/3") == groups[1]  # the same packs every time
+    assert packs_read("--read-data-subset", "100%") == everything
+    assert packs_read("--read-data-subset", "1G") == everything
+    assert 1 <= packs_read("--read-data-subset", "1K") < everything
+    assert "no errors were found (" in ok(kw(repo, "check", "--read-data-subset", "50%"))
+    _usage(kw(repo, "check", "--read-data-subset", "150%"), "at most 100%")
+    _usage(kw(repo, "check", "--read-data-subset", "0%"), "above 0%")
+    _usage(kw(repo, "check", "--read-data-subset", "4/3"), "1 <= n <= m")
+    _usage(kw(repo, "check", "--read-data-subset", "lots"), "expected n/m")

@@ -34,3 +34,18 @@ def test_times() -> None:
     for bad, words in (("soon", "expected a time"), ("6m", "ambiguous"), ("30", "no unit")):
         with pytest.raises(UsageError, match=words):
             parse_time(bad, "--oldest")
+
+
+def test_read_data_subset_groups_cover_every_pack_once() -> None:
+    from keepwell.repository.check import DataSubset
+
+    sizes = {f"data/{i:02x}/{i:02x}{'ab' * 31}": 1000 for i in range(256)}
+    groups = [DataSubset.parse(f"{n}/5").choose(sizes) for n in range(1, 6)]
+    assert sorted(p for g in groups for p in g) == sorted(sizes)
+    assert all(groups) and groups[1] == DataSubset.parse("2/5").choose(sizes)
+    assert len(DataSubset.parse("10%").choose(sizes)) == 25
+    assert len(DataSubset.parse("10K").choose(sizes)) == 11  # until 10 KiB is reached
+    assert DataSubset.parse("100%").choose(sizes) == sorted(sizes)
+    for bad in ("150%", "0%", "0", "0/3", "4/3", "1/0", "a/b", "abc", "0K", "-1G"):
+        with pytest.raises(UsageError, match="--read-data-subset"):
+            DataSubset.parse(bad)

@@ -534,24 +534,26 @@ def prune(
         print_json(report)
 
 
-def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
-          read_data_subset: Annotated[str | None, typer.Option(help="e.g. 10%")] = None,
+def check(read_data: Annotated[bool, typer.Option(
+              "--read-data", help="Read all data blobs.")] = False,
+          read_data_subset: Annotated[str | None, typer.Option(
+              "--read-data-subset", metavar="SUBSET",
+              help="Read a subset of data packs: n/m (the n-th of m groups, the same packs "
+                   "every time), x% (chosen at random) or a size such as 1G (packs chosen at "
+                   "random up to that much).")] = None,
           repo: RepoOption = None, password_file: PasswordFileOption = None,
           json_: JsonOption = False) -> None:
-    """Check structure; with --read-data also decrypt and verify every blob."""
+    """Check the repository for errors; with --read-data also download, decrypt and verify
+    every blob."""
+    from keepwell.repository.check import DataSubset
     from keepwell.repository.check import check as do_check
 
-    fraction = 1.0 if read_data else 0.0
-    if read_data_subset:
+    subset = DataSubset(fraction=1.0 if read_data else 0.0)
+    if read_data_subset is not None:
         if read_data:
             raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
-        from keepwell.units import parse_percent
-
-        fraction = parse_percent(read_data_subset, "--read-data-subset", sign_required=False) / 100
-        if fraction == 0:
-            raise UsageError(f"--read-data-subset {read_data_subset!r}: give a percentage "
-                             "above 0 and up to 100, like 10%")
-    rep = do_check(open_repo(repo, password_file), read_data_fraction=fraction)
+        subset = DataSubset.parse(read_data_subset)
+    rep = do_check(open_repo(repo, password_file), subset=subset)
     if json_:
         print_json(rep.__dict__)
     else:
@@ -560,7 +562,7 @@ def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
         for e in rep.errors:
             print(f"error: {e}")
         print(("no errors were found" if rep.ok else f"{len(rep.errors)} errors found")
-              + (f" ({rep.packs_read} packs, {rep.blobs_checked} blobs read)" if fraction else ""))
+              + (f" ({rep.packs_read} packs, {rep.blobs_checked} blobs read)" if subset else ""))
     if not rep.ok:
         raise typer.Exit(EXIT_FAILURE)
 
