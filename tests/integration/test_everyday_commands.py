@@ -1,17 +1,24 @@
-"""The everyday commands restic users reach for: ``find``, ``tag``, ``rewrite``.
+"""The everyday commands restic users reach for: ``find``, ``tag``, ``rewrite``, ``check
+--read-data-subset`` and ``dump`` of a directory.
 
 ``find`` lists, per snapshot, the paths a pattern ends at, with sizes and times; ``tag`` and
 ``rewrite`` replace a snapshot by a new one (original time and id kept), the old one removed only
 after the new one is stored: a failed store leaves the old one, a kill between the two leaves
 both; ``rewrite --forget`` and ``prune`` take a secret's data out of the repository while a file
-another snapshot shares stays. The real ``keepwell`` command runs in a subprocess against a real
+another snapshot shares stays; ``check --read-data-subset`` reads n/m groups that add up to
+every pack; a directory dumps as a tar or zip archive whose names never escape. The real ``keepwell`` command runs in a subprocess against a real
 local repository.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
+import subprocess
+import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,7 @@ import pytest
 
 from keepwell.backends.local import LocalBackend
 from keepwell.repository import Repository
-from tests.fault.cli import PASSWORD, kw, ok
+from tests.fault.cli import KW, PASSWORD, kw, ok
 from tests.integration.snapshot_edit_faults import hook_env
 
 DAY = 86400
@@ -249,3 +256,46 @@ def test_check_read_data_subset_forms(repo: Path, tmp_path: Path) -> None:
     _usage(kw(repo, "check", "--read-data-subset", "0%"), "above 0%")
     _usage(kw(repo, "check", "--read-data-subset", "4/3"), "1 <= n <= m")
     _usage(kw(repo, "check", "--read-data-subset", "lots"), "expected n/m")
+
+
+# -- dump of a directory ---------------------------------------------------------------------------
+def _dump(repo: Path, *args: str) -> bytes:
+    proc = subprocess.run([*KW, "dump", *args], capture_output=True, timeout=120,
+                          env={**os.environ, "KEEPWELL_PASSWORD": PASSWORD,
+                               "KEEPWELL_REPOSITORY": str(repo), "KEEPWELL_TESTONLY_WEAK_KDF": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_dump_of_a_directory_is_a_tar_or_zip_archive(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    big = os.urandom(3_000_000)
+    _tree(data, {"a.txt": b"hello", "sub/big.bin": big}, mtime=1_700_000_000)
+    (data / "sub/big.bin").chmod(0o600)
+    (data / "link").symlink_to("a.txt")
+    ok(kw(repo, "backup", str(data)))
+    with tarfile.open(fileobj=io.BytesIO(_dump(repo, "latest", str(data))), mode="r:") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"data", "data/a.txt", "data/link", "data/sub", "data/sub/big.bin"}
+        assert tar.extractfile("data/sub/big.bin").read() == big  # type: ignore[union-attr]
+        assert members["data/sub/big.bin"].mode == 0o600 and members["data"].isdir()
+        assert members["data/a.txt"].mtime == 1_700_000_000
+        assert members["data/link"].issym() and members["data/link"].linkname == "a.txt"
+    with zipfile.ZipFile(io.BytesIO(_dump(repo, "latest", f"{data}/sub", "--archive", "zip"))) as z:
+        assert z.namelist() == ["sub/", "sub/big.bin"] and z.read("sub/big.bin") == big
+        assert z.getinfo("sub/big.bin").external_attr >> 16 == stat.S_IFREG | 0o600
+    root = tarfile.open(fileobj=io.BytesIO(_dump(repo, "latest", "/")), mode="r:").getnames()
+    assert root[0] == str(data).strip("/").split("/")[0] and not any(
+        n.startswith("/") or ".." in n.split("/") for n in root)
+    assert _dump(repo, "latest", f"{data}/a.txt") == b"hello"  # a file: its bytes, as before
+    _usage(kw(repo, "dump", "latest", str(data), "--archive", "rar"), "give one of tar, zip")
+
+
+def test_dump_refuses_a_name_that_would_escape(repo: Path) -> None:
+    with Repository.open(LocalBackend(str(repo)), PASSWORD) as r, \
+            r.new_snapshot("files", ["/d"]) as w:
+        w.add_bytes("d/ok", b"fine")
+        w.add_bytes("d/..", b"escape")
+        w.commit()
+    r2 = kw(repo, "dump", "latest", "/d")
+    assert r2.returncode == 1 and "'..'" in r2.stderr and r2.stderr.count("\n") == 1, r2.stderr

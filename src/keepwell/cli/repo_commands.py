@@ -308,15 +308,31 @@ def diff(a: str, b: str, host: HostFilterOption = None, tag: TagFilterOption = N
     print(f"{len(out['added'])} added, {len(out['removed'])} removed, {len(out['modified'])} modified")
 
 
-def dump(snapshot: str, path: str, host: HostFilterOption = None, tag: TagFilterOption = None,
+def dump(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'.")],
+         path: Annotated[str, typer.Argument(help="File or directory inside the snapshot.")],
+         archive: Annotated[str, typer.Option(
+             "--archive", metavar="FORMAT",
+             help="Archive format of a directory: tar or zip.")] = "tar",
+         host: HostFilterOption = None, tag: TagFilterOption = None,
          path_filter: PathFilterOption = None, kind: KindFilterOption = None,
          repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
-    """Write one file of a snapshot to standard output."""
+    """Print a backed-up file to stdout; a directory as a tar (or zip) archive."""
+    from keepwell.sources.files.dump import ARCHIVE_FORMATS, write_tar, write_zip
+
+    if archive not in ARCHIVE_FORMATS:
+        raise UsageError(f"--archive {archive!r}: give one of {', '.join(ARCHIVE_FORMATS)}")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
+    node = r.find_node(snap, path)
     out = sys.stdout.buffer
-    for chunk in r.iter_file(snap, path):
-        out.write(chunk)
+    if node.type != "dir":
+        for chunk in r.iter_file(snap, path):
+            out.write(chunk)
+    else:
+        if out.isatty():
+            raise UsageError(f"{path} is a directory: its {archive} archive would go to a "
+                             "terminal", hint="redirect standard output to a file or a pipe")
+        (write_zip if archive == "zip" else write_tar)(r, snap, path, out)
     out.flush()
 
 
