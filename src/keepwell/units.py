@@ -25,6 +25,11 @@ allowed and rounded down to whole bytes.
 
 Percentages: a number from 0 to 100 followed by ``%`` (``5%``, ``12.5%``).
 
+Times (a moment, such as ``find --newest``): ISO 8601, a date or a date and time
+(``2026-11-24``, ``2026-11-24 17:05``, ``2026-11-24T17:05:00Z``), in the local zone (``TZ``)
+unless it names one; or a duration before now, with a unit (``36h``, ``7d``), read as where a
+duration chooses what to keep (no ``m``, no bare number).
+
 A value that does not parse raises `UnitError`: a `UsageError` (exit 2) whose one line names the
 option and the accepted forms, and a ``ValueError`` too, so the configuration's validators
 report it at its file, line and key.
@@ -36,7 +41,7 @@ from keepwell.errors import UsageError
 
 TYPE_CHECKING = False  # this module is read by every archive_command: no typing, re, datetime
 if TYPE_CHECKING:
-    from datetime import timedelta
+    from datetime import datetime, timedelta
 
 DURATION_EXAMPLES = "90s, 30min, 2h, 7d, 2w, 6mo, 1y or 1y6mo"
 RETENTION_EXAMPLES = "36h, 7d, 2w, 6mo, 1y or 1y6mo"
@@ -158,3 +163,22 @@ def parse_percent(value: str, what: str = "", *, sign_required: bool = True) -> 
         raise UnitError(f"{_prefix(what)}expected a percentage from 0% to 100% such as 5% or "
                         f"12.5%, got {value!r}")
     return terms[0][0]
+
+
+TIME_EXAMPLES = "2026-11-24, '2026-11-24 17:05', 2026-11-24T17:05:00Z or 7d (before now)"
+
+
+def parse_time(value: str, what: str = "") -> datetime:
+    """A moment, as the module's docstring says times are written; always with a zone."""
+    from datetime import UTC, datetime  # not at the top: see TYPE_CHECKING above
+
+    text = value.strip()
+    try:
+        moment = datetime.fromisoformat(text.replace(" UTC", "+00:00"))
+    except ValueError:
+        if _terms(text) is None:  # not a duration either
+            raise UnitError(f"{_prefix(what)}expected a time such as {TIME_EXAMPLES}, got "
+                            f"{value!r}") from None
+        ago = parse_seconds(text, what, retention=True)  # its own error says what is wrong
+        return datetime.fromtimestamp(datetime.now(UTC).timestamp() - ago, UTC)
+    return moment if moment.tzinfo else moment.astimezone()

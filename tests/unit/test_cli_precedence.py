@@ -82,6 +82,8 @@ def _args(path: tuple[str, ...], cmd: Any, w: dict[str, Any]) -> list[str]:
         ("postgres", "restore"): ["--target-dir", str(tmp / "pg-target")],
         ("postgres", "wal-upload"): ["--spool", str(tmp / "spool")],
         ("postgres", "wal-push"): [w["wal"]],
+        ("rewrite",): ["--exclude", "x"],
+        ("tag",): ["--add", "x"],
     }
     if path in given:
         return given[path]

@@ -73,6 +73,9 @@ repo_commands.register(app)
 importlib.import_module("keepwell.cli.copy").register(app)
 importlib.import_module("keepwell.cli.repair").register(app)
 importlib.import_module("keepwell.cli.maintenance").register(app)
+importlib.import_module("keepwell.cli.find").register(app)
+importlib.import_module("keepwell.cli.tag").register(app)
+importlib.import_module("keepwell.cli.rewrite").register(app)
 try:
     from keepwell.cli import sqlite as _sqlite
 

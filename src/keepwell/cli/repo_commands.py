@@ -308,15 +308,31 @@ def diff(a: str, b: str, host: HostFilterOption = None, tag: TagFilterOption = N
     print(f"{len(out['added'])} added, {len(out['removed'])} removed, {len(out['modified'])} modified")
 
 
-def dump(snapshot: str, path: str, host: HostFilterOption = None, tag: TagFilterOption = None,
+def dump(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'.")],
+         path: Annotated[str, typer.Argument(help="File or directory inside the snapshot.")],
+         archive: Annotated[str, typer.Option(
+             "--archive", metavar="FORMAT",
+             help="Archive format of a directory: tar or zip.")] = "tar",
+         host: HostFilterOption = None, tag: TagFilterOption = None,
          path_filter: PathFilterOption = None, kind: KindFilterOption = None,
          repo: RepoOption = None, password_file: PasswordFileOption = None) -> None:
-    """Write one file of a snapshot to standard output."""
+    """Print a backed-up file to stdout; a directory as a tar (or zip) archive."""
+    from keepwell.sources.files.dump import ARCHIVE_FORMATS, write_tar, write_zip
+
+    if archive not in ARCHIVE_FORMATS:
+        raise UsageError(f"--archive {archive!r}: give one of {', '.join(ARCHIVE_FORMATS)}")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
+    node = r.find_node(snap, path)
     out = sys.stdout.buffer
-    for chunk in r.iter_file(snap, path):
-        out.write(chunk)
+    if node.type != "dir":
+        for chunk in r.iter_file(snap, path):
+            out.write(chunk)
+    else:
+        if out.isatty():
+            raise UsageError(f"{path} is a directory: its {archive} archive would go to a "
+                             "terminal", hint="redirect standard output to a file or a pipe")
+        (write_zip if archive == "zip" else write_tar)(r, snap, path, out)
     out.flush()
 
 
@@ -534,24 +550,26 @@ def prune(
         print_json(report)
 
 
-def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
-          read_data_subset: Annotated[str | None, typer.Option(help="e.g. 10%")] = None,
+def check(read_data: Annotated[bool, typer.Option(
+              "--read-data", help="Read all data blobs.")] = False,
+          read_data_subset: Annotated[str | None, typer.Option(
+              "--read-data-subset", metavar="SUBSET",
+              help="Read a subset of data packs: n/m (the n-th of m groups, the same packs "
+                   "every time), x% (chosen at random) or a size such as 1G (packs chosen at "
+                   "random up to that much).")] = None,
           repo: RepoOption = None, password_file: PasswordFileOption = None,
           json_: JsonOption = False) -> None:
-    """Check structure; with --read-data also decrypt and verify every blob."""
+    """Check the repository for errors; with --read-data also download, decrypt and verify
+    every blob."""
+    from keepwell.repository.check import DataSubset
     from keepwell.repository.check import check as do_check
 
-    fraction = 1.0 if read_data else 0.0
-    if read_data_subset:
+    subset = DataSubset(fraction=1.0 if read_data else 0.0)
+    if read_data_subset is not None:
         if read_data:
             raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
-        from keepwell.units import parse_percent
-
-        fraction = parse_percent(read_data_subset, "--read-data-subset", sign_required=False) / 100
-        if fraction == 0:
-            raise UsageError(f"--read-data-subset {read_data_subset!r}: give a percentage "
-                             "above 0 and up to 100, like 10%")
-    rep = do_check(open_repo(repo, password_file), read_data_fraction=fraction)
+        subset = DataSubset.parse(read_data_subset)
+    rep = do_check(open_repo(repo, password_file), subset=subset)
     if json_:
         print_json(rep.__dict__)
     else:
@@ -560,7 +578,7 @@ def check(read_data: Annotated[bool, typer.Option("--read-data")] = False,
         for e in rep.errors:
             print(f"error: {e}")
         print(("no errors were found" if rep.ok else f"{len(rep.errors)} errors found")
-              + (f" ({rep.packs_read} packs, {rep.blobs_checked} blobs read)" if fraction else ""))
+              + (f" ({rep.packs_read} packs, {rep.blobs_checked} blobs read)" if subset else ""))
     if not rep.ok:
         raise typer.Exit(EXIT_FAILURE)
 

@@ -1,6 +1,6 @@
 """Checking a repository: structure (index ↔ packs, trees, snapshots) and, on request, data.
 
-``read_data`` downloads packs, checks each against its name (the hash of its bytes), and
+Reading data downloads packs, checks each against its name (the hash of its bytes), and
 decrypts and verifies every blob. Damage is reported with what it affects: which snapshots and
 which files inside them reference a damaged or missing blob. Packs that a prune recorded as
 pending deletion are not in the index by design and are not reported; a snapshot whose blobs only
@@ -8,6 +8,10 @@ such packs hold (a backup that raced a prune) is a warning: a restore finds them
 next prune indexes them again. Whatever makes a snapshot fail to restore is an error: a damaged
 snapshot object, a damaged or missing blob, or one that only packs outside the index and the
 pending records hold (a restore cannot locate it).
+
+A `DataSubset` says which packs to read: all, a fraction chosen at random (``10%``), group n of
+m (``2/5``: the same packs every time, and the m groups together are every pack once, so m runs
+read everything), or packs chosen at random up to a total size (``1G``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.crypto import content_name
-from keepwell.errors import KeepwellError, ObjectNotFoundError
+from keepwell.errors import KeepwellError, ObjectNotFoundError, UsageError
 from keepwell.repository.damage import check_findings
 from keepwell.repository.format import (
     KIND_PACK_HEADER,
@@ -36,6 +40,69 @@ from keepwell.repository.snapshot import Snapshot
 from keepwell.repository.tree import DIR, Node
 from keepwell.repository.unindexed import UnindexedPacks, load_tree_anywhere
 
+SUBSET_FORMS = "n/m (2/5), a percentage (10%) or a size (1G)"
+
+
+@dataclass(frozen=True)
+class DataSubset:
+    """Which packs a check reads (see the module's docstring); ``fraction`` 1: all of them."""
+
+    fraction: float = 0.0
+    group: tuple[int, int] | None = None  # (n, m): the n-th of m groups
+    size: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, what: str = "--read-data-subset") -> DataSubset:
+        """``n/m``, ``x%`` (0 < x <= 100; a bare number is a percentage too) or a size with a
+        unit (``500M``, ``1G``)."""
+        from keepwell.units import parse_percent, parse_size
+
+        value = text.strip()
+        n, slash, m = value.partition("/")
+        if slash:
+            if not (n.strip().isdigit() and m.strip().isdigit()) or not 1 <= int(n) <= int(m):
+                raise UsageError(f"{what} {text!r}: n/m needs whole numbers with 1 <= n <= m, "
+                                 "like 1/5")
+            return cls(group=(int(n), int(m)))
+        if value.endswith("%") or value.replace(".", "", 1).isdigit():
+            try:
+                percent = parse_percent(value, what, sign_required=False)
+            except UsageError:
+                percent = -1.0
+            if not 0 < percent <= 100:
+                raise UsageError(f"{what} {text!r}: a percentage must be above 0% and at most "
+                                 "100%, like 10%")
+            return cls(fraction=percent / 100)
+        try:
+            size = parse_size(value, what)
+        except UsageError:
+            raise UsageError(f"{what} {text!r}: expected {SUBSET_FORMS}") from None
+        if size <= 0:
+            raise UsageError(f"{what} {text!r}: a size must be above 0, like 1G")
+        return cls(size=size)
+
+    def __bool__(self) -> bool:
+        return bool(self.fraction or self.group or self.size)
+
+    def choose(self, sizes: dict[str, int]) -> list[str]:
+        """The pack names (``data/ab/ab12...``) to read among ``sizes`` (name -> bytes)."""
+        names = sorted(sizes)
+        if self.group is not None:
+            n, m = self.group
+            return [p for p in names if int(p.rsplit("/", 1)[1][:8], 16) % m == n - 1]
+        if self.size is not None:
+            random.shuffle(names)
+            chosen, total = [], 0
+            for p in names:
+                if total >= self.size:
+                    break
+                chosen.append(p)
+                total += sizes[p]
+            return sorted(chosen)
+        if self.fraction < 1 and names:
+            return sorted(random.sample(names, max(1, int(len(names) * self.fraction))))
+        return names if self.fraction else []
+
 
 @dataclass
 class CheckReport:
@@ -51,7 +118,12 @@ class CheckReport:
         return not self.errors
 
 
-def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
+def check(repo: Repository, *, read_data_fraction: float = 0.0,
+          subset: DataSubset | None = None) -> CheckReport:
+    """Check the repository; read the packs ``subset`` chooses (or, without it, the fraction
+    ``read_data_fraction`` of them at random: 1 reads all)."""
+    if subset is None:
+        subset = DataSubset(fraction=read_data_fraction)
     report = CheckReport()
     try:
         index = repo.refresh_index()
@@ -81,10 +153,8 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
             bad_blobs.add(blob_id)
             found[name].add(blob_id)
 
-    if read_data_fraction > 0:
-        names = sorted(n for n in by_pack if n in stored)
-        if read_data_fraction < 1:
-            names = random.sample(names, max(1, int(len(names) * read_data_fraction))) if names else []
+    if subset:
+        names = subset.choose({n: stored[n] for n in by_pack if n in stored})
 
         def read(name: str) -> tuple[list[str], set[bytes], int]:
             errs: list[str] = []
@@ -126,7 +196,7 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0) -> CheckReport:
                 report.blobs_checked += n
                 report.packs_read += 1
 
-    errors, warnings = check_findings(repo, found if read_data_fraction > 0 else {})
+    errors, warnings = check_findings(repo, found if subset else {})
     report.errors += errors
     report.warnings += warnings
 

@@ -69,8 +69,9 @@ def shares_ids(src: Repository, dst: Repository) -> bool:
 
 def select_snapshots(src: Repository, refs: Iterable[str] = (),
                      flt: SnapshotFilter | None = None) -> list[Snapshot]:
-    """The source snapshots to copy, oldest first: all that match ``flt``, or the ones named by
-    ``refs`` (id prefixes, which must match ``flt``; ``latest`` is the newest that does)."""
+    """The snapshots a command works on (those to copy, tag, rewrite...), oldest first: all
+    that match ``flt``, or the ones named by ``refs`` (id prefixes, which must match ``flt``;
+    ``latest`` is the newest that does)."""
     flt = flt or SnapshotFilter()
     refs = list(refs)
     if not refs:

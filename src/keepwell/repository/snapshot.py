@@ -3,6 +3,8 @@
 A snapshot holds the time, host, user, paths, tags, the kind of source (``files``, ``stdin``,
 ``sqlite``, ``postgres``...), the root tree, the parent snapshot, summary figures and a free-form
 ``source`` dict in which database sources keep what they need (LSNs, binlog positions...).
+A snapshot made by changing another one (``tag``, ``rewrite``: see
+keepwell.repository.snapshot_edit) names that one's id in ``original``.
 
 A `SnapshotFilter` selects snapshots as restic's ``--host``/``--tag``/``--path`` do (and by
 kind): any of the hosts; any of the tag groups, each group needing all its tags (``--tag a,b``
@@ -34,6 +36,7 @@ class Snapshot:
     summary: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     program_version: str = ""
+    original: str | None = None
 
     @property
     def short_id(self) -> str:
@@ -67,6 +70,7 @@ def decode_snapshot(snapshot_id: str, plain: bytes) -> Snapshot:
         summary=dict(d.get("summary", {})),
         source=dict(d.get("source", {})),
         program_version=d.get("program_version", ""),
+        original=d.get("original"),
     )
 
 

@@ -12,7 +12,10 @@ path as backed up), on whole path components:
   whole component matches any number of components, none included (``foo/**/bar`` matches
   ``/foo/bar`` and ``/x/foo/a/b/bar``). ``\\`` escapes the next character.
 
-A pattern that matches a directory matches everything below it. A `Matcher` also records which
+A pattern that matches a directory matches everything below it, except in a `Matcher` made
+with ``below=False`` (``find``), which matches only a path the pattern ends at: ``*.txt`` finds
+the files named so, ``/home/alice`` that one directory. ``ignore_case=True`` (``--iexclude``,
+``find --ignore-case``) compares letters without regard to case. A `Matcher` also records which
 of its patterns matched something, so a restore can say which ``--include`` selected nothing.
 """
 
@@ -71,19 +74,23 @@ def _component(glob: str) -> str:
     return "".join(out)
 
 
-def pattern_regex(pattern: str) -> str:
-    """The regular expression (for `re.search` on an absolute path) of one pattern."""
+def pattern_regex(pattern: str, *, below: bool = True) -> str:
+    """The regular expression (for `re.search` on an absolute path) of one pattern; ``below``:
+    it matches what is below a matching directory too."""
     anchored = pattern.startswith("/")
     parts = [p for p in pattern.strip("/").split("/") if p]
     seq = "".join("(?:/[^/]+)*" if p == "**" else "/" + _component(p) for p in parts)
-    return ("^" if anchored else "") + seq + "(?=/|$)"
+    return ("^" if anchored else "") + seq + ("(?=/|$)" if below else "$")
 
 
 class Matcher:
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, ignore_case: bool = False,
+                 below: bool = True) -> None:
         self.patterns = [p for p in patterns if p.strip()]
-        self._each = [re.compile(pattern_regex(p)) for p in self.patterns]
-        self._any = re.compile("|".join(f"(?:{r.pattern})" for r in self._each)) if self._each else None
+        flags = re.IGNORECASE if ignore_case else 0
+        self._each = [re.compile(pattern_regex(p, below=below), flags) for p in self.patterns]
+        self._any = re.compile("|".join(f"(?:{r.pattern})" for r in self._each),
+                               flags) if self._each else None
         self._matched: set[int] = set()
 
     def __bool__(self) -> bool:
