@@ -52,7 +52,7 @@ from keepwell.repository.index import (
     encode_index,
 )
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
-from keepwell.repository.tree import DIR, Node, decode_tree
+from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
 
 _REPAIR_INDEX_HINT = "run 'keepwell repair index' to rebuild the index from the packs"
 
@@ -446,12 +446,22 @@ class Repository:
             self.damaged_snapshots.pop(sid, None)
 
     # -- reading trees and files ----------------------------------------------------------------
-    def walk(self, snap: Snapshot | str, prefix: str = "") -> Iterator[tuple[str, Node]]:
+    def walk(self, snap: Snapshot | str, prefix: str = "", *,
+             checked: bool = False) -> Iterator[tuple[str, Node]]:
+        """Every node under a snapshot (or a tree id), each directory's nodes before its
+        subdirectories'. ``checked``: refuse, with an `IntegrityError`, a directory whose names
+        cannot all be entries of one directory (`unusable_name`), before yielding any of them."""
         tree = bytes.fromhex(snap.tree if isinstance(snap, Snapshot) else snap)
         stack: list[tuple[bytes, str]] = [(tree, prefix)]
         while stack:
             tree_id, base = stack.pop()
             nodes = self.load_tree(tree_id)
+            if checked and (why := unusable_name(nodes)) is not None:
+                what = f"snapshot {snap.short_id}" if isinstance(snap, Snapshot) else f"tree {snap[:16]}"
+                raise IntegrityError(
+                    f"{what} holds {why} in /{base}",
+                    hint="backup never writes such a name: the snapshot was damaged or forged, "
+                         "and is refused; restore another one")
             subdirs = []
             for node in nodes:
                 path = f"{base}/{node.name}" if base else node.name

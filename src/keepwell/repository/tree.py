@@ -93,6 +93,27 @@ def decode_tree(data: bytes) -> list[Node]:
         raise FormatError(f"tree blob cannot be decoded: {exc}") from None
 
 
+_NOT_NAMES = frozenset(("", ".", ".."))
+
+
+def unusable_name(nodes: list[Node]) -> str | None:
+    """What makes a directory's nodes unusable as the entries of one directory, or None: a name
+    that is empty, ``.``, ``..``, or holds ``/`` or NUL, or a name given twice. Backup never
+    writes such names; a tree that holds one was damaged or forged, and restoring it as it is
+    could write outside the restore's target."""
+    for n in nodes:
+        name = n.name
+        if name in _NOT_NAMES or "/" in name or "\0" in name:
+            return f"an unusable name {name!r}"
+    if len({n.name for n in nodes}) != len(nodes):
+        seen: set[str] = set()
+        for n in nodes:
+            if n.name in seen:
+                return f"the name {n.name!r} twice"
+            seen.add(n.name)
+    return None
+
+
 _UTF8 = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
 
 

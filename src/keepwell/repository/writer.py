@@ -159,6 +159,10 @@ class SnapshotWriter:
         parts = [p for p in path.strip("/").split("/") if p]
         if not parts:
             raise UsageError("empty path inside a snapshot")
+        if any(p in (".", "..") or "\0" in p for p in parts):
+            # a restore would refuse the snapshot (keepwell.repository.tree.unusable_name)
+            raise UsageError(f"{path!r} cannot be a path inside a snapshot",
+                             hint="give a path without '.' or '..' parts")
         d = self._root
         walked = ""
         for part in parts[:-1]:

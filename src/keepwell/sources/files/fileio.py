@@ -15,8 +15,9 @@ import os
 import sys
 
 _BIG_WRITE = 1 << 20
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-_REOPEN = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+# a new file, never one already there, nor what a symbolic link there points to
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REOPEN = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _bind() -> ctypes.PyDLL | None:
@@ -25,7 +26,7 @@ def _bind() -> ctypes.PyDLL | None:
     try:
         libc = ctypes.PyDLL(None, use_errno=True)
         sig = {
-            "open": ([ctypes.c_char_p, ctypes.c_int, ctypes.c_uint], ctypes.c_int),
+            "openat": ([ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint], ctypes.c_int),
             "pwrite64": ([ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64],
                          ctypes.c_ssize_t),
             "close": ([ctypes.c_int], ctypes.c_int),
@@ -50,15 +51,17 @@ def _fail(what: str | bytes | None = None) -> OSError:
 
 
 if _libc is not None:
-    _c_open, _c_pwrite, _c_close = _libc.open, _libc.pwrite64, _libc.close
+    _c_openat, _c_pwrite, _c_close = _libc.openat, _libc.pwrite64, _libc.close
     _c_fchmod, _c_fchown, _c_futimens = _libc.fchmod, _libc.fchown, _libc.futimens
     _Times = ctypes.c_long * 4
 
-    def open_write(path: str, create: bool) -> int:
-        """Open for writing: a new (or truncated) file with mode 0600, or an existing one."""
-        fd = int(_c_open(os.fsencode(path), _CREATE if create else _REOPEN, 0o600))
+    def open_write(dir_fd: int, name: str, create: bool) -> int:
+        """Open ``name`` in the directory ``dir_fd`` for writing: a new file with mode 0600 (an
+        `FileExistsError` if anything has that name), or one this process created before; a
+        symbolic link is never followed."""
+        fd = int(_c_openat(dir_fd, os.fsencode(name), _CREATE if create else _REOPEN, 0o600))
         if fd < 0:
-            raise _fail(path)
+            raise _fail(name)
         return fd
 
     def pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -89,8 +92,8 @@ if _libc is not None:
         if _c_futimens(fd, _Times(sec, nsec, sec, nsec)) < 0:
             raise _fail()
 else:  # pragma: no cover - systems without glibc
-    def open_write(path: str, create: bool) -> int:
-        return os.open(path, _CREATE if create else _REOPEN, 0o600)
+    def open_write(dir_fd: int, name: str, create: bool) -> int:
+        return os.open(name, _CREATE if create else _REOPEN, 0o600, dir_fd=dir_fd)
 
     def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         _os_pwrite_all(fd, data, offset)

@@ -12,6 +12,12 @@ Files of one blob (most files of most trees) are written by worker processes onc
 enough of them (keepwell.sources.workers): each gets whole packs' worth of such files, reads
 and checks the blobs and writes the files with their metadata, single-threaded, so the many
 small system calls do not hand the GIL around. Files of several blobs are written here.
+
+Nothing is written outside the target: the snapshot's names are checked as its trees are read
+(`Repository.walk` with ``checked``), and every directory, file and link under the target is
+reached through directory descriptors, never following a link restore did not make, and an
+existing file is replaced by a new one, never written through (keepwell.sources.files.targetdir).
+Both hold in this process and in the worker processes alike.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
-from keepwell.sources.files import fileio
+from keepwell.sources.files import fileio, targetdir
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
 
@@ -44,8 +50,9 @@ _MAX_GAP = 256 * 1024
 WRITERS_AFTER = 256  # files of one blob in the first batch before worker processes start
 _UNIT_FILES = 256  # files of one blob per request to a worker
 
-# one file of one blob for a worker: path, mode, mtime_ns, owner to set (None: keep)
-_Dest = tuple[str, int, int, tuple[int, int] | None]
+# one file of one blob for a worker: its directory (relative to the target), name, mode,
+# mtime_ns, owner to set (None: keep)
+_Dest = tuple[str, str, int, int, tuple[int, int] | None]
 # a blob for a worker: offset, stored length, raw length, id, type, files it fills
 _Unit = tuple[int, int, int, bytes, int, list[_Dest]]
 
@@ -61,10 +68,14 @@ class RestoreResult:
 
 @dataclass(slots=True)
 class _Target:
-    path: str
+    path: str  # for messages
+    dir: str  # its directory, relative to the target
+    name: str
     node: Node
     remaining: int
     created: bool = False
+    temp: str | None = None  # the name it is written under until whole: something had its name
+    ino: int = 0  # the file created (a file of several blobs), checked whenever it is reopened
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -78,17 +89,6 @@ class _Want:
     dests: list[tuple[_Target, int]]
 
 
-def _mkdir(path: str) -> None:
-    """A directory whose parent the walk made just before (one call, not makedirs' checks)."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-
-
 def _is_zero(data: bytes) -> bool:
     # the ends first: almost every blob fails there, without a pass over all of it
     return bool(data) and data[0] == 0 and data[-1] == 0 and data.count(0) == len(data)
@@ -96,7 +96,7 @@ def _is_zero(data: bytes) -> bool:
 
 class Restorer:
     def __init__(self, repo: Repository, snap: Snapshot, target: str, *, includes: Matcher,
-                 excludes: Matcher, workers: int, processes: int = 0) -> None:
+                 excludes: Matcher, workers: int, processes: int = 0, overwrite: bool = False) -> None:
         self.repo = repo
         self.processes = processes if can_reopen(repo) else 0
         self._writers: Workers | None = None
@@ -105,51 +105,54 @@ class Restorer:
         self.includes = includes
         self.excludes = excludes
         self.workers = workers
+        self.overwrite = overwrite
         self.result = RestoreResult()
         self._lock = threading.Lock()
         self._is_root = os.geteuid() == 0
-        self._dirs: list[tuple[str, Node]] = []
+        self._dirs: list[tuple[str, Node]] = []  # rel, node
         self._made_dirs: set[str] = set()
-        self._links: dict[tuple[int, int], str] = {}
-        self._deferred_links: list[tuple[str, str, Node]] = []
+        self._links: dict[tuple[int, int], tuple[str, str]] = {}  # the first path of an inode
+        self._deferred_links: list[tuple[tuple[str, str], tuple[str, str], str]] = []
         # the owner a file created here has without a chown; unknown (so every file is chowned)
         # when restoring over existing files, or into a set-group-id directory (it passes its
         # group on)
         fresh = os.path.isdir(target) and not os.listdir(target)
         setgid = fresh and os.stat(target).st_mode & stat.S_ISGID
         self._creator = (os.geteuid(), os.getegid()) if fresh and not setgid else None
+        self._fds = targetdir.TargetDirs(target, replace=overwrite)
 
     # -- metadata -----------------------------------------------------------------------------
-    def _apply(self, path: str, node: Node) -> None:
-        link = node.type == SYMLINK
+    def _apply(self, dir_fd: int, name: str, path: str, node: Node) -> None:
+        """Owner, mode and times of a link, FIFO or device node, by its name in its directory
+        (a link is never followed; a link has no mode of its own)."""
         try:
             if self._is_root:
-                os.chown(path, node.uid, node.gid, follow_symlinks=not link)
-            if not link:
-                os.chmod(path, node.mode)
-            os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=not link)
+                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+            if node.type != SYMLINK:
+                os.chmod(name, node.mode, dir_fd=dir_fd, follow_symlinks=False)
+            os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                 self._error(path, f"cannot set metadata: {exc.strerror}")
+        except (ValueError, NotImplementedError):  # it was replaced by a link meanwhile
+            self._error(path, "cannot set metadata: it was replaced during the restore")
 
     def _error(self, path: str, msg: str) -> None:
         with self._lock:
             self.result.errors.append((path, msg))
         self.repo.events.emit("error", path=path, message=msg)
 
-    def _ensure_parent(self, dest: str) -> None:
-        parent = os.path.dirname(dest)
-        if parent not in self._made_dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._made_dirs.add(parent)
+    def _ensure_dir(self, rel: str) -> None:
+        """The directory ``rel`` and those above it exist (made where missing)."""
+        if rel not in self._made_dirs:
+            self._fds.acquire(rel, create=True)
+            self._fds.release(rel)
+            self._made_dirs.add(rel)
 
     def _apply_open(self, fd: int, path: str, node: Node) -> None:
-        """`_apply` for a regular file this restore created and still holds open."""
-        owner = (node.uid, node.gid) if self._is_root else None
-        if owner == self._creator:
-            owner = None  # created with that owner already
+        """`_apply` for a file or directory this restore holds open."""
         try:
-            fileio.set_meta(fd, node.mode, node.mtime_ns, owner)
+            fileio.set_meta(fd, node.mode, node.mtime_ns, self._owner(node))
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                 self._error(path, f"cannot set metadata: {exc.strerror}")
@@ -169,66 +172,94 @@ class Restorer:
         if not self.includes and not self.excludes and "bytes_processed" in s:
             self.repo.events.emit("total", bytes=s["bytes_processed"], final=True, files=sum(
                 s.get(k, 0) for k in ("files_new", "files_changed", "files_unmodified")))
-        for rel, node in self.repo.walk(self.snap):
+        for rel, node in self.repo.walk(self.snap, checked=True):
             spath = "/" + rel
             dest = os.path.join(self.target, rel)
+            parent, _, name = rel.rpartition("/")
             if node.type == DIR:
                 if self._selected(spath, node) or (self.includes and not self.excludes.matches_within(spath)):
-                    self._dirs.append((dest, node))
+                    self._dirs.append((rel, node))
                     if self._selected(spath, node):
-                        _mkdir(dest)
-                        self._made_dirs.add(dest)
+                        try:
+                            self._ensure_dir(rel)
+                        except OSError as exc:
+                            self._error(dest, exc.strerror or str(exc))
                 continue
             if not self._selected(spath, node):
                 continue
-            self._ensure_parent(dest)
             try:
+                self._ensure_dir(parent)
                 if node.type == FILE:
                     total_files += 1
                     total_bytes += node.size
                     planned += 1
-                    self._plan_file(dest, node, unplaced)
+                    self._plan_file(parent, name, dest, node, unplaced)
                     if planned >= BATCH_FILES:
                         yield self._place(unplaced)
                         unplaced, planned = [], 0
-                elif node.type == SYMLINK:
-                    os.symlink(node.target or "", dest)
-                    self._apply(dest, node)
-                elif node.type == FIFO:
-                    os.mkfifo(dest, node.mode)
-                    self._apply(dest, node)
-                elif node.type in (CHARDEV, BLOCKDEV) and self._is_root:
-                    kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
-                    os.mknod(dest, node.mode | kind, node.rdev)
-                    self._apply(dest, node)
+                elif node.type in (SYMLINK, FIFO) or (node.type in (CHARDEV, BLOCKDEV) and self._is_root):
+                    self._make_special(parent, name, dest, node)
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
         self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
         yield self._place(unplaced)
 
-    def _plan_file(self, dest: str, node: Node, unplaced: list[_Target]) -> None:
+    def _make_special(self, parent: str, name: str, dest: str, node: Node) -> None:
+        """A symbolic link (made as it was saved, wherever it points: restore never follows
+        it), a FIFO or a device node."""
+        dir_fd = self._fds.acquire(parent)
+        try:
+            if node.type == SYMLINK:
+                target = node.target or ""
+                targetdir.make_node(dir_fd, name, self.overwrite,
+                                    lambda n: os.symlink(target, n, dir_fd=dir_fd))
+            elif node.type == FIFO:
+                targetdir.make_node(dir_fd, name, self.overwrite,
+                                    lambda n: os.mkfifo(n, node.mode & 0o7777, dir_fd=dir_fd))
+            else:
+                kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
+                targetdir.make_node(dir_fd, name, self.overwrite, lambda n: os.mknod(
+                    n, (node.mode & 0o7777) | kind, node.rdev, dir_fd=dir_fd))
+            self._apply(dir_fd, name, dest, node)
+        finally:
+            self._fds.release(parent)
+
+    def _plan_file(self, parent: str, name: str, dest: str, node: Node, unplaced: list[_Target]) -> None:
         if node.nlink > 1:
             key = (node.dev, node.inode)
             first = self._links.get(key)
             if first is not None:
-                self._deferred_links.append((first, dest, node))
+                self._deferred_links.append((first, (parent, name), dest))
                 return
-            self._links[key] = dest
+            self._links[key] = (parent, name)
         with self._lock:
             self.result.files += 1
-        if not node.content:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
-            self._apply(dest, node)
+        target = _Target(dest, parent, name, node, len(node.content))
+        if len(node.content) == 1:
+            unplaced.append(target)  # created when its blob is written
             return
-        target = _Target(dest, node, len(node.content))
-        if len(node.content) > 1:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        dir_fd = self._fds.acquire(parent)
+        try:
+            fd, temp = targetdir.new_file(dir_fd, name, self.overwrite)
             try:
-                os.ftruncate(fd, node.size)
+                if not node.content:
+                    self._apply_open(fd, dest, node)
+                else:
+                    os.ftruncate(fd, node.size)
+                    target.ino = os.fstat(fd).st_ino
+            except BaseException:
+                if temp is not None:
+                    targetdir.discard(dir_fd, temp)
+                raise
             finally:
                 os.close(fd)
-            target.created = True
+            if not node.content:
+                if temp is not None:
+                    targetdir.put_in_place(dir_fd, name, temp)
+                return
+        finally:
+            self._fds.release(parent)
+        target.created, target.temp = True, temp
         unplaced.append(target)
 
     def _place(self, targets: list[_Target]) -> dict[tuple[bytes, int], list[_Want]]:
@@ -244,6 +275,7 @@ class Restorer:
                 if loc is None:
                     self._error(target.path, f"blob {blob_id.hex()[:16]} is missing from the repository")
                     target.remaining = -1
+                    self._drop_temp(target)
                     continue
                 want = packs[(loc.pack, loc.pack_type)].get(blob_id)
                 if want is None:
@@ -258,20 +290,33 @@ class Restorer:
         with target.lock:
             if target.remaining < 0:
                 return
-            fd = fileio.open_write(target.path, not target.created)
-            target.created = True
+            dir_fd = self._fds.acquire(target.dir)
             try:
-                if _is_zero(data) and len(data) >= 4096:
-                    if os.fstat(fd).st_size < offset + len(data):
-                        os.ftruncate(fd, offset + len(data))
+                if target.created:
+                    fd = fileio.open_write(dir_fd, target.temp or target.name, False)
+                    if os.fstat(fd).st_ino != target.ino:
+                        fileio.close(fd)
+                        raise OSError(errno.EEXIST, "it was replaced during the restore")
                 else:
-                    fileio.pwrite_all(fd, data, offset)
-                target.remaining -= 1
-                done = target.remaining == 0
-                if done:
-                    self._apply_open(fd, target.path, target.node)
+                    fd, target.temp = targetdir.new_file(dir_fd, target.name, self.overwrite)
+                    target.created = True
+                try:
+                    if _is_zero(data) and len(data) >= 4096:
+                        if os.fstat(fd).st_size < offset + len(data):
+                            os.ftruncate(fd, offset + len(data))
+                    else:
+                        fileio.pwrite_all(fd, data, offset)
+                    target.remaining -= 1
+                    done = target.remaining == 0
+                    if done:
+                        self._apply_open(fd, target.path, target.node)
+                finally:
+                    fileio.close(fd)
+                if done and target.temp is not None:
+                    targetdir.put_in_place(dir_fd, target.name, target.temp)
+                    target.temp = None
             finally:
-                fileio.close(fd)
+                self._fds.release(target.dir)
         with self._lock:
             self.result.bytes += len(data)
         self.repo.events.emit("bytes", n=len(data))
@@ -289,7 +334,7 @@ class Restorer:
                          if len(t.node.content) == 1)
             if single < WRITERS_AFTER:
                 return batch
-            init = {**repository_init(self.repo), "is_root": self._is_root, "creator": self._creator}
+            init = {**repository_init(self.repo), "target": self.target, "replace": self.overwrite}
             self._writers = Workers("keepwell.sources.files.restorer:PackWriter", init,
                                     self.processes, lambda exc: None, "file writer")
             self.result.processes, self.processes = self.processes, 0
@@ -300,7 +345,7 @@ class Restorer:
             units: list[_Unit] = []
             files = 0
             for w in wants:
-                mine = [(t.path, t.node.mode, t.node.mtime_ns, self._owner(t.node))
+                mine = [(t.dir, t.name, t.node.mode, t.node.mtime_ns, self._owner(t.node))
                         for t, _ in w.dests if len(t.node.content) == 1]
                 rest = [(t, o) for t, o in w.dests if len(t.node.content) != 1]
                 if mine:
@@ -340,6 +385,17 @@ class Restorer:
                 if target.remaining >= 0:
                     target.remaining = -1
                     self._error(target.path, msg)
+                    self._drop_temp(target)
+
+    def _drop_temp(self, target: _Target) -> None:
+        """A file that cannot be restored whole: what had its name stays as it was."""
+        if target.temp is not None:
+            try:
+                targetdir.discard(self._fds.acquire(target.dir), target.temp)
+                self._fds.release(target.dir)
+            except OSError:
+                pass
+            target.temp = None
 
     def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
         name = pack_object_name(pack_type, pack.hex())
@@ -374,6 +430,14 @@ class Restorer:
                         self._fail_dests(w, exc.strerror or str(exc))
 
     def run(self) -> RestoreResult:
+        try:
+            self._restore()
+            self._finish()
+        finally:
+            self._fds.close()
+        return self.result
+
+    def _restore(self) -> None:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="kw-restore") as pool:
             # batches are planned while earlier ones are fetched; at most three are held at once,
             # and the pool never drains between two of them
@@ -394,22 +458,48 @@ class Restorer:
             finally:
                 if self._writers is not None:
                     self._writers.terminate()
-        for first, dest, _node in self._deferred_links:
+
+    def _finish(self) -> None:
+        """Hard links to the files restored, then the directories' metadata, deepest first."""
+        fds = self._fds
+        for first, (parent, name), dest in self._deferred_links:
             try:
-                os.link(first, dest)
+                self._link(first, parent, name)
             except OSError as exc:
                 self._error(dest, f"cannot create hard link: {exc.strerror}")
-        for dest, node in reversed(self._dirs):
-            if os.path.isdir(dest):
-                self._apply(dest, node)
-                self.result.dirs += 1
-        return self.result
+        for rel, node in reversed(self._dirs):
+            try:
+                fd = fds.acquire(rel)
+            except OSError:
+                continue  # not restored (an error said why), or not selected
+            try:
+                self._apply_open(fd, os.path.join(self.target, rel), node)
+            finally:
+                fds.release(rel)
+            self.result.dirs += 1
+
+
+    def _link(self, first: tuple[str, str], parent: str, name: str) -> None:
+        first_dir, first_name = first
+        src_fd = self._fds.acquire(first_dir)
+        try:
+            dst_fd = self._fds.acquire(parent)
+            try:
+                targetdir.make_node(dst_fd, name, self.overwrite, lambda n: os.link(
+                    first_name, n, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False))
+            finally:
+                self._fds.release(parent)
+        finally:
+            self._fds.release(first_dir)
 
 
 def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                      includes: list[str] | tuple[str, ...] | Matcher = (),
                      excludes: list[str] | tuple[str, ...] | Matcher = (), overwrite: bool = False,
                      workers: int = 4) -> RestoreResult:
+    """Restore ``snap`` under ``target`` (made if missing; it must be empty unless ``overwrite``).
+    The target is used as named, even if it is a symbolic link; nothing under it is reached
+    through a link, and nothing outside it is written (see the module's docstring)."""
     target = os.path.abspath(target)
     if os.path.exists(target):
         if not os.path.isdir(target):
@@ -420,7 +510,8 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
     with fewer_collections():
         # a Matcher given by the caller records which of its patterns matched something
         return Restorer(repo, snap, target, includes=_matcher(includes), excludes=_matcher(excludes),
-                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1)).run()
+                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1),
+                        overwrite=overwrite).run()
 
 
 def _matcher(patterns: list[str] | tuple[str, ...] | Matcher) -> Matcher:
@@ -438,6 +529,9 @@ class PackWriter:
 
         self.repo = reopen_repository(init["location"], init["options"], init["master"],
                                       init["config"], init["key_id"])
+        self._root: str = init["target"]
+        self._replace: bool = init["replace"]
+        self._fds = targetdir.TargetDirs(self._root, replace=self._replace)
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="kw-fetch")
         self._fetched: dict[int, list[Future[bytes]]] = {}
 
@@ -473,41 +567,60 @@ class PackWriter:
             try:
                 data = memoryview(fetch.result())
             except KeepwellError as exc:
-                out += [(d[0], 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
+                out += [(self._path(d), 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
                 continue
             for offset, length, raw_length, blob_id, btype, dests in group:
                 try:
                     plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
                 except KeepwellError as exc:
-                    out += [(d[0], 0, str(exc)) for d in dests]
+                    out += [(self._path(d), 0, str(exc)) for d in dests]
                     continue
                 for dest in dests:
-                    out.append(_write_whole(dest, plain))
+                    out.append(self._write_whole(dest, plain))
         return out
+
+    def _path(self, dest: _Dest) -> str:
+        return os.path.join(self._root, dest[0], dest[1])
+
+    def _write_whole(self, dest: _Dest, data: bytes) -> tuple[str, int, str | None]:
+        """Write one file of one blob as a new file (renamed over what had its name, if
+        anything did), with its metadata: (its path, bytes written, error)."""
+        rel, name, mode, mtime_ns, owner = dest
+        try:
+            dir_fd = self._fds.acquire(rel)
+        except OSError as exc:
+            return self._path(dest), 0, exc.strerror or str(exc)
+        try:
+            fd, temp = targetdir.new_file(dir_fd, name, self._replace)
+        except OSError as exc:
+            self._fds.release(rel)
+            return self._path(dest), 0, exc.strerror or str(exc)
+        try:
+            try:
+                if _is_zero(data) and len(data) >= 4096:
+                    os.ftruncate(fd, len(data))  # a hole
+                else:
+                    fileio.pwrite_all(fd, data, 0)
+                problem = None
+                try:
+                    fileio.set_meta(fd, mode, mtime_ns, owner)
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                        problem = f"cannot set metadata: {exc.strerror}"
+            finally:
+                fileio.close(fd)
+            if temp is not None:
+                targetdir.put_in_place(dir_fd, name, temp)
+            return self._path(dest), len(data), problem
+        except OSError as exc:
+            if temp is not None:
+                targetdir.discard(dir_fd, temp)
+            return self._path(dest), 0, exc.strerror or str(exc)
+        finally:
+            self._fds.release(rel)
 
     def finish(self) -> dict[str, Any]:
         self._pool.shutdown(wait=True)
+        self._fds.close()
         return {}
 
-
-def _write_whole(dest: _Dest, data: bytes) -> tuple[str, int, str | None]:
-    path, mode, mtime_ns, owner = dest
-    try:
-        fd = fileio.open_write(path, True)
-    except OSError as exc:
-        return path, 0, exc.strerror or str(exc)
-    try:
-        if _is_zero(data) and len(data) >= 4096:
-            os.ftruncate(fd, len(data))  # a hole
-        else:
-            fileio.pwrite_all(fd, data, 0)
-        try:
-            fileio.set_meta(fd, mode, mtime_ns, owner)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                return path, len(data), f"cannot set metadata: {exc.strerror}"
-        return path, len(data), None
-    except OSError as exc:
-        return path, 0, exc.strerror or str(exc)
-    finally:
-        fileio.close(fd)
