@@ -5,8 +5,9 @@ destinations, a batch of files at a time; each batch's blobs are fetched pack by
 parallel, with nearby blobs of a pack read in one ranged request, while the next batch is planned. Every blob is decrypted and checked against its id before a
 byte of it is written. Large files are written from many packs at once (``pwrite`` at their
 offsets), and runs of zeros are left as holes, so sparse files stay sparse. Metadata (owner,
-mode, times) is applied to each file when its last blob lands and to directories at the end,
-deepest first.
+mode, times, extended attributes: keepwell.sources.files.metadata) is applied to each file when
+its last blob lands and to directories at the end, deepest first; what could not be applied for
+want of privilege or support is counted and said once (`RestoreResult.metadata`).
 
 Files of one blob (most files of most trees) are written by worker processes once a restore has
 enough of them (keepwell.sources.workers): each gets whole packs' worth of such files, reads
@@ -16,7 +17,6 @@ small system calls do not hand the GIL around. Files of several blobs are writte
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
@@ -30,8 +30,8 @@ from keepwell.errors import KeepwellError, RestoreTargetError
 from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
-from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
-from keepwell.sources.files import fileio
+from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
+from keepwell.sources.files import fileio, metadata
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
 
@@ -44,8 +44,8 @@ _MAX_GAP = 256 * 1024
 WRITERS_AFTER = 256  # files of one blob in the first batch before worker processes start
 _UNIT_FILES = 256  # files of one blob per request to a worker
 
-# one file of one blob for a worker: path, mode, mtime_ns, owner to set (None: keep)
-_Dest = tuple[str, int, int, tuple[int, int] | None]
+# one file of one blob for a worker: path, mode, mtime_ns, uid, gid, xattrs
+_Dest = tuple[str, int, int, int, int, metadata.Xattrs | None]
 # a blob for a worker: offset, stored length, raw length, id, type, files it fills
 _Unit = tuple[int, int, int, bytes, int, list[_Dest]]
 
@@ -57,6 +57,8 @@ class RestoreResult:
     bytes: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     processes: int = 0  # worker processes that wrote files of one blob
+    metadata: metadata.MetadataReport = field(
+        default_factory=lambda: metadata.MetadataReport(os.geteuid() == 0))
 
 
 @dataclass(slots=True)
@@ -76,6 +78,9 @@ class _Want:
     blob_id: bytes
     type: int
     dests: list[tuple[_Target, int]]
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _mkdir(path: str) -> None:
@@ -118,19 +123,34 @@ class Restorer:
         fresh = os.path.isdir(target) and not os.listdir(target)
         setgid = fresh and os.stat(target).st_mode & stat.S_ISGID
         self._creator = (os.geteuid(), os.getegid()) if fresh and not setgid else None
+        self._policy = metadata.Policy(self._is_root, self._creator, (os.geteuid(), os.getegid()))
 
     # -- metadata -----------------------------------------------------------------------------
-    def _apply(self, path: str, node: Node) -> None:
-        link = node.type == SYMLINK
+    def _apply(self, path: str, node: Node, fd: int | None = None) -> None:
+        """Apply a node's metadata: through ``fd`` when the object is open, else through its
+        directory (a directory through a descriptor of its own), never following a symlink."""
         try:
-            if self._is_root:
-                os.chown(path, node.uid, node.gid, follow_symlinks=not link)
-            if not link:
-                os.chmod(path, node.mode)
-            os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=not link)
+            if fd is None and node.type == DIR:
+                fd = os.open(path, _DIR_FLAGS)
+                try:
+                    self._applied(path, node, fd=fd)
+                finally:
+                    os.close(fd)
+            elif fd is None:
+                parent = os.open(os.path.dirname(path), _DIR_FLAGS)
+                try:
+                    self._applied(path, node, dir_fd=parent, name=os.path.basename(path))
+                finally:
+                    os.close(parent)
+            else:
+                self._applied(path, node, fd=fd)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                self._error(path, f"cannot set metadata: {exc.strerror}")
+            self._error(path, f"cannot set metadata: {exc.strerror}")
+
+    def _applied(self, path: str, node: Node, **where: Any) -> None:
+        self.result.metadata.add(metadata.apply(
+            self._policy, node.type, node.mode, node.uid, node.gid, node.mtime_ns, node.xattrs,
+            **where))
 
     def _error(self, path: str, msg: str) -> None:
         with self._lock:
@@ -142,17 +162,6 @@ class Restorer:
         if parent not in self._made_dirs:
             os.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
-
-    def _apply_open(self, fd: int, path: str, node: Node) -> None:
-        """`_apply` for a regular file this restore created and still holds open."""
-        owner = (node.uid, node.gid) if self._is_root else None
-        if owner == self._creator:
-            owner = None  # created with that owner already
-        try:
-            fileio.set_meta(fd, node.mode, node.mtime_ns, owner)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                self._error(path, f"cannot set metadata: {exc.strerror}")
 
     # -- planning -----------------------------------------------------------------------------
     def _selected(self, spath: str, node: Node) -> bool:
@@ -197,10 +206,16 @@ class Restorer:
                 elif node.type == FIFO:
                     os.mkfifo(dest, node.mode)
                     self._apply(dest, node)
-                elif node.type in (CHARDEV, BLOCKDEV) and self._is_root:
+                elif node.type in (CHARDEV, BLOCKDEV):
                     kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
-                    os.mknod(dest, node.mode | kind, node.rdev)
+                    try:
+                        os.mknod(dest, node.mode | kind, node.rdev)
+                    except PermissionError:  # making device nodes needs privilege
+                        self.result.metadata.count("devices")
+                        continue
                     self._apply(dest, node)
+                elif node.type == SOCKET:  # older versions stored them: nothing can restore one
+                    self.result.metadata.count("sockets")
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
         self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
@@ -218,8 +233,10 @@ class Restorer:
             self.result.files += 1
         if not node.content:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
-            self._apply(dest, node)
+            try:
+                self._apply(dest, node, fd)
+            finally:
+                os.close(fd)
             return
         target = _Target(dest, node, len(node.content))
         if len(node.content) > 1:
@@ -269,7 +286,7 @@ class Restorer:
                 target.remaining -= 1
                 done = target.remaining == 0
                 if done:
-                    self._apply_open(fd, target.path, target.node)
+                    self._apply(target.path, target.node, fd)
             finally:
                 fileio.close(fd)
         with self._lock:
@@ -289,7 +306,7 @@ class Restorer:
                          if len(t.node.content) == 1)
             if single < WRITERS_AFTER:
                 return batch
-            init = {**repository_init(self.repo), "is_root": self._is_root, "creator": self._creator}
+            init = {**repository_init(self.repo), "policy": self._policy}
             self._writers = Workers("keepwell.sources.files.restorer:PackWriter", init,
                                     self.processes, lambda exc: None, "file writer")
             self.result.processes, self.processes = self.processes, 0
@@ -300,8 +317,8 @@ class Restorer:
             units: list[_Unit] = []
             files = 0
             for w in wants:
-                mine = [(t.path, t.node.mode, t.node.mtime_ns, self._owner(t.node))
-                        for t, _ in w.dests if len(t.node.content) == 1]
+                mine = [(t.path, t.node.mode, t.node.mtime_ns, t.node.uid, t.node.gid,
+                         t.node.xattrs) for t, _ in w.dests if len(t.node.content) == 1]
                 rest = [(t, o) for t, o in w.dests if len(t.node.content) != 1]
                 if mine:
                     units.append((w.offset, w.length, w.raw_length, w.blob_id, w.type, mine))
@@ -316,19 +333,17 @@ class Restorer:
                 self._send_unit(writers, name, units)
         return here
 
-    def _owner(self, node: Node) -> tuple[int, int] | None:
-        owner = (node.uid, node.gid) if self._is_root else None
-        return None if owner == self._creator else owner
-
     def _send_unit(self, writers: Workers, name: str, units: list[_Unit]) -> None:
         writers.send(writers.least_busy(), (name, units), self._written)
 
-    def _written(self, results: list[tuple[str, int, str | None]]) -> None:
-        """A worker's answer: each file's path, bytes written, error."""
-        for path, n, err in results:
+    def _written(self, results: list[tuple[str, int, str | None, int]]) -> None:
+        """A worker's answer: each file's path, bytes written, error, metadata not restored
+        (`metadata.apply`'s bits)."""
+        for path, n, err, missed in results:
             if err is not None:
                 self._error(path, err)
                 continue
+            self.result.metadata.add(missed)
             with self._lock:
                 self.result.bytes += n
             self.repo.events.emit("bytes", n=n)
@@ -438,6 +453,7 @@ class PackWriter:
 
         self.repo = reopen_repository(init["location"], init["options"], init["master"],
                                       init["config"], init["key_id"])
+        self.policy: metadata.Policy = init["policy"]
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="kw-fetch")
         self._fetched: dict[int, list[Future[bytes]]] = {}
 
@@ -464,25 +480,25 @@ class PackWriter:
             self._fetched[id(units)] = [self._pool.submit(self.repo.backend.get, name, start, end - start)
                                         for start, end, _ in self._groups(units)]
 
-    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None]]:
+    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None, int]]:
         name, units = request
         self.prefetch(request)
         fetches = self._fetched.pop(id(units))
-        out: list[tuple[str, int, str | None]] = []
+        out: list[tuple[str, int, str | None, int]] = []
         for (start, _end, group), fetch in zip(self._groups(units), fetches, strict=True):
             try:
                 data = memoryview(fetch.result())
             except KeepwellError as exc:
-                out += [(d[0], 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
+                out += [(d[0], 0, f"cannot read {name}: {exc}", 0) for u in group for d in u[5]]
                 continue
             for offset, length, raw_length, blob_id, btype, dests in group:
                 try:
                     plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
                 except KeepwellError as exc:
-                    out += [(d[0], 0, str(exc)) for d in dests]
+                    out += [(d[0], 0, str(exc), 0) for d in dests]
                     continue
                 for dest in dests:
-                    out.append(_write_whole(dest, plain))
+                    out.append(_write_whole(self.policy, dest, plain))
         return out
 
     def finish(self) -> dict[str, Any]:
@@ -490,24 +506,24 @@ class PackWriter:
         return {}
 
 
-def _write_whole(dest: _Dest, data: bytes) -> tuple[str, int, str | None]:
-    path, mode, mtime_ns, owner = dest
+def _write_whole(policy: metadata.Policy, dest: _Dest,
+                 data: bytes) -> tuple[str, int, str | None, int]:
+    path, mode, mtime_ns, uid, gid, xattrs = dest
     try:
         fd = fileio.open_write(path, True)
     except OSError as exc:
-        return path, 0, exc.strerror or str(exc)
+        return path, 0, exc.strerror or str(exc), 0
     try:
         if _is_zero(data) and len(data) >= 4096:
             os.ftruncate(fd, len(data))  # a hole
         else:
             fileio.pwrite_all(fd, data, 0)
         try:
-            fileio.set_meta(fd, mode, mtime_ns, owner)
+            missed = metadata.apply(policy, FILE, mode, uid, gid, mtime_ns, xattrs, fd=fd)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                return path, len(data), f"cannot set metadata: {exc.strerror}"
-        return path, len(data), None
+            return path, len(data), f"cannot set metadata: {exc.strerror}", 0
+        return path, len(data), None, missed
     except OSError as exc:
-        return path, 0, exc.strerror or str(exc)
+        return path, 0, exc.strerror or str(exc), 0
     finally:
         fileio.close(fd)
