@@ -34,6 +34,7 @@ from keepwell.sources.files import fileio
 Xattrs = tuple[tuple[bytes, bytes], ...]
 
 _ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+_ACL_NAMES = tuple(os.fsencode(n) for n in _ACLS)
 _KEPT_PREFIXES = ("user.", "security.", "trusted.")
 # errors that mean "this filesystem or this object has no such metadata" or "not permitted"
 _NONE = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM, errno.EACCES, errno.ENOENT)
@@ -202,7 +203,8 @@ def _set_xattrs(xattrs: Xattrs, put: object) -> int:
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 missed |= XATTR_UNSUPPORTED
-            elif exc.errno in _DENIED:
+            elif exc.errno in _DENIED or (exc.errno == errno.EINVAL and key in _ACL_NAMES):
+                # EINVAL: an ACL naming an id this user namespace does not map
                 missed |= XATTR_DENIED if privileged_name(key) else XATTR_USER_DENIED
             else:
                 raise
