@@ -17,13 +17,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from keepwell.backends.local import LocalBackend
-from keepwell.repository import Repository, open_repository
-from keepwell.repository.tree import FIFO, SOCKET
+from keepwell.repository import Repository, Snapshot, open_repository
+from keepwell.repository.format import TREE
+from keepwell.repository.tree import FIFO, SOCKET, encode_node
 from keepwell.sources.files import archiver, backup_paths, restore_snapshot, restorer
 
 os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
@@ -252,3 +255,37 @@ def test_a_restricted_root_restores_modes_and_times_when_chown_is_refused(shared
     files = sum(1 for _ in src.rglob("*")) - 1 + 1
     assert f"keepwell: warning: ownership not restored for {files} files (not permitted)" in lines
     assert not any("cannot set metadata" in line for line in lines)
+
+
+# -- snapshots of tree version 1 --------------------------------------------------------------------
+def _as_version_1(repo: Repository, snap: Snapshot, path: str) -> Snapshot:
+    """A copy of a files snapshot of ``path`` whose trees are encoded as version 1 was (each node
+    without its extended attributes), as a parent for the next backup."""
+    with repo.new_snapshot("files", [path], host=snap.host) as writer:
+        def copy(tree_id: bytes) -> bytes:
+            rows = []
+            for n in repo.load_tree(tree_id):  # shared with the repository's cache: copied
+                sub = None if n.subtree is None else copy(n.subtree)
+                rows.append(encode_node(replace(n, subtree=sub))[:17])
+            return writer.sink.save(TREE, msgpack.packb([1, rows], use_bin_type=True))
+
+        node = repo.find_node(snap, path)
+        assert node.subtree is not None
+        writer.add_node(path, replace(node, subtree=copy(node.subtree)))
+        return writer.commit()
+
+
+def test_a_version_1_parent_gives_its_contents_and_the_attributes_are_read(
+        repo: Repository, tmp_path: Path) -> None:
+    """Files unchanged since a parent snapshot of tree version 1 are not read again, and their
+    extended attributes, which that snapshot did not record, are read from the files."""
+    src = tmp_path / "src"
+    make_tree(src, small_files=5)
+    first = backup_paths(repo, [str(src)]).snapshot
+    parent = _as_version_1(repo, first, str(src))
+    assert all(n.xattrs is None for _, n in repo.walk(parent) if n.name == "a.txt")
+    snap = backup_paths(repo, [str(src)], parent=parent).snapshot
+    assert snap.summary["files_new"] == snap.summary["files_changed"] == 0
+    restore_snapshot(repo, snap, str(tmp_path / "out"))
+    restored = tmp_path / "out" / str(src).lstrip("/")
+    assert describe(restored) == describe(src)

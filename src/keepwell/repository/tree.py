@@ -69,7 +69,8 @@ class Node:
         return d
 
 
-def _enc(n: Node) -> list[object]:
+def encode_node(n: Node) -> list[object]:
+    """A node as the items of its array in a tree blob."""
     return [
         os.fsencode(n.name), _TYPE_CODE[n.type], n.mode, n.uid, n.gid, n.user, n.group,
         n.mtime_ns, n.ctime_ns, n.size, n.inode, n.dev, n.nlink, n.content, n.subtree,
@@ -80,7 +81,7 @@ def _enc(n: Node) -> list[object]:
 
 def encode_tree(nodes: list[Node]) -> bytes:
     nodes = sorted(nodes, key=lambda n: os.fsencode(n.name))
-    return msgpack.packb([TREE_VERSION, [_enc(n) for n in nodes]], use_bin_type=True)
+    return msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
 
 
 def decode_tree(data: bytes) -> list[Node]:
