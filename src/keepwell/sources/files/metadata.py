@@ -27,6 +27,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keepwell.sources.files import fileio
@@ -85,13 +86,13 @@ def read_path(path: str) -> Xattrs:
     return _values(names, lambda n: os.getxattr(path, n, follow_symlinks=False))
 
 
-def _values(names: list[str], get: object) -> Xattrs:
+def _values(names: list[str], get: Callable[[str], bytes]) -> Xattrs:
     out = []
     for name in sorted(names, key=os.fsencode):
         if not kept(name):
             continue
         try:
-            value = get(name)  # type: ignore[operator]
+            value = get(name)
         except OSError as exc:
             if exc.errno in _NONE:
                 continue  # removed meanwhile, or not readable by this user
@@ -195,11 +196,11 @@ def _chmod_at(dir_fd: int, name: str, mode: int) -> None:
         os.close(fd)
 
 
-def _set_xattrs(xattrs: Xattrs, put: object) -> int:
+def _set_xattrs(xattrs: Xattrs, put: Callable[[str, bytes], None]) -> int:
     missed = 0
     for key, value in xattrs:
         try:
-            put(os.fsdecode(key), value)  # type: ignore[operator]
+            put(os.fsdecode(key), value)
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 missed |= XATTR_UNSUPPORTED
