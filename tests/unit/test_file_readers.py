@@ -21,6 +21,7 @@ from keepwell.repository.format import DATA
 from keepwell.repository.index import MasterIndex
 from keepwell.sources.files import backup_paths, restore_snapshot
 from keepwell.sources.files.archiver import READERS_AFTER
+from keepwell.sources.files.metadata import Xattrs
 
 os.environ.setdefault("KEEPWELL_TESTONLY_WEAK_KDF", "1")
 
@@ -141,12 +142,16 @@ def test_a_file_gone_before_its_read_is_reported(tmp_path: Path) -> None:
 
     repo = _open(tmp_path)
     (tmp_path / "here").write_bytes(b"present")
+    os.setxattr(tmp_path / "here", "user.origin", b"reader")
     got: dict[str, tuple[list[bytes], int, str | None]] = {}
+    attrs: dict[str, Xattrs] = {}
     errors: list[BaseException] = []
     pool = ReaderPool(repo, 1, "files", errors.append)
     def keep(name: str) -> Done:
-        def done(ids: list[bytes], size: int, err: str | None, assumed: list[bytes]) -> None:
+        def done(ids: list[bytes], size: int, err: str | None, assumed: list[bytes],
+                 xattrs: Xattrs) -> None:
             got[name] = (ids, size, err)
+            attrs[name] = xattrs
         return done
 
     for name in ("here", "gone"):
@@ -156,6 +161,7 @@ def test_a_file_gone_before_its_read_is_reported(tmp_path: Path) -> None:
     assert got["gone"] == ([], 0, "No such file or directory")
     ids, size, err = got["here"]
     assert size == 7 and err is None and len(ids) == 1
+    assert attrs["here"] == ((b"user.origin", b"reader"),)  # read through the same descriptor
     assert totals["blobs_new"] == 1
     repo.refresh_index()
     assert repo.index.has(ids[0])
@@ -259,7 +265,7 @@ def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
         "import pickle, sys\n"
         "from keepwell.sources.files.readers import Reader\n"
         f"r = Reader(pickle.loads(open({str(tmp_path / 'init')!r}, 'rb').read()))\n"
-        f"(k_ids, _, _, assumed), (n_ids, _, _, _) = r.handle([({str(tmp_path / 'known')!r}, 2000),"
+        f"(k_ids, _, _, assumed, _), (n_ids, _, _, _, _) = r.handle([({str(tmp_path / 'known')!r}, 2000),"
         f" ({str(tmp_path / 'new')!r}, 70000)])\n"
         "assert assumed == k_ids and len(n_ids) == 1, (assumed, k_ids)\n"
         "totals = r.finish()\n"

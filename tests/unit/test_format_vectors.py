@@ -240,13 +240,27 @@ def tree_nodes(v: Vectors) -> list[Node]:
 def check_trees(v: Vectors) -> None:
     _, _, _, id_key = keys(v)
     empty = encode_tree([])
-    assert empty == v.hex("tree.empty")
-    assert keyed_id(id_key, empty) == v.hex("tree.empty_id")
+    assert empty == v.hex("tree.v2.empty")
+    assert keyed_id(id_key, empty) == v.hex("tree.v2.empty_id")
     nodes = tree_nodes(v)
+    nodes[0].xattrs = ((b"user.mime_type", b"text/plain"),)
+    nodes[2].subtree = v.hex("tree.v2.empty_id")
     root = encode_tree(list(reversed(nodes)))  # the encoding sorts them
-    assert root == v.hex("tree.root")
-    assert keyed_id(id_key, root) == v.hex("tree.root_id")
+    assert root == v.hex("tree.v2.root")
+    assert keyed_id(id_key, root) == v.hex("tree.v2.root_id")
     assert decode_tree(root) == nodes
+
+
+def check_trees_v1(v: Vectors) -> None:
+    """Version 1 trees are read: their nodes record no extended attributes (None)."""
+    _, _, _, id_key = keys(v)
+    assert decode_tree(v.hex("tree.empty")) == []
+    assert keyed_id(id_key, v.hex("tree.empty")) == v.hex("tree.empty_id")
+    nodes = tree_nodes(v)
+    for n in nodes:
+        n.xattrs = None
+    assert decode_tree(v.hex("tree.root")) == nodes
+    assert keyed_id(id_key, v.hex("tree.root")) == v.hex("tree.root_id")
 
 
 def check_snapshot(v: Vectors) -> None:
@@ -342,7 +356,8 @@ def check_chunker(v: Vectors) -> None:
 
 
 CHECKS: list[Callable[[Vectors], None]] = [
-    check_blob1, check_blob2, check_pack, check_index, check_trees, check_snapshot, check_config,
+    check_blob1, check_blob2, check_pack, check_index, check_trees, check_trees_v1, check_snapshot,
+    check_config,
     check_key_file, check_chunker,
 ]
 

@@ -237,6 +237,9 @@ def backup(
               f"{human_bytes(s.get('bytes_processed', s.get('bytes_read', 0)))} processed, "
               f"{human_bytes(s.get('bytes_added', 0))} new, {human_bytes(s.get('bytes_stored', 0))} "
               f"stored, {s.get('duration', 0):.1f}s")
+    if s.get("sockets_skipped"):  # as restic does: nothing could restore a socket
+        print(f"keepwell: skipped {s['sockets_skipped']} socket(s): a socket cannot be backed up",
+              file=sys.stderr)
     if errors:
         print(f"keepwell: {len(errors)} item(s) could not be read; the snapshot is partial",
               file=sys.stderr)
@@ -414,18 +417,27 @@ def restore(snapshot: str,
     unmatched = includes.unmatched()
     if json_:
         print_json({"files": res.files, "dirs": res.dirs, "bytes": res.bytes,
-                    "errors": [list(e) for e in res.errors], "unmatched_includes": unmatched})
+                    "errors": [list(e) for e in res.errors], "unmatched_includes": unmatched,
+                    "metadata": res.metadata.to_json()})
     else:
         print(f"restored {res.files} files, {res.dirs} dirs, {human_bytes(res.bytes)} to {target}")
     for pattern in unmatched:
         print(f"keepwell: warning: --include {pattern} matched nothing in snapshot {snap.short_id}",
               file=sys.stderr)
+    # what could not be restored for want of privilege or support: one line each, and a
+    # partial restore only if the user could have had it (an unprivileged user cannot ask for
+    # owners, privileged attributes or device nodes)
+    level = "note" if res.metadata.complete else "warning"
+    for note in res.metadata.notes():
+        print(f"keepwell: {level}: {note}", file=sys.stderr)
     if res.errors:
         for path_, msg in res.errors[:20]:
             print(f"keepwell: {path_}: {msg}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE)
     if unmatched:  # nothing at all, or not all that was asked for
         raise typer.Exit(EXIT_PARTIAL if res.files or res.dirs else EXIT_FAILURE)
+    if not res.metadata.complete:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def forget(

@@ -3,6 +3,10 @@
 A tree blob's id is the keyed hash of its encoding, so an unchanged directory gives the same tree
 blob and deduplicates, and so does every directory above it that did not change. Names are kept
 as bytes, so names that are not valid UTF-8 survive a round trip.
+
+Version 2 adds a node's extended attributes (POSIX ACLs among them), as (name, value) pairs of
+bytes in name order. Version 1 trees are still read: their nodes' ``xattrs`` is None (not
+recorded), where a version 2 node without any has an empty tuple.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import msgpack
 
 from keepwell.errors import FormatError
 
-TREE_VERSION = 1
+TREE_VERSION = 2
 FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET = (
     "file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket"
 )
@@ -42,6 +46,7 @@ class Node:
     subtree: bytes | None = None
     target: str | None = None
     rdev: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] | None = ()
 
     @property
     def mtime(self) -> float:
@@ -59,26 +64,30 @@ class Node:
             d["subtree"] = self.subtree.hex()
         if self.content:
             d["blobs"] = len(self.content)
+        if self.xattrs:
+            d["xattrs"] = [os.fsdecode(k) for k, _ in self.xattrs]
         return d
 
 
-def _enc(n: Node) -> list[object]:
+def encode_node(n: Node) -> list[object]:
+    """A node as the items of its array in a tree blob."""
     return [
         os.fsencode(n.name), _TYPE_CODE[n.type], n.mode, n.uid, n.gid, n.user, n.group,
         n.mtime_ns, n.ctime_ns, n.size, n.inode, n.dev, n.nlink, n.content, n.subtree,
         None if n.target is None else os.fsencode(n.target), n.rdev,
+        [[k, v] for k, v in n.xattrs] if n.xattrs else [],
     ]
 
 
 def encode_tree(nodes: list[Node]) -> bytes:
     nodes = sorted(nodes, key=lambda n: os.fsencode(n.name))
-    return msgpack.packb([TREE_VERSION, [_enc(n) for n in nodes]], use_bin_type=True)
+    return msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
 
 
 def decode_tree(data: bytes) -> list[Node]:
     try:
         version, raw = msgpack.unpackb(data, raw=False, use_list=True)
-        if version != TREE_VERSION:
+        if version not in (1, TREE_VERSION):
             raise ValueError(f"tree version {version}")
         intern, types = sys.intern, _TYPES
         # positional, in the order of the fields and of the encoding (a walk decodes every
@@ -86,7 +95,8 @@ def decode_tree(data: bytes) -> list[Node]:
         return [
             Node(_name(r[0]), types[r[1]], r[2], r[3], r[4], intern(r[5]), intern(r[6]), r[7],
                  r[8], r[9], r[10], r[11], r[12], r[13], r[14],
-                 None if r[15] is None else _name(r[15]), r[16])
+                 None if r[15] is None else _name(r[15]), r[16],
+                 None if version == 1 else _xattrs(r[17]))
             for r in raw
         ]
     except (ValueError, TypeError, IndexError, UnicodeDecodeError, msgpack.UnpackException) as exc:
@@ -112,6 +122,13 @@ def unusable_name(nodes: list[Node]) -> str | None:
                 return f"the name {n.name!r} twice"
             seen.add(n.name)
     return None
+def _xattrs(raw: list[list[bytes]]) -> tuple[tuple[bytes, bytes], ...]:
+    if not raw:
+        return ()
+    out = tuple((k, v) for k, v in raw)
+    if not all(type(k) is bytes and type(v) is bytes for k, v in out):
+        raise ValueError("an extended attribute is not a pair of bytes")
+    return out
 
 
 _UTF8 = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"

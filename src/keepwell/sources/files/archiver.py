@@ -9,8 +9,12 @@ bounded, so memory stays flat however large the tree.
 
 A file is not re-read when the parent snapshot holds it with the same size, mtime, ctime and
 inode, and all its blobs are still in the index; when every other field matches too, its old
-node is kept as it is. Unreadable entries are reported and skipped; the result then says it is
-partial.
+node is kept as it is (the ctime covers the extended attributes too). Unreadable entries are
+reported and skipped; the result then says it is partial. Sockets are skipped and counted
+(``sockets_skipped``): nothing could restore one.
+
+Extended attributes (keepwell.sources.files.metadata) are read through the descriptor a file is
+read with, and by path for directories, symlinks and special files.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.repository.writer import SnapshotWriter
+from keepwell.sources.files import metadata
 from keepwell.sources.files.prefetch import Prefetch
 from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
@@ -160,7 +165,9 @@ class Archiver:
         self._to_read = 0  # small files sent to be read so far
         self._dir_jobs = 0  # directories submitted and not yet listed
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
-                       "bytes_processed": 0, "errors": 0, "reader_processes": 0}
+                       "bytes_processed": 0, "errors": 0, "reader_processes": 0,
+                       "sockets_skipped": 0}
+        self._xattrs = metadata.XattrReader()
 
     # -- results flowing up -------------------------------------------------------------------
     def _child_done(self, d: _Dir, slot: int, node: Node | None) -> None:
@@ -233,6 +240,7 @@ class Archiver:
     def _read_file(self, path: str, node: Node) -> list[bytes]:
         fd = os.open(path, _OPEN_FLAGS)
         try:
+            node.xattrs = metadata.read_fd(fd)
             if node.size < _LARGE:
                 return self._read_whole(fd, node)
             # one large file at a time: each stream holds a buffer (up to 6 MiB), and the
@@ -285,6 +293,7 @@ class Archiver:
 
     def _walk_dir(self, path: str, node: Node, old: Node | None, parent: _Dir | None, slot: int,
                   done: Future[Node] | None = None) -> None:
+        node.xattrs = self._xattrs.read(path, node.dev, directory=True)
         try:
             with os.scandir(path) as it:
                 # by name: the order of the old tree's nodes (byte order) for all but names
@@ -314,7 +323,7 @@ class Archiver:
         # Children settled here (unchanged files above all) are counted and released in one
         # step at the end; the extra count keeps the directory open until then.
         d.remaining += 1
-        settled = same = same_bytes = 0
+        settled = same = same_bytes = sockets = 0
         nodes, names = d.nodes, self.names
         users, groups = names.users, names.groups  # filled by node_from_stat on a first miss
         try:
@@ -330,7 +339,7 @@ class Archiver:
                     continue
                 o = old_children.get(e.name)
                 if o is not None and known is not None and o.name in known \
-                        and o.mtime_ns == st.st_mtime_ns and o.ctime_ns == st.st_ctime_ns \
+                        and o.xattrs is not None and o.mtime_ns == st.st_mtime_ns and o.ctime_ns == st.st_ctime_ns \
                         and o.size == st.st_size and o.inode == st.st_ino and o.type == FILE \
                         and stat.S_ISREG(st.st_mode) and o.mode == stat.S_IMODE(st.st_mode) \
                         and o.uid == st.st_uid and o.gid == st.st_gid and o.dev == st.st_dev \
@@ -345,6 +354,12 @@ class Archiver:
                 if cnode.type in (FILE, DIR):
                     self._add(child, cnode, st, o, d, i, known)
                     continue
+                if cnode.type == SOCKET:
+                    nodes[i] = None
+                    settled += 1
+                    sockets += 1
+                    continue
+                cnode.xattrs = self._xattrs.read(child, st.st_dev)
                 if cnode.type == SYMLINK:
                     try:
                         cnode.target = os.readlink(child)
@@ -356,6 +371,9 @@ class Archiver:
                 nodes[i] = cnode
                 settled += 1
         finally:
+            if sockets:
+                with self._lock:
+                    self.counts["sockets_skipped"] += sockets
             if same:
                 with self._lock:
                     self.counts["files_unmodified"] += same
@@ -420,7 +438,8 @@ class Archiver:
         return pool
 
     def _file_stored(self, d: _Dir, slot: int, path: str, node: Node, changed: bool,
-                     ids: list[bytes], size: int, error: str | None, assumed: list[bytes]) -> None:
+                     ids: list[bytes], size: int, error: str | None, assumed: list[bytes],
+                     xattrs: metadata.Xattrs) -> None:
         """A worker process's answer for one file (called in its result thread)."""
         try:
             if error is not None:
@@ -432,7 +451,7 @@ class Archiver:
                 self._slots.acquire()
                 self._files.submit(self._file_job, d, slot, path, node, changed)
                 return
-            node.content, node.size = ids, size
+            node.content, node.size, node.xattrs = ids, size, xattrs
             with self._lock:
                 self.counts["files_changed" if changed else "files_new"] += 1
                 self.counts["bytes_processed"] += size
@@ -457,6 +476,7 @@ class Archiver:
         if self._unchanged(node, old, known):
             assert old is not None
             node.content = old.content
+            node.xattrs = old.xattrs if old.xattrs is not None else self._xattrs.read(path, st.st_dev)
             with self._lock:
                 self.counts["files_unmodified"] += 1
                 self.counts["bytes_processed"] += node.size
@@ -471,10 +491,15 @@ class Archiver:
         self._slots.acquire()
         self._files.submit(self._file_job, d, slot, path, node, old is not None)
 
-    def backup_root(self, path: str) -> Node:
-        """Walk one top-level path; return its node once its whole subtree is stored."""
+    def backup_root(self, path: str) -> Node | None:
+        """Walk one top-level path; return its node once its whole subtree is stored (None for
+        a socket, which is skipped)."""
         st = os.lstat(path)
         node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
+        if node.type == SOCKET:
+            with self._lock:
+                self.counts["sockets_skipped"] += 1
+            return None
         old = None
         if self.parent is not None:
             try:
@@ -485,6 +510,7 @@ class Archiver:
             if self._unchanged(node, old):
                 assert old is not None
                 node.content = old.content
+                node.xattrs = old.xattrs if old.xattrs is not None else self._xattrs.read(path, st.st_dev)
                 counter = "files_unmodified"
                 self.repo.events.emit("bytes", n=node.size)
             else:
@@ -495,9 +521,10 @@ class Archiver:
                 self.counts["bytes_processed"] += node.size
             self.repo.events.emit("file", path=path, size=node.size)
             return node
-        if node.type == SYMLINK:
-            node.target = os.readlink(path)
         if node.type != DIR:
+            node.xattrs = self._xattrs.read(path, st.st_dev)
+            if node.type == SYMLINK:
+                node.target = os.readlink(path)
             return node
         fut: Future[Node] = Future()
         fut.add_done_callback(lambda _: self._wake.set())
@@ -530,7 +557,10 @@ class Archiver:
 def _dir_meta(names: _Names) -> Callable[[str], Node]:
     def meta(path: str) -> Node:
         try:
-            return node_from_stat(path.rsplit("/", 1)[-1], os.lstat(path), names)
+            st = os.lstat(path)
+            node = node_from_stat(path.rsplit("/", 1)[-1], st, names)
+            node.xattrs = metadata.read_path(path)
+            return node
         except OSError:
             return Node(name=path.rsplit("/", 1)[-1], type=DIR, mode=0o755)
 
@@ -634,7 +664,8 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         prefetch = Prefetch(absolute, one_file_system=one_file_system)
         try:
             for ap in absolute:
-                writer.add_node(ap, archiver.backup_root(ap))
+                if (root := archiver.backup_root(ap)) is not None:
+                    writer.add_node(ap, root)
         finally:
             prefetch.stop()
             archiver.close()

@@ -11,6 +11,7 @@ more, and every call on a system without glibc, go through ``os``, which release
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 
@@ -18,6 +19,7 @@ _BIG_WRITE = 1 << 20
 # a new file, never one already there, nor what a symbolic link there points to
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REOPEN = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_NOT_GIVEN = (errno.EPERM, errno.EINVAL)  # a chown refused: not permitted, or an unmapped id
 
 
 def _bind() -> ctypes.PyDLL | None:
@@ -81,16 +83,21 @@ if _libc is not None:
         if _c_close(fd) < 0:
             raise _fail()
 
-    def set_meta(fd: int, mode: int, mtime_ns: int, owner: tuple[int, int] | None) -> None:
+    def set_meta(fd: int, mode: int, mtime_ns: int, owner: tuple[int, int] | None) -> bool:
         """Owner (when given), mode and times of an open file, in that order (chown clears
-        set-id bits, so the mode comes after it)."""
+        set-id bits, so the mode comes after it). An owner that may not be given (EPERM; EINVAL:
+        an id this user namespace does not map) does not stop the rest: False is returned."""
+        given = True
         if owner is not None and _c_fchown(fd, owner[0], owner[1]) < 0:
-            raise _fail()
+            if ctypes.get_errno() not in _NOT_GIVEN:
+                raise _fail()
+            given = False
         if _c_fchmod(fd, mode) < 0:
             raise _fail()
         sec, nsec = divmod(mtime_ns, 1_000_000_000)
         if _c_futimens(fd, _Times(sec, nsec, sec, nsec)) < 0:
             raise _fail()
+        return given
 else:  # pragma: no cover - systems without glibc
     def open_write(dir_fd: int, name: str, create: bool) -> int:
         return os.open(name, _CREATE if create else _REOPEN, 0o600, dir_fd=dir_fd)
@@ -101,11 +108,18 @@ else:  # pragma: no cover - systems without glibc
     def close(fd: int) -> None:
         os.close(fd)
 
-    def set_meta(fd: int, mode: int, mtime_ns: int, owner: tuple[int, int] | None) -> None:
+    def set_meta(fd: int, mode: int, mtime_ns: int, owner: tuple[int, int] | None) -> bool:
+        given = True
         if owner is not None:
-            os.fchown(fd, owner[0], owner[1])
+            try:
+                os.fchown(fd, owner[0], owner[1])
+            except OSError as exc:
+                if exc.errno not in _NOT_GIVEN:
+                    raise
+                given = False
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
+        return given
 
 
 def _os_pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -39,11 +39,13 @@ from typing import Any
 from keepwell.crypto import keyed_id
 from keepwell.process import trim_heap
 from keepwell.repository.format import DATA
+from keepwell.sources.files.metadata import Xattrs, read_fd
 from keepwell.sources.workers import Workers, repository_init
 
-# ids in file order, bytes read, error text, ids assumed known from the index's keys
-Done = Callable[[list[bytes], int, str | None, list[bytes]], None]
-Answer = tuple[list[bytes], int, str | None, list[bytes]]
+# ids in file order, bytes read, error text, ids assumed known from the index's keys, the file's
+# extended attributes (read through the descriptor it was read with)
+Done = Callable[[list[bytes], int, str | None, list[bytes], Xattrs], None]
+Answer = tuple[list[bytes], int, str | None, list[bytes], Xattrs]
 
 BATCH_FILES = 64
 BATCH_BYTES = 4 << 20
@@ -162,8 +164,8 @@ class ReaderPool:
 
 
 def _deliver(dones: list[Done], answers: list[Answer]) -> None:
-    for done, (ids, size, err, assumed) in zip(dones, answers, strict=True):
-        done(ids, size, err, assumed)
+    for done, answer in zip(dones, answers, strict=True):
+        done(*answer)
 
 
 def _shm_dir() -> str | None:
@@ -210,10 +212,11 @@ class Reader:
                 raise fd
             try:
                 data = read_whole(fd, size)
+                xattrs = read_fd(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
-            return [], 0, exc.strerror or str(exc), []
+            return [], 0, exc.strerror or str(exc), [], ()
         ids: list[bytes] = []
         assumed: list[bytes] = []
         pieces = [data] if len(data) <= self.min_size else self.repo.chunker.chunks_of(data)
@@ -226,7 +229,7 @@ class Reader:
             else:
                 self.sink.save(DATA, piece, blob_id)
             ids.append(blob_id)
-        return ids, len(data), None, assumed
+        return ids, len(data), None, assumed, xattrs
 
     def finish(self) -> dict[str, int]:
         try:

@@ -5,8 +5,9 @@ destinations, a batch of files at a time; each batch's blobs are fetched pack by
 parallel, with nearby blobs of a pack read in one ranged request, while the next batch is planned. Every blob is decrypted and checked against its id before a
 byte of it is written. Large files are written from many packs at once (``pwrite`` at their
 offsets), and runs of zeros are left as holes, so sparse files stay sparse. Metadata (owner,
-mode, times) is applied to each file when its last blob lands and to directories at the end,
-deepest first.
+mode, times, extended attributes: keepwell.sources.files.metadata) is applied to each file when
+its last blob lands and to directories at the end, deepest first; what could not be applied for
+want of privilege or support is counted and said once (`RestoreResult.metadata`).
 
 Files of one blob (most files of most trees) are written by worker processes once a restore has
 enough of them (keepwell.sources.workers): each gets whole packs' worth of such files, reads
@@ -36,8 +37,8 @@ from keepwell.errors import KeepwellError, RestoreTargetError
 from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
-from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
-from keepwell.sources.files import fileio, targetdir
+from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
+from keepwell.sources.files import fileio, metadata, targetdir
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
 
@@ -51,8 +52,8 @@ WRITERS_AFTER = 256  # files of one blob in the first batch before worker proces
 _UNIT_FILES = 256  # files of one blob per request to a worker
 
 # one file of one blob for a worker: its directory (relative to the target), name, mode,
-# mtime_ns, owner to set (None: keep)
-_Dest = tuple[str, str, int, int, tuple[int, int] | None]
+# mtime_ns, uid, gid, xattrs
+_Dest = tuple[str, str, int, int, int, int, metadata.Xattrs | None]
 # a blob for a worker: offset, stored length, raw length, id, type, files it fills
 _Unit = tuple[int, int, int, bytes, int, list[_Dest]]
 
@@ -64,6 +65,8 @@ class RestoreResult:
     bytes: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     processes: int = 0  # worker processes that wrote files of one blob
+    metadata: metadata.MetadataReport = field(
+        default_factory=lambda: metadata.MetadataReport(os.geteuid() == 0))
 
 
 @dataclass(slots=True)
@@ -120,20 +123,18 @@ class Restorer:
         setgid = fresh and os.stat(target).st_mode & stat.S_ISGID
         self._creator = (os.geteuid(), os.getegid()) if fresh and not setgid else None
         self._fds = targetdir.TargetDirs(target, replace=overwrite)
+        self._policy = metadata.Policy(self._is_root, self._creator, (os.geteuid(), os.getegid()))
 
     # -- metadata -----------------------------------------------------------------------------
     def _apply(self, dir_fd: int, name: str, path: str, node: Node) -> None:
-        """Owner, mode and times of a link, FIFO or device node, by its name in its directory
-        (a link is never followed; a link has no mode of its own)."""
+        """Owner, mode, times and xattrs of a link, FIFO or device node, by its name in its
+        directory (a link is never followed; a link has no mode of its own)."""
         try:
-            if self._is_root:
-                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
-            if node.type != SYMLINK:
-                os.chmod(name, node.mode, dir_fd=dir_fd, follow_symlinks=False)
-            os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+            self.result.metadata.add(metadata.apply(
+                self._policy, node.type, node.mode, node.uid, node.gid, node.mtime_ns,
+                node.xattrs, dir_fd=dir_fd, name=name))
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                self._error(path, f"cannot set metadata: {exc.strerror}")
+            self._error(path, f"cannot set metadata: {exc.strerror}")
         except (ValueError, NotImplementedError):  # it was replaced by a link meanwhile
             self._error(path, "cannot set metadata: it was replaced during the restore")
 
@@ -152,10 +153,11 @@ class Restorer:
     def _apply_open(self, fd: int, path: str, node: Node) -> None:
         """`_apply` for a file or directory this restore holds open."""
         try:
-            fileio.set_meta(fd, node.mode, node.mtime_ns, self._owner(node))
+            self.result.metadata.add(metadata.apply(
+                self._policy, node.type, node.mode, node.uid, node.gid, node.mtime_ns,
+                node.xattrs, fd=fd))
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                self._error(path, f"cannot set metadata: {exc.strerror}")
+            self._error(path, f"cannot set metadata: {exc.strerror}")
 
     # -- planning -----------------------------------------------------------------------------
     def _selected(self, spath: str, node: Node) -> bool:
@@ -197,8 +199,10 @@ class Restorer:
                     if planned >= BATCH_FILES:
                         yield self._place(unplaced)
                         unplaced, planned = [], 0
-                elif node.type in (SYMLINK, FIFO) or (node.type in (CHARDEV, BLOCKDEV) and self._is_root):
+                elif node.type in (SYMLINK, FIFO, CHARDEV, BLOCKDEV):
                     self._make_special(parent, name, dest, node)
+                elif node.type == SOCKET:  # older versions stored them: nothing can restore one
+                    self.result.metadata.count("sockets")
             except OSError as exc:
                 self._error(dest, exc.strerror or str(exc))
         self.repo.events.emit("total", files=total_files, bytes=total_bytes, final=True)
@@ -218,8 +222,12 @@ class Restorer:
                                     lambda n: os.mkfifo(n, node.mode & 0o7777, dir_fd=dir_fd))
             else:
                 kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
-                targetdir.make_node(dir_fd, name, self.overwrite, lambda n: os.mknod(
-                    n, (node.mode & 0o7777) | kind, node.rdev, dir_fd=dir_fd))
+                try:
+                    targetdir.make_node(dir_fd, name, self.overwrite, lambda n: os.mknod(
+                        n, (node.mode & 0o7777) | kind, node.rdev, dir_fd=dir_fd))
+                except PermissionError:  # making device nodes needs privilege
+                    self.result.metadata.count("devices")
+                    return
             self._apply(dir_fd, name, dest, node)
         finally:
             self._fds.release(parent)
@@ -334,7 +342,8 @@ class Restorer:
                          if len(t.node.content) == 1)
             if single < WRITERS_AFTER:
                 return batch
-            init = {**repository_init(self.repo), "target": self.target, "replace": self.overwrite}
+            init = {**repository_init(self.repo), "target": self.target, "replace": self.overwrite,
+                    "policy": self._policy}
             self._writers = Workers("keepwell.sources.files.restorer:PackWriter", init,
                                     self.processes, lambda exc: None, "file writer")
             self.result.processes, self.processes = self.processes, 0
@@ -345,8 +354,8 @@ class Restorer:
             units: list[_Unit] = []
             files = 0
             for w in wants:
-                mine = [(t.dir, t.name, t.node.mode, t.node.mtime_ns, self._owner(t.node))
-                        for t, _ in w.dests if len(t.node.content) == 1]
+                mine = [(t.dir, t.name, t.node.mode, t.node.mtime_ns, t.node.uid, t.node.gid,
+                         t.node.xattrs) for t, _ in w.dests if len(t.node.content) == 1]
                 rest = [(t, o) for t, o in w.dests if len(t.node.content) != 1]
                 if mine:
                     units.append((w.offset, w.length, w.raw_length, w.blob_id, w.type, mine))
@@ -361,19 +370,17 @@ class Restorer:
                 self._send_unit(writers, name, units)
         return here
 
-    def _owner(self, node: Node) -> tuple[int, int] | None:
-        owner = (node.uid, node.gid) if self._is_root else None
-        return None if owner == self._creator else owner
-
     def _send_unit(self, writers: Workers, name: str, units: list[_Unit]) -> None:
         writers.send(writers.least_busy(), (name, units), self._written)
 
-    def _written(self, results: list[tuple[str, int, str | None]]) -> None:
-        """A worker's answer: each file's path, bytes written, error."""
-        for path, n, err in results:
+    def _written(self, results: list[tuple[str, int, str | None, int]]) -> None:
+        """A worker's answer: each file's path, bytes written, error, metadata not restored
+        (`metadata.apply`'s bits)."""
+        for path, n, err, missed in results:
             if err is not None:
                 self._error(path, err)
                 continue
+            self.result.metadata.add(missed)
             with self._lock:
                 self.result.bytes += n
             self.repo.events.emit("bytes", n=n)
@@ -532,6 +539,7 @@ class PackWriter:
         self._root: str = init["target"]
         self._replace: bool = init["replace"]
         self._fds = targetdir.TargetDirs(self._root, replace=self._replace)
+        self.policy: metadata.Policy = init["policy"]
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="kw-fetch")
         self._fetched: dict[int, list[Future[bytes]]] = {}
 
@@ -558,22 +566,23 @@ class PackWriter:
             self._fetched[id(units)] = [self._pool.submit(self.repo.backend.get, name, start, end - start)
                                         for start, end, _ in self._groups(units)]
 
-    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None]]:
+    def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None, int]]:
         name, units = request
         self.prefetch(request)
         fetches = self._fetched.pop(id(units))
-        out: list[tuple[str, int, str | None]] = []
+        out: list[tuple[str, int, str | None, int]] = []
         for (start, _end, group), fetch in zip(self._groups(units), fetches, strict=True):
             try:
                 data = memoryview(fetch.result())
             except KeepwellError as exc:
-                out += [(self._path(d), 0, f"cannot read {name}: {exc}") for u in group for d in u[5]]
+                out += [(self._path(d), 0, f"cannot read {name}: {exc}", 0)
+                        for u in group for d in u[5]]
                 continue
             for offset, length, raw_length, blob_id, btype, dests in group:
                 try:
                     plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
                 except KeepwellError as exc:
-                    out += [(self._path(d), 0, str(exc)) for d in dests]
+                    out += [(self._path(d), 0, str(exc), 0) for d in dests]
                     continue
                 for dest in dests:
                     out.append(self._write_whole(dest, plain))
@@ -582,20 +591,22 @@ class PackWriter:
     def _path(self, dest: _Dest) -> str:
         return os.path.join(self._root, dest[0], dest[1])
 
-    def _write_whole(self, dest: _Dest, data: bytes) -> tuple[str, int, str | None]:
+    def _write_whole(self, dest: _Dest, data: bytes) -> tuple[str, int, str | None, int]:
         """Write one file of one blob as a new file (renamed over what had its name, if
-        anything did), with its metadata: (its path, bytes written, error)."""
-        rel, name, mode, mtime_ns, owner = dest
+        anything did), with its metadata: (its path, bytes written, error, metadata not
+        restored: `metadata.apply`'s bits)."""
+        rel, name, mode, mtime_ns, uid, gid, xattrs = dest
         try:
             dir_fd = self._fds.acquire(rel)
         except OSError as exc:
-            return self._path(dest), 0, exc.strerror or str(exc)
+            return self._path(dest), 0, exc.strerror or str(exc), 0
         try:
             fd, temp = targetdir.new_file(dir_fd, name, self._replace)
         except OSError as exc:
             self._fds.release(rel)
-            return self._path(dest), 0, exc.strerror or str(exc)
+            return self._path(dest), 0, exc.strerror or str(exc), 0
         try:
+            missed = 0
             try:
                 if _is_zero(data) and len(data) >= 4096:
                     os.ftruncate(fd, len(data))  # a hole
@@ -603,19 +614,19 @@ class PackWriter:
                     fileio.pwrite_all(fd, data, 0)
                 problem = None
                 try:
-                    fileio.set_meta(fd, mode, mtime_ns, owner)
+                    missed = metadata.apply(self.policy, FILE, mode, uid, gid, mtime_ns, xattrs,
+                                            fd=fd)
                 except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                        problem = f"cannot set metadata: {exc.strerror}"
+                    problem = f"cannot set metadata: {exc.strerror}"
             finally:
                 fileio.close(fd)
             if temp is not None:
                 targetdir.put_in_place(dir_fd, name, temp)
-            return self._path(dest), len(data), problem
+            return self._path(dest), len(data), problem, missed
         except OSError as exc:
             if temp is not None:
                 targetdir.discard(dir_fd, temp)
-            return self._path(dest), 0, exc.strerror or str(exc)
+            return self._path(dest), 0, exc.strerror or str(exc), 0
         finally:
             self._fds.release(rel)
 
