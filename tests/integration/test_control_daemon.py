@@ -112,6 +112,35 @@ def test_per_job_bandwidth_limit(ws: Workspace) -> None:
     assert abs(rate - MiB) / MiB < 0.10, f"measured {rate / MiB:.3f} MiB/s"
 
 
+def test_daemon_backup_of_many_small_files_uses_worker_processes(ws: Workspace) -> None:
+    """The daemon opens its repositories as the CLI does: a large tree of small files is read,
+    chunked and stored by worker processes, and their uploads count in the job's bytes."""
+    repo = ws.repository("r")
+    files, size = 400, 4096
+    for i in range(files):
+        write_random(ws.root / "data" / f"d{i % 8}" / f"f{i}.bin", size)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"x": {"kind": "files", "repository": "r", "paths": ["data"],
+                          "schedule": "* * * * * *"}},
+    })
+    d = ws.daemon()
+    run = d.wait_for(lambda: ws.runs("action='backup' AND status='succeeded'"), timeout=60,
+                     what="a backup of the tree")[0]
+    assert d.stop() == 0
+    assert run["bytes_uploaded"] >= files * size
+    os.environ["KEEPWELL_TESTONLY_WEAK_KDF"] = "1"
+    from keepwell.repository.repo import open_repository
+
+    r = open_repository(str(repo), PASSWORD)
+    try:
+        snap = r.find_snapshot(run["snapshot_id"])
+    finally:
+        r.close()
+    assert snap.summary["reader_processes"] >= 1
+    assert snap.summary["files_new"] == files
+
+
 def test_retries_back_off_with_jitter_and_breaker_opens_then_closes(
         ws: Workspace, hook: WebhookSink) -> None:
     repo = ws.repository("r")

@@ -332,3 +332,44 @@ def test_engine_copy_keeps_the_record_and_shares_nothing_it_should_not() -> None
         report = check(dst, read_data_fraction=1.0)
         assert report.ok, report.errors
         assert copy_snapshots(src, dst, select_snapshots(src)).blobs_new == 0
+
+
+def test_copy_of_a_snapshot_that_raced_a_prune_reads_like_a_restore(tmp_path: Path) -> None:
+    """A backup that loaded the index just before a prune marked its packs commits a snapshot
+    whose blobs only packs pending deletion hold; a restore finds them through the pending
+    records (`Repository.locate`), and so must a copy, on both paths."""
+    from keepwell.repository.prune import PruneOptions, load_pending, prune
+    from keepwell.sources.files.restorer import restore_snapshot
+
+    files = {f"d/f{i}.txt": f"file {i}\n".encode() * (i * 40 + 1) for i in range(30)}
+    backend = MemoryBackend("memory://raced")
+    repo = Repository.init(backend, SRC_PW)
+
+    def backup(r: Repository) -> str:
+        with r.new_snapshot("files", ["/data"]) as w:
+            for path, data in files.items():
+                w.add_stream(path, io.BytesIO(data))
+            return w.commit().id
+
+    raced = backup(repo)
+    # The state such a race leaves, made directly: the snapshot's packs are marked by a prune
+    # (out of the index, in a pending record) and the snapshot object is there all the same.
+    record = backend.get(f"snapshots/{raced}")
+    repo.forget([raced])
+    assert prune(repo, PruneOptions(grace=3600)).packs_marked >= 2
+    backend.put(f"snapshots/{raced}", record)
+    src = Repository.open(backend, SRC_PW)
+    snap = src.find_snapshot(raced)
+    content = [b for _p, n in src.walk(snap) for b in n.content]
+    assert load_pending(src) and content and not any(src.index.has(b) for b in content)
+    restore_snapshot(src, snap, str(tmp_path / "restored"))
+    assert {p: (tmp_path / "restored" / p).read_bytes() for p in files} == files
+    for fast in (False, True):
+        dst_backend = MemoryBackend(f"memory://dst-{fast}")
+        dst = init_like(dst_backend, DST_PW, src) if fast else Repository.init(dst_backend, DST_PW)
+        rep = copy_snapshots(src, dst, [snap])
+        assert rep.mode == ("fast" if fast else "rechunk") and len(rep.copied) == 1
+        (copy,) = dst.list_snapshots()
+        got = {p: b"".join(dst.iter_file(copy, p)) for p, n in dst.walk(copy) if n.type == "file"}
+        assert got == files
+        assert check(dst, read_data_fraction=1.0).ok

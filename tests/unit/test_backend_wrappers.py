@@ -19,6 +19,7 @@ from keepwell.backends.wrappers import (
     CachedBackend,
     CircuitBreakerBackend,
     ConcurrencyLimitedBackend,
+    GuardedBackend,
     RateLimitedBackend,
     RetryingBackend,
     wrap,
@@ -166,6 +167,36 @@ class TestCachedContract(BackendContract):
         yield CachedBackend(LocalBackend(str(tmp_path / "repo")), tmp_path / "cache")
 
 
+class CountingGuard:
+    """A guard that refuses once ``refuse`` is set and counts what it is told of."""
+
+    def __init__(self) -> None:
+        self.refuse = threading.Event()
+        self.checks = 0
+        self.stored_bytes = 0
+        self.names: list[str] = []
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.refuse.is_set():
+            raise Refused("stopped")
+
+    def stored(self, name: str, size: int, began: float) -> None:
+        assert began <= time.time()
+        self.names.append(name)
+        self.stored_bytes += size
+
+
+class Refused(Exception):
+    pass
+
+
+class TestGuardedContract(BackendContract):
+    @pytest.fixture
+    def backend(self) -> Iterator[Backend]:
+        yield GuardedBackend(MemoryBackend(), CountingGuard())
+
+
 class TestFullStackContract(BackendContract):
     @pytest.fixture
     def backend(self, tmp_path: Path) -> Iterator[Backend]:
@@ -175,7 +206,36 @@ class TestFullStackContract(BackendContract):
             limit_download=200_000,
             cache_dir=tmp_path / "cache",
             max_concurrent=3,
+            upload_buckets=[TokenBucket(200e6)],
+            guard=CountingGuard(),
         )
+
+
+def test_guard_sees_every_call_and_its_refusal_is_no_backend_failure() -> None:
+    guard = CountingGuard()
+    breaker = CircuitBreaker(failure_threshold=1)
+    b = wrap(MemoryBackend(), guard=guard)
+    assert isinstance(b, RetryingBackend)
+    inner = b.inner
+    assert isinstance(inner, GuardedBackend)
+    assert isinstance(inner.inner, CircuitBreakerBackend)
+    inner.inner.breaker = breaker
+    b.put("data/00/x", b"12345")
+    b.put("index/i", b"67")
+    assert b.get("data/00/x") == b"12345"
+    assert [o.name for o in b.list("data/")] == ["data/00/x"]
+    assert guard.names == ["data/00/x", "index/i"] and guard.stored_bytes == 7
+    assert guard.checks == 4
+    guard.refuse.set()
+    for call in (lambda: b.put("data/00/y", b"z"), lambda: b.get("data/00/x"),
+                 lambda: b.stat("data/00/x"), lambda: b.delete("data/00/x"),
+                 lambda: list(b.list(""))):
+        with pytest.raises(Refused):
+            call()
+    assert guard.checks == 9  # once each: a refusal is not retried
+    assert breaker.allow()  # and is no failure of the backend
+    guard.refuse.clear()
+    assert b.get("data/00/x") == b"12345"
 
 
 # --- RetryingBackend -----------------------------------------------------------------------------
@@ -422,7 +482,8 @@ def test_cache_is_filled_on_put_and_dropped_on_delete(tmp_path: Path) -> None:
 def test_wrap_builds_the_stack(tmp_path: Path) -> None:
     plain = MemoryBackend()
     assert wrap(plain, retries=False) is plain
-    stacked = wrap(plain, limit_upload=100, cache_dir=tmp_path, max_concurrent=2)
+    stacked = wrap(plain, limit_upload=100, cache_dir=tmp_path, max_concurrent=2,
+                   upload_buckets=[TokenBucket(100)], guard=CountingGuard())
     assert isinstance(stacked, CachedBackend)
     assert stacked.location == plain.location
     layers = []
@@ -435,7 +496,9 @@ def test_wrap_builds_the_stack(tmp_path: Path) -> None:
     assert layers == [
         "CachedBackend",
         "RetryingBackend",
+        "GuardedBackend",
         "CircuitBreakerBackend",
+        "RateLimitedBackend",
         "RateLimitedBackend",
         "ConcurrencyLimitedBackend",
     ]

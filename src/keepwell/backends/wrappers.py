@@ -1,4 +1,5 @@
-"""Wrappers any backend can wear: retries, circuit breaking, rate limits, concurrency, a cache.
+"""Wrappers any backend can wear: retries, circuit breaking, rate limits, concurrency, a cache,
+and a guard that may refuse any call (a job's deadline and cancellation).
 
 Each wrapper is itself a `Backend` around an inner one, so they stack; `wrap` builds the usual
 stack. None of them knows the repository format beyond the object-name prefixes it is given.
@@ -7,6 +8,8 @@ Words:
     ambiguous failure  a transient error on a ``put`` after which the object may or may not have
                        been stored (the connection dropped after the request was sent).
     read-through       a cache that serves what it holds and fills itself from the inner backend.
+    guard              what `GuardedBackend` asks before every call (`Guard.check` raises to
+                       refuse it) and tells of every object stored (`Guard.stored`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from keepwell import tokens
 from keepwell.backends.base import Backend, ObjectInfo, check_name
@@ -361,6 +364,51 @@ class RateLimitedBackend(_Wrapper):
         return b"".join(pieces)
 
 
+# --- a guard -------------------------------------------------------------------------------------
+
+
+class Guard(Protocol):
+    def check(self) -> None:
+        """Raise to refuse the call about to be made (the guard's own error, not a backend's)."""
+
+    def stored(self, name: str, size: int, began: float) -> None:
+        """``size`` bytes were stored as ``name``; the put began at wall time ``began``."""
+
+
+class GuardedBackend(_Wrapper):
+    """Asks ``guard`` before every call, and tells it of every object stored.
+
+    A refusal is the guard's own exception, never a `BackendError`, so no retry wrapper outside
+    this one retries it. A listing is checked once, before it starts.
+    """
+
+    def __init__(self, inner: Backend, guard: Guard) -> None:
+        super().__init__(inner)
+        self.guard = guard
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        self.guard.check()
+        began = time.time()
+        self.inner.put(name, data, overwrite=overwrite)
+        self.guard.stored(name, len(data), began)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.guard.check()
+        return self.inner.get(name, offset, length)
+
+    def stat(self, name: str) -> ObjectInfo:
+        self.guard.check()
+        return self.inner.stat(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.guard.check()
+        return self.inner.list(prefix)
+
+    def delete(self, name: str) -> None:
+        self.guard.check()
+        self.inner.delete(name)
+
+
 # --- concurrency ---------------------------------------------------------------------------------
 
 
@@ -570,6 +618,8 @@ def wrap(
     cache_dir: str | os.PathLike[str] | None = None,
     max_concurrent: int | None = None,
     cache_verify: Verify | None = None,
+    upload_buckets: Sequence[TokenBucket] = (),
+    guard: Guard | None = None,
 ) -> Backend:
     """Dress ``backend`` in the usual wrappers.
 
@@ -577,10 +627,12 @@ def wrap(
     ``--limit-download`` options); ``None`` or 0 means unlimited. ``cache_dir`` is a base
     directory: the cache of this backend is a subdirectory named by a hash of its location and
     endpoint (``backend.identity``, where it has one), and `CachedBackend.bind` narrows it to one
-    repository; ``cache_verify`` is the cache's `CachedBackend.verify`.
-    From the outside in: cache → retries → circuit breaker → rate limit → concurrency limit →
-    backend, so cache hits cost nothing, a retry waits without holding a connection slot, and
-    retried bytes count against the rate limit.
+    repository; ``cache_verify`` is the cache's `CachedBackend.verify`. ``upload_buckets`` are
+    budgets shared with others (each upload pays every one of them), ``guard`` a `Guard`.
+    From the outside in: cache → retries → guard → circuit breaker → shared budgets → rate limit
+    → concurrency limit → backend, so cache hits cost nothing, a retry waits without holding a
+    connection slot, each attempt is guarded (a refusal is no failure of the backend), and
+    retried bytes count against the rate limits.
     """
     b: Backend = backend
     if max_concurrent:
@@ -591,8 +643,13 @@ def wrap(
             upload=TokenBucket(limit_upload * 1024) if limit_upload else None,
             download=TokenBucket(limit_download * 1024) if limit_download else None,
         )
+    for bucket in upload_buckets:
+        b = RateLimitedBackend(b, upload=bucket)
     if retries:
         b = CircuitBreakerBackend(b, CircuitBreaker())
+    if guard is not None:
+        b = GuardedBackend(b, guard)
+    if retries:
         b = RetryingBackend(b)
     if cache_dir is not None:
         # One directory may serve many repositories (~/.cache/keepwell): each location gets its

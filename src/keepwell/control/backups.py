@@ -86,6 +86,12 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
     source = source_for(spec.kind)
     job = source_job(spec)
     repo = open_job_repository(spec, ctx)
+
+    def count_workers(name: str, fields: dict[str, Any]) -> None:
+        if name == "stored_by_workers":  # packs that worker processes uploaded themselves
+            ctx.count_upload(fields["bytes"])
+
+    repo.events.subscribe(count_workers)
     try:
         done = _recovered(repo, spec)
         if done is not None:

@@ -7,8 +7,9 @@ a crash, or another executor (a fleet worker) all refer to the same job, and a j
 already succeeded is not run twice. Definitions live here; queues, budgets and retries live in
 the daemon, so any executor can run the same specs.
 
-A running job gets a `JobContext`: its deadline and cancellation (checked on every storage
-call of the repository `open_job_repository` opens through the job's bandwidth budgets, the
+A running job gets a `JobContext`: its deadline and cancellation (the guard,
+`keepwell.backends.wrappers.Guard`, of every storage call of the repository
+`open_job_repository` opens, with `open_repository`, through the job's bandwidth budgets, the
 shared bucket and its own) and its secrets; it is the `keepwell.sources.base.JobControl` its
 source works with. `source_job` is the spec as its source sees it. Running a spec is
 `keepwell.control.runner.execute`.
@@ -19,19 +20,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepwell.backends import open_backend
-from keepwell.backends.base import Backend, ObjectInfo
+from keepwell.backends.base import Backend
 from keepwell.backends.resilience import TokenBucket
-from keepwell.backends.wrappers import RateLimitedBackend
 from keepwell.control.config import Config
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
 from keepwell.repository import Repository
+from keepwell.repository.repo import open_repository, open_storage
 from keepwell.sources.base import SourceJob
 
 ACTIONS = ("backup", "drill")
@@ -195,6 +195,13 @@ class JobContext:
     def secret(self, reference: str, what: str) -> str:
         return resolve(reference, what=what)
 
+    def stored(self, name: str, size: int, began: float) -> None:
+        """The `keepwell.backends.wrappers.Guard` half that counts what the job uploaded."""
+        if self.upload_started is None and name.startswith("data/"):
+            self.upload_started = began
+        self.upload_ended = time.time()
+        self.count_upload(size)
+
     def count_upload(self, n: int) -> None:
         with self._lock:
             self.uploaded += n
@@ -202,57 +209,20 @@ class JobContext:
             self.on_upload(n)
 
 
-class GuardedBackend:
-    """Checks the job's deadline and cancellation on every call and counts uploaded bytes."""
-
-    def __init__(self, inner: Backend, ctx: JobContext) -> None:
-        self.inner = inner
-        self.ctx = ctx
-        self.location = inner.location
-
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
-        self.ctx.check()
-        if self.ctx.upload_started is None and name.startswith("data/"):
-            self.ctx.upload_started = time.time()
-        self.inner.put(name, data, overwrite=overwrite)
-        self.ctx.upload_ended = time.time()
-        self.ctx.count_upload(len(data))
-
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        self.ctx.check()
-        return self.inner.get(name, offset, length)
-
-    def stat(self, name: str) -> ObjectInfo:
-        self.ctx.check()
-        return self.inner.stat(name)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        self.ctx.check()
-        return self.inner.list(prefix)
-
-    def delete(self, name: str) -> None:
-        self.ctx.check()
-        self.inner.delete(name)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def budgeted(backend: Backend, spec: JobSpec, ctx: JobContext) -> Backend:
-    """Dress a backend in the job's budgets: its own bucket, then the shared one, then guard."""
-    if ctx.shared_upload is not None:
-        backend = RateLimitedBackend(backend, upload=ctx.shared_upload)
+def _budgets(spec: JobSpec, ctx: JobContext) -> list[TokenBucket]:
+    """The job's upload budgets: the one shared by every job, then its own."""
+    buckets = [ctx.shared_upload] if ctx.shared_upload is not None else []
     if spec.upload_limit:
-        own = TokenBucket(spec.upload_limit, burst=spec.upload_limit / 8, sleep=ctx.sleep)
-        backend = RateLimitedBackend(backend, upload=own)
-    return GuardedBackend(backend, ctx)
+        buckets.append(TokenBucket(spec.upload_limit, burst=spec.upload_limit / 8, sleep=ctx.sleep))
+    return buckets
 
 
 def open_job_repository(spec: JobSpec, ctx: JobContext) -> Repository:
     """Open the job's repository behind its budgets."""
     repo_cfg = spec.params["repository"]
     password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
-    return Repository.open(budgeted(open_backend(repo_cfg["location"]), spec, ctx), password)
+    return open_repository(repo_cfg["location"], password, guard=ctx,
+                           upload_buckets=_budgets(spec, ctx))
 
 
 def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:
@@ -260,7 +230,7 @@ def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[
     replica_cfg = spec.params["repository"].get("replica")
     if not replica_cfg:
         return None
-    replica = budgeted(open_backend(replica_cfg["location"]), spec, ctx)
+    replica = open_storage(replica_cfg["location"], guard=ctx, upload_buckets=_budgets(spec, ctx))
     try:
         return mirror(primary, replica).as_dict()
     finally:

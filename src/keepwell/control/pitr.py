@@ -15,11 +15,10 @@ import threading
 import time
 from typing import Any
 
-from keepwell.backends import open_backend
 from keepwell.control.jobs import configured_source
 from keepwell.control.secrets import resolve
 from keepwell.errors import KeepwellError
-from keepwell.repository import Repository
+from keepwell.repository.repo import open_repository
 from keepwell.sources.base import Window, source_for
 
 
@@ -39,7 +38,7 @@ def windows(cfg: Any) -> dict[str, Window]:
         repo_cfg = cfg.repositories[repo_name]
         try:
             password = resolve(repo_cfg.password, what=f"repository {repo_name} password")
-            repo = Repository.open(open_backend(repo_cfg.location), password)
+            repo = open_repository(repo_cfg.location, password)
             try:
                 snapshots = list(repo.list_snapshots())
             finally:

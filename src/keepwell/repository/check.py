@@ -26,14 +26,11 @@ from keepwell.crypto import content_name
 from keepwell.errors import KeepwellError, ObjectNotFoundError, UsageError
 from keepwell.repository.damage import check_findings
 from keepwell.repository.format import (
-    KIND_PACK_HEADER,
     PACK_PREFIX,
-    TRAILER_SIZE,
-    decode_pack_header,
     pack_object_name,
-    parse_trailer,
 )
 from keepwell.repository.index import MasterIndex
+from keepwell.repository.packreader import parse_header
 from keepwell.repository.prune import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
@@ -168,10 +165,7 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0,
             if content_name(data) != name.rsplit("/", 1)[1]:
                 errs.append(f"{name}: content does not match its name (corrupt)")
             try:
-                hlen = parse_trailer(data[-TRAILER_SIZE:])
-                header = repo.master.decrypt_object(
-                    KIND_PACK_HEADER, data[-TRAILER_SIZE - hlen : -TRAILER_SIZE], name)
-                in_header = {e.id: e for e in decode_pack_header(header)}
+                in_header = {e.id: e for e in parse_header(repo.master, name, data)}
             except (KeepwellError, ValueError) as exc:
                 errs.append(f"{name}: pack header unreadable: {exc}")
                 in_header = {}

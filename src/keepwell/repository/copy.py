@@ -19,8 +19,9 @@ Words:
 
 Each snapshot is written through a `SnapshotWriter` (a session that keeps a concurrent prune
 away; packs → index → snapshot last), so an interrupted copy leaves a valid destination whose
-indexed packs the next run reuses. Blobs are read from the source grouped by pack, nearby blobs
-in one ranged read, on a few threads. The copy keeps the original's time, host, tags, paths,
+indexed packs the next run reuses. Blobs are read from the source with
+`keepwell.repository.packreader.PackReader` (found as a restore finds them, nearby blobs of a
+pack in one ranged read, on a few threads). The copy keeps the original's time, host, tags, paths,
 kind, summary and source dict, and its parent when that parent was copied too.
 """
 
@@ -30,29 +31,23 @@ import dataclasses
 import os
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 import blake3
 
 from keepwell.backends.base import Backend
-from keepwell.compression import unpack_payload
-from keepwell.crypto import keyed_id
-from keepwell.errors import IntegrityError
-from keepwell.repository.events import Events
-from keepwell.repository.format import DATA, pack_object_name
+from keepwell.repository.format import DATA
 from keepwell.repository.packer import BlobSink
+from keepwell.repository.packreader import PackReader, Want, open_payload
 from keepwell.repository.repo import BlobReader, Repository
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter
 from keepwell.repository.tree import DIR, Node
 from keepwell.repository.writer import SnapshotWriter
 
 COPIED_FROM = "copied_from"
-_MAX_RANGE = 8 * 1024 * 1024  # one ranged read covers at most this much of a pack ...
-_MAX_GAP = 256 * 1024  # ... and reads across gaps of unwanted blobs up to this size
 FAST_BATCH_BLOBS = 50_000  # blob ids planned per round of reads on the fast path
 RECHUNK_BATCH_BYTES = 32 * 1024 * 1024  # file content fetched per round on the re-chunk path
 
@@ -78,103 +73,6 @@ def select_snapshots(src: Repository, refs: Iterable[str] = (),
         return [s for s in src.list_snapshots() if flt.matches(s)]
     chosen = {snap.id: snap for snap in (src.find_snapshot(ref, where=flt) for ref in refs)}
     return sorted(chosen.values(), key=lambda s: (s.time, s.id))
-
-
-# -- reading blobs from the source ----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _Want:
-    blob_id: bytes
-    type: int
-    offset: int
-    length: int
-    raw_length: int
-
-
-Handler = Callable[[_Want, memoryview], None]
-
-
-class PackReader:
-    """Reads blobs of a repository grouped by pack: nearby blobs in one ranged read, packs on a
-    few threads. Each stored blob is handed to ``handle`` in a worker thread; ``handle`` must
-    verify it (see `open_payload`) before using it."""
-
-    def __init__(self, repo: Repository, events: Events, *, workers: int = 4) -> None:
-        self.repo = repo
-        self.events = events
-        self.workers = workers
-        self.bytes_read = 0
-        self.blobs_read = 0
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kw-copy-read")
-
-    def read(self, ids: Iterable[bytes], handle: Handler) -> None:
-        plan: dict[tuple[bytes, int], list[_Want]] = defaultdict(list)
-        index = self.repo.index
-        for blob_id in ids:
-            loc = index.lookup(blob_id)
-            if loc is None:
-                raise IntegrityError(
-                    f"blob {blob_id.hex()[:16]} is used by a snapshot of {self.repo.backend.location} "
-                    "but is not in its index",
-                    hint="run 'keepwell check' on the source repository")
-            plan[(loc.pack, loc.pack_type)].append(
-                _Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
-        futures = [self._pool.submit(self._read_pack, pack, ptype, sorted(wants, key=lambda w: w.offset),
-                                     handle)
-                   for (pack, ptype), wants in plan.items()]
-        try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            # let no reader hand a blob to a writer that is being aborted
-            for fut in futures:
-                fut.cancel()
-            wait(futures)
-            raise
-
-    def _read_pack(self, pack: bytes, pack_type: int, wants: list[_Want], handle: Handler) -> None:
-        name = pack_object_name(pack_type, pack.hex())
-        i = 0
-        while i < len(wants):
-            start = wants[i].offset
-            end = start + wants[i].length
-            j = i + 1
-            while j < len(wants) and wants[j].offset - end <= _MAX_GAP \
-                    and wants[j].offset + wants[j].length - start <= _MAX_RANGE:
-                end = max(end, wants[j].offset + wants[j].length)
-                j += 1
-            data = memoryview(self.repo.backend.get(name, start, end - start))
-            if len(data) != end - start:
-                raise IntegrityError(f"{name} of {self.repo.backend.location} is shorter than its "
-                                     "index says (truncated pack)")
-            for w in wants[i:j]:
-                handle(w, data[w.offset - start : w.offset - start + w.length])
-            self.count(len(data), j - i)
-            i = j
-
-    def count(self, nbytes: int, blobs: int) -> None:
-        with self._lock:
-            self.bytes_read += nbytes
-            self.blobs_read += blobs
-        self.events.emit("copy_read", n=nbytes, blobs=blobs)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def open_payload(repo: Repository, want: _Want, stored: bytes | memoryview) -> bytes:
-    """Decrypt one stored blob and verify it against its id, as `Repository.open_blob` does, but
-    return the (possibly compressed) payload, so the fast path need not compress it again."""
-    where = repo.backend.location
-    try:
-        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
-    except IntegrityError as exc:
-        raise IntegrityError(f"{exc} in {where}", hint=f"run 'keepwell check --read-data' on "
-                             f"{where} to see what is affected") from None
-    plain = unpack_payload(payload, want.raw_length)
-    if len(plain) != want.raw_length or keyed_id(repo.id_key, plain) != want.blob_id:
-        raise IntegrityError(f"blob {want.blob_id.hex()[:16]} of {where} does not match its id")
-    return payload
 
 
 # -- the copy ---------------------------------------------------------------------------------------
@@ -302,7 +200,7 @@ class Copier:
                 planned.add(blob_id)
                 batch.append(blob_id)
 
-        def store(w: _Want, stored: memoryview) -> None:
+        def store(w: Want, stored: memoryview) -> None:
             payload = open_payload(self.src, w, stored)
             sink.add_stored(w.type, w.blob_id, self.dst.master.encrypt_blob(w.blob_id, w.type, payload),
                             w.raw_length)
@@ -323,7 +221,7 @@ class Copier:
         out: dict[bytes, bytes] = {}
         lock = threading.Lock()
 
-        def keep(w: _Want, stored: memoryview) -> None:
+        def keep(w: Want, stored: memoryview) -> None:
             plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length)
             with lock:
                 out[w.blob_id] = plain

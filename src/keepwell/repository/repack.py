@@ -7,8 +7,8 @@ one is still authenticated (decrypted once, which is cheap next to reading it) b
 a damaged blob is never copied silently. A pack with a damaged or unreadable blob is left whole,
 for ``check`` to report.
 
-Reads are ranged: the blobs of a pack that are copied are fetched in runs of neighbours, a few
-packs ahead of the writer. Writing goes through the engine's `BlobSink`: new packs, then index
+Reads are ranged (`keepwell.repository.packreader`): the blobs of a pack that are copied are
+fetched in runs of neighbours, a few packs ahead of the writer. Writing goes through the engine's `BlobSink`: new packs, then index
 objects that list them. Until prune rewrites the index, the copied blobs are indexed twice
 (old and new pack), which readers tolerate, so a crash in between loses nothing.
 """
@@ -16,7 +16,6 @@ objects that list them. Until prune rewrites the index, the copied blobs are ind
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from keepwell.errors import IntegrityError, ObjectNotFoundError
 from keepwell.repository.format import PackEntry
 from keepwell.repository.index import MasterIndex
 from keepwell.repository.packer import BlobSink
+from keepwell.repository.packreader import ranges, read_range
 from keepwell.repository.repo import Repository
 
 RUN_GAP = 1024 * 1024  # read across unused bytes up to this long rather than start a new request
@@ -59,29 +59,19 @@ class _CopyTarget(Repository):
         self.events = repo.events  # its pack_stored events reach the caller's subscribers
 
 
-def _runs(entries: list[PackEntry]) -> Iterator[list[PackEntry]]:
-    run: list[PackEntry] = []
-    for e in sorted(entries, key=lambda e: e.offset):
-        if run and e.offset - (run[-1].offset + run[-1].length) > RUN_GAP:
-            yield run
-            run = []
-        run.append(e)
-    if run:
-        yield run
+def _span(e: PackEntry) -> tuple[int, int]:
+    return e.offset, e.length
 
 
 def read_verified(repo: Repository, job: RepackJob) -> list[tuple[PackEntry, bytes]]:
     """The stored bytes of a job's blobs, each authenticated; IntegrityError if one is damaged."""
     out = []
-    for run in _runs(job.entries):
-        start = run[0].offset
-        data = repo.backend.get(job.name, start, run[-1].offset + run[-1].length - start)
-        for e in run:
-            stored = data[e.offset - start : e.offset - start + e.length]
-            if len(stored) != e.length:
-                raise IntegrityError(f"{job.name} is shorter than its index says")
+    entries = sorted(job.entries, key=lambda e: e.offset)
+    # a pack is read whole at most, so a range needs no bound of its own
+    for r in ranges(entries, _span, max_gap=RUN_GAP, max_range=1 << 62):
+        for e, stored in r.pieces(read_range(repo.backend, job.name, r), _span):
             repo.master.decrypt_blob(e.id, e.type, stored)  # raises IntegrityError if damaged
-            out.append((e, stored))
+            out.append((e, bytes(stored)))
     return out
 
 

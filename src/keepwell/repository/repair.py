@@ -41,16 +41,14 @@ from keepwell.errors import (
 from keepwell.repository.damage import Damage, load_damage, pack_id_of, record_damage, settle
 from keepwell.repository.format import (
     KIND_INDEX,
-    KIND_PACK_HEADER,
     PACK_PREFIX,
     TRAILER_SIZE,
     PackEntry,
-    decode_pack_header,
     pack_object_name,
-    parse_trailer,
 )
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
+from keepwell.repository.packreader import parse_header
 from keepwell.repository.prune import load_pending, supersede_index, write_pending
 from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
@@ -273,9 +271,7 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
     if content_name(data) != name.rsplit("/", 1)[1]:
         state.why = "its bytes do not match its name"
     try:
-        hlen = parse_trailer(data[-TRAILER_SIZE:])
-        header = decode_pack_header(repo.master.decrypt_object(
-            KIND_PACK_HEADER, data[-TRAILER_SIZE - hlen:-TRAILER_SIZE], name))
+        header = parse_header(repo.master, name, data)
     except (KeepwellError, ValueError, IndexError) as exc:
         header = []
         state.why = state.why or f"its header cannot be read ({exc})"

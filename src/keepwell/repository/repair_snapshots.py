@@ -35,9 +35,10 @@ from typing import Any
 
 from keepwell.crypto import keyed_id
 from keepwell.errors import IntegrityError, ObjectNotFoundError, UsageError
-from keepwell.repository.copy import PackReader, _Want, open_payload, shares_ids
+from keepwell.repository.copy import shares_ids
 from keepwell.repository.format import TREE
 from keepwell.repository.packer import BlobSink
+from keepwell.repository.packreader import PackReader, Want, open_payload
 from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import Session
 from keepwell.repository.snapshot import Snapshot
@@ -199,12 +200,12 @@ class _Healer:
     def data(self, ids: list[bytes]) -> None:
         """Take lost data blobs from the replica, verified one by one."""
         self.report.blobs_lost += len(ids)
-        present = [b for b, loc in zip(ids, self.replica.index.lookup_many(ids), strict=True)
+        present = [b for b, loc in zip(ids, self.replica.locate_many(ids), strict=True)
                    if loc is not None]
         for b in sorted(set(ids) - set(present)):
             self._unavailable(b, "not in the replica")
 
-        def store(w: _Want, stored: memoryview) -> None:
+        def store(w: Want, stored: memoryview) -> None:
             try:
                 payload = open_payload(self.replica, w, stored)
             except IntegrityError as exc:

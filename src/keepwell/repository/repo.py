@@ -12,12 +12,16 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from keepwell import tokens
+from keepwell.backends import wrappers
 from keepwell.backends.base import Backend
+from keepwell.backends.registry import open_backend
+from keepwell.backends.resilience import TokenBucket
+from keepwell.backends.wrappers import Guard
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
 from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
@@ -560,25 +564,37 @@ class BlobReader:
         self.close()
 
 
-def open_repository(location: str, password: str, **options: Any) -> Repository:
-    """Open the repository at a location (path or URL), with the usual backend wrappers."""
-    from keepwell.backends.registry import open_backend
+def open_repository(location: str, password: str, *, guard: Guard | None = None,
+                    upload_buckets: Sequence[TokenBucket] = (), **options: Any) -> Repository:
+    """Open the repository at a location (path or URL), with the usual backend wrappers.
 
-    backend = open_backend(location)
-    backend = _wrap(backend, location, options)
+    This is the one way to open a repository by its location, for the CLI and the control
+    plane alike. ``options`` are the CLI's (``limit_upload``, ``limit_download`` in KiB/s,
+    ``cache_dir``); ``upload_buckets`` are budgets shared with other work in this process and
+    ``guard`` may refuse any storage call (a job's deadline and cancellation): see
+    `keepwell.backends.wrappers.wrap`. Worker processes open the same storage again from
+    `Repository.opened_as`, without the guard; a shared budget keeps them from being used.
+    """
+    backend = open_storage(location, guard=guard, upload_buckets=upload_buckets, **options)
     repo = Repository.open(backend, password)
     _bind_cache(repo)
-    repo.opened_as = (location, dict(options))
+    repo.opened_as = (location, {**options, "shared_budgets": len(upload_buckets)}
+                      if upload_buckets else dict(options))
     return repo
+
+
+def open_storage(location: str, *, guard: Guard | None = None,
+                 upload_buckets: Sequence[TokenBucket] = (), **options: Any) -> Backend:
+    """The backend at a location in the wrappers `open_repository` gives it (for work on the
+    objects themselves, such as mirroring a repository to its replica)."""
+    return _wrap(open_backend(location), location, options, upload_buckets, guard)
 
 
 def reopen_repository(location: str, options: dict[str, Any], master_key: bytes,
                       config: dict[str, Any], key_id: str) -> Repository:
     """The same repository in another process, from what `Repository.opened_as` and the master
     key hold (no password, no key derivation). Its index starts empty."""
-    from keepwell.backends.registry import open_backend
-
-    backend = _wrap(open_backend(location), location, options)
+    backend = open_storage(location, **options)
     repo = Repository(backend, MasterKey(master_key), config, key_id)
     _bind_cache(repo)
     repo.opened_as = (location, dict(options))
@@ -598,16 +614,14 @@ def named_by_content(name: str, data: bytes) -> bool:
     return content_name(data) == name.rsplit("/", 1)[1]
 
 
-def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
-    try:
-        from keepwell.backends import wrappers
-    except ImportError:
-        return backend
+def _wrap(backend: Backend, location: str, options: dict[str, Any],
+          upload_buckets: Sequence[TokenBucket], guard: Guard | None) -> Backend:
     remote = "://" in location and not location.startswith(("file://", "memory://"))
     up, down = options.get("limit_upload"), options.get("limit_download")
-    if not remote and not up and not down:
+    if not remote and not up and not down and not upload_buckets and guard is None:
         return backend
     cache_dir = options.get("cache_dir") or (os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
-                         cache_dir=cache_dir, cache_verify=named_by_content)
+                         cache_dir=cache_dir, cache_verify=named_by_content,
+                         upload_buckets=upload_buckets, guard=guard)

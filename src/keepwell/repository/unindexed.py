@@ -15,16 +15,9 @@ from typing import TYPE_CHECKING
 
 from keepwell.crypto import content_name
 from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError
-from keepwell.repository.format import (
-    KIND_PACK_HEADER,
-    PACK_PREFIX,
-    TRAILER_SIZE,
-    TREE,
-    PackEntry,
-    decode_pack_header,
-    parse_trailer,
-)
+from keepwell.repository.format import PACK_PREFIX, TREE, PackEntry
 from keepwell.repository.index import MasterIndex
+from keepwell.repository.packreader import read_header
 from keepwell.repository.tree import Node, decode_tree
 
 if TYPE_CHECKING:
@@ -36,13 +29,7 @@ def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
     recorded as damaged are left out (keepwell.repository.damage), so that no pack is indexed
     again for their sake."""
     try:
-        size = repo.backend.stat(name).size
-        tail = repo.backend.get(name, max(0, size - 65536))
-        hlen = parse_trailer(tail)
-        header = tail[-TRAILER_SIZE - hlen : -TRAILER_SIZE]
-        if len(header) != hlen:
-            header = repo.backend.get(name, size - TRAILER_SIZE - hlen, hlen)
-        entries = decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, header, name))
+        entries = read_header(repo.backend, repo.master, name)
     except (KeepwellError, ValueError):
         return None
     pack = bytes.fromhex(name.rsplit("/", 1)[1])

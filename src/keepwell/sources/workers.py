@@ -262,12 +262,12 @@ def repository_init(repo: Any) -> dict[str, Any]:
 def can_reopen(repo: Any) -> bool:
     """Whether worker processes can open this repository's storage again: it was opened from a
     location that is not in this process's memory, and no bandwidth limit (a per-process token
-    bucket) is set."""
+    bucket, or budgets shared with other work of this process) is set."""
     if repo.opened_as is None:
         return False
     location, options = repo.opened_as
     return not location.startswith("memory://") and not options.get("limit_upload") \
-        and not options.get("limit_download")
+        and not options.get("limit_download") and not options.get("shared_budgets")
 
 
 def worker_count(variable: str, *, reserve: int = 0) -> int:

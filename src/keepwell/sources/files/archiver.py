@@ -544,8 +544,12 @@ class Archiver:
         try:
             if self._readers is not None:
                 # their packs and index objects are stored once they are closed
-                self.writer.sink.stats.add(self._readers.close())
+                totals = self._readers.close()
+                self.writer.sink.stats.add(totals)
                 self.repo.refresh_index()  # so this process can read what they stored
+                # their uploads went past this process's backend (and whatever counts on it)
+                self.repo.events.emit("stored_by_workers", bytes=totals.get("bytes_stored", 0),
+                                      packs=totals.get("packs", 0))
         except BaseException as exc:
             self._fail(exc)
         finally:

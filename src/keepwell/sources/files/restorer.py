@@ -37,6 +37,7 @@ from keepwell.errors import KeepwellError, RestoreTargetError
 from keepwell.process import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
+from keepwell.repository.packreader import Range, ranges, read_range
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.sources.files import fileio, metadata, targetdir
 from keepwell.sources.files.select import Matcher
@@ -47,7 +48,6 @@ _MAX_RANGE = 8 * 1024 * 1024  # one ranged read of nearby blobs, in a worker pro
 # several blobs are large: their blobs are rarely near each other's anyway)
 _MAX_RANGE_HERE = 2 * 1024 * 1024
 BATCH_FILES = 4096  # files planned (and their blob locations held) at a time
-_MAX_GAP = 256 * 1024
 WRITERS_AFTER = 256  # files of one blob in the first batch before worker processes start
 _UNIT_FILES = 256  # files of one blob per request to a worker
 
@@ -406,27 +406,16 @@ class Restorer:
 
     def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
         name = pack_object_name(pack_type, pack.hex())
-        i = 0
-        while i < len(wants):
-            j = i + 1
-            start = wants[i].offset
-            end = start + wants[i].length
-            while j < len(wants) and wants[j].offset - end <= _MAX_GAP and \
-                    wants[j].offset + wants[j].length - start <= _MAX_RANGE_HERE:
-                end = max(end, wants[j].offset + wants[j].length)
-                j += 1
-            group = wants[i:j]
-            i = j
+        for r in ranges(wants, _want_span, max_range=_MAX_RANGE_HERE):
             try:
-                data = memoryview(self.repo.backend.get(name, start, end - start))
+                data = read_range(self.repo.backend, name, r)
             except KeepwellError as exc:
-                for w in group:
+                for w in r.wants:
                     self._fail_dests(w, f"cannot read {name}: {exc}")
                 continue
-            for w in group:
+            for w, stored in r.pieces(data, _want_span):
                 try:
-                    plain = self.repo.open_blob(w.blob_id, w.type, data[w.offset - start:][: w.length],
-                                                w.raw_length)
+                    plain = self.repo.open_blob(w.blob_id, w.type, stored, w.raw_length)
                 except KeepwellError as exc:
                     self._fail_dests(w, str(exc))
                     continue
@@ -526,8 +515,9 @@ def _matcher(patterns: list[str] | tuple[str, ...] | Matcher) -> Matcher:
 
 
 class PackWriter:
-    """In a worker process: reads a pack's blobs (ranges of nearby blobs in one request), checks
-    each against its id, and writes the files of one blob they fill, with their metadata. The
+    """In a worker process: reads a pack's blobs (`keepwell.repository.packreader` ranges of
+    nearby blobs in one request), checks each against its id, and writes the files of one blob
+    they fill, with their metadata. The
     ranges of the requests waiting behind the current one are fetched meanwhile (`prefetch`),
     so a remote repository's latency is hidden behind the writing."""
 
@@ -541,46 +531,29 @@ class PackWriter:
         self._fds = targetdir.TargetDirs(self._root, replace=self._replace)
         self.policy: metadata.Policy = init["policy"]
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="kw-fetch")
-        self._fetched: dict[int, list[Future[bytes]]] = {}
-
-    @staticmethod
-    def _groups(units: list[_Unit]) -> list[tuple[int, int, list[_Unit]]]:
-        """Runs of nearby blobs, each read in one ranged request: (start, end, blobs)."""
-        out = []
-        i = 0
-        while i < len(units):
-            start = units[i][0]
-            end = start + units[i][1]
-            j = i + 1
-            while j < len(units) and units[j][0] - end <= _MAX_GAP and \
-                    units[j][0] + units[j][1] - start <= _MAX_RANGE:
-                end = max(end, units[j][0] + units[j][1])
-                j += 1
-            out.append((start, end, units[i:j]))
-            i = j
-        return out
+        self._fetched: dict[int, list[tuple[Range[_Unit], Future[memoryview]]]] = {}
 
     def prefetch(self, request: tuple[str, list[_Unit]]) -> None:
         name, units = request
         if id(units) not in self._fetched:
-            self._fetched[id(units)] = [self._pool.submit(self.repo.backend.get, name, start, end - start)
-                                        for start, end, _ in self._groups(units)]
+            self._fetched[id(units)] = [(r, self._pool.submit(read_range, self.repo.backend, name, r))
+                                        for r in ranges(units, _unit_span, max_range=_MAX_RANGE)]
 
     def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None, int]]:
         name, units = request
         self.prefetch(request)
-        fetches = self._fetched.pop(id(units))
         out: list[tuple[str, int, str | None, int]] = []
-        for (start, _end, group), fetch in zip(self._groups(units), fetches, strict=True):
+        for r, fetch in self._fetched.pop(id(units)):
             try:
-                data = memoryview(fetch.result())
+                data = fetch.result()
             except KeepwellError as exc:
                 out += [(self._path(d), 0, f"cannot read {name}: {exc}", 0)
-                        for u in group for d in u[5]]
+                        for u in r.wants for d in u[5]]
                 continue
-            for offset, length, raw_length, blob_id, btype, dests in group:
+            for (_offset, _length, raw_length, blob_id, btype, dests), stored in \
+                    r.pieces(data, _unit_span):
                 try:
-                    plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
+                    plain = self.repo.open_blob(blob_id, btype, stored, raw_length)
                 except KeepwellError as exc:
                     out += [(self._path(d), 0, str(exc), 0) for d in dests]
                     continue
@@ -635,3 +608,11 @@ class PackWriter:
         self._fds.close()
         return {}
 
+
+
+def _want_span(w: _Want) -> tuple[int, int]:
+    return w.offset, w.length
+
+
+def _unit_span(u: _Unit) -> tuple[int, int]:
+    return u[0], u[1]
