@@ -25,8 +25,10 @@ servers: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
+# the whole package, and the engine's storage layers (repository, backends) strictly
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict src/keepwell/repository src/keepwell/backends
 
 unit: $(STAMP)
 	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q tests/unit

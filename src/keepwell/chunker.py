@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from pyfastcdc import FastCDC
 
@@ -41,7 +41,7 @@ class Chunker:
         p = self.params
         return FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
 
-    def chunks(self, stream: BinaryIO, *, size: int | None = None) -> Iterator[memoryview]:
+    def chunks(self, stream: IO[bytes], *, size: int | None = None) -> Iterator[memoryview]:
         """Yield chunk views; each is valid only until the next one is requested. ``size``: the
         stream's expected length, if known (a smaller buffer for a smaller stream; a stream
         that turns out longer is still cut right).

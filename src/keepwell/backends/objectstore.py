@@ -92,7 +92,7 @@ def _cause(exc: BaseException) -> str | None:
         return "stalled"
     found = _OS_MESSAGE.findall(text)
     if found:
-        return found[-1][0].lower() + found[-1][1:]
+        return str(found[-1][0]).lower() + str(found[-1][1:])
     kind = _HTTP_KIND.search(text)
     return f"connection {kind.group(1).lower()}" if kind else None
 

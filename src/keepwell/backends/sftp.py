@@ -221,7 +221,7 @@ class SftpBackend:
             if transport is not None:
                 transport.set_keepalive(15)
             sftp = client.open_sftp()
-            sftp.get_channel().settimeout(self.timeout)  # type: ignore[union-attr]
+            sftp.get_channel().settimeout(self.timeout)
         except BaseException:
             client.close()
             raise
@@ -357,7 +357,7 @@ class SftpBackend:
         # paramiko has no public call for the OpenSSH extension; a server without it only
         # makes the write less durable, never wrong.
         try:
-            sftp._request(paramiko.sftp.CMD_EXTENDED, "fsync@openssh.com", f.handle)  # type: ignore[attr-defined]
+            sftp._request(paramiko.sftp.CMD_EXTENDED, "fsync@openssh.com", f.handle)
         except OSError as exc:
             if exc.errno is not None:
                 raise

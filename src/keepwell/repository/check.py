@@ -31,7 +31,7 @@ from keepwell.repository.format import (
 )
 from keepwell.repository.index import MasterIndex
 from keepwell.repository.packreader import parse_header
-from keepwell.repository.prune import load_pending
+from keepwell.repository.pending import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
 from keepwell.repository.tree import DIR, Node

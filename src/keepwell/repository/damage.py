@@ -25,85 +25,23 @@ A record that cannot be read is ignored (its damage is found again by the next
 from __future__ import annotations
 
 import json
-import struct
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from keepwell.crypto import content_name
 from keepwell.errors import BackendError, IntegrityError, ObjectNotFoundError
+from keepwell.repository.damaged import Damage, pack_id_of
 from keepwell.repository.format import KIND_PENDING
-from keepwell.repository.index import ENTRY, NUMPY_AT, IndexContent, entries_bytes, entry_dtype
+from keepwell.repository.store import RepositoryStore
 
-if TYPE_CHECKING:
-    from keepwell.repository.repo import Repository
+__all__ = ["KIND_DAMAGED", "PREFIX", "Damage", "check_findings", "load_damage", "pack_id_of",
+           "record_damage", "settle"]
 
 KIND_DAMAGED = b"kw-damaged"
 PREFIX = "damaged/"
-_PACK_NO = struct.Struct("<I")
 
 
-def pack_id_of(name: str) -> bytes:
-    """The pack id of a pack object name (``data/ab/ab12...`` -> bytes of ``ab12...``)."""
-    return bytes.fromhex(name.rsplit("/", 1)[1])
-
-
-@dataclass(frozen=True)
-class Damage:
-    """Every damaged pair the readable records name."""
-
-    records: dict[str, frozenset[str]] = field(default_factory=dict)  # record -> its packs
-    blobs: dict[bytes, frozenset[bytes]] = field(default_factory=dict)  # pack id -> blob ids
-    unreadable: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.blobs)
-
-    def covers(self, pack: bytes, blob_id: bytes) -> bool:
-        return blob_id in self.blobs.get(pack, ())
-
-    def names(self) -> set[str]:
-        """Every record this was loaded from, readable or not."""
-        return set(self.records) | set(self.unreadable)
-
-    def count(self) -> int:
-        return sum(len(ids) for ids in self.blobs.values())
-
-    def filter(self, content: IndexContent) -> IndexContent:
-        """``content`` without the entries of damaged pairs (the same object if none)."""
-        bad = {n: self.blobs[p] for n, p in enumerate(content.packs) if p in self.blobs}
-        if not bad:
-            return content
-        raw = memoryview(entries_bytes(content.entries)).cast("B")
-        if len(raw) // ENTRY.size >= NUMPY_AT:
-            return self._filter_large(content, raw, bad)
-        size = ENTRY.size
-        kept = bytearray()
-        for pos in range(0, len(raw), size):
-            (n,) = _PACK_NO.unpack_from(raw, pos + 32)
-            ids = bad.get(n)
-            if ids is None or raw[pos:pos + 32].tobytes() not in ids:
-                kept += raw[pos:pos + size]
-        return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes)
-
-    @staticmethod
-    def _filter_large(content: IndexContent, raw: memoryview,
-                      bad: dict[int, frozenset[bytes]]) -> IndexContent:
-        """`filter` of a large index object (a prune's): only the rows of damaged packs are
-        looked at one by one."""
-        import numpy as np
-
-        records = np.frombuffer(raw, dtype=entry_dtype())
-        keep = np.ones(len(records), dtype=bool)
-        for row in np.flatnonzero(np.isin(records["pack"], list(bad))):
-            if records["id"][row].tobytes() in bad[int(records["pack"][row])]:
-                keep[row] = False
-        return IndexContent(content.packs, content.pack_types, records[keep].tobytes(),
-                            content.supersedes)
-
-
-def load_damage(repo: Repository) -> Damage:
+def load_damage(repo: RepositoryStore) -> Damage:
     """The damage records of the repository (one listing, and a read of each record)."""
     records: dict[str, frozenset[str]] = {}
     blobs: dict[bytes, set[bytes]] = {}
@@ -127,7 +65,7 @@ def load_damage(repo: Repository) -> Damage:
     return Damage(records, {p: frozenset(ids) for p, ids in blobs.items()}, tuple(unreadable))
 
 
-def record_damage(repo: Repository, found: Mapping[str, Iterable[bytes]],
+def record_damage(repo: RepositoryStore, found: Mapping[str, Iterable[bytes]],
                   known: Damage | None = None) -> tuple[str | None, int]:
     """Write one record of the damaged pairs in ``found`` (pack object name -> blob ids) that
     ``known`` does not cover yet. Returns the record's name (None if nothing new) and the
@@ -146,7 +84,7 @@ def record_damage(repo: Repository, found: Mapping[str, Iterable[bytes]],
     return name, sum(len(ids) for ids in packs.values())
 
 
-def check_findings(repo: Repository, found: Mapping[str, Iterable[bytes]]) -> tuple[list[str], list[str]]:
+def check_findings(repo: RepositoryStore, found: Mapping[str, Iterable[bytes]]) -> tuple[list[str], list[str]]:
     """What ``check`` adds to its report (errors, warnings): records the damaged pairs it found
     (pack object name -> blob ids), and verifies the small objects nothing else reads whole
     (key files, pending and damage records). A record that cannot be written (read-only
@@ -185,7 +123,7 @@ def check_findings(repo: Repository, found: Mapping[str, Iterable[bytes]]) -> tu
     return errors, warnings
 
 
-def settle(repo: Repository, damage: Damage, present: set[str]) -> list[str]:
+def settle(repo: RepositoryStore, damage: Damage, present: set[str]) -> list[str]:
     """Delete the records none of whose packs is in ``present`` (the packs stored or listed by
     an index object, found after ``damage`` was loaded), and unreadable ones; returns what was
     deleted."""

@@ -226,7 +226,7 @@ class MasterIndex:
         for part in (self._entries, *self._staged):
             if part is not None:
                 assert not hasattr(part, "dtype"), "NumPy parts are folded by _fold_numpy"
-                view = memoryview(part).cast("B")  # type: ignore[arg-type]
+                view = memoryview(part).cast("B")
                 rows += [view[i:i + size].tobytes() for i in range(0, len(view), size)]
         rows += [blob_id + rest for blob_id, rest in self._extra.items()]
         self._staged, self._extra = [], {}

@@ -36,10 +36,10 @@ from keepwell.repository.format import (
     pack_trailer,
 )
 from keepwell.repository.index import IndexContent, encode_entries
+from keepwell.repository.store import RepositoryStore
 
 if TYPE_CHECKING:
     from keepwell.backends.base import Backend
-    from keepwell.repository.repo import Repository
 
 
 class Spool(Protocol):
@@ -101,7 +101,7 @@ class PackBuilder:
     def __len__(self) -> int:
         return self.size
 
-    def store(self, repo: Repository) -> str:
+    def store(self, repo: RepositoryStore) -> str:
         """Close the pack with its encrypted header and store it; its name (hex) is returned.
         A pack of that name being there already is fine: same name, same bytes."""
         header = repo.master.encrypt_object(KIND_PACK_HEADER, encode_pack_header(self.entries))
@@ -161,7 +161,7 @@ class StoredPack:
 
 
 class BlobSink:
-    def __init__(self, repo: Repository, *, upload_workers: int = 4, compression: int | None = None,
+    def __init__(self, repo: RepositoryStore, *, upload_workers: int = 4, compression: int | None = None,
                  levels: Levels | None = None) -> None:
         self.repo = repo
         self.level = repo.compression if compression is None else compression

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
@@ -40,9 +40,7 @@ from keepwell.repository.format import (
     pack_object_name,
     parse_trailer,
 )
-
-if TYPE_CHECKING:
-    from keepwell.repository.repo import Repository
+from keepwell.repository.store import RepositoryStore
 
 MAX_GAP = 256 * 1024  # unwanted bytes read over rather than start another request
 MAX_RANGE = 8 * 1024 * 1024  # bytes one request covers at most
@@ -119,7 +117,7 @@ def want_span(w: Want) -> tuple[int, int]:
     return w.offset, w.length
 
 
-def locate_packs(repo: Repository, ids: Iterable[bytes]) -> dict[str, list[Want]]:
+def locate_packs(repo: RepositoryStore, ids: Iterable[bytes]) -> dict[str, list[Want]]:
     """The blobs ``ids`` grouped by the pack object that holds them, each list sorted by offset;
     found through `Repository.locate_many` (the index, then packs pending deletion), so a
     snapshot committed by a backup that raced a prune reads as well as any other.
@@ -140,7 +138,7 @@ def locate_packs(repo: Repository, ids: Iterable[bytes]) -> dict[str, list[Want]
 
 
 # -- verifying ------------------------------------------------------------------------------------
-def open_payload(repo: Repository, want: Want, stored: bytes | memoryview) -> bytes:
+def open_payload(repo: RepositoryStore, want: Want, stored: bytes | memoryview) -> bytes:
     """Decrypt one stored blob and verify it against its id; return its payload as stored
     (maybe compressed), for a copy that need not compress it again. IntegrityError names the
     blob and the repository."""
@@ -165,7 +163,7 @@ class PackReader:
     worker thread; ``handle`` must verify it (`open_payload`, `Repository.open_blob`) before
     using it. Every range read is counted and told as a ``copy_read`` event."""
 
-    def __init__(self, repo: Repository, events: Events, *, workers: int = 4) -> None:
+    def __init__(self, repo: RepositoryStore, events: Events, *, workers: int = 4) -> None:
         self.repo = repo
         self.events = events
         self.bytes_read = 0

@@ -33,27 +33,24 @@ also emits ``pack_stored`` for each new pack.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from keepwell.crypto import content_name
 from keepwell.errors import (
     DamagedSnapshotError,
-    IntegrityError,
     ObjectNotFoundError,
 )
 from keepwell.repository.format import (
-    KIND_PENDING,
     PACK_PREFIX,
     PackEntry,
     pack_object_name,
 )
 from keepwell.repository.index import MasterIndex
 from keepwell.repository.packer import PACK_TARGET, StoredPack, index_content
+from keepwell.repository.pending import PendingRecord, load_pending, write_pending
 from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import PruneLock, heartbeat_seconds, list_sessions
@@ -133,50 +130,6 @@ class PruneReport:
     live_sessions: int = 0  # live backup sessions when this run began
     live_sessions_at_delete: int = 0  # live backup sessions when it deleted packs
     warnings: list[str] = field(default_factory=list)
-
-
-# -- pending records ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PendingRecord:
-    name: str  # object name, pending/<hash>
-    time: float
-    sessions: frozenset[str]
-    packs: dict[str, int]  # doomed: pack object name -> size
-    deferred: frozenset[str] = frozenset()  # still indexed, unused, maybe a running backup's
-
-    def ended(self, live: set[str]) -> bool:
-        return not (self.sessions & live)
-
-    def ready(self, live: set[str], now: float, grace: float) -> bool:
-        return self.ended(live) and now - self.time >= grace
-
-
-def load_pending(repo: Repository, warnings: list[str] | None = None) -> list[PendingRecord]:
-    out = []
-    for info in repo.backend.list("pending/"):
-        try:
-            stored = repo.backend.get(info.name)
-        except ObjectNotFoundError:
-            continue  # finished by a prune since the listing
-        try:
-            if content_name(stored) != info.name.rsplit("/", 1)[1]:
-                raise IntegrityError(f"{info.name} does not match its name")
-            d = json.loads(repo.master.decrypt_object(KIND_PENDING, stored, info.name))
-            out.append(PendingRecord(info.name, float(d["time"]), frozenset(d["sessions"]),
-                                     {str(k): int(v) for k, v in d["packs"].items()},
-                                     frozenset(d.get("deferred", []))))
-        except (IntegrityError, ValueError, KeyError, TypeError) as exc:
-            # its packs count as orphans: the next marking covers them again
-            if warnings is not None:
-                warnings.append(f"{info.name} is unreadable ({exc}); its packs are treated as orphans")
-    return out
-
-
-def write_pending(repo: Repository, when: float, sessions: Iterable[str], packs: dict[str, int],
-                  deferred: Iterable[str] = ()) -> str:
-    doc = {"version": 1, "time": when, "sessions": sorted(sessions), "packs": packs,
-           "deferred": sorted(deferred)}
-    return "pending/" + repo.put_object("pending", KIND_PENDING, json.dumps(doc).encode())
 
 
 # -- what the snapshots use ----------------------------------------------------------------------

@@ -49,7 +49,8 @@ from keepwell.repository.format import (
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
 from keepwell.repository.packreader import parse_header
-from keepwell.repository.prune import load_pending, supersede_index, write_pending
+from keepwell.repository.pending import load_pending, write_pending
+from keepwell.repository.prune import supersede_index
 from keepwell.repository.repack import RepackJob, repack
 from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import PruneLock, list_sessions

@@ -55,8 +55,11 @@ from keepwell.repository.index import (
     decode_index,
     encode_index,
 )
+from keepwell.repository.pending import load_pending
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
+from keepwell.repository.unindexed import UnindexedPacks, pack_type_of
+from keepwell.repository.writer import SnapshotWriter
 
 _REPAIR_INDEX_HINT = "run 'keepwell repair index' to rebuild the index from the packs"
 
@@ -268,8 +271,6 @@ class Repository:
     def _pending_locations(self) -> dict[bytes, BlobLocation]:
         with self._pending_lock:
             if self._pending is None:
-                from keepwell.repository.prune import UnindexedPacks, load_pending, pack_type_of
-
                 names = {n for r in load_pending(self) for n in r.packs}
                 found: dict[bytes, BlobLocation] = {}
                 packs = UnindexedPacks(self, names)
@@ -517,9 +518,7 @@ class Repository:
     def open_file(self, snap: Snapshot, path: str) -> BlobReader:
         return BlobReader(self.iter_file(snap, path))
 
-    def new_snapshot(self, kind: str, paths: list[str], **kw: Any) -> Any:
-        from keepwell.repository.writer import SnapshotWriter
-
+    def new_snapshot(self, kind: str, paths: list[str], **kw: Any) -> SnapshotWriter:
         return SnapshotWriter(self, kind, paths, **kw)
 
 

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
-from typing import TYPE_CHECKING
 
 from keepwell import tokens
 from keepwell.errors import (
@@ -44,9 +43,7 @@ from keepwell.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
 )
-
-if TYPE_CHECKING:
-    from keepwell.repository.repo import Repository
+from keepwell.repository.store import RepositoryStore
 
 KIND_SESSION = b"kw-session"
 KIND_LOCK = b"kw-lock"
@@ -136,7 +133,7 @@ class Marker:
                 f"(after {stale_seconds():.0f}s of silence)")
 
 
-def _marker(repo: Repository, name: str, kind: bytes, stored: bytes,
+def _marker(repo: RepositoryStore, name: str, kind: bytes, stored: bytes,
             mtime: float | None) -> Marker:
     try:
         d = json.loads(repo.master.decrypt_object(kind, stored, name))
@@ -157,7 +154,7 @@ def _doc(purpose: str, started: float, **more: str) -> bytes:
 
 
 class Session:
-    def __init__(self, repo: Repository, purpose: str) -> None:
+    def __init__(self, repo: RepositoryStore, purpose: str) -> None:
         self.repo = repo
         self.id = tokens.token_hex(16)
         self.name = f"sessions/{self.id}"
@@ -188,7 +185,7 @@ class Session:
             pass
 
 
-def list_sessions(repo: Repository, *, strict: bool = False) -> list[Marker]:
+def list_sessions(repo: RepositoryStore, *, strict: bool = False) -> list[Marker]:
     """Every session object, readable or not (see `Marker`). ``strict``: a session that cannot
     be fetched because storage failed raises instead of being skipped (prune must not take an
     unfetched session for an ended one)."""
@@ -206,7 +203,7 @@ def list_sessions(repo: Repository, *, strict: bool = False) -> list[Marker]:
     return out
 
 
-def read_prune_lock(repo: Repository) -> Marker | None:
+def read_prune_lock(repo: RepositoryStore) -> Marker | None:
     """The prune lock's marker; None if no prune holds it."""
     try:
         stored = repo.backend.get(PRUNE_LOCK)
@@ -226,7 +223,7 @@ class UnlockReport:
     kept: list[tuple[str, str]] = field(default_factory=list)
 
 
-def unlock(repo: Repository, *, remove_all: bool = False) -> UnlockReport:
+def unlock(repo: RepositoryStore, *, remove_all: bool = False) -> UnlockReport:
     """Remove the markers of processes that are gone (at once) or stale; every marker with
     ``remove_all`` (only when no keepwell process uses the repository: a running backup whose
     session is removed is invisible to prune, which may then delete what it uploaded)."""
@@ -268,7 +265,7 @@ class PruneLockLostError(KeepwellError):
 class PruneLock:
     """The lock that keeps prunes apart (never backups): see the module docstring."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: RepositoryStore) -> None:
         self.repo = repo
         self.token = tokens.token_hex(16)
         self.started = time.time()

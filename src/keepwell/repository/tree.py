@@ -81,7 +81,8 @@ def encode_node(n: Node) -> list[object]:
 
 def encode_tree(nodes: list[Node]) -> bytes:
     nodes = sorted(nodes, key=lambda n: os.fsencode(n.name))
-    return msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
+    data: bytes = msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
+    return data
 
 
 def decode_tree(data: bytes) -> list[Node]:

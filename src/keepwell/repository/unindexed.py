@@ -11,20 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from keepwell.crypto import content_name
 from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError
 from keepwell.repository.format import PACK_PREFIX, TREE, PackEntry
 from keepwell.repository.index import MasterIndex
 from keepwell.repository.packreader import read_header
+from keepwell.repository.store import RepositoryStore
 from keepwell.repository.tree import Node, decode_tree
 
-if TYPE_CHECKING:
-    from keepwell.repository.repo import Repository
 
-
-def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
+def read_pack_header(repo: RepositoryStore, name: str) -> list[PackEntry] | None:
     """The blobs a pack says it holds (packs are self-describing); None if unreadable. Copies
     recorded as damaged are left out (keepwell.repository.damage), so that no pack is indexed
     again for their sake."""
@@ -36,7 +33,7 @@ def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
     return [e for e in entries if not repo.damage.covers(pack, e.id)]
 
 
-def damaged_packs(repo: Repository, names: Iterable[str]) -> dict[str, str]:
+def damaged_packs(repo: RepositoryStore, names: Iterable[str]) -> dict[str, str]:
     """Of packs about to be indexed again (read whole, a few at once), those whose bytes do not
     match their name or cannot be read, and why: nothing is indexed before it is known whole."""
 
@@ -72,7 +69,7 @@ def unique_entries(entries: Iterable[PackEntry]) -> list[PackEntry]:
 class UnindexedPacks:
     """Stored packs that no index lists (pending deletion or orphans); headers read on demand."""
 
-    def __init__(self, repo: Repository, names: Iterable[str]) -> None:
+    def __init__(self, repo: RepositoryStore, names: Iterable[str]) -> None:
         self.repo = repo
         self.names = set(names)
         self._headers: dict[str, list[PackEntry] | None] | None = None
@@ -100,7 +97,7 @@ class UnindexedPacks:
         return self._where.get(blob_id)
 
 
-def load_tree_anywhere(repo: Repository, index: MasterIndex, unindexed: UnindexedPacks | None,
+def load_tree_anywhere(repo: RepositoryStore, index: MasterIndex, unindexed: UnindexedPacks | None,
                        tree_id: bytes) -> list[Node]:
     """A tree from the index, or else from a pack no index lists (a pending or orphan pack)."""
     if index.has(tree_id):

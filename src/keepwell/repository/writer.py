@@ -19,15 +19,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from keepwell import __version__
 from keepwell.errors import UsageError
 from keepwell.repository.format import DATA, KIND_SNAPSHOT, TREE
 from keepwell.repository.packer import BlobSink
-from keepwell.repository.repo import Repository
 from keepwell.repository.sessions import Session
 from keepwell.repository.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from keepwell.repository.store import RepositoryStore
 from keepwell.repository.tree import DIR, FILE, Node, encode_tree
 
 DirMeta = Callable[[str], Node]
@@ -40,7 +40,7 @@ class _VirtualDir:
 
 
 class SnapshotWriter:
-    def __init__(self, repo: Repository, kind: str, paths: list[str], *, host: str | None = None,
+    def __init__(self, repo: RepositoryStore, kind: str, paths: list[str], *, host: str | None = None,
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
                  upload_workers: int = 4, blob_workers: int | None = None,
@@ -80,7 +80,7 @@ class SnapshotWriter:
             self.abort()
 
     # -- content ------------------------------------------------------------------------------
-    def save_content(self, reader: BinaryIO, *, count: bool = True,
+    def save_content(self, reader: IO[bytes], *, count: bool = True,
                      size: int | None = None) -> tuple[list[bytes], int]:
         """Chunk a stream and store its chunks; returns their ids in order and the byte count.
         ``size``: the stream's expected length, if known (see `Chunker.chunks`).
@@ -123,7 +123,7 @@ class SnapshotWriter:
             self._blob_pool = ThreadPoolExecutor(self._blob_workers, thread_name_prefix="kw-chunk")
         return self._blob_pool
 
-    def add_stream(self, path: str, reader: BinaryIO, *, mode: int = 0o600, mtime: float | None = None) -> int:
+    def add_stream(self, path: str, reader: IO[bytes], *, mode: int = 0o600, mtime: float | None = None) -> int:
         ids, size = self.save_content(reader)
         now = time.time() if mtime is None else mtime
         self.add_node(path, Node(name=path.rsplit("/", 1)[-1], type=FILE, mode=mode, size=size,
