@@ -41,7 +41,7 @@ def build(path: str, n: int) -> None:
 
 
 def measure(path: str) -> None:
-    from keepwell.process import tune_malloc
+    from keepwell.memory import tune_malloc
 
     tune_malloc()  # as the keepwell command does at start
     t0 = time.perf_counter()

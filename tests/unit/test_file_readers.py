@@ -221,7 +221,7 @@ def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_completes(tmp_pa
                 stat = open(f"/proc/{pid}/stat").read()
             except OSError:
                 continue
-            if b"keepwell.sources.workers" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
+            if b"keepwell.sources.files.workers" in cmd and int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
                 os.kill(int(pid), signal.SIGKILL)
                 killed = True
                 break
@@ -250,7 +250,7 @@ def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
     import pickle
     import sys
 
-    from keepwell.sources.workers import repository_init
+    from keepwell.sources.files.workers import repository_init
 
     repo = _open(tmp_path)
     with repo.new_snapshot("files", ["/x"]) as w:
@@ -281,7 +281,7 @@ def test_worker_count_leaves_the_main_process_its_core(monkeypatch: pytest.Monke
     """By default a file backup and a restore run one worker per core but one (the main process
     walks and builds the trees, or writes the large files), any other user one per core; the
     variable overrides both."""
-    from keepwell.sources.workers import worker_count
+    from keepwell.sources.files.workers import worker_count
 
     monkeypatch.delenv("KEEPWELL_FILE_PROCESSES", raising=False)
     for cores, files, other in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):

@@ -156,7 +156,7 @@ def test_trim_heap_returns_freed_pages() -> None:
     import sys
 
     code = (
-        "from keepwell.process import tune_malloc, trim_heap\n"
+        "from keepwell.memory import tune_malloc, trim_heap\n"
         "tune_malloc()\n"
         "def anon():\n"
         "    return int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])\n"

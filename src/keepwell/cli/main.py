@@ -18,7 +18,7 @@ import typer
 from keepwell import __version__
 from keepwell.cli import repo_commands
 from keepwell.cli.common import GLOBALS, KeepwellGroup, PasswordFileOption, RepoOption, run_app
-from keepwell.process import tune_malloc
+from keepwell.memory import tune_malloc
 
 app = typer.Typer(
     cls=KeepwellGroup,

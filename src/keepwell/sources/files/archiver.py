@@ -34,7 +34,7 @@ from operator import attrgetter
 from typing import Any
 
 from keepwell.errors import KeepwellError, UsageError
-from keepwell.process import fewer_collections
+from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
@@ -43,7 +43,7 @@ from keepwell.sources.files import metadata
 from keepwell.sources.files.prefetch import Prefetch
 from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Matcher
-from keepwell.sources.workers import can_reopen, worker_count
+from keepwell.sources.files.workers import can_reopen, worker_count
 
 # Files from this size on are streamed by the main process, one at a time; smaller ones are read
 # whole (by a worker process once there are many), where a file of 8 MiB and its compressed and

@@ -20,7 +20,7 @@ processes, in batches:
 - the main process's session covers the workers' uploads (keepwell.repository.sessions), and
   the snapshot is written only after every worker has stored its packs and their index.
 
-The processes are `keepwell.sources.workers.Workers`. A worker whose parent dies reads
+The processes are `keepwell.sources.files.workers.Workers`. A worker whose parent dies reads
 end-of-file on its pipe and exits; what it stored stays reusable, as after any interrupted
 backup.
 """
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keepwell.crypto import keyed_id
-from keepwell.process import trim_heap
+from keepwell.memory import trim_heap
 from keepwell.repository.format import DATA
 from keepwell.sources.files.metadata import Xattrs, read_fd
-from keepwell.sources.workers import Workers, repository_init
+from keepwell.sources.files.workers import Workers, repository_init
 
 # ids in file order, bytes read, error text, ids assumed known from the index's keys, the file's
 # extended attributes (read through the descriptor it was read with)

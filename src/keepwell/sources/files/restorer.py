@@ -10,7 +10,7 @@ its last blob lands and to directories at the end, deepest first; what could not
 want of privilege or support is counted and said once (`RestoreResult.metadata`).
 
 Files of one blob (most files of most trees) are written by worker processes once a restore has
-enough of them (keepwell.sources.workers): each gets whole packs' worth of such files, reads
+enough of them (keepwell.sources.files.workers): each gets whole packs' worth of such files, reads
 and checks the blobs and writes the files with their metadata, single-threaded, so the many
 small system calls do not hand the GIL around. Files of several blobs are written here.
 
@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keepwell.errors import KeepwellError, RestoreTargetError
-from keepwell.process import fewer_collections
+from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
 from keepwell.repository.packreader import Range, ranges, read_range
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.sources.files import fileio, metadata, targetdir
 from keepwell.sources.files.select import Matcher
-from keepwell.sources.workers import Workers, can_reopen, repository_init, worker_count
+from keepwell.sources.files.workers import Workers, can_reopen, repository_init, worker_count
 
 _MAX_RANGE = 8 * 1024 * 1024  # one ranged read of nearby blobs, in a worker process
 # the same in this process, whose threads each hold a range and its blobs at once (files of

@@ -38,7 +38,7 @@ from keepwell.errors import KeepwellError, UsageError
 IN_FLIGHT = 3
 
 _MAIN = ("import sys; from multiprocessing.connection import Connection as C; "
-         "from keepwell.sources.workers import serve; "
+         "from keepwell.sources.files.workers import serve; "
          "serve(C(int(sys.argv[1]), writable=False), C(int(sys.argv[2]), readable=False))")
 
 
@@ -210,7 +210,7 @@ def serve(requests: Connection, answers: Connection) -> None:
     except EOFError:
         return
     try:
-        from keepwell.process import tune_malloc
+        from keepwell.memory import tune_malloc
 
         tune_malloc()
         module, factory = init["handler"].split(":")

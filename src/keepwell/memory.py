@@ -1,4 +1,5 @@
-"""Settings of the running process that every entry point applies (the CLI, worker processes)."""
+"""Memory settings of the running process (glibc malloc arenas and trimming, the garbage
+collector) that every entry point applies: the CLI and the worker processes."""
 
 from __future__ import annotations
 
