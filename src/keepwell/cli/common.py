@@ -157,16 +157,20 @@ def resolve_password(password_file: str | None, *, confirm: bool = False) -> str
                          confirm=confirm)
 
 
-def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
-    """Open the repository named by the options/environment (the usual first step of a command)."""
+def open_repo(repo: str | None = None, password_file: str | None = None, *,
+              dry_run: bool = False) -> Any:
+    """Open the repository named by the options/environment (the usual first step of a command).
+    ``dry_run``: on a backend that drops every write (keepwell.backends.dryrun)."""
     from keepwell.repository import open_repository
 
     location = resolve_repo(repo)
+    extra: dict[str, Any] = {"dry_run": True} if dry_run else {}
     opened = open_repository(
         location,
         resolve_password(password_file),
         limit_upload=GLOBALS.limit_upload,
         limit_download=GLOBALS.limit_download,
+        **extra,
     )
     opened.events.subscribe(print_warning)
     return opened

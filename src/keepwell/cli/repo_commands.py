@@ -186,6 +186,9 @@ def backup(
              "only if the command exits with status 0.")] = False,
     stdin_filename: Annotated[str | None, typer.Option(
         help="File name of the --stdin / --stdin-from-command data (default: stdin).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "-n",
+        help="Do not upload or write any data, just show what would be done.")] = False,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Back up files and directories, standard input, or a command's output into a new snapshot."""
@@ -206,7 +209,7 @@ def backup(
         raise UsageError("--stdin reads a pipe or a file, not a terminal",
                          hint="e.g. keepwell backup --stdin < dump.sql")
     tags = [t for group in tag or [] for t in group.split(",") if t]
-    r = open_repo(repo, password_file)
+    r = open_repo(repo, password_file, dry_run=dry_run)
     progress = Progress("backup")
     r.events.subscribe(progress)
     errors: list[tuple[str, str]] = []
@@ -229,7 +232,9 @@ def backup(
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary
-    if json_:
+    if dry_run:
+        _print_dry_run(snap, errors, json_)
+    elif json_:
         print_json({"snapshot": snap.to_json(), "errors": [list(e) for e in errors]})
     else:
         print(f"snapshot {snap.short_id} saved: {s.get('files_new', 0)} new, "
@@ -244,6 +249,27 @@ def backup(
         print(f"keepwell: {len(errors)} item(s) could not be read; the snapshot is partial",
               file=sys.stderr)
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _print_dry_run(snap: Any, errors: list[tuple[str, str]], json_: bool) -> None:
+    """What a dry run would have stored: the counts of the snapshot it did not save."""
+    s = snap.summary
+    if json_:
+        keep = ("files_new", "files_changed", "files_unmodified", "dirs", "bytes_processed",
+                "bytes_read", "bytes_added", "bytes_stored", "blobs_new", "blobs_known", "packs",
+                "errors", "sockets_skipped", "duration")
+        print_json({"dry_run": True, "paths": snap.paths, "host": snap.host, "kind": snap.kind,
+                    "parent": snap.parent, "summary": {k: s[k] for k in keep if k in s},
+                    "errors": [list(e) for e in errors]})
+        return
+    print("dry run: nothing was stored")
+    print(f"Files:     {s.get('files_new', 0)} new, {s.get('files_changed', 0)} changed, "
+          f"{s.get('files_unmodified', 0)} unmodified")
+    print(f"Would add to the repository: {human_bytes(s.get('bytes_added', 0))} "
+          f"({human_bytes(s.get('bytes_stored', 0))} stored)")
+    print(f"processed {s.get('files_new', 0) + s.get('files_changed', 0) + s.get('files_unmodified', 0)}"
+          f" files, {human_bytes(s.get('bytes_processed', s.get('bytes_read', 0)))} in "
+          f"{s.get('duration', 0):.1f}s")
 
 
 def snapshots(host: HostFilterOption = None, tag: TagFilterOption = None,

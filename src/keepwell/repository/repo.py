@@ -18,6 +18,7 @@ from typing import Any
 
 from keepwell import tokens
 from keepwell.backends.base import Backend
+from keepwell.backends.dryrun import DryRunBackend
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
 from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
@@ -599,6 +600,12 @@ def named_by_content(name: str, data: bytes) -> bool:
 
 
 def _wrap(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
+    """The usual wrappers for ``options``; ``dry_run``: outermost, one that writes nothing."""
+    wrapped = _wrap_usual(backend, location, options)
+    return DryRunBackend(wrapped) if options.get("dry_run") else wrapped
+
+
+def _wrap_usual(backend: Backend, location: str, options: dict[str, Any]) -> Backend:
     try:
         from keepwell.backends import wrappers
     except ImportError:

@@ -1,0 +1,107 @@
+"""The backup options restic users reach for: ``--dry-run``, ``--files-from*``, the exclusion
+options (``--exclude-if-present``, ``--exclude-caches``, ``--exclude-larger-than``,
+``--iexclude``, ``--exclude-file``).
+
+A dry run counts what a backup would add and leaves the repository exactly as it was (not an
+object added or touched, no session left); the lists of ``--files-from`` are read as restic
+reads them, and a missing path in them is a warning and exit 3; each exclusion drops what restic
+drops. The real ``keepwell`` command runs in a subprocess against a real local repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fault.cli import KW, PASSWORD, kw, ok
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    location = tmp_path / "repo"
+    ok(kw(location, "init"))
+    return location
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def _state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory below ``root``: size and mtime (ns)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(d, name))
+            out[os.path.relpath(os.path.join(d, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _snapshots(repo: Path) -> list[dict[str, Any]]:
+    return list(json.loads(ok(kw(repo, "snapshots", "--json"))))
+
+
+def _backup(repo: Path, *args: str) -> dict[str, Any]:
+    return dict(json.loads(ok(kw(repo, "backup", "--json", *args)))["snapshot"])
+
+
+def _files(repo: Path, snapshot_id: str) -> set[str]:
+    rows = json.loads(ok(kw(repo, "ls", snapshot_id, "--json")))
+    return {r["path"] for r in rows if r["type"] == "file"}
+
+
+def _usage(r: Any, words: str) -> None:
+    """One clear line on stderr, exit code 2, no traceback."""
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- --dry-run ------------------------------------------------------------------------------------
+def test_dry_run_counts_and_writes_nothing(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # enough small files for the worker processes to start: they must write nothing either
+    _tree(data, {f"small/{i:03}": f"file {i}\n".encode() * 20 for i in range(300)})
+    _tree(data, {"big.bin": os.urandom(3 << 20), "same.txt": b"same"})
+    first = _backup(repo, str(data))
+    (data / "new.bin").write_bytes(os.urandom(100_000))
+    (data / "same.txt").write_bytes(b"changed")
+    before = _state(repo)
+
+    out = json.loads(ok(kw(repo, "backup", "--dry-run", "--json", str(data))))
+    assert _state(repo) == before
+    assert out["dry_run"] is True and out["parent"] == first["id"] and out["errors"] == []
+    s = out["summary"]
+    assert (s["files_new"], s["files_changed"], s["files_unmodified"]) == (1, 1, 301)
+    assert 100_000 <= s["bytes_added"] < 200_000 and s["bytes_stored"] > 0
+    assert [x["id"] for x in _snapshots(repo)] == [first["id"]]
+
+    text = ok(kw(repo, "backup", "-n", str(data)))
+    assert _state(repo) == before
+    assert "dry run" in text and "1 new, 1 changed, 301 unmodified" in text
+    assert "Would add to the repository" in text
+    # the real run afterwards adds what the dry run announced
+    second = _backup(repo, str(data))
+    assert second["summary"]["bytes_added"] == s["bytes_added"]
+
+
+def test_dry_run_of_a_first_backup_and_of_stdin(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"a": b"a" * 5000, "b/c": b"c" * 7000})
+    before = _state(repo)
+    out = json.loads(ok(kw(repo, "backup", "-n", "--json", str(data))))
+    assert out["summary"]["files_new"] == 2 and out["summary"]["bytes_added"] >= 12000
+    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
+           "KEEPWELL_TESTONLY_WEAK_KDF": "1"}
+    r = subprocess.run([*KW, "backup", "--stdin", "--dry-run", "--json"], input=b"x" * 9000,
+                       env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summary"]["bytes_added"] >= 9000
+    assert _state(repo) == before and _snapshots(repo) == []
