@@ -64,6 +64,13 @@ def _usage(r: Any, words: str) -> None:
     assert r.stderr.count("\n") == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def _run(repo: Path, *args: str, stdin: str = "") -> Any:
+    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
+           "KEEPWELL_TESTONLY_WEAK_KDF": "1"}
+    return subprocess.run([*KW, *args], input=stdin, env=env, capture_output=True, timeout=120,
+                          text=True)
+
+
 # -- --dry-run ------------------------------------------------------------------------------------
 def test_dry_run_counts_and_writes_nothing(repo: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
@@ -98,10 +105,60 @@ def test_dry_run_of_a_first_backup_and_of_stdin(repo: Path, tmp_path: Path) -> N
     before = _state(repo)
     out = json.loads(ok(kw(repo, "backup", "-n", "--json", str(data))))
     assert out["summary"]["files_new"] == 2 and out["summary"]["bytes_added"] >= 12000
-    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
-           "KEEPWELL_TESTONLY_WEAK_KDF": "1"}
-    r = subprocess.run([*KW, "backup", "--stdin", "--dry-run", "--json"], input=b"x" * 9000,
-                       env=env, capture_output=True, timeout=120)
+    r = _run(repo, "backup", "--stdin", "--dry-run", "--json", stdin="x" * 9000)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["bytes_added"] >= 9000
     assert _state(repo) == before and _snapshots(repo) == []
+
+
+# -- --files-from, --files-from-verbatim, --files-from-raw ---------------------------------------
+def test_files_from_reads_patterns_comments_and_blank_lines(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"a.txt": b"a", "b.txt": b"b", ".hidden.txt": b"h", "c.log": b"c",
+                 "dir/d": b"d", "other": b"o"})
+    listing = tmp_path / "list"
+    listing.write_text(f"# what to keep\n\n  {data}/*.txt  \n{data}/dir\r\n#{data}/other\n")
+    snap = _backup(repo, "--files-from", str(listing), str(data / "c.log"))
+    assert _files(repo, snap["id"]) == {f"{data}/{n}" for n in
+                                        ("a.txt", "b.txt", ".hidden.txt", "c.log", "dir/d")}
+
+
+def test_files_from_verbatim_and_raw_take_names_literally(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    odd = ["*star", " lead space", "#hash", "new\nline"]
+    _tree(data, {n: n.encode() for n in odd} | {"xstar": b"x"})
+    verbatim = tmp_path / "verbatim"
+    verbatim.write_bytes(b"".join(f"{data}/{n}\n".encode() for n in odd[:3]) + b"\n")
+    raw = tmp_path / "raw"
+    raw.write_bytes(f"{data}/{odd[3]}\0".encode())
+    snap = _backup(repo, "--files-from-verbatim", str(verbatim), "--files-from-raw", str(raw))
+    assert _files(repo, snap["id"]) == {f"{data}/{n}" for n in odd}
+
+
+def test_files_from_standard_input(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"one": b"1", "two": b"2"})
+    r = _run(repo, "backup", "--json", "--files-from-raw", "-",
+             stdin=f"{data}/one\0{data}/two\0")
+    assert r.returncode == 0, r.stderr
+    assert _files(repo, json.loads(r.stdout)["snapshot"]["id"]) == {f"{data}/one", f"{data}/two"}
+    _usage(_run(repo, "backup", "--files-from", "-", "--files-from-verbatim", "-", stdin="x\n"),
+           "both read standard input")
+
+
+def test_files_from_missing_paths_are_warnings(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"here": b"h"})
+    listing = tmp_path / "list"
+    listing.write_text(f"{data}/here\n{data}/gone\n{data}/nothing*\n")
+    r = kw(repo, "backup", "--files-from", str(listing))
+    assert r.returncode == 3, r.stderr
+    assert f"warning: {data}/gone: no such file or directory" in r.stderr
+    assert f"warning: {data}/nothing*: no such file or directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    (snap,) = _snapshots(repo)
+    assert snap["paths"] == [f"{data}/here"]
+    _usage(kw(repo, "backup", "--files-from", str(tmp_path / "absent")), "--files-from")
+    (tmp_path / "empty").write_text("# nothing\n")
+    _usage(kw(repo, "backup", "--files-from", str(tmp_path / "empty")), "nothing to back up")
+    _usage(kw(repo, "backup", "--stdin", "--files-from", str(listing)), "--files-from")

@@ -179,6 +179,18 @@ def backup(
     exclude_file: Annotated[list[str] | None, typer.Option(
         help="File of exclude patterns, one a line (repeatable).")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
+    files_from: Annotated[list[str] | None, typer.Option(
+        "--files-from", metavar="FILE",
+        help="Read the files to back up from FILE, one pattern a line ('#' comments and blank "
+             "lines skipped; '-': standard input; repeatable, combines with PATHS).")] = None,
+    files_from_verbatim: Annotated[list[str] | None, typer.Option(
+        "--files-from-verbatim", metavar="FILE",
+        help="Read the files to back up from FILE, one path a line, taken literally "
+             "(repeatable).")] = None,
+    files_from_raw: Annotated[list[str] | None, typer.Option(
+        "--files-from-raw", metavar="FILE",
+        help="Read the files to back up from FILE, NUL-separated paths (find -print0; "
+             "repeatable).")] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Back up standard input.")] = False,
     stdin_from_command: Annotated[bool, typer.Option(
         "--stdin-from-command",
@@ -194,6 +206,7 @@ def backup(
     """Back up files and directories, standard input, or a command's output into a new snapshot."""
     from keepwell.sources.files import backup_paths
     from keepwell.sources.files.select import read_pattern_file
+    from keepwell.sources.files.targets import PATTERNS, RAW, VERBATIM, read_path_lists
 
     streamed = stdin or stdin_from_command
     if stdin and stdin_from_command:
@@ -202,9 +215,16 @@ def backup(
         raise UsageError("--stdin backs up standard input: give no paths with it")
     if stdin_filename is not None and not streamed:
         raise UsageError("--stdin-filename is for --stdin or --stdin-from-command")
-    if streamed and (exclude or exclude_file or one_file_system):
-        raise UsageError("--exclude, --exclude-file and --one-file-system are for paths, "
-                         "not for --stdin or --stdin-from-command")
+    lists = ([(PATTERNS, f) for f in files_from or []]
+             + [(VERBATIM, f) for f in files_from_verbatim or []]
+             + [(RAW, f) for f in files_from_raw or []])
+    if streamed and (exclude or exclude_file or one_file_system or lists):
+        raise UsageError("--exclude, --exclude-file, --one-file-system and --files-from* are for "
+                         "paths, not for --stdin or --stdin-from-command")
+    if any(f == "-" for _form, f in lists) and sys.stdin.isatty():
+        raise UsageError("--files-from* - reads a list from a pipe or a file, not a terminal")
+    if lists:
+        paths = read_path_lists(lists) + list(paths or [])
     if stdin and sys.stdin.isatty():
         raise UsageError("--stdin reads a pipe or a file, not a terminal",
                          hint="e.g. keepwell backup --stdin < dump.sql")
