@@ -162,3 +162,61 @@ def test_files_from_missing_paths_are_warnings(repo: Path, tmp_path: Path) -> No
     (tmp_path / "empty").write_text("# nothing\n")
     _usage(kw(repo, "backup", "--files-from", str(tmp_path / "empty")), "nothing to back up")
     _usage(kw(repo, "backup", "--stdin", "--files-from", str(listing)), "--files-from")
+
+
+# -- exclusions -----------------------------------------------------------------------------------
+SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def test_exclude_caches_keeps_only_the_tag_of_a_tagged_directory(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"keep.txt": b"k",
+                 "cache/CACHEDIR.TAG": SIGNATURE + b"\n# a cache\n", "cache/blob": b"b",
+                 "cache/sub/deep": b"d",
+                 "fake/CACHEDIR.TAG": b"not the signature", "fake/kept": b"f"})
+    snap = _backup(repo, "--exclude-caches", str(data))
+    assert _files(repo, snap["id"]) == {f"{data}/keep.txt", f"{data}/cache/CACHEDIR.TAG",
+                                        f"{data}/fake/CACHEDIR.TAG", f"{data}/fake/kept"}
+    # a tagged directory named as the path to back up keeps only its tag too
+    only = _backup(repo, "--exclude-caches", str(data / "cache"))
+    assert _files(repo, only["id"]) == {f"{data}/cache/CACHEDIR.TAG"}
+
+
+def test_exclude_if_present_with_and_without_header(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"a/.nobackup": b"", "a/x": b"x", "b/.marker": b"HEADER and more", "b/y": b"y",
+                 "c/.marker": b"other", "c/z": b"z", "d/w": b"w"})
+    snap = _backup(repo, "--exclude-if-present", ".nobackup",
+                   "--exclude-if-present", ".marker:HEADER", str(data))
+    assert _files(repo, snap["id"]) == {f"{data}/a/.nobackup", f"{data}/b/.marker",
+                                        f"{data}/c/.marker", f"{data}/c/z", f"{data}/d/w"}
+    _usage(kw(repo, "backup", "--exclude-if-present", ":HEADER", str(data)),
+           "--exclude-if-present")
+
+
+def test_exclude_larger_than(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"small": b"s" * 1024, "edge": b"e" * 2048, "big": b"b" * 2049,
+                 "sub/huge": b"h" * 10_000})
+    snap = _backup(repo, "--exclude-larger-than", "2K", str(data), str(data / "sub" / "huge"))
+    assert _files(repo, snap["id"]) == {f"{data}/small", f"{data}/edge"}
+    dry = json.loads(ok(kw(repo, "backup", "-n", "--json", "--exclude-larger-than", "1k",
+                           str(data))))
+    assert dry["summary"]["files_new"] + dry["summary"]["files_unmodified"] == 1
+    _usage(kw(repo, "backup", "--exclude-larger-than", "big", str(data)),
+           "--exclude-larger-than")
+
+
+def test_iexclude_exclude_file_and_iexclude_file_add_up(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _tree(data, {"Photo.JPG": b"p", "notes.txt": b"n", "Build/out.o": b"o", "Secret.KEY": b"s",
+                 "scratch/t": b"t", "keep.md": b"k"})
+    (tmp_path / "ex").write_text("# comment\n\nscratch\n")
+    (tmp_path / "iex").write_text("*.key\n")
+    snap = _backup(repo, "--iexclude", "*.jpg", "--iexclude", "build", "--exclude", "*.TXT",
+                   "--exclude-file", str(tmp_path / "ex"), "--iexclude-file", str(tmp_path / "iex"),
+                   str(data))
+    # --exclude stays case-sensitive: *.TXT leaves notes.txt in
+    assert _files(repo, snap["id"]) == {f"{data}/notes.txt", f"{data}/keep.md"}
+    _usage(kw(repo, "backup", "--iexclude-file", str(tmp_path / "absent"), str(data)),
+           "absent")

@@ -156,15 +156,37 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
                  if copy_chunker_params_from else ""))
 
 
-def _count_in_background(progress: Progress, paths: list[str], excludes: list[str],
+def _count_in_background(progress: Progress, paths: list[str], selection: Any,
                          one_file_system: bool) -> None:
     import threading
 
     from keepwell.sources.files.archiver import scan_totals
 
     threading.Thread(target=scan_totals, args=(paths, progress.set_total), daemon=True,
-                     kwargs={"excludes": excludes, "one_file_system": one_file_system},
+                     kwargs={"selection": selection, "one_file_system": one_file_system},
                      name="kw-count").start()
+
+
+def _selection(exclude: list[str] | None, exclude_file: list[str] | None,
+               iexclude: list[str] | None, iexclude_file: list[str] | None,
+               exclude_if_present: list[str] | None, exclude_caches: bool,
+               exclude_larger_than: str | None) -> Any:
+    """The `Selection` backup's exclusion options describe (each repeated option adds up)."""
+    from keepwell.sources.files.select import CACHEDIR_TAG, Selection, TagFile, read_pattern_file
+    from keepwell.units import parse_size
+
+    excludes = list(exclude or [])
+    for f in exclude_file or []:
+        excludes += read_pattern_file(f)
+    iexcludes = list(iexclude or [])
+    for f in iexclude_file or []:
+        iexcludes += read_pattern_file(f)
+    tags = [TagFile.parse(t) for t in exclude_if_present or []]
+    if exclude_caches:
+        tags.append(CACHEDIR_TAG)
+    larger = (parse_size(exclude_larger_than, "--exclude-larger-than")
+              if exclude_larger_than is not None else None)
+    return Selection(excludes, iexcludes=iexcludes, tag_files=tags, larger_than=larger)
 
 
 def backup(
@@ -175,9 +197,28 @@ def backup(
         "--tag", help="Tag the snapshot (repeatable; 'a,b' gives both).")] = None,
     host: Annotated[str | None, typer.Option(help="Host name to record.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        "--exclude", "-e", help="Pattern of paths to skip (repeatable; docs/operations.md).")] = None,
+        "--exclude", "-e", metavar="PATTERN",
+        help="Exclude a pattern (repeatable; docs/operations.md).")] = None,
     exclude_file: Annotated[list[str] | None, typer.Option(
-        help="File of exclude patterns, one a line (repeatable).")] = None,
+        "--exclude-file", metavar="FILE",
+        help="Read exclude patterns from a file, one a line (repeatable).")] = None,
+    iexclude: Annotated[list[str] | None, typer.Option(
+        "--iexclude", metavar="PATTERN",
+        help="Same as --exclude PATTERN but ignores the casing of filenames.")] = None,
+    iexclude_file: Annotated[list[str] | None, typer.Option(
+        "--iexclude-file", metavar="FILE",
+        help="Same as --exclude-file but ignores the casing of filenames in patterns.")] = None,
+    exclude_if_present: Annotated[list[str] | None, typer.Option(
+        "--exclude-if-present", metavar="FILENAME[:HEADER]",
+        help="Exclude the contents of directories containing FILENAME (except FILENAME "
+             "itself), if given only those whose FILENAME starts with HEADER (repeatable).")] = None,
+    exclude_caches: Annotated[bool, typer.Option(
+        "--exclude-caches",
+        help="Exclude the contents of directories containing a CACHEDIR.TAG file (except the "
+             "tag itself), as the cache directory tagging standard says.")] = False,
+    exclude_larger_than: Annotated[str | None, typer.Option(
+        "--exclude-larger-than", metavar="SIZE",
+        help="Exclude files larger than SIZE (e.g. 500M, 2G).")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
     files_from: Annotated[list[str] | None, typer.Option(
         "--files-from", metavar="FILE",
@@ -205,7 +246,6 @@ def backup(
 ) -> None:
     """Back up files and directories, standard input, or a command's output into a new snapshot."""
     from keepwell.sources.files import backup_paths
-    from keepwell.sources.files.select import read_pattern_file
     from keepwell.sources.files.targets import PATTERNS, RAW, VERBATIM, read_path_lists
 
     streamed = stdin or stdin_from_command
@@ -218,9 +258,13 @@ def backup(
     lists = ([(PATTERNS, f) for f in files_from or []]
              + [(VERBATIM, f) for f in files_from_verbatim or []]
              + [(RAW, f) for f in files_from_raw or []])
-    if streamed and (exclude or exclude_file or one_file_system or lists):
-        raise UsageError("--exclude, --exclude-file, --one-file-system and --files-from* are for "
-                         "paths, not for --stdin or --stdin-from-command")
+    if streamed and (exclude or exclude_file or iexclude or iexclude_file or exclude_if_present
+                     or exclude_caches or exclude_larger_than is not None or one_file_system
+                     or lists):
+        raise UsageError("the --exclude*, --iexclude*, --one-file-system and --files-from* "
+                         "options are for paths, not for --stdin or --stdin-from-command")
+    selection = _selection(exclude, exclude_file, iexclude, iexclude_file, exclude_if_present,
+                           exclude_caches, exclude_larger_than)
     if any(f == "-" for _form, f in lists) and sys.stdin.isatty():
         raise UsageError("--files-from* - reads a list from a pipe or a file, not a terminal")
     if lists:
@@ -242,12 +286,9 @@ def backup(
         else:
             snap = backup_stdin(r, sys.stdin.buffer, name, host=host, tags=tags)
     else:
-        excludes = list(exclude or [])
-        for f in exclude_file or []:
-            excludes += read_pattern_file(f)
         if progress.enabled:
-            _count_in_background(progress, paths or [], excludes, one_file_system)
-        res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
+            _count_in_background(progress, paths or [], selection, one_file_system)
+        res = backup_paths(r, paths or [], selection=selection, one_file_system=one_file_system,
                            tags=tags, host=host)
         snap, errors = res.snapshot, res.errors
     progress.done()
