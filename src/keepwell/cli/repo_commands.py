@@ -428,53 +428,47 @@ def dump(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'."
 
 def stats(snapshot_ids: Annotated[list[str] | None, typer.Argument(
               help="Snapshots to count (ids or 'latest'); default: all that match the filters.")] = None,
+          mode: Annotated[str, typer.Option(
+              "--mode", metavar="MODE",
+              help="Counting mode: restore-size (default), files-by-contents, blobs-per-file "
+                   "or raw-data.")] = "restore-size",
           host: HostFilterOption = None, tag: TagFilterOption = None,
           path: PathFilterOption = None, kind: KindFilterOption = None,
           repo: RepoOption = None, password_file: PasswordFileOption = None,
           json_: JsonOption = False) -> None:
-    """Raw versus stored size, deduplication ratio, blob counts: of the whole repository, or
-    of the blobs that the snapshots named or filtered use."""
+    """Count the size of the snapshots named or filtered (all by default): what a restore
+    writes, distinct files, blobs per file, or the raw data as stored (docs/operations.md)."""
+    from keepwell.repository.stats import parse_mode, snapshot_stats
+
+    parse_mode(mode)
     r = open_repo(repo, password_file)
     flt = snapshot_filter(host, tag, path, kind)
     if snapshot_ids:
         snaps = list({s.id: s for s in (r.find_snapshot(i, where=flt) for i in snapshot_ids)}.values())
     else:
         snaps = [s for s in r.list_snapshots() if flt.matches(s)]
-    selected = bool(snapshot_ids or flt)
-    raw = 0
-    used: set[bytes] = set()  # with a selection: the blobs it uses
-    for snap in snaps:
-        used.add(bytes.fromhex(snap.tree))
-        for _p, n in r.walk(snap):
-            if n.type == "file":
-                raw += n.size
-            if selected:
-                used.update(n.content)
-                if n.subtree is not None:
-                    used.add(n.subtree)
-    blobs = {"data": 0, "tree": 0}
-    unique_raw = stored = 0
-    locations = ((b, r.index.lookup(b)) for b in used) if selected else r.index.entries()
-    for _bid, loc in locations:
-        if loc is None:
-            continue
-        blobs["tree" if loc.type == 1 else "data"] += 1
-        unique_raw += loc.raw_length
-        stored += loc.length
-    if not selected:  # the whole repository: what its packs take, headers and unused data too
-        stored = sum(i.size for p in ("data/", "tree/") for i in r.backend.list(p))
-    out = {"snapshots": len(snaps), "total_file_size": raw, "unique_raw_size": unique_raw,
-           "stored_size": stored, "dedup_ratio": round(raw / unique_raw, 3) if unique_raw else 0,
-           "compression_ratio": round(unique_raw / stored, 3) if stored else 0,
-           "blobs": blobs, "index_bytes_in_memory": r.index.nbytes()}
+    out = snapshot_stats(r, snaps, mode, whole=not (snapshot_ids or flt))
     if json_:
         print_json(out)
         return
-    print(f"snapshots:          {len(snaps)}")
-    print(f"total file size:    {human_bytes(raw)}")
-    print(f"unique data:        {human_bytes(unique_raw)}  (dedup ratio {out['dedup_ratio']}x)")
-    print(f"stored:             {human_bytes(stored)}  (compression {out['compression_ratio']}x)")
-    print(f"blobs:              {blobs['data']} data, {blobs['tree']} tree")
+    rows = [("Snapshots processed", str(out["snapshots"]))]
+    if "total_file_count" in out:
+        rows.append(("Total File Count", str(out["total_file_count"])))
+    if "total_blob_count" in out:
+        rows.append(("Total Blob Count", str(out["total_blob_count"])))
+    if mode == "raw-data":
+        rows += [("Total Uncompressed Size", human_bytes(out["total_uncompressed_size"])),
+                 ("Total Size", human_bytes(out["total_size"])),
+                 ("Compression Ratio", f"{out['compression_ratio']}x"),
+                 ("Compression Space Saving", f"{out['compression_space_saving']}%"),
+                 ("Total File Size", human_bytes(out["total_file_size"])),
+                 ("Deduplication Ratio", f"{out['dedup_ratio']}x"),
+                 ("Blobs", f"{out['blobs']['data']} data, {out['blobs']['tree']} tree")]
+    else:
+        rows.append(("Total Size", human_bytes(out["total_size"])))
+    print(f"Stats in {mode} mode:")
+    for label, value in rows:
+        print(f"{label:>25}:  {value}")
 
 
 def restore(snapshot: str,
