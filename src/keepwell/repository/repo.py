@@ -9,7 +9,6 @@ live in their own modules.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 from keepwell import tokens
 from keepwell.backends.base import Backend
+from keepwell.backends.cachedir import default_base
 from keepwell.backends.dryrun import DryRunBackend
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
@@ -614,7 +614,6 @@ def _wrap_usual(backend: Backend, location: str, options: dict[str, Any]) -> Bac
     up, down = options.get("limit_upload"), options.get("limit_download")
     if not remote and not up and not down:
         return backend
-    cache_dir = options.get("cache_dir") or (os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
+    cache_dir = (options.get("cache_dir") or default_base()) if remote else None
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
                          cache_dir=cache_dir, cache_verify=named_by_content)
