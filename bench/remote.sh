@@ -59,7 +59,7 @@ measure keepwell copy-rechunk $KW -q -r $KW_C copy --from-repo $KW_A
 for r in $KW_B $KW_C; do
     $KW -q -r "$r" check --read-data >/dev/null && echo "keepwell copy in $r: check --read-data passed"
 done
-echo "size kw $($KW -r $KW_A stats --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["stored_size"])')" >> "$W/results"
+echo "size kw $($KW -r $KW_A stats --mode raw-data --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["stored_size"])')" >> "$W/results"
 echo "size restic $(restic -r "$R_A" stats --mode raw-data --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["total_size"])')" >> "$W/results"
 
 rm -rf "$W"/out-*

@@ -154,8 +154,8 @@ def test_copy_chain_local_s3_sftp_local(s3_url: str, sftp_url: str, tmp_path: Pa
     # a copy of a copy still names the original
     assert [s["source"]["copied_from"] for s in on_sftp] == [s["id"] for s in originals]
     # the fast path stores every blob once: the same blob count as S3 holds
-    s3_blobs = kw_json("-r", s3_url, "stats", from_pw=None)["blobs"]
-    sftp_blobs = kw_json("-r", sftp_url, "stats", from_pw=None)["blobs"]
+    s3_blobs = kw_json("-r", s3_url, "stats", "--mode", "raw-data", from_pw=None)["blobs"]
+    sftp_blobs = kw_json("-r", sftp_url, "stats", "--mode", "raw-data", from_pw=None)["blobs"]
     assert s3_blobs == sftp_blobs
     again = kw_json("-r", sftp_url, "copy", "--from-repo", s3_url, from_pw=DST_PW)
     assert again["blobs_new"] == 0 and again["packs"] == 0 and again["copied"] == []
@@ -215,12 +215,12 @@ def test_copy_killed_mid_way_then_completed(sftp_url: str, tmp_path: Path, fast:
     assert child.returncode == -signal.SIGKILL
     assert not list((root / "snapshots").glob("*"))
     read_check(sftp_url)  # valid after the kill: indexed packs are whole
-    arrived = kw_json("-r", sftp_url, "stats", from_pw=None)["blobs"]["data"]
+    arrived = kw_json("-r", sftp_url, "stats", "--mode", "raw-data", from_pw=None)["blobs"]["data"]
     assert arrived > 0
 
     rep = kw_json("-r", sftp_url, "copy", "--from-repo", src)
     assert len(rep["copied"]) == 1
-    total = kw_json("-r", sftp_url, "stats", from_pw=None)["blobs"]["data"]
+    total = kw_json("-r", sftp_url, "stats", "--mode", "raw-data", from_pw=None)["blobs"]["data"]
     assert rep["blobs_new"] < total  # what arrived before the kill was reused
     print(f"killed run stored {arrived} of {total} data blobs; the completing run {rep['blobs_new']}")
     read_check(sftp_url)

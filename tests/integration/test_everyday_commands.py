@@ -26,6 +26,7 @@ import pytest
 
 from keepwell.backends.local import LocalBackend
 from keepwell.repository import Repository
+from keepwell.repository.tree import DIR, FILE, Node
 from tests.fault.cli import KW, PASSWORD, kw, ok
 from tests.integration.snapshot_edit_faults import hook_env
 
@@ -292,10 +293,16 @@ def test_dump_of_a_directory_is_a_tar_or_zip_archive(repo: Path, tmp_path: Path)
 
 
 def test_dump_refuses_a_name_that_would_escape(repo: Path) -> None:
+    # a forged tree: the writer's paths refuse '..', so the directory's nodes are made by hand
     with Repository.open(LocalBackend(str(repo)), PASSWORD) as r, \
             r.new_snapshot("files", ["/d"]) as w:
-        w.add_bytes("d/ok", b"fine")
-        w.add_bytes("d/..", b"escape")
+        nodes = []
+        for name, data in (("ok", b"fine"), ("..", b"escape")):
+            ids, size = w.save_content(io.BytesIO(data))
+            nodes.append(Node(name=name, type=FILE, mode=0o644, size=size, content=ids,
+                              mtime_ns=2_000_000_000))
+        w.add_node("d", Node(name="d", type=DIR, mode=0o755, subtree=w.save_tree(nodes),
+                             mtime_ns=2_000_000_000))
         w.commit()
     r2 = kw(repo, "dump", "latest", "/d")
     assert r2.returncode == 1 and "'..'" in r2.stderr and r2.stderr.count("\n") == 1, r2.stderr

@@ -131,7 +131,7 @@ def test_latest_in_ls_dump_restore_diff_follows_the_filters(repo: dict[str, Any]
 
 def test_stats_of_chosen_snapshots(repo: dict[str, Any]) -> None:
     def stats(*args: str) -> dict[str, Any]:
-        res = kw(repo, "stats", "--json", *args)
+        res = kw(repo, "stats", "--json", "--mode", "raw-data", *args)
         assert res.exit_code == 0, res.output
         return dict(json.loads(res.output))
 

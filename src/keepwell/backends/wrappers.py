@@ -26,6 +26,7 @@ from typing import Protocol, TypeVar
 
 from keepwell import tokens
 from keepwell.backends.base import Backend, ObjectInfo, check_name
+from keepwell.backends.cachedir import MARKER, touch
 from keepwell.backends.resilience import Backoff, CircuitBreaker, Sleep, TokenBucket
 from keepwell.errors import (
     BackendError,
@@ -497,10 +498,11 @@ class CachedBackend(_Wrapper):
 
     def bind(self, key: str) -> None:
         """Keep the cache of one repository (``key``: its id) apart from any other: from now
-        on, in a subdirectory of its own, which records the key it was made for."""
+        on, in a subdirectory of its own, which records the key it was made for
+        (keepwell.backends.cachedir describes the layout)."""
         check_name(key)
         directory = os.path.join(self.cache_dir, key)
-        marker = os.path.join(directory, ".repository")
+        marker = os.path.join(directory, MARKER)
         try:
             with open(marker, encoding="utf-8") as f:
                 trusted = f.read() == f"{key}\n{self.location}\n"
@@ -516,6 +518,7 @@ class CachedBackend(_Wrapper):
                 self.prefixes = ()
                 return
             self._store_file(marker, f"{key}\n{self.location}\n".encode())
+        touch(directory)  # its last use, for `keepwell cache --cleanup`
         with self._lock:
             self.cache_dir = directory
             self._verified.clear()

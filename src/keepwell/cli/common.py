@@ -91,6 +91,7 @@ class GlobalOptions:
     json: bool = False
     limit_upload: int | None = None
     limit_download: int | None = None
+    cache_dir: str | None = None
 
 
 GLOBALS = GlobalOptions()
@@ -157,17 +158,26 @@ def resolve_password(password_file: str | None, *, confirm: bool = False) -> str
                          confirm=confirm)
 
 
-def open_repo(repo: str | None = None, password_file: str | None = None) -> Any:
-    """Open the repository named by the options/environment (the usual first step of a command)."""
+def repository_options() -> dict[str, Any]:
+    """The options of the root command every repository is opened with: the rate limits and
+    ``--cache-dir`` (which beats ``KEEPWELL_CACHE_DIR``: see keepwell.backends.cachedir)."""
+    out: dict[str, Any] = {"limit_upload": GLOBALS.limit_upload,
+                           "limit_download": GLOBALS.limit_download}
+    if GLOBALS.cache_dir is not None:
+        out["cache_dir"] = os.path.abspath(os.path.expanduser(GLOBALS.cache_dir))
+    return out
+
+
+def open_repo(repo: str | None = None, password_file: str | None = None, *,
+              dry_run: bool = False) -> Any:
+    """Open the repository named by the options/environment (the usual first step of a command).
+    ``dry_run``: on a backend that drops every write (keepwell.backends.dryrun)."""
     from keepwell.repository import open_repository
 
     location = resolve_repo(repo)
-    opened = open_repository(
-        location,
-        resolve_password(password_file),
-        limit_upload=GLOBALS.limit_upload,
-        limit_download=GLOBALS.limit_download,
-    )
+    extra: dict[str, Any] = {"dry_run": True} if dry_run else {}
+    opened = open_repository(location, resolve_password(password_file), **repository_options(),
+                             **extra)
     opened.events.subscribe(print_warning)
     return opened
 

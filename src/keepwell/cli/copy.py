@@ -28,6 +28,7 @@ from keepwell.cli.common import (
     open_repo,
     print_json,
     read_password,
+    repository_options,
     snapshot_filter,
 )
 from keepwell.errors import RepositoryNotFoundError, UsageError, WrongPasswordError
@@ -58,8 +59,7 @@ def open_source(location: str | None, password_file: str | None) -> Repository:
     password = read_password(password_file, prefix="KEEPWELL_FROM",
                              what="source repository password", flag="--from-password-file")
     try:
-        return open_repository(location, password, limit_upload=GLOBALS.limit_upload,
-                               limit_download=GLOBALS.limit_download)
+        return open_repository(location, password, **repository_options())
     except WrongPasswordError:
         raise WrongPasswordError(f"wrong password for the source repository {location}",
                                  hint="check KEEPWELL_FROM_PASSWORD / --from-password-file") from None

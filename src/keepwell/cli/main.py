@@ -48,6 +48,10 @@ def _root(
         min=0, help="Upload limit in KiB/s (0: none).")] = None,
     limit_download: Annotated[int | None, typer.Option(
         min=0, help="Download limit in KiB/s (0: none).")] = None,
+    cache_dir: Annotated[str | None, typer.Option(
+        "--cache-dir", metavar="DIR",
+        help="Set the cache directory (default: $KEEPWELL_CACHE_DIR, then "
+             "$XDG_CACHE_HOME/keepwell, then ~/.cache/keepwell).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -58,6 +62,7 @@ def _root(
     GLOBALS.password_file = password_file
     GLOBALS.limit_upload = limit_upload
     GLOBALS.limit_download = limit_download
+    GLOBALS.cache_dir = cache_dir
     GLOBALS.quiet = quiet
     GLOBALS.json = json_
     GLOBALS.debug = debug or os.environ.get("KEEPWELL_DEBUG") == "1"
@@ -76,6 +81,7 @@ importlib.import_module("keepwell.cli.maintenance").register(app)
 importlib.import_module("keepwell.cli.find").register(app)
 importlib.import_module("keepwell.cli.tag").register(app)
 importlib.import_module("keepwell.cli.rewrite").register(app)
+importlib.import_module("keepwell.cli.cache").register(app)
 try:
     from keepwell.cli import sqlite as _sqlite
 

@@ -156,15 +156,37 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
                  if copy_chunker_params_from else ""))
 
 
-def _count_in_background(progress: Progress, paths: list[str], excludes: list[str],
+def _count_in_background(progress: Progress, paths: list[str], selection: Any,
                          one_file_system: bool) -> None:
     import threading
 
     from keepwell.sources.files.archiver import scan_totals
 
     threading.Thread(target=scan_totals, args=(paths, progress.set_total), daemon=True,
-                     kwargs={"excludes": excludes, "one_file_system": one_file_system},
+                     kwargs={"selection": selection, "one_file_system": one_file_system},
                      name="kw-count").start()
+
+
+def _selection(exclude: list[str] | None, exclude_file: list[str] | None,
+               iexclude: list[str] | None, iexclude_file: list[str] | None,
+               exclude_if_present: list[str] | None, exclude_caches: bool,
+               exclude_larger_than: str | None) -> Any:
+    """The `Selection` backup's exclusion options describe (each repeated option adds up)."""
+    from keepwell.sources.files.select import CACHEDIR_TAG, Selection, TagFile, read_pattern_file
+    from keepwell.units import parse_size
+
+    excludes = list(exclude or [])
+    for f in exclude_file or []:
+        excludes += read_pattern_file(f)
+    iexcludes = list(iexclude or [])
+    for f in iexclude_file or []:
+        iexcludes += read_pattern_file(f)
+    tags = [TagFile.parse(t) for t in exclude_if_present or []]
+    if exclude_caches:
+        tags.append(CACHEDIR_TAG)
+    larger = (parse_size(exclude_larger_than, "--exclude-larger-than")
+              if exclude_larger_than is not None else None)
+    return Selection(excludes, iexcludes=iexcludes, tag_files=tags, larger_than=larger)
 
 
 def backup(
@@ -175,10 +197,41 @@ def backup(
         "--tag", help="Tag the snapshot (repeatable; 'a,b' gives both).")] = None,
     host: Annotated[str | None, typer.Option(help="Host name to record.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        "--exclude", "-e", help="Pattern of paths to skip (repeatable; docs/operations.md).")] = None,
+        "--exclude", "-e", metavar="PATTERN",
+        help="Exclude a pattern (repeatable; docs/operations.md).")] = None,
     exclude_file: Annotated[list[str] | None, typer.Option(
-        help="File of exclude patterns, one a line (repeatable).")] = None,
+        "--exclude-file", metavar="FILE",
+        help="Read exclude patterns from a file, one a line (repeatable).")] = None,
+    iexclude: Annotated[list[str] | None, typer.Option(
+        "--iexclude", metavar="PATTERN",
+        help="Same as --exclude PATTERN but ignores the casing of filenames.")] = None,
+    iexclude_file: Annotated[list[str] | None, typer.Option(
+        "--iexclude-file", metavar="FILE",
+        help="Same as --exclude-file but ignores the casing of filenames in patterns.")] = None,
+    exclude_if_present: Annotated[list[str] | None, typer.Option(
+        "--exclude-if-present", metavar="FILENAME[:HEADER]",
+        help="Exclude the contents of directories containing FILENAME (except FILENAME "
+             "itself), if given only those whose FILENAME starts with HEADER (repeatable).")] = None,
+    exclude_caches: Annotated[bool, typer.Option(
+        "--exclude-caches",
+        help="Exclude the contents of directories containing a CACHEDIR.TAG file (except the "
+             "tag itself), as the cache directory tagging standard says.")] = False,
+    exclude_larger_than: Annotated[str | None, typer.Option(
+        "--exclude-larger-than", metavar="SIZE",
+        help="Exclude files larger than SIZE (e.g. 500M, 2G).")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
+    files_from: Annotated[list[str] | None, typer.Option(
+        "--files-from", metavar="FILE",
+        help="Read the files to back up from FILE, one pattern a line ('#' comments and blank "
+             "lines skipped; '-': standard input; repeatable, combines with PATHS).")] = None,
+    files_from_verbatim: Annotated[list[str] | None, typer.Option(
+        "--files-from-verbatim", metavar="FILE",
+        help="Read the files to back up from FILE, one path a line, taken literally "
+             "(repeatable).")] = None,
+    files_from_raw: Annotated[list[str] | None, typer.Option(
+        "--files-from-raw", metavar="FILE",
+        help="Read the files to back up from FILE, NUL-separated paths (find -print0; "
+             "repeatable).")] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Back up standard input.")] = False,
     stdin_from_command: Annotated[bool, typer.Option(
         "--stdin-from-command",
@@ -186,11 +239,14 @@ def backup(
              "only if the command exits with status 0.")] = False,
     stdin_filename: Annotated[str | None, typer.Option(
         help="File name of the --stdin / --stdin-from-command data (default: stdin).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "-n",
+        help="Do not upload or write any data, just show what would be done.")] = False,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Back up files and directories, standard input, or a command's output into a new snapshot."""
     from keepwell.sources.files import backup_paths
-    from keepwell.sources.files.select import read_pattern_file
+    from keepwell.sources.files.targets import PATTERNS, RAW, VERBATIM, read_path_lists
 
     streamed = stdin or stdin_from_command
     if stdin and stdin_from_command:
@@ -199,14 +255,25 @@ def backup(
         raise UsageError("--stdin backs up standard input: give no paths with it")
     if stdin_filename is not None and not streamed:
         raise UsageError("--stdin-filename is for --stdin or --stdin-from-command")
-    if streamed and (exclude or exclude_file or one_file_system):
-        raise UsageError("--exclude, --exclude-file and --one-file-system are for paths, "
-                         "not for --stdin or --stdin-from-command")
+    lists = ([(PATTERNS, f) for f in files_from or []]
+             + [(VERBATIM, f) for f in files_from_verbatim or []]
+             + [(RAW, f) for f in files_from_raw or []])
+    if streamed and (exclude or exclude_file or iexclude or iexclude_file or exclude_if_present
+                     or exclude_caches or exclude_larger_than is not None or one_file_system
+                     or lists):
+        raise UsageError("the --exclude*, --iexclude*, --one-file-system and --files-from* "
+                         "options are for paths, not for --stdin or --stdin-from-command")
+    selection = _selection(exclude, exclude_file, iexclude, iexclude_file, exclude_if_present,
+                           exclude_caches, exclude_larger_than)
+    if any(f == "-" for _form, f in lists) and sys.stdin.isatty():
+        raise UsageError("--files-from* - reads a list from a pipe or a file, not a terminal")
+    if lists:
+        paths = read_path_lists(lists) + list(paths or [])
     if stdin and sys.stdin.isatty():
         raise UsageError("--stdin reads a pipe or a file, not a terminal",
                          hint="e.g. keepwell backup --stdin < dump.sql")
     tags = [t for group in tag or [] for t in group.split(",") if t]
-    r = open_repo(repo, password_file)
+    r = open_repo(repo, password_file, dry_run=dry_run)
     progress = Progress("backup")
     r.events.subscribe(progress)
     errors: list[tuple[str, str]] = []
@@ -219,17 +286,16 @@ def backup(
         else:
             snap = backup_stdin(r, sys.stdin.buffer, name, host=host, tags=tags)
     else:
-        excludes = list(exclude or [])
-        for f in exclude_file or []:
-            excludes += read_pattern_file(f)
         if progress.enabled:
-            _count_in_background(progress, paths or [], excludes, one_file_system)
-        res = backup_paths(r, paths or [], excludes=excludes, one_file_system=one_file_system,
+            _count_in_background(progress, paths or [], selection, one_file_system)
+        res = backup_paths(r, paths or [], selection=selection, one_file_system=one_file_system,
                            tags=tags, host=host)
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary
-    if json_:
+    if dry_run:
+        _print_dry_run(snap, errors, json_)
+    elif json_:
         print_json({"snapshot": snap.to_json(), "errors": [list(e) for e in errors]})
     else:
         print(f"snapshot {snap.short_id} saved: {s.get('files_new', 0)} new, "
@@ -244,6 +310,27 @@ def backup(
         print(f"keepwell: {len(errors)} item(s) could not be read; the snapshot is partial",
               file=sys.stderr)
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _print_dry_run(snap: Any, errors: list[tuple[str, str]], json_: bool) -> None:
+    """What a dry run would have stored: the counts of the snapshot it did not save."""
+    s = snap.summary
+    if json_:
+        keep = ("files_new", "files_changed", "files_unmodified", "dirs", "bytes_processed",
+                "bytes_read", "bytes_added", "bytes_stored", "blobs_new", "blobs_known", "packs",
+                "errors", "sockets_skipped", "duration")
+        print_json({"dry_run": True, "paths": snap.paths, "host": snap.host, "kind": snap.kind,
+                    "parent": snap.parent, "summary": {k: s[k] for k in keep if k in s},
+                    "errors": [list(e) for e in errors]})
+        return
+    print("dry run: nothing was stored")
+    print(f"Files:     {s.get('files_new', 0)} new, {s.get('files_changed', 0)} changed, "
+          f"{s.get('files_unmodified', 0)} unmodified")
+    print(f"Would add to the repository: {human_bytes(s.get('bytes_added', 0))} "
+          f"({human_bytes(s.get('bytes_stored', 0))} stored)")
+    print(f"processed {s.get('files_new', 0) + s.get('files_changed', 0) + s.get('files_unmodified', 0)}"
+          f" files, {human_bytes(s.get('bytes_processed', s.get('bytes_read', 0)))} in "
+          f"{s.get('duration', 0):.1f}s")
 
 
 def snapshots(host: HostFilterOption = None, tag: TagFilterOption = None,
@@ -341,53 +428,47 @@ def dump(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'."
 
 def stats(snapshot_ids: Annotated[list[str] | None, typer.Argument(
               help="Snapshots to count (ids or 'latest'); default: all that match the filters.")] = None,
+          mode: Annotated[str, typer.Option(
+              "--mode", metavar="MODE",
+              help="Counting mode: restore-size (default), files-by-contents, blobs-per-file "
+                   "or raw-data.")] = "restore-size",
           host: HostFilterOption = None, tag: TagFilterOption = None,
           path: PathFilterOption = None, kind: KindFilterOption = None,
           repo: RepoOption = None, password_file: PasswordFileOption = None,
           json_: JsonOption = False) -> None:
-    """Raw versus stored size, deduplication ratio, blob counts: of the whole repository, or
-    of the blobs that the snapshots named or filtered use."""
+    """Count the size of the snapshots named or filtered (all by default): what a restore
+    writes, distinct files, blobs per file, or the raw data as stored (docs/operations.md)."""
+    from keepwell.repository.stats import parse_mode, snapshot_stats
+
+    parse_mode(mode)
     r = open_repo(repo, password_file)
     flt = snapshot_filter(host, tag, path, kind)
     if snapshot_ids:
         snaps = list({s.id: s for s in (r.find_snapshot(i, where=flt) for i in snapshot_ids)}.values())
     else:
         snaps = [s for s in r.list_snapshots() if flt.matches(s)]
-    selected = bool(snapshot_ids or flt)
-    raw = 0
-    used: set[bytes] = set()  # with a selection: the blobs it uses
-    for snap in snaps:
-        used.add(bytes.fromhex(snap.tree))
-        for _p, n in r.walk(snap):
-            if n.type == "file":
-                raw += n.size
-            if selected:
-                used.update(n.content)
-                if n.subtree is not None:
-                    used.add(n.subtree)
-    blobs = {"data": 0, "tree": 0}
-    unique_raw = stored = 0
-    locations = ((b, r.index.lookup(b)) for b in used) if selected else r.index.entries()
-    for _bid, loc in locations:
-        if loc is None:
-            continue
-        blobs["tree" if loc.type == 1 else "data"] += 1
-        unique_raw += loc.raw_length
-        stored += loc.length
-    if not selected:  # the whole repository: what its packs take, headers and unused data too
-        stored = sum(i.size for p in ("data/", "tree/") for i in r.backend.list(p))
-    out = {"snapshots": len(snaps), "total_file_size": raw, "unique_raw_size": unique_raw,
-           "stored_size": stored, "dedup_ratio": round(raw / unique_raw, 3) if unique_raw else 0,
-           "compression_ratio": round(unique_raw / stored, 3) if stored else 0,
-           "blobs": blobs, "index_bytes_in_memory": r.index.nbytes()}
+    out = snapshot_stats(r, snaps, mode, whole=not (snapshot_ids or flt))
     if json_:
         print_json(out)
         return
-    print(f"snapshots:          {len(snaps)}")
-    print(f"total file size:    {human_bytes(raw)}")
-    print(f"unique data:        {human_bytes(unique_raw)}  (dedup ratio {out['dedup_ratio']}x)")
-    print(f"stored:             {human_bytes(stored)}  (compression {out['compression_ratio']}x)")
-    print(f"blobs:              {blobs['data']} data, {blobs['tree']} tree")
+    rows = [("Snapshots processed", str(out["snapshots"]))]
+    if "total_file_count" in out:
+        rows.append(("Total File Count", str(out["total_file_count"])))
+    if "total_blob_count" in out:
+        rows.append(("Total Blob Count", str(out["total_blob_count"])))
+    if mode == "raw-data":
+        rows += [("Total Uncompressed Size", human_bytes(out["total_uncompressed_size"])),
+                 ("Total Size", human_bytes(out["total_size"])),
+                 ("Compression Ratio", f"{out['compression_ratio']}x"),
+                 ("Compression Space Saving", f"{out['compression_space_saving']}%"),
+                 ("Total File Size", human_bytes(out["total_file_size"])),
+                 ("Deduplication Ratio", f"{out['dedup_ratio']}x"),
+                 ("Blobs", f"{out['blobs']['data']} data, {out['blobs']['tree']} tree")]
+    else:
+        rows.append(("Total Size", human_bytes(out["total_size"])))
+    print(f"Stats in {mode} mode:")
+    for label, value in rows:
+        print(f"{label:>25}:  {value}")
 
 
 def restore(snapshot: str,

@@ -9,7 +9,6 @@ live in their own modules.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,8 @@ from typing import Any
 from keepwell import tokens
 from keepwell.backends import wrappers
 from keepwell.backends.base import Backend
+from keepwell.backends.cachedir import default_base
+from keepwell.backends.dryrun import DryRunBackend
 from keepwell.backends.registry import open_backend
 from keepwell.backends.resilience import TokenBucket
 from keepwell.backends.wrappers import Guard
@@ -615,12 +616,18 @@ def named_by_content(name: str, data: bytes) -> bool:
 
 def _wrap(backend: Backend, location: str, options: dict[str, Any],
           upload_buckets: Sequence[TokenBucket], guard: Guard | None) -> Backend:
+    """The usual wrappers for ``options``; ``dry_run``: outermost, one that writes nothing."""
+    wrapped = _wrap_usual(backend, location, options, upload_buckets, guard)
+    return DryRunBackend(wrapped) if options.get("dry_run") else wrapped
+
+
+def _wrap_usual(backend: Backend, location: str, options: dict[str, Any],
+                upload_buckets: Sequence[TokenBucket], guard: Guard | None) -> Backend:
     remote = "://" in location and not location.startswith(("file://", "memory://"))
     up, down = options.get("limit_upload"), options.get("limit_download")
     if not remote and not up and not down and not upload_buckets and guard is None:
         return backend
-    cache_dir = options.get("cache_dir") or (os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keepwell") if remote else None)
+    cache_dir = (options.get("cache_dir") or default_base()) if remote else None
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
                          cache_dir=cache_dir, cache_verify=named_by_content,
                          upload_buckets=upload_buckets, guard=guard)

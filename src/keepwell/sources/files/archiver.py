@@ -42,7 +42,7 @@ from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files import metadata
 from keepwell.sources.files.prefetch import Prefetch
 from keepwell.sources.files.readers import ReaderPool, read_whole
-from keepwell.sources.files.select import Matcher
+from keepwell.sources.files.select import Selection
 from keepwell.sources.files.workers import can_reopen, worker_count
 
 # Files from this size on are streamed by the main process, one at a time; smaller ones are read
@@ -133,12 +133,12 @@ class _Dir:
 
 
 class Archiver:
-    def __init__(self, repo: Repository, writer: SnapshotWriter, *, excludes: Matcher,
+    def __init__(self, repo: Repository, writer: SnapshotWriter, *, selection: Selection,
                  one_file_system: bool, parent: Snapshot | None, workers: int,
                  processes: int = 0, kind: str = "files") -> None:
         self.repo = repo
         self.writer = writer
-        self.excludes = excludes
+        self.selection = selection
         self.one_file_system = one_file_system
         self.parent = parent
         self.names = _Names()
@@ -302,10 +302,13 @@ class Archiver:
         except OSError as exc:
             self._report(path, f"cannot list directory: {exc.strerror}")
             entries = []
+        sel = self.selection
+        if sel.tag_files and (only := sel.kept_names(path, (e.name for e in entries))) is not None:
+            entries = [e for e in entries if e.name in only]
         kept = []
         for e in entries:
             child = f"{path.rstrip('/')}/{e.name}"
-            if self.excludes and self.excludes.matches(child, e.name):
+            if sel.by_path and sel.skips_path(child):
                 continue
             kept.append((e, child))
         d = _Dir(node, len(kept), parent, slot, done)
@@ -326,6 +329,7 @@ class Archiver:
         settled = same = same_bytes = sockets = 0
         nodes, names = d.nodes, self.names
         users, groups = names.users, names.groups  # filled by node_from_stat on a first miss
+        larger_than = sel.larger_than
         try:
             for i, (e, child) in enumerate(kept):
                 if self._error is not None:
@@ -334,6 +338,10 @@ class Archiver:
                     st = e.stat(follow_symlinks=False)
                 except OSError as exc:
                     self._report(child, exc.strerror or str(exc))
+                    nodes[i] = None
+                    settled += 1
+                    continue
+                if larger_than is not None and sel.skips_size(st):
                     nodes[i] = None
                     settled += 1
                     continue
@@ -493,7 +501,7 @@ class Archiver:
 
     def backup_root(self, path: str) -> Node | None:
         """Walk one top-level path; return its node once its whole subtree is stored (None for
-        a socket, which is skipped)."""
+        a socket, which is skipped, and for a file ``--exclude-larger-than`` leaves out)."""
         st = os.lstat(path)
         node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
         if node.type == SOCKET:
@@ -506,6 +514,8 @@ class Archiver:
                 old = self.repo.find_node(self.parent, path)
             except KeepwellError:
                 old = None
+        if node.type == FILE and self.selection.skips_size(st):
+            return None
         if node.type == FILE:  # a file named on the command line: counted as the walk counts
             if self._unchanged(node, old):
                 assert old is not None
@@ -572,12 +582,12 @@ def _dir_meta(names: _Names) -> Callable[[str], Node]:
 
 
 def scan_totals(paths: list[str], report: Callable[[int, int, bool], None], *,
-                excludes: list[str] | tuple[str, ...] = (), one_file_system: bool = False,
+                selection: Selection | None = None, one_file_system: bool = False,
                 stop: threading.Event | None = None) -> None:
     """Count the regular files and bytes a backup of ``paths`` will read, calling
     ``report(files, bytes, finished)`` as the count grows: what a progress display needs for an
     ETA. Runs beside the backup (metadata only, so it is far ahead of the readers)."""
-    matcher = Matcher(excludes)
+    sel = selection or Selection()
     files = size = 0
     last = 0
     stack: list[tuple[str, int | None]] = []
@@ -589,7 +599,7 @@ def scan_totals(paths: list[str], report: Callable[[int, int, bool], None], *,
             continue
         if stat.S_ISDIR(st.st_mode):
             stack.append((ap, st.st_dev))
-        elif stat.S_ISREG(st.st_mode):
+        elif stat.S_ISREG(st.st_mode) and not sel.skips_size(st):
             files, size = files + 1, size + st.st_size
     while stack:
         if stop is not None and stop.is_set():
@@ -597,20 +607,25 @@ def scan_totals(paths: list[str], report: Callable[[int, int, bool], None], *,
         path, dev = stack.pop()
         try:
             with os.scandir(path) as it:
-                for e in it:
-                    child = f"{path.rstrip('/')}/{e.name}"
-                    if matcher and matcher.matches(child, e.name):
-                        continue
-                    try:
-                        if e.is_dir(follow_symlinks=False):
-                            if one_file_system and e.stat(follow_symlinks=False).st_dev != dev:
-                                continue
-                            stack.append((child, dev))
-                        elif e.is_file(follow_symlinks=False):
+                entries = list(it)
+            if sel.tag_files and (only := sel.kept_names(path, (e.name for e in entries))) is not None:
+                entries = [e for e in entries if e.name in only]
+            for e in entries:
+                child = f"{path.rstrip('/')}/{e.name}"
+                if sel.by_path and sel.skips_path(child):
+                    continue
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        if one_file_system and e.stat(follow_symlinks=False).st_dev != dev:
+                            continue
+                        stack.append((child, dev))
+                    elif e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        if not sel.skips_size(st):
                             files += 1
-                            size += e.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        continue
+                            size += st.st_size
+                except OSError:
+                    continue
         except OSError:
             continue
         if files - last >= 1000:
@@ -627,7 +642,8 @@ def find_parent(repo: Repository, paths: list[str], host: str) -> Snapshot | Non
 
 
 def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tuple[str, ...] = (),
-                 one_file_system: bool = False, tags: list[str] | tuple[str, ...] = (),
+                 selection: Selection | None = None, one_file_system: bool = False,
+                 tags: list[str] | tuple[str, ...] = (),
                  host: str | None = None, parent: Snapshot | None | str = "auto",
                  workers: int | None = None, source: dict[str, Any] | None = None,
                  kind: str = "files") -> BackupResult:
@@ -661,7 +677,8 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         elif isinstance(parent, str):
             parent = repo.find_snapshot(parent)
         writer.parent = parent.id if parent is not None else None
-        archiver = Archiver(repo, writer, excludes=Matcher(excludes), one_file_system=one_file_system,
+        archiver = Archiver(repo, writer, selection=selection or Selection(excludes),
+                            one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
                             # the walk, the trees and large files keep this process busy
                             processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1), kind=kind)

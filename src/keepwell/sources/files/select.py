@@ -17,12 +17,23 @@ with ``below=False`` (``find``), which matches only a path the pattern ends at: 
 the files named so, ``/home/alice`` that one directory. ``ignore_case=True`` (``--iexclude``,
 ``find --ignore-case``) compares letters without regard to case. A `Matcher` also records which
 of its patterns matched something, so a restore can say which ``--include`` selected nothing.
+
+`Selection` is what a file backup leaves out, restic's exclusion options in one object the walk
+asks: by path (``--exclude``, ``--iexclude`` and their files), by tag file
+(``--exclude-if-present NAME[:HEADER]``, ``--exclude-caches``: a directory holding the tag file,
+starting with HEADER if one is given, keeps only the tag file itself), and by size
+(``--exclude-larger-than``: regular files above it). It decides from what the walk already has
+(the directory's listing, the entry's stat): the only extra reads are of a tag file that is
+present and must start with a header.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from keepwell.errors import UsageError
 
@@ -112,3 +123,70 @@ class Matcher:
     def unmatched(self) -> list[str]:
         """The patterns that have matched nothing so far."""
         return [p for i, p in enumerate(self.patterns) if i not in self._matched]
+
+
+@dataclass(frozen=True)
+class TagFile:
+    """``--exclude-if-present NAME[:HEADER]``: a directory holding NAME (starting with HEADER,
+    if given) is left out but for NAME itself."""
+
+    name: str
+    header: bytes = b""
+
+    @classmethod
+    def parse(cls, spec: str) -> TagFile:
+        name, _, header = spec.partition(":")
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"--exclude-if-present {spec!r}: expected a file name, optionally "
+                             "followed by :HEADER (e.g. .nobackup or CACHEDIR.TAG:Signature: ...)")
+        return cls(name, os.fsencode(header))
+
+    def marks(self, directory: str) -> bool:
+        """Whether this tag file, listed in ``directory``, marks it (its header matches)."""
+        if not self.header:
+            return True
+        try:
+            with open(os.path.join(directory, self.name), "rb") as f:
+                return f.read(len(self.header)) == self.header
+        except OSError:  # unreadable or not a file: it marks nothing, as in restic
+            return False
+
+
+# the Cache Directory Tagging Specification (https://bford.info/cachedir/)
+CACHEDIR_TAG = TagFile("CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
+
+
+class Selection:
+    """What a file backup leaves out (see the module doc)."""
+
+    def __init__(self, excludes: Iterable[str] = (), *, iexcludes: Iterable[str] = (),
+                 tag_files: Iterable[TagFile] = (), larger_than: int | None = None) -> None:
+        self.excludes = Matcher(excludes)
+        self.iexcludes = Matcher(iexcludes, ignore_case=True)
+        self.by_path = bool(self.excludes or self.iexcludes)
+        self.tag_files = tuple(dict.fromkeys(tag_files))
+        self.larger_than = larger_than
+
+    def __bool__(self) -> bool:
+        return self.by_path or bool(self.tag_files) or self.larger_than is not None
+
+    def skips_path(self, path: str) -> bool:
+        """Whether a path pattern leaves out this absolute path."""
+        return self.by_path and (self.excludes.matches(path) or self.iexcludes.matches(path))
+
+    def skips_size(self, st: os.stat_result) -> bool:
+        """Whether ``--exclude-larger-than`` leaves out the entry of this stat."""
+        return (self.larger_than is not None and st.st_size > self.larger_than
+                and stat.S_ISREG(st.st_mode))
+
+    def kept_names(self, directory: str, names: Iterable[str]) -> set[str] | None:
+        """The names a directory keeps given its tag files (``names``: its listing), or None
+        when no tag file marks it: then it keeps all of them. Each tag file that marks it
+        leaves out everything but itself, so two different ones leave nothing."""
+        if not self.tag_files:
+            return None
+        present = set(names)
+        marking = {t.name for t in self.tag_files if t.name in present and t.marks(directory)}
+        if not marking:
+            return None
+        return marking if len(marking) == 1 else set()
