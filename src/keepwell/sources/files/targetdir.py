@@ -36,61 +36,75 @@ from collections.abc import Callable
 from keepwell.sources.files import fileio
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_CAPACITY = 128  # directory descriptors kept open (each worker process has its own table)
+_CAPACITY = 64  # directory descriptors kept open by each thread (of each worker process)
 _serial = itertools.count()
 
 
 class TargetDirs:
-    """Descriptors of the directories inside a restore target, by rel; safe to share between
-    threads: a descriptor handed out by `acquire` stays open until its `release`."""
+    """Descriptors of the directories inside a restore target, by rel. Each thread has its own
+    table (no lock on the way to a descriptor: threads that wait for one another's locks hand
+    the GIL around at every call); a descriptor handed out by `acquire` stays open until the
+    same thread's `release`."""
 
     def __init__(self, root: str, *, replace: bool, capacity: int = _CAPACITY) -> None:
         self.root = root
         self.replace = replace  # remove what is in the way of a directory (restore --overwrite)
         self._capacity = max(2, capacity)
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        self._open: OrderedDict[str, list[int]] = OrderedDict()  # rel -> [descriptor, users]
-        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._tables: list[OrderedDict[str, list[int]]] = []  # rel -> [descriptor, users]
+        self._lock = threading.Lock()  # the list of tables
+
+    def _table(self) -> OrderedDict[str, list[int]]:
+        try:
+            table: OrderedDict[str, list[int]] = self._local.table
+        except AttributeError:
+            table = self._local.table = OrderedDict()
+            with self._lock:
+                self._tables.append(table)
+        return table
 
     def acquire(self, rel: str, *, create: bool = False) -> int:
         """The directory ``rel`` (``create``: made, with the directories above it, where missing);
         an `OSError` if a component is missing, a link or not a directory."""
         if not rel:
             return self._root_fd
-        with self._lock:
-            entry = self._open.get(rel)
-            if entry is None:
-                entry = self._open_dir(rel, create)
-            else:
-                self._open.move_to_end(rel)
-            entry[1] += 1
-            self._evict()
-            return entry[0]
+        table = self._table()
+        entry = table.get(rel)
+        if entry is None:
+            entry = self._open_dir(table, rel, create)
+        else:
+            table.move_to_end(rel)
+        entry[1] += 1
+        if len(table) > self._capacity:
+            _evict(table, self._capacity)
+        return entry[0]
 
     def release(self, rel: str) -> None:
         if rel:
-            with self._lock:
-                self._open[rel][1] -= 1
+            self._local.table[rel][1] -= 1
 
     def close(self) -> None:
+        """Close every descriptor (once the threads that used them are done)."""
         with self._lock:
-            for fd, _users in self._open.values():
-                os.close(fd)
-            self._open.clear()
+            for table in self._tables:
+                for fd, _users in table.values():
+                    os.close(fd)
+                table.clear()
             os.close(self._root_fd)
 
-    def _open_dir(self, rel: str, create: bool) -> list[int]:
+    def _open_dir(self, table: OrderedDict[str, list[int]], rel: str, create: bool) -> list[int]:
         """Open ``rel`` below its parent (opened first if it is not open); nothing is closed
         meanwhile, so the parent's descriptor stays valid while it is used."""
         parent, _, name = rel.rpartition("/")
         if not parent:
             entry = [self._open_at(self._root_fd, name, rel, create), 0]
         else:
-            up = self._open.get(parent)
+            up = table.get(parent)
             if up is None:
-                up = self._open_dir(parent, create)
+                up = self._open_dir(table, parent, create)
             entry = [self._open_at(up[0], name, rel, create), 0]
-        self._open[rel] = entry
+        table[rel] = entry
         return entry
 
     def _open_at(self, parent_fd: int, name: str, rel: str, create: bool) -> int:
@@ -113,15 +127,14 @@ class TargetDirs:
             pass  # made meanwhile: opened as anything else, without following it
         return os.open(name, _DIR, dir_fd=parent_fd)
 
-    def _evict(self) -> None:
-        if len(self._open) <= self._capacity:
-            return
-        for rel, (fd, users) in list(self._open.items()):
-            if users == 0:
-                del self._open[rel]
-                os.close(fd)
-                if len(self._open) <= self._capacity:
-                    return
+
+def _evict(table: OrderedDict[str, list[int]], capacity: int) -> None:
+    """Close the least recently used descriptors no one holds, down to ``capacity``."""
+    while len(table) > capacity:
+        idle = next((rel for rel, (_fd, users) in table.items() if users == 0), None)
+        if idle is None:
+            return  # every one is held: closed once released and no longer needed
+        os.close(table.pop(idle)[0])
 
 
 def _check(name: str) -> None:
