@@ -169,19 +169,23 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0,
                 errs.append(f"{name}: content does not match its name (corrupt)")
             try:
                 hlen = parse_trailer(data[-TRAILER_SIZE:])
-                header = repo.master.decrypt_object(
-                    KIND_PACK_HEADER, data[-TRAILER_SIZE - hlen : -TRAILER_SIZE], name)
+                stored_header = data[-TRAILER_SIZE - hlen : -TRAILER_SIZE]
+                header = repo.master.decrypt_object(KIND_PACK_HEADER, stored_header, name)
+                sender = repo.master.object_sender(stored_header)
                 in_header = {e.id: e for e in decode_pack_header(header)}
             except (KeepwellError, ValueError) as exc:
                 errs.append(f"{name}: pack header unreadable: {exc}")
                 in_header = {}
+                sender = repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1]))
+            if sender != repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1])):
+                errs.append(f"{name}: index and pack header disagree on who wrote the pack")
             n = 0
             for blob_id, btype, off, length, raw in by_pack[name]:
                 n += 1
                 if in_header and (blob_id not in in_header or in_header[blob_id].offset != off):
                     errs.append(f"{name}: index and pack header disagree on blob {blob_id.hex()[:16]}")
                 try:
-                    repo.open_blob(blob_id, btype, data[off : off + length], raw)
+                    repo.open_blob(blob_id, btype, data[off : off + length], raw, sender)
                 except KeepwellError as exc:
                     errs.append(f"{name}: {exc}")
                     bad.add(blob_id)

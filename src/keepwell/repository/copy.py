@@ -88,6 +88,7 @@ class _Want:
     offset: int
     length: int
     raw_length: int
+    sender: bytes | None = None  # its pack's (keepwell.repository.keyring)
 
 
 Handler = Callable[[_Want, memoryview], None]
@@ -118,7 +119,8 @@ class PackReader:
                     "but is not in its index",
                     hint="run 'keepwell check' on the source repository")
             plan[(loc.pack, loc.pack_type)].append(
-                _Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
+                _Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length,
+                      self.repo.sender_of(loc.pack)))
         futures = [self._pool.submit(self._read_pack, pack, ptype, sorted(wants, key=lambda w: w.offset),
                                      handle)
                    for (pack, ptype), wants in plan.items()]
@@ -167,7 +169,7 @@ def open_payload(repo: Repository, want: _Want, stored: bytes | memoryview) -> b
     return the (possibly compressed) payload, so the fast path need not compress it again."""
     where = repo.backend.location
     try:
-        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
+        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored, want.sender)
     except IntegrityError as exc:
         raise IntegrityError(f"{exc} in {where}", hint=f"run 'keepwell check --read-data' on "
                              f"{where} to see what is affected") from None
@@ -324,7 +326,7 @@ class Copier:
         lock = threading.Lock()
 
         def keep(w: _Want, stored: memoryview) -> None:
-            plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length)
+            plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length, w.sender)
             with lock:
                 out[w.blob_id] = plain
 

@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING
 
 from keepwell.crypto import content_name
 from keepwell.errors import BackendError, IntegrityError, ObjectNotFoundError
-from keepwell.repository.format import KIND_PENDING
+from keepwell.repository.format import KIND_DAMAGED, KIND_PENDING
 from keepwell.repository.index import ENTRY, NUMPY_AT, IndexContent, entries_bytes, entry_dtype
 
 if TYPE_CHECKING:
     from keepwell.repository.repo import Repository
 
-KIND_DAMAGED = b"kw-damaged"
 PREFIX = "damaged/"
 _PACK_NO = struct.Struct("<I")
 
@@ -85,7 +84,8 @@ class Damage:
             ids = bad.get(n)
             if ids is None or raw[pos:pos + 32].tobytes() not in ids:
                 kept += raw[pos:pos + size]
-        return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes)
+        return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes,
+                            content.senders)
 
     @staticmethod
     def _filter_large(content: IndexContent, raw: memoryview,
@@ -100,7 +100,7 @@ class Damage:
             if records["id"][row].tobytes() in bad[int(records["pack"][row])]:
                 keep[row] = False
         return IndexContent(content.packs, content.pack_types, records[keep].tobytes(),
-                            content.supersedes)
+                            content.supersedes, content.senders)
 
 
 def load_damage(repo: Repository) -> Damage:

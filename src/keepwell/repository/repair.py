@@ -274,8 +274,10 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
         state.why = "its bytes do not match its name"
     try:
         hlen = parse_trailer(data[-TRAILER_SIZE:])
-        header = decode_pack_header(repo.master.decrypt_object(
-            KIND_PACK_HEADER, data[-TRAILER_SIZE - hlen:-TRAILER_SIZE], name))
+        stored_header = data[-TRAILER_SIZE - hlen:-TRAILER_SIZE]
+        header = decode_pack_header(repo.master.decrypt_object(KIND_PACK_HEADER, stored_header, name))
+        if (sender := repo.master.object_sender(stored_header)) is not None:
+            repo.senders[bytes.fromhex(name.rsplit("/", 1)[1])] = sender
     except (KeepwellError, ValueError, IndexError) as exc:
         header = []
         state.why = state.why or f"its header cannot be read ({exc})"
@@ -289,7 +291,8 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
             try:
                 if len(stored) != e.length:
                     raise IntegrityError("truncated")
-                repo.open_blob(blob_id, e.type, stored, e.raw_length)
+                repo.open_blob(blob_id, e.type, stored, e.raw_length,
+                               repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1])))
             except KeepwellError:
                 continue
             state.verified.append(e)

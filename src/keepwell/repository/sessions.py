@@ -44,11 +44,11 @@ from keepwell.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
 )
+from keepwell.repository.format import KIND_SESSION
 
 if TYPE_CHECKING:
     from keepwell.repository.repo import Repository
 
-KIND_SESSION = b"kw-session"
 KIND_LOCK = b"kw-lock"
 PRUNE_LOCK = "locks/prune"
 

@@ -46,6 +46,9 @@ def read_pack_header(repo: Repository, name: str) -> list[PackEntry] | None:
     except (KeepwellError, ValueError):
         return None
     pack = bytes.fromhex(name.rsplit("/", 1)[1])
+    sender = repo.master.object_sender(header)
+    if sender is not None:  # the blobs of a pack are under the key of its header's sender
+        repo.senders[pack] = sender
     return [e for e in entries if not repo.damage.covers(pack, e.id)]
 
 
@@ -124,4 +127,5 @@ def load_tree_anywhere(repo: Repository, index: MasterIndex, unindexed: Unindexe
                              hint="run 'keepwell check', and forget the snapshots it names")
     name, e = hit
     stored = repo.backend.get(name, e.offset, e.length)
-    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length))
+    sender = repo.senders.get(bytes.fromhex(name.rsplit("/", 1)[1]))
+    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length, sender))

@@ -406,6 +406,7 @@ class Restorer:
 
     def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
         name = pack_object_name(pack_type, pack.hex())
+        sender = self.repo.sender_of(pack)
         i = 0
         while i < len(wants):
             j = i + 1
@@ -426,7 +427,7 @@ class Restorer:
             for w in group:
                 try:
                     plain = self.repo.open_blob(w.blob_id, w.type, data[w.offset - start:][: w.length],
-                                                w.raw_length)
+                                                w.raw_length, sender)
                 except KeepwellError as exc:
                     self._fail_dests(w, str(exc))
                     continue
@@ -536,6 +537,7 @@ class PackWriter:
 
         self.repo = reopen_repository(init["location"], init["options"], init["master"],
                                       init["config"], init["key_id"])
+        self.repo.senders.update(init.get("senders", {}))  # its index is empty
         self._root: str = init["target"]
         self._replace: bool = init["replace"]
         self._fds = targetdir.TargetDirs(self._root, replace=self._replace)
@@ -570,6 +572,7 @@ class PackWriter:
         name, units = request
         self.prefetch(request)
         fetches = self._fetched.pop(id(units))
+        sender = self.repo.senders.get(bytes.fromhex(name.rsplit("/", 1)[1]))
         out: list[tuple[str, int, str | None, int]] = []
         for (start, _end, group), fetch in zip(self._groups(units), fetches, strict=True):
             try:
@@ -580,7 +583,8 @@ class PackWriter:
                 continue
             for offset, length, raw_length, blob_id, btype, dests in group:
                 try:
-                    plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length)
+                    plain = self.repo.open_blob(blob_id, btype, data[offset - start:][:length], raw_length,
+                                                sender)
                 except KeepwellError as exc:
                     out += [(self._path(d), 0, str(exc), 0) for d in dests]
                     continue
