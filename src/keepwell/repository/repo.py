@@ -8,6 +8,7 @@ live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -44,7 +45,7 @@ from keepwell.repository.format import (
     TREE,
     pack_object_name,
 )
-from keepwell.repository.keyring import FULL, Keyring, append_keyring
+from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
 from keepwell.repository.index import (
     BlobLocation,
     IndexContent,
@@ -214,7 +215,9 @@ class Repository:
         return name
 
     def get_object(self, prefix: str, name: str, kind: bytes) -> bytes:
-        stored = self.backend.get(f"{prefix}/{name}")
+        return self._open_object(prefix, name, kind, self.backend.get(f"{prefix}/{name}"))
+
+    def _open_object(self, prefix: str, name: str, kind: bytes, stored: bytes) -> bytes:
         if content_name(stored) != name:
             raise IntegrityError(f"{prefix}/{name} does not match its name (corrupt)")
         return self.master.decrypt_object(kind, stored, f"{prefix}/{name}")
@@ -400,8 +403,11 @@ class Repository:
         snap = self._snapshots.get(snapshot_id)
         if snap is None:
             try:
-                plain = self.get_object("snapshots", snapshot_id, KIND_SNAPSHOT)
+                stored = self.backend.get(f"snapshots/{snapshot_id}")
+                plain = self._open_object("snapshots", snapshot_id, KIND_SNAPSHOT, stored)
                 snap = decode_snapshot(snapshot_id, plain)
+                if self.master.object_sender(stored) is not None:
+                    snap = dataclasses.replace(snap, written_by=APPEND)
             except BackendError:
                 raise
             except IntegrityError as exc:
