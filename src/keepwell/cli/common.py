@@ -244,11 +244,12 @@ def _refuse_repeats(cmd: Any) -> None:
 
     def strict_parse_args(ctx: Any, args: list[str]) -> list[str]:
         # the command as typed, without the program's name: the leaf's is parsed last
-        names, at = [], ctx
+        words: list[str] = []
+        at = ctx
         while at is not None and at.parent is not None:
-            names.append(at.info_name or "")
+            words.append(at.info_name or "")
             at = at.parent
-        GLOBALS.command = " ".join(reversed(names))
+        GLOBALS.command = " ".join(reversed(words))
         if not ctx.resilient_parsing:
             try:
                 _opts, _rest, order = cmd.make_parser(ctx).parse_args(args=list(args))

@@ -86,7 +86,7 @@ def read_verified(repo: Repository, job: RepackJob) -> list[tuple[PackEntry, byt
             if sender is not None:
                 # an append key's blob is under its pack's sender key: in a pack of prune's it
                 # goes under the master key (the same length, so its entry stays as it is)
-                stored = repo.master.encrypt_blob(e.id, e.type, payload)
+                stored = bytes(repo.master.encrypt_blob(e.id, e.type, payload))
             out.append((e, stored))
     return out
 

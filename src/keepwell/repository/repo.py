@@ -45,7 +45,6 @@ from keepwell.repository.format import (
     TREE,
     pack_object_name,
 )
-from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
 from keepwell.repository.index import (
     BlobLocation,
     IndexContent,
@@ -53,6 +52,7 @@ from keepwell.repository.index import (
     decode_index,
     encode_index,
 )
+from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
 
