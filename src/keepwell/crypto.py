@@ -20,6 +20,15 @@ Nonce reuse is impossible by construction, never a matter of luck:
 * An object is encrypted under a subkey derived from 32 fresh random bytes stored in front of it;
   each subkey encrypts one message only.
 
+Objects carry their kind of key in their first byte (see docs/repository-format.md):
+
+    0x01  master    under the master key (readable by full keys only)
+    0x02  shared    under the repository's shared key, which append keys hold too (index,
+                    damage records, sessions of a repository made for append keys)
+    0x03  sealed    to the repository's X25519 public key: ``epk ‖`` the rest of an 0x01 object
+                    under a *sender key* that the writer and the repository's private key alone
+                    can derive (see `SenderKey`)
+
 The password wraps the master key with a key from Argon2id (memory-hard).
 ``KEEPWELL_TESTONLY_WEAK_KDF=1`` selects tiny parameters so test suites stay fast; it is recorded
 in the key file, so such a key stays weak and is visibly so.
@@ -32,7 +41,11 @@ from dataclasses import dataclass
 
 import blake3
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keepwell import tokens
 from keepwell.errors import IntegrityError, WrongPasswordError
@@ -43,6 +56,10 @@ TAG_SIZE = 16
 BLOB_OVERHEAD = SIV_SIZE + TAG_SIZE
 _OBJECT_SALT = 32
 _OBJECT_VERSION = 1
+OBJECT_MASTER = 1
+OBJECT_SHARED = 2
+OBJECT_SEALED = 3
+PUBLIC_KEY_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -121,25 +138,89 @@ class MasterKey:
 
     # -- objects -----------------------------------------------------------------------------
     def encrypt_object(self, kind: bytes, payload: bytes) -> bytes:
+        return bytes((_OBJECT_VERSION,)) + self.seal_body(kind, payload)
+
+    def seal_body(self, kind: bytes, payload: bytes) -> bytes:
+        """``salt ‖ ciphertext`` of an object: what follows its first byte (and, sealed, its
+        sender's public key)."""
         salt = tokens.token_bytes(_OBJECT_SALT)
         subkey = blake3.blake3(b"kw-object" + salt, key=self._enc).digest()
-        return bytes((_OBJECT_VERSION,)) + salt + AESGCM(subkey).encrypt(_ZERO_NONCE, payload, kind)
+        return salt + AESGCM(subkey).encrypt(_ZERO_NONCE, payload, kind)
 
     def decrypt_object(self, kind: bytes, stored: bytes, what: str) -> bytes:
         if len(stored) < 1 + _OBJECT_SALT + TAG_SIZE or stored[0] != _OBJECT_VERSION:
             raise IntegrityError(f"{what} is truncated or of an unknown version")
-        salt = stored[1 : 1 + _OBJECT_SALT]
+        return self.open_body(kind, memoryview(stored)[1:], what)
+
+    def open_body(self, kind: bytes, body: bytes | memoryview, what: str) -> bytes:
+        if len(body) < _OBJECT_SALT + TAG_SIZE:
+            raise IntegrityError(f"{what} is truncated")
+        salt = bytes(body[:_OBJECT_SALT])
         subkey = blake3.blake3(b"kw-object" + salt, key=self._enc).digest()
         try:
-            return AESGCM(subkey).decrypt(_ZERO_NONCE, stored[1 + _OBJECT_SALT :], kind)
+            return AESGCM(subkey).decrypt(_ZERO_NONCE, body[_OBJECT_SALT:], kind)
         except InvalidTag:
             raise IntegrityError(f"{what} failed authentication (corrupt or tampered)") from None
 
+    # -- what a full key derives for a repository made for append keys -----------------------
+    def shared_key(self) -> MasterKey:
+        """The key of shared objects (0x02), which append keys hold too."""
+        return MasterKey(blake3.blake3(b"kw-shared-key", key=self._enc).digest(64))
+
+    def repository_private_key(self) -> X25519PrivateKey:
+        """The repository's X25519 key pair, derived from the master key: every full key holds
+        it without any change to its key file."""
+        return X25519PrivateKey.from_private_bytes(
+            blake3.blake3(b"kw-repository-x25519", key=self._enc).digest())
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def sender_key(shared_secret: bytes, sender_public: bytes, repository_public: bytes) -> MasterKey:
+    """The symmetric keys (blob and object, as a master key's) of one sender: HKDF-SHA256 of
+    the X25519 shared secret, bound to both public keys."""
+    return MasterKey(HKDF(hashes.SHA256(), 64, sender_public + repository_public,
+                          b"kw-sender-key").derive(shared_secret))
+
+
+class Sender:
+    """A writer without the master key: one ephemeral X25519 key (made here, never stored) and
+    the sender key it shares with the repository's public key. One per writing process: the
+    X25519 work is paid once, and every pack it writes records ``public``."""
+
+    __slots__ = ("public", "key")
+
+    def __init__(self, repository_public: bytes) -> None:
+        ephemeral = X25519PrivateKey.generate()
+        self.public = public_bytes(ephemeral)
+        secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(repository_public))
+        self.key = sender_key(secret, self.public, repository_public)
+
+    def seal_object(self, kind: bytes, payload: bytes) -> bytes:
+        return bytes((OBJECT_SEALED,)) + self.public + self.key.seal_body(kind, payload)
+
+
+def open_sender(private: X25519PrivateKey, sender_public: bytes) -> MasterKey:
+    """The sender key of ``sender_public``, as the repository's private key derives it."""
+    if len(sender_public) != PUBLIC_KEY_SIZE:
+        raise IntegrityError("a sender's public key has the wrong size")
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(sender_public))
+    except ValueError:  # an all-zero shared secret: a low-order point, never a real sender
+        raise IntegrityError("a sender's public key is invalid") from None
+    return sender_key(secret, sender_public, public_bytes(private))
+
 
 def wrap_master_key(master: MasterKey, password: str, params: KdfParams) -> dict[str, object]:
+    return wrap_secret(master.raw, password, params, b"kw-master-key")
+
+
+def wrap_secret(secret: bytes, password: str, params: KdfParams, aad: bytes) -> dict[str, object]:
     salt = tokens.token_bytes(32)
     kek = derive_password_key(password, salt, params)
-    sealed = AESGCM(kek).encrypt(_ZERO_NONCE, master.raw, b"kw-master-key")
+    sealed = AESGCM(kek).encrypt(_ZERO_NONCE, secret, aad)
     return {
         "kdf": "argon2id",
         "time_cost": params.time_cost,
@@ -152,6 +233,10 @@ def wrap_master_key(master: MasterKey, password: str, params: KdfParams) -> dict
 
 def unwrap_master_key(keyfile: dict[str, object], password: str) -> MasterKey:
     """Each wrap uses a fresh salt, so the KEK (and its zero nonce) encrypts one message only."""
+    return MasterKey(unwrap_secret(keyfile, password, b"kw-master-key"))
+
+
+def unwrap_secret(keyfile: dict[str, object], password: str, aad: bytes) -> bytes:
     params = KdfParams(
         int(keyfile["time_cost"]),  # type: ignore[call-overload]
         int(keyfile["memory_kib"]),  # type: ignore[call-overload]
@@ -159,10 +244,9 @@ def unwrap_master_key(keyfile: dict[str, object], password: str) -> MasterKey:
     )
     kek = derive_password_key(password, bytes.fromhex(str(keyfile["salt"])), params)
     try:
-        raw = AESGCM(kek).decrypt(_ZERO_NONCE, bytes.fromhex(str(keyfile["sealed"])), b"kw-master-key")
+        return AESGCM(kek).decrypt(_ZERO_NONCE, bytes.fromhex(str(keyfile["sealed"])), aad)
     except InvalidTag:
         raise WrongPasswordError("wrong password: no key of this repository opens with it") from None
-    return MasterKey(raw)
 
 
 def keyed_id(id_key: bytes, data: bytes | bytearray | memoryview) -> bytes:

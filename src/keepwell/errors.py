@@ -6,7 +6,8 @@ line (what, where, what to do) and that exit code. Anything else escaping is a b
 as such.
 
 Exit codes (documented in docs/operations.md):
-    0 ok, 1 failure, 2 usage, 3 partial/incomplete, 10 no repository, 12 wrong password.
+    0 ok, 1 failure, 2 usage, 3 partial/incomplete, 10 no repository, 12 wrong password,
+    13 the key's role does not allow the command (an append key).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_NO_REPOSITORY = 10
 EXIT_WRONG_PASSWORD = 12
+EXIT_KEY_ROLE = 13
 
 
 class KeepwellError(Exception):
@@ -57,6 +59,13 @@ class RepositoryExistsError(KeepwellError):
 class WrongPasswordError(KeepwellError):
     exit_code = EXIT_WRONG_PASSWORD
     hint = "check KEEPWELL_PASSWORD / --password-file"
+
+
+class AppendOnlyError(KeepwellError):
+    """The key in use is an append key: it adds backups, and can read or delete nothing."""
+
+    exit_code = EXIT_KEY_ROLE
+    hint = "open the repository with a full key, on a trusted machine"
 
 
 class SnapshotNotFoundError(KeepwellError):

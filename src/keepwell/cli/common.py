@@ -92,6 +92,7 @@ class GlobalOptions:
     limit_upload: int | None = None
     limit_download: int | None = None
     cache_dir: str | None = None
+    command: str = ""  # the command being run ("key add"), for messages
 
 
 GLOBALS = GlobalOptions()
@@ -179,7 +180,25 @@ def open_repo(repo: str | None = None, password_file: str | None = None, *,
     opened = open_repository(location, resolve_password(password_file), **repository_options(),
                              **extra)
     opened.events.subscribe(print_warning)
+    if not opened.full:
+        refuse_append_key()
     return opened
+
+
+# what an append key may run (docs/security.md): everything else reads or deletes, and is
+# refused before it starts
+APPEND_COMMANDS = frozenset({"backup", "key list"})
+
+
+def refuse_append_key() -> None:
+    """Stop a command that an append key cannot run, with one line naming it."""
+    from keepwell.errors import AppendOnlyError
+    from keepwell.repository.keyring import NEEDS_FULL
+
+    command = GLOBALS.command
+    if command in APPEND_COMMANDS or command.endswith(" backup"):  # database backups too
+        return
+    raise AppendOnlyError(f"{NEEDS_FULL}: {command} needs a full key")
 
 
 def print_warning(name: str, fields: dict[str, Any]) -> None:
@@ -234,6 +253,13 @@ def _refuse_repeats(cmd: Any) -> None:
     parse_args = cmd.parse_args
 
     def strict_parse_args(ctx: Any, args: list[str]) -> list[str]:
+        # the command as typed, without the program's name: the leaf's is parsed last
+        words: list[str] = []
+        at = ctx
+        while at is not None and at.parent is not None:
+            words.append(at.info_name or "")
+            at = at.parent
+        GLOBALS.command = " ".join(reversed(words))
         if not ctx.resilient_parsing:
             try:
                 _opts, _rest, order = cmd.make_parser(ctx).parse_args(args=list(args))

@@ -126,6 +126,10 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
              "--page-compression", metavar="LEVEL", min=0, max=19,
              help="Level instead of --compression for database page images (PostgreSQL "
                   "physical backups), where it pays.")] = 5,
+         append_keys: Annotated[bool, typer.Option(
+             "--append-keys",
+             help="Make a repository (format version 2) that can have append keys: keys that "
+                  "add backups but can read and delete nothing (docs/security.md).")] = False,
          json_: JsonOption = False) -> None:
     """Create a new repository (in an empty location, unless --allow-non-empty)."""
     from keepwell.backends.registry import open_backend
@@ -134,7 +138,7 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
     location = resolve_repo(repo)
     levels: dict[str, Any] = {"compression": compression, "fast_compression": fast_compression,
                               "page_compression": page_compression,
-                              "require_empty": not allow_non_empty}
+                              "require_empty": not allow_non_empty, "append_keys": append_keys}
     if copy_chunker_params_from:
         from keepwell.cli.copy import open_source
         from keepwell.repository.copy import init_like
@@ -149,7 +153,8 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
                             **levels)
     if json_:
         print_json({"id": r.id, "location": location,
-                    "chunker_params_from": copy_chunker_params_from})
+                    "chunker_params_from": copy_chunker_params_from,
+                    "version": r.config["version"]})
     else:
         print(f"created repository {r.id[:10]} at {location}"
               + (f" (chunker parameters of {copy_chunker_params_from})"

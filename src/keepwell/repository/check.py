@@ -30,7 +30,7 @@ from keepwell.repository.format import (
     pack_object_name,
 )
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.packreader import parse_header
+from keepwell.repository.packreader import parse_header_and_sender
 from keepwell.repository.pending import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
@@ -165,17 +165,21 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0,
             if content_name(data) != name.rsplit("/", 1)[1]:
                 errs.append(f"{name}: content does not match its name (corrupt)")
             try:
-                in_header = {e.id: e for e in parse_header(repo.master, name, data)}
+                in_header_list, sender = parse_header_and_sender(repo.master, name, data)
+                in_header = {e.id: e for e in in_header_list}
             except (KeepwellError, ValueError) as exc:
                 errs.append(f"{name}: pack header unreadable: {exc}")
                 in_header = {}
+                sender = repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1]))
+            if sender != repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1])):
+                errs.append(f"{name}: index and pack header disagree on who wrote the pack")
             n = 0
             for blob_id, btype, off, length, raw in by_pack[name]:
                 n += 1
                 if in_header and (blob_id not in in_header or in_header[blob_id].offset != off):
                     errs.append(f"{name}: index and pack header disagree on blob {blob_id.hex()[:16]}")
                 try:
-                    repo.open_blob(blob_id, btype, data[off : off + length], raw)
+                    repo.open_blob(blob_id, btype, data[off : off + length], raw, sender)
                 except KeepwellError as exc:
                     errs.append(f"{name}: {exc}")
                     bad.add(blob_id)

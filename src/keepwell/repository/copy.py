@@ -222,7 +222,7 @@ class Copier:
         lock = threading.Lock()
 
         def keep(w: Want, stored: memoryview) -> None:
-            plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length)
+            plain = self.src.open_blob(w.blob_id, w.type, stored, w.raw_length, w.sender)
             with lock:
                 out[w.blob_id] = plain
 

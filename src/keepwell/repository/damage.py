@@ -31,13 +31,12 @@ from collections.abc import Iterable, Mapping
 from keepwell.crypto import content_name
 from keepwell.errors import BackendError, IntegrityError, ObjectNotFoundError
 from keepwell.repository.damaged import Damage, pack_id_of
-from keepwell.repository.format import KIND_PENDING
+from keepwell.repository.format import KIND_DAMAGED, KIND_PENDING
 from keepwell.repository.store import RepositoryStore
 
 __all__ = ["KIND_DAMAGED", "PREFIX", "Damage", "check_findings", "load_damage", "pack_id_of",
            "record_damage", "settle"]
 
-KIND_DAMAGED = b"kw-damaged"
 PREFIX = "damaged/"
 
 

@@ -53,7 +53,8 @@ class Damage:
             ids = bad.get(n)
             if ids is None or raw[pos:pos + 32].tobytes() not in ids:
                 kept += raw[pos:pos + size]
-        return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes)
+        return IndexContent(content.packs, content.pack_types, bytes(kept), content.supersedes,
+                            content.senders)
 
     @staticmethod
     def _filter_large(content: IndexContent, raw: memoryview,
@@ -68,4 +69,4 @@ class Damage:
             if records["id"][row].tobytes() in bad[int(records["pack"][row])]:
                 keep[row] = False
         return IndexContent(content.packs, content.pack_types, records[keep].tobytes(),
-                            content.supersedes)
+                            content.supersedes, content.senders)

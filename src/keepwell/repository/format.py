@@ -26,7 +26,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-FORMAT_VERSION = 1
+# the newest config version this keepwell reads; 2 is a repository made for append keys
+# (docs/security.md), written only when asked for (``init --append-keys``)
+FORMAT_VERSION = 2
+PACK_HEADER_VERSION = 1
 DATA = 0
 TREE = 1
 BLOB_TYPE_NAMES = {DATA: "data", TREE: "tree"}
@@ -41,6 +44,8 @@ KIND_INDEX = b"kw-index"
 KIND_SNAPSHOT = b"kw-snapshot"
 KIND_PACK_HEADER = b"kw-pack-header"
 KIND_PENDING = b"kw-pending"
+KIND_DAMAGED = b"kw-damaged"
+KIND_SESSION = b"kw-session"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,7 @@ def pack_object_name(blob_type: int, pack_id: str) -> str:
 
 
 def encode_pack_header(entries: list[PackEntry]) -> bytes:
-    out = bytearray(struct.pack("<BI", FORMAT_VERSION, len(entries)))
+    out = bytearray(struct.pack("<BI", PACK_HEADER_VERSION, len(entries)))
     for e in entries:
         out += _ENTRY.pack(e.type, e.id, e.offset, e.length, e.raw_length)
     return bytes(out)
@@ -65,7 +70,7 @@ def encode_pack_header(entries: list[PackEntry]) -> bytes:
 
 def decode_pack_header(plain: bytes) -> list[PackEntry]:
     version, count = struct.unpack_from("<BI", plain, 0)
-    if version != FORMAT_VERSION or len(plain) != 5 + count * _ENTRY.size:
+    if version != PACK_HEADER_VERSION or len(plain) != 5 + count * _ENTRY.size:
         raise ValueError("pack header has an unexpected size or version")
     return [
         PackEntry(*_ENTRY.unpack_from(plain, 5 + i * _ENTRY.size)) for i in range(count)

@@ -25,7 +25,7 @@ import struct
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ class IndexContent:
     entries: np.ndarray | bytes | memoryview  # `ENTRY` records (or entry_dtype() records);
     # 'pack' indexes `packs`
     supersedes: list[str]
+    # pack id -> its sender's public key, for the packs an append key wrote (version 2)
+    senders: dict[bytes, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         """The number of entries."""
@@ -92,14 +94,22 @@ def entries_bytes(entries: Any) -> bytes | bytearray | memoryview:
     return np.ascontiguousarray(entries, dtype=entry_dtype()).tobytes()
 
 
+_NO_SENDER = bytes(32)
+
+
 def encode_index(content: IndexContent) -> bytes:
+    """Version 1, or version 2 (a sender per pack) when an append key wrote one of its packs."""
+    senders = [content.senders.get(p, _NO_SENDER) for p in content.packs]
+    version = 2 if any(s != _NO_SENDER for s in senders) else 1
     head = _HEAD.pack(
-        _MAGIC, 1, len(content.supersedes), len(content.packs), len(content)
+        _MAGIC, version, len(content.supersedes), len(content.packs), len(content)
     )
     parts: list[bytes | bytearray | memoryview] = [head]
     parts += [bytes.fromhex(s) for s in content.supersedes]
     parts += content.packs
     parts.append(bytes(content.pack_types))
+    if version == 2:
+        parts += senders
     parts.append(entries_bytes(content.entries))
     return b"".join(parts)
 
@@ -114,7 +124,7 @@ def decode_index(plain: bytes) -> IndexContent:
     """An index object's content; its entries are a view of ``plain`` (`MasterIndex.stage`
     copies them, checking their pack numbers)."""
     magic, version, n_sup, n_packs, n_entries = _HEAD.unpack_from(plain, 0)
-    if magic != _MAGIC or version != 1:
+    if magic != _MAGIC or version not in (1, 2):
         raise ValueError("not a keepwell index object")
     pos = _HEAD.size
     sup = [plain[pos + 32 * i : pos + 32 * (i + 1)].hex() for i in range(n_sup)]
@@ -123,9 +133,16 @@ def decode_index(plain: bytes) -> IndexContent:
     pos += 32 * n_packs
     types = list(plain[pos : pos + n_packs])
     pos += n_packs
+    senders: dict[bytes, bytes] = {}
+    if version == 2:
+        for i, p in enumerate(packs):
+            s = plain[pos + 32 * i : pos + 32 * (i + 1)]
+            if s != _NO_SENDER:
+                senders[p] = s
+        pos += 32 * n_packs
     if len(plain) - pos != n_entries * ENTRY.size:
         raise ValueError("index object has the wrong size")
-    return IndexContent(packs, types, memoryview(plain)[pos:], sup)
+    return IndexContent(packs, types, memoryview(plain)[pos:], sup, senders)
 
 
 def _keys_of(entries: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Key files: the master key wrapped by each password of the repository, and password files.
 
 ``keys/<id>`` is plain JSON (it must be readable before anything can be decrypted): who made it,
-when, the Argon2id parameters and salt, and the sealed master key. Its id is the hash of its
+when, its role (``full``, the default, or ``append``: see keepwell.repository.keyring), the
+Argon2id parameters and salt, and what it seals: the master key (full), or the config and the
+shared key (append). Its id is the hash of its
 bytes, so a *damaged* key file (changed bytes, or not a key file at all) is told apart from a
 *wrong password* (the file is whole, but the password does not open it).
 
@@ -20,7 +22,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from keepwell.backends.base import Backend
-from keepwell.crypto import KdfParams, MasterKey, content_name, unwrap_master_key, wrap_master_key
+from keepwell.crypto import (
+    KdfParams,
+    MasterKey,
+    content_name,
+    unwrap_master_key,
+    unwrap_secret,
+    wrap_master_key,
+    wrap_secret,
+)
 from keepwell.errors import (
     FormatError,
     IntegrityError,
@@ -41,6 +51,7 @@ class KeyInfo:
     host: str
     username: str
     damaged: bool = False
+    role: str = "full"
 
 
 def read_password_file(path: str, what: str = "password file",
@@ -99,13 +110,24 @@ def _key_doc(backend: Backend, name: str) -> dict[str, object] | None:
     return doc
 
 
-def add_key(backend: Backend, master: MasterKey, password: str, params: KdfParams | None = None) -> str:
-    doc = {
+APPEND_AAD = b"kw-append-key"
+
+
+def add_key(backend: Backend, master: MasterKey, password: str, params: KdfParams | None = None,
+            *, append_material: bytes | None = None) -> str:
+    """A new key file for ``password``: a full key (it wraps ``master``), or, given
+    ``append_material`` (keepwell.repository.keyring.append_material), an append key."""
+    kdf = params or KdfParams.default()
+    doc: dict[str, object] = {
         "created": datetime.now(UTC).isoformat(),
         "host": socket.gethostname(),
         "username": getpass.getuser(),
-        **wrap_master_key(master, password, params or KdfParams.default()),
     }
+    if append_material is not None:
+        doc["role"] = "append"
+        doc.update(wrap_secret(append_material, password, kdf, APPEND_AAD))
+    else:
+        doc.update(wrap_master_key(master, password, kdf))
     data = json.dumps(doc, indent=1).encode()
     key_id = content_name(data)
     backend.put(f"keys/{key_id}", data)
@@ -121,13 +143,14 @@ def list_keys(backend: Backend) -> list[KeyInfo]:
             out.append(KeyInfo(key_id, "", "", "", damaged=True))
             continue
         out.append(KeyInfo(key_id, str(doc.get("created", "")), str(doc.get("host", "")),
-                           str(doc.get("username", ""))))
+                           str(doc.get("username", "")), role=str(doc.get("role", "full"))))
     return sorted(out, key=lambda k: k.created)
 
 
 def open_with_password(backend: Backend, password: str,
-                       opens: Callable[[MasterKey], bool] | None = None) -> tuple[MasterKey, str]:
-    """Try every key file; return the master key and the id of the key that opened it.
+                       opens: Callable[[MasterKey], bool] | None = None) -> tuple[MasterKey | bytes, str]:
+    """Try every key file; return the master key (a full key) or the sealed material (bytes:
+    an append key), and the id of the key that opened it.
 
     Damaged key files are skipped; if no whole one opens with the password, the error says
     which files are damaged (their password may be this one). ``opens``: whether a master key
@@ -149,6 +172,8 @@ def open_with_password(backend: Backend, password: str,
             damaged.append(name)
             continue
         try:
+            if doc.get("role", "full") == "append":
+                return unwrap_secret(doc, password, APPEND_AAD), name.split("/", 1)[1]
             master = unwrap_master_key(doc, password)
         except WrongPasswordError:
             continue

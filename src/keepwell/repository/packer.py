@@ -158,6 +158,7 @@ class StoredPack:
     id: bytes
     type: int
     entries: list[PackEntry]
+    sender: bytes | None = None  # an append key's process wrote it (keepwell.repository.keyring)
 
 
 class BlobSink:
@@ -269,7 +270,8 @@ class BlobSink:
         finally:
             builder.discard()
         with self._lock:
-            self._unindexed.append(StoredPack(bytes.fromhex(pack_hex), builder.type, builder.entries))
+            self._unindexed.append(StoredPack(bytes.fromhex(pack_hex), builder.type, builder.entries,
+                                              repo.master.sender))
             self.stats.packs += 1
             due = len(self._unindexed) >= INDEX_EVERY_PACKS or (
                 time.monotonic() - self._last_index > INDEX_EVERY_SECONDS
@@ -295,6 +297,8 @@ class BlobSink:
             raise
         index = self.repo.index
         for p in packs:
+            if p.sender is not None:
+                self.repo.senders[p.id] = p.sender
             for e in p.entries:
                 index.add(e.id, p.id, p.type, e.offset, e.length, e.raw_length, e.type)
         with self._lock:
@@ -346,4 +350,5 @@ class BlobSink:
 def index_content(packs: list[StoredPack], supersedes: list[str] | None = None) -> IndexContent:
     entries = encode_entries((e.id, n, e.offset, e.length, e.raw_length, e.type)
                              for n, p in enumerate(packs) for e in p.entries)
-    return IndexContent([p.id for p in packs], [p.type for p in packs], entries, supersedes or [])
+    return IndexContent([p.id for p in packs], [p.type for p in packs], entries, supersedes or [],
+                        {p.id: p.sender for p in packs if p.sender is not None})

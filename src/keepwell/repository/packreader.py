@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
-from keepwell.crypto import MasterKey, keyed_id
+from keepwell.crypto import keyed_id
 from keepwell.errors import IntegrityError
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
@@ -40,6 +40,7 @@ from keepwell.repository.format import (
     pack_object_name,
     parse_trailer,
 )
+from keepwell.repository.keyring import Keyring
 from keepwell.repository.store import RepositoryStore
 
 MAX_GAP = 256 * 1024  # unwanted bytes read over rather than start another request
@@ -111,6 +112,7 @@ class Want:
     offset: int
     length: int
     raw_length: int
+    sender: bytes | None = None  # its pack's writer, if an append key (`Repository.sender_of`)
 
 
 def want_span(w: Want) -> tuple[int, int]:
@@ -131,7 +133,8 @@ def locate_packs(repo: RepositoryStore, ids: Iterable[bytes]) -> dict[str, list[
                 "but is not in its index", hint="run 'keepwell check' on that repository")
         name = pack_object_name(loc.pack_type, loc.pack.hex())
         plan.setdefault(name, []).append(
-            Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length))
+            Want(blob_id, loc.type, loc.offset, loc.length, loc.raw_length,
+                 repo.sender_of(loc.pack)))
     for wants in plan.values():
         wants.sort(key=lambda w: w.offset)
     return plan
@@ -144,7 +147,7 @@ def open_payload(repo: RepositoryStore, want: Want, stored: bytes | memoryview) 
     blob and the repository."""
     where = repo.backend.location
     try:
-        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored)
+        payload = repo.master.decrypt_blob(want.blob_id, want.type, stored, want.sender)
     except IntegrityError as exc:
         raise IntegrityError(f"{exc} in {where}", hint=f"run 'keepwell check --read-data' on "
                              f"{where} to see what is affected") from None
@@ -202,10 +205,16 @@ class PackReader:
 
 
 # -- headers --------------------------------------------------------------------------------------
-def parse_header(master: MasterKey, name: str, data: bytes | memoryview) -> list[PackEntry]:
+def parse_header(master: Keyring, name: str, data: bytes | memoryview) -> list[PackEntry]:
     """The blobs pack ``name`` lists in its header, from the pack's bytes (whole, or at least
     its header and trailer). ValueError or IntegrityError if it cannot be read; a tail too
     short to hold the header is ValueError too (`read_header` reads more)."""
+    return parse_header_and_sender(master, name, data)[0]
+
+
+def parse_header_and_sender(master: Keyring, name: str, data: bytes | memoryview
+                            ) -> tuple[list[PackEntry], bytes | None]:
+    """`parse_header`, and the pack's writer if an append key wrote it (None: a full key)."""
     if len(data) < TRAILER_SIZE:
         raise ValueError(f"{name} is too short to be a pack")
     hlen = parse_trailer(bytes(data[-TRAILER_SIZE:]))
@@ -214,14 +223,20 @@ def parse_header(master: MasterKey, name: str, data: bytes | memoryview) -> list
     header = bytes(data[len(data) - TRAILER_SIZE - hlen : len(data) - TRAILER_SIZE])
     plain = master.decrypt_object(KIND_PACK_HEADER, header, name)
     try:
-        return decode_pack_header(plain)
+        return decode_pack_header(plain), master.object_sender(header)
     except struct.error:
         raise ValueError(f"{name}: its header is truncated") from None
 
 
-def read_header(backend: Backend, master: MasterKey, name: str) -> list[PackEntry]:
+def read_header(backend: Backend, master: Keyring, name: str) -> list[PackEntry]:
     """The blobs pack ``name`` lists in its header, read from the pack's end (one request, two
     if the header is longer than `HEADER_TAIL`). Errors as `parse_header` and the backend's."""
+    return read_header_and_sender(backend, master, name)[0]
+
+
+def read_header_and_sender(backend: Backend, master: Keyring, name: str
+                           ) -> tuple[list[PackEntry], bytes | None]:
+    """`read_header`, and the pack's writer if an append key wrote it (None: a full key)."""
     size = backend.stat(name).size
     tail = backend.get(name, max(0, size - HEADER_TAIL))
     if len(tail) < TRAILER_SIZE:
@@ -229,4 +244,4 @@ def read_header(backend: Backend, master: MasterKey, name: str) -> list[PackEntr
     hlen = parse_trailer(tail)
     if hlen + TRAILER_SIZE > len(tail):
         tail = backend.get(name, max(0, size - TRAILER_SIZE - hlen))
-    return parse_header(master, name, tail)
+    return parse_header_and_sender(master, name, tail)

@@ -67,11 +67,18 @@ def read_verified(repo: Repository, job: RepackJob) -> list[tuple[PackEntry, byt
     """The stored bytes of a job's blobs, each authenticated; IntegrityError if one is damaged."""
     out = []
     entries = sorted(job.entries, key=lambda e: e.offset)
+    sender = repo.sender_of(bytes.fromhex(job.name.rsplit("/", 1)[1]))
     # a pack is read whole at most, so a range needs no bound of its own
     for r in ranges(entries, _span, max_gap=RUN_GAP, max_range=1 << 62):
         for e, stored in r.pieces(read_range(repo.backend, job.name, r), _span):
-            repo.master.decrypt_blob(e.id, e.type, stored)  # raises IntegrityError if damaged
-            out.append((e, bytes(stored)))
+            # raises IntegrityError if damaged
+            payload = repo.master.decrypt_blob(e.id, e.type, stored, sender)
+            if sender is not None:
+                # an append key's blob is under its pack's sender key: in a pack of prune's it
+                # goes under the master key (the same length, so its entry stays as it is)
+                out.append((e, bytes(repo.master.encrypt_blob(e.id, e.type, payload))))
+            else:
+                out.append((e, bytes(stored)))
     return out
 
 

@@ -48,7 +48,7 @@ from keepwell.repository.format import (
 )
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
-from keepwell.repository.packreader import parse_header
+from keepwell.repository.packreader import parse_header_and_sender
 from keepwell.repository.pending import load_pending, write_pending
 from keepwell.repository.prune import supersede_index
 from keepwell.repository.repack import RepackJob, repack
@@ -272,7 +272,9 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
     if content_name(data) != name.rsplit("/", 1)[1]:
         state.why = "its bytes do not match its name"
     try:
-        header = parse_header(repo.master, name, data)
+        header, sender = parse_header_and_sender(repo.master, name, data)
+        if sender is not None:
+            repo.senders[bytes.fromhex(name.rsplit("/", 1)[1])] = sender
     except (KeepwellError, ValueError, IndexError) as exc:
         header = []
         state.why = state.why or f"its header cannot be read ({exc})"
@@ -286,7 +288,8 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
             try:
                 if len(stored) != e.length:
                     raise IntegrityError("truncated")
-                repo.open_blob(blob_id, e.type, stored, e.raw_length)
+                repo.open_blob(blob_id, e.type, stored, e.raw_length,
+                               repo.sender_of(bytes.fromhex(name.rsplit("/", 1)[1])))
             except KeepwellError:
                 continue
             state.verified.append(e)

@@ -8,6 +8,7 @@ live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from keepwell.backends.resilience import TokenBucket
 from keepwell.backends.wrappers import Guard
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels, unpack_payload
-from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id
+from keepwell.crypto import KdfParams, MasterKey, content_name, keyed_id, public_bytes
 from keepwell.errors import (
     BackendError,
     DamagedSnapshotError,
@@ -56,6 +57,7 @@ from keepwell.repository.index import (
     decode_index,
     encode_index,
 )
+from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
 from keepwell.repository.pending import load_pending
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
@@ -66,9 +68,11 @@ _REPAIR_INDEX_HINT = "run 'keepwell repair index' to rebuild the index from the 
 
 
 class Repository:
-    def __init__(self, backend: Backend, master: MasterKey, config: dict[str, Any], key_id: str) -> None:
+    def __init__(self, backend: Backend, master: MasterKey | Keyring, config: dict[str, Any],
+                 key_id: str) -> None:
         self.backend = backend
-        self.master = master
+        # the keys of the key in use (a full or an append key; keepwell.repository.keyring)
+        self.master = master if isinstance(master, Keyring) else Keyring.full(master, config)
         self.config = config
         self.key_id = key_id
         self.id_key = bytes.fromhex(config["id_key"])
@@ -95,6 +99,9 @@ class Repository:
         self._pending: dict[bytes, BlobLocation] | None = None
         self._pending_lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
+        # pack id -> the public key of the append key's process that wrote it (the packs
+        # written under the master key are not listed), from index objects and pack headers
+        self.senders: dict[bytes, bytes] = {}
         self.damage = Damage()  # the damage records the index was loaded with
         # snapshot objects that cannot be read back (id -> why), as `list_snapshots` met them
         self.damaged_snapshots: dict[str, str] = {}
@@ -107,10 +114,12 @@ class Repository:
     def init(cls, backend: Backend, password: str, *, chunker: ChunkerParams | None = None,
              compression: int = 3, fast_compression: int = 1, page_compression: int = 5,
              kdf: KdfParams | None = None,
-             id_key: bytes | None = None, require_empty: bool = False) -> Repository:
+             id_key: bytes | None = None, require_empty: bool = False,
+             append_keys: bool = False) -> Repository:
         """Create a repository. ``chunker`` and ``id_key`` are given only to share them with
         another repository (``init --copy-chunker-params-from``; see keepwell.repository.copy).
-        ``require_empty``: refuse a location that holds anything already."""
+        ``require_empty``: refuse a location that holds anything already. ``append_keys``: a
+        repository of version 2, which can have append keys (docs/security.md)."""
         try:
             backend.stat("config")
             raise RepositoryExistsError(f"a repository already exists at {backend.location}")
@@ -123,8 +132,8 @@ class Repository:
                              hint="choose an empty location, or pass --allow-non-empty")
         master = MasterKey.generate()
         params = chunker or ChunkerParams(seed=tokens.randbits(62))
-        config = {
-            "version": FORMAT_VERSION,
+        config: dict[str, Any] = {
+            "version": 2 if append_keys else 1,
             "id": tokens.token_hex(32),
             "id_key": id_key.hex() if id_key is not None else tokens.token_hex(32),
             "chunker": params.to_dict(),
@@ -132,6 +141,8 @@ class Repository:
             "fast_compression": fast_compression,
             "page_compression": page_compression,
         }
+        if append_keys:
+            config["public_key"] = public_bytes(master.repository_private_key()).hex()
         key_id = keys.add_key(backend, master, password, kdf)
         data = master.encrypt_object(KIND_CONFIG, json.dumps(config).encode())
         backend.put("config", data)
@@ -150,14 +161,32 @@ class Repository:
             except IntegrityError:
                 return False
 
-        master, key_id = keys.open_with_password(backend, password, opens)
-        config = json.loads(master.decrypt_object(KIND_CONFIG, stored, "config"))
+        unlocked, key_id = keys.open_with_password(backend, password, opens)
+        if isinstance(unlocked, MasterKey):
+            config = json.loads(unlocked.decrypt_object(KIND_CONFIG, stored, "config"))
+        else:  # an append key: it carries the config, which only full keys can decrypt
+            try:
+                keyring, config = append_keyring(unlocked)
+            except (ValueError, KeyError, TypeError):
+                raise FormatError(f"append key {key_id[:10]} of {backend.location} is damaged",
+                                  hint="add a new append key with a full key") from None
         if int(config.get("version", 0)) > FORMAT_VERSION:
             raise KeepwellError(
                 f"repository format {config['version']} is newer than this keepwell understands",
                 hint="upgrade keepwell",
             )
-        return cls(backend, master, config, key_id)
+        if isinstance(unlocked, MasterKey):
+            return cls(backend, unlocked, config, key_id)
+        return cls(backend, keyring, config, key_id)
+
+    @property
+    def role(self) -> str:
+        """``full`` or ``append``: what the key in use may do (docs/security.md)."""
+        return self.master.role
+
+    @property
+    def full(self) -> bool:
+        return self.master.role == FULL
 
     def close(self) -> None:
         self.backend.close()
@@ -194,7 +223,9 @@ class Repository:
         return name
 
     def get_object(self, prefix: str, name: str, kind: bytes) -> bytes:
-        stored = self.backend.get(f"{prefix}/{name}")
+        return self._open_object(prefix, name, kind, self.backend.get(f"{prefix}/{name}"))
+
+    def _open_object(self, prefix: str, name: str, kind: bytes, stored: bytes) -> bytes:
         if content_name(stored) != name:
             raise IntegrityError(f"{prefix}/{name} does not match its name (corrupt)")
         return self.master.decrypt_object(kind, stored, f"{prefix}/{name}")
@@ -219,7 +250,9 @@ class Repository:
         def load(name: str) -> None:
             # staged in the worker, so each decrypted object is dropped as soon as it is copied
             try:
-                idx.stage(name, damage.filter(decode_index(self.get_object("index", name, KIND_INDEX))))
+                content = decode_index(self.get_object("index", name, KIND_INDEX))
+                self.senders.update(content.senders)
+                idx.stage(name, damage.filter(content))
             except ObjectNotFoundError:
                 return  # superseded and deleted by a prune since the listing
             except ValueError as exc:
@@ -247,6 +280,11 @@ class Repository:
             return self._index
 
     def write_index(self, content: IndexContent) -> str:
+        """Store an index object; each pack an append key wrote keeps its sender (a rewrite
+        by prune or repair lists packs it learned of from other index objects or headers)."""
+        for pack in content.packs:
+            if pack not in content.senders and pack in self.senders:
+                content.senders[pack] = self.senders[pack]
         return self.put_object("index", KIND_INDEX, encode_index(content))
 
     # -- blobs ----------------------------------------------------------------------------------
@@ -289,11 +327,19 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index",
                                  hint="run 'keepwell check' to see what is affected")
         stored = self.backend.get(pack_object_name(loc.pack_type, loc.pack.hex()), loc.offset, loc.length)
-        return self.open_blob(blob_id, loc.type, stored, loc.raw_length)
+        return self.open_blob(blob_id, loc.type, stored, loc.raw_length, self.sender_of(loc.pack))
 
-    def open_blob(self, blob_id: bytes, blob_type: int, stored: bytes | memoryview, raw_length: int) -> bytes:
-        """Decrypt, decompress and verify one stored blob; never returns unverified bytes."""
-        plain = unpack_payload(self.master.decrypt_blob(blob_id, blob_type, stored), raw_length)
+    def sender_of(self, pack: bytes) -> bytes | None:
+        """The public key of the append key's process that wrote a pack (None: a full key)."""
+        if pack not in self.senders:
+            self.index  # noqa: B018 - loading the index learns the senders of indexed packs
+        return self.senders.get(pack)
+
+    def open_blob(self, blob_id: bytes, blob_type: int, stored: bytes | memoryview, raw_length: int,
+                  sender: bytes | None = None) -> bytes:
+        """Decrypt, decompress and verify one stored blob; never returns unverified bytes.
+        ``sender``: the pack's sender (`sender_of`)."""
+        plain = unpack_payload(self.master.decrypt_blob(blob_id, blob_type, stored, sender), raw_length)
         if len(plain) != raw_length or keyed_id(self.id_key, plain) != blob_id:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} does not match its id")
         return plain
@@ -308,7 +354,8 @@ class Repository:
         if loc is None:
             raise IntegrityError(f"tree {tree_id.hex()[:16]} is not in the index",
                                  hint="run 'keepwell check' to see what is affected")
-        nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc), loc.raw_length))
+        nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc), loc.raw_length,
+                                           self.sender_of(loc.pack)))
         subtrees = [n.subtree for n in nodes if n.subtree is not None]
         if subtrees:  # the walk asks for these next
             if len(self._tree_locs) > 100_000:
@@ -362,8 +409,11 @@ class Repository:
         snap = self._snapshots.get(snapshot_id)
         if snap is None:
             try:
-                plain = self.get_object("snapshots", snapshot_id, KIND_SNAPSHOT)
+                stored = self.backend.get(f"snapshots/{snapshot_id}")
+                plain = self._open_object("snapshots", snapshot_id, KIND_SNAPSHOT, stored)
                 snap = decode_snapshot(snapshot_id, plain)
+                if self.master.object_sender(stored) is not None:
+                    snap = dataclasses.replace(snap, written_by=APPEND)
             except BackendError:
                 raise
             except IntegrityError as exc:
@@ -592,10 +642,10 @@ def open_storage(location: str, *, guard: Guard | None = None,
 
 def reopen_repository(location: str, options: dict[str, Any], master_key: bytes,
                       config: dict[str, Any], key_id: str) -> Repository:
-    """The same repository in another process, from what `Repository.opened_as` and the master
-    key hold (no password, no key derivation). Its index starts empty."""
+    """The same repository in another process, from what `Repository.opened_as` and the keys
+    (``Keyring.raw``) hold (no password, no key derivation). Its index starts empty."""
     backend = open_storage(location, **options)
-    repo = Repository(backend, MasterKey(master_key), config, key_id)
+    repo = Repository(backend, Keyring.from_raw(master_key, config), config, key_id)
     _bind_cache(repo)
     repo.opened_as = (location, dict(options))
     repo._index = MasterIndex()

@@ -43,9 +43,9 @@ from keepwell.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
 )
+from keepwell.repository.format import KIND_SESSION
 from keepwell.repository.store import RepositoryStore
 
-KIND_SESSION = b"kw-session"
 KIND_LOCK = b"kw-lock"
 PRUNE_LOCK = "locks/prune"
 

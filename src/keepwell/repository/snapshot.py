@@ -37,6 +37,9 @@ class Snapshot:
     source: dict[str, Any] = field(default_factory=dict)
     program_version: str = ""
     original: str | None = None
+    # the role of the key that wrote it (keepwell.repository.keyring): told by how its object is
+    # encrypted, not stored in it (an append key can write any JSON it likes)
+    written_by: str = "full"
 
     @property
     def short_id(self) -> str:

@@ -13,22 +13,23 @@ from typing import Protocol
 from keepwell.backends.base import Backend
 from keepwell.chunker import Chunker, ChunkerParams
 from keepwell.compression import Levels
-from keepwell.crypto import MasterKey
 from keepwell.repository.damaged import Damage
 from keepwell.repository.events import Events
 from keepwell.repository.index import BlobLocation, IndexContent, MasterIndex
+from keepwell.repository.keyring import Keyring
 from keepwell.repository.tree import Node
 
 
 class RepositoryStore(Protocol):
     backend: Backend
-    master: MasterKey
+    master: Keyring  # the keys of the key in use (full or append)
     id_key: bytes
     compression: int
     chunker: Chunker
     chunker_params: ChunkerParams
     events: Events
     damage: Damage
+    senders: dict[bytes, bytes]  # pack id -> the append-key writer that sealed it
 
     @property
     def index(self) -> MasterIndex: ...
@@ -45,5 +46,7 @@ class RepositoryStore(Protocol):
 
     def load_tree(self, tree_id: bytes) -> list[Node]: ...
 
+    def sender_of(self, pack: bytes) -> bytes | None: ...
+
     def open_blob(self, blob_id: bytes, blob_type: int, stored: bytes | memoryview,
-                  raw_length: int) -> bytes: ...
+                  raw_length: int, sender: bytes | None = None) -> bytes: ...

@@ -16,7 +16,7 @@ from keepwell.crypto import content_name
 from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError
 from keepwell.repository.format import PACK_PREFIX, TREE, PackEntry
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.packreader import read_header
+from keepwell.repository.packreader import read_header_and_sender
 from keepwell.repository.store import RepositoryStore
 from keepwell.repository.tree import Node, decode_tree
 
@@ -26,10 +26,12 @@ def read_pack_header(repo: RepositoryStore, name: str) -> list[PackEntry] | None
     recorded as damaged are left out (keepwell.repository.damage), so that no pack is indexed
     again for their sake."""
     try:
-        entries = read_header(repo.backend, repo.master, name)
+        entries, sender = read_header_and_sender(repo.backend, repo.master, name)
     except (KeepwellError, ValueError):
         return None
     pack = bytes.fromhex(name.rsplit("/", 1)[1])
+    if sender is not None:  # the blobs of a pack are under the key of its header's sender
+        repo.senders[pack] = sender
     return [e for e in entries if not repo.damage.covers(pack, e.id)]
 
 
@@ -108,4 +110,5 @@ def load_tree_anywhere(repo: RepositoryStore, index: MasterIndex, unindexed: Uni
                              hint="run 'keepwell check', and forget the snapshots it names")
     name, e = hit
     stored = repo.backend.get(name, e.offset, e.length)
-    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length))
+    sender = repo.senders.get(bytes.fromhex(name.rsplit("/", 1)[1]))
+    return decode_tree(repo.open_blob(tree_id, TREE, stored, e.raw_length, sender))

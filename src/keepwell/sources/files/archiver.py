@@ -635,6 +635,10 @@ def scan_totals(paths: list[str], report: Callable[[int, int, bool], None], *,
 
 
 def find_parent(repo: Repository, paths: list[str], host: str) -> Snapshot | None:
+    if not repo.full:
+        # an append key reads no snapshot, its own included: every file is read again, and
+        # only what the index does not know is stored (docs/security.md)
+        return None
     for snap in reversed(repo.list_snapshots("files")):
         if snap.host == host and sorted(snap.paths) == sorted(paths):
             return snap

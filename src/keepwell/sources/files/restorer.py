@@ -406,6 +406,7 @@ class Restorer:
 
     def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
         name = pack_object_name(pack_type, pack.hex())
+        sender = self.repo.sender_of(pack)
         for r in ranges(wants, _want_span, max_range=_MAX_RANGE_HERE):
             try:
                 data = read_range(self.repo.backend, name, r)
@@ -415,7 +416,7 @@ class Restorer:
                 continue
             for w, stored in r.pieces(data, _want_span):
                 try:
-                    plain = self.repo.open_blob(w.blob_id, w.type, stored, w.raw_length)
+                    plain = self.repo.open_blob(w.blob_id, w.type, stored, w.raw_length, sender)
                 except KeepwellError as exc:
                     self._fail_dests(w, str(exc))
                     continue
@@ -526,6 +527,7 @@ class PackWriter:
 
         self.repo = reopen_repository(init["location"], init["options"], init["master"],
                                       init["config"], init["key_id"])
+        self.repo.senders.update(init.get("senders", {}))  # its index is empty
         self._root: str = init["target"]
         self._replace: bool = init["replace"]
         self._fds = targetdir.TargetDirs(self._root, replace=self._replace)
@@ -542,6 +544,7 @@ class PackWriter:
     def handle(self, request: tuple[str, list[_Unit]]) -> list[tuple[str, int, str | None, int]]:
         name, units = request
         self.prefetch(request)
+        sender = self.repo.senders.get(bytes.fromhex(name.rsplit("/", 1)[1]))
         out: list[tuple[str, int, str | None, int]] = []
         for r, fetch in self._fetched.pop(id(units)):
             try:
@@ -553,7 +556,7 @@ class PackWriter:
             for (_offset, _length, raw_length, blob_id, btype, dests), stored in \
                     r.pieces(data, _unit_span):
                 try:
-                    plain = self.repo.open_blob(blob_id, btype, stored, raw_length)
+                    plain = self.repo.open_blob(blob_id, btype, stored, raw_length, sender)
                 except KeepwellError as exc:
                     out += [(self._path(d), 0, str(exc), 0) for d in dests]
                     continue

@@ -256,7 +256,7 @@ def repository_init(repo: Any) -> dict[str, Any]:
     assert repo.opened_as is not None
     location, options = repo.opened_as
     return {"location": location, "options": options, "master": repo.master.raw,
-            "config": repo.config, "key_id": repo.key_id}
+            "config": repo.config, "key_id": repo.key_id, "senders": dict(repo.senders)}
 
 
 def can_reopen(repo: Any) -> bool:
