@@ -76,6 +76,7 @@ importlib.import_module("keepwell.cli.maintenance").register(app)
 importlib.import_module("keepwell.cli.find").register(app)
 importlib.import_module("keepwell.cli.tag").register(app)
 importlib.import_module("keepwell.cli.rewrite").register(app)
+importlib.import_module("keepwell.cli.mount").register(app)
 try:
     from keepwell.cli import sqlite as _sqlite
 
