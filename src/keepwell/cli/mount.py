@@ -41,9 +41,9 @@ def mount(
     """
     from keepwell.sources.files.mount import RepositoryView, check_mountpoint, load_fuse
 
+    r = open_repo(repo, password_file)
     where = check_mountpoint(mountpoint)
     serve = load_fuse()
-    r = open_repo(repo, password_file)
     view = RepositoryView(r, snapshot_filter(host, tag, path, kind))
 
     def mounted() -> None:

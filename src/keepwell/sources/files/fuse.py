@@ -45,6 +45,7 @@ class ViewOperations(pyfuse3.Operations):
     def __init__(self, view: RepositoryView) -> None:
         super().__init__()
         self.view = view
+        self._warned: set[str] = set()
 
     def _attrs(self, a: Attributes) -> pyfuse3.EntryAttributes:
         out = pyfuse3.EntryAttributes()
@@ -76,7 +77,11 @@ class ViewOperations(pyfuse3.Operations):
         except IsADirectoryError:
             raise pyfuse3.FUSEError(errno.EISDIR) from None
         except (IntegrityError, BackendError) as exc:
-            self.view.repo.events.emit("warning", message=f"mount: {exc.line()}")
+            said = exc.line()
+            if said not in self._warned:  # the kernel asks again; one line is enough
+                if len(self._warned) < 10_000:
+                    self._warned.add(said)
+                self.view.repo.events.emit("warning", message=f"mount: {said}")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     # -- reading -----------------------------------------------------------------------------------

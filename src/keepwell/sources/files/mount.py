@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from keepwell.errors import IntegrityError, MissingExtraError, UsageError
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter
-from keepwell.repository.tree import CHARDEV, BLOCKDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
+from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 
 ROOT_INO = 1
 _TYPE_BITS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, FIFO: stat.S_IFIFO,
@@ -335,7 +335,10 @@ class RepositoryView:
         pos = offset
         while pos < end:
             start = ends[i - 1] if i else 0
-            data = self.cache.get(content[i])
+            try:
+                data = self.cache.get(content[i])
+            except IntegrityError as exc:
+                raise IntegrityError(f"{e.node.name}: {exc}", hint=exc.hint) from None
             parts.append(data[pos - start:min(end, ends[i]) - start])
             pos = ends[i]
             i += 1
@@ -364,9 +367,10 @@ def load_fuse(device: str = "/dev/fuse") -> Serve:
     try:
         from keepwell.sources.files import fuse
     except ImportError as exc:
-        if (exc.name or "").split(".")[0] in ("pyfuse3", "trio"):
+        package = (exc.name or "").split(".")[0]
+        if package in ("pyfuse3", "trio"):
             raise MissingExtraError(
-                f"mount needs the Python package {exc.name.split('.')[0]!r}, which is not "
+                f"mount needs the Python package {package!r}, which is not "
                 "installed", hint="install it with: pip install 'keepwell[mount]'") from None
         raise MissingExtraError(f"the FUSE library cannot be loaded ({exc})",
                                 hint="install libfuse 3 (Debian: apt-get install fuse3), then "
