@@ -27,7 +27,7 @@ from keepwell.backends.local import LocalBackend
 from keepwell.errors import MissingExtraError
 from keepwell.repository import Repository, open_repository
 from keepwell.repository.format import pack_object_name
-from keepwell.sources.files.mount import RepositoryView, load_fuse
+from keepwell.sources.files.mount import NotFound, RepositoryView, load_fuse
 from tests.fault.cli import KW, PASSWORD, kw, ok
 from tests.waiting import wait_for
 
@@ -300,3 +300,31 @@ def test_without_fuse_the_error_says_what_to_do() -> None:
     with pytest.raises(MissingExtraError) as caught:
         load_fuse("/nonexistent/fuse")
     assert "/nonexistent/fuse" in str(caught.value)
+
+
+def test_entries_the_kernel_forgets_are_dropped_and_found_again(
+        backed_up: tuple[Path, Path]) -> None:
+    repo_path, src = backed_up
+    with open_repository(str(repo_path), PASSWORD) as repo:
+        view = RepositoryView(repo)
+        try:
+            ino = view.lookup(1, "ids").ino
+            ino = view.lookup(ino, view.listing(ino)[0][0]).ino
+            for part in str(src).lstrip("/").split("/"):
+                ino = view.lookup(ino, part).ino
+            docs = view.lookup(ino, "docs").ino
+            names = [name for name, _ in view.listing(docs)]
+            before = view.live_entries()
+            f1 = view.lookup(docs, "f1.txt")
+            view.remember(f1.ino)  # listed with its attributes as well
+            view.forget(f1.ino, 2)
+            assert view.live_entries() == before - 1
+            with pytest.raises(NotFound):
+                view.attributes(f1.ino)
+            assert [name for name, _ in view.listing(docs)] == names
+            again = view.lookup(docs, "f1.txt")
+            assert again.ino != f1.ino and again.size == (src / "docs" / "f1.txt").stat().st_size
+            assert view.read(again.ino, 0, 1 << 20) == (src / "docs" / "f1.txt").read_bytes()
+            assert dict(view.xattrs(again.ino))[b"user.colour"] == b"blue"
+        finally:
+            view.close()

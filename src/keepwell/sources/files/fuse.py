@@ -109,7 +109,7 @@ class ViewOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: Any, start_id: int, token: Any) -> None:
-        entries = sorted((await self._call(self.view.children, fh)).items())
+        entries = await self._call(self.view.listing, fh)
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             try:

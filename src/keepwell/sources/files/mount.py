@@ -77,6 +77,7 @@ class Entry:
     complete: bool = True  # False when an entry of `children` was forgotten since
     lookups: int = 0  # references the kernel holds (`RepositoryView.forget`)
     extents: list[int] | None = field(default=None)  # files: the end offset of each blob
+    listing: list[tuple[str, int]] | None = None  # `children` in name order, once asked for
 
 
 class BlobCache:
@@ -254,7 +255,19 @@ class RepositoryView:
             e.children = {n.name: known.get(n.name) or self._new(n, virtual=False, parent=ino).ino
                           for n in nodes}
             e.complete = True
+            e.listing = None
             return e.children
+
+    def listing(self, ino: int) -> list[tuple[str, int]]:
+        """(name, inode) of a directory's entries in name order: a listing is asked for in
+        pieces, each from an index into this list, so it is sorted once, not once a piece."""
+        children = self.children(ino)
+        e = self.entry(ino)
+        found = e.listing
+        if found is None:
+            with self._lock:
+                found = e.listing = sorted(children.items())
+        return found
 
     def lookup(self, parent: int, name: str) -> Attributes:
         """The entry ``name`` of a directory; counts one reference of the kernel to it."""
@@ -288,6 +301,7 @@ class RepositoryView:
                         and parent.children.get(e.node.name) == ino:
                     del parent.children[e.node.name]
                     parent.complete = False
+                    parent.listing = None
 
     def readlink(self, ino: int) -> str:
         n = self.entry(ino).node
