@@ -66,10 +66,12 @@ class ViewOperations(pyfuse3.Operations):
         out.st_ctime_ns = a.ctime_ns
         return out
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in a worker thread, its failures as the errno the caller gets."""
+    async def _call(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> Any:
+        """``fn(*args)`` in a worker thread (or here, ``inline``, when it cannot block: a
+        thread costs more than most answers from memory), its failures as the errno the caller
+        gets."""
         try:
-            return await trio.to_thread.run_sync(fn, *args)
+            return fn(*args) if inline else await trio.to_thread.run_sync(fn, *args)
         except NotFound:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except NotADirectoryError:
@@ -86,7 +88,8 @@ class ViewOperations(pyfuse3.Operations):
 
     # -- reading -----------------------------------------------------------------------------------
     async def lookup(self, parent_inode: Any, name: Any, ctx: Any = None) -> Any:
-        return self._attrs(await self._call(self.view.lookup, parent_inode, os.fsdecode(name)))
+        return self._attrs(await self._call(self.view.lookup, parent_inode, os.fsdecode(name),
+                                            inline=self.view.listed(parent_inode)))
 
     async def forget(self, inode_list: Sequence[tuple[Any, int]]) -> None:
         for ino, count in inode_list:
@@ -105,11 +108,12 @@ class ViewOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
 
     async def opendir(self, inode: Any, ctx: Any) -> Any:
-        await self._call(self.view.children, inode)  # reads the tree blob; ENOTDIR if a file
+        # reads the tree blob; ENOTDIR if a file
+        await self._call(self.view.children, inode, inline=self.view.listed(inode))
         return inode
 
     async def readdir(self, fh: Any, start_id: int, token: Any) -> None:
-        entries = await self._call(self.view.listing, fh)
+        entries = await self._call(self.view.listing, fh, inline=self.view.listed(fh))
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             try:

@@ -258,6 +258,11 @@ class RepositoryView:
             e.listing = None
             return e.children
 
+    def listed(self, ino: int) -> bool:
+        """Whether `children` of ``ino`` answers without reading the repository."""
+        e = self._entries.get(ino)
+        return e is None or (e.children is not None and e.complete)
+
     def listing(self, ino: int) -> list[tuple[str, int]]:
         """(name, inode) of a directory's entries in name order: a listing is asked for in
         pieces, each from an index into this list, so it is sorted once, not once a piece."""
