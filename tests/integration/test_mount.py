@@ -328,3 +328,16 @@ def test_entries_the_kernel_forgets_are_dropped_and_found_again(
             assert dict(view.xattrs(again.ino))[b"user.colour"] == b"blue"
         finally:
             view.close()
+
+
+def test_without_the_binding_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import keepwell.sources.files
+
+    monkeypatch.delitem(sys.modules, "keepwell.sources.files.fuse", raising=False)
+    monkeypatch.delattr(keepwell.sources.files, "fuse", raising=False)
+    monkeypatch.setitem(sys.modules, "pyfuse3", None)  # as if not installed
+    with pytest.raises(MissingExtraError) as caught:
+        load_fuse()
+    assert "pip install 'keepwell[mount]'" in caught.value.line()
