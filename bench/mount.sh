@@ -5,8 +5,15 @@
 # rounds, and keepwell/restic ratios (above 1: keepwell takes longer).
 #
 # Measured on a shared 2-core VM, Debian 12, restic 0.14.0, pyfuse3 3.5.0, mfusepy 3.1.1, libfuse
-# 3.14, a 500 MB file and this Python's lib/ (50,724 files), 3 rounds:
-#   RESULTS
+# 3.14, a 500 MB file and this Python's lib/ (50,728 files), 1 round (machine shared, load ~6):
+#                read (s)   MB/s   ls -lR (s)
+#     keepwell     1.73      289     28.95      keepwell/restic: read 0.58x, ls -lR 1.18x
+#     mfusepy      1.42      352     20.30      mfusepy/restic:  read 0.47x, ls -lR 0.83x
+#     restic       3.01      166     24.44
+#   (an earlier 2-round run, before mfusepy answered getxattr: keepwell 2.21 s / 35.9 s,
+#   mfusepy 1.49 s / 19.2 s, restic 3.38 s / 29.2 s.) Both Python bindings read faster than
+#   restic; mfusepy (ctypes, libfuse's own threads) lists faster than pyfuse3 (trio), whose
+#   per-request cost shows on the ~150,000 requests (lookups, getxattr) of an ls -lR.
 # Usage: bench/mount.sh [TREE]   (default: this Python's lib/ directory); ROUNDS=3 BIG_MB=500
 #        KW and PY name the keepwell command and the Python to use (default: .venv's).
 set -euo pipefail

@@ -50,6 +50,15 @@ class PathOperations(mfusepy.Operations):  # type: ignore[misc]
     def readlink(self, path: str) -> str:
         return self.view.readlink(self._ino(path))
 
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        for key, value in self.view.xattrs(self._ino(path)):
+            if key == os.fsencode(name):
+                return value
+        raise mfusepy.FuseOSError(errno.ENODATA)
+
+    def listxattr(self, path: str) -> list[str]:
+        return [os.fsdecode(key) for key, _ in self.view.xattrs(self._ino(path))]
+
     def open(self, path: str, flags: int) -> int:
         return self._ino(path)
 
