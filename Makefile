@@ -8,7 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test servers lint typecheck unit fault clean
 
 # the archive_command shell script is copied into the venv at install: a change needs a reinstall
+# pyfuse3 (the mount extra, in dev) is built against libfuse 3: its headers come first
 $(STAMP): pyproject.toml src/keepwell/sources/postgres/keepwell-wal-push
+	$(SUDO) bash .ci/install.d/fuse.sh
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'

@@ -22,6 +22,8 @@ EXTRA_OF_MODULE = {
     "yaml": "control",
     "prometheus_client": "control",
     "cronsim": "control",
+    "pyfuse3": "mount",
+    "trio": "mount",
 }
 
 
