@@ -248,7 +248,10 @@ class Restorer:
             return
         dir_fd = self._fds.acquire(parent)
         try:
-            fd, temp = targetdir.new_file(dir_fd, name, self.overwrite)
+            # a file of several blobs is written under a temporary name and renamed once whole:
+            # one that cannot be restored whole is never left half written under its name
+            fd, temp = targetdir.new_file(dir_fd, name, self.overwrite,
+                                          staged=len(node.content) > 1)
             try:
                 if not node.content:
                     self._apply_open(fd, dest, node)
@@ -263,7 +266,7 @@ class Restorer:
                 os.close(fd)
             if not node.content:
                 if temp is not None:
-                    targetdir.put_in_place(dir_fd, name, temp)
+                    targetdir.put_in_place(dir_fd, name, temp, self.overwrite)
                 return
         finally:
             self._fds.release(parent)
@@ -306,7 +309,8 @@ class Restorer:
                         fileio.close(fd)
                         raise OSError(errno.EEXIST, "it was replaced during the restore")
                 else:
-                    fd, target.temp = targetdir.new_file(dir_fd, target.name, self.overwrite)
+                    fd, target.temp = targetdir.new_file(dir_fd, target.name, self.overwrite,
+                                                         staged=True)
                     target.created = True
                 try:
                     if _is_zero(data) and len(data) >= 4096:
@@ -321,7 +325,7 @@ class Restorer:
                 finally:
                     fileio.close(fd)
                 if done and target.temp is not None:
-                    targetdir.put_in_place(dir_fd, target.name, target.temp)
+                    targetdir.put_in_place(dir_fd, target.name, target.temp, self.overwrite)
                     target.temp = None
             finally:
                 self._fds.release(target.dir)
@@ -379,6 +383,9 @@ class Restorer:
         for path, n, err, missed in results:
             if err is not None:
                 self._error(path, err)
+                if n == 0:  # not written: not restored (its metadata alone failed otherwise)
+                    with self._lock:
+                        self.result.files -= 1
                 continue
             self.result.metadata.add(missed)
             with self._lock:
@@ -395,7 +402,10 @@ class Restorer:
                     self._drop_temp(target)
 
     def _drop_temp(self, target: _Target) -> None:
-        """A file that cannot be restored whole: what had its name stays as it was."""
+        """A file that cannot be restored whole: it is not counted as restored, and what had
+        its name stays as it was."""
+        with self._lock:
+            self.result.files -= 1
         if target.temp is not None:
             try:
                 targetdir.discard(self._fds.acquire(target.dir), target.temp)
@@ -599,9 +609,8 @@ class PackWriter:
             if temp is not None:
                 targetdir.put_in_place(dir_fd, name, temp)
             return self._path(dest), len(data), problem, missed
-        except OSError as exc:
-            if temp is not None:
-                targetdir.discard(dir_fd, temp)
+        except OSError as exc:  # never left half written: made here, so removed here
+            targetdir.discard(dir_fd, temp if temp is not None else name)
             return self._path(dest), 0, exc.strerror or str(exc), 0
         finally:
             self._fds.release(rel)

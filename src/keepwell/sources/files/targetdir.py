@@ -148,16 +148,19 @@ def _temp_name() -> str:
     return f".keepwell-restore-{os.getpid()}-{next(_serial)}"
 
 
-def new_file(dir_fd: int, name: str, replace: bool) -> tuple[int, str | None]:
+def new_file(dir_fd: int, name: str, replace: bool, *,
+             staged: bool = False) -> tuple[int, str | None]:
     """A new, empty file for ``name`` (mode 0600, open for writing) and, when something already
-    has that name (``replace`` only; else `FileExistsError`), the temporary name it was
-    created under, to be renamed over ``name`` once whole (`put_in_place`)."""
+    has that name (``replace`` only; else `FileExistsError`) or when ``staged`` (a file written
+    in several steps, which must never be seen half written under its name), the temporary
+    name it was created under, to be renamed over ``name`` once whole (`put_in_place`)."""
     _check(name)
-    try:
-        return fileio.open_write(dir_fd, name, True), None
-    except FileExistsError:
-        if not replace:
-            raise
+    if not staged:
+        try:
+            return fileio.open_write(dir_fd, name, True), None
+        except FileExistsError:
+            if not replace:
+                raise
     while True:
         temp = _temp_name()
         try:
@@ -166,10 +169,21 @@ def new_file(dir_fd: int, name: str, replace: bool) -> tuple[int, str | None]:
             continue
 
 
-def put_in_place(dir_fd: int, name: str, temp: str) -> None:
+def put_in_place(dir_fd: int, name: str, temp: str, replace: bool = True) -> None:
     """Rename ``temp`` over ``name``; remove ``temp`` if that fails (a directory has that
-    name: it is not replaced by a file)."""
+    name: it is not replaced by a file). Without ``replace``, something that got the name
+    meanwhile is kept (`FileExistsError`): the file is linked to its name, then the temporary
+    name removed."""
     try:
+        if not replace:
+            try:
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+            else:
+                discard(dir_fd, temp)
+                return
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError:
         discard(dir_fd, temp)
