@@ -189,7 +189,7 @@ class JobContext:
 
     def progress(self) -> dict[str, Any]:
         """What a running job has done so far (for live views)."""
-        return {"bytes_read": self.bytes_read, "files": self.files,
+        return {"bytes_read": self.bytes_read, "files_read": self.files,
                 "bytes_uploaded": self.uploaded, "elapsed": round(time.time() - self.started, 3)}
 
     def check(self) -> None:

@@ -269,7 +269,7 @@ def running(info: dict[str, Any], csrf: str | None) -> str:
 
 def _running_row(j: dict[str, Any]) -> str:
     return (f'<tr data-job="{_e(j["job_id"])}"><td>{_e(j["action"])} {_e(j["name"])}</td>'
-            f'<td>{_bytes(j["bytes_read"])}</td><td>{_e(j["files"])}</td>'
+            f'<td>{_bytes(j["bytes_read"])}</td><td>{_e(j["files_read"])}</td>'
             f'<td>{_bytes(j["bytes_uploaded"])}</td><td>{_secs(j["elapsed"])}</td></tr>')
 
 

@@ -85,7 +85,7 @@
       doc.jobs.forEach(function (j) {
         var tr = document.createElement("tr");
         tr.dataset.job = j.job_id;
-        [j.action + " " + j.name, human(j.bytes_read, "B"), String(j.files),
+        [j.action + " " + j.name, human(j.bytes_read, "B"), String(j.files_read),
          human(j.bytes_uploaded, "B"), human(j.elapsed, "s")].forEach(function (text) {
           var td = document.createElement("td");
           td.textContent = text;
