@@ -182,3 +182,12 @@ def parse_time(value: str, what: str = "") -> datetime:
         ago = parse_seconds(text, what, retention=True)  # its own error says what is wrong
         return datetime.fromtimestamp(datetime.now(UTC).timestamp() - ago, UTC)
     return moment if moment.tzinfo else moment.astimezone()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``512 B``, ``1.50 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

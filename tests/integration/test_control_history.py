@@ -21,9 +21,11 @@ from tests.servers.postgres import PgCluster
 from tests.unit.test_control_history import (  # noqa: F401 - collected here for both stores
     test_a_live_writer_is_not_taken_for_a_crash,
     test_alert_notifies_once_while_active,
+    test_an_acknowledged_alert_stays_active_until_resolved_and_reopens,
     test_breaker_states_persist,
     test_concurrent_writers_lose_nothing,
     test_runs_are_recorded_with_their_figures,
+    test_runs_keep_their_log_lines,
     test_runs_of_a_dead_process_are_found_as_interrupted,
 )
 

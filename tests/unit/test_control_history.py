@@ -183,3 +183,54 @@ def test_a_history_without_sessions_is_upgraded_in_place(tmp_path: Path) -> None
     assert [r.job_id for r in h.runs()] == ["new", "old"]
     assert h.job_succeeded("old")
     h.close()
+
+
+def test_an_acknowledged_alert_stays_active_until_resolved_and_reopens(history_at: str) -> None:
+    h = History(history_at)
+    assert h.raise_alert("a:stale", "a", "stale", "late")
+    assert h.acknowledge_alert("a:stale", "web:operator")
+    assert not h.acknowledge_alert("a:stale", "web:operator")  # once
+    (alert,) = h.alerts()
+    assert alert.active and not alert.open and alert.acknowledged_by == "web:operator"
+    assert not h.raise_alert("a:stale", "a", "stale", "still late")  # no new notification
+    assert not h.alerts()[0].open
+    assert h.resolve_alert("a:stale")
+    assert not h.acknowledge_alert("a:stale", "web:operator")  # nothing active to acknowledge
+    assert h.raise_alert("a:stale", "a", "stale", "late again")
+    (alert,) = h.alerts()
+    assert alert.open and alert.acknowledged_at is None
+    h.close()
+
+
+def test_runs_keep_their_log_lines(history_at: str) -> None:
+    h = History(history_at)
+    first, second = _start(h, "backup:a:1"), _start(h, "backup:a:2")
+    h.add_log(first, "info", "started")
+    h.add_log(second, "info", "other run")
+    h.add_log(first, "warning", "a file vanished")
+    assert [(line["level"], line["message"]) for line in h.run_log(first)] == [
+        ("info", "started"), ("warning", "a file vanished")]
+    assert h.run(first) is not None and h.run(first).job_id == "backup:a:1"  # type: ignore[union-attr]
+    assert h.run(999) is None
+    assert [r.id for r in h.runs_for_job("backup:a:2")] == [second]
+    h.close()
+
+
+def test_a_history_without_acknowledgements_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE alerts (key TEXT PRIMARY KEY, source TEXT NOT NULL, kind TEXT NOT"
+               " NULL, message TEXT NOT NULL, active INTEGER NOT NULL, first_at REAL NOT NULL,"
+               " last_at REAL NOT NULL, notified_at REAL, resolved_at REAL)")
+    db.execute("INSERT INTO alerts VALUES ('a:stale', 'a', 'stale', 'late', 1, 1.0, 1.0, NULL,"
+               " NULL)")
+    db.commit()
+    db.close()
+    h = History(str(path))
+    (alert,) = h.alerts()
+    assert alert.open
+    assert h.acknowledge_alert("a:stale", "someone")
+    assert not h.alerts()[0].open
+    h.close()

@@ -29,6 +29,7 @@ from keepwell.errors import UsageError
 from keepwell.repository.keys import read_password_file
 from keepwell.repository.retention import Policy
 from keepwell.repository.snapshot import SnapshotFilter
+from keepwell.units import human_bytes  # noqa: F401 - used by every command module
 
 RepoOption = Annotated[
     str | None,
@@ -221,14 +222,6 @@ def keep_policy(options: dict[str, Any]) -> Policy:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 # -- options every command takes ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Control-plane commands: ``config check``, ``daemon``, ``jobs``, ``run``, ``status``, ``drill``.
+"""Control-plane commands: ``config check``, ``daemon``, ``jobs``, ``run``, ``status``, ``drill``,
+``web``.
 
 They take the configuration from ``-c/--config``, ``KEEPWELL_CONFIG``, ``./keepwell.yaml`` or
 ``/etc/keepwell/keepwell.yaml`` (the first that is given or exists). Parsing and rendering only:
@@ -15,13 +16,14 @@ from typing import Annotated, Any
 import typer
 
 from keepwell.cli.common import JsonOption, KeepwellGroup, human_bytes, print_json, run_app
-from keepwell.errors import EXIT_FAILURE, ConfigurationError
+from keepwell.errors import EXIT_FAILURE, ConfigurationError, UsageError
 
 ConfigOption = Annotated[
     str | None,
     typer.Option("--config", "-c", envvar="KEEPWELL_CONFIG", help="Path of keepwell.yaml."),
 ]
 DEFAULT_CONFIGS = ("keepwell.yaml", "/etc/keepwell/keepwell.yaml")
+DEFAULT_WEB_LISTEN = "127.0.0.1:9378"
 
 
 def _load(path: str | None) -> Any:
@@ -94,7 +96,56 @@ def cmd_daemon(
 
     loaded = _load(config)
     log = logs.setup(json_lines=log_json or loaded.config.log_json)
-    raise typer.Exit(run_daemon(loaded, log))
+    services = []
+    if loaded.config.web.listen is not None:
+        from keepwell.web.app import daemon_service
+
+        factory = daemon_service(loaded, log)
+        if factory is not None:
+            services.append(factory)
+    raise typer.Exit(run_daemon(loaded, log, services))
+
+
+def cmd_web(
+    config: ConfigOption = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="HOST:PORT to serve on (default: web.listen, else 127.0.0.1:9378).")]
+    = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
+    = False,
+) -> None:
+    """Serve the dashboard and its JSON API until stopped (SIGTERM/SIGINT).
+
+    Jobs started from the web run in this process; when a daemon runs, let it serve the web
+    instead (web.listen), so such jobs wait for its slots and budgets."""
+    import re
+    import signal
+    import threading
+
+    from keepwell.control import logs
+    from keepwell.control.history import open_history
+    from keepwell.control.runner import BackgroundJobs
+    from keepwell.web.app import WebService
+
+    loaded = _load(config)
+    log = logs.setup(json_lines=log_json or loaded.config.log_json)
+    address = listen or loaded.config.web.listen or DEFAULT_WEB_LISTEN
+    if not re.fullmatch(r"[^:\s]*:\d{1,5}", address):
+        raise UsageError(f"--listen {address!r}: expected HOST:PORT, e.g. {DEFAULT_WEB_LISTEN}")
+    history = open_history(loaded.config)
+    try:
+        jobs = BackgroundJobs(loaded, history, log)
+        service = WebService(loaded, jobs, address, log)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        service.start()
+        while not stop.wait(1.0):
+            pass
+        service.stop()
+        jobs.stop()
+    finally:
+        history.close()
 
 
 def cmd_jobs(
@@ -212,6 +263,7 @@ def register(app: typer.Typer) -> None:
     app.command("run")(cmd_run)
     app.command("status")(cmd_status)
     app.command("drill")(cmd_drill)
+    app.command("web")(cmd_web)
 
 
 def main() -> None:

@@ -90,6 +90,17 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
     def count_workers(name: str, fields: dict[str, Any]) -> None:
         if name == "stored_by_workers":  # packs that worker processes uploaded themselves
             ctx.count_upload(fields["bytes"])
+        elif name == "bytes":
+            ctx.bytes_read += int(fields.get("n", 0))
+        elif name == "file":
+            ctx.files += 1
+        elif name == "files":
+            ctx.files += int(fields.get("n", 0))
+            ctx.bytes_read += int(fields.get("bytes", 0))
+        elif name == "warning":
+            ctx.log("warning", str(fields.get("message", "")))
+        elif name == "error":
+            ctx.log("error", f"{fields.get('path', '')}: {fields.get('message', '')}")
 
     repo.events.subscribe(count_workers)
     try:

@@ -275,6 +275,39 @@ class MetricsConfig(_Model):
         return value
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether a ``HOST:PORT`` listen address is reachable from this host only."""
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class WebConfig(_Model):
+    """The dashboard and HTTP API (``keepwell web``; the daemon serves it when ``listen`` is
+    set). A listen address beyond loopback needs a ``token`` (a secret reference): actions,
+    pages and API then ask for it."""
+
+    listen: str | None = None
+    token: SecretRef | None = None
+    tls_cert: str | None = None  # PEM files: serve HTTPS
+    tls_key: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^:\s]*:\d{1,5}", value):
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9378")
+        return value
+
+    @model_validator(mode="after")
+    def _guarded(self) -> WebConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.listen is not None and not is_loopback(self.listen) and self.token is None:
+            raise ValueError(f"listening on {self.listen} (beyond loopback) needs a token:"
+                             " token: env:NAME or file:PATH")
+        return self
+
+
 class Config(_Model):
     version: Literal[1] = 1
     timezone: str = "UTC"
@@ -291,6 +324,7 @@ class Config(_Model):
     notifications: list[Notification] = Field(default_factory=list)
     drills: dict[Name, DrillConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("timezone")
     @classmethod
@@ -360,6 +394,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         data["history"] = _absolute(base, data["history"])
     if isinstance(data.get("scratch"), str):
         data["scratch"] = _absolute(base, data["scratch"])
+    web = data.get("web")
+    if isinstance(web, dict):
+        for key in ("tls_cert", "tls_key"):
+            if isinstance(web.get(key), str):
+                web[key] = _absolute(base, web[key])
     for repo in (data.get("repositories") or {}).values():
         if isinstance(repo, dict):
             if isinstance(repo.get("location"), str):

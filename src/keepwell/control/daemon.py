@@ -29,8 +29,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
@@ -41,13 +42,25 @@ from keepwell.control.limits import Caps, JobQueue, Slots
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServer
 from keepwell.control.pitr import WindowCache, has_windows
-from keepwell.control.runner import finish, run_job
+from keepwell.control.runner import LiveJobs, finish, live_entry, run_job
 from keepwell.control.schedule import Schedule
 from keepwell.control.streamers import StreamSupervisor, stop_orphan
 from keepwell.errors import UsageError
 from keepwell.sources.base import source_for
 
 OVERRUN_GRACE = 5.0
+
+
+class Service(Protocol):
+    """Something the daemon runs beside its jobs (the web app): started after the metrics
+    endpoint, stopped at shutdown."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ServiceFactory = Callable[[LiveJobs], Service]
 
 
 @dataclass
@@ -70,8 +83,11 @@ class _Timer:
 
 
 class Daemon:
-    def __init__(self, loaded: LoadedConfig, log: logging.Logger) -> None:
+    def __init__(self, loaded: LoadedConfig, log: logging.Logger,
+                 services: Sequence[ServiceFactory] = ()) -> None:
         self.loaded = loaded
+        self.service_factories = list(services)
+        self.services: list[Service] = []
         cfg = self.cfg = loaded.config
         self.log = log
         self.history = open_history(cfg)
@@ -143,6 +159,23 @@ class Daemon:
             streams={n: s.figures for n, s in self.streams.items()},
             started_at=self.started_at,
         )
+
+    def submit(self, action: str, name: str, requested_by: str | None) -> str:
+        """Queue a job asked for by hand (`LiveJobs`): it runs inside the budgets as soon as a
+        slot is free."""
+        spec = build_job(self.cfg, action, name, time.time(), trigger="manual",
+                         requested_by=requested_by)
+        if self._busy(action, spec.name):
+            raise UsageError(f"{action} of {name} is already queued or running")
+        self.queue.push(spec)
+        log_event(self.log, "job_requested", job=spec.job_id, by=requested_by)
+        self._wake.set()
+        return spec.job_id
+
+    def running(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [live_entry(r.spec, r.ctx) for r in self._running.values()
+                    if not r.abandoned]
 
     def health(self) -> dict[str, Any]:
         return {"ok": not self._stop.is_set(), "pid": os.getpid(),
@@ -244,6 +277,10 @@ class Daemon:
     def run(self) -> int:
         self.take_lock()
         self.start_metrics()
+        for factory in self.service_factories:
+            service = factory(self)
+            service.start()
+            self.services.append(service)
         log_event(self.log, "daemon_started", pid=os.getpid(), config=str(self.loaded.path),
                   sources=len(self.cfg.sources), history=self.history.where)
         for name, breaker_state in self.history.breakers().items():
@@ -417,6 +454,8 @@ class Daemon:
             sup.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        for service in self.services:
+            service.stop()
         for run in self.history.runs(status="running", limit=1000):
             if self.history.is_mine(run):
                 self.history.mark_interrupted(run.id, "the daemon stopped while the job ran")
@@ -425,7 +464,9 @@ class Daemon:
         return 0
 
 
-def run_daemon(loaded: LoadedConfig, log: logging.Logger) -> int:
-    daemon = Daemon(loaded, log)
+def run_daemon(loaded: LoadedConfig, log: logging.Logger,
+               services: Sequence[ServiceFactory] = ()) -> int:
+    """Run the daemon until stopped; ``services`` are built with it and run beside its jobs."""
+    daemon = Daemon(loaded, log, services)
     daemon.install_signals()
     return daemon.run()

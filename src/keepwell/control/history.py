@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepwell.control.history_store import SCHEMA, Row, Store, Tx
+from keepwell.control.history_store import ADDED_COLUMNS, SCHEMA, Row, Store, Tx
 from keepwell.errors import ConfigurationError, KeepwellError
 
 FINAL_STATUSES = ("succeeded", "failed", "timeout", "interrupted", "skipped")
@@ -87,9 +87,16 @@ class Alert:
     last_at: float
     notified_at: float | None
     resolved_at: float | None
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+
+    @property
+    def open(self) -> bool:
+        """Active and not acknowledged: what still asks for an operator's attention."""
+        return self.active and self.acknowledged_at is None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "open": self.open}
 
 
 
@@ -167,9 +174,10 @@ class _SqliteStore:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip() and "runs_job" not in stmt:
                     self.db.execute(stmt)
-            columns = {r[1] for r in self.db.execute("PRAGMA table_info(runs)").fetchall()}
-            if "session" not in columns:  # a history written before runs had a session
-                self.db.execute("ALTER TABLE runs ADD COLUMN session TEXT")
+            for table, column, kind in ADDED_COLUMNS:  # a history written by an older keepwell
+                columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.db.execute("CREATE INDEX IF NOT EXISTS runs_job ON runs(job_id)")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -372,6 +380,27 @@ class History:
             db.x("UPDATE runs SET status='interrupted', ended_at=?, error=?"
                  " WHERE id=? AND status='running'", (time.time(), reason, run_id))
 
+    def run(self, run_id: int) -> Run | None:
+        rows = self._query("SELECT * FROM runs WHERE id=?", (run_id,))
+        return self._run(rows[0]) if rows else None
+
+    def runs_for_job(self, job_id: str) -> list[Run]:
+        """Every attempt of one job, oldest first."""
+        return [self._run(r) for r in self._query(
+            "SELECT * FROM runs WHERE job_id=? ORDER BY id", (job_id,))]
+
+    # log lines of runs ------------------------------------------------------------------------
+    def add_log(self, run_id: int, level: str, message: str, at: float | None = None) -> None:
+        with self._tx() as db:
+            db.x("INSERT INTO run_log (run_id, at, level, message) VALUES (?,?,?,?)",
+                 (run_id, at if at is not None else time.time(), level, message))
+
+    def run_log(self, run_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """The log lines of one run, oldest first: ``at``, ``level``, ``message``."""
+        return [{"at": r["at"], "level": r["level"], "message": r["message"]}
+                for r in self._query("SELECT at, level, message FROM run_log WHERE run_id=?"
+                                     " ORDER BY id LIMIT ?", (run_id, limit))]
+
     def job_succeeded(self, job_id: str) -> bool:
         rows = self._query("SELECT 1 AS one FROM runs WHERE job_id=? AND status='succeeded'"
                            " LIMIT 1", (job_id,))
@@ -390,7 +419,8 @@ class History:
             db.x(
                 "INSERT INTO alerts (key, source, kind, message, active, first_at, last_at)"
                 " VALUES (?,?,?,?,1,?,?) ON CONFLICT(key) DO UPDATE SET active=1, message=?,"
-                " first_at=?, last_at=?, notified_at=NULL, resolved_at=NULL",
+                " first_at=?, last_at=?, notified_at=NULL, resolved_at=NULL,"
+                " acknowledged_at=NULL, acknowledged_by=NULL",
                 (key, source, kind, message, now, now, message, now, now),
             )
             return True
@@ -403,6 +433,14 @@ class History:
         with self._tx() as db:
             return db.x("UPDATE alerts SET active=0, resolved_at=? WHERE key=? AND active=1",
                         (time.time(), key)) > 0
+
+    def acknowledge_alert(self, key: str, by: str) -> bool:
+        """Mark an active alert seen by an operator (``by``); it stays active, and open again
+        when it resolves and is raised anew. False: no such active, unacknowledged alert."""
+        with self._tx() as db:
+            return db.x("UPDATE alerts SET acknowledged_at=?, acknowledged_by=?"
+                        " WHERE key=? AND active=1 AND acknowledged_at IS NULL",
+                        (time.time(), by, key)) > 0
 
     def alerts(self, *, active_only: bool = True) -> list[Alert]:
         sql = "SELECT * FROM alerts" + (" WHERE active=1" if active_only else "")

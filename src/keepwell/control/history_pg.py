@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from keepwell.control.history_store import SCHEMA, Row, Tx
+from keepwell.control.history_store import ADDED_COLUMNS, SCHEMA, Row, Tx
 
 LOCK_ALERTS = 0x6B77_0001  # advisory lock keys (pg_advisory_*): "kw" and a number
 LOCK_DAEMON = 0x6B77_0002
@@ -69,7 +69,9 @@ class PgStore:
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ALERTS,))
             for stmt in _pg_schema():
                 self.conn.execute(stmt)
-            self.conn.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS session TEXT")
+            for table, column, kind in ADDED_COLUMNS:
+                kind = kind.replace("REAL", "DOUBLE PRECISION")
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     _SESSION = "pid::text || '@' || extract(epoch FROM backend_start)::text"
 

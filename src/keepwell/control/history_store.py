@@ -52,8 +52,18 @@ CREATE TABLE IF NOT EXISTS alerts (
     first_at REAL NOT NULL,
     last_at REAL NOT NULL,
     notified_at REAL,
-    resolved_at REAL
+    resolved_at REAL,
+    acknowledged_at REAL,
+    acknowledged_by TEXT
 );
+CREATE TABLE IF NOT EXISTS run_log (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_log_run ON run_log(run_id, id);
 CREATE TABLE IF NOT EXISTS streamers (
     source TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -67,6 +77,13 @@ CREATE TABLE IF NOT EXISTS breakers (
     updated_at REAL NOT NULL
 )
 """
+
+# columns added after the first release: (table, column, type), added to older histories on open
+ADDED_COLUMNS = (
+    ("runs", "session", "TEXT"),
+    ("alerts", "acknowledged_at", "REAL"),
+    ("alerts", "acknowledged_by", "TEXT"),
+)
 
 
 class Tx(Protocol):

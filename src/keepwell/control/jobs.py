@@ -63,6 +63,7 @@ class JobSpec:
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     attempt: int = 1
     trigger: str = "schedule"
+    requested_by: str | None = None  # who asked for a job run by hand (a user, ``web:ROLE``)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,7 +85,7 @@ def _host_of(src: Any) -> str:
 
 
 def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
-              trigger: str = "schedule") -> JobSpec:
+              trigger: str = "schedule", requested_by: str | None = None) -> JobSpec:
     """The job definition for ``action`` on a source (backup) or a drill (drill)."""
     if action not in ACTIONS:
         raise UsageError(f"unknown action {action!r}")
@@ -128,6 +129,7 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         upload_limit=upload,
         params=params,
         trigger=trigger,
+        requested_by=requested_by,
     )
 
 
@@ -174,7 +176,21 @@ class JobContext:
         self.uploaded = 0
         self.upload_started: float | None = None  # wall time the first pack upload began
         self.upload_ended: float | None = None  # wall time the last upload finished
+        self.bytes_read = 0  # progress: source bytes read so far
+        self.files = 0  # progress: files read so far (sources that read files)
+        self.started = time.time()
+        self.on_log: Callable[[str, str], None] | None = None  # (level, message) -> the run's log
         self._lock = threading.Lock()
+
+    def log(self, level: str, message: str) -> None:
+        """A line for the run's log in the job history (shown with the run)."""
+        if self.on_log is not None:
+            self.on_log(level, message)
+
+    def progress(self) -> dict[str, Any]:
+        """What a running job has done so far (for live views)."""
+        return {"bytes_read": self.bytes_read, "files_read": self.files,
+                "bytes_uploaded": self.uploaded, "elapsed": round(time.time() - self.started, 3)}
 
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:

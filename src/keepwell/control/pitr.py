@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from keepwell.control.jobs import configured_source
 from keepwell.control.secrets import resolve
 from keepwell.errors import KeepwellError
+from keepwell.repository import Snapshot
 from keepwell.repository.repo import open_repository
 from keepwell.sources.base import Window, source_for
 
@@ -27,22 +29,29 @@ def has_windows(cfg: Any) -> bool:
     return any(source_for(s.kind).point_in_time for s in cfg.sources.values())
 
 
-def windows(cfg: Any) -> dict[str, Window]:
-    """The PITR window of every source of a validated config whose kind has one."""
+def list_snapshots(cfg: Any, repo_name: str) -> list[Snapshot]:
+    """Every snapshot of a configured repository (opened with its password, read-only use)."""
+    repo_cfg = cfg.repositories[repo_name]
+    password = resolve(repo_cfg.password, what=f"repository {repo_name} password")
+    repo = open_repository(repo_cfg.location, password)
+    try:
+        return list(repo.list_snapshots())
+    finally:
+        repo.close()
+
+
+def windows(cfg: Any,
+            listing: Callable[[str], list[Snapshot]] | None = None) -> dict[str, Window]:
+    """The PITR window of every source of a validated config whose kind has one; ``listing``
+    gives a repository's snapshots (default: `list_snapshots`, listed now)."""
     by_repo: dict[str, list[str]] = {}
     for name, src in cfg.sources.items():
         if source_for(src.kind).point_in_time:
             by_repo.setdefault(src.repository, []).append(name)
     out: dict[str, Window] = {}
     for repo_name, names in by_repo.items():
-        repo_cfg = cfg.repositories[repo_name]
         try:
-            password = resolve(repo_cfg.password, what=f"repository {repo_name} password")
-            repo = open_repository(repo_cfg.location, password)
-            try:
-                snapshots = list(repo.list_snapshots())
-            finally:
-                repo.close()
+            snapshots = (listing or (lambda n: list_snapshots(cfg, n)))(repo_name)
         except KeepwellError as exc:
             for name in names:
                 out[name] = Window(name, cfg.sources[name].kind, error=exc.line())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
+from typing import Any, Protocol
 
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
@@ -20,7 +22,7 @@ from keepwell.control.drills import run_drill
 from keepwell.control.history import History, open_history
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.logs import log_event
-from keepwell.errors import KeepwellError
+from keepwell.errors import KeepwellError, UsageError
 
 
 def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
@@ -62,8 +64,13 @@ def run_job(spec: JobSpec, ctx: JobContext, history: History, alerts: Alerts,
         scheduled_at=spec.scheduled_at, spec=spec.to_dict(),
     )
     log_event(log, "job_started", job=spec.job_id, action=spec.action, source=spec.source,
-              attempt=spec.attempt, trigger=spec.trigger)
+              attempt=spec.attempt, trigger=spec.trigger, requested_by=spec.requested_by)
+    ctx.on_log = lambda level, message: history.add_log(run_id, level, message)
+    by = f" by {spec.requested_by}" if spec.requested_by else ""
+    ctx.log("info", f"{spec.action} of {spec.name} started (attempt {spec.attempt}, "
+                    f"{spec.trigger}{by})")
     outcome = execute(spec, ctx)
+    ctx.on_log = None
     finish(run_id, spec, outcome, history, alerts, log)
     return run_id, outcome
 
@@ -81,6 +88,8 @@ def finish(run_id: int, spec: JobSpec, outcome: JobOutcome, history: History, al
     )
     if not recorded:
         return  # already recorded as timed out by the daemon's watchdog
+    history.add_log(run_id, "info" if outcome.status == "succeeded" else "error",
+                    _summary(spec, outcome))
     level = logging.INFO if outcome.status == "succeeded" else logging.WARNING
     log_event(log, "job_finished", level=level, job=spec.job_id, action=spec.action,
               source=spec.source, status=outcome.status, error=outcome.error,
@@ -92,6 +101,22 @@ def finish(run_id: int, spec: JobSpec, outcome: JobOutcome, history: History, al
             log_event(log, "alert", level=logging.WARNING, source=spec.source, kind=kind)
     elif spec.action == "drill" and outcome.status in ("succeeded", "failed", "timeout"):
         alerts.after_drill(spec.source, outcome.status == "succeeded", outcome.error)
+
+
+def _summary(spec: JobSpec, outcome: JobOutcome) -> str:
+    """The closing line of a run's log."""
+    if outcome.status != "succeeded":
+        return f"{spec.action} {outcome.status}: {outcome.error}"
+    parts = [f"{spec.action} succeeded"]
+    if outcome.snapshot_id:
+        parts.append(f"snapshot {outcome.snapshot_id[:8]}")
+    if outcome.bytes_read is not None:
+        parts.append(f"read {outcome.bytes_read} bytes")
+    if outcome.bytes_stored is not None:
+        parts.append(f"stored {outcome.bytes_stored} bytes")
+    if outcome.rto is not None:
+        parts.append(f"RTO {outcome.rto:.2f}s, RPO {outcome.rpo or 0:.0f}s")
+    return ", ".join(parts)
 
 
 def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
@@ -123,3 +148,75 @@ def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
         return spec, outcome
     finally:
         history.close()
+
+
+class LiveJobs(Protocol):
+    """What starts jobs by hand and shows the running ones (the daemon, or `BackgroundJobs`)."""
+
+    def submit(self, action: str, name: str, requested_by: str | None) -> str:
+        """Queue or start ``action`` on ``name`` now; the job's id. `UsageError` when the same
+        job is already queued or running."""
+        ...
+
+    def running(self) -> list[dict[str, Any]]:
+        """The jobs running now, with their progress (`JobContext.progress`)."""
+        ...
+
+
+def live_entry(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
+    return {"job_id": spec.job_id, "action": spec.action, "name": spec.name,
+            "source": spec.source, "trigger": spec.trigger, "requested_by": spec.requested_by,
+            "started_at": ctx.started, **ctx.progress()}
+
+
+class BackgroundJobs:
+    """Jobs asked for by hand, each run on a thread of this process (the web app without a
+    daemon): recorded in the history and judged like any other run, inside the config's shared
+    upload budget, but not inside a daemon's concurrency caps."""
+
+    def __init__(self, loaded: LoadedConfig, history: History, log: logging.Logger) -> None:
+        cfg = self.cfg = loaded.config
+        self.history = history
+        self.log = log
+        self.alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
+        self.shared = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)
+                       if cfg.limits.upload else None)
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[JobSpec, JobContext, threading.Thread]] = {}
+
+    def submit(self, action: str, name: str, requested_by: str | None) -> str:
+        spec = build_job(self.cfg, action, name, time.time(), trigger="manual",
+                         requested_by=requested_by)
+        ctx = JobContext(shared_upload=self.shared, timeout=spec.timeout)
+        with self._lock:
+            if any(s.action == action and s.name == name for s, _c, _t in
+                   self._running.values()):
+                raise UsageError(f"{action} of {name} is already running")
+            thread = threading.Thread(target=self._work, args=(spec, ctx), daemon=True,
+                                      name=f"job-{name}")
+            self._running[spec.job_id] = (spec, ctx, thread)
+        thread.start()
+        return spec.job_id
+
+    def _work(self, spec: JobSpec, ctx: JobContext) -> None:
+        try:
+            run_job(spec, ctx, self.history, self.alerts, self.log)
+        except Exception as exc:  # bookkeeping failed: keep serving
+            log_event(self.log, "job_error", level=logging.ERROR, job=spec.job_id,
+                      error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._running.pop(spec.job_id, None)
+
+    def running(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [live_entry(s, c) for s, c, _t in self._running.values()]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Cancel the running jobs (recorded ``interrupted``) and wait for them a while."""
+        with self._lock:
+            jobs = list(self._running.values())
+        for _s, ctx, _t in jobs:
+            ctx.cancel.set()
+        for _s, _c, thread in jobs:
+            thread.join(grace)

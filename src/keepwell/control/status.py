@@ -18,7 +18,7 @@ from keepwell.control.pitr import windows
 from keepwell.control.schedule import Schedule
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError
-from keepwell.sources.base import source_for
+from keepwell.sources.base import Window, source_for
 
 
 def _consecutive_failures(history: History, source: str) -> int:
@@ -31,11 +31,18 @@ def _consecutive_failures(history: History, source: str) -> int:
     return n
 
 
-def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
+def overview(loaded: LoadedConfig, now: float | None = None, *,
+             history: History | None = None,
+             pitr: dict[str, Window] | None = None) -> dict[str, Any]:
+    """The overview; a caller that keeps a history open (the web app) passes it, and the PITR
+    windows it keeps (`keepwell.control.pitr.WindowCache`)."""
     cfg = loaded.config
     now = time.time() if now is None else now
-    pitr = windows(cfg)
-    history = open_history(cfg)
+    if pitr is None:
+        pitr = windows(cfg)
+    own = history is None
+    if history is None:
+        history = open_history(cfg)
     try:
         breakers = history.breakers()
         alerts = history.alerts()
@@ -64,6 +71,7 @@ def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
                 "drill_rto": drill.rto if drill else None,
                 "drill_rpo": drill.rpo if drill else None,
                 "alerts": [a.kind for a in alerts if a.source == name],
+                "open_alerts": [a.kind for a in alerts if a.source == name and a.open],
                 "pitr": pitr[name].as_dict(now) if name in pitr else None,
             })
         return {
@@ -77,7 +85,8 @@ def overview(loaded: LoadedConfig, now: float | None = None) -> dict[str, Any]:
             ],
         }
     finally:
-        history.close()
+        if own:
+            history.close()
 
 
 def _secret_refs(cfg: Config) -> list[str]:

@@ -1,0 +1,179 @@
+"""The web app's JSON API against real processes (``keepwell web``, ``keepwell daemon``) and a
+real job history with real backups; its guard (host, token, session, CSRF, login limits)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keepwell.control.history import History
+from tests.integration.control_support import Workspace
+from tests.integration.web_support import Client, WebProcess, files_workspace, web_address
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    w = Workspace(tmp_path)
+    yield w
+    w.close()
+
+
+def _web(ws: Workspace, *args: str) -> WebProcess:
+    proc = WebProcess(ws.config_path, ws.root / f"web-{len(ws.daemons)}.log", *args)
+    ws.daemons.append(proc)
+    return proc
+
+
+def _wait_job(proc: Any, client: Client, job_id: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        runs = client.get(f"/api/v1/jobs/{job_id}")
+        return runs[-1] if runs and runs[-1]["status"] != "running" else None
+    return proc.wait_for(done, timeout=60, what=f"job {job_id} to end")  # type: ignore[no-any-return]
+
+
+def test_api_shows_the_history_and_runs_a_backup_now(ws: Workspace) -> None:
+    files_workspace(ws)
+    ws.cli("run", "docs", check=True)
+    (ws.root / "data" / "docs" / "b.bin").write_bytes(os.urandom(32 * 1024))
+    ws.cli("run", "docs", check=True)
+    history = History(str(ws.history))
+    history.raise_alert("docs:stale", "docs", "stale", "no successful backup of docs")
+    history.close()
+
+    proc = _web(ws)
+    client = Client(proc.address())
+    client.session()
+
+    overview = client.get("/api/v1/overview")
+    order = [s["source"] for s in overview["sources"]]
+    assert order == ["docs", "photos"]  # docs has an open alert: red before never-run photos
+    docs = overview["sources"][0]
+    assert docs["state"] == "red" and docs["open_alerts"] == ["stale"]
+    assert docs["last_success"] is not None and docs["last_status"] == "succeeded"
+    assert overview["sources"][1]["state"] == "late"
+    assert [d["drill"] for d in overview["drills"]] == ["docs-drill"]
+
+    source = client.get("/api/v1/sources/docs")
+    assert len(source["backups"]) == 2
+    assert source["backups"][0]["time"] < source["backups"][1]["time"]
+    assert all(p["bytes_read"] and p["duration"] is not None for p in source["backups"])
+    assert len(source["snapshots"]) == 2
+    assert len(client.get("/api/v1/sources/docs/snapshots")) == 2
+    run = client.get(f"/api/v1/runs/{source['runs'][0]['id']}")
+    messages = [line["message"] for line in run["log"]]
+    assert messages[0].startswith("backup of docs started")
+    assert messages[-1].startswith("backup succeeded, snapshot ")
+
+    (repo,) = client.get("/api/v1/repositories")
+    assert repo["snapshots"] == 2 and repo["stored_bytes"] > 96 * 1024
+    assert repo["dedup_ratio"] > 1.0  # the second backup read docs' first file again
+    assert repo["compression_ratio"] is not None
+    assert "password" not in json.dumps(repo)
+    growth = client.get("/api/v1/repositories/main")["growth"]
+    assert [g["total"] for g in growth] == sorted(g["total"] for g in growth)
+
+    spec = client.get("/api/v1/openapi.json")
+    for path in ("/api/v1/sources/{name}", "/api/v1/runs/{id}", "/api/v1/actions/backup",
+                 "/api/v1/alerts/{key}/acknowledge", "/api/v1/events"):
+        assert path in spec["paths"]
+
+    # an action without the CSRF token is refused; with it, the backup runs and succeeds
+    status, doc = client.post("/api/v1/actions/backup", {"source": "photos"}, csrf=False)
+    assert status == 403 and "CSRF" in doc["error"]
+    status, doc = client.post("/api/v1/actions/backup", {"source": "photos"})
+    assert status == 202, doc
+    run = _wait_job(proc, client, doc["job_id"])
+    assert run["status"] == "succeeded" and run["trigger"] == "manual"
+    log = client.get(f"/api/v1/runs/{run['id']}")["log"]
+    assert "by web:loopback@127.0.0.1" in log[0]["message"]
+    status, doc = client.post("/api/v1/actions/backup", {"source": "nope"})
+    assert status == 404
+
+    # acknowledging clears the alert from the open ones; it stays active until resolved
+    status, doc = client.post("/api/v1/alerts/docs%3Astale/acknowledge")
+    assert status == 200, doc
+    (alert,) = client.get("/api/v1/alerts")
+    assert alert["open"] is False and alert["acknowledged_by"] == "web:loopback@127.0.0.1"
+    assert client.get("/api/v1/overview")["open_alerts"] == []
+    status, _ = client.post("/api/v1/alerts/docs%3Astale/acknowledge")
+    assert status == 404
+
+    # a page of another site reaching the loopback server through a rebound name is refused
+    status, _h, _b = client.request("GET", "/api/v1/overview", headers={"Host": "evil.test:80"})
+    assert status == 421
+    assert proc.stop() == 0
+
+
+def test_the_daemon_serves_the_web_and_runs_a_backup_and_a_drill_now(ws: Workspace) -> None:
+    files_workspace(ws)
+    daemon = ws.daemon()
+    client = Client(web_address(daemon))
+    client.session()
+    status, doc = client.post("/api/v1/actions/backup", {"source": "docs"})
+    assert status == 202, doc
+    assert _wait_job(daemon, client, doc["job_id"])["status"] == "succeeded"
+    status, doc = client.post("/api/v1/actions/drill", {"drill": "docs-drill"})
+    assert status == 202, doc
+    drill = _wait_job(daemon, client, doc["job_id"])
+    assert drill["status"] == "succeeded" and drill["rto"] is not None
+    (entry,) = client.get("/api/v1/drills")
+    assert entry["last_status"] == "succeeded" and len(entry["series"]) == 1
+    assert any(e.get("event") == "job_requested" for e in daemon.events())
+    assert daemon.stop() == 0
+
+
+def test_beyond_loopback_needs_a_token(ws: Workspace) -> None:
+    files_workspace(ws, web={"listen": "0.0.0.0:9378"})
+    proc = ws.cli("config", "check")
+    assert proc.returncode == 2
+    assert "needs a token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_token_session_csrf_and_login_limits(ws: Workspace) -> None:
+    (ws.root / "web.token").write_text("s3cret-token\n")
+    files_workspace(ws, web={"listen": "127.0.0.1:0", "token": f"file:{ws.root / 'web.token'}"})
+    proc = _web(ws)
+    address = proc.address()
+    anon = Client(address)
+    status, headers, _b = anon.request("GET", "/")
+    assert status == 303 and headers["location"] == "/login"
+    status, _h, _b = anon.request("GET", "/api/v1/overview")
+    assert status == 401
+    status, _h, _b = anon.request("GET", "/api/v1/overview",
+                                  headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    status, _h, body = anon.request("GET", "/api/v1/overview", headers=bearer)
+    assert status == 200 and b"s3cret" not in body
+    status, doc = anon.post("/api/v1/actions/backup", {"source": "docs"}, headers=bearer)
+    assert status == 202, doc  # a bearer token is no ambient credential: no CSRF token needed
+
+    browser = Client(address)
+    status, headers, _b = browser.request("POST", "/login", form={"token": "s3cret-token"})
+    assert status == 303
+    assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
+    assert browser.session()["csrf"]
+    status, doc = browser.post("/api/v1/actions/backup", {"source": "photos"}, csrf=False)
+    assert status == 403
+    status, doc = browser.post("/api/v1/actions/backup", {"source": "photos"})
+    assert status == 202, doc
+
+    guesser = Client(address)
+    codes = [guesser.request("POST", "/login", form={"token": f"guess{i}"})[0]
+             for i in range(7)]
+    assert codes[:5] == [403] * 5 and codes[5:] == [429, 429]
+    # the right token is refused too while the address is limited
+    assert guesser.request("POST", "/login", form={"token": "s3cret-token"})[0] == 429
+    assert proc.stop() == 0
+
+
+def test_web_listen_must_be_host_and_port(ws: Workspace) -> None:
+    files_workspace(ws)
+    proc = ws.cli("web", "--listen", "nonsense")
+    assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr
