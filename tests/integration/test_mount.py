@@ -27,7 +27,8 @@ from keepwell.backends.local import LocalBackend
 from keepwell.errors import MissingExtraError
 from keepwell.repository import Repository, open_repository
 from keepwell.repository.format import pack_object_name
-from keepwell.sources.files.mount import NotFound, RepositoryView, load_fuse
+from keepwell.sources.files.fuseload import load_fuse
+from keepwell.sources.files.mount import NotFound, RepositoryView
 from tests.fault.cli import KW, PASSWORD, kw, ok
 from tests.waiting import wait_for
 

@@ -39,7 +39,8 @@ def mount(
     a damaged file fails to read (EIO) rather than give wrong bytes. The command serves the
     mount in the foreground until Ctrl-C, SIGTERM, or 'fusermount3 -u MOUNTPOINT'.
     """
-    from keepwell.sources.files.mount import RepositoryView, check_mountpoint, load_fuse
+    from keepwell.sources.files.fuseload import load_fuse
+    from keepwell.sources.files.mount import RepositoryView, check_mountpoint
 
     r = open_repo(repo, password_file)
     where = check_mountpoint(mountpoint)

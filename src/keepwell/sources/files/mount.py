@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from keepwell.errors import IntegrityError, MissingExtraError, UsageError
+from keepwell.errors import IntegrityError, UsageError
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
@@ -370,31 +370,6 @@ class RepositoryView:
             self.cache.get(blob_id)
         except Exception:
             pass  # the read that needs it meets the error itself
-
-
-Serve = Callable[..., None]
-
-
-def load_fuse(device: str = "/dev/fuse") -> Serve:
-    """keepwell.sources.files.fuse's `serve`, or one clear error when FUSE cannot work here:
-    no FUSE device, the Python binding not installed (the ``mount`` extra), or the libfuse 3
-    shared library missing."""
-    if not os.path.exists(device):
-        raise MissingExtraError(f"FUSE is not available: {device} does not exist",
-                                hint="load the fuse kernel module (modprobe fuse); in a "
-                                     "container, give it the device /dev/fuse")
-    try:
-        from keepwell.sources.files import fuse
-    except ImportError as exc:
-        package = (exc.name or "").split(".")[0]
-        if package in ("pyfuse3", "trio"):
-            raise MissingExtraError(
-                f"mount needs the Python package {package!r}, which is not "
-                "installed", hint="install it with: pip install 'keepwell[mount]'") from None
-        raise MissingExtraError(f"the FUSE library cannot be loaded ({exc})",
-                                hint="install libfuse 3 (Debian: apt-get install fuse3), then "
-                                     "pip install 'keepwell[mount]'") from None
-    return fuse.serve
 
 
 def check_mountpoint(path: str) -> str:
