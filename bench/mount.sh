@@ -12,8 +12,13 @@
 #     restic       3.01      166     24.44
 #   (an earlier 2-round run, before mfusepy answered getxattr: keepwell 2.21 s / 35.9 s,
 #   mfusepy 1.49 s / 19.2 s, restic 3.38 s / 29.2 s.) Both Python bindings read faster than
-#   restic; mfusepy (ctypes, libfuse's own threads) lists faster than pyfuse3 (trio), whose
-#   per-request cost shows on the ~150,000 requests (lookups, getxattr) of an ls -lR.
+#   restic; the mfusepy prototype (bench/mount_mfusepy.py: path -> entry cache, no memory bound,
+#   no forget) lists faster than the pyfuse3 mount. A complete mfusepy adapter (bounded memory,
+#   EROFS, signals; libfuse's path interface, each path resolved from the root) was then built and
+#   measured in a later run (load 4-5): read 2.74 s (restic 4.18 s: 0.66x), ls -lR 40.35 s
+#   (restic 28.43 s: 1.42x), so it listed slower against restic than the pyfuse3 mount (1.18x)
+#   and read no faster: pyfuse3, whose inode interface lets the kernel's lookups and forgets bound
+#   the memory, is the binding shipped.
 # Usage: bench/mount.sh [TREE]   (default: this Python's lib/ directory); ROUNDS=3 BIG_MB=500
 #        KW and PY name the keepwell command and the Python to use (default: .venv's).
 set -euo pipefail
