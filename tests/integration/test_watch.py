@@ -269,3 +269,44 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         r = kw(repo, *args)
         assert r.returncode == 2, r.stderr
         assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_continuous_files_source_in_the_daemon(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mode: continuous``: the daemon keeps a watcher running for the source, whose snapshots
+    carry the source's tag, and stops it with itself."""
+    from tests.integration.control_support import PASSWORD as CONTROL_PASSWORD
+    from tests.integration.control_support import Workspace
+
+    monkeypatch.setenv("KEEPWELL_CACHE_DIR", str(tmp_path / "cache"))  # the journal's home
+    ws = Workspace(tmp_path)
+    try:
+        repo = ws.repository("r")
+        data = tmp_path / "data"
+        (data / "sub").mkdir(parents=True)
+        (data / "sub" / "first").write_text("1\n")
+        ws.write_config({
+            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {"live": {"kind": "files", "repository": "r", "paths": [str(data)],
+                                 "mode": "continuous", "max_delay": "300ms",
+                                 "excludes": ["*.tmp"]}},
+        })
+        d = ws.daemon()
+        d.wait_for(lambda: d.events("stream_started"), what="the watcher")
+
+        def held() -> bool:
+            r = kw(repo, "ls", "latest", "--json", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})
+            return r.returncode == 0 and f"{data}/sub/second" in r.stdout
+
+        (data / "sub" / "second").write_text("2\n")
+        (data / "scratch.tmp").write_text("not kept\n")
+        d.wait_for(held, timeout=60, what="a change committed by the daemon's watcher")
+        r = kw(repo, "snapshots", "--json", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})
+        snaps = json.loads(ok(r))
+        assert all(any("live" in t for t in s["tags"]) for s in snaps), snaps
+        listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD}))
+        assert "scratch.tmp" not in listing
+        assert d.stop() == 0
+        assert not d.events("stream_exited")
+    finally:
+        ws.close()

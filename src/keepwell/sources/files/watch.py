@@ -235,6 +235,7 @@ class Watcher:
         """A snapshot of what is pending (of everything, compared with the parent, if
         ``scan_all``); None if nothing it would record changed (the parent holds it all)."""
         self.journal.sync()
+        oldest = self._first_change
         upto = self.journal.seq
         pending = {m.path: m.subtree for m in self.journal.pending.values()}
         if scan_all:
@@ -292,8 +293,11 @@ class Watcher:
             now = time.monotonic()
             self._first_change = self._first_change or now
             self._last_change = self._last_change or now
+        done = time.monotonic()
+        # lag: how long the oldest change this commit took had waited for a snapshot
         self.last_commit = {**counts, "snapshot": snap.id if snap is not None else None,
-                            "seconds": round(time.monotonic() - started, 3)}
+                            "seconds": round(done - started, 3),
+                            "lag_seconds": round(done - oldest, 3) if oldest is not None else 0.0}
         self.repo.events.emit("watch_committed", **{**self.last_commit, "snapshot": snap})
         return snap
 
