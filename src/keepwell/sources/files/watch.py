@@ -296,7 +296,7 @@ class Watcher:
         done = time.monotonic()
         # lag: how long the oldest change this commit took had waited for a snapshot
         self.last_commit = {**counts, "snapshot": snap.id if snap is not None else None,
-                            "seconds": round(done - started, 3),
+                            "seconds": round(done - started, 3), "at": round(time.time(), 3),
                             "lag_seconds": round(done - oldest, 3) if oldest is not None else 0.0}
         self.repo.events.emit("watch_committed", **{**self.last_commit, "snapshot": snap})
         return snap
