@@ -37,6 +37,9 @@ class WatchReport:
             self._started(fields)
         elif name == "watch_limit":
             self._limit(fields)
+        elif name == "watch_polling":
+            self._line(f"scanning every {fields['interval']:g}s instead of watching "
+                       f"({fields['reason']})")
         elif name == "watch_overflow":
             self._line("the kernel's event queue overflowed: the whole tree is scanned again")
         elif name == "error":

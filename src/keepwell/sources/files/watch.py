@@ -159,10 +159,8 @@ class Watcher:
                 self._watch_tree(r)
         except WatchLimitError:
             count = len(self.inotify)
-            self.inotify.close()
-            self.inotify = None
-            self.polling = f"the inotify watch limit was reached after {count} directories"
-            self.options.poll_interval = self.options.remote_poll_interval
+            self._fall_back(f"the inotify watch limit was reached after {count} directories",
+                            announce=False)
             self._emit_limit(count, reached=True)
             return
         self.counts["watches"] = len(self.inotify)
@@ -320,14 +318,29 @@ class Watcher:
         # events seen from here on are marked; the start scan covers everything before
         self.commit(scan_all=True)
         try:
-            if self.inotify is None:
-                self._poll_loop()
-            else:
+            if self.inotify is not None:
                 self._event_loop()
+        except WatchLimitError:  # new directories took the last watches: scan from now on
+            count = len(self.inotify) if self.inotify is not None else 0
+            self._emit_limit(count, reached=True)
+            self._fall_back(f"the inotify watch limit was reached after {count} directories")
+            self.commit(scan_all=True)
         finally:
             if self.inotify is not None:
                 self.inotify.close()
+                self.inotify = None
+        if self.polling is not None:
+            self._poll_loop()
         self.commit()
+
+    def _fall_back(self, why: str, *, announce: bool = True) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+        self.polling = why
+        self.options.poll_interval = self.options.remote_poll_interval
+        if announce:  # at start, watch_started says it
+            self.repo.events.emit("watch_polling", reason=why, interval=self.options.poll_interval)
 
     def _poll_loop(self) -> None:
         assert self.options.poll_interval is not None
