@@ -140,3 +140,15 @@ def test_secret_references_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resolve("env:KW_SECRET")
     with pytest.raises(ConfigurationError, match="cannot read"):
         resolve(f"file:{tmp_path / 'absent'}")
+
+
+def test_the_continuous_source_of_the_docs_is_valid(tmp_path: Path) -> None:
+    """docs/continuous.md's example: a files source in mode continuous, with thinning retention."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "continuous.md").read_text()
+    yaml_block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    doc = ("repositories:\n  nas: {location: /tmp/r, password: 'env:PW'}\n" + yaml_block)
+    src = parse_config(doc, tmp_path / "keepwell.yaml").sources["share"]
+    assert src.kind == "files" and src.mode == "continuous"  # type: ignore[union-attr]
+    assert src.max_delay == 1.0 and src.quiet_time == 0.2  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="mode"):
+        parse_config(doc.replace("mode: continuous", "mode: always"), tmp_path / "keepwell.yaml")

@@ -83,6 +83,7 @@ importlib.import_module("keepwell.cli.tag").register(app)
 importlib.import_module("keepwell.cli.rewrite").register(app)
 importlib.import_module("keepwell.cli.cache").register(app)
 importlib.import_module("keepwell.cli.mount").register(app)
+importlib.import_module("keepwell.cli.watch").register(app)
 try:
     from keepwell.cli import sqlite as _sqlite
 

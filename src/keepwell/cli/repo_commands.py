@@ -172,7 +172,7 @@ def _count_in_background(progress: Progress, paths: list[str], selection: Any,
                      name="kw-count").start()
 
 
-def _selection(exclude: list[str] | None, exclude_file: list[str] | None,
+def selection_of(exclude: list[str] | None, exclude_file: list[str] | None,
                iexclude: list[str] | None, iexclude_file: list[str] | None,
                exclude_if_present: list[str] | None, exclude_caches: bool,
                exclude_larger_than: str | None) -> Any:
@@ -268,7 +268,7 @@ def backup(
                      or lists):
         raise UsageError("the --exclude*, --iexclude*, --one-file-system and --files-from* "
                          "options are for paths, not for --stdin or --stdin-from-command")
-    selection = _selection(exclude, exclude_file, iexclude, iexclude_file, exclude_if_present,
+    selection = selection_of(exclude, exclude_file, iexclude, iexclude_file, exclude_if_present,
                            exclude_caches, exclude_larger_than)
     if any(f == "-" for _form, f in lists) and sys.stdin.isatty():
         raise UsageError("--files-from* - reads a list from a pipe or a file, not a terminal")

@@ -159,6 +159,11 @@ class FilesSource(_SourceBase):
     paths: list[str] = Field(min_length=1)
     excludes: list[str] = Field(default_factory=list)
     host: str | None = None
+    # continuous: a supervised ``keepwell watch`` commits every change (docs/continuous.md),
+    # beside whatever ``schedule`` also runs
+    mode: Literal["scheduled", "continuous"] = "scheduled"
+    max_delay: Duration = 1.0
+    quiet_time: Duration = 0.2
 
 
 class SqliteSource(_SourceBase):

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
-from keepwell.control.config import LoadedConfig
+from keepwell.control.config import FilesSource, LoadedConfig, StreamConfig
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, source_job
 from keepwell.control.limits import Caps, JobQueue, Slots
@@ -44,7 +44,7 @@ from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServ
 from keepwell.control.pitr import WindowCache, has_windows
 from keepwell.control.runner import LiveJobs, finish, live_entry, run_job
 from keepwell.control.schedule import Schedule
-from keepwell.control.streamers import StreamSupervisor, stop_orphan
+from keepwell.control.streamers import StreamSupervisor, stop_orphan, watch_stream
 from keepwell.errors import UsageError
 from keepwell.sources.base import source_for
 
@@ -231,10 +231,14 @@ class Daemon:
                           source=source, pid=pid)
             self.history.clear_streamer(source)
         for name, src in self.cfg.sources.items():
-            stream = getattr(src, "stream", None)
-            if stream is None or not src.enabled:
+            stream: StreamConfig | None = getattr(src, "stream", None)
+            continuous = isinstance(src, FilesSource) and src.mode == "continuous"
+            if (stream is None and not continuous) or not src.enabled:
                 continue
             job = source_job(build_job(self.cfg, "backup", name, time.time()))
+            if isinstance(src, FilesSource):
+                stream = watch_stream(src, list(job.tags))
+            assert stream is not None
             env = source_for(src.kind).environment(job, JobContext())
             sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
                                    on_spawn=self.history.set_streamer)

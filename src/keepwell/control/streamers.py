@@ -21,15 +21,30 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 from keepwell.backends.resilience import Backoff
-from keepwell.control.config import StreamConfig
+from keepwell.control.config import FilesSource, StreamConfig
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import StreamFigures
+
+
+def watch_stream(src: FilesSource, tags: list[str]) -> StreamConfig:
+    """The streamer of a files source in ``mode: continuous``: ``keepwell watch`` on its paths,
+    whose JSON lines give the lag (the age of the oldest change at each commit)."""
+    command = [sys.executable, "-m", "keepwell.cli.main", "watch", *src.paths, "--json",
+               "--max-delay", f"{src.max_delay}s", "--quiet-time", f"{src.quiet_time}s"]
+    for pattern in src.excludes:
+        command += ["--exclude", pattern]
+    for tag in tags:
+        command += ["--tag", tag]
+    if src.host:
+        command += ["--host", src.host]
+    return StreamConfig(command=command)
 
 
 class StreamSupervisor:

@@ -237,7 +237,9 @@ class Archiver:
             i += k
         return known, tree_id is not None and hits[-1]
 
-    def _read_file(self, path: str, node: Node) -> list[bytes]:
+    def read_file(self, path: str, node: Node) -> list[bytes]:
+        """Store the content of the file at ``path``; sets the node's size to the bytes read and
+        its extended attributes, and returns the content's blob ids."""
         fd = os.open(path, _OPEN_FLAGS)
         try:
             node.xattrs = metadata.read_fd(fd)
@@ -266,7 +268,7 @@ class Archiver:
 
     def _file_job(self, d: _Dir, slot: int, path: str, node: Node, changed: bool) -> None:
         try:
-            node.content = self._read_file(path, node)
+            node.content = self.read_file(path, node)
             with self._lock:
                 self.counts["files_changed" if changed else "files_new"] += 1
                 self.counts["bytes_processed"] += node.size
@@ -502,18 +504,22 @@ class Archiver:
     def backup_root(self, path: str) -> Node | None:
         """Walk one top-level path; return its node once its whole subtree is stored (None for
         a socket, which is skipped, and for a file ``--exclude-larger-than`` leaves out)."""
-        st = os.lstat(path)
-        node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
-        if node.type == SOCKET:
-            with self._lock:
-                self.counts["sockets_skipped"] += 1
-            return None
         old = None
         if self.parent is not None:
             try:
                 old = self.repo.find_node(self.parent, path)
             except KeepwellError:
                 old = None
+        return self.backup_tree(path, os.lstat(path), old)
+
+    def backup_tree(self, path: str, st: os.stat_result, old: Node | None) -> Node | None:
+        """`backup_root` against a given node of the parent (None: none), for a path whose
+        `lstat` is ``st``: a subtree scanned again while a tree is kept up to date."""
+        node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
+        if node.type == SOCKET:
+            with self._lock:
+                self.counts["sockets_skipped"] += 1
+            return None
         if node.type == FILE and self.selection.skips_size(st):
             return None
         if node.type == FILE:  # a file named on the command line: counted as the walk counts
@@ -524,7 +530,7 @@ class Archiver:
                 counter = "files_unmodified"
                 self.repo.events.emit("bytes", n=node.size)
             else:
-                node.content = self._read_file(path, node)
+                node.content = self.read_file(path, node)
                 counter = "files_new" if old is None else "files_changed"
             with self._lock:
                 self.counts[counter] += 1

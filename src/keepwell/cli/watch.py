@@ -1,0 +1,156 @@
+"""``keepwell watch``: continuous protection of directories (docs/continuous.md). Parsing and
+rendering only; keepwell.sources.files.watch captures the changes and commits the snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from keepwell.cli.common import (
+    GLOBALS,
+    JsonOption,
+    PasswordFileOption,
+    RepoOption,
+    open_repo,
+)
+from keepwell.cli.repo_commands import selection_of
+from keepwell.errors import UsageError
+from keepwell.units import parse_seconds
+
+
+class WatchReport:
+    """Renders the watcher's events: one line each on stderr, or JSON lines on stdout."""
+
+    def __init__(self, json_: bool, quiet: bool) -> None:
+        self.json = json_
+        self.quiet = quiet
+
+    def __call__(self, name: str, fields: dict[str, Any]) -> None:
+        if name == "watch_committed":
+            self._committed(fields)
+        elif name == "watch_started":
+            self._started(fields)
+        elif name == "watch_limit":
+            self._limit(fields)
+        elif name == "watch_polling":
+            self._line(f"scanning every {fields['interval']:g}s instead of watching "
+                       f"({fields['reason']})")
+        elif name == "watch_overflow":
+            self._line("the kernel's event queue overflowed: the whole tree is scanned again")
+        elif name == "error":
+            sys.stderr.write(f"keepwell: {fields['path']}: {fields['message']}\n")
+
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"keepwell: {text}\n")
+            sys.stderr.flush()
+
+    def _started(self, f: dict[str, Any]) -> None:
+        if f["polling"]:
+            self._line(f"scanning instead of watching ({f['polling']}): changes are found by "
+                       "periodic scans, not as they happen")
+        parent = f["parent"]
+        self._line(f"watching {', '.join(f['roots'])}: {f['watches']} directories"
+                   + (f", {f['pending']} change(s) left pending by the last run" if f["pending"] else "")
+                   + (f"; comparing with snapshot {parent.short_id}" if parent is not None else ""))
+
+    def _limit(self, f: dict[str, Any]) -> None:
+        limit = f["limit"]
+        of = f" of fs.inotify.max_user_watches={limit}" if limit is not None else ""
+        if f["near"]:
+            sys.stderr.write(
+                f"keepwell: warning: {f['watches']} inotify watches in use{of}: raise it, e.g. "
+                f"'sysctl fs.inotify.max_user_watches={f['suggest']}' (and in /etc/sysctl.d/ to "
+                "keep it after a reboot)\n")
+        else:
+            self._line(f"{f['watches']} inotify watches in use{of}")
+
+    def _committed(self, f: dict[str, Any]) -> None:
+        snap = f["snapshot"]
+        if self.json:
+            out = {k: v for k, v in f.items() if k != "snapshot"}
+            out["snapshot"] = snap.id if snap is not None else None
+            print(json.dumps(out), flush=True)  # one line per snapshot
+            return
+        if self.quiet:
+            return
+        if snap is None:
+            self._line(f"{f['changes']} change(s): nothing new to record")
+        else:
+            print(f"snapshot {snap.short_id} saved: {f['changes']} changed path(s), "
+                  f"{f['files_read']} file(s) read, {f['trees_written']} tree(s) written, "
+                  f"{f['seconds']:.2f}s", flush=True)
+
+
+def watch(
+    paths: Annotated[list[str], typer.Argument(help="Directories to protect.")],
+    max_delay: Annotated[str, typer.Option(
+        "--max-delay", metavar="DURATION",
+        help="Commit a snapshot at the latest this long after the oldest uncommitted change.")] = "1s",
+    quiet_time: Annotated[str, typer.Option(
+        "--quiet-time", metavar="DURATION",
+        help="Commit a snapshot once changes have stopped for this long.")] = "200ms",
+    poll: Annotated[str | None, typer.Option(
+        "--poll", metavar="DURATION",
+        help="Scan the trees this often instead of watching them (remote filesystems fall back "
+             "to this by themselves, every 60s unless given).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", help="Tag the snapshots (repeatable; 'a,b' gives both).")] = None,
+    host: Annotated[str | None, typer.Option(help="Host name to record.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-e", metavar="PATTERN",
+        help="Exclude a pattern (repeatable; docs/operations.md).")] = None,
+    exclude_file: Annotated[list[str] | None, typer.Option(
+        "--exclude-file", metavar="FILE", help="Read exclude patterns from a file.")] = None,
+    iexclude: Annotated[list[str] | None, typer.Option(
+        "--iexclude", metavar="PATTERN", help="--exclude ignoring the casing of names.")] = None,
+    iexclude_file: Annotated[list[str] | None, typer.Option(
+        "--iexclude-file", metavar="FILE", help="--exclude-file ignoring the casing of names.")] = None,
+    exclude_larger_than: Annotated[str | None, typer.Option(
+        "--exclude-larger-than", metavar="SIZE", help="Exclude files larger than SIZE.")] = None,
+    one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
+    repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
+) -> None:
+    """Protect directories continuously: every change is captured as it happens and committed
+    into a snapshot within --max-delay. Runs until Ctrl-C or SIGTERM, then commits what is
+    pending. Each snapshot re-reads only what changed (docs/continuous.md)."""
+    from keepwell.backends.cachedir import default_base
+    from keepwell.sources.files.journal import Journal, journal_path
+    from keepwell.sources.files.watch import Watcher, WatchOptions, watched_roots
+
+    roots = watched_roots(paths)
+    options = WatchOptions(
+        max_delay=parse_seconds(max_delay, "--max-delay"),
+        quiet_time=parse_seconds(quiet_time, "--quiet-time"),
+        poll_interval=parse_seconds(poll, "--poll") if poll is not None else None,
+        one_file_system=one_file_system, host=host,
+        tags=[t for group in tag or [] for t in group.split(",") if t])
+    if options.poll_interval is not None and options.poll_interval <= 0:
+        raise UsageError("--poll needs a duration above zero")
+    selection = selection_of(exclude, exclude_file, iexclude, iexclude_file, None, False,
+                             exclude_larger_than)
+    r = open_repo(repo, password_file)
+    base = (os.path.abspath(os.path.expanduser(GLOBALS.cache_dir)) if GLOBALS.cache_dir
+            else default_base())
+    journal = Journal(journal_path(base, r.id, roots))
+    r.events.subscribe(WatchReport(json_, GLOBALS.quiet))
+    watcher = Watcher(r, roots, journal, selection, options)
+
+    def stop(_sig: int, _frame: object) -> None:
+        watcher.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        watcher.run()
+    finally:
+        journal.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(watch)

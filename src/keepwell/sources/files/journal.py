@@ -1,0 +1,141 @@
+"""The change journal of a watched tree: a write-ahead log of the paths that changed.
+
+Words:
+    mark        one record: a path that changed (``c``) or whose whole subtree must be scanned
+                again (``t``: a new directory, an overflow), with its sequence number
+    commit      a record ``s``: the snapshot that holds every change marked up to a sequence
+                number; marks up to it are no longer pending
+    pending     the marks after the last commit: changes that no snapshot holds yet
+
+The journal is one file of JSON lines, appended to and fsynced in batches (`sync`), under the
+cache directory, one per repository and set of watched paths. A path leaves it only once a
+snapshot holding its new content is committed; a kill at any moment loses no mark that was
+synced, and a torn last line (a kill in the middle of a write) is ignored. When the file grows
+past `_COMPACT_AT`, it is rewritten with the pending marks only (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+CHANGED, SUBTREE, COMMITTED = "c", "t", "s"
+_COMPACT_AT = 4 * 1024 * 1024
+
+
+def journal_path(base: str, repository_id: str, paths: list[str]) -> str:
+    """The journal's file under the cache base for this repository and these watched paths."""
+    key = hashlib.sha256("\0".join(sorted(paths)).encode("utf-8", "surrogateescape")).hexdigest()
+    return os.path.join(base, "watch", repository_id, key[:32], "journal")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    seq: int
+    path: str
+    subtree: bool
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.pending: dict[str, Mark] = {}  # by path: the newest mark of each
+        self.last_snapshot: str | None = None
+        self.seq = 0
+        self._replay()
+        self._f = open(path, "ab")  # noqa: SIM115 - held for the journal's life
+        self._unsynced = False
+
+    def _replay(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                kind, seq, value = rec[0], int(rec[1]), rec[2]
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue  # a torn last line
+            self.seq = max(self.seq, seq)
+            if kind == COMMITTED:
+                self.last_snapshot = str(value)
+                self.pending = {p: m for p, m in self.pending.items() if m.seq > seq}
+            elif kind in (CHANGED, SUBTREE):
+                old = self.pending.get(value)
+                self.pending[value] = Mark(seq, value, kind == SUBTREE or (old is not None and old.subtree))
+
+    def _write(self, kind: str, seq: int, value: str) -> None:
+        self._f.write(json.dumps([kind, seq, value]).encode("ascii") + b"\n")
+        self._unsynced = True
+
+    def mark(self, path: str, subtree: bool = False) -> bool:
+        """Record a change of ``path``; False if it was pending already (nothing written)."""
+        old = self.pending.get(path)
+        if old is not None and (old.subtree or not subtree):
+            return False
+        up = path
+        while (cut := up.rfind("/")) > 0:  # inside a subtree that is scanned whole anyway
+            up = up[:cut]
+            if (m := self.pending.get(up)) is not None and m.subtree:
+                return False
+        self.seq += 1
+        self.pending[path] = Mark(self.seq, path, subtree)
+        self._write(SUBTREE if subtree else CHANGED, self.seq, path)
+        return True
+
+    @property
+    def unsynced(self) -> bool:
+        return self._unsynced
+
+    def sync(self) -> None:
+        if self._unsynced:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._unsynced = False
+
+    def committed(self, snapshot_id: str, upto: int, again: Sequence[str] = ()) -> None:
+        """The snapshot ``snapshot_id`` holds every change marked up to ``upto``, except the
+        paths in ``again`` (files that kept moving while read), which stay pending."""
+        for p in again:
+            old = self.pending.pop(p, None)
+            self.seq += 1
+            self.pending[p] = Mark(self.seq, p, old is not None and old.subtree and old.seq > upto)
+            self._write(CHANGED, self.seq, p)
+        self._write(COMMITTED, upto, snapshot_id)
+        self.sync()
+        self.last_snapshot = snapshot_id
+        self.pending = {p: m for p, m in self.pending.items() if m.seq > upto}
+        if self._f.tell() > _COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            if self.last_snapshot is not None:
+                upto = min((m.seq for m in self.pending.values()), default=self.seq + 1) - 1
+                f.write(json.dumps([COMMITTED, upto, self.last_snapshot]).encode("ascii") + b"\n")
+            for m in sorted(self.pending.values(), key=lambda m: m.seq):
+                f.write(json.dumps([SUBTREE if m.subtree else CHANGED, m.seq, m.path])
+                        .encode("ascii") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._f.close()
+        os.replace(tmp, self.path)
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._f = open(self.path, "ab")  # noqa: SIM115
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sync()
+        self._f.close()

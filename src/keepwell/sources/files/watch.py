@@ -1,0 +1,365 @@
+"""Continuous protection of file trees: changes captured as they happen, snapshots in O(changes).
+
+Words:
+    watcher     `Watcher`: one inotify instance over every directory of the watched roots, the
+                change `Journal`, and the commits; it runs until asked to stop
+    commit      a snapshot of the pending changes (keepwell.sources.files.incremental), taken
+                when changes have gone quiet for ``quiet_time`` or ``max_delay`` has passed
+                since the oldest pending one, whichever comes first
+    start scan  on start, the whole tree is compared with the last snapshot (as backup
+                compares with its parent): nothing that changed while no watcher ran is missed
+    polling     on a remote filesystem (whose other clients' writes raise no event here), when
+                the watch limit is reached, or when asked: a scan like the start scan every
+                ``poll_interval`` instead of events
+
+A new directory is watched as soon as its creation is seen, then scanned whole at the next
+commit (after its watch exists): files written into it before the watch was added raise no
+event, and the scan finds them. An overflow of the kernel's queue marks every root for a scan.
+The watcher reports through events on the repository (``watch_started``, ``watch_committed``,
+``watch_limit``, ``watch_polling``) and its counts (`Watcher.counts`); the CLI renders them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepwell.errors import UsageError
+from keepwell.memory import fewer_collections
+from keepwell.repository import Repository, Snapshot
+from keepwell.repository.tree import Node
+from keepwell.sources.files.archiver import Archiver, _dir_meta, _Names, find_parent
+from keepwell.sources.files.incremental import Rebuild, changes_under
+from keepwell.sources.files.inotify import (
+    IN_CREATE,
+    IN_DELETE_SELF,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    Event,
+    Inotify,
+    WatchLimitError,
+    max_user_watches,
+    remote_filesystem,
+)
+from keepwell.sources.files.journal import Journal
+from keepwell.sources.files.select import Selection
+from keepwell.sources.files.workers import worker_count
+
+# the share of fs.inotify.max_user_watches past which the report says to raise it
+_NEAR_LIMIT = 0.8
+
+
+@dataclass
+class WatchOptions:
+    max_delay: float = 1.0
+    quiet_time: float = 0.2
+    poll_interval: float | None = None  # seconds: scan instead of watching
+    remote_poll_interval: float = 60.0  # the scan interval a remote filesystem falls back to
+    one_file_system: bool = False
+    host: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+def watched_roots(paths: list[str]) -> list[str]:
+    """The absolute directories to watch, checked: one clear error for a path that is not one."""
+    if not paths:
+        raise UsageError("nothing to watch: give at least one directory")
+    out: list[str] = []
+    for p in paths:
+        ap = os.path.abspath(os.path.expanduser(p))
+        if ap == "/":
+            raise UsageError("watching / itself: give its subdirectories instead")
+        try:
+            st = os.stat(ap)
+        except OSError:
+            raise UsageError(f"{p}: no such directory") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{p}: not a directory (watch works on directories)")
+        if ap not in out:
+            out.append(ap)
+    for a in out:
+        for b in out:
+            if a != b and b.startswith(a.rstrip("/") + "/"):
+                raise UsageError(f"{b} is inside {a}: give each tree once")
+    return sorted(out)
+
+
+class Watcher:
+    def __init__(self, repo: Repository, roots: list[str], journal: Journal,
+                 selection: Selection, options: WatchOptions) -> None:
+        self.repo = repo
+        self.roots = roots
+        self.journal = journal
+        self.selection = selection
+        self.options = options
+        self.host = options.host or socket.gethostname()
+        self.stop_event = threading.Event()
+        self.inotify: Inotify | None = None
+        self.polling: str | None = None  # why the watcher scans instead of watching
+        self.parent: Snapshot | None = None
+        self.counts: dict[str, int] = {"snapshots": 0, "commits_unchanged": 0, "overflows": 0,
+                                       "watches": 0, "events": 0}
+        self.last_commit: dict[str, Any] = {}
+        self._first_change: float | None = None
+        self._last_change: float | None = None
+        self._last_sync = 0.0
+        self._names = _Names()
+
+    # -- watches ------------------------------------------------------------------------------
+    def _watch_tree(self, top: str) -> None:
+        """Watch ``top`` and every directory below it (not excluded, same filesystem if asked)."""
+        assert self.inotify is not None
+        stack = [top]
+        root_dev = None
+        while stack:
+            d = stack.pop()
+            if not self.inotify.add(d):
+                continue
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        try:
+                            if not e.is_dir(follow_symlinks=False):
+                                continue
+                            child = f"{d}/{e.name}"
+                            if self.selection.by_path and self.selection.skips_path(child):
+                                continue
+                            if self.options.one_file_system:
+                                dev = e.stat(follow_symlinks=False).st_dev
+                                if root_dev is None:
+                                    root_dev = os.lstat(top).st_dev
+                                if dev != root_dev:
+                                    continue
+                            stack.append(child)
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+
+    def _start_watching(self) -> None:
+        if self.options.poll_interval is not None:
+            self.polling = "asked"
+            return
+        for r in self.roots:
+            if (kind := remote_filesystem(r)) is not None:
+                self.polling = f"{r} is on a remote filesystem ({kind})"
+                self.options.poll_interval = self.options.remote_poll_interval
+                return
+        self.inotify = Inotify()
+        try:
+            for r in self.roots:
+                self._watch_tree(r)
+        except WatchLimitError:
+            count = len(self.inotify)
+            self._fall_back(f"the inotify watch limit was reached after {count} directories",
+                            announce=False)
+            self._emit_limit(count, reached=True)
+            return
+        self.counts["watches"] = len(self.inotify)
+        self._emit_limit(len(self.inotify), reached=False)
+
+    def _emit_limit(self, count: int, *, reached: bool) -> None:
+        limit = max_user_watches()
+        near = reached or (limit is not None and count >= _NEAR_LIMIT * limit)
+        self.repo.events.emit("watch_limit", watches=count, limit=limit, near=near,
+                              suggest=max(2 * count, (limit or 0) * 2) if near else None)
+
+    # -- changes ------------------------------------------------------------------------------
+    def _mark(self, path: str, subtree: bool = False) -> None:
+        if self.selection.by_path and self.selection.skips_path(path):
+            return
+        self.journal.mark(path, subtree)
+        now = time.monotonic()
+        self._last_change = now
+        if self._first_change is None:
+            self._first_change = now
+
+    def _handle(self, ev: Event) -> None:
+        assert self.inotify is not None
+        self.counts["events"] += 1
+        if ev.mask & IN_Q_OVERFLOW:
+            self.counts["overflows"] += 1
+            self.repo.events.emit("watch_overflow")
+            for r in self.roots:
+                self._watch_tree(r)  # directories made meanwhile need watches too
+                self._mark(r, subtree=True)
+            return
+        path = ev.path
+        if ev.is_dir and ev.mask & (IN_CREATE | IN_MOVED_TO):
+            if not (self.selection.by_path and self.selection.skips_path(path)):
+                self._watch_tree(path)  # first the watch, then the scan (at the commit)
+            self._mark(path, subtree=True)
+            return
+        if ev.is_dir and ev.mask & IN_MOVED_FROM:
+            self.inotify.remove_under(path)
+        if not ev.name and ev.mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+            # the directory is reported by its parent's watch as well, except a root
+            if path in self.roots:
+                self._mark(path)
+            return
+        self._mark(path)
+
+    def _due(self, now: float) -> bool:
+        if self._first_change is None or self._last_change is None:
+            return False
+        return (now - self._last_change >= self.options.quiet_time
+                or now - self._first_change >= self.options.max_delay)
+
+    def _timeout(self, now: float) -> float | None:
+        if self._first_change is None or self._last_change is None:
+            return None if self.journal.unsynced is False else 0.02
+        return max(0.0, min(self._last_change + self.options.quiet_time,
+                            self._first_change + self.options.max_delay) - now)
+
+    # -- commits ------------------------------------------------------------------------------
+    def _old_root(self, path: str) -> Node | None:
+        if self.parent is None:
+            return None
+        try:
+            node = self.repo.find_node(self.parent, path)
+        except UsageError:
+            return None
+        return node
+
+    def commit(self, *, scan_all: bool = False) -> Snapshot | None:
+        """A snapshot of what is pending (of everything, compared with the parent, if
+        ``scan_all``); None if nothing it would record changed (the parent holds it all)."""
+        self.journal.sync()
+        oldest = self._first_change
+        upto = self.journal.seq
+        pending = {m.path: m.subtree for m in self.journal.pending.values()}
+        if scan_all:
+            pending.update({r: True for r in self.roots})
+        self._first_change = self._last_change = None
+        if not pending:
+            return None
+        started = time.monotonic()
+        writer = self.repo.new_snapshot("files", self.roots, host=self.host, tags=self.options.tags,
+                                        dir_meta=_dir_meta(self._names))
+        with writer, fewer_collections():
+            writer.parent = self.parent.id if self.parent is not None else None
+            archiver = Archiver(self.repo, writer, selection=self.selection,
+                                one_file_system=self.options.one_file_system, parent=None,
+                                workers=max(2, os.cpu_count() or 2),
+                                processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1))
+            rebuild = Rebuild(self.repo, writer, archiver, self.selection,
+                              one_file_system=self.options.one_file_system)
+            same = self.parent is not None
+            try:
+                for r in self.roots:
+                    old = self._old_root(r)
+                    changes = changes_under(r, pending)
+                    if changes is None:
+                        new: Node | None = old
+                    else:
+                        new = rebuild.rebuild(r, old, changes)
+                    if new != old:
+                        same = False
+                    if new is not None:
+                        writer.add_node(r, new)
+            finally:
+                archiver.close()
+            counts = {**rebuild.counts, "changes": len(pending), "moving": len(rebuild.moving),
+                      "dirs_listed": archiver.counts["dirs"],
+                      "files_read": rebuild.counts["files_read"] + archiver.counts["files_new"]
+                      + archiver.counts["files_changed"],
+                      "errors": len(rebuild.errors) + len(archiver.errors)}
+            for path, msg in rebuild.errors + archiver.errors:
+                self.repo.events.emit("error", path=path, message=msg)
+            if same and not rebuild.moving:
+                writer.abort()
+                snap = None
+                self.counts["commits_unchanged"] += 1
+                assert self.parent is not None
+                self.journal.committed(self.parent.id, upto)
+            else:
+                writer.summary.update({**archiver.counts, **counts,
+                                       "files_read": counts["files_read"]})
+                snap = writer.commit()
+                self.parent = snap
+                self.counts["snapshots"] += 1
+                self.journal.committed(snap.id, upto, rebuild.moving)
+        if rebuild.moving:  # read again at the next commit, even if nothing else happens
+            now = time.monotonic()
+            self._first_change = self._first_change or now
+            self._last_change = self._last_change or now
+        done = time.monotonic()
+        # lag: how long the oldest change this commit took had waited for a snapshot
+        self.last_commit = {**counts, "snapshot": snap.id if snap is not None else None,
+                            "seconds": round(done - started, 3), "at": round(time.time(), 3),
+                            "lag_seconds": round(done - oldest, 3) if oldest is not None else 0.0}
+        self.repo.events.emit("watch_committed", **{**self.last_commit, "snapshot": snap})
+        return snap
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Watch until `stop_event` is set; then commit what is pending and return."""
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+        self._start_watching()
+        self.parent = None
+        if self.journal.last_snapshot is not None:
+            try:
+                self.parent = self.repo.load_snapshot(self.journal.last_snapshot)
+            except Exception:  # forgotten or damaged: fall back to the newest one
+                self.parent = None
+        if self.parent is None:
+            self.parent = find_parent(self.repo, self.roots, self.host)
+        self.repo.events.emit("watch_started", roots=self.roots, watches=self.counts["watches"],
+                              polling=self.polling, pending=len(self.journal.pending),
+                              parent=self.parent)
+        # events seen from here on are marked; the start scan covers everything before
+        self.commit(scan_all=True)
+        try:
+            if self.inotify is not None:
+                self._event_loop()
+        except WatchLimitError:  # new directories took the last watches: scan from now on
+            count = len(self.inotify) if self.inotify is not None else 0
+            self._emit_limit(count, reached=True)
+            self._fall_back(f"the inotify watch limit was reached after {count} directories")
+            self.commit(scan_all=True)
+        finally:
+            if self.inotify is not None:
+                self.inotify.close()
+                self.inotify = None
+        if self.polling is not None:
+            self._poll_loop()
+        self.commit()
+
+    def _fall_back(self, why: str, *, announce: bool = True) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+        self.polling = why
+        self.options.poll_interval = self.options.remote_poll_interval
+        if announce:  # at start, watch_started says it
+            self.repo.events.emit("watch_polling", reason=why, interval=self.options.poll_interval)
+
+    def _poll_loop(self) -> None:
+        assert self.options.poll_interval is not None
+        while not self.stop_event.wait(self.options.poll_interval):
+            self.commit(scan_all=True)
+
+    def _event_loop(self) -> None:
+        assert self.inotify is not None
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if self._due(now):
+                self.commit()
+                continue
+            timeout = self._timeout(now)
+            events = self.inotify.read(0.25 if timeout is None else min(timeout, 0.25))
+            for ev in events:
+                self._handle(ev)
+            now = time.monotonic()
+            if self.journal.unsynced and (not events or now - self._last_sync >= 0.05):
+                self.journal.sync()  # in batches: at most every 50 ms while events pour in
+                self._last_sync = now
+            self.counts["watches"] = len(self.inotify)

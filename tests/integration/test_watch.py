@@ -1,0 +1,312 @@
+"""``keepwell watch``: the real command in a process of its own, on a real tree.
+
+A change is in a committed snapshot once the watcher has seen it: files created, written,
+deleted and renamed; every file of a burst written into freshly made directories; everything,
+after the watcher is killed with SIGKILL at random moments and started again. Each commit
+re-reads only what changed, which the snapshot's own counts show (not a timing). Waits are on
+the latest snapshot's listing matching the tree, never on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fault.cli import KW, PASSWORD, kw, ok
+from tests.waiting import wait_for
+
+
+class Watch:
+    def __init__(self, repo: Path, cache: Path, root: Path, *args: str) -> None:
+        self.repo = repo
+        self.log = root.parent / f"watch-{os.urandom(4).hex()}.log"
+        env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
+               "KEEPWELL_TESTONLY_WEAK_KDF": "1", "KEEPWELL_CACHE_DIR": str(cache)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                KW + ["watch", str(root), "--json", "--quiet-time", "100ms", "--max-delay",
+                      "500ms", *args], env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+
+    def commits(self) -> list[dict[str, Any]]:
+        with open(self.log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def started(self) -> None:
+        """Wait for the start scan's commit (a snapshot, or nothing new to record)."""
+        wait_for(lambda: self.commits() or self.proc.poll() is not None, "the start scan")
+        assert self.proc.poll() is None, self.proc.communicate()
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _out, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    repo, cache, root = tmp_path / "repo", tmp_path / "cache", tmp_path / "tree"
+    root.mkdir()
+    ok(kw(repo, "init"))
+    yield repo, cache, root
+
+
+def snapshot_listing(repo: Path, root: Path) -> dict[str, tuple[str, int, int]] | None:
+    r = kw(repo, "ls", "latest", "--json")
+    if r.returncode != 0:
+        return None
+    prefix = str(root) + "/"
+    return {row["path"][len(prefix):]: (row["type"], row["size"] if row["type"] == "file" else 0,
+                                        row["mtime_ns"])
+            for row in json.loads(r.stdout) if row["path"].startswith(prefix)}
+
+
+def tree_listing(root: Path) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            kind = "dir" if p.is_dir() and not p.is_symlink() else "symlink" if p.is_symlink() else "file"
+            out[str(p.relative_to(root))] = (kind, st.st_size if kind == "file" else 0, st.st_mtime_ns)
+    return out
+
+
+def wait_until_held(repo: Path, root: Path, what: str) -> None:
+    """Wait until the latest snapshot lists the tree as it is (names, kinds, sizes, mtimes)."""
+    wait_for(lambda: snapshot_listing(repo, root) == tree_listing(root), what, timeout=120,
+             interval=0.1)
+
+
+def assert_same_bytes(repo: Path, root: Path, target: Path) -> None:
+    """Restore the latest snapshot and compare it with the tree, byte for byte."""
+    ok(kw(repo, "restore", "latest", "--target", str(target)))
+    restored = target / str(root).lstrip("/")
+    assert tree_listing(restored).keys() == tree_listing(root).keys()
+    for rel, (kind, _size, _mtime) in tree_listing(root).items():
+        if kind == "file":
+            assert (restored / rel).read_bytes() == (root / rel).read_bytes(), rel
+        elif kind == "symlink":
+            assert os.readlink(restored / rel) == os.readlink(root / rel), rel
+
+
+def snapshots(repo: Path) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = json.loads(ok(kw(repo, "snapshots", "--json")))
+    return found
+
+
+def test_changes_deletes_and_renames_are_committed(place: tuple[Path, Path, Path],
+                                                   tmp_path: Path) -> None:
+    repo, cache, root = place
+    (root / "docs").mkdir()
+    (root / "docs" / "a.txt").write_text("alpha\n")
+    (root / "old.txt").write_text("old\n")
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        wait_until_held(repo, root, "the start scan")
+        (root / "docs" / "a.txt").write_text("alpha, edited\n")
+        (root / "new.bin").write_bytes(os.urandom(300_000))
+        os.symlink("docs/a.txt", root / "link")
+        wait_until_held(repo, root, "new and changed files")
+        (root / "old.txt").unlink()
+        (root / "docs" / "a.txt").rename(root / "docs" / "b.txt")
+        (root / "docs").rename(root / "papers")
+        (root / "papers" / "inner").mkdir()
+        (root / "papers" / "inner" / "c.txt").write_text("c\n")
+        wait_until_held(repo, root, "deletes and renames")
+        assert_same_bytes(repo, root, tmp_path / "restored")
+    finally:
+        rc, err = w.stop()
+    assert rc == 0, err
+    assert "inotify watches in use" in err
+
+
+def test_every_file_written_into_new_directories_is_captured(place: tuple[Path, Path, Path],
+                                                             tmp_path: Path) -> None:
+    repo, cache, root = place
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        rng = random.Random(5)
+        for d in range(20):
+            deep = root / f"d{d}" / "x" / "y"
+            deep.mkdir(parents=True)  # files follow at once, before any watch can be added
+            for i in range(50):  # half in the deepest directory, half in the top one
+                where = deep if i % 2 else root / f"d{d}"
+                (where / f"f{i}").write_bytes(rng.randbytes(rng.randint(0, 2000)))
+        assert sum(1 for k, v in tree_listing(root).items() if v[0] == "file") == 1000
+        wait_until_held(repo, root, "1,000 files in new directories")
+        assert_same_bytes(repo, root, tmp_path / "restored")
+    finally:
+        rc, err = w.stop()
+    assert rc == 0, err
+
+
+def test_a_commit_rereads_only_what_changed(place: tuple[Path, Path, Path]) -> None:
+    repo, cache, root = place
+    for a in range(10):
+        for b in range(10):
+            d = root / f"a{a}" / f"b{b}"
+            d.mkdir(parents=True)
+            for i in range(5):
+                (d / f"f{i}").write_text(f"{a} {b} {i}\n")
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        first = snapshots(repo)[-1]["summary"]
+        assert first["files_read"] == 500 and first["dirs_listed"] == 111
+        (root / "a3" / "b7" / "f2").write_text("changed\n")
+        wait_until_held(repo, root, "one changed file")
+        last = snapshots(repo)[-1]["summary"]
+        # the file, and one new tree for each directory on its way: b7, a3 and the root
+        assert last["files_read"] == 1
+        assert last["trees_written"] == 3
+        assert last["trees_loaded"] == 3
+        assert last["dirs_listed"] == 0 and last["subtrees_scanned"] == 0
+        # a new directory is scanned whole, and only it
+        (root / "a5" / "fresh").mkdir()
+        (root / "a5" / "fresh" / "g").write_text("g\n")
+        wait_until_held(repo, root, "a new directory")
+        last = snapshots(repo)[-1]["summary"]
+        assert last["dirs_listed"] == 1 and last["subtrees_scanned"] == 1
+        assert last["files_read"] == 1 and last["trees_written"] == 2  # a5, root
+    finally:
+        rc, err = w.stop()
+    assert rc == 0, err
+
+
+def _writer(root: Path, stop: threading.Event, seed: int, count: list[int]) -> None:
+    """Creates, rewrites, deletes and renames files and directories until ``stop``."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        d = root / f"w{rng.randrange(8)}"
+        d.mkdir(exist_ok=True)
+        op = rng.random()
+        names = sorted(os.listdir(d))
+        if op < 0.6 or not names:
+            (d / f"f{rng.randrange(400)}").write_bytes(rng.randbytes(rng.randint(0, 5000)))
+        elif op < 0.75:
+            victim = d / rng.choice(names)
+            if victim.is_dir():
+                shutil.rmtree(victim)
+            else:
+                victim.unlink()
+        elif op < 0.9:
+            if (d / (name := rng.choice(names))).is_file():  # onto a file or a new name
+                (d / name).rename(d / f"f{rng.randrange(400)}")
+        else:
+            sub = d / f"sub{rng.randrange(5)}"
+            sub.mkdir(exist_ok=True)
+            (sub / f"s{rng.randrange(20)}").write_bytes(rng.randbytes(100))
+        count[0] += 1
+
+
+def test_kill_9_at_random_moments_loses_nothing(place: tuple[Path, Path, Path],
+                                                tmp_path: Path) -> None:
+    repo, cache, root = place
+    rng = random.Random(11)
+    stop = threading.Event()
+    count = [0]
+    writer = threading.Thread(target=_writer, args=(root, stop, 3, count), daemon=True)
+    writer.start()
+    try:
+        for _round in range(4):
+            w = Watch(repo, cache, root)
+            w.started()
+            # a random moment: after a random number of changes (the writer never pauses)
+            goal = count[0] + rng.randint(50, 600)
+            wait_for(lambda goal=goal: count[0] >= goal, "the writer's changes")  # type: ignore[misc]
+            rc, _err = w.stop(signal.SIGKILL)
+            assert rc == -signal.SIGKILL
+    finally:
+        stop.set()
+        writer.join()
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        wait_until_held(repo, root, "every change after the kills")
+        assert_same_bytes(repo, root, tmp_path / "restored")
+    finally:
+        rc, err = w.stop()
+    assert rc == 0, err
+    assert len(snapshots(repo)) >= 5
+
+
+def test_polling_finds_changes_where_events_are_not_used(place: tuple[Path, Path, Path]) -> None:
+    repo, cache, root = place
+    (root / "x").write_text("x\n")
+    w = Watch(repo, cache, root, "--poll", "200ms")
+    try:
+        w.started()
+        (root / "y").mkdir()
+        (root / "y" / "z").write_text("z\n")
+        wait_until_held(repo, root, "a change found by a scan")
+    finally:
+        rc, err = w.stop()
+    assert rc == 0, err
+    assert "scanning instead of watching" in err
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    ok(kw(repo, "init"))
+    (tmp_path / "f").write_text("f")
+    for args, says in ((["watch", str(tmp_path / "nope")], "no such directory"),
+                       (["watch", str(tmp_path / "f")], "not a directory"),
+                       (["watch", str(tmp_path), str(tmp_path / "repo")], "is inside"),
+                       (["watch", str(tmp_path), "--max-delay", "soon"], "--max-delay")):
+        r = kw(repo, *args)
+        assert r.returncode == 2, r.stderr
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_continuous_files_source_in_the_daemon(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mode: continuous``: the daemon keeps a watcher running for the source, whose snapshots
+    carry the source's tag, and stops it with itself."""
+    from tests.integration.control_support import PASSWORD as CONTROL_PASSWORD
+    from tests.integration.control_support import Workspace
+
+    monkeypatch.setenv("KEEPWELL_CACHE_DIR", str(tmp_path / "cache"))  # the journal's home
+    ws = Workspace(tmp_path)
+    try:
+        repo = ws.repository("r")
+        data = tmp_path / "data"
+        (data / "sub").mkdir(parents=True)
+        (data / "sub" / "first").write_text("1\n")
+        ws.write_config({
+            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {"live": {"kind": "files", "repository": "r", "paths": [str(data)],
+                                 "mode": "continuous", "max_delay": "300ms",
+                                 "excludes": ["*.tmp"]}},
+        })
+        d = ws.daemon()
+        d.wait_for(lambda: d.events("stream_started"), what="the watcher")
+
+        def held() -> bool:
+            r = kw(repo, "ls", "latest", "--json", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})
+            return r.returncode == 0 and f"{data}/sub/second" in r.stdout
+
+        (data / "sub" / "second").write_text("2\n")
+        (data / "scratch.tmp").write_text("not kept\n")
+        d.wait_for(held, timeout=60, what="a change committed by the daemon's watcher")
+        r = kw(repo, "snapshots", "--json", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})
+        snaps = json.loads(ok(r))
+        assert all(any("live" in t for t in s["tags"]) for s in snaps), snaps
+        listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD}))
+        assert "scratch.tmp" not in listing
+        assert d.stop() == 0
+        assert not d.events("stream_exited")
+    finally:
+        ws.close()
