@@ -24,6 +24,7 @@ EXTRA_OF_MODULE = {
     "cronsim": "control",
     "pyfuse3": "mount",
     "trio": "mount",
+    "temporalio": "fleet",
 }
 
 

@@ -94,6 +94,9 @@ class GlobalOptions:
     limit_download: int | None = None
     cache_dir: str | None = None
     command: str = ""  # the command being run ("key add"), for messages
+    # The command loaded a library that can crash at interpreter exit (the Temporal SDK's
+    # native core): `keepwell.cli.main.run` flushes and leaves with os._exit.
+    hard_exit: bool = False
 
 
 GLOBALS = GlobalOptions()

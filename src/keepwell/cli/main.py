@@ -95,6 +95,7 @@ for _name, _module in COMMAND_GROUPS.items():
         app.add_typer(importlib.import_module(_module).app, name=_name)
     except ImportError:  # an optional extra that is not installed
         pass
+importlib.import_module("keepwell.cli.fleet").register(app)
 try:
     from keepwell.cli import control as _control
 
@@ -106,7 +107,12 @@ except ImportError:  # pragma: no cover
 def run() -> None:
     debug = "--debug" in sys.argv or os.environ.get("KEEPWELL_DEBUG") == "1"
     tune_malloc()
-    sys.exit(run_app(app, debug=debug))
+    rc = run_app(app, debug=debug)
+    if GLOBALS.hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ taken relative to the file's own directory.
 Words: a *repository* is where snapshots go (with an optional *replica*); a *source* is one thing
 that is backed up (files, sqlite, postgres, mysql) on a *schedule* into a repository, kept by its
 *retention* policy (`keepwell.repository.retention`); a *drill* restores a source's newest
-snapshot into scratch space and checks it. Sizes and durations follow `keepwell.units` (``10M``,
+snapshot into scratch space and checks it. A source's *site* names the fleet workers that may run
+its jobs (`keepwell.fleet`). Sizes and durations follow `keepwell.units` (``10M``,
 ``1GiB``; ``90s``, ``15min``, ``2h``; a retention's ``keep_within`` refuses ``m`` and bare
 numbers). Secrets are references (``env:NAME``, ``file:PATH``), never inline.
 """
@@ -138,6 +139,7 @@ class _SourceBase(_Model):
     expect_success_within: Duration | None = None
     tags: list[str] = Field(default_factory=list)
     enabled: bool = True
+    site: Name = "default"  # fleet mode: only workers of this site run its jobs
 
     @field_validator("schedule")
     @classmethod
@@ -260,6 +262,7 @@ class DrillConfig(_Model):
         default_factory=dict)
     amcheck: bool = True
     start_timeout: Duration = 600.0
+    after_backup: bool = False  # fleet mode: run this drill after each backup of its source
 
     @field_validator("schedule")
     @classmethod
@@ -312,6 +315,24 @@ class WebConfig(_Model):
                              " token: env:NAME or file:PATH")
         return self
 
+class FleetConfig(_Model):
+    """Fleet mode: the Temporal cluster that schedules the jobs (``KEEPWELL_FLEET_ADDRESS``
+    overrides the address)."""
+
+    address: str = "127.0.0.1:7233"
+    namespace: str = "default"
+    tls: bool = False
+    api_key: SecretRef | None = None
+    # a step whose worker stops heartbeating for this long is retried on another worker
+    heartbeat_timeout: Duration = 30.0
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^:\s]+:\d{1,5}", value):
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:7233")
+        return value
+
 
 class Config(_Model):
     version: Literal[1] = 1
@@ -330,6 +351,7 @@ class Config(_Model):
     drills: dict[Name, DrillConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
     @field_validator("timezone")
     @classmethod

@@ -1,0 +1,11 @@
+"""Fleet mode: the control plane's jobs run by workers on many machines, scheduled by Temporal.
+
+Words: the *cluster* is a Temporal service (``fleet.address``, ``fleet.namespace`` in
+keepwell.yaml); a *site* is a group of machines whose workers poll one *task queue*
+(`keepwell.fleet.target.task_queue`); a *run* is one workflow (`keepwell.fleet.workflows`) whose
+steps are activities (`keepwell.fleet.activities`): the backup job, then the drill that follows
+it, if any. An activity runs the same job execution the single-machine daemon runs
+(`keepwell.control.runner.run_job`) and records it in the same job history. keepwell's
+schedules become Temporal Schedules (`keepwell.fleet.schedules`). This package is the optional
+``fleet`` extra: nothing outside it imports ``temporalio``.
+"""

