@@ -103,8 +103,8 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
             ctx.log("error", f"{fields.get('path', '')}: {fields.get('message', '')}")
 
     repo.events.subscribe(count_workers)
-    if ctx.progress is not None:
-        repo.events.subscribe(ctx.progress)
+    if ctx.listener is not None:
+        repo.events.subscribe(ctx.listener)
     try:
         done = _recovered(repo, spec)
         if done is not None:

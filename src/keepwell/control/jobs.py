@@ -169,12 +169,12 @@ class JobContext:
     def __init__(self, *, shared_upload: TokenBucket | None = None, timeout: float | None = None,
                  cancel: threading.Event | None = None,
                  on_upload: Callable[[int], None] | None = None,
-                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 listener: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.shared_upload = shared_upload
         self.cancel = cancel or threading.Event()
         self.deadline = time.monotonic() + timeout if timeout else None
         self.on_upload = on_upload
-        self.progress = progress  # sees the repository's events (bytes read, files, packs)
+        self.listener = listener  # sees the repository's events (bytes read, files, packs)
         self.uploaded = 0
         self.upload_started: float | None = None  # wall time the first pack upload began
         self.upload_ended: float | None = None  # wall time the last upload finished

@@ -80,7 +80,7 @@ class JobActivities:
                          trigger="fleet" if info.attempt == 1 else "recovery")
         spec = dataclasses.replace(spec, attempt=info.attempt)
         progress = _Progress()
-        ctx = JobContext(shared_upload=self.shared, timeout=spec.timeout, progress=progress)
+        ctx = JobContext(shared_upload=self.shared, timeout=spec.timeout, listener=progress)
         outcome = self._run(spec, ctx, progress, step.heartbeat_every)
         result = StepResult(action=spec.action, name=spec.name, job_id=spec.job_id,
                             status=outcome.status, attempt=info.attempt,
