@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.errors import IntegrityError, RestoreTargetError
-from keepwell.sources.files.targetdir import TargetDirs, make_node, new_file
+from keepwell.sources.files.targetdir import TargetDirs, discard, make_node, new_file
 
 BLOCK = 1024 * 1024
 SMALL = 8 * 1024 * 1024  # files up to this size are written by the writer threads
@@ -125,7 +125,7 @@ class _Writers:
         try:
             dir_fd = self.dirs.acquire(parent)
             try:
-                fd, temp = _new_file(dir_fd, name)
+                fd, temp = new_file(dir_fd, name, True)
                 try:
                     view = memoryview(data)
                     while view:
@@ -354,12 +354,6 @@ def _write_all(fd: int, piece: memoryview) -> None:
         piece = piece[os.write(fd, piece):]
 
 
-def _new_file(dir_fd: int, name: str) -> tuple[int, str | None]:
-    """A new file for ``name`` in ``dir_fd``, and the temporary name it was made under when
-    something already has that name (see `keepwell.sources.files.targetdir.new_file`)."""
-    return new_file(dir_fd, name, True)
-
-
 def _put_in_place(dir_fd: int, name: str, temp: str) -> None:
     """Rename ``temp`` over ``name``; a directory there (a delta restore where the backup has a
     file) is removed first."""
@@ -368,21 +362,14 @@ def _put_in_place(dir_fd: int, name: str, temp: str) -> None:
         return
     except OSError as exc:
         if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-            _discard(dir_fd, temp)
+            discard(dir_fd, temp)
             raise
     try:
         shutil.rmtree(name, dir_fd=dir_fd)
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError:
-        _discard(dir_fd, temp)
+        discard(dir_fd, temp)
         raise
-
-
-def _discard(dir_fd: int, temp: str) -> None:
-    try:
-        os.unlink(temp, dir_fd=dir_fd)
-    except OSError:
-        pass
 
 
 def _make_link(dir_fd: int, name: str, target: str) -> None:
@@ -445,7 +432,7 @@ def _write_file(data: Iterator[memoryview], dir_fd: int, name: str, size: int, d
         finally:
             os.close(fd)
     written = kicked = 0
-    fd, temp = _new_file(dir_fd, name)
+    fd, temp = new_file(dir_fd, name, True)
     try:
         for piece in data:
             _write_all(fd, piece)
@@ -458,7 +445,7 @@ def _write_file(data: Iterator[memoryview], dir_fd: int, name: str, size: int, d
     except BaseException:
         os.close(fd)
         if temp is not None:
-            _discard(dir_fd, temp)
+            discard(dir_fd, temp)
         raise
     os.close(fd)
     if temp is not None:
