@@ -19,6 +19,7 @@ from keepwell.backends.local import LocalBackend
 from keepwell.errors import IntegrityError, UsageError
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository import repo as repo_module
+from keepwell.repository.check import check
 from keepwell.repository.repo import open_repository
 from keepwell.repository.tree import DIR, FILE, SYMLINK, Node
 from keepwell.sources.files import backup_paths, restore_snapshot
@@ -258,6 +259,30 @@ def test_a_snapshot_with_unusable_names_is_refused(tmp_path: Path, path: str, ca
     assert f"snapshot {snap.short_id} holds" in str(err.value)
     assert str(err.value).endswith(f" in {where}"), str(err.value)
     box.unchanged()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_reports_a_snapshot_with_unusable_names(tmp_path: Path, case: str) -> None:
+    repo = _repo(tmp_path)
+    box = Box(tmp_path)
+    snap, where = _crafted(repo, box, case)
+    with repo.new_snapshot("files", ["/fine"]) as w:
+        w.add_node("fine", _dir(w, "fine", [_file(w, "x")]))
+        fine = w.commit()
+    report = check(repo)
+    named = [e for e in report.errors if e.startswith(f"snapshot {snap.short_id} holds ")]
+    assert len(named) == 1 and f" in {where}" in named[0], report.errors
+    assert report.errors == named, report.errors  # nothing else is wrong with the repository
+    assert fine.short_id not in " ".join(report.errors)
+
+
+def test_check_exits_non_zero_on_a_snapshot_with_unusable_names(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    snap, _ = _crafted(repo, Box(tmp_path), "climbing-name")
+    out = _kw(tmp_path, "check")
+    assert out.returncode == 1, out
+    assert f"error: snapshot {snap.short_id} holds an unusable name '../../x' in /top" in (
+        out.stdout.decode()), out.stdout
 
 
 @pytest.fixture

@@ -5,15 +5,17 @@ integration tests run the same rules against real servers)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keepwell.backends.memory import MemoryBackend
-from keepwell.errors import SourceError, UsageError
+from keepwell.errors import IntegrityError, KeepwellError, SourceError, UsageError
 from keepwell.repository import Repository
 from keepwell.repository.retention import Policy
 from keepwell.repository.snapshot import Snapshot
+from keepwell.sources.mysql import KIND_BINLOG
 from keepwell.sources.mysql.admission import admit, discontinuity
 from keepwell.sources.mysql.binlog import BinlogHead
 from keepwell.sources.mysql.catalog import ServerArchive
@@ -23,6 +25,7 @@ from keepwell.sources.mysql.identity import same_server
 from keepwell.sources.mysql.logical import builtin_account
 from keepwell.sources.mysql.operations import forget_plan
 from keepwell.sources.mysql.plan import Target, plan
+from keepwell.sources.mysql.restore import spool_binlog
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 A = {"flavor": "mariadb", "server_id": 1, "server_uuid": None,
@@ -211,3 +214,28 @@ def test_forget_keeps_each_history_whole_and_drops_a_history_without_bases() -> 
     # go too; history 1 keeps what its kept base rolls forward with
     assert gone == {"01", "02", "03", "04"}
     assert result.binlog_floor == "binlog.000002"
+
+
+@pytest.mark.parametrize("name", ["../../victim.000001", "/ABS/victim.000001",
+                                  "sub/victim.000001"])
+def test_a_forged_binlog_name_is_refused_and_nothing_is_written_outside_the_spool(
+        tmp_path: Path, name: str) -> None:
+    name = name.replace("/ABS", str(tmp_path))
+    victim = tmp_path / "victim.000001"
+    victim.write_bytes(b"precious")
+    (tmp_path / "sub").mkdir()
+    repo = Repository.init(MemoryBackend(), "pw")
+    with repo.new_snapshot(KIND_BINLOG, ["binlog"], host="prod") as w:
+        w.add_bytes("binlog/victim.000001", b"forged")
+        w.source.update(_binlogs(1, A, [(name, 6)], 0).source)
+        snap = w.commit()
+    (f,) = ServerArchive.build(repo.list_snapshots()).catalogs[0].files.values()
+    spool = tmp_path / "spool"  # spool_binlog writes in spool/<history>/
+    spool.mkdir()
+    with pytest.raises(KeepwellError) as err:
+        spool_binlog(repo, f, str(spool))
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool", "sub", "victim.000001"]
+    assert not any((tmp_path / "sub").iterdir())
+    assert isinstance(err.value, IntegrityError)
+    assert f"snapshot {snap.short_id} holds a binary log named" in str(err.value)

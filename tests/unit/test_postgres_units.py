@@ -380,3 +380,120 @@ def test_extract_tar_writes_large_and_small_files_durably_and_intact(tmp_path: P
         assert datadir.start_writeback(-1, 0, 1) is False  # a bad descriptor: refused, not raised
     finally:
         os.close(fd)
+
+
+# -- extraction never writes outside its root ---------------------------------------------------
+def _tar(*members: tuple[str, str, bytes | str]) -> list[bytes]:
+    """A tar stream of (name, kind, data or link target) members, kind one of file, dir, link,
+    in two-block pieces."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, body in members:
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.mode = 1_700_000_000, 0o600
+            if kind == "dir":
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o700
+                tar.addfile(ti)
+            elif kind == "link":
+                ti.type, ti.linkname = tarfile.SYMTYPE, str(body)
+                tar.addfile(ti)
+            else:
+                data = body if isinstance(body, bytes) else body.encode()
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    return [raw[i:i + 1024] for i in range(0, len(raw), 1024)]
+
+
+class _Outside:
+    """``outside/``: a directory and a file that no extraction under ``root`` may touch."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path / "outside"
+        self.dir.mkdir()
+        self.victim = self.dir / "victim"
+        self.victim.write_bytes(b"victim")
+        self.root = tmp_path / "root"
+        self.root.mkdir()
+
+    def unchanged(self) -> None:
+        assert sorted(p.name for p in self.dir.iterdir()) == ["victim"]
+        assert self.victim.read_bytes() == b"victim"
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "dotdot-inside", "file-behind-link",
+                                  "dir-behind-link", "file-behind-link-deeper",
+                                  "dir-over-link"])
+@pytest.mark.parametrize("delta", [False, True])
+def test_extract_tar_refuses_members_that_would_write_outside(
+        tmp_path: Path, case: str, delta: bool) -> None:
+    from keepwell.errors import RestoreTargetError
+    from keepwell.sources.postgres.datadir import extract_tar
+
+    out = _Outside(tmp_path)
+    link = ("pg_tblspc/16400", "link", str(out.dir))
+    members = {
+        "absolute": [(str(out.victim), "file", "forged")],
+        "dotdot": [("../outside/victim", "file", "forged")],
+        "dotdot-inside": [("base/../../outside/victim", "file", "forged")],
+        "file-behind-link": [link, ("pg_tblspc/16400/victim", "file", "forged")],
+        "dir-behind-link": [link, ("pg_tblspc/16400/x", "dir", "")],
+        "file-behind-link-deeper": [link, ("pg_tblspc/16400/x/y", "file", "forged")],
+        "dir-over-link": [link, ("pg_tblspc/16400", "dir", "")],
+    }[case]
+    with pytest.raises(RestoreTargetError, match="refusing tar member"):
+        extract_tar(_tar(("PG_VERSION", "file", "16\n"), *members), str(out.root), delta=delta)
+    out.unchanged()
+
+
+def test_extract_tar_makes_the_streams_links_as_links(tmp_path: Path) -> None:
+    from keepwell.sources.postgres.datadir import extract_tar
+
+    out = _Outside(tmp_path)
+    stats = extract_tar(_tar(("pg_tblspc", "dir", ""), ("pg_tblspc/16400", "link", str(out.dir)),
+                             ("pg_tblspc/16400", "link", str(out.dir))), str(out.root),
+                        delta=False)
+    assert os.readlink(out.root / "pg_tblspc/16400") == str(out.dir)
+    assert stats.links == {str(out.root / "pg_tblspc/16400")}
+    out.unchanged()
+
+
+@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("delta", [True, False])  # a non-delta one meets them only if planted
+def test_extraction_never_writes_through_what_the_target_holds(
+        tmp_path: Path, small: bool, delta: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta restore's target may hold links and hard links to files elsewhere: a link where
+    the backup has a directory is replaced by a directory, a link or a hard link where it has a
+    file is replaced by the file; nothing they lead to changes."""
+    from keepwell.sources.postgres import datadir
+
+    if not small:
+        monkeypatch.setattr(datadir, "SMALL", 0)
+    out = _Outside(tmp_path)
+    (out.root / "pg_wal").symlink_to(out.dir)
+    (out.root / "global").mkdir()
+    (out.root / "global/pg_control").symlink_to(out.victim)
+    os.link(out.victim, out.root / "PG_VERSION")
+    datadir.extract_tar(_tar(("PG_VERSION", "file", "16\n"), ("pg_wal", "dir", ""),
+                             ("pg_wal/archive_status", "dir", ""),
+                             ("pg_wal/victim", "file", "wal"),
+                             ("global/pg_control", "file", "control")),
+                        str(out.root), delta=delta)
+    out.unchanged()
+    assert (out.root / "PG_VERSION").read_bytes() == b"16\n"
+    assert not (out.root / "pg_wal").is_symlink() and (out.root / "pg_wal/archive_status").is_dir()
+    assert (out.root / "pg_wal/victim").read_bytes() == b"wal"
+    assert (out.root / "global/pg_control").read_bytes() == b"control"
+    assert not (out.root / "global/pg_control").is_symlink()
+
+
+def test_a_delta_extraction_writes_a_plain_file_in_place(tmp_path: Path) -> None:
+    from keepwell.sources.postgres.datadir import extract_tar
+
+    root = tmp_path / "root"
+    (root / "base").mkdir(parents=True)
+    (root / "base/1").write_bytes(b"a" * 5000)
+    before = os.stat(root / "base/1").st_ino
+    stats = extract_tar(_tar(("base/1", "file", b"a" * 4096 + b"b" * 1000)), str(root), delta=True)
+    assert (root / "base/1").read_bytes() == b"a" * 4096 + b"b" * 1000
+    assert os.stat(root / "base/1").st_ino == before and stats.written_bytes < 5096

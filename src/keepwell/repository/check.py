@@ -34,7 +34,7 @@ from keepwell.repository.packreader import parse_header_and_sender
 from keepwell.repository.pending import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
-from keepwell.repository.tree import DIR, Node
+from keepwell.repository.tree import DIR, Node, unusable_name
 from keepwell.repository.unindexed import UnindexedPacks, load_tree_anywhere
 
 SUBSET_FORMS = "n/m (2/5), a percentage (10%) or a size (1G)"
@@ -210,11 +210,12 @@ def _check_snapshots(repo: Repository, index: MasterIndex, bad_blobs: set[bytes]
     lost, or never written) fails a restore as surely as a missing one: an error too."""
     for snap in repo.list_snapshots():
         awaiting = unindexed = 0
+        unusable: list[str] = []
         try:
             root = bytes.fromhex(snap.tree)
             if not index.has(root):
                 awaiting, unindexed = (1, 0) if pending.find(root) else (0, 1)
-            for path, node in _walk(repo, index, spare, snap):
+            for path, node in _walk(repo, index, spare, snap, unusable):
                 blobs = list(node.content)
                 if node.type == DIR and node.subtree is not None:
                     blobs.append(node.subtree)
@@ -226,6 +227,12 @@ def _check_snapshots(repo: Repository, index: MasterIndex, bad_blobs: set[bytes]
                     unindexed += 1
                 elif outside:
                     awaiting += 1
+            if unusable:
+                more = f" (and {len(unusable) - 1} more directories)" if len(unusable) > 1 else ""
+                report.errors.append(
+                    f"snapshot {snap.short_id} holds {unusable[0]}{more}: a restore refuses it "
+                    "(backup never writes such a name; it was damaged or forged: forget it with "
+                    f"'keepwell forget {snap.short_id}')")
             if unindexed:
                 report.errors.append(
                     f"snapshot {snap.short_id}: {unindexed} item(s) use blobs that no index lists "
@@ -245,14 +252,19 @@ def _check_snapshots(repo: Repository, index: MasterIndex, bad_blobs: set[bytes]
         report.errors.append(f"snapshot {sid[:8]}: {len(paths)} damaged or missing file(s), e.g. {paths[0]}")
 
 
-def _walk(repo: Repository, index: MasterIndex, spare: UnindexedPacks,
-          snap: Snapshot) -> Iterator[tuple[str, Node]]:
-    """Like `Repository.walk`, but also reads trees from packs no index lists."""
+def _walk(repo: Repository, index: MasterIndex, spare: UnindexedPacks, snap: Snapshot,
+          unusable: list[str]) -> Iterator[tuple[str, Node]]:
+    """Like `Repository.walk`, but also reads trees from packs no index lists, and notes in
+    ``unusable`` each directory whose names cannot all be entries of one directory (walked on:
+    what else the snapshot lacks is reported too)."""
     stack: list[tuple[bytes, str]] = [(bytes.fromhex(snap.tree), "")]
     while stack:
         tree_id, base = stack.pop()
         subdirs = []
-        for node in load_tree_anywhere(repo, index, spare, tree_id):
+        nodes = load_tree_anywhere(repo, index, spare, tree_id)
+        if (why := unusable_name(nodes)) is not None:
+            unusable.append(f"{why} in /{base}")
+        for node in nodes:
             path = f"{base}/{node.name}" if base else node.name
             yield path, node
             if node.type == DIR and node.subtree is not None:

@@ -48,12 +48,18 @@ MARIADB_START_ENCRYPTION_EVENT = 164
 IN_USE_FLAG = 0x1
 TRANSACTION_STARTS = (MARIADB_GTID_EVENT, MYSQL_GTID_EVENT, MYSQL_ANONYMOUS_GTID_EVENT)
 
-_NAME = re.compile(r"^(?P<base>.+)\.(?P<seq>\d{6,})$")
+_NAME = re.compile(r"(?P<base>.+)\.(?P<seq>\d{6,})")
+
+
+def is_binlog_name(name: str) -> bool:
+    """True for what can be the name of one binary log file in a directory, ``base.NNNNNN``:
+    never a path (`split_name` reads the number of any name, to place it among others)."""
+    return _NAME.fullmatch(name) is not None and "/" not in name and "\0" not in name
 
 
 def split_name(name: str) -> tuple[str, int]:
     """``binlog.000042`` -> (``binlog``, 42)."""
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name)
     if not m:
         raise SourceError(f"{name!r} is not a binary log file name (expected base.NNNNNN)")
     return m.group("base"), int(m.group("seq"))

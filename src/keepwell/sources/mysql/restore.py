@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keepwell.errors import RestoreTargetError, SourceError, UsageError
+from keepwell.errors import IntegrityError, RestoreTargetError, SourceError, UsageError
+from keepwell.sources.mysql.binlog import is_binlog_name
 from keepwell.sources.mysql.catalog import BinlogFile
 from keepwell.sources.mysql.connection import ConnectionSettings
 from keepwell.sources.mysql.dumpfilter import filter_dump, lines_of
@@ -47,6 +49,7 @@ from keepwell.sources.tempserver import TempServer, hand_over, unreachable
 from keepwell.sources.tools import ToolProcess, run_tool
 
 PIPE_BLOCK = 1 << 20
+_HISTORY_KEY = re.compile(r"h-?\d+(?:-\d+)?")  # keepwell.sources.mysql.catalog.Catalog.key
 _SOCKDIR_PREFIX = "keepwell-mysqld-"
 
 
@@ -330,7 +333,14 @@ def _has_user(name: str) -> bool:
 
 def spool_binlog(repo: Any, f: BinlogFile, directory: str) -> str:
     """Write one archived binlog under ``directory`` (in a folder of its history: two histories
-    may hold files of the same name); return its path."""
+    may hold files of the same name); return its path. The name comes from the snapshot, which
+    any host writing to the repository could have forged: one that is not the name of a binlog
+    file (``base.NNNNNN``, no ``/``) is refused, never joined to ``directory``."""
+    if not is_binlog_name(f.name) or not _HISTORY_KEY.fullmatch(f.history):
+        raise IntegrityError(
+            f"snapshot {f.snapshot_id[:8]} holds a binary log named {f.name!r} (history "
+            f"{f.history!r}), which is not a binary log file name: not restored",
+            hint=f"forget the snapshot with 'keepwell forget {f.snapshot_id[:8]}'")
     os.makedirs(os.path.join(directory, f.history), exist_ok=True)
     path = os.path.join(directory, f.history, f.name)
     if os.path.exists(path) and os.path.getsize(path) >= f.size:

@@ -1,10 +1,18 @@
 """Writing a data directory from stored tar streams, optionally as a delta.
 
-`extract_tar` unpacks one tar stream under a root directory, refusing members that would land
-outside it, also through a symbolic link the stream itself created (a link in the target
-before the restore, such as ``pg_wal`` on another disk, is the user's own layout). In *delta* mode it compares each file with what is already on disk block by block
-and writes only from the first differing block on, and it lists what the stream did not contain
-so that stale files can be removed afterwards.
+`extract_tar` unpacks one tar stream under a root directory and never writes outside it. The
+member names come from a snapshot that any host writing to the repository could have forged, and
+the root may already hold links (a ``--delta`` restore): a member whose name is absolute or has a
+``..`` component, or that lies behind a symbolic link the stream itself created, is refused; every
+directory is reached one component at a time without following a link
+(`keepwell.sources.files.targetdir.TargetDirs`), and a link or file found where the stream has a
+directory (``pg_wal`` linked to another disk, say) is removed, the link itself, never followed, and
+a directory made in its place. The stream's own symbolic links (``pg_tblspc/<oid>``) are made as
+links and never written through. A file is written in place only when it is a plain file of the
+target with no other name (a delta); else a new file is made and renamed over what was there, so a
+hard link to a file elsewhere is never written through. In *delta* mode it compares each file
+with what is already on disk block by block and writes only from the first differing block on,
+and it lists what the stream did not contain so that stale files can be removed afterwards.
 
 Each file is handed to a pool of fsync threads as soon as it is written, so the disk writes it
 back while the next files are decoded (the filesystem groups the journal commits of fsyncs in
@@ -19,8 +27,10 @@ measured with 800 MB written by another process, a 755 MB restore took 2.6 s wit
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import sys
 import tarfile
 import threading
@@ -29,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keepwell.errors import IntegrityError, RestoreTargetError
+from keepwell.sources.files.targetdir import TargetDirs, discard, make_node, new_file
 
 BLOCK = 1024 * 1024
 SMALL = 8 * 1024 * 1024  # files up to this size are written by the writer threads
@@ -49,12 +60,21 @@ class ExtractStats:
     links: set[str] = field(default_factory=set)  # symbolic links the streams created
 
 
-def _safe_join(root: str, name: str) -> str:
-    name = name.removeprefix("./")
-    path = os.path.normpath(os.path.join(root, name))
-    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
-        raise RestoreTargetError(f"refusing tar member outside the target: {name}")
-    return path
+def member_rel(name: str) -> str:
+    """A member's place under the root, its names joined by ``/`` (``""``: the root itself);
+    a `RestoreTargetError` for a name that is absolute or has an empty, ``.`` or ``..``
+    component (a leading ``./`` and a directory's trailing ``/`` are how tar writes names)."""
+    rel = name
+    while rel.startswith("./"):
+        rel = rel[2:]
+    rel = rel.rstrip("/") if rel not in ("", "/") else rel
+    if rel in ("", "."):
+        return ""
+    parts = rel.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise RestoreTargetError(f"refusing tar member {name!r}: an absolute name or one with a"
+                                 " '..' or empty component would write outside the target")
+    return rel
 
 
 class _Syncer:
@@ -82,36 +102,44 @@ class _Writers:
     """Writes small files on a few threads: creating files costs a syscall round trip each,
     and a data directory has thousands. In-flight bytes are bounded."""
 
-    def __init__(self, syncer: _Syncer | None = None) -> None:
+    def __init__(self, dirs: TargetDirs, syncer: _Syncer | None = None) -> None:
         self.pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="kw-pg-write")
         self.budget = threading.BoundedSemaphore(IN_FLIGHT // BLOCK)
         self.futures: list[Future[None]] = []
+        self.dirs = dirs
         self.syncer = syncer
 
-    def submit(self, path: str, data: bytes | memoryview, mode: int, mtime: float) -> None:
+    def submit(self, parent: str, name: str, data: bytes | memoryview, mode: int,
+               mtime: float) -> None:
+        """Write the file ``name`` of the directory ``parent`` (a rel of `dirs`)."""
         units = max(1, len(data) // BLOCK)
         for _ in range(units):
             self.budget.acquire()
-        self.futures.append(self.pool.submit(self._write, path, data, mode, mtime, units))
+        self.futures.append(self.pool.submit(self._write, parent, name, data, mode, mtime,
+                                             units))
         if len(self.futures) > 512:
             self._collect(done_only=True)
 
-    def _write(self, path: str, data: bytes | memoryview, mode: int, mtime: float,
+    def _write(self, parent: str, name: str, data: bytes | memoryview, mode: int, mtime: float,
                units: int) -> None:
         try:
-            if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path)):
-                _remove(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            dir_fd = self.dirs.acquire(parent)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchmod(fd, mode)
-                os.utime(fd, (mtime, mtime))
+                fd, temp = new_file(dir_fd, name, True)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fchmod(fd, mode)
+                    os.utime(fd, (mtime, mtime))
+                finally:
+                    os.close(fd)
+                if temp is not None:
+                    _put_in_place(dir_fd, name, temp)
             finally:
-                os.close(fd)
+                self.dirs.release(parent)
             if self.syncer is not None:
-                self.syncer.add(path)
+                self.syncer.add(_path(self.dirs.root, parent, name))
         finally:
             for _ in range(units):
                 self.budget.release()
@@ -232,91 +260,93 @@ def tar_members(blocks: Iterable[bytes]) -> Iterator[tuple[tarfile.TarInfo, Iter
 def extract_tar(blocks: Iterable[bytes], root: str, *, delta: bool,
                 stats: ExtractStats | None = None) -> ExtractStats:
     """Unpack a tar stream (its bytes in blocks) under `root` (not yet durable: see
-    `make_durable`)."""
+    `make_durable`); `root` itself is opened as named, link or not."""
     stats = stats or ExtractStats()
     root = os.path.abspath(root)
     os.makedirs(root, 0o700, exist_ok=True)
-    syncer = _Syncer()
+    dirs = TargetDirs(root, replace=True)
     try:
-        writers = _Writers(syncer)
-        made = {root}  # directories known to exist: one stat per directory, not one per file
+        syncer = _Syncer()
         try:
-            for member, data in tar_members(blocks):
-                _extract_member(member, data, root, delta, stats, writers, made)
+            writers = _Writers(dirs, syncer)
+            links: set[str] = set()  # rels of the links this stream made
+            try:
+                for member, data in tar_members(blocks):
+                    _extract_member(member, data, dirs, delta, stats, writers, links)
+            finally:
+                writers.close()
         finally:
-            writers.close()
+            syncer.close(stats.synced)
     finally:
-        syncer.close(stats.synced)
+        dirs.close()
     return stats
 
 
-def _through_link(path: str, root: str, links: set[str]) -> None:
-    """Refuse a path that passes through a symbolic link the restore itself created."""
-    p = os.path.dirname(path)
-    while len(p) > len(root):
+def _path(root: str, parent: str, name: str) -> str:
+    return os.path.join(root, parent, name) if parent else os.path.join(root, name)
+
+
+def _behind_link(member: tarfile.TarInfo, rel: str, links: set[str]) -> None:
+    """Refuse a member at or behind a symbolic link the same stream made (a link is only ever
+    replaced by another link)."""
+    p = rel if member.isdir() else rel.rpartition("/")[0]
+    while p:
         if p in links:
-            raise RestoreTargetError(f"refusing tar member {path}: it lies behind the symbolic"
-                                     f" link {p} of the same backup")
-        p = os.path.dirname(p)
+            raise RestoreTargetError(f"refusing tar member {member.name!r}: it would be written"
+                                     f" through the symbolic link {p} of the same backup")
+        p = p.rpartition("/")[0]
 
 
-def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], root: str, delta: bool,
-                    stats: ExtractStats, writers: _Writers, made: set[str]) -> None:
-    path = _safe_join(root, member.name)
+def _extract_member(member: tarfile.TarInfo, data: Iterator[memoryview], dirs: TargetDirs,
+                    delta: bool, stats: ExtractStats, writers: _Writers, links: set[str]) -> None:
+    rel = member_rel(member.name)
+    if not rel:
+        if member.isdir():
+            return  # the root: made by the restore
+        raise RestoreTargetError(f"refusing tar member {member.name!r}: not a directory, yet"
+                                 " it names the target itself")
+    path = os.path.join(dirs.root, rel)
+    if member.isdir() or member.issym() or member.isfile():
+        _behind_link(member, rel, links)
     stats.seen.add(path)
     if member.isdir():
-        if path not in made:
-            _through_link(path, root, stats.links)
-            if path in stats.links:
-                raise RestoreTargetError(f"refusing tar member {path}: a directory over the"
-                                         " symbolic link of the same backup")
-        os.makedirs(path, 0o700, exist_ok=True)
-        if not os.path.islink(path):
-            os.chmod(path, member.mode & 0o7777 or 0o700)
-        made.add(path)
+        fd = dirs.acquire(rel, create=True)
+        try:
+            os.fchmod(fd, member.mode & 0o7777 or 0o700)
+        finally:
+            dirs.release(rel)
         return
-    parent = os.path.dirname(path)
-    if parent not in made:
-        _through_link(path, root, stats.links)
-        if parent in stats.links:
-            raise RestoreTargetError(f"refusing tar member {path}: it lies behind the symbolic"
-                                     " link of the same backup")
-        if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700, exist_ok=True)
-        made.add(parent)
-    if member.issym():
-        stats.links.add(path)
-        if path in made:  # a directory of this stream is being replaced by a link
-            made.difference_update({m for m in made if m == path or m.startswith(path + os.sep)})
-        if os.path.lexists(path):
-            if os.path.islink(path) and os.readlink(path) == member.linkname:
-                return
-            _remove(path)
-        os.symlink(member.linkname, path)
+    parent, _, name = rel.rpartition("/")
+    if not (member.issym() or member.isfile()):
         return
-    if not member.isfile():
-        return
-    stats.files += 1
-    stats.bytes += member.size
-    mode = member.mode & 0o7777 or 0o600
-    if not delta and member.size <= SMALL:
-        pieces = list(data)
-        if len(pieces) == 1 and len(pieces[0]) * 2 >= len(pieces[0].obj):  # type: ignore[arg-type]
-            body: bytes | memoryview = pieces[0]  # most of a stored block: written from it
-        else:  # copied, so a queued small file never holds on to a whole block
-            body = b"".join(pieces)
-        writers.submit(path, body, mode, float(member.mtime))
-        stats.written_files += 1
-        stats.written_bytes += member.size
-        return
-    written = _write_file(data, path, member.size, delta)
+    dir_fd = dirs.acquire(parent, create=True)
+    try:
+        if member.issym():
+            _make_link(dir_fd, name, member.linkname)
+            links.add(rel)
+            stats.links.add(path)
+            return
+        stats.files += 1
+        stats.bytes += member.size
+        mode = member.mode & 0o7777 or 0o600
+        if not delta and member.size <= SMALL:
+            pieces = list(data)
+            if len(pieces) == 1 and len(pieces[0]) * 2 >= len(pieces[0].obj):  # type: ignore[arg-type]
+                body: bytes | memoryview = pieces[0]  # most of a stored block: written from it
+            else:  # copied, so a queued small file never holds on to a whole block
+                body = b"".join(pieces)
+            writers.submit(parent, name, body, mode, float(member.mtime))
+            stats.written_files += 1
+            stats.written_bytes += member.size
+            return
+        written = _write_file(data, dir_fd, name, member.size, delta, mode, member.mtime)
+    finally:
+        dirs.release(parent)
     if written:
         stats.written_files += 1
         stats.written_bytes += written
-    os.chmod(path, mode)
-    os.utime(path, (member.mtime, member.mtime))
-    if written and writers.syncer is not None:
-        writers.syncer.add(path)
+        if writers.syncer is not None:
+            writers.syncer.add(path)
 
 
 def _write_all(fd: int, piece: memoryview) -> None:
@@ -324,11 +354,62 @@ def _write_all(fd: int, piece: memoryview) -> None:
         piece = piece[os.write(fd, piece):]
 
 
-def _write_file(data: Iterator[memoryview], path: str, size: int, delta: bool) -> int:
-    """Write a member's `size` bytes to `path`; in delta mode only from the first difference
-    with the file already there."""
-    if delta and os.path.isfile(path) and not os.path.islink(path):
-        fd = os.open(path, os.O_RDWR)
+def _put_in_place(dir_fd: int, name: str, temp: str) -> None:
+    """Rename ``temp`` over ``name``; a directory there (a delta restore where the backup has a
+    file) is removed first."""
+    try:
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            discard(dir_fd, temp)
+            raise
+    try:
+        shutil.rmtree(name, dir_fd=dir_fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        discard(dir_fd, temp)
+        raise
+
+
+def _make_link(dir_fd: int, name: str, target: str) -> None:
+    """The stream's symbolic link ``name`` -> ``target``: one already there stays, anything
+    else with that name is replaced (a directory removed first)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dir_fd) == target:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+    make_node(dir_fd, name, True, lambda n: os.symlink(target, n, dir_fd=dir_fd))
+
+
+def _open_in_place(dir_fd: int, name: str) -> int | None:
+    """The file ``name`` opened for a delta, when it is a plain file with no other name (never a
+    link, never a hard link to a file that may lie outside the target); else None."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES):
+            return None
+        raise
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _write_file(data: Iterator[memoryview], dir_fd: int, name: str, size: int, delta: bool,
+                mode: int, mtime: float) -> int:
+    """Write a member's `size` bytes to ``name`` in ``dir_fd`` and set its mode and time; in
+    delta mode only from the first difference with the file already there."""
+    fd = _open_in_place(dir_fd, name) if delta else None
+    if fd is not None:
         try:
             offset = written = 0
             differs = False
@@ -345,13 +426,13 @@ def _write_file(data: Iterator[memoryview], path: str, size: int, delta: bool) -
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
                 written = written or 1
+            os.fchmod(fd, mode)
+            os.utime(fd, (mtime, mtime))
             return written
         finally:
             os.close(fd)
-    if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path)):
-        _remove(path)
     written = kicked = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, temp = new_file(dir_fd, name, True)
     try:
         for piece in data:
             _write_all(fd, piece)
@@ -359,8 +440,16 @@ def _write_file(data: Iterator[memoryview], path: str, size: int, delta: bool) -
             if written - kicked >= KICK:
                 start_writeback(fd, kicked, written - kicked)
                 kicked = written
-    finally:
+        os.fchmod(fd, mode)
+        os.utime(fd, (mtime, mtime))
+    except BaseException:
         os.close(fd)
+        if temp is not None:
+            discard(dir_fd, temp)
+        raise
+    os.close(fd)
+    if temp is not None:
+        _put_in_place(dir_fd, name, temp)
     return written
 
 
@@ -389,18 +478,16 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
 
 
 def own_file(path: str) -> str:
-    """`path`, made safe to write: a symbolic link there (restored or left by anyone) is removed
-    first, so keepwell's own files in a data directory never write through one."""
-    if os.path.islink(path):
+    """`path`, made safe to write: a symbolic link there (restored or left by anyone), or a file
+    with another name (a hard link), is removed first, so keepwell's own files in a data
+    directory never write through one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
         os.unlink(path)
     return path
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 def remove_unlisted(root: str, seen: set[str], keep: frozenset[str] | set[str] = frozenset()
@@ -444,7 +531,7 @@ def sync_tree(root: str, files: bool = False, skip: set[str] | frozenset[str] = 
 def _fsync_path(path: str, is_dir: bool) -> None:
     if not is_dir and os.path.islink(path):
         return
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else os.O_NOFOLLOW))
     try:
         os.fsync(fd)
     finally:

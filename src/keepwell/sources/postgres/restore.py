@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keepwell.errors import RestoreTargetError, UsageError
+from keepwell.sources.files.targetdir import TargetDirs
 from keepwell.sources.postgres import commands
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.datadir import (
@@ -132,8 +133,7 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
         stats.removed = sum(remove_unlisted(r, stats.seen, keep if r == root else set())
                             for r in layout.roots())
     _write_tablespace_map(root, layout)
-    for sub in ("pg_wal", "pg_wal/archive_status"):
-        os.makedirs(os.path.join(root, sub), 0o700, exist_ok=True)
+    _make_dirs(root, "pg_wal/archive_status")
     password_file = _password_file(opts, root)
     policy = FetchPolicy("inside", _oid_map(opts, plan),
                          os.path.abspath(opts.tablespace_map_all)
@@ -160,11 +160,22 @@ def _restore_tablespaces(repo: Any, snap: Any, layout: TargetLayout, opts: Resto
                          stats: ExtractStats) -> None:
     for place in layout.tablespaces:
         location = place.path(layout.root)
-        if place.directory is None and os.path.islink(location):
-            os.unlink(location)  # a link left by an earlier restore: in place now
+        if place.directory is None:  # the link the base backup holds there is replaced
+            _make_dirs(layout.root, f"pg_tblspc/{place.oid}")
         extract_tar(repo.iter_file(snap, f"tablespaces/{place.oid}.tar"), location,
                     delta=opts.delta, stats=stats)
         os.chmod(location, 0o700)
+
+
+def _make_dirs(root: str, rel: str) -> None:
+    """The directory ``rel`` inside ``root`` and those above it, made where missing; a link or
+    file in the way is removed (the link itself, never what it names)."""
+    dirs = TargetDirs(root, replace=True)
+    try:
+        dirs.acquire(rel, create=True)
+        dirs.release(rel)
+    finally:
+        dirs.close()
 
 
 def _write_tablespace_map(root: str, layout: TargetLayout) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from keepwell.errors import RestoreTargetError, UsageError
+from keepwell.errors import IntegrityError, RestoreTargetError, UsageError
 from keepwell.sources.postgres.catalog import BaseBackup
 from keepwell.sources.postgres.liveservers import LivePaths
 
@@ -70,6 +70,9 @@ def plan_layout(target_dir: str, backup: BaseBackup, *, delta: bool,
     _check_directory(root, "the target directory", delta=delta, live=live)
     places = []
     for oid, meta in sorted(backup.tablespaces.items()):
+        if not _is_oid(oid):  # joined to paths below: never a name of more than one directory
+            raise IntegrityError(f"backup {backup.short_id} records a tablespace {oid!r} that"
+                                 " is not an OID: not restored")
         name = str(meta.get("name"))
         chosen = mapping.get(oid) or mapping.get(name)
         if chosen is None and tablespace_map_all:
