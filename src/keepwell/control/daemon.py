@@ -57,6 +57,7 @@ from keepwell.control.reload import ConfigChange, diff_configs
 from keepwell.control.runner import LiveJobs, finish, live_entry, run_job
 from keepwell.control.schedule import Schedule
 from keepwell.control.streamers import StreamSupervisor, stop_orphan
+from keepwell.control.tracing import open_tracing
 from keepwell.errors import ConfigurationError, UsageError
 from keepwell.sources.base import source_for
 
@@ -103,6 +104,7 @@ class Daemon:
         self.services: list[Service] = []
         cfg = self.cfg = loaded.config
         self.log = log
+        self.tracing = open_tracing(cfg.tracing)
         self.history = open_history(cfg)
         self.slots = Slots(_caps(cfg))
         self.queue = JobQueue()
@@ -467,7 +469,8 @@ class Daemon:
 
     def _work(self, spec: JobSpec, ctx: JobContext) -> None:
         try:
-            run_id, outcome = run_job(spec, ctx, self.history, self.alerts, self.log)
+            run_id, outcome = run_job(spec, ctx, self.history, self.alerts, self.log,
+                                      self.tracing)
             with self._lock:
                 entry = self._running.pop(spec.job_id, None)
             if entry is not None and entry.abandoned:
@@ -570,6 +573,8 @@ class Daemon:
                 self.history.mark_interrupted(run.id, "the daemon stopped while the job ran")
         log_event(self.log, "daemon_stopped", cancelled=len(leftover))
         self.history.close()
+        if self.tracing is not None:
+            self.tracing.close()
         return 0
 
 
