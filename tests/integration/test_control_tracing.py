@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from keepwell.errors import MissingExtraError
 from tests.integration.control_support import Workspace, env, write_random
 
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -189,3 +190,20 @@ def test_nothing_of_opentelemetry_is_imported_without_tracing(ws: Workspace) -> 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
     assert ws.runs("status='succeeded'")
+
+
+def test_tracing_without_its_extra_is_one_line(ws: Workspace) -> None:
+    _files_config(ws, tracing={"otlp_endpoint": "http://127.0.0.1:9"})
+    script = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the tracing extra were not installed\n"
+        "import keepwell.cli.main as m\n"
+        f"sys.argv = ['keepwell', 'run', 'x', '-c', {str(ws.config_path)!r}]\n"
+        "m.run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == MissingExtraError.exit_code, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "pip install 'keepwell[tracing]'" in line
+    assert ws.runs() == []

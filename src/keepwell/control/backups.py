@@ -24,7 +24,7 @@ from keepwell.control.jobs import (
     open_job_repository,
     source_job,
 )
-from keepwell.control.tracing import PhaseClock
+from keepwell.control.spans import PhaseClock
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.retention import Policy
 from keepwell.sources.base import Source, SourceJob, source_for
@@ -45,13 +45,6 @@ def outcome_from_snapshot(snap: Snapshot) -> JobOutcome:
         snapshot_id=snap.id,
         details={"summary": summary, "bytes_added": added},
     )
-
-
-def backup_phase(kind: str, settings: Mapping[str, Any]) -> str:
-    """The name of a backup's main span: what the source does."""
-    if kind in ("postgres", "mysql"):
-        return "basebackup" if settings.get("mode") == "physical" else "dump"
-    return "copy database" if kind == "sqlite" else "backup files"
 
 
 def retention_policy(retention: Mapping[str, Any] | None) -> Policy | None:
@@ -118,7 +111,7 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         done = _recovered(repo, spec)
         if done is not None:
             return done
-        with ctx.trace.phase(backup_phase(spec.kind, job.settings)):
+        with ctx.trace.phase(source.backup_phase(job)):
             try:
                 report = source.backup(job, repo, ctx)
             finally:

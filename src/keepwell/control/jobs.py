@@ -29,7 +29,7 @@ from keepwell.backends.resilience import TokenBucket
 from keepwell.control.config import Config
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
-from keepwell.control.tracing import NO_TRACE, JobTrace
+from keepwell.control.spans import NO_TRACE, JobTrace
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
 from keepwell.repository import Repository
 from keepwell.repository.repo import open_repository, open_storage

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import Span, Status, StatusCode
 
 from keepwell.control.config import TracingConfig
-from keepwell.control.tracing import JobTrace
+from keepwell.control.spans import JobTrace
 
 FLUSH_TIMEOUT_MS = 5000
 

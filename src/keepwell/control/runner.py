@@ -22,7 +22,8 @@ from keepwell.control.drills import run_drill
 from keepwell.control.history import History, open_history
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.logs import log_event
-from keepwell.control.tracing import Tracing, open_tracing
+from keepwell.control.spans import Tracing
+from keepwell.control.tracing import open_tracing
 from keepwell.errors import KeepwellError, UsageError
 
 
