@@ -22,6 +22,7 @@ EXTRA_OF_MODULE = {
     "yaml": "control",
     "prometheus_client": "control",
     "cronsim": "control",
+    "opentelemetry": "tracing",
     "pyfuse3": "mount",
     "trio": "mount",
     "temporalio": "fleet",

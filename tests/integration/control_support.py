@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,10 +62,10 @@ def write_random(path: Path, size: int) -> None:
 class Daemon:
     """A real ``keepwell daemon`` process logging JSON lines to a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, args: tuple[str, ...] = ()) -> None:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - open as long as the daemon runs
-        self.proc = subprocess.Popen([*CLI, "daemon", "-c", str(config), "--log-json"],
+        self.proc = subprocess.Popen([*CLI, "daemon", "-c", str(config), "--log-json", *args],
                                      stdout=self._log, stderr=self._log, env=env())
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -132,8 +133,8 @@ class Workspace:
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return self.config_path
 
-    def daemon(self) -> Daemon:
-        d = Daemon(self.config_path, self.root / f"daemon-{len(self.daemons)}.log")
+    def daemon(self, *args: str) -> Daemon:
+        d = Daemon(self.config_path, self.root / f"daemon-{len(self.daemons)}.log", args)
         self.daemons.append(d)
         return d
 
@@ -173,6 +174,20 @@ class Workspace:
             if d.proc.poll() is None:
                 d.proc.kill()
                 d.proc.wait()
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The samples of a daemon's ``/metrics``: name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

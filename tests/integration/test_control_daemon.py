@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.control_support import (
     PASSWORD,
     WebhookSink,
     Workspace,
     max_overlap,
+    scrape,
     write_random,
 )
 
@@ -36,16 +36,6 @@ def hook() -> Iterator[WebhookSink]:
     yield sink
     sink.close()
 
-
-def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        text = resp.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
 
 
 def test_caps_and_shared_bandwidth_budget_hold(ws: Workspace) -> None:
@@ -67,7 +57,7 @@ def test_caps_and_shared_bandwidth_budget_hold(ws: Workspace) -> None:
     port = d.metrics_port()
     d.wait_for(lambda: {r["source"] for r in ws.runs("status='succeeded'")} == set(sources),
                timeout=40, what="one backup of every source")
-    metrics = _scrape(port)
+    metrics = scrape(port)
     assert d.stop() == 0
 
     first = {}
@@ -178,7 +168,7 @@ def test_retries_back_off_with_jitter_and_breaker_opens_then_closes(
     # While open, scheduled runs of the paused source are recorded as skipped, not run.
     d.wait_for(lambda: ws.runs("source='flaky' AND status='skipped'"), timeout=10,
                what="a skipped run while the breaker is open")
-    states = {lab["state"]: v for lab, v in _scrape(port)["keepwell_circuit_breaker_state"]
+    states = {lab["state"]: v for lab, v in scrape(port)["keepwell_circuit_breaker_state"]
               if lab["source"] == "flaky"}
     assert states["open"] + states["half-open"] == 1.0
     # Fix the source: the next probe succeeds and closes the breaker.
@@ -189,7 +179,7 @@ def test_retries_back_off_with_jitter_and_breaker_opens_then_closes(
     probe = ws.runs("source='flaky' AND status='succeeded'")[0]
     assert probe["trigger"] == "probe"
     d.wait_for(lambda: d.events("circuit_closed"), what="circuit_closed event")
-    states = {lab["state"]: v for lab, v in _scrape(port)["keepwell_circuit_breaker_state"]
+    states = {lab["state"]: v for lab, v in scrape(port)["keepwell_circuit_breaker_state"]
               if lab["source"] == "flaky"}
     assert states["closed"] == 1.0
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:

@@ -10,17 +10,15 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 import tests.servers.postgres as servers_pg
-from tests.integration.control_support import WebhookSink
+from tests.integration.control_support import WebhookSink, scrape
 from tests.servers.postgres import PG_USER, PgCluster, PgEnv, as_pg_user, chown_pg
 
 pg_env = servers_pg.pg_env
@@ -54,15 +52,6 @@ def _cli(pg: PgEnv, config: Path, *args: str, as_postgres: bool = False,
                              f"{res.stdout}\n{res.stderr}")
     return res
 
-
-def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
 
 
 def _metrics_port(log: Path, proc: subprocess.Popen[bytes]) -> int:
@@ -137,7 +126,7 @@ def test_physical_backup_pitr_window_and_drill_into_a_temporary_server(
         proc = subprocess.Popen([*CLI, "daemon", "-c", str(config), "--log-json"], env=_env(pg_env),
                                 stdout=logf, stderr=logf)
         try:
-            metrics = _scrape(_metrics_port(log, proc))
+            metrics = scrape(_metrics_port(log, proc))
         finally:
             proc.terminate()
             proc.wait(30)

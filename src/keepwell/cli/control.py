@@ -89,8 +89,11 @@ def cmd_daemon(
     config: ConfigOption = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
     = False,
+    watch_config: Annotated[bool, typer.Option(
+        "--watch-config", help="Reload the configuration when its file changes.")] = False,
 ) -> None:
-    """Run the schedules until stopped (SIGTERM/SIGINT stop it gracefully)."""
+    """Run the schedules until stopped (SIGTERM/SIGINT stop it gracefully; SIGHUP reloads the
+    configuration)."""
     from keepwell.control import logs
     from keepwell.control.daemon import run_daemon
 
@@ -103,7 +106,7 @@ def cmd_daemon(
         factory = daemon_service(loaded, log)
         if factory is not None:
             services.append(factory)
-    raise typer.Exit(run_daemon(loaded, log, services))
+    raise typer.Exit(run_daemon(loaded, log, services, watch_config=watch_config))
 
 
 def cmd_web(

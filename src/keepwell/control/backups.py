@@ -24,6 +24,7 @@ from keepwell.control.jobs import (
     open_job_repository,
     source_job,
 )
+from keepwell.control.spans import PhaseClock
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.retention import Policy
 from keepwell.sources.base import Source, SourceJob, source_for
@@ -85,7 +86,9 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
     """One backup of the job's source, its retention, and its replica."""
     source = source_for(spec.kind)
     job = source_job(spec)
-    repo = open_job_repository(spec, ctx)
+    with ctx.trace.phase("open repository"):
+        repo = open_job_repository(spec, ctx)
+    clock = PhaseClock()
 
     def count_workers(name: str, fields: dict[str, Any]) -> None:
         if name == "stored_by_workers":  # packs that worker processes uploaded themselves
@@ -103,20 +106,26 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
             ctx.log("error", f"{fields.get('path', '')}: {fields.get('message', '')}")
 
     repo.events.subscribe(count_workers)
+    repo.events.subscribe(clock.on_event)
     if ctx.listener is not None:
         repo.events.subscribe(ctx.listener)
     try:
         done = _recovered(repo, spec)
         if done is not None:
             return done
-        report = source.backup(job, repo, ctx)
+        with ctx.trace.phase(source.backup_phase(job)):
+            try:
+                report = source.backup(job, repo, ctx)
+            finally:
+                clock.place(ctx.trace, ctx.upload_started, ctx.upload_ended)
         outcome = outcome_from_snapshot(report.snapshot)
         if report.problems:
             outcome.details["partial"] = report.problems
-        apply_retention(source, job, repo, outcome)
-        replica = mirror_to_replica(spec, ctx, repo.backend)
-        if replica is not None:
-            outcome.details["replica"] = replica
+        with ctx.trace.phase("retention"):
+            apply_retention(source, job, repo, outcome)
+        if spec.params["repository"].get("replica"):
+            with ctx.trace.phase("replica"):
+                outcome.details["replica"] = mirror_to_replica(spec, ctx, repo.backend)
         return outcome
     finally:
         repo.close()

@@ -334,6 +334,22 @@ class FleetConfig(_Model):
         return value
 
 
+class TracingConfig(_Model):
+    """Traces of jobs over OTLP/HTTP (`keepwell.control.tracing`): ``otlp_endpoint`` is the
+    collector's base URL (``http://127.0.0.1:4318``); unset, the standard
+    ``OTEL_EXPORTER_OTLP_*`` variables may still turn tracing on."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "keepwell"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("expected an http(s) URL, e.g. http://127.0.0.1:4318")
+        return value
+
+
 class Config(_Model):
     version: Literal[1] = 1
     timezone: str = "UTC"
@@ -352,6 +368,7 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @field_validator("timezone")
     @classmethod

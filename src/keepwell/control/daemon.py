@@ -17,6 +17,17 @@ Crashes: at start, runs left ``running`` by a dead process are marked ``interrup
 interrupted job that never succeeded is queued again under the same job id. On SIGTERM/SIGINT
 the daemon stops scheduling, lets running jobs finish for ``shutdown_grace`` seconds, then
 cancels the rest (recorded ``interrupted``, re-run at the next start) and exits.
+
+Reload: SIGHUP (and, with ``watch_config``, a change of the file's modification time, size or
+inode, looked at every ``WATCH_INTERVAL`` seconds) re-reads the configuration. A file that does
+not validate, or that changes a setting bound at start (`keepwell.control.reload.RESTART_ONLY`),
+is refused with its one-line error and the configuration in force stays. Otherwise the change is
+applied between two turns of the loop: schedules of new sources and drills start, those of
+removed ones stop (their queued jobs and pending retries are dropped; a running job finishes),
+changed schedules are recomputed, and the budgets, retry and breaker policies apply to the jobs
+that start afterwards. Log streamers of removed or changed sources are stopped, those of new or
+changed ones started. Each reload is an event (``config_reloaded`` or
+``config_reload_refused``) and is counted in the metrics.
 """
 
 from __future__ import annotations
@@ -35,20 +46,23 @@ from typing import Any, Protocol
 
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
-from keepwell.control.config import FilesSource, LoadedConfig, StreamConfig
+from keepwell.control.config import Config, FilesSource, LoadedConfig, StreamConfig, load_config
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, source_job
 from keepwell.control.limits import Caps, JobQueue, Slots
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServer
 from keepwell.control.pitr import WindowCache, has_windows
+from keepwell.control.reload import ConfigChange, diff_configs
 from keepwell.control.runner import LiveJobs, finish, live_entry, run_job
 from keepwell.control.schedule import Schedule
 from keepwell.control.streamers import StreamSupervisor, stop_orphan, watch_stream
-from keepwell.errors import UsageError
+from keepwell.control.tracing import open_tracing
+from keepwell.errors import ConfigurationError, UsageError
 from keepwell.sources.base import source_for
 
 OVERRUN_GRACE = 5.0
+WATCH_INTERVAL = 1.0  # seconds between two looks at the configuration file (--watch-config)
 
 
 class Service(Protocol):
@@ -84,27 +98,29 @@ class _Timer:
 
 class Daemon:
     def __init__(self, loaded: LoadedConfig, log: logging.Logger,
-                 services: Sequence[ServiceFactory] = ()) -> None:
+                 services: Sequence[ServiceFactory] = (), *, watch_config: bool = False) -> None:
         self.loaded = loaded
         self.service_factories = list(services)
         self.services: list[Service] = []
         cfg = self.cfg = loaded.config
         self.log = log
+        self.tracing = open_tracing(cfg.tracing)
         self.history = open_history(cfg)
-        self.alerts = Alerts(self.history, cfg.alerts, list(cfg.notifications))
-        overrides = tuple((n, r.max_concurrent_jobs) for n, r in cfg.repositories.items()
-                          if r.max_concurrent_jobs)
-        self.slots = Slots(Caps(cfg.limits.max_concurrent_jobs,
-                                cfg.limits.max_concurrent_per_repository,
-                                cfg.limits.max_concurrent_per_host, overrides))
+        self.slots = Slots(_caps(cfg))
         self.queue = JobQueue()
-        self.shared_upload = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)
-                              if cfg.limits.upload else None)
+        self._budgets(cfg)
         self.breakers = {
             name: CircuitBreaker(cfg.circuit_breaker.failure_threshold,
                                  cfg.circuit_breaker.reset_after)
             for name in cfg.sources
         }
+        self.watch_config = watch_config
+        self._config_stamp = _stamp(loaded.path)
+        self._last_config_look = time.monotonic()
+        self._reload_requested = threading.Event()
+        self.reloads = {"ok": 0, "refused": 0}
+        self.last_reload: float | None = None
+        self.collector: KeepwellCollector | None = None
         self.started_at = time.time()
         self.upload_bytes = 0
         self._upload_lock = threading.Lock()
@@ -118,6 +134,13 @@ class Daemon:
         self._last_stale_check = 0.0
         self.streams: dict[str, Any] = {}
         self.metrics: MetricsServer | None = None
+
+    def _budgets(self, cfg: Config) -> None:
+        """The budgets and policies jobs start with (at start, and again at each reload: a
+        running job keeps the bucket it was given)."""
+        self.alerts = Alerts(self.history, cfg.alerts, list(cfg.notifications))
+        self.shared_upload = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)
+                              if cfg.limits.upload else None)
 
     # -- timers ---------------------------------------------------------------------------------
     def _add_timer(self, due: float, what: str, action: str, name: str,
@@ -158,6 +181,8 @@ class Daemon:
             next_runs=next_runs,
             streams={n: s.figures for n, s in self.streams.items()},
             started_at=self.started_at,
+            reloads=dict(self.reloads),
+            last_reload=self.last_reload,
         )
 
     def submit(self, action: str, name: str, requested_by: str | None) -> str:
@@ -210,15 +235,20 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
+    def request_reload(self, *_: Any) -> None:
+        self._reload_requested.set()
+        self._wake.set()
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
 
     def start_metrics(self) -> None:
         if self.cfg.metrics.listen:
-            collector = KeepwellCollector(self.history, sorted(self.cfg.sources), self.live,
-                                          WindowCache(self.cfg) if has_windows(self.cfg)
-                                          else None)
+            collector = self.collector = KeepwellCollector(
+                self.history, sorted(self.cfg.sources), self.live,
+                WindowCache(self.cfg) if has_windows(self.cfg) else None)
             self.metrics = MetricsServer(self.cfg.metrics.listen, collector, self.health)
             self.metrics.start()
             log_event(self.log, "metrics_listening",
@@ -230,23 +260,29 @@ class Daemon:
                 log_event(self.log, "stream_orphan_stopped", level=logging.WARNING,
                           source=source, pid=pid)
             self.history.clear_streamer(source)
-        for name, src in self.cfg.sources.items():
-            stream: StreamConfig | None = getattr(src, "stream", None)
-            continuous = isinstance(src, FilesSource) and src.mode == "continuous"
-            if (stream is None and not continuous) or not src.enabled:
-                continue
-            job = source_job(build_job(self.cfg, "backup", name, time.time()))
-            if isinstance(src, FilesSource):
-                stream = watch_stream(src, list(job.tags))
-            assert stream is not None
-            env = source_for(src.kind).environment(job, JobContext())
-            sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
-                                   on_spawn=self.history.set_streamer)
-            self.streams[name] = sup
-            sup.start()
+        for name in self.cfg.sources:
+            self._start_stream(name)
+
+    def _start_stream(self, name: str) -> None:
+        src = self.cfg.sources[name]
+        stream: StreamConfig | None = getattr(src, "stream", None)
+        continuous = isinstance(src, FilesSource) and src.mode == "continuous"
+        if (stream is None and not continuous) or not src.enabled:
+            return
+        job = source_job(build_job(self.cfg, "backup", name, time.time()))
+        if isinstance(src, FilesSource):
+            stream = watch_stream(src, list(job.tags))
+        assert stream is not None
+        env = source_for(src.kind).environment(job, JobContext())
+        sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
+                               on_spawn=self.history.set_streamer)
+        self.streams[name] = sup
+        sup.start()
 
     def _on_lag(self, source: str, samples: list[float]) -> None:
-        src = self.cfg.sources[source]
+        src = self.cfg.sources.get(source)
+        if src is None:
+            return
         stream = getattr(src, "stream", None)
         if stream is not None and stream.lag_alert is not None:
             self.alerts.check_lag(source, samples, stream.lag_alert)
@@ -299,6 +335,7 @@ class Daemon:
         self.start_streams()
         while not self._stop.is_set():
             self._wake.clear()
+            self._maybe_reload()
             now = time.time()
             self._fire_timers(now)
             self._dispatch()
@@ -310,6 +347,77 @@ class Daemon:
                 nxt = self._timers[0].due if self._timers else now + 1.0
             self._wake.wait(max(0.0, min(nxt - time.time(), 1.0)))
         return self.shutdown()
+
+    # -- reload ---------------------------------------------------------------------------------
+    def _maybe_reload(self) -> None:
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self.reload("signal")
+        elif self.watch_config and time.monotonic() - self._last_config_look >= WATCH_INTERVAL:
+            self._last_config_look = time.monotonic()
+            if _stamp(self.loaded.path) != self._config_stamp:
+                self.reload("file changed")
+
+    def reload(self, reason: str) -> bool:
+        """Re-read the configuration file and apply it; False when it was refused."""
+        self._config_stamp = _stamp(self.loaded.path)  # a refused file is read again once changed
+        try:
+            new = load_config(self.loaded.path)
+            change = diff_configs(self.cfg, new.config)
+        except ConfigurationError as exc:
+            self.reloads["refused"] += 1
+            log_event(self.log, "config_reload_refused", level=logging.ERROR, reason=reason,
+                      error=exc.line())
+            return False
+        self._apply(new.config, change)
+        self.reloads["ok"] += 1
+        self.last_reload = time.time()
+        log_event(self.log, "config_reloaded", reason=reason, **change.summary())
+        return True
+
+    def _apply(self, cfg: Config, change: ConfigChange) -> None:
+        old = self.cfg
+        keys = {("backup", n) for n in old.sources} | {("drill", n) for n in old.drills}
+        before = {key: self._schedule_of(*key) for key in keys}
+        self.cfg = cfg
+        self.loaded.config = cfg  # what the services built on it (the web app) read
+        self.slots.caps = _caps(cfg)
+        self._budgets(cfg)
+        policy = cfg.circuit_breaker
+        for name in change.removed:
+            self.breakers.pop(name, None)
+        for name in cfg.sources:
+            breaker = self.breakers.setdefault(
+                name, CircuitBreaker(policy.failure_threshold, policy.reset_after))
+            breaker.failure_threshold = policy.failure_threshold
+            breaker.reset_after = policy.reset_after
+        now_keys = {("backup", n) for n in cfg.sources} | {("drill", n) for n in cfg.drills}
+        stale = {key for key in keys if key not in now_keys or
+                 self._schedule_of(*key) != before[key]}
+        gone = keys - now_keys
+        with self._lock:
+            self._timers = [t for t in self._timers
+                            if not ((t.action, t.name) in gone
+                                    or (t.what == "schedule" and (t.action, t.name) in stale))]
+            heapq.heapify(self._timers)
+            for key in stale:
+                self._next_runs.pop(key, None)
+        for action, name in self.queue.remove(lambda s: (s.action, s.name) in gone):
+            log_event(self.log, "job_dropped", action=action, source=name,
+                      reason="no longer configured")
+        now = time.time()
+        for key in sorted((now_keys - keys) | (stale - gone)):
+            self._schedule_next(*key, now)
+        for name in change.removed + change.changed:
+            sup = self.streams.pop(name, None)
+            if sup is not None:
+                sup.stop()
+        for name in change.added + change.changed:
+            if name not in self.streams:
+                self._start_stream(name)
+        if self.collector is not None:
+            self.collector.sources = sorted(cfg.sources)
+            self.collector.pitr = WindowCache(cfg) if has_windows(cfg) else None
 
     def _fire_timers(self, now: float) -> None:
         due: list[_Timer] = []
@@ -324,8 +432,9 @@ class Daemon:
                               reason="still queued or running")
                     continue
                 self.queue.push(build_job(self.cfg, t.action, t.name, t.due))
-            elif t.spec is not None:
-                self.queue.push(t.spec)
+            elif t.spec is not None and (t.spec.source in self.cfg.sources
+                                         if t.action == "backup" else t.name in self.cfg.drills):
+                self.queue.push(t.spec)  # a retry or probe of what is still configured
 
     def _busy(self, action: str, name: str) -> bool:
         if self.queue.contains(action, name):
@@ -364,7 +473,8 @@ class Daemon:
 
     def _work(self, spec: JobSpec, ctx: JobContext) -> None:
         try:
-            run_id, outcome = run_job(spec, ctx, self.history, self.alerts, self.log)
+            run_id, outcome = run_job(spec, ctx, self.history, self.alerts, self.log,
+                                      self.tracing)
             with self._lock:
                 entry = self._running.pop(spec.job_id, None)
             if entry is not None and entry.abandoned:
@@ -383,7 +493,9 @@ class Daemon:
     def _after(self, spec: JobSpec, outcome: JobOutcome) -> None:
         if spec.action != "backup" or outcome.status == "interrupted":
             return
-        breaker = self.breakers[spec.source]
+        breaker = self.breakers.get(spec.source)
+        if breaker is None or spec.source not in self.cfg.sources:
+            return  # removed by a reload while it ran: no retry, no probe
         was = breaker.state
         if outcome.status == "succeeded":
             breaker.record_success()
@@ -465,12 +577,31 @@ class Daemon:
                 self.history.mark_interrupted(run.id, "the daemon stopped while the job ran")
         log_event(self.log, "daemon_stopped", cancelled=len(leftover))
         self.history.close()
+        if self.tracing is not None:
+            self.tracing.close()
         return 0
 
 
+def _caps(cfg: Config) -> Caps:
+    overrides = tuple((n, r.max_concurrent_jobs) for n, r in cfg.repositories.items()
+                      if r.max_concurrent_jobs)
+    return Caps(cfg.limits.max_concurrent_jobs, cfg.limits.max_concurrent_per_repository,
+                cfg.limits.max_concurrent_per_host, overrides)
+
+
+def _stamp(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:
+    """What tells that the configuration file changed (an editor may replace it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def run_daemon(loaded: LoadedConfig, log: logging.Logger,
-               services: Sequence[ServiceFactory] = ()) -> int:
-    """Run the daemon until stopped; ``services`` are built with it and run beside its jobs."""
-    daemon = Daemon(loaded, log, services)
+               services: Sequence[ServiceFactory] = (), *, watch_config: bool = False) -> int:
+    """Run the daemon until stopped; ``services`` are built with it and run beside its jobs.
+    With ``watch_config``, a change of the configuration file reloads it as SIGHUP does."""
+    daemon = Daemon(loaded, log, services, watch_config=watch_config)
     daemon.install_signals()
     return daemon.run()

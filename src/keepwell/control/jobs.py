@@ -29,6 +29,7 @@ from keepwell.backends.resilience import TokenBucket
 from keepwell.control.config import Config
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
+from keepwell.control.spans import NO_TRACE, JobTrace
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
 from keepwell.repository import Repository
 from keepwell.repository.repo import open_repository, open_storage
@@ -182,6 +183,7 @@ class JobContext:
         self.files = 0  # progress: files read so far (sources that read files)
         self.started = time.time()
         self.on_log: Callable[[str, str], None] | None = None  # (level, message) -> the run's log
+        self.trace: JobTrace = NO_TRACE  # the attempt's spans (tracing on)
         self._lock = threading.Lock()
 
     def log(self, level: str, message: str) -> None:

@@ -13,6 +13,7 @@ import heapq
 import itertools
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from keepwell.control.jobs import JobSpec
@@ -115,6 +116,15 @@ class JobQueue:
                     heapq.heapify(self._heap)
                     return job
             return None
+
+    def remove(self, unwanted: Callable[[JobSpec], bool]) -> list[tuple[str, str]]:
+        """Drop the queued jobs ``unwanted`` picks; their (action, name)."""
+        with self._lock:
+            dropped = [entry for entry in self._heap if unwanted(entry[3])]
+            for entry in dropped:
+                self._heap.remove(entry)
+            heapq.heapify(self._heap)
+            return [(e[3].action, e[3].name) for e in dropped]
 
     def drain(self) -> list[JobSpec]:
         with self._lock:

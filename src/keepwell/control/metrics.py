@@ -44,6 +44,8 @@ class LiveFigures:
     next_runs: dict[str, float] = field(default_factory=dict)
     streams: dict[str, StreamFigures] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    reloads: dict[str, int] = field(default_factory=dict)  # result (ok, refused) -> count
+    last_reload: float | None = None
 
 
 class KeepwellCollector:
@@ -174,6 +176,15 @@ class KeepwellCollector:
         yield from self._pitr()
         yield g("keepwell_daemon_start_timestamp_seconds", "Unix time the daemon started",
                 value=live.started_at)
+        reloads = CounterMetricFamily("keepwell_config_reloads",
+                                      "Reloads of the configuration, applied or refused",
+                                      labels=["result"])
+        for result in ("ok", "refused"):
+            reloads.add_metric([result], live.reloads.get(result, 0))
+        yield reloads
+        if live.last_reload is not None:
+            yield g("keepwell_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last applied reload", value=live.last_reload)
 
 
 class MetricsServer:

@@ -22,6 +22,8 @@ from keepwell.control.drills import run_drill
 from keepwell.control.history import History, open_history
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.logs import log_event
+from keepwell.control.spans import Tracing
+from keepwell.control.tracing import open_tracing
 from keepwell.errors import KeepwellError, UsageError
 
 
@@ -56,8 +58,9 @@ def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
 
 
 def run_job(spec: JobSpec, ctx: JobContext, history: History, alerts: Alerts,
-            log: logging.Logger) -> tuple[int, JobOutcome]:
-    """Record, execute and judge one job; returns (run id, outcome)."""
+            log: logging.Logger, tracing: Tracing | None = None) -> tuple[int, JobOutcome]:
+    """Record, execute and judge one job (an attempt's span of its trace when ``tracing``);
+    returns (run id, outcome)."""
     run_id = history.start_run(
         job_id=spec.job_id, name=spec.name, source=spec.source, action=spec.action,
         kind=spec.kind, attempt=spec.attempt, trigger=spec.trigger,
@@ -69,7 +72,13 @@ def run_job(spec: JobSpec, ctx: JobContext, history: History, alerts: Alerts,
     by = f" by {spec.requested_by}" if spec.requested_by else ""
     ctx.log("info", f"{spec.action} of {spec.name} started (attempt {spec.attempt}, "
                     f"{spec.trigger}{by})")
+    if tracing is not None:
+        ctx.trace = tracing.start(spec.job_id, f"{spec.action} {spec.name}", action=spec.action,
+                                  source=spec.source, kind=spec.kind, attempt=spec.attempt,
+                                  trigger=spec.trigger, run_id=run_id)
     outcome = execute(spec, ctx)
+    ctx.trace.finish(outcome.status, outcome.error, snapshot=outcome.snapshot_id,
+                     bytes_read=outcome.bytes_read, bytes_uploaded=outcome.bytes_uploaded)
     ctx.on_log = None
     finish(run_id, spec, outcome, history, alerts, log)
     return run_id, outcome
@@ -128,6 +137,7 @@ def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
     """
     cfg = loaded.config
     spec = build_job(cfg, action, name, time.time(), trigger="manual")
+    tracing = open_tracing(cfg.tracing)
     history = open_history(cfg)
     try:
         alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
@@ -142,12 +152,14 @@ def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
 
         previous = signal.signal(signal.SIGINT, stop)
         try:
-            _, outcome = run_job(spec, ctx, history, alerts, log)
+            _, outcome = run_job(spec, ctx, history, alerts, log, tracing)
         finally:
             signal.signal(signal.SIGINT, previous)
         return spec, outcome
     finally:
         history.close()
+        if tracing is not None:
+            tracing.close()
 
 
 class LiveJobs(Protocol):

@@ -195,6 +195,11 @@ class Source(ABC, Generic[CopyT]):
         """What the source backs up, in words (``keepwell config check``)."""
         return self.kind
 
+    def backup_phase(self, job: SourceJob) -> str:
+        """What its backup does, in a word or two: the name of the backup's span in a job's
+        trace (`keepwell.control.spans`)."""
+        return "backup"
+
     def environment(self, job: SourceJob, ctl: JobControl) -> dict[str, str]:
         """The environment of a command run for this source (its ``backup_command``,
         ``drill_command``, streamer): keepwell's, with the repository and its password."""

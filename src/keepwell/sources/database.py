@@ -57,6 +57,9 @@ class DatabaseSource(Source[CopyT]):
                               f"{job.tag}")
         return BackupReport(snap)
 
+    def backup_phase(self, job: SourceJob) -> str:
+        return "basebackup" if job.settings.get("mode") == "physical" else "dump"
+
     def describe(self, job: SourceJob) -> str:
         conn = job.settings.get("connection") or {}
         return f"{self.kind} ({job.settings.get('mode') or 'logical'}) on {conn.get('host')}"

@@ -51,6 +51,9 @@ class SqliteSource(Source[RestoredCopy]):
     def backup(self, job: SourceJob, repo: Repository, ctl: JobControl) -> BackupReport:
         return BackupReport(backup_database(repo, job.settings["path"], tags=job.tags).snapshot)
 
+    def backup_phase(self, job: SourceJob) -> str:
+        return "copy database"
+
     def describe(self, job: SourceJob) -> str:
         return f"SQLite database {job.settings['path']}"
 

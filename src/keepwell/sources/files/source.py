@@ -44,6 +44,9 @@ class FilesSource(Source[RestoredCopy]):
         return BackupReport(result.snapshot,
                             [f"{p}: {m}" for p, m in result.errors[:PROBLEMS_SHOWN]])
 
+    def backup_phase(self, job: SourceJob) -> str:
+        return "backup files"
+
     def describe(self, job: SourceJob) -> str:
         excludes = job.settings.get("excludes")
         return (f"files {', '.join(job.settings['paths'])}"
