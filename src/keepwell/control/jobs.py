@@ -26,7 +26,7 @@ from typing import Any
 
 from keepwell.backends.base import Backend
 from keepwell.backends.resilience import TokenBucket
-from keepwell.control.config import Config
+from keepwell.control.config import Config, JobLimits
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError, KeepwellError, UsageError
@@ -64,6 +64,8 @@ class JobSpec:
     attempt: int = 1
     trigger: str = "schedule"
     requested_by: str | None = None  # who asked for a job run by hand (a user, ``web:ROLE``)
+    # Hard resource limits (`keepwell.control.cgroups.ResourceLimits.from_dict`); None: none.
+    resources: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,7 +132,24 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         params=params,
         trigger=trigger,
         requested_by=requested_by,
+        resources=_resources(cfg, src, "drill" if action == "drill" else src.kind, repo.location),
     )
+
+
+def _resources(cfg: Config, src: Any, kind: str, location: str) -> dict[str, Any] | None:
+    """A job's hard limits: its source's over its kind's; the paths its I/O limits cover."""
+    own: JobLimits | None = src.limits
+    base = cfg.limits.by_kind.get(kind)  # type: ignore[call-overload]
+    limits = own.over(base) if own is not None else base
+    if limits is None:
+        return None
+    out = limits.model_dump(mode="json", exclude_none=True)
+    paths = [*getattr(src, "paths", []), *([src.path] if getattr(src, "path", None) else [])]
+    if "://" not in location:
+        paths.append(location)
+    out["paths"] = paths  # where ``io.devices`` is not given
+    out["cgroup_root"] = cfg.limits.cgroup_root
+    return out
 
 
 def configured_source(cfg: Config, name: str) -> SourceJob:
