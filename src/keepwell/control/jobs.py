@@ -132,14 +132,15 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         params=params,
         trigger=trigger,
         requested_by=requested_by,
-        resources=_resources(cfg, src, "drill" if action == "drill" else src.kind, repo.location),
+        resources=_resources(cfg, src, action, repo.location),
     )
 
 
-def _resources(cfg: Config, src: Any, kind: str, location: str) -> dict[str, Any] | None:
-    """A job's hard limits: its source's over its kind's; the paths its I/O limits cover."""
-    own: JobLimits | None = src.limits
-    base = cfg.limits.by_kind.get(kind)  # type: ignore[call-overload]
+def _resources(cfg: Config, src: Any, action: str, location: str) -> dict[str, Any] | None:
+    """A job's hard limits: a backup's are its source's over its kind's, a drill's those of
+    ``by_kind.drill``; with the paths its I/O limits cover."""
+    own: JobLimits | None = src.limits if action == "backup" else None
+    base = cfg.limits.by_kind.get("drill" if action == "drill" else src.kind)
     limits = own.over(base) if own is not None else base
     if limits is None:
         return None
