@@ -164,3 +164,25 @@ def test_the_job_process_is_niced(tmp_path: Path) -> None:
     outcome = execute(spec, JobContext(timeout=300))
     assert outcome.status == "succeeded", outcome.error
     assert outcome.details["confinement"]["nice"] == 7
+
+
+def test_a_stopped_job_stops_its_job_process_and_its_cgroup_goes(tmp_path: Path) -> None:
+    write_random(tmp_path / "data" / "big", 8 * MIB)
+    cfg = _config(tmp_path, {"cpu": 0.5}, upload_limit="64K")
+    spec = build_job(cfg, "backup", "data", 1.0)
+    ctx = JobContext(timeout=600)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(outcome=execute(spec, ctx)))
+    runner.start()
+    try:
+        wait_for(lambda: ctx.bytes_read > 0, "the job's progress")
+        job_pid = wait_for(lambda: [p for p in _children(os.getpid()) if _cgroup_lines(p)
+                                    .get("cpu", "/").rpartition("/")[2]
+                                    .startswith("keepwell-data-")], "the job process")[0]
+        cpu_dir = Path("/sys/fs/cgroup/cpu") / _cgroup_lines(job_pid)["cpu"].lstrip("/")
+        ctx.cancel.set()  # what the daemon does at shutdown
+    finally:
+        runner.join(600)
+    outcome = result["outcome"]
+    assert outcome.status == "interrupted", outcome.error
+    assert not cpu_dir.exists()

@@ -5,7 +5,8 @@ The daemon runs jobs on threads of one process, and a cgroup holds processes: so
 process*). `run_confined` makes the job's cgroup, starts the job process, moves it into the
 cgroup before it has read its job (so before it can start anything: worker processes,
 ``pg_basebackup``, ``mariabackup`` are its children and inherit the cgroup), and relays between
-the two `JobContext`s over a pair of pipes:
+the two `JobContext`s over a pair of pipes (the job process is in a session of its own: a
+Ctrl-C at the terminal reaches the daemon or ``keepwell run``, which cancels the job):
 
 - down (to the job process): the job, ``cancel`` when the daemon stops it, and the answers to
   its requests for tokens of the upload budget shared by every job (``granted``);
@@ -64,7 +65,7 @@ def run_confined(spec: JobSpec, ctx: JobContext) -> JobOutcome:
     try:
         process = subprocess.Popen([sys.executable, "-c", _MAIN, str(down_r), str(up_w)],
                                    pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL,
-                                   close_fds=True)
+                                   close_fds=True, start_new_session=True)
     except BaseException:
         for fd in (down_r, down_w, up_r, up_w):
             os.close(fd)
