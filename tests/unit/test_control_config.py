@@ -152,3 +152,32 @@ def test_the_continuous_source_of_the_docs_is_valid(tmp_path: Path) -> None:
     assert src.max_delay == 1.0 and src.quiet_time == 0.2  # type: ignore[union-attr]
     with pytest.raises(ConfigurationError, match="mode"):
         parse_config(doc.replace("mode: continuous", "mode: always"), tmp_path / "keepwell.yaml")
+
+
+def test_resource_limits_of_a_source_win_over_its_kinds(tmp_path: Path) -> None:
+    from keepwell.control.jobs import build_job
+
+    text = MINIMAL.replace("    paths: [data]\n", """\
+    paths: [data]
+    limits: {memory: 256M, io: {write: 5M}}
+limits:
+  cgroup_root: /cg
+  by_kind:
+    files: {cpu: 0.5, memory: 1G, nice: 5, io: {read: 20M}}
+""")
+    cfg = parse_config(text, tmp_path / "keepwell.yaml")
+    spec = build_job(cfg, "backup", "home", 0.0)
+    assert spec.resources is not None
+    assert spec.resources["cpu"] == 0.5 and spec.resources["nice"] == 5
+    assert spec.resources["memory"] == 256 * 1024 * 1024
+    assert spec.resources["io"] == {"read": 20 * 1024 * 1024, "write": 5 * 1024 * 1024}
+    assert spec.resources["cgroup_root"] == "/cg"
+    assert spec.resources["paths"][0].endswith("data")
+    assert build_job(cfg, "drill", "home", 0.0).resources is None  # no drill limits
+
+
+def test_resource_limits_are_checked(tmp_path: Path) -> None:
+    bad = MINIMAL + "    limits: {cpu: 0}\n"
+    assert "cpu" in _error(bad, tmp_path)
+    bad = MINIMAL + "    limits: {ionice: low}\n"
+    assert "ionice" in _error(bad, tmp_path)

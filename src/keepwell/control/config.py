@@ -127,6 +127,39 @@ class StreamConfig(_Model):
     lag_alert: Duration | None = None
 
 
+class IoLimits(_Model):
+    """Block I/O limits per device: bytes (``20M``) and operations per second. ``devices``
+    are paths whose disks are limited; by default the source's paths and a local repository."""
+
+    read: Size | None = Field(default=None, gt=0)
+    write: Size | None = Field(default=None, gt=0)
+    read_iops: int | None = Field(default=None, gt=0)
+    write_iops: int | None = Field(default=None, gt=0)
+    devices: list[str] | None = None
+
+
+class JobLimits(_Model):
+    """Hard limits of a job and every process it starts (a cgroup; nice/ionice without one)."""
+
+    cpu: float | None = Field(default=None, gt=0, le=1024)  # cores: 0.5 is half of one
+    memory: Size | None = Field(default=None, ge=4 * 1024 * 1024)
+    io: IoLimits | None = None
+    nice: int | None = Field(default=None, ge=-20, le=19)
+    ionice: Literal["realtime", "best-effort", "idle"] | None = None
+    ionice_level: int | None = Field(default=None, ge=0, le=7)
+
+    def over(self, base: JobLimits | None) -> JobLimits:
+        """These limits, each unset one taken from ``base`` (a source's over its kind's)."""
+        if base is None:
+            return self
+        mine = self.model_dump(exclude_none=True)
+        merged = {**base.model_dump(exclude_none=True), **mine}
+        if self.io is not None and base.io is not None:
+            merged["io"] = {**base.io.model_dump(exclude_none=True),
+                            **self.io.model_dump(exclude_none=True)}
+        return JobLimits.model_validate(merged)
+
+
 class _SourceBase(_Model):
     repository: Name
     schedule: str | None = None
@@ -134,6 +167,7 @@ class _SourceBase(_Model):
     priority: int = 0
     retention: Retention | None = None
     upload_limit: Size | None = None
+    limits: JobLimits | None = None
     timeout: Duration | None = None
     retries: RetryPolicy | None = None
     expect_success_within: Duration | None = None
@@ -214,6 +248,9 @@ class Limits(_Model):
     max_concurrent_per_host: int | None = Field(default=None, ge=1)
     job_timeout: Duration = 6 * 3600.0
     shutdown_grace: Duration = 60.0
+    by_kind: dict[Literal["files", "sqlite", "postgres", "mysql", "drill"], JobLimits] = Field(
+        default_factory=dict)  # hard limits of every job of a kind (a source's own win)
+    cgroup_root: str = "/sys/fs/cgroup"
 
 
 class Notification(_Model):

@@ -26,7 +26,7 @@ from typing import Any
 
 from keepwell.backends.base import Backend
 from keepwell.backends.resilience import TokenBucket
-from keepwell.control.config import Config
+from keepwell.control.config import Config, JobLimits
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.control.spans import NO_TRACE, JobTrace
@@ -65,6 +65,8 @@ class JobSpec:
     attempt: int = 1
     trigger: str = "schedule"
     requested_by: str | None = None  # who asked for a job run by hand (a user, ``web:ROLE``)
+    # Hard resource limits (`keepwell.control.cgroups.ResourceLimits.from_dict`); None: none.
+    resources: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,7 +133,25 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         params=params,
         trigger=trigger,
         requested_by=requested_by,
+        resources=_resources(cfg, src, action, repo.location),
     )
+
+
+def _resources(cfg: Config, src: Any, action: str, location: str) -> dict[str, Any] | None:
+    """A job's hard limits: a backup's are its source's over its kind's, a drill's those of
+    ``by_kind.drill``; with the paths its I/O limits cover."""
+    own: JobLimits | None = src.limits if action == "backup" else None
+    base = cfg.limits.by_kind.get("drill" if action == "drill" else src.kind)
+    limits = own.over(base) if own is not None else base
+    if limits is None:
+        return None
+    out = limits.model_dump(mode="json", exclude_none=True)
+    paths = [*getattr(src, "paths", []), *([src.path] if getattr(src, "path", None) else [])]
+    if "://" not in location:
+        paths.append(location)
+    out["paths"] = paths  # where ``io.devices`` is not given
+    out["cgroup_root"] = cfg.limits.cgroup_root
+    return out
 
 
 def configured_source(cfg: Config, name: str) -> SourceJob:

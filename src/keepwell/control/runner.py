@@ -18,6 +18,7 @@ from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.backups import run_backup
 from keepwell.control.config import LoadedConfig
+from keepwell.control.confined import JobChild, run_confined
 from keepwell.control.drills import run_drill
 from keepwell.control.history import History, open_history
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec, build_job
@@ -28,10 +29,15 @@ from keepwell.errors import KeepwellError, UsageError
 
 
 def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
-    """Run one job to its end; never raises for a job's own failure."""
+    """Run one job to its end; never raises for a job's own failure. A job with hard resource
+    limits runs in a job process of its own, inside its cgroup (`keepwell.control.confined`)."""
     started = time.monotonic()
     try:
         ctx.check()
+        if spec.resources:
+            outcome = run_confined(spec, ctx)
+            outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
+            return outcome
         outcome = run_drill(spec, ctx) if spec.action == "drill" else run_backup(spec, ctx)
     except JobCancelled as exc:
         outcome = JobOutcome("timeout" if exc.timed_out else "interrupted", error=str(exc),
@@ -55,6 +61,12 @@ def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         outcome.details["upload_ended"] = round(ctx.upload_ended or ctx.upload_started, 6)
     outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
     return outcome
+
+
+def serve_confined(down_fd: int, up_fd: int) -> None:
+    """The job process of `keepwell.control.confined`: run the job it is given, report back."""
+    child = JobChild(down_fd, up_fd)
+    child.finish(execute(child.spec, child.ctx))
 
 
 def run_job(spec: JobSpec, ctx: JobContext, history: History, alerts: Alerts,
