@@ -35,3 +35,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, None, None]:
     outcome = yield
     _refuse_skip(outcome.get_result())
+
+
+# the servers' fixtures, for every test that names them: S3 (SeaweedFS) and SFTP (OpenSSH) started
+# once per session, and a PostgreSQL work directory with a repository
+pytest_plugins = ["tests.integration.conftest_remote", "tests.servers.postgres"]

@@ -6,7 +6,6 @@ or with the wrong content; reads return exactly the stored bytes or fail. And th
 holds the rate on the wire within 10 %.
 """
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from keepwell.backends.sftp import from_url as sftp_from_url
 from keepwell.backends.wrappers import RateLimitedBackend, RetryingBackend
 from keepwell.errors import BackendError, ObjectExistsError, ObjectNotFoundError
 from tests.fault.cli import kw, ok
-from tests.integration.conftest_remote import BUCKET, seaweed, sshd  # noqa: F401
+from tests.integration.conftest_remote import BUCKET
 from tests.servers.proxy import FaultProxy
 from tests.servers.seaweed import SeaweedServer
 from tests.servers.sshd import SshServer

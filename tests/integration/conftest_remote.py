@@ -1,14 +1,11 @@
 """Pytest fixtures for the remote backends: a SeaweedFS S3 gateway and an OpenSSH server.
 
-Import what you need into a test module::
-
-    from tests.integration.conftest_remote import seaweed, s3_url, sshd, sftp_url  # noqa: F401
-
-The servers start once per test session (on free loopback ports) and are killed when the session
-ends, however many modules import the fixtures: an imported fixture is a separate definition in
-each module, so the servers themselves are kept in `_RUNNING`. ``s3_url`` and ``sftp_url`` give
-every test a fresh, empty repository location on them. A server that is not installed skips the
-tests that need it, with the reason.
+tests/conftest.py registers this module as a plugin, so every test names the fixtures it needs
+(``seaweed``, ``s3_env``, ``s3_url``, ``sshd``, ``sftp_env``, ``sftp_url``) and imports nothing.
+The servers start once per test session (on free loopback ports), on first use, and are killed
+when the session ends (they are kept in `_RUNNING`). ``s3_url`` and ``sftp_url`` give every test
+a fresh, empty repository location on them. A server that is not installed fails the tests that
+need it (tests/conftest.py), with the reason.
 """
 
 from __future__ import annotations

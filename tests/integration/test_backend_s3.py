@@ -1,6 +1,5 @@
 """The S3 backend against a real SeaweedFS gateway: the shared contract, plus S3 specifics."""
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from keepwell.errors import (
     TransientBackendError,
 )
 from tests.backend_contract import BackendContract
-from tests.integration.conftest_remote import s3_env, s3_url, seaweed  # noqa: F401
 from tests.servers.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.integration

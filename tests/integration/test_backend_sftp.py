@@ -1,6 +1,5 @@
 """The SFTP backend against a real OpenSSH server: the shared contract, plus SFTP specifics."""
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from keepwell.backends.sftp import SftpBackend
 from keepwell.backends.wrappers import wrap
 from keepwell.errors import ObjectExistsError, PermanentBackendError
 from tests.backend_contract import BackendContract
-from tests.integration.conftest_remote import sftp_env, sftp_url, sshd  # noqa: F401
 from tests.servers.sshd import SshServer
 
 pytestmark = pytest.mark.integration

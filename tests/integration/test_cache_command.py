@@ -7,7 +7,6 @@ their size and last use, and ``--cleanup`` removes those unused for longer than
 ``keepwell`` command runs in a subprocess; the remote repository is on a real SeaweedFS server.
 """
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import pytest
 from keepwell.backends.local import LocalBackend
 from keepwell.backends.wrappers import CachedBackend
 from tests.fault.cli import kw, ok
-from tests.integration.conftest_remote import BUCKET, s3_env, s3_url, seaweed  # noqa: F401
 
 DAY = 86400
 

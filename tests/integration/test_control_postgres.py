@@ -21,8 +21,6 @@ import tests.servers.postgres as servers_pg
 from tests.integration.control_support import WebhookSink, scrape
 from tests.servers.postgres import PG_USER, PgCluster, PgEnv, as_pg_user, chown_pg
 
-pg_env = servers_pg.pg_env
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLI = [servers_pg.PYTHON, "-m", "keepwell.cli.control"]

@@ -41,8 +41,6 @@ from tests.integration.control_support import CLI, PASSWORD, env, init_repositor
 from tests.servers.mariadb import ROOT_PASSWORD, MariaDBServer, fill_sample, mariadb_available
 from tests.servers.postgres import PG_USER, PgCluster, PgEnv, as_pg_user, chown_pg
 
-pg_env = servers_pg.pg_env
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # shorter than the time between two backups: the window holds the newest base only

@@ -9,7 +9,6 @@ is completed by the next run, which reuses what arrived; the filters pick the ri
 a wrong source password is one line and exit code 12.
 """
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -36,15 +35,6 @@ from keepwell.repository.copy import (
     select_snapshots,
 )
 from keepwell.repository.snapshot import SnapshotFilter
-from tests.integration.conftest_remote import (  # noqa: F401
-    BUCKET,
-    s3_env,
-    s3_url,
-    seaweed,
-    sftp_env,
-    sftp_url,
-    sshd,
-)
 from tests.trees import make_tree, tree_contents
 
 pytestmark = pytest.mark.integration

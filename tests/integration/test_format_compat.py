@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from keepwell.repository import open_repository
 from tests.integration.compat_support import (
     describe_tree,
@@ -33,8 +32,6 @@ from tests.integration.compat_support import (
 from tests.servers import free_port
 from tests.servers.mariadb import MariaDBServer, mariadb_available, mariadb_server
 from tests.servers.postgres import PYTHON, PgCluster, PgEnv, chown_pg
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import (
     PgCluster,
     PgEnv,
@@ -21,8 +20,6 @@ from tests.servers.postgres import (
     wal_hook_argv,
 )
 from tests.waiting import wait_for
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster
 from tests.waiting import wait_for
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

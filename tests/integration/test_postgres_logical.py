@@ -7,10 +7,7 @@ import subprocess
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import PgCluster, PgEnv
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,10 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

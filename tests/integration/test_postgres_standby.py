@@ -8,10 +8,7 @@ import time
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,7 +10,6 @@ from datetime import datetime
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import (
     PgCluster,
     PgEnv,
@@ -19,8 +18,6 @@ from tests.servers.postgres import (
     keepwell_argv,
 )
 from tests.waiting import wait_for
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

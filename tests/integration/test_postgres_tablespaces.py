@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import tests.servers.postgres as servers_pg
 from tests.servers.postgres import PgCluster, PgEnv, control, control_config, free_port
-
-pg_env = servers_pg.pg_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,7 +6,6 @@ tree/, index/ and snapshots/ is the BLAKE3 hash of the stored bytes, so no parti
 object is visible, and the restore is byte-exact.
 """
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -31,15 +30,7 @@ from keepwell.backends.resilience import Backoff
 from keepwell.backends.wrappers import RetryingBackend
 from keepwell.errors import KeepwellError
 from keepwell.repository import Repository, open_repository
-from tests.integration.conftest_remote import (  # noqa: F401
-    BUCKET,
-    s3_env,
-    s3_url,
-    seaweed,
-    sftp_env,
-    sftp_url,
-    sshd,
-)
+from tests.integration.conftest_remote import BUCKET
 from tests.servers.proxy import FaultProxy
 from tests.servers.seaweed import SeaweedServer
 

@@ -4,7 +4,6 @@ repository (its id and its server), and a damaged cache file is read again, neve
 Every command runs as a real ``keepwell`` process with its cache under the test's directory.
 """
 
-# Fixtures imported from conftest_remote are, by pytest's design, parameters of the same name.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pytest
 
 from keepwell.backends.registry import open_backend
 from tests.fault.cli import kw, ok
-from tests.integration.conftest_remote import BUCKET, s3_env, s3_url, seaweed  # noqa: F401
+from tests.integration.conftest_remote import BUCKET
 from tests.servers.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.integration

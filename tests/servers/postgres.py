@@ -478,7 +478,7 @@ def remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# --- pytest fixtures (import them into a test module to use them) ------------------------------
+# --- pytest fixtures (tests/conftest.py registers this module as a plugin) -----------------------
 try:
     import pytest
 except ImportError:  # pragma: no cover - the fixtures module is also used by scripts
