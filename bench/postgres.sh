@@ -20,7 +20,7 @@ SEGMENTS="${SEGMENTS:-64}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$here/.venv/bin/python"
 HOOK="$here/.venv/bin/keepwell-wal"
-[[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.hooks"
+[[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.walcommand"
 # archive_command as `keepwell postgres archive-command` prints it: the shell fast path
 PUSH="$here/.venv/bin/keepwell-wal-push"
 if [[ ! -x "$PUSH" ]]; then
