@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from keepwell.control.history import History
 from tests.integration.control_support import Workspace
@@ -90,7 +91,7 @@ def test_api_shows_the_history_and_runs_a_backup_now(ws: Workspace) -> None:
     run = _wait_job(proc, client, doc["job_id"])
     assert run["status"] == "succeeded" and run["trigger"] == "manual"
     log = client.get(f"/api/v1/runs/{run['id']}")["log"]
-    assert "by web:loopback@127.0.0.1" in log[0]["message"]
+    assert "by web:operator:loopback@127.0.0.1" in log[0]["message"]
     status, doc = client.post("/api/v1/actions/backup", {"source": "nope"})
     assert status == 404
 
@@ -98,7 +99,7 @@ def test_api_shows_the_history_and_runs_a_backup_now(ws: Workspace) -> None:
     status, doc = client.post("/api/v1/alerts/docs%3Astale/acknowledge")
     assert status == 200, doc
     (alert,) = client.get("/api/v1/alerts")
-    assert alert["open"] is False and alert["acknowledged_by"] == "web:loopback@127.0.0.1"
+    assert alert["open"] is False and alert["acknowledged_by"] == "web:operator:loopback@127.0.0.1"
     assert client.get("/api/v1/overview")["open_alerts"] == []
     status, _ = client.post("/api/v1/alerts/docs%3Astale/acknowledge")
     assert status == 404
@@ -170,6 +171,78 @@ def test_token_session_csrf_and_login_limits(ws: Workspace) -> None:
     # the right token is refused too while the address is limited
     assert guesser.request("POST", "/login", form={"token": "s3cret-token"})[0] == 429
     assert proc.stop() == 0
+
+
+def test_a_viewer_sees_everything_and_may_not_act_an_operator_may(ws: Workspace) -> None:
+    (ws.root / "op.token").write_text("operator-token\n")
+    (ws.root / "view.token").write_text("viewer-token\n")
+    files_workspace(ws, web={"listen": "127.0.0.1:0", "token": f"file:{ws.root / 'op.token'}",
+                             "viewer_token": f"file:{ws.root / 'view.token'}"})
+    ws.cli("run", "docs", check=True)
+    history = History(str(ws.history))
+    history.raise_alert("docs:stale", "docs", "stale", "no successful backup of docs")
+    history.close()
+    proc = _web(ws)
+    address = proc.address()
+
+    viewer = Client(address)
+    assert viewer.request("POST", "/login", form={"token": "viewer-token"})[0] == 303
+    session = viewer.get("/api/v1/session")
+    assert session["role"] == "viewer" and session["csrf"] is None
+    assert [s["source"] for s in viewer.get("/api/v1/sources")] == ["docs", "photos"]
+    run_id = viewer.get("/api/v1/runs")[0]["id"]
+    for path in ("/", "/sources/docs", f"/runs/{run_id}", "/repositories/main", "/drills",
+                 "/running"):
+        status, _h, body = viewer.request("GET", path)
+        assert status == 200, path
+        assert b'class="act"' not in body and b"keepwell-csrf" not in body, path
+        assert b"viewer: read only" in body
+    # every action is refused with a clear message, with or without a CSRF token
+    operator_session = Client(address)
+    operator_session.request("POST", "/login", form={"token": "operator-token"})
+    csrf = operator_session.session()["csrf"]
+    for path, body in (("/api/v1/actions/backup", {"source": "photos"}),
+                       ("/api/v1/actions/drill", {"drill": "docs-drill"}),
+                       ("/api/v1/alerts/docs%3Astale/acknowledge", {})):
+        for headers in ({}, {"X-Keepwell-CSRF": csrf}):
+            status, doc = viewer.post(path, body, headers=headers)
+            assert status == 403, (path, doc)
+            assert "viewer role may look but not act" in doc["error"]
+        status, doc = viewer.post(path, body, headers={"Authorization": "Bearer viewer-token"})
+        assert status == 403 and "viewer role" in doc["error"]
+    assert viewer.get("/api/v1/runs?source=photos") == []
+    assert viewer.get("/api/v1/alerts")[0]["open"] is True
+
+    # the operator acts; the history records who asked and in what role
+    status, _h, body = operator_session.request("GET", "/")
+    assert b'class="act"' in body and b"read only" not in body
+    assert operator_session.session()["role"] == "operator"
+    status, doc = operator_session.post("/api/v1/actions/backup", {"source": "photos"})
+    assert status == 202, doc
+    run = _wait_job(proc, operator_session, doc["job_id"])
+    assert run["status"] == "succeeded"
+    log = operator_session.get(f"/api/v1/runs/{run['id']}")["log"]
+    assert "by web:operator:session@127.0.0.1" in log[0]["message"]
+    status, doc = operator_session.post("/api/v1/alerts/docs%3Astale/acknowledge")
+    assert status == 200 and doc["acknowledged_by"] == "web:operator:session@127.0.0.1"
+    status, doc = Client(address).post("/api/v1/actions/backup", {"source": "docs"},
+                                       headers={"Authorization": "Bearer operator-token"})
+    assert status == 202 and doc["requested_by"] == "web:operator:token@127.0.0.1"
+    assert proc.stop() == 0
+
+
+def test_a_viewer_token_needs_an_operator_token_of_its_own(ws: Workspace) -> None:
+    (ws.root / "view.token").write_text("viewer-token\n")
+    files_workspace(ws, web={"listen": "127.0.0.1:0",
+                             "viewer_token": f"file:{ws.root / 'view.token'}"})
+    proc = ws.cli("config", "check")
+    assert proc.returncode == 2 and "viewer_token needs token" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    doc = yaml.safe_load(ws.config_path.read_text())
+    doc["web"]["token"] = doc["web"]["viewer_token"]
+    ws.write_config(doc)
+    proc = ws.cli("config", "check")
+    assert proc.returncode == 2 and "different secrets" in proc.stderr
 
 
 def test_web_listen_must_be_host_and_port(ws: Workspace) -> None:

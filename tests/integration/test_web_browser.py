@@ -78,7 +78,7 @@ def test_pages_render_their_plots_and_an_alert_is_acknowledged(ws: Workspace,
     page.wait_for_selector("#alerts tr.alert", state="detached")
     client = Client(base)
     (alert,) = client.get("/api/v1/alerts")
-    assert alert["open"] is False and alert["acknowledged_by"].startswith("web:loopback")
+    assert alert["open"] is False and alert["acknowledged_by"].startswith("web:operator:loopback")
     page.reload()
     assert page.locator("#alerts button.act").count() == 0
 
@@ -131,4 +131,27 @@ def test_a_backup_started_from_the_page_shows_live_progress(ws: Workspace,
     assert run["status"] == "succeeded" and run["bytes_read"] >= 3 * 1024 * 1024
     page.close()
     live.close()
+    assert proc.stop() == 0
+
+
+def test_a_viewer_logs_in_and_sees_no_action_buttons(ws: Workspace, browser: Browser) -> None:
+    (ws.root / "op.token").write_text("operator-token\n")
+    (ws.root / "view.token").write_text("viewer-token\n")
+    files_workspace(ws, web={"listen": "127.0.0.1:0", "token": f"file:{ws.root / 'op.token'}",
+                             "viewer_token": f"file:{ws.root / 'view.token'}"})
+    ws.cli("run", "docs", check=True)
+    proc = _web(ws)
+    base = proc.address()
+    for token, buttons in (("viewer-token", 0), ("operator-token", 3)):
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.fill("input[name=token]", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sources tr.src")
+        assert page.locator("button.act").count() == buttons  # two sources and one drill
+        assert page.locator("#role").count() == (1 if buttons == 0 else 0)
+        page.goto(base + "/sources/docs")
+        page.wait_for_selector(".plot[data-drawn='1']")
+        assert page.locator("button.act").count() == (0 if buttons == 0 else 1)
+        page.close()
     assert proc.stop() == 0

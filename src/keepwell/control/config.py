@@ -329,10 +329,12 @@ def is_loopback(listen: str) -> bool:
 class WebConfig(_Model):
     """The dashboard and HTTP API (``keepwell web``; the daemon serves it when ``listen`` is
     set). A listen address beyond loopback needs a ``token`` (a secret reference): actions,
-    pages and API then ask for it."""
+    pages and API then ask for it. Whoever holds ``token`` is an *operator* (sees and acts);
+    whoever holds ``viewer_token`` is a *viewer* (sees every page and answer, may not act)."""
 
     listen: str | None = None
-    token: SecretRef | None = None
+    token: SecretRef | None = None  # the operator's
+    viewer_token: SecretRef | None = None  # read only
     tls_cert: str | None = None  # PEM files: serve HTTPS
     tls_key: str | None = None
 
@@ -350,6 +352,11 @@ class WebConfig(_Model):
         if self.listen is not None and not is_loopback(self.listen) and self.token is None:
             raise ValueError(f"listening on {self.listen} (beyond loopback) needs a token:"
                              " token: env:NAME or file:PATH")
+        if self.viewer_token is not None and self.token is None:
+            raise ValueError("viewer_token needs token (the operator's): without it, anyone on"
+                             " loopback may act")
+        if self.viewer_token is not None and self.viewer_token == self.token:
+            raise ValueError("viewer_token and token must be different secrets")
         return self
 
 class FleetConfig(_Model):

@@ -21,7 +21,7 @@ from keepwell.errors import ConfigurationError
 
 # settings the daemon binds at start: changing them needs a restart
 RESTART_ONLY = ("history", "history_password", "log_json", "metrics.listen", "web.listen",
-                "web.token", "web.tls_cert", "web.tls_key", "tracing.otlp_endpoint",
+                "web.token", "web.viewer_token", "web.tls_cert", "web.tls_key", "tracing.otlp_endpoint",
                 "tracing.service_name")
 
 

@@ -23,12 +23,14 @@ class WebService:
                  log: logging.Logger) -> None:
         cfg = loaded.config
         token = resolve(cfg.web.token, what="web token") if cfg.web.token else None
+        viewer = resolve(cfg.web.viewer_token, what="web viewer token") \
+            if cfg.web.viewer_token else None
         tls = (cfg.web.tls_cert, cfg.web.tls_key) if cfg.web.tls_cert and cfg.web.tls_key \
             else None
         self.history = open_history(cfg)
         try:
             self.dashboard = Dashboard(loaded, self.history, live)
-            self.server = WebServer(self.dashboard, listen, token, tls)
+            self.server = WebServer(self.dashboard, listen, token, tls, viewer)
         except BaseException:
             self.history.close()
             raise

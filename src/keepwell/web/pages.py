@@ -9,9 +9,10 @@ for its plots, its buttons and live progress.
 from __future__ import annotations
 
 import json
+import re
 import time
 from html import escape
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from keepwell.control.schedule import fmt_age, fmt_ts
@@ -40,9 +41,31 @@ def _status(status: Any) -> str:
     return f'<span class="st st-{_e(status or "none")}">{_e(status or "never")}</span>'
 
 
-def layout(title: str, body: str, csrf: str | None, plots: dict[str, Any] | None = None) -> str:
+class Viewer(NamedTuple):
+    """Who a page is for: the CSRF token their actions carry, and their role: an operator may
+    act, a viewer only looks (the page has no action buttons); none on the login page."""
+
+    csrf: str | None
+    role: str | None = "operator"
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == "operator"
+
+
+NOBODY = Viewer(None, None)
+_ACTION_BUTTON = re.compile(r'<button class="act"[^>]*>[^<]*</button>')
+
+
+def layout(title: str, body: str, viewer: Viewer,
+           plots: dict[str, Any] | None = None) -> str:
     data = json.dumps(plots or {}).replace("</", "<\\/")
+    csrf = viewer.csrf if viewer.can_act else None
     meta = f'<meta name="keepwell-csrf" content="{_e(csrf)}">' if csrf else ""
+    if not viewer.can_act:
+        body = _ACTION_BUTTON.sub("", body)
+    role = (f'<span class="role" id="role">{_e(viewer.role)}: read only</span>'
+            if viewer.role is not None and not viewer.can_act else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -50,7 +73,7 @@ def layout(title: str, body: str, csrf: str | None, plots: dict[str, Any] | None
 <link rel="stylesheet" href="/static/uPlot.min.css"><link rel="stylesheet" href="/static/style.css">
 </head><body>
 <nav><a class="brand" href="/">keepwell</a><a href="/">Overview</a><a href="/drills">Drills</a>
-<a href="/running">Running</a></nav>
+<a href="/running">Running</a>{role}</nav>
 <main><h1>{_e(title)}</h1>
 {body}
 </main>
@@ -98,7 +121,7 @@ def _alerts(alerts: list[dict[str, Any]]) -> str:
             f'<th></th></tr>{rows}</table>')
 
 
-def overview(info: dict[str, Any], csrf: str | None) -> str:
+def overview(info: dict[str, Any], viewer: Viewer) -> str:
     now = info["time"]
     rows = []
     for s in info["sources"]:
@@ -133,7 +156,7 @@ def overview(info: dict[str, Any], csrf: str | None) -> str:
         *[f'<li><a href="/repositories/{_e(quote(r))}">{_e(r)}</a></li>' for r in repos],
         "</ul>",
     ]
-    return layout("Overview", "\n".join(body), csrf)
+    return layout("Overview", "\n".join(body), viewer)
 
 
 def _drill_table(drills: list[dict[str, Any]]) -> str:
@@ -168,7 +191,7 @@ def _series(points: list[dict[str, Any]], *keys: str) -> dict[str, list[Any]]:
     return {"x": [p["time"] for p in points], **{k: [p[k] for p in points] for k in keys}}
 
 
-def source(info: dict[str, Any], csrf: str | None) -> str:
+def source(info: dict[str, Any], viewer: Viewer) -> str:
     b = info["backups"]
     plots = {
         "duration": {"title": "Backup duration (s)", **_series(b, "duration"),
@@ -203,10 +226,10 @@ def source(info: dict[str, Any], csrf: str | None) -> str:
 <h2>Snapshots ({len(info["snapshots"])})</h2>
 <table class="snapshots"><tr><th>id</th><th>time</th><th>host</th><th>tags</th><th>read</th><th>added</th></tr>{snaps}</table>
 """
-    return layout(f"Source {info['source']}", body, csrf, plots)
+    return layout(f"Source {info['source']}", body, viewer, plots)
 
 
-def run(info: dict[str, Any], csrf: str | None) -> str:
+def run(info: dict[str, Any], viewer: Viewer) -> str:
     log = "".join(f'<tr class="log-{_e(line["level"])}"><td>{_e(fmt_ts(line["at"]))}</td>'
                   f'<td>{_e(line["level"])}</td><td>{_e(line["message"])}</td></tr>'
                   for line in info["log"])
@@ -215,10 +238,10 @@ def run(info: dict[str, Any], csrf: str | None) -> str:
     body = (f'<p><a href="/sources/{_e(quote(info["source"]))}">{_e(info["source"])}</a> · '
             f'{_status(info["status"])}</p><table class="facts">{facts}</table>'
             f'<h2>Log</h2><table class="log">{log}</table>')
-    return layout(f"Run {info['id']}: {info['action']} {info['name']}", body, csrf)
+    return layout(f"Run {info['id']}: {info['action']} {info['name']}", body, viewer)
 
 
-def repository(info: dict[str, Any], csrf: str | None) -> str:
+def repository(info: dict[str, Any], viewer: Viewer) -> str:
     g = info["growth"]
     plots = {"growth": {"title": "Repository size from backups (B)", **_series(g, "total"),
                         "series": [["total", "B"]]},
@@ -240,10 +263,10 @@ def repository(info: dict[str, Any], csrf: str | None) -> str:
 </table>
 <div class="plots"><div class="plot" data-plot="growth"></div><div class="plot" data-plot="added"></div></div>
 """
-    return layout(f"Repository {info['name']}", body, csrf, plots)
+    return layout(f"Repository {info['name']}", body, viewer, plots)
 
 
-def drills(items: list[dict[str, Any]], csrf: str | None) -> str:
+def drills(items: list[dict[str, Any]], viewer: Viewer) -> str:
     plots: dict[str, Any] = {}
     parts = [_drill_table(items)]
     for d in items:
@@ -252,10 +275,10 @@ def drills(items: list[dict[str, Any]], csrf: str | None) -> str:
         plots[key] = {"title": f"{d['drill']}: RTO and RPO (s)", **_series(ok, "rto", "rpo"),
                       "series": [["rto", "s"], ["rpo", "s"]], "limit": d["max_rpo"]}
         parts.append(f'<h2>{_e(d["drill"])}</h2><div class="plot" data-plot="{_e(key)}"></div>')
-    return layout("Restore drills", "\n".join(parts), csrf, plots)
+    return layout("Restore drills", "\n".join(parts), viewer, plots)
 
 
-def running(info: dict[str, Any], csrf: str | None) -> str:
+def running(info: dict[str, Any], viewer: Viewer) -> str:
     rows = "".join(_running_row(j) for j in info["jobs"])
     others = "".join(f'<li>{_e(r["action"])} {_e(r["name"])} since '
                      f'{_e(fmt_ts(r["started_at"]))} (another process)</li>'
@@ -264,7 +287,7 @@ def running(info: dict[str, Any], csrf: str | None) -> str:
             f'<th>uploaded</th><th>elapsed</th></tr>{rows}</table>'
             f'<p class="muted" id="live-state">waiting for live updates…</p>'
             f'<ul>{others}</ul>')
-    return layout("Running jobs", body, csrf)
+    return layout("Running jobs", body, viewer)
 
 
 def _running_row(j: dict[str, Any]) -> str:
@@ -278,8 +301,8 @@ def login(message: str | None) -> str:
     body = (f'{msg}<form method="post" action="/login"><label>Token <input type="password" '
             'name="token" autocomplete="current-password" autofocus></label> '
             '<button type="submit">Log in</button></form>')
-    return layout("Log in", body, None)
+    return layout("Log in", body, NOBODY)
 
 
 def error(code: int, message: str) -> str:
-    return layout(f"{code}", f'<p class="err">{_e(message)}</p>', None)
+    return layout(f"{code}", f'<p class="err">{_e(message)}</p>', NOBODY)

@@ -10,12 +10,16 @@ The guard (docs/web.md, "Security"):
 * *Token*: when ``web.token`` is set, every request but the login page and the static files
   must carry it, as ``Authorization: Bearer TOKEN`` (API clients) or as the session cookie the
   login page sets (HttpOnly, SameSite=Strict). Failed logins are limited per client address.
+* *Roles*: ``web.token`` makes an *operator*, ``web.viewer_token`` a *viewer*; on loopback
+  without a token everyone is an operator. A viewer sees every page and API answer; every action
+  a viewer sends is refused (403), and pages hide the buttons.
 * *CSRF*: an action (every POST) sent with a session cookie, or with no credential at all on
   loopback, must carry the session's CSRF token in ``X-Keepwell-CSRF`` (pages embed it; API
   clients read it from ``GET /api/v1/session``). A bearer token is no ambient credential, so
   it needs none.
 
-Every action records who asked: the job's ``requested_by``, an alert's ``acknowledged_by``.
+Every action records who asked and in what role: the job's ``requested_by``, an alert's
+``acknowledged_by`` (``web:ROLE:CREDENTIAL@ADDRESS``, e.g. ``web:operator:session@10.0.0.7``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from keepwell.control.config import is_loopback
@@ -56,14 +60,29 @@ class Refused(KeepwellError):
         self.status = status
 
 
+OPERATOR = "operator"
+VIEWER = "viewer"
+
+
+class Identity(NamedTuple):
+    """Who is asking: the credential (``loopback``, ``token``, ``session``), the role, and the
+    CSRF token their actions need (None: none)."""
+
+    kind: str
+    role: str
+    csrf: str | None
+
+
 class Guard:
     """Sessions, CSRF tokens and login rate limits of one server (kept in memory)."""
 
-    def __init__(self, token: str | None, listen: str) -> None:
+    def __init__(self, token: str | None, listen: str, viewer_token: str | None = None) -> None:
         self.token = token
+        self.tokens = [(t, role) for t, role in ((token, OPERATOR), (viewer_token, VIEWER))
+                       if t is not None]
         self.loopback = is_loopback(listen)
         self.anonymous_csrf = secrets.token_urlsafe(24)  # loopback without a token
-        self._sessions: dict[str, tuple[float, str]] = {}  # id -> (expiry, csrf)
+        self._sessions: dict[str, tuple[float, str, str]] = {}  # id -> (expiry, csrf, role)
         self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
@@ -75,26 +94,34 @@ class Guard:
             self._failures[client] = recent
             if len(recent) >= LOGIN_ATTEMPTS:
                 raise Refused("too many failed logins: wait a minute", 429)
-            if self.token is None or not hmac.compare_digest(given.encode(),
-                                                            self.token.encode()):
+            role = self._role(given)
+            if role is None:
                 recent.append(now)
                 raise Refused("wrong token", 403)
             sid = secrets.token_urlsafe(32)
-            self._sessions[sid] = (time.time() + SESSION_TTL, secrets.token_urlsafe(24))
+            self._sessions[sid] = (time.time() + SESSION_TTL, secrets.token_urlsafe(24), role)
             return sid
+
+    def _role(self, given: str) -> str | None:
+        """The role of a token, or None; every token is compared, each in constant time."""
+        found = None
+        for token, role in self.tokens:
+            if hmac.compare_digest(given.encode(), token.encode()):
+                found = found or role
+        return found
 
     def logout(self, sid: str | None) -> None:
         with self._lock:
             self._sessions.pop(sid or "", None)
 
-    def session(self, sid: str | None) -> str | None:
-        """The CSRF token of a live session, or None."""
+    def session(self, sid: str | None) -> tuple[str, str] | None:
+        """(CSRF token, role) of a live session, or None."""
         with self._lock:
             found = self._sessions.get(sid or "")
             if found is None or found[0] < time.time():
                 self._sessions.pop(sid or "", None)
                 return None
-            return found[1]
+            return found[1], found[2]
 
     def check_host(self, host: str | None) -> None:
         if not self.loopback:
@@ -104,19 +131,19 @@ class Guard:
         if not (name in ("localhost", "::1") or name.startswith("127.")):
             raise Refused(f"host {host!r} is not this server's loopback address", 421)
 
-    def identify(self, headers: Any, cookie_sid: str | None) -> tuple[str, str | None]:
-        """(who, csrf): who is asking, and the CSRF token their actions need (None: none)."""
+    def identify(self, headers: Any, cookie_sid: str | None) -> Identity:
         auth = headers.get("Authorization") or ""
         if self.token is not None and auth.startswith("Bearer "):
-            if hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
-                return "token", None
+            role = self._role(auth[7:].strip())
+            if role is not None:
+                return Identity("token", role, None)
             raise Refused("wrong token", 401)
         if self.token is None:
-            return "loopback", self.anonymous_csrf
-        csrf = self.session(cookie_sid)
-        if csrf is None:
+            return Identity("loopback", OPERATOR, self.anonymous_csrf)
+        found = self.session(cookie_sid)
+        if found is None:
             raise Refused("log in first", 401)
-        return "session", csrf
+        return Identity("session", found[1], found[0])
 
 
 class WebApp:
@@ -144,6 +171,7 @@ class WebApp:
             (R(r"/api/v1/alerts"), lambda q: self.dash.alerts(_one(q, "all") == "1")),
             (R(r"/api/v1/openapi.json"), lambda q: schema()),
         ]
+        # a page takes its `pages.Viewer` (CSRF token and role) and the groups of its path
         self.pages: list[tuple[re.Pattern[str], Callable[..., str]]] = [
             (R(r"/"), lambda c: pages.overview(self.dash.overview(), c)),
             (R(r"/sources/([^/]+)"), lambda c, n: pages.source(self.dash.source(n), c)),
@@ -239,8 +267,8 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
             morsel = jar.get(SESSION_COOKIE)
             return morsel.value if morsel is not None else None
 
-        def _who(self, kind: str) -> str:
-            return f"web:{kind}@{self.client_address[0]}"
+        def _who(self, ident: Identity) -> str:
+            return f"web:{ident.role}:{ident.kind}@{self.client_address[0]}"
 
         # -- methods ----------------------------------------------------------------------
         def do_HEAD(self) -> None:  # noqa: N802 - the http.server protocol
@@ -263,9 +291,10 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
                 if path == "/login":
                     self._send(200, pages.login(None).encode(), "text/html; charset=utf-8")
                     return
-                kind, csrf = guard.identify(self.headers, self._cookie())
+                ident = guard.identify(self.headers, self._cookie())
                 if path == "/api/v1/session":
-                    self._json(200, {"who": self._who(kind), "csrf": csrf})
+                    self._json(200, {"who": self._who(ident), "role": ident.role,
+                                     "csrf": ident.csrf if ident.role == OPERATOR else None})
                     return
                 if path == "/api/v1/events":
                     self._events()
@@ -278,7 +307,8 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
                         if api:
                             self._json(200, fn(query, *groups))
                         else:
-                            self._send(200, fn(csrf, *groups).encode(),
+                            viewer = pages.Viewer(ident.csrf, ident.role)
+                            self._send(200, fn(viewer, *groups).encode(),
                                        "text/html; charset=utf-8")
                         return
                 raise NotFound(f"nothing at {path}")
@@ -305,9 +335,13 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
                         "Set-Cookie": f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; "
                                       "SameSite=Strict"})
                     return
-                kind, csrf = guard.identify(self.headers, self._cookie())
-                if csrf is not None and not hmac.compare_digest(
-                        (self.headers.get("X-Keepwell-CSRF") or "").encode(), csrf.encode()):
+                ident = guard.identify(self.headers, self._cookie())
+                if ident.role != OPERATOR:
+                    raise Refused(f"the {ident.role} role may look but not act: {path} needs "
+                                  "the operator's token (web.token)", 403)
+                if ident.csrf is not None and not hmac.compare_digest(
+                        (self.headers.get("X-Keepwell-CSRF") or "").encode(),
+                        ident.csrf.encode()):
                     raise Refused("missing or wrong CSRF token (X-Keepwell-CSRF)", 403)
                 try:
                     body = json.loads(raw) if raw.strip() else {}
@@ -315,7 +349,7 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
                     raise UsageError("the request body is not JSON") from None
                 if not isinstance(body, dict):
                     raise UsageError("the request body must be a JSON object")
-                code, doc = app.post(path, body, self._who(kind))
+                code, doc = app.post(path, body, self._who(ident))
                 self._json(code, doc)
             except (BrokenPipeError, ConnectionResetError):
                 return
@@ -360,12 +394,15 @@ class WebServer:
     """Serves a `WebApp` on a background thread (`start`/`stop`), or in the foreground."""
 
     def __init__(self, dashboard: Dashboard, listen: str, token: str | None,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None, viewer_token: str | None = None) -> None:
         if not is_loopback(listen) and token is None:
             raise ConfigurationError(f"web: listening on {listen} (beyond loopback) needs a "
                                      "token", hint="set web.token (env:NAME or file:PATH)")
+        if viewer_token is not None and (token is None or viewer_token == token):
+            raise ConfigurationError("web: viewer_token needs a token of its own beside "
+                                     "web.token (the operator's)")
         host, _, port = listen.rpartition(":")
-        self.app = WebApp(dashboard, Guard(token, listen))
+        self.app = WebApp(dashboard, Guard(token, listen, viewer_token))
         try:
             self.httpd = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)),
                                              make_handler(self.app))
