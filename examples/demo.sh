@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job on embedded defaults: a local repository in ./demo/repo, the bundled example tree
 # and an example SQLite database; back up, change, back up again, restore both, verify.
+# The backups run through the control plane (demo/keepwell.yaml), so they leave a job history
+# behind (demo/history.db): `keepwell web -c demo/keepwell.yaml` shows them with their plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KW=.venv/bin/keepwell
@@ -10,6 +12,32 @@ mkdir -p demo
 [ -e demo/repo/config ] || $KW init
 rm -rf demo/data demo/restore
 cp -a examples/demo-tree demo/data
+cat > demo/keepwell.yaml <<YAML
+# written by examples/demo.sh: the demo's backups as sources of the control plane
+version: 1
+history: history.db              # the job history, beside this file
+scratch: scratch                 # drills restore here
+repositories:
+  demo:
+    location: repo
+    password: file:$PWD/demo/password
+sources:
+  files:
+    kind: files
+    repository: demo
+    paths: [data]
+    excludes: [app.db]           # backed up by the sqlite source, consistently
+    tags: [demo]
+  app:
+    kind: sqlite
+    repository: demo
+    path: data/app.db
+    tags: [demo]
+drills:
+  files-drill: {source: files}
+  app-drill: {source: app, tables: {orders: 1}}
+YAML
+CONF="-c demo/keepwell.yaml"
 .venv/bin/python - <<'PY'
 import sqlite3
 con = sqlite3.connect("demo/data/app.db")
@@ -17,9 +45,9 @@ con.execute("create table if not exists orders(id integer primary key, item text
 con.executemany("insert into orders(item, qty) values (?, ?)", [(f"item-{i}", i % 7) for i in range(5000)])
 con.commit()
 PY
-echo "== first backup"
-$KW backup demo/data --tag demo
-$KW sqlite backup demo/data/app.db --tag demo
+echo "== first backup (keepwell run: recorded in the job history)"
+$KW run $CONF files
+$KW run $CONF app
 echo "== change a few files and rows"
 echo "a new line" >> demo/data/docs/notes-2.txt
 echo "brand new file" > demo/data/docs/new.txt
@@ -27,8 +55,8 @@ rm demo/data/docs/notes-5.txt
 .venv/bin/python -c "
 import sqlite3; c=sqlite3.connect('demo/data/app.db'); c.execute(\"update orders set qty=qty+1 where id<50\"); c.execute(\"insert into orders(item,qty) values ('late',1)\"); c.commit()"
 echo "== second backup"
-$KW backup demo/data --tag demo
-$KW sqlite backup demo/data/app.db --tag demo
+$KW run $CONF files
+$KW run $CONF app
 $KW snapshots
 $KW stats
 echo "== restore both file snapshots and both database snapshots, verify"
@@ -46,4 +74,9 @@ assert a == b, "restored database differs"
 print(f"latest database: identical ({len(b)} rows); first database: {c} rows")
 PY
 $KW check --read-data
+echo "== restore drills (recorded in the job history: RTO and RPO)"
+$KW drill $CONF files-drill
+$KW drill $CONF app-drill
 echo "== done: repository in demo/repo, restores in demo/restore"
+echo "== the job history is in demo/history.db; see it in the dashboard:"
+echo "   $KW web -c demo/keepwell.yaml    # then open http://127.0.0.1:9378/"
