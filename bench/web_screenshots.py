@@ -21,8 +21,6 @@ import time
 import zlib
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
-
 CHROMIUM = "/usr/bin/chromium"
 WIDTH = 1000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +53,8 @@ def recompress_png(data: bytes) -> bytes:
 
 
 def start_web(config: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A ``keepwell web`` process on a free loopback port, and its address."""
+    """A ``keepwell web`` process on a free loopback port, and its address (also used by
+    bench/web_bench.py)."""
     logf = open(log, "wb")  # noqa: SIM115 - open while the process runs
     proc = subprocess.Popen([sys.executable, "-m", "keepwell.cli.main", "web", "-c", config,
                              "--listen", "127.0.0.1:0", "--log-json"],
@@ -84,6 +83,8 @@ def main() -> int:
     if not Path(args.config).exists():
         print(f"no {args.config}: run `make run` first", file=sys.stderr)
         return 2
+    from playwright.sync_api import sync_playwright
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proc, base = start_web(args.config, out / ".web.log")
