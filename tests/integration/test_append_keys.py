@@ -6,6 +6,9 @@ deletes, stops with one line and exit code 13; a full key restores byte for byte
 key stored, checks it with ``--read-data``, and prunes it (the blobs it repacks leave their
 sender's key for the master key). An append-written pack that is damaged is found by ``check``.
 A repository of the first format still opens and restores, and refuses append keys in one line.
+An append key's backups are incremental: its own last snapshot and trees are in its local cache;
+without them (or when its snapshot was forgotten) every file is read again, and the snapshot is
+still whole.
 The real ``keepwell`` command runs in a subprocess against a real local repository.
 """
 
@@ -29,7 +32,9 @@ NEEDS_FULL = 13
 
 
 def _as_append(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return kw(repo, *args, env={"KEEPWELL_PASSWORD": APPEND})
+    # the append key's local cache (its own parent snapshots) beside the repository
+    return kw(repo, *args, env={"KEEPWELL_PASSWORD": APPEND,
+                                "KEEPWELL_CACHE_DIR": str(repo.parent / "cache")})
 
 
 def _backup(repo: Path, *args: str, append: bool = False) -> dict[str, Any]:
@@ -193,3 +198,57 @@ def test_old_repository_opens_restores_and_refuses_append_keys(tmp_path: Path) -
     r = kw(repo, "key", "add", "--role", "append", env={**env, "KEEPWELL_NEW_PASSWORD": "x"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "cannot have append keys" in r.stderr and "init --append-keys" in r.stderr
+
+
+def _many(root: Path, count: int) -> None:
+    _files(root, {f"d{i % 7}/f{i}": os.urandom(100 + i) for i in range(count)})
+
+
+def _own_cache(repo: Path) -> Path:
+    (found,) = (repo.parent / "cache" / "append").glob("*/*")
+    return found
+
+
+def test_append_key_backups_are_incremental(repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _many(src, 120)
+    first = _backup(repo, str(src), append=True)
+    assert first["parent"] is None and first["summary"]["files_new"] == 120
+    second = _backup(repo, str(src), append=True)
+    assert second["parent"] == first["id"]
+    s = second["summary"]
+    assert (s["files_unmodified"], s["files_new"], s["files_changed"]) == (120, 0, 0), s
+    (src / "d1" / "f1").write_bytes(b"changed")
+    _files(src, {"d2/new": b"new file"})
+    third = _backup(repo, str(src), append=True)
+    s = third["summary"]
+    assert (s["files_unmodified"], s["files_new"], s["files_changed"]) == (119, 1, 1), s
+    target = tmp_path / "out"
+    ok(kw(repo, "restore", third["id"][:8], "--target", str(target)))
+    assert describe_tree(target / str(src).lstrip("/")) == describe_tree(src)
+    # what it keeps is the plaintext of its own trees: readable by its owner only
+    cache = _own_cache(repo)
+    kept = [p for p in cache.rglob("*") if p.is_file()]
+    assert kept and all(p.stat().st_mode & 0o777 == 0o600 for p in kept)
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in [cache, cache / "trees"])
+
+
+@pytest.mark.parametrize("lose", ["cache", "snapshot"])
+def test_append_key_without_its_cache_reads_everything(repo: Path, tmp_path: Path, lose: str) -> None:
+    src = tmp_path / "src"
+    _many(src, 60)
+    first = _backup(repo, str(src), append=True)
+    if lose == "cache":
+        shutil.rmtree(repo.parent / "cache")
+    else:  # its snapshot is forgotten: the cache no longer matches the repository
+        ok(kw(repo, "forget", first["id"][:8]))
+    (src / "d3" / "f3").write_bytes(b"changed")
+    r = _as_append(repo, "backup", "--json", str(src))
+    snap = json.loads(ok(r))["snapshot"]
+    assert "every file is read" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert snap["parent"] is None and snap["summary"]["files_new"] == 60, snap["summary"]
+    target = tmp_path / "out"
+    ok(kw(repo, "restore", snap["id"][:8], "--target", str(target)))
+    assert describe_tree(target / str(src).lstrip("/")) == describe_tree(src)
+    # and the next one is incremental again
+    assert _backup(repo, str(src), append=True)["summary"]["files_unmodified"] == 60

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.servers import free_port, launch, stop_group, wait_for_port, wait_ready
@@ -39,9 +40,12 @@ def _sign(key: bytes, msg: str) -> bytes:
 
 
 def signed_request(
-    port: int, method: str, path: str, body: bytes = b"", host: str = "127.0.0.1"
+    port: int, method: str, path: str, body: bytes = b"", host: str = "127.0.0.1",
+    access: str = ACCESS_KEY, secret: str = SECRET_KEY, query: str = "",
 ) -> tuple[int, bytes]:
-    """One AWS SigV4-signed request to the gateway (enough for bucket administration)."""
+    """One AWS SigV4-signed request to the gateway (enough for bucket administration), by the
+    admin identity unless ``access`` and ``secret`` name another; ``query``: a subresource
+    without a value, such as ``policy``."""
     now = datetime.datetime.now(datetime.UTC)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = now.strftime("%Y%m%d")
@@ -50,22 +54,23 @@ def signed_request(
     headers = {"host": host_header, "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date}
     signed = ";".join(sorted(headers))
     header_lines = [f"{k}:{headers[k]}" for k in sorted(headers)]
-    canonical = "\n".join([method, path, "", *header_lines, "", signed, payload_hash])
+    canonical = "\n".join([method, path, f"{query}=" if query else "", *header_lines, "", signed,
+                           payload_hash])
     scope = f"{day}/{REGION}/s3/aws4_request"
     to_sign = "\n".join(
         ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
     )
-    key = f"AWS4{SECRET_KEY}".encode()
+    key = f"AWS4{secret}".encode()
     for part in (day, REGION, "s3", "aws4_request"):
         key = _sign(key, part)
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     headers["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders={signed}, "
+        f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, "
         f"Signature={signature}"
     )
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers=headers)
+        conn.request(method, f"{path}?{query}" if query else path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -75,8 +80,10 @@ def signed_request(
 class SeaweedServer:
     """``weed server`` with the S3 gateway, bound to 127.0.0.1 on free ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, identities: Sequence[dict[str, object]] = ()) -> None:
         self.workdir = workdir
+        # more identities beside the admin one: {"name", "credentials", "actions"}
+        self.identities = list(identities)
         self.proc: subprocess.Popen[bytes] | None = None
         self.s3_port = 0
         self.log_path = workdir / "weed.log"
@@ -109,7 +116,8 @@ class SeaweedServer:
                             "name": "keepwell",
                             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
+                        },
+                        *self.identities,
                     ]
                 }
             )

@@ -81,6 +81,10 @@ _METADATA_PATHS = ("/latest/api/token", "/latest/meta-data/")
 _TIMED_OUT = re.compile(r"kind: Timeout|TimedOut|timed out", re.IGNORECASE)
 _OS_MESSAGE = re.compile(r'message: "([^"]+)"')
 _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+# S3 answers a DeleteObjects request (how obstore deletes) with 200 and an error per key; these
+# codes say the credentials may not delete, which no retry changes
+_DELETE_DENIED = re.compile(
+    r'DeleteFailed \{[^}]*code: "(AccessDenied|AllAccessDisabled|InvalidAccessKeyId)"')
 
 
 def _cause(exc: BaseException) -> str | None:
@@ -112,7 +116,8 @@ def classify(exc: BaseException, what: str, stall: float | None = None) -> Keepw
         return ObjectNotFoundError(f"{what}: not found")
     if isinstance(exc, AlreadyExistsError | PreconditionError):
         return ObjectExistsError(f"{what}: already exists")
-    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError) \
+            or _DELETE_DENIED.search(str(exc)):
         return PermanentBackendError(
             f"{what}: access denied: {detail}", hint="check the credentials and their permissions"
         )

@@ -206,9 +206,12 @@ def refuse_append_key() -> None:
 
 
 def print_warning(name: str, fields: dict[str, Any]) -> None:
-    """Renders the repository's ``warning`` events (a damaged snapshot skipped, say)."""
+    """Renders the repository's ``warning`` events (a damaged snapshot skipped, say) and its
+    ``info`` events (an append key without its own earlier backup in its local cache)."""
     if name == "warning":
         sys.stderr.write(f"keepwell: warning: {fields['message']}\n")
+    elif name == "info" and not GLOBALS.quiet:
+        sys.stderr.write(f"keepwell: {fields['message']}\n")
 
 
 def snapshot_filter(host: list[str] | None = None, tag: list[str] | None = None,

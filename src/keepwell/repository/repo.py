@@ -58,6 +58,7 @@ from keepwell.repository.index import (
     encode_index,
 )
 from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
+from keepwell.repository.owncache import OwnCache, own_cache_directory
 from keepwell.repository.pending import load_pending
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
@@ -108,6 +109,9 @@ class Repository:
         # (location, options) when opened through `open_repository`: what a worker process
         # needs to open the same storage again (`reopen_repository`)
         self.opened_as: tuple[str, dict[str, Any]] | None = None
+        # an append key's own trees and last snapshots (keepwell.repository.owncache): set by
+        # `open_repository`, None for a full key
+        self.own: OwnCache | None = None
 
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
@@ -350,14 +354,18 @@ class Repository:
             if hit is not None:
                 self._trees.move_to_end(tree_id)
                 return hit
-        loc = self._tree_locs.pop(tree_id, None) or self.locate(tree_id)
-        if loc is None:
-            raise IntegrityError(f"tree {tree_id.hex()[:16]} is not in the index",
-                                 hint="run 'keepwell check' to see what is affected")
-        nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc), loc.raw_length,
-                                           self.sender_of(loc.pack)))
+        own = self.own.tree(tree_id) if self.own is not None else None
+        if own is not None:  # an append key's own tree, from its local cache
+            nodes = decode_tree(own)
+        else:
+            loc = self._tree_locs.pop(tree_id, None) or self.locate(tree_id)
+            if loc is None:
+                raise IntegrityError(f"tree {tree_id.hex()[:16]} is not in the index",
+                                     hint="run 'keepwell check' to see what is affected")
+            nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc),
+                                               loc.raw_length, self.sender_of(loc.pack)))
         subtrees = [n.subtree for n in nodes if n.subtree is not None]
-        if subtrees:  # the walk asks for these next
+        if subtrees and own is None:  # the walk asks for these next
             if len(self._tree_locs) > 100_000:
                 self._tree_locs.clear()
             for sub, sub_loc in zip(subtrees, self.index.lookup_many(subtrees), strict=True):
@@ -628,6 +636,9 @@ def open_repository(location: str, password: str, *, guard: Guard | None = None,
     backend = open_storage(location, guard=guard, upload_buckets=upload_buckets, **options)
     repo = Repository.open(backend, password)
     _bind_cache(repo)
+    if not repo.full and not options.get("dry_run"):
+        base = options.get("cache_dir") or default_base()
+        repo.own = OwnCache(own_cache_directory(base, repo.id, repo.key_id), repo.id_key)
     repo.opened_as = (location, {**options, "shared_budgets": len(upload_buckets)}
                       if upload_buckets else dict(options))
     return repo

@@ -153,7 +153,11 @@ class SnapshotWriter:
         return len(data)
 
     def save_tree(self, nodes: list[Node]) -> bytes:
-        return self.sink.save(TREE, encode_tree(nodes))
+        plain = encode_tree(nodes)
+        tree_id = self.sink.save(TREE, plain)
+        if (own := getattr(self.repo, "own", None)) is not None:
+            own.put_tree(tree_id, plain)  # an append key's parent next time
+        return tree_id
 
     def add_node(self, path: str, node: Node) -> None:
         parts = [p for p in path.strip("/").split("/") if p]
@@ -226,6 +230,8 @@ class SnapshotWriter:
             self.abort()
             raise
         self._finish()
+        if (own := getattr(self.repo, "own", None)) is not None:
+            own.record(sid, plain)
         snap = decode_snapshot(sid, plain)
         self.repo.events.emit("snapshot_saved", snapshot=snap)
         return snap

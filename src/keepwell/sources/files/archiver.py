@@ -642,9 +642,14 @@ def scan_totals(paths: list[str], report: Callable[[int, int, bool], None], *,
 
 def find_parent(repo: Repository, paths: list[str], host: str) -> Snapshot | None:
     if not repo.full:
-        # an append key reads no snapshot, its own included: every file is read again, and
-        # only what the index does not know is stored (docs/security.md)
-        return None
+        # an append key reads no snapshot: its own last one is in its local cache
+        # (keepwell.repository.owncache); without it every file is read again, and only what
+        # the index does not know is stored (docs/security.md)
+        own = repo.own.last(host, paths, repo.snapshot_ids()) if repo.own is not None else None
+        if own is None:
+            repo.events.emit("info", message="no earlier backup of these paths by this append "
+                             "key in its local cache: every file is read")
+        return own
     for snap in reversed(repo.list_snapshots("files")):
         if snap.host == host and sorted(snap.paths) == sorted(paths):
             return snap
