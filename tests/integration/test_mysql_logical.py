@@ -4,7 +4,6 @@ stalled, restoring one database or one table, and DDL during a dump."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.servers.mariadb import (
     mariadb_server,
     rows,
 )
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -54,11 +54,11 @@ def test_logical_round_trip_under_load_without_stalling_writers(
     source.sql("CREATE TABLE shop.bulk (id INT PRIMARY KEY, pad VARCHAR(200)) ENGINE=InnoDB")
     source.sql("INSERT INTO bulk SELECT seq, REPEAT(MD5(seq), 6) FROM seq_1_to_150000", "shop")
     with WriteLoad(source, "shop", interval=0) as load:
-        time.sleep(0.3)
+        wait_for(lambda: load.committed >= 10, "the writer to commit")
         before = load.committed
         out = repo.json("backup", "--logical", "--db-url", source.url)
         during = load.committed - before
-        time.sleep(0.2)
+        wait_for(lambda: load.committed > before + during, "a commit after the backup")
     assert load.error is None
     print(f"\nlongest writer pause during the logical backup: {load.max_pause * 1000:.1f} ms "
           f"({during} commits during the backup)")
