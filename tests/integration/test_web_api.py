@@ -250,3 +250,42 @@ def test_web_listen_must_be_host_and_port(ws: Workspace) -> None:
     proc = ws.cli("web", "--listen", "nonsense")
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_repository_shows_its_last_check_from_the_history(ws: Workspace) -> None:
+    files_workspace(ws)
+    ws.cli("run", "docs", check=True)
+    proc = _web(ws)
+    client = Client(proc.address())
+    client.session()
+    (repo,) = client.get("/api/v1/repositories")
+    assert repo["last_check"] is None
+    status, _h, page = client.request("GET", "/repositories/main")
+    assert status == 200 and b"never checked" in page
+
+    out = ws.cli("check-repository", "main", "--read-data-subset", "1/1", check=True)
+    assert "no errors were found" in out.stdout
+    last = client.get("/api/v1/repositories/main")["last_check"]
+    assert last["ok"] and last["status"] == "succeeded" and last["errors"] == 0
+    assert last["read_data"] == "1/1" and last["packs_read"] >= 1
+    status, _h, page = client.request("GET", "/repositories/main")
+    assert b"no errors" in page and b"data read: 1/1" in page
+
+    packs = sorted(p for p in (ws.root / "repos" / "main" / "data").rglob("*") if p.is_file())
+    blob = bytearray(packs[0].read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    packs[0].write_bytes(bytes(blob))
+    failed = ws.cli("check-repository", "main")  # structure only: the damage is not seen
+    assert failed.returncode == 0, failed.stderr
+    failed = ws.cli("check-repository", "main", "--read-data")
+    assert failed.returncode == 1 and "errors found" in failed.stderr
+    client = Client(_web(ws).address())
+    client.session()
+    (repo,) = client.get("/api/v1/repositories")
+    last = repo["last_check"]
+    assert not last["ok"] and last["status"] == "failed" and last["errors"] >= 1
+    assert last["read_data"] == "all"
+    run = client.get(f"/api/v1/runs/{last['run']}")
+    assert run["action"] == "check" and run["source"] == "main"
+    status, _h, page = client.request("GET", "/repositories/main")
+    assert f"{last['errors']} errors".encode() in page and b"data read: all" in page

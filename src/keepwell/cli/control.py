@@ -179,7 +179,8 @@ def cmd_jobs(
                    f"{human_bytes(r.bytes_stored or 0):>11}  {tail[:60]}")
 
 
-def _run_action(action: str, name: str, config: str | None, json_out: bool) -> None:
+def _run_action(action: str, name: str, config: str | None, json_out: bool,
+                read_data_subset: str | None = None) -> None:
     from keepwell.control import logs
     from keepwell.control.runner import run_now
 
@@ -187,9 +188,13 @@ def _run_action(action: str, name: str, config: str | None, json_out: bool) -> N
     log = logs.setup(json_lines=loaded.config.log_json)
     if json_out:
         log.disabled = True
-    spec, outcome = run_now(loaded, action, name, log)
+    spec, outcome = run_now(loaded, action, name, log, read_data_subset)
     if json_out:
         print_json({"job_id": spec.job_id, **outcome.__dict__})
+    elif outcome.status == "succeeded" and action == "check":
+        d = outcome.details
+        typer.echo(f"check {name}: no errors were found ({d.get('warnings', 0)} warnings, "
+                   f"{d.get('packs_read', 0)} packs, {d.get('blobs_checked', 0)} blobs read)")
     elif outcome.status == "succeeded":
         extra = (f"; RTO {outcome.rto:.2f}s, RPO {outcome.rpo:.0f}s" if action == "drill"
                  else f"; read {human_bytes(outcome.bytes_read or 0)}, stored "
@@ -212,6 +217,19 @@ def cmd_drill(name: Annotated[str, typer.Argument(help="Drill (or source) to run
               config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Restore the newest snapshot into scratch space and check it; records RTO and RPO."""
     _run_action("drill", name, config, json_out)
+
+
+def cmd_check_repository(
+        name: Annotated[str, typer.Argument(help="Repository (as configured) to check now.")],
+        read_data: Annotated[bool, typer.Option("--read-data", help="Read all data blobs.")] = False,
+        read_data_subset: Annotated[str | None, typer.Option(
+            "--read-data-subset", metavar="SUBSET",
+            help="Read a subset of data packs: n/m, x% or a size (as `keepwell check`).")] = None,
+        config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Check a configured repository now, recorded in the job history (action ``check``)."""
+    if read_data and read_data_subset is not None:
+        raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
+    _run_action("check", name, config, json_out, "all" if read_data else read_data_subset)
 
 
 def cmd_status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
@@ -266,6 +284,7 @@ def register(app: typer.Typer) -> None:
     app.command("run")(cmd_run)
     app.command("status")(cmd_status)
     app.command("drill")(cmd_drill)
+    app.command("check-repository")(cmd_check_repository)
     app.command("web")(cmd_web)
 
 

@@ -1,7 +1,7 @@
 """Jobs: what to run (`JobSpec`, a plain value) and what a running job is given (`JobContext`).
 
-A `JobSpec` holds everything a worker needs, as JSON-able values: the action (``backup`` or
-``drill``), the source's settings and the repository's location with secret *references* (never
+A `JobSpec` holds everything a worker needs, as JSON-able values: the action (``backup``,
+``drill``, or ``check`` of a repository), the source's settings and the repository's location with secret *references* (never
 values). Its ``job_id`` is stable (action, name and the scheduled time), so a retry, a re-run after
 a crash, or another executor (a fleet worker) all refer to the same job, and a job whose id has
 already succeeded is not run twice. Definitions live here; queues, budgets and retries live in
@@ -35,7 +35,7 @@ from keepwell.repository import Repository
 from keepwell.repository.repo import open_repository, open_storage
 from keepwell.sources.base import SourceJob
 
-ACTIONS = ("backup", "drill")
+ACTIONS = ("backup", "drill", "check")
 
 
 class JobCancelled(KeepwellError):
@@ -88,10 +88,14 @@ def _host_of(src: Any) -> str:
 
 
 def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
-              trigger: str = "schedule", requested_by: str | None = None) -> JobSpec:
-    """The job definition for ``action`` on a source (backup) or a drill (drill)."""
+              trigger: str = "schedule", requested_by: str | None = None,
+              read_data_subset: str | None = None) -> JobSpec:
+    """The job definition for ``action`` on a source (backup), a drill (drill) or a repository
+    (check, reading ``read_data_subset`` of its data: ``all`` or a ``--read-data-subset``)."""
     if action not in ACTIONS:
         raise UsageError(f"unknown action {action!r}")
+    if action == "check":
+        return _check_job(cfg, name, scheduled_at, trigger, requested_by, read_data_subset)
     drill_params: dict[str, Any] | None = None
     if action == "drill":
         drill = cfg.drills.get(name)
@@ -135,6 +139,24 @@ def build_job(cfg: Config, action: str, name: str, scheduled_at: float, *,
         requested_by=requested_by,
         resources=_resources(cfg, src, action, repo.location),
     )
+
+
+def _check_job(cfg: Config, name: str, scheduled_at: float, trigger: str,
+               requested_by: str | None, read_data_subset: str | None) -> JobSpec:
+    from keepwell.repository.check import DataSubset
+
+    repo = cfg.repositories.get(name)
+    if repo is None:
+        known = ", ".join(sorted(cfg.repositories)) or "none"
+        raise ConfigurationError(f"no repository named {name!r} (configured: {known})")
+    if read_data_subset not in (None, "all"):
+        DataSubset.parse(read_data_subset)
+    return JobSpec(
+        job_id=f"check:{name}:{int(scheduled_at * 1000)}", action="check", name=name,
+        source=name, kind="repository", repository=name, host="localhost", priority=-10,
+        scheduled_at=scheduled_at, timeout=cfg.limits.job_timeout, upload_limit=None,
+        params={"repository": repo.model_dump(mode="json"), "read_data_subset": read_data_subset},
+        trigger=trigger, requested_by=requested_by)
 
 
 def _resources(cfg: Config, src: Any, action: str, location: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.backups import run_backup
+from keepwell.control.checks import run_check
 from keepwell.control.config import LoadedConfig
 from keepwell.control.confined import JobChild, run_confined
 from keepwell.control.drills import run_drill
@@ -38,7 +39,10 @@ def execute(spec: JobSpec, ctx: JobContext) -> JobOutcome:
             outcome = run_confined(spec, ctx)
             outcome.details.setdefault("elapsed", round(time.monotonic() - started, 3))
             return outcome
-        outcome = run_drill(spec, ctx) if spec.action == "drill" else run_backup(spec, ctx)
+        if spec.action == "check":
+            outcome = run_check(spec, ctx)
+        else:
+            outcome = run_drill(spec, ctx) if spec.action == "drill" else run_backup(spec, ctx)
     except JobCancelled as exc:
         outcome = JobOutcome("timeout" if exc.timed_out else "interrupted", error=str(exc),
                              error_type=type(exc).__name__)
@@ -140,15 +144,17 @@ def _summary(spec: JobSpec, outcome: JobOutcome) -> str:
     return ", ".join(parts)
 
 
-def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger
-            ) -> tuple[JobSpec, JobOutcome]:
-    """Run one job immediately in this process (``keepwell run`` / ``keepwell drill``).
+def run_now(loaded: LoadedConfig, action: str, name: str, log: logging.Logger,
+            read_data_subset: str | None = None) -> tuple[JobSpec, JobOutcome]:
+    """Run one job immediately in this process (``keepwell run`` / ``drill`` /
+    ``check-repository``).
 
     Ctrl-C stops the job at its next storage call (recorded ``interrupted``); a second Ctrl-C
     stops at once.
     """
     cfg = loaded.config
-    spec = build_job(cfg, action, name, time.time(), trigger="manual")
+    spec = build_job(cfg, action, name, time.time(), trigger="manual",
+                     read_data_subset=read_data_subset)
     tracing = open_tracing(cfg.tracing)
     history = open_history(cfg)
     try:

@@ -241,6 +241,20 @@ def run(info: dict[str, Any], viewer: Viewer) -> str:
     return layout(f"Run {info['id']}: {info['action']} {info['name']}", body, viewer)
 
 
+def _last_check(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "never checked"
+    if c["ok"]:
+        result = "no errors"
+    elif c["errors"]:
+        result = f"{c['errors']} errors"
+    else:
+        result = f"{c['status']}: {c['error'] or ''}"
+    read = f"data read: {c['read_data']}" if c["read_data"] else "no data read"
+    return (f'{_status(c["status"])} <a href="/runs/{c["run"]}">{_e(fmt_ts(c["time"]))}</a> · '
+            f"{_e(result)} · {_e(read)}")
+
+
 def repository(info: dict[str, Any], viewer: Viewer) -> str:
     g = info["growth"]
     plots = {"growth": {"title": "Repository size from backups (B)", **_series(g, "total"),
@@ -260,6 +274,7 @@ def repository(info: dict[str, Any], viewer: Viewer) -> str:
 <tr><th>deduplication ratio</th><td id="dedup">{_ratio(info["dedup_ratio"])}</td></tr>
 <tr><th>compression ratio</th><td id="compression">{_ratio(info["compression_ratio"])}</td></tr>
 <tr><th>counted</th><td>{_e(fmt_ts(info["counted_at"]))}</td></tr>
+<tr><th>last check</th><td id="last-check">{_last_check(info["last_check"])}</td></tr>
 </table>
 <div class="plots"><div class="plot" data-plot="growth"></div><div class="plot" data-plot="added"></div></div>
 """

@@ -133,10 +133,22 @@ class Dashboard:
             "name": name, "location": repo.location,
             "replica": repo.replica.location if repo.replica else None,
             "sources": sorted(n for n, s in self.cfg.sources.items() if s.repository == name),
-            **self.inventory.figures(name).as_dict()}
+            **self.inventory.figures(name).as_dict(), "last_check": self.last_check(name)}
         if series:
             out["growth"] = growth(self.cfg, self.history, name, SERIES_LIMIT)
         return out
+
+    def last_check(self, repository: str) -> dict[str, Any] | None:
+        """The repository's newest finished check (``keepwell check-repository``), or None."""
+        for r in self.history.runs(source=repository, action="check", limit=20):
+            if r.status == "running":
+                continue
+            return {"run": r.id, "time": r.ended_at, "status": r.status,
+                    "ok": r.status == "succeeded", "errors": r.details.get("errors"),
+                    "warnings": r.details.get("warnings"),
+                    "read_data": r.details.get("read_data"),
+                    "packs_read": r.details.get("packs_read"), "error": r.error}
+        return None
 
     def drills(self, series: bool = True) -> list[dict[str, Any]]:
         out = []
