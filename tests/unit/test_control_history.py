@@ -234,3 +234,25 @@ def test_a_history_without_acknowledgements_is_upgraded_in_place(tmp_path: Path)
     assert h.acknowledge_alert("a:stale", "someone")
     assert not h.alerts()[0].open
     h.close()
+
+
+def test_two_histories_of_one_process_see_another_process_write(tmp_path: Path) -> None:
+    """A process with two connections to one SQLite history (the web app beside its jobs) keeps
+    its file locks: opening the second must not drop the first's, or other writers corrupt the
+    file and the readers stop seeing new runs."""
+    at = str(tmp_path / "h.db")
+    first = History(at)
+    _start(first, "backup:a:0")
+    second = History(at)
+    try:
+        for k in range(1, 4):
+            _in_child(at, f"h.start_run(job_id='backup:a:{k}', name='a', source='a', "
+                          "action='backup', kind='files', attempt=1, trigger='schedule', "
+                          "scheduled_at=1.0, spec={})\n")
+            assert first.runs()[0].job_id == f"backup:a:{k}"
+            assert second.runs()[0].job_id == f"backup:a:{k}"
+        check = _in_child(at, "print(h._store.db.execute('PRAGMA integrity_check').fetchone()[0])")
+        assert check.strip() == "ok"
+    finally:
+        first.close()
+        second.close()

@@ -161,8 +161,14 @@ class _SqliteStore:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         # created readable by its owner only, like the repository's files (SQLite gives its -wal
-        # and -shm files the database file's mode)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        # and -shm files the database file's mode). Only a new file is opened and closed here:
+        # closing a descriptor of a file drops every POSIX lock this process holds on it, so
+        # closing one of an existing history would take the locks of this process's other
+        # connections to it, and other processes' writes would then corrupt it.
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            pass
         self.db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
                                   isolation_level=None)
         self.db.row_factory = sqlite3.Row
