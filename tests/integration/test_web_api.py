@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,9 @@ import pytest
 import yaml
 
 from keepwell.control.history import History
-from tests.integration.control_support import Workspace
+from tests.integration.control_support import Workspace, env
 from tests.integration.web_support import Client, WebProcess, files_workspace, web_address
+from tests.servers import free_port
 
 
 @pytest.fixture
@@ -287,3 +291,41 @@ def test_repository_shows_its_last_check_from_the_history(ws: Workspace) -> None
     assert run["action"] == "check" and run["source"] == "main"
     status, _h, page = client.request("GET", "/repositories/main")
     assert f"{last['errors']} errors".encode() in page and b"data read: all" in page
+
+
+def test_running_shows_the_fleet_only_when_configured(ws: Workspace) -> None:
+    files_workspace(ws)
+    script = ("import sys\n"
+              "from keepwell.control.config import load_config\n"
+              "from keepwell.control.history import open_history\n"
+              "from keepwell.control.runner import BackgroundJobs\n"
+              "from keepwell.web.views import Dashboard\n"
+              f"loaded = load_config({str(ws.config_path)!r})\n"
+              "h = open_history(loaded.config)\n"
+              "d = Dashboard(loaded, h, BackgroundJobs(loaded, h, None))\n"
+              "print(d.running()['fleet'], 'temporalio' in sys.modules)\n")
+    e = env()
+    e.pop("KEEPWELL_FLEET_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["None", "False"]  # no fleet section: the SDK is not loaded
+    proc = _web(ws)
+    client = Client(proc.address())
+    client.session()
+    assert client.get("/api/v1/running")["fleet"] is None
+    status, _h, page = client.request("GET", "/running")
+    assert status == 200 and b"Fleet workers" not in page
+
+    port = free_port()  # nothing listens there
+    doc = yaml.safe_load(ws.config_path.read_text())
+    ws.config_path.write_text(yaml.safe_dump({**doc, "fleet": {"address": f"127.0.0.1:{port}"}}))
+    proc = _web(ws)
+    client = Client(proc.address())
+    client.session()
+    fleet = client.get("/api/v1/running")["fleet"]
+    assert fleet["address"] == f"127.0.0.1:{port}" and "workers" not in fleet
+    assert fleet["error"].startswith("fleet unreachable: ")
+    status, _h, page = client.request("GET", "/running")
+    assert status == 200 and b'id="fleet-error">fleet unreachable: ' in page
+    proc.proc.send_signal(signal.SIGTERM)  # the SDK's client does not spoil a clean stop
+    assert proc.proc.wait(timeout=60) == 0

@@ -3,7 +3,7 @@
 `start` starts one run workflow now on its site's task queue and, with ``wait``, waits for its
 end. `status` reads the cluster: the Schedules (last and next runs), the running runs with their
 worker and the progress of their current step (its heartbeat), and the workers polling each
-site's queue. `jobs` lists recent runs.
+site's queue (`workers`, which the web app's running page shows too). `jobs` lists recent runs.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ async def _running(client: Client) -> list[dict[str, Any]]:
     return out
 
 
-async def _workers(client: Client, cfg: Config) -> dict[str, list[dict[str, Any]]]:
+async def workers(client: Client, cfg: Config) -> dict[str, list[dict[str, Any]]]:
+    """The workers polling each site's queue (every configured site, and ``default``): their
+    identity and last poll."""
     sites = sorted({src.site for src in cfg.sources.values()} | {"default"})
     out: dict[str, list[dict[str, Any]]] = {}
     for site in sites:
@@ -103,7 +105,7 @@ async def status(client: Client, cfg: Config) -> dict[str, Any]:
                           "next_run": _ts(nxt[0]) if nxt else None,
                           "runs": desc.info.num_actions})
     return {"schedules": sorted(schedules, key=lambda x: x["schedule_id"]),
-            "running": await _running(client), "workers": await _workers(client, cfg)}
+            "running": await _running(client), "workers": await workers(client, cfg)}
 
 
 async def jobs(client: Client, limit: int) -> list[dict[str, Any]]:

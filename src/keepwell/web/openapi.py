@@ -64,13 +64,14 @@ def schema() -> dict[str, Any]:
                                   [_path_param("id", "integer")]),
         "/api/v1/jobs/{job_id}": _get("Every attempt (run) of one job, oldest first", _LIST,
                                       [_path_param("job_id")]),
-        "/api/v1/running": _get("Running jobs with live progress", _OBJ),
+        "/api/v1/running": _get("Running jobs with live progress; the fleet's "
+                                "workers per site in fleet mode", _OBJ),
         "/api/v1/events": {"get": {"summary": "Server-sent events: 'running' (as "
                                               "/api/v1/running) every second",
                                    "responses": {"200": {"description": "an event stream",
                                                          "content": {"text/event-stream": {}}}}}},
-        "/api/v1/repositories": _get("Every repository: size, dedup and compression ratios",
-                                     _LIST),
+        "/api/v1/repositories": _get("Every repository: size, dedup and compression "
+                                     "ratios, last check", _LIST),
         "/api/v1/repositories/{name}": _get("One repository with its growth over time", _OBJ,
                                             [_path_param("name")]),
         "/api/v1/drills": _get("Every drill with RTO and RPO over time", _LIST),

@@ -301,8 +301,23 @@ def running(info: dict[str, Any], viewer: Viewer) -> str:
     body = (f'<table id="running" data-live="1"><tr><th>job</th><th>read</th><th>files</th>'
             f'<th>uploaded</th><th>elapsed</th></tr>{rows}</table>'
             f'<p class="muted" id="live-state">waiting for live updates…</p>'
-            f'<ul>{others}</ul>')
+            f'<ul>{others}</ul>{_fleet(info.get("fleet"))}')
     return layout("Running jobs", body, viewer)
+
+
+def _fleet(fleet: dict[str, Any] | None) -> str:
+    """The fleet's workers per site (fleet mode only)."""
+    if fleet is None:
+        return ""
+    head = f'<h2>Fleet workers</h2><p class="muted">cluster {_e(fleet["address"])}</p>'
+    if "error" in fleet:
+        return f'{head}<p class="err" id="fleet-error">{_e(fleet["error"])}</p>'
+    rows = "".join(
+        f'<tr><td>{_e(site)}</td><td>{len(ws)}</td><td>'
+        + ", ".join(f'{_e(w["identity"])} (last poll {_e(fmt_ts(w["last_poll"]))})' for w in ws)
+        + "</td></tr>" for site, ws in fleet["workers"].items())
+    return (f'{head}<table id="fleet"><tr><th>site</th><th>workers</th><th>polling</th></tr>'
+            f"{rows}</table>")
 
 
 def _running_row(j: dict[str, Any]) -> str:

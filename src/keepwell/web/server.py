@@ -379,7 +379,7 @@ def make_handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.close_connection = True
             while not app.stopping.is_set():
-                doc = json.dumps(app.dash.running(), default=str)
+                doc = json.dumps(app.dash.running(fleet=False), default=str)
                 self.wfile.write(f"event: running\ndata: {doc}\n\n".encode())
                 self.wfile.flush()
                 app.stopping.wait(EVENT_INTERVAL)

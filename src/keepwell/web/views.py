@@ -13,6 +13,8 @@ then the rest by name; series for plots are oldest first.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from typing import Any
 
@@ -24,6 +26,36 @@ from keepwell.control.status import overview
 from keepwell.errors import KeepwellError, UsageError
 
 SERIES_LIMIT = 200
+FLEET_TIMEOUT = 5.0  # seconds the running page waits for the fleet's cluster
+
+
+def fleet_configured(cfg: Any) -> bool:
+    """Fleet mode is configured: a ``fleet`` section in the file (its defaults alone do not
+    count) or ``KEEPWELL_FLEET_ADDRESS`` set."""
+    return "fleet" in cfg.model_fields_set or bool(os.environ.get("KEEPWELL_FLEET_ADDRESS"))
+
+
+def fleet_workers(cfg: Any) -> dict[str, Any]:
+    """The fleet's workers per site, as ``keepwell fleet status`` reads them, or ``error``
+    (``fleet unreachable: ...``) when the cluster does not answer within FLEET_TIMEOUT. The
+    Temporal SDK is imported here only, when fleet mode is configured."""
+    address = os.environ.get("KEEPWELL_FLEET_ADDRESS") or cfg.fleet.address
+    try:
+        from keepwell.fleet.runs import workers
+        from keepwell.fleet.target import connect
+
+        async def read() -> dict[str, list[dict[str, Any]]]:
+            client = await connect(cfg.fleet)
+            return await workers(client, cfg)
+
+        found = asyncio.run(asyncio.wait_for(read(), FLEET_TIMEOUT))
+    except TimeoutError:
+        return {"address": address, "error": f"fleet unreachable: no answer from {address} "
+                                             f"within {FLEET_TIMEOUT:.0f} s"}
+    except Exception as exc:  # any failure to read the cluster is a note, not an error page
+        line = exc.line() if isinstance(exc, KeepwellError) else f"{type(exc).__name__}: {exc}"
+        return {"address": address, "error": f"fleet unreachable: {line.splitlines()[0]}"}
+    return {"address": address, "workers": found}
 
 
 class NotFound(KeepwellError):
@@ -174,14 +206,19 @@ class Dashboard:
     def alerts(self, all_alerts: bool = False) -> list[dict[str, Any]]:
         return [a.as_dict() for a in self.history.alerts(active_only=not all_alerts)]
 
-    def running(self) -> dict[str, Any]:
+    def running(self, fleet: bool = True) -> dict[str, Any]:
         """The running jobs with live progress, and the runs the history shows running (jobs
-        of another process, whose progress this one cannot see)."""
+        of another process, whose progress this one cannot see); with ``fleet``, when fleet
+        mode is configured, the fleet's workers per site (`fleet_workers`), else ``fleet``
+        None."""
         live = self.live.running()
         mine = {j["job_id"] for j in live}
         others = [_run(r) for r in self.history.runs(status="running", limit=100)
                   if r.job_id not in mine]
-        return {"time": time.time(), "jobs": live, "elsewhere": others}
+        out: dict[str, Any] = {"time": time.time(), "jobs": live, "elsewhere": others}
+        if fleet:
+            out["fleet"] = fleet_workers(self.cfg) if fleet_configured(self.cfg) else None
+        return out
 
     # -- acting ---------------------------------------------------------------------------------
     def start(self, action: str, name: str, by: str) -> dict[str, Any]:
