@@ -226,7 +226,7 @@ def cmd_check_repository(
             "--read-data-subset", metavar="SUBSET",
             help="Read a subset of data packs: n/m, x% or a size (as `keepwell check`).")] = None,
         config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Check a configured repository now, recorded in the job history (action ``check``)."""
+    """Check a configured repository now, recorded in the job history (action check)."""
     if read_data and read_data_subset is not None:
         raise UsageError("--read-data reads everything: give it or --read-data-subset, not both")
     _run_action("check", name, config, json_out, "all" if read_data else read_data_subset)
