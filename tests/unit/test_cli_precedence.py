@@ -84,6 +84,7 @@ def _args(path: tuple[str, ...], cmd: Any, w: dict[str, Any]) -> list[str]:
         ("postgres", "wal-push"): [w["wal"]],
         ("rewrite",): ["--exclude", "x"],
         ("tag",): ["--add", "x"],
+        ("watch",): [str(tmp)],
     }
     if path in given:
         return given[path]
