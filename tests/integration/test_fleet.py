@@ -110,17 +110,15 @@ class Fleet:
         self.workers.clear()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("temporal")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
+def start_server(root: Path, ports: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+    """``keepwell fleet server`` on the given gRPC, HTTP and metrics ports, its state in
+    ``root/temporal.db``; returns once the gRPC port accepts connections."""
+    port, http, metrics = ports
     log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*MAIN, "fleet", "server", "--listen", address,
-                                 "--db", str(root / "temporal.db"),
-                                 "--http-port", str(_free_port()),
-                                 "--metrics-port", str(_free_port())],
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*MAIN, "fleet", "server", "--listen", f"127.0.0.1:{port}",
+                                 "--db", str(root / "temporal.db"), "--http-port", str(http),
+                                 "--metrics-port", str(metrics)],
                                 stdout=out, stderr=out, env=env())
 
     def ready() -> bool:
@@ -133,7 +131,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         return True
 
     wait_for(ready, "the temporal server")
-    yield address, log
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("temporal")
+    ports = (_free_port(), _free_port(), _free_port())
+    proc = start_server(root, ports)
+    yield f"127.0.0.1:{ports[0]}", root / "server.log"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -303,3 +309,49 @@ def test_client_commands_exit_with_their_own_code(fleet: Fleet) -> None:
             proc = fleet.cli("fleet", "run", "nosuch", "-c", str(fleet.config))
             assert proc.returncode == 2, (i, proc.returncode, proc.stderr)
             assert proc.stderr.count("\n") == 1 and "no source or drill named" in proc.stderr
+
+
+def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -> None:
+    """SIGKILL the Temporal server in the middle of a backup and start it again on the same
+    ports and database: the worker and the waiting client reconnect by themselves, the run
+    completes with one snapshot that restores exactly."""
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    ports = (_free_port(), _free_port(), _free_port())
+    proc = start_server(server_root, ports)
+    (tmp_path / "ws").mkdir()
+    fleet = Fleet(tmp_path / "ws", server_root / "server.log", f"127.0.0.1:{ports[0]}")
+    try:
+        repo = fleet.root / "repo"
+        init_repository(repo)
+        data = fleet.root / "data" / "big"
+        for i in range(4):
+            write_random(data / f"part{i}.bin", 16 * MiB)
+        fleet.write_config({
+            "repositories": {"main": {"location": str(repo),
+                                      "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {"big": {"kind": "files", "repository": "main", "paths": [str(data)],
+                                "site": "east", "upload_limit": "8MiB"}},
+        })
+        worker = fleet.worker("east")
+        waiter = subprocess.Popen([*MAIN, "fleet", "run", "big", "-c", str(fleet.config),
+                                   "--wait", "--json"], env=fleet.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: _files(repo / "data"), "the backup's first pack")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = start_server(server_root, ports)
+        stdout, stderr = waiter.communicate(timeout=180)
+        assert waiter.returncode == 0, stderr
+        out = json.loads(stdout)
+        assert out["status"] == "succeeded"
+        step = out["steps"][0]
+        assert step["worker"] == f"east/{socket.gethostname()}/{worker.pid}"
+        snaps = _snapshots(fleet, repo)
+        assert [s["id"] for s in snaps] == [step["snapshot_id"]]
+        assert _restore(fleet, repo, step["snapshot_id"], data) == _tree(data)
+        assert worker.poll() is None  # the worker lived through the outage
+    finally:
+        fleet.stop_workers()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
