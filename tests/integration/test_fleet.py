@@ -355,3 +355,83 @@ def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -
         fleet.stop_workers()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def _run_all(fleet: Fleet, names: list[str]) -> list[dict[str, Any]]:
+    """Start runs of ``names`` at once and wait for all of them to succeed."""
+    waiters = [subprocess.Popen([*MAIN, "fleet", "run", name, "-c", str(fleet.config), "--wait",
+                                 "--json"], env=fleet.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for name in names]
+    outs = []
+    for waiter in waiters:
+        stdout, stderr = waiter.communicate(timeout=180)
+        assert waiter.returncode == 0, stderr
+        outs.append(json.loads(stdout))
+    return outs
+
+
+def test_repository_cap_holds_across_workers(fleet: Fleet) -> None:
+    """Per-repository cap 1, three workers: two runs of sources on the same repository never run
+    at once; a third on another repository is not held back by them."""
+    repo, other = fleet.root / "repo", fleet.root / "other"
+    init_repository(repo)
+    init_repository(other)
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = fleet.root / "data" / name
+        write_random(paths[name] / "f.bin", 3 * MiB)
+    pw = "env:KW_TEST_PASSWORD"
+    fleet.write_config({
+        "limits": {"max_concurrent_per_repository": 1},
+        "repositories": {"main": {"location": str(repo), "password": pw},
+                         "other": {"location": str(other), "password": pw,
+                                   "max_concurrent_jobs": 2}},
+        "sources": {name: {"kind": "files", "repository": "other" if name == "c" else "main",
+                           "paths": [str(path)], "site": "east", "upload_limit": "2MiB"}
+                    for name, path in paths.items()},
+    })
+    workers = [fleet.worker("east") for _ in range(3)]
+    outs = _run_all(fleet, ["a", "b", "c"])
+    assert [o["status"] for o in outs] == ["succeeded"] * 3
+    runs = {r["source"]: r for r in fleet.runs()}
+    assert sorted(runs) == ["a", "b", "c"] and all(r["status"] == "succeeded"
+                                                   for r in runs.values())
+    first, second = sorted((runs["a"], runs["b"]), key=lambda r: r["started_at"])
+    assert first["ended_at"] <= second["started_at"]  # one job at once on repository main
+    assert len({r["pid"] for r in runs.values()}) >= 2  # the jobs did spread over the workers
+    assert {r["pid"] for r in runs.values()} <= {w.pid for w in workers}
+    for name, run in runs.items():
+        restored = _restore(fleet, other if name == "c" else repo, run["snapshot_id"],
+                            paths[name])
+        assert restored == _tree(paths[name])
+
+
+def test_site_upload_budget_is_shared_by_the_sites_workers(fleet: Fleet) -> None:
+    """``limits.upload`` is the site's budget: three workers' jobs together upload no faster."""
+    repo = fleet.root / "repo"
+    init_repository(repo)
+    budget = 6 * MiB
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = fleet.root / "data" / name
+        write_random(paths[name] / "f.bin", 12 * MiB)
+    fleet.write_config({
+        "limits": {"upload": budget},
+        "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {name: {"kind": "files", "repository": "main", "paths": [str(path)],
+                           "site": "east"} for name, path in paths.items()},
+    })
+    for _ in range(3):
+        fleet.worker("east")
+    outs = _run_all(fleet, ["a", "b", "c"])
+    assert [o["status"] for o in outs] == ["succeeded"] * 3
+    runs = fleet.runs()
+    assert len(runs) == 3 and all(r["status"] == "succeeded" for r in runs)
+    uploaded = sum(r["bytes_uploaded"] for r in runs)
+    span = max(r["ended_at"] for r in runs) - min(r["started_at"] for r in runs)
+    print(f"\n3 jobs uploaded {uploaded} bytes in {span:.2f} s "
+          f"({uploaded / span / MiB:.1f} MiB/s; site budget {budget / MiB:.0f} MiB/s)")
+    # the ceiling: the budget over the jobs' span, plus one second of burst per job while the
+    # jobs' shares follow the holders (renewed every heartbeat)
+    assert uploaded >= 36 * MiB
+    assert uploaded <= budget * span + 3 * budget
