@@ -260,6 +260,8 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     for i in range(6):
         write_random(data / f"part{i}.bin", 16 * MiB)
     fleet.write_config({
+        # the retry's lease on the repository waits for the lost worker's lease to expire
+        "limits": {"max_concurrent_per_repository": 1},
         "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
         "sources": {"big": {"kind": "files", "repository": "main", "paths": [str(data)],
                             "site": "east", "upload_limit": "8MiB"}},
@@ -296,6 +298,19 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     print(f"\nkilled after {uploaded_before} bytes of packs; the retry uploaded {retried} "
           f"bytes of {total} ({retried / total:.0%})")
     assert retried <= total - 16 * MiB  # the indexed packs of the lost worker were reused
+    assert budget_leases(fleet, "keepwell-budget-repository-main") == []  # all released
+
+
+def budget_leases(fleet: Fleet, workflow_id: str) -> list[dict[str, Any]]:
+    """The holders of a budget workflow's leases (its ``leases`` query)."""
+    from keepwell.fleet.target import temporal_binary
+
+    proc = subprocess.run([temporal_binary(), "workflow", "query", "--address", fleet.address,
+                           "-w", workflow_id, "--name", "leases", "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout)["queryResult"][0]  # the CLI shows an empty list as null
+    return list(held or [])
 
 
 def test_client_commands_exit_with_their_own_code(fleet: Fleet) -> None:
