@@ -110,17 +110,15 @@ class Fleet:
         self.workers.clear()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("temporal")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
+def start_server(root: Path, ports: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+    """``keepwell fleet server`` on the given gRPC, HTTP and metrics ports, its state in
+    ``root/temporal.db``; returns once the gRPC port accepts connections."""
+    port, http, metrics = ports
     log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*MAIN, "fleet", "server", "--listen", address,
-                                 "--db", str(root / "temporal.db"),
-                                 "--http-port", str(_free_port()),
-                                 "--metrics-port", str(_free_port())],
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*MAIN, "fleet", "server", "--listen", f"127.0.0.1:{port}",
+                                 "--db", str(root / "temporal.db"), "--http-port", str(http),
+                                 "--metrics-port", str(metrics)],
                                 stdout=out, stderr=out, env=env())
 
     def ready() -> bool:
@@ -133,7 +131,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         return True
 
     wait_for(ready, "the temporal server")
-    yield address, log
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("temporal")
+    ports = (_free_port(), _free_port(), _free_port())
+    proc = start_server(root, ports)
+    yield f"127.0.0.1:{ports[0]}", root / "server.log"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -254,6 +260,8 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     for i in range(6):
         write_random(data / f"part{i}.bin", 16 * MiB)
     fleet.write_config({
+        # the retry's lease on the repository waits for the lost worker's lease to expire
+        "limits": {"max_concurrent_per_repository": 1},
         "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
         "sources": {"big": {"kind": "files", "repository": "main", "paths": [str(data)],
                             "site": "east", "upload_limit": "8MiB"}},
@@ -290,6 +298,19 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     print(f"\nkilled after {uploaded_before} bytes of packs; the retry uploaded {retried} "
           f"bytes of {total} ({retried / total:.0%})")
     assert retried <= total - 16 * MiB  # the indexed packs of the lost worker were reused
+    assert budget_leases(fleet, "keepwell-budget-repository-main") == []  # all released
+
+
+def budget_leases(fleet: Fleet, workflow_id: str) -> list[dict[str, Any]]:
+    """The holders of a budget workflow's leases (its ``leases`` query)."""
+    from keepwell.fleet.target import temporal_binary
+
+    proc = subprocess.run([temporal_binary(), "workflow", "query", "--address", fleet.address,
+                           "-w", workflow_id, "--name", "leases", "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout)["queryResult"][0]  # the CLI shows an empty list as null
+    return list(held or [])
 
 
 def test_client_commands_exit_with_their_own_code(fleet: Fleet) -> None:
@@ -303,3 +324,129 @@ def test_client_commands_exit_with_their_own_code(fleet: Fleet) -> None:
             proc = fleet.cli("fleet", "run", "nosuch", "-c", str(fleet.config))
             assert proc.returncode == 2, (i, proc.returncode, proc.stderr)
             assert proc.stderr.count("\n") == 1 and "no source or drill named" in proc.stderr
+
+
+def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -> None:
+    """SIGKILL the Temporal server in the middle of a backup and start it again on the same
+    ports and database: the worker and the waiting client reconnect by themselves, the run
+    completes with one snapshot that restores exactly."""
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    ports = (_free_port(), _free_port(), _free_port())
+    proc = start_server(server_root, ports)
+    (tmp_path / "ws").mkdir()
+    fleet = Fleet(tmp_path / "ws", server_root / "server.log", f"127.0.0.1:{ports[0]}")
+    try:
+        repo = fleet.root / "repo"
+        init_repository(repo)
+        data = fleet.root / "data" / "big"
+        for i in range(4):
+            write_random(data / f"part{i}.bin", 16 * MiB)
+        fleet.write_config({
+            "repositories": {"main": {"location": str(repo),
+                                      "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {"big": {"kind": "files", "repository": "main", "paths": [str(data)],
+                                "site": "east", "upload_limit": "8MiB"}},
+        })
+        worker = fleet.worker("east")
+        waiter = subprocess.Popen([*MAIN, "fleet", "run", "big", "-c", str(fleet.config),
+                                   "--wait", "--json"], env=fleet.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: _files(repo / "data"), "the backup's first pack")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = start_server(server_root, ports)
+        stdout, stderr = waiter.communicate(timeout=180)
+        assert waiter.returncode == 0, stderr
+        out = json.loads(stdout)
+        assert out["status"] == "succeeded"
+        step = out["steps"][0]
+        assert step["worker"] == f"east/{socket.gethostname()}/{worker.pid}"
+        snaps = _snapshots(fleet, repo)
+        assert [s["id"] for s in snaps] == [step["snapshot_id"]]
+        assert _restore(fleet, repo, step["snapshot_id"], data) == _tree(data)
+        assert worker.poll() is None  # the worker lived through the outage
+    finally:
+        fleet.stop_workers()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _run_all(fleet: Fleet, names: list[str]) -> list[dict[str, Any]]:
+    """Start runs of ``names`` at once and wait for all of them to succeed."""
+    waiters = [subprocess.Popen([*MAIN, "fleet", "run", name, "-c", str(fleet.config), "--wait",
+                                 "--json"], env=fleet.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for name in names]
+    outs = []
+    for waiter in waiters:
+        stdout, stderr = waiter.communicate(timeout=180)
+        assert waiter.returncode == 0, stderr
+        outs.append(json.loads(stdout))
+    return outs
+
+
+def test_repository_cap_holds_across_workers(fleet: Fleet) -> None:
+    """Per-repository cap 1, three workers: two runs of sources on the same repository never run
+    at once; a third on another repository is not held back by them."""
+    repo, other = fleet.root / "repo", fleet.root / "other"
+    init_repository(repo)
+    init_repository(other)
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = fleet.root / "data" / name
+        write_random(paths[name] / "f.bin", 3 * MiB)
+    pw = "env:KW_TEST_PASSWORD"
+    fleet.write_config({
+        "limits": {"max_concurrent_per_repository": 1},
+        "repositories": {"main": {"location": str(repo), "password": pw},
+                         "other": {"location": str(other), "password": pw,
+                                   "max_concurrent_jobs": 2}},
+        "sources": {name: {"kind": "files", "repository": "other" if name == "c" else "main",
+                           "paths": [str(path)], "site": "east", "upload_limit": "2MiB"}
+                    for name, path in paths.items()},
+    })
+    workers = [fleet.worker("east") for _ in range(3)]
+    outs = _run_all(fleet, ["a", "b", "c"])
+    assert [o["status"] for o in outs] == ["succeeded"] * 3
+    runs = {r["source"]: r for r in fleet.runs()}
+    assert sorted(runs) == ["a", "b", "c"] and all(r["status"] == "succeeded"
+                                                   for r in runs.values())
+    first, second = sorted((runs["a"], runs["b"]), key=lambda r: r["started_at"])
+    assert first["ended_at"] <= second["started_at"]  # one job at once on repository main
+    assert len({r["pid"] for r in runs.values()}) >= 2  # the jobs did spread over the workers
+    assert {r["pid"] for r in runs.values()} <= {w.pid for w in workers}
+    for name, run in runs.items():
+        restored = _restore(fleet, other if name == "c" else repo, run["snapshot_id"],
+                            paths[name])
+        assert restored == _tree(paths[name])
+
+
+def test_site_upload_budget_is_shared_by_the_sites_workers(fleet: Fleet) -> None:
+    """``limits.upload`` is the site's budget: three workers' jobs together upload no faster."""
+    repo = fleet.root / "repo"
+    init_repository(repo)
+    budget = 6 * MiB
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = fleet.root / "data" / name
+        write_random(paths[name] / "f.bin", 12 * MiB)
+    fleet.write_config({
+        "limits": {"upload": budget},
+        "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {name: {"kind": "files", "repository": "main", "paths": [str(path)],
+                           "site": "east"} for name, path in paths.items()},
+    })
+    for _ in range(3):
+        fleet.worker("east")
+    outs = _run_all(fleet, ["a", "b", "c"])
+    assert [o["status"] for o in outs] == ["succeeded"] * 3
+    runs = fleet.runs()
+    assert len(runs) == 3 and all(r["status"] == "succeeded" for r in runs)
+    uploaded = sum(r["bytes_uploaded"] for r in runs)
+    span = max(r["ended_at"] for r in runs) - min(r["started_at"] for r in runs)
+    print(f"\n3 jobs uploaded {uploaded} bytes in {span:.2f} s "
+          f"({uploaded / span / MiB:.1f} MiB/s; site budget {budget / MiB:.0f} MiB/s)")
+    # the ceiling: the budget over the jobs' span, plus one second of burst per job while the
+    # jobs' shares follow the holders (renewed every heartbeat)
+    assert uploaded >= 36 * MiB
+    assert uploaded <= budget * span + 3 * budget

@@ -11,20 +11,23 @@ not succeed raises, so Temporal retries it with the run's policy.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from keepwell.backends.resilience import TokenBucket
 from keepwell.control.alerts import Alerts
 from keepwell.control.config import LoadedConfig
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.runner import run_job
+from keepwell.fleet.budgets import Leases, SiteUpload, scopes
 from keepwell.fleet.messages import StepRequest, StepResult
 from keepwell.fleet.target import site_of
 
@@ -56,17 +59,17 @@ class _Progress:
 
 
 class JobActivities:
-    """The activities of one worker: its configuration, its site, its shared upload budget."""
+    """The activities of one worker: its configuration, its site, its client to the cluster
+    (for the leases of the fleet's budgets, `keepwell.fleet.budgets`)."""
 
     def __init__(self, loaded: LoadedConfig, site: str, identity: str,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, client: Client, loop: asyncio.AbstractEventLoop) -> None:
         self.loaded = loaded
         self.site = site
         self.identity = identity
         self.log = log
-        cfg = loaded.config
-        self.shared = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)
-                       if cfg.limits.upload else None)
+        self.client = client
+        self.loop = loop
 
     @activity.defn(name="keepwell-job")
     def job(self, step: StepRequest) -> StepResult:
@@ -80,8 +83,27 @@ class JobActivities:
                          trigger="fleet" if info.attempt == 1 else "recovery")
         spec = dataclasses.replace(spec, attempt=info.attempt)
         progress = _Progress()
-        ctx = JobContext(shared_upload=self.shared, timeout=spec.timeout, listener=progress)
-        outcome = self._run(spec, ctx, progress, step.heartbeat_every)
+        upload = SiteUpload(cfg, self.site)
+        ctx = JobContext(shared_upload=upload.bucket, timeout=spec.timeout, listener=progress)
+        leases = Leases(self.client, self.loop,
+                        f"{info.workflow_id}/{info.activity_id}/{info.attempt}", self.identity,
+                        ttl=max(3 * info.heartbeat_timeout.total_seconds(), 1.0)
+                        if info.heartbeat_timeout else 90.0,
+                        scopes=scopes(cfg, spec, self.site))
+
+        def waiting(scope: str) -> bool:
+            activity.heartbeat({"waiting_for": scope})
+            return not (activity.is_cancelled() or activity.is_worker_shutdown())
+
+        try:
+            if not leases.acquire(step.heartbeat_every, waiting, ctx.cancel):
+                raise ApplicationError(f"{spec.action} {spec.name}: cancelled while waiting "
+                                       "for a budget", type="Cancelled")
+            upload.follow(leases.grants)
+            outcome = self._run(spec, ctx, progress, step.heartbeat_every,
+                                lambda: upload.follow(leases.renew()))
+        finally:
+            leases.release()
         result = StepResult(action=spec.action, name=spec.name, job_id=spec.job_id,
                             status=outcome.status, attempt=info.attempt,
                             worker=self.identity,
@@ -96,7 +118,7 @@ class JobActivities:
         return result
 
     def _run(self, spec: JobSpec, ctx: JobContext, progress: _Progress,
-             every: float) -> JobOutcome:
+             every: float, renew: Callable[[], None]) -> JobOutcome:
         history = open_history(self.loaded.config)
         try:
             if spec.attempt > 1:  # a lost worker's row of this job is not running any more
@@ -123,6 +145,7 @@ class JobActivities:
                 if activity.is_cancelled() or activity.is_worker_shutdown():
                     ctx.cancel.set()
                 activity.heartbeat(progress.as_dict(ctx))
+                renew()
             if failed:
                 raise failed[0]
             return done[0]

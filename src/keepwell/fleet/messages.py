@@ -54,3 +54,35 @@ class StepResult:
 @dataclass
 class RunResult:
     steps: list[StepResult] = field(default_factory=list)
+
+
+@dataclass
+class Lease:
+    """One holder of (or candidate for) a budget's slot, until ``expires`` unless renewed."""
+
+    lease: str
+    holder: str
+    since: float
+    expires: float
+    granted: float | None = None
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    lease: str
+    holder: str
+    ttl: float
+    cap: int | None  # None: no cap on holders (a bandwidth budget shared by all of them)
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    granted: bool
+    holders: int
+    waiting: int
+
+
+@dataclass
+class BudgetState:
+    held: list[Lease] = field(default_factory=list)
+    waiting: list[Lease] = field(default_factory=list)

@@ -1,7 +1,8 @@
 """``keepwell worker``: one executor of a site, polling the site's task queue until stopped.
 
 It runs the run workflows and their job activities of one site, at most ``max_jobs`` jobs at
-once. SIGTERM/SIGINT stop it: it stops polling and lets running jobs finish for the
+once. It also runs the fleet's budget workflows (`keepwell.fleet.budgets`), on a queue every
+worker polls. SIGTERM/SIGINT stop it: it stops polling and lets running jobs finish for the
 configuration's ``limits.shutdown_grace`` seconds; a job still running then is cancelled and
 retried on another worker of the site.
 """
@@ -22,7 +23,7 @@ from keepwell.control.config import LoadedConfig
 from keepwell.control.logs import log_event
 from keepwell.fleet.activities import JobActivities
 from keepwell.fleet.target import connect, fleet_address, task_queue
-from keepwell.fleet.workflows import FleetRun
+from keepwell.fleet.workflows import BUDGET_QUEUE, Budget, FleetRun
 
 
 def worker_identity(site: str) -> str:
@@ -33,7 +34,7 @@ async def _serve(loaded: LoadedConfig, site: str, max_jobs: int, log: logging.Lo
     cfg = loaded.config
     client = await connect(cfg.fleet)
     identity = worker_identity(site)
-    acts = JobActivities(loaded, site, identity, log)
+    acts = JobActivities(loaded, site, identity, log, client, asyncio.get_running_loop())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,7 +44,8 @@ async def _serve(loaded: LoadedConfig, site: str, max_jobs: int, log: logging.Lo
                         activities=[acts.job], activity_executor=pool,
                         max_concurrent_activities=max_jobs, identity=identity,
                         graceful_shutdown_timeout=timedelta(seconds=cfg.limits.shutdown_grace))
-        async with worker:
+        budgets = Worker(client, task_queue=BUDGET_QUEUE, workflows=[Budget], identity=identity)
+        async with worker, budgets:
             log_event(log, "worker_started", site=site, queue=task_queue(site),
                       address=fleet_address(cfg.fleet), identity=identity, max_jobs=max_jobs)
             await stop.wait()
