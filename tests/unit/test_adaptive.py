@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,10 @@ from keepwell.backends.adaptive import (
 )
 from keepwell.backends.memory import MemoryBackend
 from keepwell.backends.wrappers import AdaptiveBackend, RetryingBackend, wrap
+from keepwell.cli.common import GLOBALS, repository_options
 from keepwell.errors import ConfigurationError, StallError, TransientBackendError
+from keepwell.repository.packer import UPLOAD_WORKERS
+from keepwell.repository.repo import open_storage
 
 MIB = 1024 * 1024
 
@@ -217,3 +221,46 @@ def test_option_beats_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEPWELL_ADAPTIVE", "maybe")
     with pytest.raises(ConfigurationError):
         adaptive_enabled()
+
+
+def _layers(b: object) -> list[str]:
+    return [type(layer).__name__ for layer in iter_layers(b)]
+
+
+def test_remote_repositories_get_a_controller_local_ones_none(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KEEPWELL_ADAPTIVE", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    s3 = "s3://bucket/repo"
+    remote = open_storage(s3, **cache)
+    assert "AdaptiveBackend" in _layers(remote)
+    adaptive = next(b for b in iter_layers(remote) if isinstance(b, AdaptiveBackend))
+    assert adaptive.controller.limit == adaptive.controller.maximum == UPLOAD_WORKERS
+    off = open_storage(s3, adaptive=False, **cache)
+    assert "AdaptiveBackend" not in _layers(off)
+    monkeypatch.setenv("KEEPWELL_ADAPTIVE", "0")
+    assert "AdaptiveBackend" not in _layers(open_storage(s3, **cache))
+    assert "AdaptiveBackend" in _layers(
+        open_storage(s3, adaptive=True, **cache))
+    monkeypatch.delenv("KEEPWELL_ADAPTIVE")
+    assert "AdaptiveBackend" not in _layers(open_storage(str(tmp_path / "local"), limit_upload=10))
+
+
+def iter_layers(b: object) -> list[object]:
+    out = []
+    while b is not None:
+        out.append(b)
+        b = getattr(b, "inner", None)
+    return out
+
+
+def test_no_adaptive_option_reaches_the_repository_options() -> None:
+    assert "adaptive" not in repository_options()
+    GLOBALS.no_adaptive = True
+    try:
+        assert repository_options()["adaptive"] is False
+    finally:
+        GLOBALS.no_adaptive = False
