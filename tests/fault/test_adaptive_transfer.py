@@ -20,7 +20,7 @@ from tests.fault.test_network_faults import Remote, retrying, s3_remote  # noqa:
 
 pytestmark = [pytest.mark.integration]
 
-SIZE = 128 * 1024
+SIZE = 128 * 1024  # small, so the backend does not measure the link itself (and wait longer)
 CAP = 512 * 1024  # bytes per second: four uploads at once take a second each
 CAP_FIRST = 3 * CAP  # sixteen at once take 1.3 s, well within the 3 s an answer is waited for
 
@@ -38,7 +38,7 @@ def upload_until(put: Callable[[str], None], done: Callable[[], bool], most: int
 
 def test_s3_uploads_follow_a_bandwidth_cap_down_and_up(s3_remote: Remote) -> None:
     proxy = s3_remote.proxy
-    controller = AimdController(4, window=4)
+    controller = AimdController(4, window=4, measured_from=SIZE)
     backend = retrying(AdaptiveBackend(s3_remote.via_proxy(f"aimd-{uuid.uuid4().hex[:8]}"),
                                        controller))
     payload = b"\xa5" * SIZE
@@ -103,8 +103,8 @@ def test_s3_fewer_failed_attempts_than_with_a_fixed_high_concurrency(s3_remote: 
     falls on their latency alone. Under the second cap, sixteen at once stall (each waits longer
     than the backend waits for an answer, 3 s): the fixed number meets those stalls, the
     adaptive one, already low, does not."""
-    fixed = capped_uploads(s3_remote, AimdController(16, minimum=16, window=4), 16)
-    adaptive = capped_uploads(s3_remote, AimdController(16, window=4), 16)
+    fixed = capped_uploads(s3_remote, AimdController(16, minimum=16, window=4, measured_from=SIZE), 16)
+    adaptive = capped_uploads(s3_remote, AimdController(16, window=4, measured_from=SIZE), 16)
     print(f"fixed: {fixed.successes} ok, {fixed.errors} errors, {fixed.timeouts} stalls; "
           f"adaptive: {adaptive.successes} ok, {adaptive.errors} errors, "
           f"{adaptive.timeouts} stalls, decisions {adaptive.decisions}")

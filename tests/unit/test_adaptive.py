@@ -95,12 +95,21 @@ def test_successes_of_an_older_generation_do_not_fill_the_window() -> None:
 
 
 def test_cost_is_per_byte_so_large_and_small_uploads_compare() -> None:
-    c = AimdController(2, maximum=4, window=2)
+    c = AimdController(2, maximum=4, window=2, measured_from=0)
     feed(c, [ok(1.0, 8 * MIB), ok(0.125, MIB)])
     feed(c, [ok(2.0, 16 * MIB), ok(0.125, MIB)])
     assert c.limit == 4
     # a tiny object costs a round trip: it counts as SMALL bytes, not as its size
     assert Outcome("ok", 1.0, 10).cost == Outcome("ok", 1.0, SMALL).cost
+
+
+def test_small_uploads_are_counted_but_not_measured() -> None:
+    c = AimdController(4, window=2)
+    feed(c, [ok(0.001)] * 2)  # the baseline, from packs
+    feed(c, [ok(0.05, 4096)] * 10)  # index objects: a round trip each, far more per byte
+    assert c.limit == 4 and c.decisions == []
+    assert c.successes == 12
+    assert c.baseline == pytest.approx(0.001 / MIB)
 
 
 def test_a_slower_link_at_the_minimum_becomes_the_new_baseline_and_it_grows_again() -> None:

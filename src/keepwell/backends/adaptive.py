@@ -12,7 +12,10 @@ shared budgets stay outside it (they are paid before an upload takes its slot).
 Words:
     cost         seconds per byte of one successful upload (sizes below `SMALL` count as
                  `SMALL`: a tiny object costs a round trip whatever its size).
-    window       ``window`` successful uploads started under the current limit; their mean
+    measured     an upload of at least ``measured_from`` bytes (`MEASURED_FROM`: packs, not
+                 index or snapshot objects). Only their costs are compared: a small object's
+                 cost is mostly its round trip, many times a pack's cost per byte.
+    window       ``window`` measured uploads started under the current limit; their mean
                  cost is compared with the baseline once the window is full.
     baseline     the lowest window cost seen, the link at its best. When the limit is at its
                  minimum and the cost is still well above the baseline, the link itself has
@@ -33,6 +36,7 @@ from typing import Literal
 from keepwell.errors import ConfigurationError
 
 SMALL = 64 * 1024
+MEASURED_FROM = 1024 * 1024
 OutcomeKind = Literal["ok", "error", "timeout"]
 Reason = Literal["latency", "error", "timeout", "steady"]
 
@@ -106,7 +110,8 @@ class AimdController:
     """
 
     def __init__(self, start: int, maximum: int | None = None, minimum: int = 1, *,
-                 window: int = 8, rise: float = 1.5, high: float = 3.0) -> None:
+                 window: int = 8, rise: float = 1.5, high: float = 3.0,
+                 measured_from: int = MEASURED_FROM) -> None:
         maximum = start if maximum is None else maximum
         if not 1 <= minimum <= start <= maximum:
             raise ValueError("need 1 <= minimum <= start <= maximum")
@@ -114,6 +119,7 @@ class AimdController:
             raise ValueError("need window >= 1 and 1 <= rise < high")
         self.minimum, self.maximum = minimum, maximum
         self.window, self.rise, self.high = window, rise, high
+        self.measured_from = measured_from
         self.slots = ResizableSemaphore(start)
         self._lock = threading.Lock()
         self._costs: list[float] = []
@@ -154,7 +160,7 @@ class AimdController:
                     self._decrease(outcome.kind)
                 return
             self.successes += 1
-            if generation != self.generation:
+            if generation != self.generation or outcome.size < self.measured_from:
                 return
             self._costs.append(outcome.cost)
             if len(self._costs) >= self.window:
