@@ -30,6 +30,7 @@ class _Faults:
     stall_after: int | None = None  # stop forwarding once this many more bytes flowed ...
     stall_for: float = 0.0  # ... for this long
     rate: float | None = None  # bytes per second per direction and connection
+    link_rate: float | None = None  # bytes per second client→server, all connections together
     refuse: int = 0  # close this many new connections at once
     http_503: int = 0  # answer this many new HTTP requests with 503
     outage: bool = False  # after the cut, refuse every new connection until cleared
@@ -54,6 +55,7 @@ class FaultProxy:
         self.cuts = 0
         self.answered_503 = 0
         self.connections = 0
+        self._link_free = 0.0  # monotonic time at which the shared upstream link is free again
 
     # --- control -----------------------------------------------------------------------------
 
@@ -91,6 +93,13 @@ class FaultProxy:
     def throttle(self, bytes_per_second: float | None) -> None:
         with self._lock:
             self._faults.rate = bytes_per_second
+
+    def throttle_link(self, bytes_per_second: float | None) -> None:
+        """Cap the bytes per second client→server of all connections together (one link
+        that the uploads share), unlike `throttle`, which caps each connection alone."""
+        with self._lock:
+            self._faults.link_rate = bytes_per_second
+            self._link_free = time.monotonic()
 
     def refuse(self, n: int) -> None:
         with self._lock:
@@ -297,6 +306,11 @@ class FaultProxy:
                     piece = min(piece, limit)
             action = ""
             pause = piece / f.rate if f.rate else 0.0
+            if f.link_rate and up:
+                piece = max(1, min(piece, int(f.link_rate * 0.01)))
+                now = time.monotonic()
+                self._link_free = max(self._link_free, now) + piece / f.link_rate
+                pause = max(pause, self._link_free - now)
             if f.cut_after is not None:
                 f.cut_after -= piece
                 if f.cut_after <= 0:

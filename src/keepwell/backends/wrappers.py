@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from keepwell import tokens
+from keepwell.backends.adaptive import AimdController, Outcome
 from keepwell.backends.base import Backend, ObjectInfo, check_name
 from keepwell.backends.cachedir import MARKER, touch
 from keepwell.backends.resilience import Backoff, CircuitBreaker, Sleep, TokenBucket
@@ -34,6 +35,7 @@ from keepwell.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
     StallError,
+    TransientBackendError,
 )
 
 log = logging.getLogger(__name__)
@@ -454,6 +456,31 @@ class ConcurrencyLimitedBackend(_Wrapper):
             yield info
 
 
+class AdaptiveBackend(_Wrapper):
+    """Uploads take a slot of ``controller`` (keepwell.backends.adaptive) and tell it how they
+    ended: the number of uploads at once follows the link. Other calls pass untouched."""
+
+    def __init__(self, inner: Backend, controller: AimdController) -> None:
+        super().__init__(inner)
+        self.controller = controller
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        generation = self.controller.acquire()
+        outcome: Outcome | None = None
+        began = time.monotonic()
+        try:
+            self.inner.put(name, data, overwrite=overwrite)
+            outcome = Outcome("ok", time.monotonic() - began, len(data))
+        except StallError:
+            outcome = Outcome("timeout")
+            raise
+        except TransientBackendError:
+            outcome = Outcome("error")
+            raise
+        finally:
+            self.controller.release(generation, outcome)
+
+
 # --- cache ---------------------------------------------------------------------------------------
 
 # ``config`` is not among them: it is read before the repository is known (see `bind`), and a
@@ -623,6 +650,7 @@ def wrap(
     cache_verify: Verify | None = None,
     upload_buckets: Sequence[TokenBucket] = (),
     guard: Guard | None = None,
+    adaptive: AimdController | None = None,
 ) -> Backend:
     """Dress ``backend`` in the usual wrappers.
 
@@ -631,15 +659,19 @@ def wrap(
     directory: the cache of this backend is a subdirectory named by a hash of its location and
     endpoint (``backend.identity``, where it has one), and `CachedBackend.bind` narrows it to one
     repository; ``cache_verify`` is the cache's `CachedBackend.verify`. ``upload_buckets`` are
-    budgets shared with others (each upload pays every one of them), ``guard`` a `Guard`.
+    budgets shared with others (each upload pays every one of them), ``guard`` a `Guard`,
+    ``adaptive`` the controller of the number of uploads at once (`AdaptiveBackend`).
     From the outside in: cache → retries → guard → circuit breaker → shared budgets → rate limit
-    → concurrency limit → backend, so cache hits cost nothing, a retry waits without holding a
-    connection slot, each attempt is guarded (a refusal is no failure of the backend), and
-    retried bytes count against the rate limits.
+    → adaptive uploads → concurrency limit → backend, so cache hits cost nothing, a retry waits
+    without holding a connection slot, each attempt is guarded (a refusal is no failure of the
+    backend), retried bytes count against the rate limits, and an upload's latency is the
+    link's, not the time it waited for its budget.
     """
     b: Backend = backend
     if max_concurrent:
         b = ConcurrencyLimitedBackend(b, max_concurrent)
+    if adaptive is not None:
+        b = AdaptiveBackend(b, adaptive)
     if limit_upload or limit_download:
         b = RateLimitedBackend(
             b,

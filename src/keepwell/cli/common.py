@@ -93,6 +93,7 @@ class GlobalOptions:
     limit_upload: int | None = None
     limit_download: int | None = None
     cache_dir: str | None = None
+    no_adaptive: bool = False
     command: str = ""  # the command being run ("key add"), for messages
     # The command loaded a library that can crash at interpreter exit (the Temporal SDK's
     # native core): `keepwell.cli.main.run` flushes and leaves with os._exit.
@@ -164,10 +165,12 @@ def resolve_password(password_file: str | None, *, confirm: bool = False) -> str
 
 
 def repository_options() -> dict[str, Any]:
-    """The options of the root command every repository is opened with: the rate limits and
-    ``--cache-dir`` (which beats ``KEEPWELL_CACHE_DIR``: see keepwell.backends.cachedir)."""
+    """The options of the root command every repository is opened with: the rate limits,
+    ``--no-adaptive`` and ``--cache-dir`` (which beats ``KEEPWELL_CACHE_DIR``: see keepwell.backends.cachedir)."""
     out: dict[str, Any] = {"limit_upload": GLOBALS.limit_upload,
                            "limit_download": GLOBALS.limit_download}
+    if GLOBALS.no_adaptive:
+        out["adaptive"] = False
     if GLOBALS.cache_dir is not None:
         out["cache_dir"] = os.path.abspath(os.path.expanduser(GLOBALS.cache_dir))
     return out

@@ -48,6 +48,9 @@ def _root(
         min=0, help="Upload limit in KiB/s (0: none).")] = None,
     limit_download: Annotated[int | None, typer.Option(
         min=0, help="Download limit in KiB/s (0: none).")] = None,
+    no_adaptive: Annotated[bool, typer.Option(
+        "--no-adaptive", help="Upload to remote repositories with a fixed number of uploads at "
+                              "once, not adapted to the link (also KEEPWELL_ADAPTIVE=0).")] = False,
     cache_dir: Annotated[str | None, typer.Option(
         "--cache-dir", metavar="DIR",
         help="Set the cache directory (default: $KEEPWELL_CACHE_DIR, then "
@@ -63,6 +66,7 @@ def _root(
     GLOBALS.limit_upload = limit_upload
     GLOBALS.limit_download = limit_download
     GLOBALS.cache_dir = cache_dir
+    GLOBALS.no_adaptive = no_adaptive
     GLOBALS.quiet = quiet
     GLOBALS.json = json_
     GLOBALS.debug = debug or os.environ.get("KEEPWELL_DEBUG") == "1"

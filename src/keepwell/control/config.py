@@ -76,6 +76,7 @@ class RepositoryConfig(_Model):
     password: SecretRef
     replica: Replica | None = None
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
+    adaptive: bool | None = None  # uploads adapt to the link (None: KEEPWELL_ADAPTIVE, else on)
 
 
 class Retention(_Model):

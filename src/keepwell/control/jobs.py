@@ -284,7 +284,7 @@ def open_job_repository(spec: JobSpec, ctx: JobContext) -> Repository:
     repo_cfg = spec.params["repository"]
     password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
     return open_repository(repo_cfg["location"], password, guard=ctx,
-                           upload_buckets=_budgets(spec, ctx))
+                           upload_buckets=_budgets(spec, ctx), adaptive=repo_cfg.get("adaptive"))
 
 
 def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:

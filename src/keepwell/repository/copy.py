@@ -40,7 +40,7 @@ import blake3
 
 from keepwell.backends.base import Backend
 from keepwell.repository.format import DATA
-from keepwell.repository.packer import BlobSink
+from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
 from keepwell.repository.packreader import PackReader, Want, open_payload
 from keepwell.repository.repo import BlobReader, Repository
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter
@@ -117,7 +117,7 @@ class Copier:
     snapshots of the run, which trees and file contents it has already rewritten)."""
 
     def __init__(self, src: Repository, dst: Repository, *, workers: int = 4,
-                 upload_workers: int = 4) -> None:
+                 upload_workers: int = UPLOAD_WORKERS) -> None:
         self.src = src
         self.dst = dst
         self.events = dst.events

@@ -56,6 +56,7 @@ class Spool(Protocol):
 
 PACK_TARGET = {DATA: 16 * 1024 * 1024, TREE: 4 * 1024 * 1024}
 INDEX_EVERY_PACKS = 4
+UPLOAD_WORKERS = 4  # packs uploaded at once by one sink (and where adaptive uploads start)
 INDEX_EVERY_SECONDS = 10.0
 
 
@@ -162,7 +163,7 @@ class StoredPack:
 
 
 class BlobSink:
-    def __init__(self, repo: RepositoryStore, *, upload_workers: int = 4, compression: int | None = None,
+    def __init__(self, repo: RepositoryStore, *, upload_workers: int = UPLOAD_WORKERS, compression: int | None = None,
                  levels: Levels | None = None) -> None:
         self.repo = repo
         self.level = repo.compression if compression is None else compression

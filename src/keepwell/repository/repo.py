@@ -18,6 +18,7 @@ from typing import Any
 
 from keepwell import tokens
 from keepwell.backends import wrappers
+from keepwell.backends.adaptive import AimdController, adaptive_enabled
 from keepwell.backends.base import Backend
 from keepwell.backends.cachedir import default_base
 from keepwell.backends.dryrun import DryRunBackend
@@ -59,6 +60,7 @@ from keepwell.repository.index import (
 )
 from keepwell.repository.keyring import APPEND, FULL, Keyring, append_keyring
 from keepwell.repository.owncache import OwnCache, own_cache_directory
+from keepwell.repository.packer import UPLOAD_WORKERS
 from keepwell.repository.pending import load_pending
 from keepwell.repository.snapshot import Snapshot, SnapshotFilter, decode_snapshot
 from keepwell.repository.tree import DIR, Node, decode_tree, unusable_name
@@ -689,6 +691,8 @@ def _wrap_usual(backend: Backend, location: str, options: dict[str, Any],
     if not remote and not up and not down and not upload_buckets and guard is None:
         return backend
     cache_dir = (options.get("cache_dir") or default_base()) if remote else None
+    adaptive = AimdController(UPLOAD_WORKERS) if remote and adaptive_enabled(
+        options.get("adaptive")) else None
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
                          cache_dir=cache_dir, cache_verify=named_by_content,
-                         upload_buckets=upload_buckets, guard=guard)
+                         upload_buckets=upload_buckets, guard=guard, adaptive=adaptive)

@@ -24,7 +24,7 @@ from typing import IO, Any
 from keepwell import __version__
 from keepwell.errors import UsageError
 from keepwell.repository.format import DATA, KIND_SNAPSHOT, TREE
-from keepwell.repository.packer import BlobSink
+from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
 from keepwell.repository.sessions import Session
 from keepwell.repository.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from keepwell.repository.store import RepositoryStore
@@ -43,7 +43,7 @@ class SnapshotWriter:
     def __init__(self, repo: RepositoryStore, kind: str, paths: list[str], *, host: str | None = None,
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
-                 upload_workers: int = 4, blob_workers: int | None = None,
+                 upload_workers: int = UPLOAD_WORKERS, blob_workers: int | None = None,
                  probe_levels: bool = False, page_levels: bool = False) -> None:
         self.repo = repo
         self.kind = kind
