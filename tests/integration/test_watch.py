@@ -310,3 +310,23 @@ def test_a_continuous_files_source_in_the_daemon(tmp_path: Path,
         assert not d.events("stream_exited")
     finally:
         ws.close()
+
+
+def test_the_repository_and_the_journal_inside_the_tree_are_not_watched(tmp_path: Path) -> None:
+    """Watching them would commit every commit again, without end: they are left out, and the
+    watcher says so."""
+    root = tmp_path / "tree"
+    repo, cache = root / "repo", root / ".cache"
+    root.mkdir()
+    ok(kw(repo, "init"))
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        (root / "a.txt").write_text("hello")
+        wait_for(lambda: (snapshot_listing(repo, root) or {}).get("a.txt"), "a.txt committed",
+                 timeout=120, interval=0.1)
+    finally:
+        _rc, err = w.stop()
+    held = snapshot_listing(repo, root) or {}
+    assert not [p for p in held if p.split("/")[0] in ("repo", ".cache")], sorted(held)[:5]
+    assert f"{repo} (the repository) lies inside the watched paths: not watched" in err, err

@@ -136,6 +136,8 @@ def test_command_line_beats_environment(path: tuple[str, ...], before: bool, wor
     # the WAL uploader serves its spool until two minutes pass without WAL: here it stops once
     # it has opened its repository, which is all this test is about
     monkeypatch.setattr("keepwell.sources.postgres.uploader._run_workers", lambda *a: 0)
+    # a watcher watches until it is stopped: here it stops once its repository is open
+    monkeypatch.setattr("keepwell.sources.files.watch.Watcher.run", lambda self: None)
     tmp = world["tmp"]
     cmd = dict(_commands(typer.main.get_command(app)))[path]
     given = ["-r", world["cli_repo"], "--password-file", str(tmp / "pw")]

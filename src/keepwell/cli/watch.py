@@ -132,12 +132,20 @@ def watch(
         tags=[t for group in tag or [] for t in group.split(",") if t])
     if options.poll_interval is not None and options.poll_interval <= 0:
         raise UsageError("--poll needs a duration above zero")
-    selection = selection_of(exclude, exclude_file, iexclude, iexclude_file, None, False,
-                             exclude_larger_than)
     r = open_repo(repo, password_file)
     base = (os.path.abspath(os.path.expanduser(GLOBALS.cache_dir)) if GLOBALS.cache_dir
             else default_base())
-    journal = Journal(journal_path(base, r.id, roots))
+    where = journal_path(base, r.id, roots)
+    # the repository and keepwell's cache (the watcher's journal is in it) are never watched:
+    # each commit writes to them, and watching them would commit again, without end
+    own = _own_paths(r.opened_as[0] if r.opened_as else None, base, roots)
+    for path, what in own:
+        if not GLOBALS.quiet:
+            print(f"keepwell: note: {path} ({what}) lies inside the watched paths: not watched",
+                  file=sys.stderr)
+    selection = selection_of([*(exclude or []), *(p for p, _ in own)], exclude_file, iexclude,
+                             iexclude_file, None, False, exclude_larger_than)
+    journal = Journal(where)
     r.events.subscribe(WatchReport(json_, GLOBALS.quiet))
     watcher = Watcher(r, roots, journal, selection, options)
 
@@ -150,6 +158,19 @@ def watch(
         watcher.run()
     finally:
         journal.close()
+
+
+def _own_paths(location: str | None, cache: str,
+               roots: list[str]) -> list[tuple[str, str]]:
+    """The repository (when it is a local directory) and keepwell's cache directory, those of
+    them that lie inside a watched root."""
+    mine: list[tuple[str, str]] = []
+    if location and ("://" not in location or location.startswith("file://")):
+        mine.append((os.path.realpath(location.removeprefix("file://")), "the repository"))
+    mine.append((os.path.realpath(cache), "keepwell's cache, which holds the watch journal"))
+    real_roots = [os.path.realpath(r) for r in roots]
+    return [(path, what) for path, what in mine
+            if any(path == r or path.startswith(r.rstrip("/") + "/") for r in real_roots)]
 
 
 def register(app: typer.Typer) -> None:
