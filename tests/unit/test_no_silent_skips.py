@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+ROOT = Path(__file__).resolve().parents[2]
+CONFTEST = ROOT / "tests" / "conftest.py"
 
 CASES = {
     "test_inside.py": "import pytest\ndef test_x():\n    pytest.skip('no server')\n",
@@ -28,6 +29,8 @@ def _run(tmp_path: Path, name: str, allow: bool) -> subprocess.CompletedProcess[
     shutil.copy(CONFTEST, suite / "conftest.py")
     (suite / name).write_text(CASES[name] + "def test_runs():\n    pass\n")
     env = {k: v for k, v in os.environ.items() if k != "KEEPWELL_ALLOW_SKIP"}
+    # the conftest loads the suite's fixture modules (tests.*) as plugins
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if allow:
         env["KEEPWELL_ALLOW_SKIP"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
