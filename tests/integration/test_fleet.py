@@ -14,8 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +22,11 @@ import pytest
 import yaml
 
 from tests.integration.control_support import PASSWORD, env, init_repository, write_random
+from tests.servers import free_port
+from tests.waiting import wait_for
 
 MAIN = [sys.executable, "-m", "keepwell.cli.main"]
 MiB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Fleet:
@@ -137,7 +122,7 @@ def start_server(root: Path, ports: tuple[int, int, int]) -> subprocess.Popen[by
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("temporal")
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (free_port(), free_port(), free_port())
     proc = start_server(root, ports)
     yield f"127.0.0.1:{ports[0]}", root / "server.log"
     proc.send_signal(signal.SIGKILL)
@@ -332,7 +317,7 @@ def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -
     completes with one snapshot that restores exactly."""
     server_root = tmp_path / "server"
     server_root.mkdir()
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (free_port(), free_port(), free_port())
     proc = start_server(server_root, ports)
     (tmp_path / "ws").mkdir()
     fleet = Fleet(tmp_path / "ws", server_root / "server.log", f"127.0.0.1:{ports[0]}")
