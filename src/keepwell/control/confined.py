@@ -34,6 +34,7 @@ from typing import Any
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.cgroups import CgroupUnavailable, JobCgroup, Priority, ResourceLimits
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec
+from keepwell.control.logs import ALSO_LOGGED
 
 PROGRESS_EVERY = 0.2  # seconds between progress reports of the job process
 _MAIN = ("import sys; from keepwell.control.runner import serve_confined; "
@@ -152,6 +153,17 @@ class _ParentBucket(TokenBucket):
         self._child.take(n)
 
 
+class _RunLog(logging.Handler):
+    """Lines of this process's loggers, into the run's log."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(logging.INFO)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.ctx.log(record.levelname.lower(), record.getMessage())
+
+
 class JobChild:
     """The job process's side: reads its job, applies its priority, relays its context."""
 
@@ -170,6 +182,10 @@ class JobChild:
         self.ctx.on_log = lambda level, message: self.send(("log", level, message))
         for line in problems:
             self.send(("log", "warning", line))
+        relay = _RunLog(self.ctx)
+        for name in ALSO_LOGGED:  # the daemon does not see this process's loggers: the run's log
+            logging.getLogger(name).addHandler(relay)
+            logging.getLogger(name).setLevel(logging.INFO)
         self._done = threading.Event()
         threading.Thread(target=self._listen, daemon=True, name="kw-job-down").start()
         threading.Thread(target=self._report, daemon=True, name="kw-job-progress").start()
