@@ -1,15 +1,19 @@
 """Adaptive uploads over a real link: S3 (SeaweedFS) behind the proxy, whose upstream bandwidth
-is capped for all connections together, then freed again. The controller must take fewer
-uploads at once when the cap falls and more when it is lifted. Decisions and counts are
-asserted, never durations.
+is capped for all connections together, then changed or freed again. The controller must take
+fewer uploads at once when the cap falls and more when it is lifted, and its pacing rate must
+follow the cap. Decisions, byte counts (the proxy's own) and rates are asserted, never
+durations.
 """
 
 # ruff: noqa: F811
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 
@@ -17,6 +21,8 @@ from keepwell.backends.adaptive import AimdController, Decision
 from keepwell.backends.wrappers import AdaptiveBackend
 from keepwell.errors import BackendError
 from tests.fault.test_network_faults import Remote, retrying, s3_remote  # noqa: F401
+from tests.servers.proxy import FaultProxy
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -103,7 +109,8 @@ def test_s3_fewer_failed_attempts_than_with_a_fixed_high_concurrency(s3_remote: 
     falls on their latency alone. Under the second cap, sixteen at once stall (each waits longer
     than the backend waits for an answer, 3 s): the fixed number meets those stalls, the
     adaptive one, already low, does not."""
-    fixed = capped_uploads(s3_remote, AimdController(16, minimum=16, window=4, measured_from=SIZE), 16)
+    fixed = capped_uploads(s3_remote, AimdController(16, minimum=16, window=4, measured_from=SIZE,
+                                                     pace=False), 16)
     adaptive = capped_uploads(s3_remote, AimdController(16, window=4, measured_from=SIZE), 16)
     print(f"fixed: {fixed.successes} ok, {fixed.errors} errors, {fixed.timeouts} stalls; "
           f"adaptive: {adaptive.successes} ok, {adaptive.errors} errors, "
@@ -113,3 +120,94 @@ def test_s3_fewer_failed_attempts_than_with_a_fixed_high_concurrency(s3_remote: 
     assert adaptive.decisions[0] == Decision("down", 8, "latency"), adaptive.decisions
     assert adaptive.errors + adaptive.timeouts < fixed.errors + fixed.timeouts
     assert adaptive.limit < 16
+
+
+# --- the pacing rate follows a cap that changes under a running transfer -------------------------
+
+LINK = CAP_FIRST  # the cap of the first and last phase (1.5 MiB/s); the middle one is a third
+MIB = 1024 * 1024
+
+
+@dataclass
+class Phase:
+    cap: float
+    rate: float | None  # the pacing rate at the end of the phase
+    throughput: float  # what crossed the proxy over the last third of the phase, bytes/s
+    sent: int  # bytes that crossed the proxy in the phase
+
+
+def sent_since(proxy: FaultProxy, start: int, size: int) -> Callable[[], bool]:
+    return lambda: proxy.bytes_up - start >= size
+
+
+def changing_cap(remote: Remote, controller: AimdController,
+                 phases: list[tuple[float, int]], threads: int = 16) -> list[Phase]:
+    """``threads`` workers upload without pause while the link's cap takes each ``(cap, bytes)``
+    of ``phases`` in turn: the cap is changed once that many bytes crossed the proxy under the
+    one before, whatever the uploads in flight."""
+    backend = retrying(AdaptiveBackend(remote.via_proxy(f"pace-{uuid.uuid4().hex[:8]}"),
+                                       controller))
+    payload = b"\x3c" * SIZE
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                backend.put(f"data/{uuid.uuid4().hex}", payload)
+            except BackendError:
+                pass  # given up after its attempts: the attempts are counted
+
+    proxy = remote.proxy
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    seen: list[Phase] = []
+    try:
+        for w in workers:
+            w.start()
+        wait_for(lambda: controller.baseline is not None, "a baseline on the free link")
+        for cap, size in phases:
+            proxy.throttle_link(cap)
+            start = proxy.bytes_up
+            wait_for(sent_since(proxy, start, size * 2 // 3), "two thirds of a phase", timeout=300)
+            mark, began = proxy.bytes_up, time.monotonic()
+            wait_for(sent_since(proxy, start, size), "the end of a phase", timeout=300)
+            tail = (proxy.bytes_up - mark) / (time.monotonic() - began)
+            seen.append(Phase(cap, controller.rate, tail, proxy.bytes_up - start))
+    finally:
+        stop.set()
+        proxy.clear()
+        for w in workers:
+            w.join(timeout=120)
+    assert not any(w.is_alive() for w in workers)
+    assert controller.slots.held == 0
+    return seen
+
+
+def test_s3_pacing_rate_follows_a_cap_that_falls_and_rises(s3_remote: Remote) -> None:
+    """A cap of LINK, then a third of it, then LINK again, changed under sixteen uploaders.
+    The pacing rate comes down near the lower cap within 4 MiB and back up within 8 MiB, and
+    the throughput follows; sixteen uploads at once without pacing meet stalls under the lower
+    cap (sixteen of 128 KiB at 512 KiB/s take longer than the backend waits), the adaptive
+    uploads fewer."""
+    phases = [(LINK, 8 * MIB), (LINK / 3, 4 * MIB), (LINK, 8 * MIB)]
+    fixed = AimdController(16, minimum=16, window=4, measured_from=SIZE, pace=False)
+    fixed_seen = changing_cap(s3_remote, fixed, phases)
+    adaptive = AimdController(16, window=4, measured_from=SIZE)
+    seen = changing_cap(s3_remote, adaptive, phases)
+    print(f"fixed: {fixed.successes} ok, {fixed.errors} errors, {fixed.timeouts} stalls, "
+          f"phases {fixed_seen}; adaptive: {adaptive.successes} ok, {adaptive.errors} errors, "
+          f"{adaptive.timeouts} stalls, phases {seen}, rate decisions {adaptive.rate_decisions}")
+    first, low, high = seen
+    # the free link and the first cap: pacing, if any, does not hold the uploads below the cap
+    assert first.rate is None or first.rate >= 0.5 * LINK, first
+    # a third of the cap: the pacing rate came down near it, the throughput is the link's
+    assert low.rate is not None and 0.25 * low.cap <= low.rate <= 1.6 * low.cap, low
+    assert 0.4 * low.cap <= low.throughput <= 1.2 * low.cap, low
+    assert any(d.direction == "down" for d in adaptive.rate_decisions)
+    # the cap back up: so is the pacing rate (or it is gone), and the throughput with it
+    assert high.rate is None or high.rate >= 0.6 * LINK, high
+    assert any(d.direction == "up" for d in adaptive.rate_decisions)
+    assert high.throughput >= 0.5 * LINK, high
+    # fewer failed attempts than sixteen at once without pacing
+    assert fixed.rate_decisions == [] and fixed.decisions == []
+    assert fixed.errors + fixed.timeouts > 0
+    assert adaptive.errors + adaptive.timeouts < fixed.errors + fixed.timeouts

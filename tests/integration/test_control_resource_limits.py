@@ -20,7 +20,7 @@ import yaml
 
 from keepwell.control.cgroups import CFS_PERIOD_US, JobCgroup, ResourceLimits
 from keepwell.control.config import load_config
-from keepwell.control.jobs import JobContext, build_job
+from keepwell.control.jobs import JobContext, JobOutcome, build_job
 from keepwell.control.runner import execute
 from tests.integration.control_support import PASSWORD, init_repository, write_random
 from tests.waiting import wait_for
@@ -131,26 +131,36 @@ def test_limits_written_for_io_and_removed(tmp_path: Path) -> None:
     assert all(not d.exists() for d in group.dirs.values())
 
 
+def runs_under_root(tmp: Path, limits: dict[str, Any],
+                    root: Path) -> tuple[list[JobOutcome], list[tuple[str, str]]]:
+    """Two backups of ``tmp/data`` with ``limits`` and the cgroup root ``root``, both
+    succeeded; their outcomes and the lines of their runs' logs."""
+    cfg = _config(tmp, limits)
+    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(
+        update={"cgroup_root": str(root)})})
+    lines: list[tuple[str, str]] = []
+    outcomes = []
+    for at in (1.0, 2.0):
+        ctx = JobContext(timeout=300)
+        ctx.on_log = lambda level, message: lines.append((level, message))
+        outcome = execute(build_job(cfg, "backup", "data", at), ctx)
+        assert outcome.status == "succeeded", outcome.error
+        outcomes.append(outcome)
+    return outcomes, lines
+
+
 def test_without_cgroups_the_job_is_niced_with_one_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import keepwell.control.confined as confined
 
     confined._warned.clear()
     write_random(tmp_path / "data" / "a", 4096)
-    missing = tmp_path / "no-cgroups"
-    cfg = _config(tmp_path, {"cpu": 0.5, "memory": "256M"})
-    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(
-        update={"cgroup_root": str(missing)})})
-    lines: list[tuple[str, str]] = []
     with caplog.at_level(logging.WARNING, logger="keepwell.control"):
-        for at in (1.0, 2.0):
-            spec = build_job(cfg, "backup", "data", at)
-            ctx = JobContext(timeout=300)
-            ctx.on_log = lambda level, message: lines.append((level, message))
-            outcome = execute(spec, ctx)
-            assert outcome.status == "succeeded", outcome.error
-            assert outcome.details["confinement"] == {"cgroup": None, "nice": 10,
-                                                      "ionice": None, "ionice_level": None}
+        outcomes, lines = runs_under_root(tmp_path, {"cpu": 0.5, "memory": "256M"},
+                                          tmp_path / "no-cgroups")
+    for outcome in outcomes:
+        assert outcome.details["confinement"] == {"cgroup": None, "nice": 10,
+                                                  "ionice": None, "ionice_level": None}
     warnings = [r for r in caplog.records if "cgroups are not available" in r.getMessage()]
     assert len(warnings) == 1
     assert sum("cgroups are not available" in m for _l, m in lines) == 1

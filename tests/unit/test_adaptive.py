@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -12,12 +13,17 @@ from keepwell.backends.adaptive import (
     AimdController,
     Decision,
     Outcome,
+    RateDecision,
     ResizableSemaphore,
     adaptive_enabled,
 )
 from keepwell.backends.memory import MemoryBackend
+from keepwell.backends.resilience import TokenBucket
 from keepwell.backends.wrappers import AdaptiveBackend, RetryingBackend, wrap
 from keepwell.cli.common import GLOBALS, repository_options
+from keepwell.control import logs
+from keepwell.control.confined import _RunLog
+from keepwell.control.jobs import JobContext
 from keepwell.errors import ConfigurationError, StallError, TransientBackendError
 from keepwell.repository.packer import UPLOAD_WORKERS
 from keepwell.repository.repo import open_storage
@@ -273,3 +279,209 @@ def test_no_adaptive_option_reaches_the_repository_options() -> None:
         assert repository_options()["adaptive"] is False
     finally:
         GLOBALS.no_adaptive = False
+
+
+# --- the pacing rate -------------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock that moves only when told to, or when something sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def paced(start: int = 1, **kw: object) -> tuple[AimdController, Clock]:
+    clock = Clock()
+    return AimdController(start, clock=clock, sleep=clock.sleep, **kw), clock  # type: ignore[arg-type]
+
+
+def one_at_a_time(c: AimdController, clock: Clock, n: int, seconds: float,
+                  size: int = MIB) -> None:
+    """``n`` uploads one after another, each taking ``seconds`` of the link."""
+    for _ in range(n):
+        c.pace(size)
+        generation = c.acquire()
+        clock.now += seconds
+        c.release(generation, Outcome("ok", seconds, size))
+
+
+def test_a_healthy_link_is_never_paced() -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 64, 0.5)
+    assert c.rate is None and c.rate_decisions == []
+    assert clock.slept == []
+
+
+def test_an_error_paces_at_a_fraction_of_what_the_link_delivered() -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 8, 1.0)  # 1 MiB/s
+    assert c.throughput() == pytest.approx(MIB)
+    c.record(c.generation, Outcome("timeout"))
+    assert c.rate == pytest.approx(0.8 * MIB)
+    assert c.rate_decisions == [RateDecision("down", c.rate, "timeout", pytest.approx(MIB))]
+    assert c.limit == 2
+    # one decrease per congestion event: a late failure of an older upload changes nothing
+    c.record(c.generation - 1, Outcome("error"))
+    assert c.rate == pytest.approx(0.8 * MIB) and len(c.rate_decisions) == 1
+    # a second event: a fraction of the lower of the throughput and the rate in force
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(0.64 * MIB)
+
+
+def test_no_throughput_yet_leaves_the_rate_unlimited() -> None:
+    c, _ = paced(4, window=4)
+    c.record(c.generation, Outcome("error"))
+    assert c.limit == 2 and c.rate is None and c.rate_decisions == []
+
+
+def test_paced_uploads_are_spaced_and_the_rate_grows_while_the_link_delivers() -> None:
+    c, clock = paced(1, window=4)
+    one_at_a_time(c, clock, 4, 1.0)
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(0.8 * MIB)
+    # the link is fast now: uploads take 0.1 s, the pacing spaces them out
+    one_at_a_time(c, clock, 4, 0.1)
+    assert sum(clock.slept) > 0
+    up = [d for d in c.rate_decisions if d.direction == "up"]
+    assert len(up) == 1 and up[0].reason == "steady"
+    assert up[0].throughput == pytest.approx(0.8 * MIB, rel=0.25)
+    assert c.rate == pytest.approx(0.8 * MIB + 0.25 * up[0].throughput)
+    for _ in range(10):
+        one_at_a_time(c, clock, 4, 0.1)
+    assert c.rate > 4 * MIB  # grows as long as the link keeps up with it
+    assert all(d.direction == "up" for d in c.rate_decisions[1:])
+
+
+def test_the_rate_holds_when_the_link_does_not_fill_it() -> None:
+    c, clock = paced(1, window=4)
+    one_at_a_time(c, clock, 4, 0.25)  # 4 MiB/s
+    c.record(c.generation, Outcome("error"))
+    rate = c.rate
+    assert rate == pytest.approx(3.2 * MIB)
+    # the data comes slowly (one pack per second): the link is idle, the rate is not the limit
+    for _ in range(12):
+        clock.now += 0.9
+        one_at_a_time(c, clock, 1, 0.1)
+    assert c.rate == rate and len(c.rate_decisions) == 1
+    assert c.limit == 1  # at its maximum (start); the cost did not rise
+
+
+def test_slow_alone_is_congestion_for_the_rate_but_many_at_once_only_for_their_number() -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 4, 0.1)  # the baseline: 10 MiB/s
+    one_at_a_time(c, clock, 4, 0.4)  # four times the cost, four uploads allowed: halve them
+    assert c.decisions == [Decision("down", 2, "latency")] and c.rate is None
+    one_at_a_time(c, clock, 4, 0.4)
+    assert c.limit == 1 and c.rate is None
+    one_at_a_time(c, clock, 4, 0.25)  # alone and 2.5 times the baseline: the link got slower
+    assert c.rate_decisions[0].direction == "down" and c.rate_decisions[0].reason == "latency"
+    assert c.rate == pytest.approx(0.8 * 4 * MIB, rel=0.1)
+    assert c.baseline == pytest.approx(0.25 / MIB)
+
+
+def test_the_rate_stays_below_the_ceiling_and_leaves_it_to_the_budgets() -> None:
+    c, clock = paced(1, window=4, ceiling=2 * MIB)
+    one_at_a_time(c, clock, 4, 0.25)  # 4 MiB/s measured (another path: the budget is not paid here)
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == 2 * MIB
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(1.6 * MIB)
+    for _ in range(5):
+        one_at_a_time(c, clock, 4, 0.05)
+    assert c.rate is None  # grown up to the ceiling: the configured limit paces alone
+    assert c.rate_decisions[-1] == RateDecision("up", None, "steady", c.rate_decisions[-1].throughput)
+
+
+def test_throughput_counts_uploads_that_ran_together() -> None:
+    c, clock = paced(16, window=4, measured_from=0)
+    for _ in range(2):  # two rounds of sixteen 1 MiB uploads at once, 4 s each: 4 MiB/s
+        held = [c.acquire() for _ in range(16)]
+        clock.now += 4.0
+        for g in held:
+            c.release(g, Outcome("ok", 4.0, MIB))
+    assert c.throughput() == pytest.approx(4 * MIB)
+    clock.now += 4.0  # then nothing for as long: half of it
+    assert c.throughput() == pytest.approx(2 * MIB)
+
+
+def test_without_pacing_only_the_number_adapts() -> None:
+    c, clock = paced(16, minimum=16, window=4, pace=False)
+    one_at_a_time(c, clock, 8, 1.0)
+    c.record(c.generation, Outcome("timeout"))
+    one_at_a_time(c, clock, 8, 5.0)
+    assert c.rate is None and c.rate_decisions == [] and c.decisions == []
+
+
+def test_wrapper_pays_the_rate_before_its_slot_and_times_only_the_link() -> None:
+    size = 100 * 1024
+    c, clock = paced(1, window=4, measured_from=0)
+    one_at_a_time(c, clock, 2, 1.0, size=size)  # 100 KiB/s
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(0.8 * size)
+    b = AdaptiveBackend(MemoryBackend(), c)
+    for i in range(4):
+        b.put(f"data/{i}", b"x" * size)
+    # four uploads at 80 KiB/s, less the burst of a second's worth
+    assert sum(clock.slept) == pytest.approx(4 / 0.8 - 1.0)
+    assert c.baseline == 0.0  # the uploads themselves took no time on this clock
+
+
+def test_decisions_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 4, 1.0)
+    with caplog.at_level(logging.INFO, logger="keepwell.backends.adaptive"):
+        c.record(c.generation, Outcome("timeout"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "uploads at once: 2 (down: timeout)",
+        "upload pacing: 819 KiB/s (down: timeout; link delivered 1024 KiB/s)"]
+
+
+def test_the_ceiling_comes_from_the_configured_limits(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KEEPWELL_ADAPTIVE", raising=False)
+    for key, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"),
+                       ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    budget = TokenBucket(300 * 1024)
+    remote = open_storage("s3://bucket/repo", cache_dir=str(tmp_path), limit_upload=500,
+                          upload_buckets=[budget])
+    adaptive = next(b for b in iter_layers(remote) if isinstance(b, AdaptiveBackend))
+    assert adaptive.controller.ceiling == 300 * 1024
+    free = open_storage("s3://bucket/repo", cache_dir=str(tmp_path))
+    adaptive = next(b for b in iter_layers(free) if isinstance(b, AdaptiveBackend))
+    assert adaptive.controller.ceiling is None and adaptive.controller.rate is None
+
+
+def test_decisions_reach_the_daemons_log_and_a_confined_runs_log(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    adaptive_log = logging.getLogger("keepwell.backends.adaptive")
+    saved = (list(adaptive_log.handlers), adaptive_log.level, adaptive_log.propagate)
+    control_log = logging.getLogger(logs.LOGGER_NAME)
+    saved_control = (list(control_log.handlers), control_log.level, control_log.propagate)
+    try:
+        logs.setup(json_lines=True)
+        c, clock = paced(4, window=4)
+        one_at_a_time(c, clock, 4, 1.0)
+        c.record(c.generation, Outcome("error"))
+        err = capsys.readouterr().err
+        assert '"event": "uploads at once: 2 (down: error)"' in err
+        assert '"event": "upload pacing: 819 KiB/s (down: error; link delivered 1024 KiB/s)"' in err
+        # in a job process: the run's log
+        ctx = JobContext()
+        lines: list[tuple[str, str]] = []
+        ctx.on_log = lambda level, message: lines.append((level, message))
+        adaptive_log.handlers = [_RunLog(ctx)]
+        c.record(c.generation, Outcome("timeout"))
+        assert lines[0] == ("info", "uploads at once: 1 (down: timeout)")
+    finally:
+        adaptive_log.handlers, adaptive_log.level, adaptive_log.propagate = saved
+        control_log.handlers, control_log.level, control_log.propagate = saved_control

@@ -457,20 +457,23 @@ class ConcurrencyLimitedBackend(_Wrapper):
 
 
 class AdaptiveBackend(_Wrapper):
-    """Uploads take a slot of ``controller`` (keepwell.backends.adaptive) and tell it how they
-    ended: the number of uploads at once follows the link. Other calls pass untouched."""
+    """Uploads pay ``controller``'s pacing rate, take one of its slots (keepwell.backends.adaptive)
+    and tell it how they ended: the number of uploads at once and their rate follow the link.
+    An upload's latency is timed from its slot, so the time it waited for the pacing rate is not
+    taken for the link's. Other calls pass untouched."""
 
     def __init__(self, inner: Backend, controller: AimdController) -> None:
         super().__init__(inner)
         self.controller = controller
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+        self.controller.pace(len(data))
         generation = self.controller.acquire()
         outcome: Outcome | None = None
-        began = time.monotonic()
+        began = self.controller.clock()
         try:
             self.inner.put(name, data, overwrite=overwrite)
-            outcome = Outcome("ok", time.monotonic() - began, len(data))
+            outcome = Outcome("ok", self.controller.clock() - began, len(data))
         except StallError:
             outcome = Outcome("timeout")
             raise

@@ -8,11 +8,16 @@ inherit it: worker processes, ``pg_basebackup``, ``mariabackup``), read for acco
 removed when the job ends.
 
 Two kernel interfaces: cgroup v2 when the unified hierarchy delegates the ``cpu``, ``memory``
-and ``io`` controllers to the cgroup this process is in; otherwise cgroup v1, one directory per
-hierarchy (``cpu``, ``memory``, ``blkio``, and ``cpuacct`` for accounting when it is mounted),
-each under this process's own cgroup of that hierarchy. `CgroupUnavailable` says why neither
+and ``io`` controllers the limits need to the cgroup this process is in; otherwise cgroup v1,
+one directory per hierarchy (``cpu``, ``memory``, ``blkio``, and ``cpuacct`` for accounting when
+it is mounted), each under this process's own cgroup of that hierarchy. Where v1 cannot be used
+either but a v2 cgroup can be made, the job gets a v2 cgroup with the controllers it offers
+(the job and its children are still held together, accounted for CPU time, and killed as one):
+the limits of the others are *unapplied* (`JobCgroup.unapplied`), and the caller stands in for
+them with nice and ionice (`ResourceLimits.fallback`). `CgroupUnavailable` says why no cgroup
 can be used (no such root, read-only, not permitted); the caller then falls back to nice and
-ionice (`Priority`), which the kernel applies to the job's process and its children too.
+ionice (`Priority`) for every limit, which the kernel applies to the job's process and its
+children too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import platform
 import signal
 import threading
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,14 +113,23 @@ class ResourceLimits:
     def needs_cgroup(self) -> bool:
         return self.cpu is not None or self.memory is not None or self.has_io()
 
-    def fallback(self) -> Priority:
-        """What stands in for the cgroup where there is none: nice and ionice."""
+    def fallback(self, unapplied: Collection[str] | None = None) -> Priority:
+        """What stands in for the cgroup where there is none, or for the limits of the
+        controllers in ``unapplied`` (``cpu``, ``io``; None: all): nice and ionice."""
         p = self.priority
-        nice = p.nice if p.nice is not None else (FALLBACK_NICE if self.cpu is not None else None)
+        cpu = self.cpu is not None and (unapplied is None or "cpu" in unapplied)
+        io = self.has_io() and (unapplied is None or "io" in unapplied)
+        nice = p.nice if p.nice is not None else (FALLBACK_NICE if cpu else None)
         ionice, level = p.ionice, p.ionice_level
-        if ionice is None and self.has_io():
+        if ionice is None and io:
             ionice, level = "best-effort", 7
         return Priority(nice, ionice, level)
+
+    def needed_v2(self) -> list[str]:
+        """The v2 controllers the limits need."""
+        return [c for c, wanted in (("cpu", self.cpu is not None),
+                                    ("memory", self.memory is not None),
+                                    ("io", self.has_io())) if wanted]
 
 
 def block_device(path: str) -> tuple[int, int] | None:
@@ -158,11 +173,32 @@ def _write(path: Path, value: str) -> None:
 class JobCgroup:
     """One job's cgroup (v2: one directory; v1: one per hierarchy). See the module docstring."""
 
-    def __init__(self, version: int, dirs: dict[str, Path], limits: ResourceLimits) -> None:
+    def __init__(self, version: int, dirs: dict[str, Path], limits: ResourceLimits,
+                 unapplied: Sequence[str] = ()) -> None:
         self.version = version
         self.dirs = dirs  # controller (v1) or "" (v2) -> the job's directory
         self.limits = limits
+        # v2 controllers the limits need and the hierarchy does not offer: not applied
+        self.unapplied = list(unapplied)
         self.skipped: list[str] = []  # limits that could not be applied, one line each
+
+    def unapplied_line(self, instead: Priority) -> str | None:
+        """One line saying which limits this cgroup could not apply and what stands in."""
+        if not self.unapplied:
+            return None
+        base = self.dirs[""].parent
+        limits = {"cpu": "cpu", "memory": "memory", "io": "I/O"}
+        stand_in = []
+        if "cpu" in self.unapplied:
+            stand_in.append(f"nice {instead.nice}")
+        if "io" in self.unapplied:
+            stand_in.append(f"ionice {instead.ionice}")
+        if "memory" in self.unapplied:
+            stand_in.append("no memory limit")
+        return (f"cgroup v2 at {base} does not offer the {', '.join(self.unapplied)} "
+                f"controller{'s' if len(self.unapplied) > 1 else ''}: the "
+                f"{', '.join(limits[c] for c in self.unapplied)} limits are not applied "
+                f"(instead: {', '.join(stand_in)})")
 
     @classmethod
     def create(cls, name: str, limits: ResourceLimits) -> JobCgroup:
@@ -172,9 +208,14 @@ class JobCgroup:
             raise CgroupUnavailable(f"no cgroup file system at {root}")
         leaf = f"keepwell-{name}-{os.getpid()}-{next(_counter)}"
         own = _own_paths()
-        group = _create_v2(root, own, leaf, limits)
+        group = _create_v2(root, own, leaf, limits, partial=False)
         if group is None:
-            group = _create_v1(root, own, leaf, limits)
+            try:
+                group = _create_v1(root, own, leaf, limits)
+            except CgroupUnavailable:
+                group = _create_v2(root, own, leaf, limits, partial=True)
+                if group is None:
+                    raise
         try:
             group._apply()
         except OSError as exc:
@@ -188,11 +229,11 @@ class JobCgroup:
         devices = self._devices()
         if self.version == 2:
             d = self.dirs[""]
-            if lim.cpu is not None:
+            if lim.cpu is not None and "cpu" not in self.unapplied:
                 _write(d / "cpu.max", f"{round(lim.cpu * CFS_PERIOD_US)} {CFS_PERIOD_US}")
-            if lim.memory is not None:
+            if lim.memory is not None and "memory" not in self.unapplied:
                 _write(d / "memory.max", str(lim.memory))
-            for dev in devices:
+            for dev in devices if "io" not in self.unapplied else ():
                 parts = [f"{k}={v}" for k, v in (("rbps", lim.read_bps), ("wbps", lim.write_bps),
                                                   ("riops", lim.read_iops),
                                                   ("wiops", lim.write_iops)) if v is not None]
@@ -211,7 +252,7 @@ class JobCgroup:
                            f"{dev[0]}:{dev[1]} {value}")
 
     def _devices(self) -> list[tuple[int, int]]:
-        if not self.limits.has_io():
+        if not self.limits.has_io() or "io" in self.unapplied:
             return []
         found: list[tuple[int, int]] = []
         for path in self.limits.devices:
@@ -244,15 +285,18 @@ class JobCgroup:
         out: dict[str, int] = {}
         try:
             if self.version == 2:
+                # cpu.stat is there without the cpu controller; io.stat and memory.peak only
+                # with theirs
                 d = self.dirs[""]
                 stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
                 out["cpu_usec"] = int(stat.get("usage_usec", 0))
-                rbytes = wbytes = 0
-                for line in (d / "io.stat").read_text().splitlines():
-                    fields = dict(f.split("=") for f in line.split()[1:])
-                    rbytes += int(fields.get("rbytes", 0))
-                    wbytes += int(fields.get("wbytes", 0))
-                out["read_bytes"], out["write_bytes"] = rbytes, wbytes
+                if (d / "io.stat").exists():
+                    rbytes = wbytes = 0
+                    for line in (d / "io.stat").read_text().splitlines():
+                        fields = dict(f.split("=") for f in line.split()[1:])
+                        rbytes += int(fields.get("rbytes", 0))
+                        wbytes += int(fields.get("wbytes", 0))
+                    out["read_bytes"], out["write_bytes"] = rbytes, wbytes
                 peak = d / "memory.peak"
                 if peak.exists():
                     out["memory_peak"] = int(peak.read_text())
@@ -279,11 +323,17 @@ class JobCgroup:
     def remove(self, grace: float = 5.0) -> None:
         """End whatever is left in the cgroup (a child the job did not reap) and remove it."""
         end = time.monotonic() + grace
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill = self.dirs[""] / "cgroup.kill" if self.version == 2 else None
+        try:
+            if kill is None:
+                raise FileNotFoundError
+            _write(kill, "1")  # v2 (Linux 5.14): every process in it, forks racing included
+        except OSError:
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         waiter = threading.Event()
         for d in self.dirs.values():
             while True:
@@ -298,29 +348,29 @@ class JobCgroup:
                     waiter.wait(0.05)
 
 
-def _create_v2(root: Path, own: dict[str, str], leaf: str,
-               limits: ResourceLimits) -> JobCgroup | None:
-    """The v2 cgroup, when the unified hierarchy delegates what the limits need; else None."""
+def _create_v2(root: Path, own: dict[str, str], leaf: str, limits: ResourceLimits, *,
+               partial: bool) -> JobCgroup | None:
+    """The v2 cgroup, when the unified hierarchy delegates what the limits need; else None.
+    ``partial``: also when it delegates only some of it (or none): the others are unapplied."""
     base = root if (root / "cgroup.controllers").exists() else root / "unified"
     if not (base / "cgroup.controllers").exists() or "" not in own:
         return None
-    need = [c for c, wanted in (("cpu", limits.cpu is not None),
-                                ("memory", limits.memory is not None),
-                                ("io", limits.has_io())) if wanted]
+    need = limits.needed_v2()
     parent = base / own[""].lstrip("/")
     try:
         available = (parent / "cgroup.controllers").read_text().split()
-        if any(c not in available for c in need):
+        unapplied = [c for c in need if c not in available]
+        if unapplied and not partial:
             return None
         enabled = (parent / "cgroup.subtree_control").read_text().split()
-        missing = [c for c in need if c not in enabled]
+        missing = [c for c in need if c not in enabled and c not in unapplied]
         if missing:
             _write(parent / "cgroup.subtree_control", " ".join("+" + c for c in missing))
         d = parent / leaf
         d.mkdir()
     except OSError:
         return None
-    return JobCgroup(2, {"": d}, limits)
+    return JobCgroup(2, {"": d}, limits, unapplied)
 
 
 def _v1_mount(root: Path, controller: str) -> Path | None:

@@ -15,7 +15,9 @@ Ctrl-C at the terminal reaches the daemon or ``keepwell run``, which cancels the
 
 Where no cgroup can be made, the job process sets its own nice and ionice instead
 (`ResourceLimits.fallback`), and the daemon says so once (a warning in its log and in the
-first such run's log). The cgroup is removed when the job process has ended; what the kernel
+first such run's log). Where the cgroup lacks controllers that the limits need (a v2 hierarchy
+that does not offer them, `JobCgroup.unapplied`), nice and ionice stand in for those limits,
+and the daemon says which, once, in one line, the same way. The cgroup is removed when the job process has ended; what the kernel
 accounted (CPU time, bytes read and written, peak memory) goes into the outcome's details.
 """
 
@@ -34,12 +36,23 @@ from typing import Any
 from keepwell.backends.resilience import TokenBucket
 from keepwell.control.cgroups import CgroupUnavailable, JobCgroup, Priority, ResourceLimits
 from keepwell.control.jobs import JobCancelled, JobContext, JobOutcome, JobSpec
+from keepwell.control.logs import ALSO_LOGGED
 
 PROGRESS_EVERY = 0.2  # seconds between progress reports of the job process
 _MAIN = ("import sys; from keepwell.control.runner import serve_confined; "
          "serve_confined(int(sys.argv[1]), int(sys.argv[2]))")
 _log = logging.getLogger("keepwell.control")
-_warned = threading.Event()
+_warned: set[str] = set()  # what the daemon already warned of (warned once each)
+_warned_lock = threading.Lock()
+
+
+def _warn_once(ctx: JobContext, key: str, line: str) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    _log.warning(line)
+    ctx.log("warning", line)
 
 
 def run_confined(spec: JobSpec, ctx: JobContext) -> JobOutcome:
@@ -52,12 +65,14 @@ def run_confined(spec: JobSpec, ctx: JobContext) -> JobOutcome:
             group = JobCgroup.create(spec.name, limits)
         except CgroupUnavailable as exc:
             priority = limits.fallback()
-            if not _warned.is_set():
-                _warned.set()
-                line = (f"cgroups are not available ({exc}): jobs with limits run with nice"
-                        f" {priority.nice} and ionice {priority.ionice} instead")
-                _log.warning(line)
-                ctx.log("warning", line)
+            _warn_once(ctx, "unavailable",
+                       f"cgroups are not available ({exc}): jobs with limits run with nice"
+                       f" {priority.nice} and ionice {priority.ionice} instead")
+    if group is not None and group.unapplied:
+        priority = limits.fallback(group.unapplied)
+        line = group.unapplied_line(priority)
+        if line is not None:
+            _warn_once(ctx, line, line)
     for line in group.skipped if group is not None else ():
         ctx.log("warning", line)
     down_r, down_w = os.pipe()
@@ -84,8 +99,10 @@ def run_confined(spec: JobSpec, ctx: JobContext) -> JobOutcome:
                    "shared": ctx.shared_upload is not None})
         outcome = _relay(ctx, process, down, up)
         outcome.details["confinement"] = (
-            {"cgroup": group.version, "usage": group.usage()} if group is not None
-            else {"cgroup": None, **priority.as_dict()})
+            {"cgroup": None, **priority.as_dict()} if group is None
+            else {"cgroup": group.version, "usage": group.usage()} if not group.unapplied
+            else {"cgroup": group.version, "usage": group.usage(),
+                  "unapplied": group.unapplied, **priority.as_dict()})
         return outcome
     finally:
         if process.poll() is None:
@@ -152,6 +169,17 @@ class _ParentBucket(TokenBucket):
         self._child.take(n)
 
 
+class _RunLog(logging.Handler):
+    """Lines of this process's loggers, into the run's log."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(logging.INFO)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.ctx.log(record.levelname.lower(), record.getMessage())
+
+
 class JobChild:
     """The job process's side: reads its job, applies its priority, relays its context."""
 
@@ -170,6 +198,10 @@ class JobChild:
         self.ctx.on_log = lambda level, message: self.send(("log", level, message))
         for line in problems:
             self.send(("log", "warning", line))
+        relay = _RunLog(self.ctx)
+        for name in ALSO_LOGGED:  # the daemon does not see this process's loggers: the run's log
+            logging.getLogger(name).addHandler(relay)
+            logging.getLogger(name).setLevel(logging.INFO)
         self._done = threading.Event()
         threading.Thread(target=self._listen, daemon=True, name="kw-job-down").start()
         threading.Thread(target=self._report, daemon=True, name="kw-job-progress").start()

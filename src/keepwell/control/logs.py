@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 LOGGER_NAME = "keepwell.control"
+# other loggers whose lines belong in the daemon's log: the adaptive uploads' decisions
+ALSO_LOGGED = ("keepwell.backends.adaptive",)
 
 
 def log_event(log: logging.Logger, event: str, *, level: int = logging.INFO,
@@ -42,11 +44,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(*, json_lines: bool, level: int = logging.INFO) -> logging.Logger:
-    log = logging.getLogger(LOGGER_NAME)
-    log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    return log
+    for name in (LOGGER_NAME, *ALSO_LOGGED):
+        other = logging.getLogger(name)
+        other.handlers.clear()
+        other.addHandler(handler)
+        other.setLevel(level)
+        other.propagate = False
+    return logging.getLogger(LOGGER_NAME)
