@@ -50,6 +50,7 @@ def mounted(dev: str, point: Path, *options: str) -> Iterator[Path]:
 @contextmanager
 def filesystem(where: Path, mkfs: list[str], name: str, size: str) -> Iterator[Path]:
     """A fresh filesystem (``mkfs`` DEVICE) on a loop device, mounted at ``where/name``."""
+    where.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         dev = stack.enter_context(loop_device(where / f"{name}.img", size))
         sh(*mkfs, dev)
