@@ -12,11 +12,12 @@ from types import ModuleType
 from typing import Any
 
 
-def hook_env(function: str) -> dict[str, str]:
-    """The environment that installs one of this module's hooks in a keepwell process."""
+def hook_env(function: str, module: str = __name__) -> dict[str, str]:
+    """The environment that installs one of this module's hooks (or another module's) in a
+    keepwell process."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
-    return {"KEEPWELL_TESTONLY_WRITE_HOOK": f"{__name__}:{function}",
+    return {"KEEPWELL_TESTONLY_WRITE_HOOK": f"{module}:{function}",
             "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 

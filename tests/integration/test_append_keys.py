@@ -105,6 +105,7 @@ def test_append_key_reads_and_deletes_nothing(repo: Path, tree: Path, tmp_path: 
         (("ls", sid), "ls"),
         (("dump", sid, f"{tree}/docs/a.txt"), "dump"),
         (("find", "a.txt"), "find"),
+        (("log", f"{tree}/docs/a.txt"), "log"),
         (("snapshots",), "snapshots"),
         (("diff", sid, "latest"), "diff"),
         (("stats",), "stats"),

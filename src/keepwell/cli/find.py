@@ -27,7 +27,7 @@ _TYPE_CHAR = {"dir": "d", "symlink": "l", "fifo": "p", "chardev": "c", "blockdev
               "socket": "s"}
 
 
-def _long(node: Any) -> str:
+def mode_string(node: Any) -> str:
     """``-rw-r--r--`` for a node."""
     return _TYPE_CHAR.get(node.type, "-") + stat.filemode(node.mode)[1:]
 
@@ -78,14 +78,14 @@ def find(
         if json_:
             out.append({"snapshot": snap.id, "time": snap.time.isoformat(), "hits": len(matches),
                         "matches": [{"path": m.path, **m.node.to_json(),
-                                     "mtime": _iso(m.node.mtime_ns)} for m in matches]})
+                                     "mtime": iso_time(m.node.mtime_ns)} for m in matches]})
             continue
         print(f"Found matching entries in snapshot {snap.short_id} from "
               f"{snap.time.astimezone():%Y-%m-%d %H:%M:%S}")
         for m in matches:
             n = m.node
             size = human_bytes(n.size) if n.type == "file" else "-"
-            print(f"{_long(n)}  {size:>10}  {_local(n.mtime_ns)}  {m.path}"
+            print(f"{mode_string(n)}  {size:>10}  {local_time(n.mtime_ns)}  {m.path}"
                   + (f" -> {n.target}" if n.target is not None else ""))
         print()
     if json_:
@@ -94,13 +94,13 @@ def find(
         print("no snapshots to search")
 
 
-def _iso(mtime_ns: int) -> str:
+def iso_time(mtime_ns: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(mtime_ns / 1e9, UTC).isoformat()
 
 
-def _local(mtime_ns: int) -> str:
+def local_time(mtime_ns: int) -> str:
     from datetime import datetime
 
     return f"{datetime.fromtimestamp(mtime_ns / 1e9):%Y-%m-%d %H:%M:%S}"

@@ -225,6 +225,10 @@ def backup(
         "--exclude-larger-than", metavar="SIZE",
         help="Exclude files larger than SIZE (e.g. 500M, 2G).")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
+    fs_snapshot: Annotated[str | None, typer.Option(
+        "--fs-snapshot", metavar="METHOD",
+        help="Back up a filesystem snapshot taken first, so the files are as they were at one "
+             "instant: btrfs, lvm or auto (docs/files.md); it is removed at the end.")] = None,
     files_from: Annotated[list[str] | None, typer.Option(
         "--files-from", metavar="FILE",
         help="Read the files to back up from FILE, one pattern a line ('#' comments and blank "
@@ -265,9 +269,15 @@ def backup(
              + [(RAW, f) for f in files_from_raw or []])
     if streamed and (exclude or exclude_file or iexclude or iexclude_file or exclude_if_present
                      or exclude_caches or exclude_larger_than is not None or one_file_system
-                     or lists):
-        raise UsageError("the --exclude*, --iexclude*, --one-file-system and --files-from* "
-                         "options are for paths, not for --stdin or --stdin-from-command")
+                     or lists or fs_snapshot is not None):
+        raise UsageError("the --exclude*, --iexclude*, --one-file-system, --files-from* and "
+                         "--fs-snapshot options are for paths, not for --stdin or "
+                         "--stdin-from-command")
+    if fs_snapshot is not None:
+        from keepwell.sources.files.fssnapshot import METHODS
+
+        if fs_snapshot not in METHODS:
+            raise UsageError(f"--fs-snapshot {fs_snapshot!r}: give one of {', '.join(METHODS)}")
     selection = selection_of(exclude, exclude_file, iexclude, iexclude_file, exclude_if_present,
                            exclude_caches, exclude_larger_than)
     if any(f == "-" for _form, f in lists) and sys.stdin.isatty():
@@ -294,7 +304,7 @@ def backup(
         if progress.enabled:
             _count_in_background(progress, paths or [], selection, one_file_system)
         res = backup_paths(r, paths or [], selection=selection, one_file_system=one_file_system,
-                           tags=tags, host=host)
+                           tags=tags, host=host, fs_snapshot=fs_snapshot)
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary

@@ -15,6 +15,12 @@ reported and skipped; the result then says it is partial. Sockets are skipped an
 
 Extended attributes (keepwell.sources.files.metadata) are read through the descriptor a file is
 read with, and by path for directories, symlinks and special files.
+
+A `PathMap` lets a path be read from elsewhere than where it is recorded: a backup with
+``--fs-snapshot`` (keepwell.sources.files.fssnapshot) walks the filesystem snapshot and records
+the original paths. The walk goes by the paths it reads; the map gives the recorded path where
+it matters (exclude patterns, reported errors, the parent snapshot, the root's name). The walk
+leaves out the btrfs snapshots that such a backup puts into a subvolume's root.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import stat
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +46,7 @@ from keepwell.repository.format import DATA
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files import metadata
+from keepwell.sources.files.fssnapshot import BTRFS_ROOT_INODE, fs_snapshots, is_own_btrfs_snapshot
 from keepwell.sources.files.prefetch import Prefetch
 from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Selection
@@ -63,6 +70,30 @@ class BackupResult:
     @property
     def partial(self) -> bool:
         return bool(self.errors)
+
+
+class PathMap:
+    """Where each path backed up is read from (``reads``: recorded path → path read); a path
+    not in it is read where it is."""
+
+    def __init__(self, reads: Mapping[str, str] | None = None) -> None:
+        self._reads = dict(reads or {})
+        # longest first, so a nested root wins
+        self._back = sorted(((r, p) for p, r in self._reads.items() if r != p),
+                            key=lambda rp: -len(rp[0]))
+
+    def __bool__(self) -> bool:
+        return bool(self._back)
+
+    def read_from(self, path: str) -> str:
+        return self._reads.get(path, path)
+
+    def recorded(self, path: str) -> str:
+        """The recorded path of a path the walk reads."""
+        for read, rec in self._back:
+            if path == read or path.startswith(read + "/"):
+                return rec + path[len(read):]
+        return path
 
 
 class _Names:
@@ -135,8 +166,9 @@ class _Dir:
 class Archiver:
     def __init__(self, repo: Repository, writer: SnapshotWriter, *, selection: Selection,
                  one_file_system: bool, parent: Snapshot | None, workers: int,
-                 processes: int = 0, kind: str = "files") -> None:
+                 processes: int = 0, kind: str = "files", paths: PathMap | None = None) -> None:
         self.repo = repo
+        self.paths = paths or PathMap()
         self.writer = writer
         self.selection = selection
         self.one_file_system = one_file_system
@@ -203,6 +235,7 @@ class Archiver:
         self._wake.set()
 
     def _report(self, path: str, msg: str) -> None:
+        path = self.paths.recorded(path)
         with self._lock:
             self.errors.append((path, msg))
             self.counts["errors"] += 1
@@ -308,9 +341,10 @@ class Archiver:
         if sel.tag_files and (only := sel.kept_names(path, (e.name for e in entries))) is not None:
             entries = [e for e in entries if e.name in only]
         kept = []
+        recorded = self.paths.recorded if self.paths else None
         for e in entries:
             child = f"{path.rstrip('/')}/{e.name}"
-            if sel.by_path and sel.skips_path(child):
+            if sel.by_path and sel.skips_path(recorded(child) if recorded else child):
                 continue
             kept.append((e, child))
         d = _Dir(node, len(kept), parent, slot, done)
@@ -343,7 +377,8 @@ class Archiver:
                     nodes[i] = None
                     settled += 1
                     continue
-                if larger_than is not None and sel.skips_size(st):
+                if (larger_than is not None and sel.skips_size(st)) or (
+                        st.st_ino == BTRFS_ROOT_INODE and is_own_btrfs_snapshot(e.name, st)):
                     nodes[i] = None
                     settled += 1
                     continue
@@ -510,12 +545,14 @@ class Archiver:
                 old = self.repo.find_node(self.parent, path)
             except KeepwellError:
                 old = None
-        return self.backup_tree(path, os.lstat(path), old)
+        read = self.paths.read_from(path)
+        return self.backup_tree(read, os.lstat(read), old)
 
     def backup_tree(self, path: str, st: os.stat_result, old: Node | None) -> Node | None:
         """`backup_root` against a given node of the parent (None: none), for a path whose
         `lstat` is ``st``: a subtree scanned again while a tree is kept up to date."""
-        node = node_from_stat(path.rstrip("/").rsplit("/", 1)[-1] or "/", st, self.names)
+        name = self.paths.recorded(path).rstrip("/").rsplit("/", 1)[-1] or "/"
+        node = node_from_stat(name, st, self.names)
         if node.type == SOCKET:
             with self._lock:
                 self.counts["sockets_skipped"] += 1
@@ -661,7 +698,9 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
                  tags: list[str] | tuple[str, ...] = (),
                  host: str | None = None, parent: Snapshot | None | str = "auto",
                  workers: int | None = None, source: dict[str, Any] | None = None,
-                 kind: str = "files") -> BackupResult:
+                 kind: str = "files", fs_snapshot: str | None = None) -> BackupResult:
+    """Back up ``paths`` into a new snapshot. ``fs_snapshot`` (btrfs, lvm, auto): read them from
+    a filesystem snapshot taken first and removed at the end (keepwell.sources.files.fssnapshot)."""
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
     absolute = []
@@ -679,6 +718,20 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
                          else "nothing to back up: none of the paths exists")
     for path, msg in missing:
         repo.events.emit("error", path=path, message=msg)
+    run = partial(_backup, repo, absolute, missing, selection=selection or Selection(excludes),
+                  one_file_system=one_file_system, tags=tags, host=host, parent=parent,
+                  workers=workers, source=source, kind=kind)
+    if fs_snapshot is None:
+        return run(PathMap())
+    with fs_snapshots(absolute, fs_snapshot,
+                      lambda line: repo.events.emit("warning", message=line)) as reads:
+        return run(PathMap(reads))
+
+
+def _backup(repo: Repository, absolute: list[str], missing: list[tuple[str, str]], paths: PathMap,
+            *, selection: Selection, one_file_system: bool, tags: list[str] | tuple[str, ...],
+            host: str | None, parent: Snapshot | None | str, workers: int | None,
+            source: dict[str, Any] | None, kind: str) -> BackupResult:
     import socket
 
     host = host or socket.gethostname()
@@ -692,16 +745,20 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
         elif isinstance(parent, str):
             parent = repo.find_snapshot(parent)
         writer.parent = parent.id if parent is not None else None
-        archiver = Archiver(repo, writer, selection=selection or Selection(excludes),
-                            one_file_system=one_file_system,
+        archiver = Archiver(repo, writer, selection=selection, one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
                             # the walk, the trees and large files keep this process busy
-                            processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1), kind=kind)
-        prefetch = Prefetch(absolute, one_file_system=one_file_system)
+                            processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1), kind=kind,
+                            paths=paths)
+        prefetch = Prefetch([paths.read_from(ap) for ap in absolute],
+                            one_file_system=one_file_system)
         try:
             for ap in absolute:
                 if (root := archiver.backup_root(ap)) is not None:
                     writer.add_node(ap, root)
+        except BaseException as exc:  # an interruption too: the walk stops instead of finishing
+            archiver._fail(exc)
+            raise
         finally:
             prefetch.stop()
             archiver.close()

@@ -40,7 +40,8 @@ class FilesSource(Source[RestoredCopy]):
         s = job.settings
         result = backup_paths(repo, list(s["paths"]), excludes=s.get("excludes") or (),
                               tags=job.tags, host=s.get("host"),
-                              source={"keepwell_job": job.job_id})
+                              source={"keepwell_job": job.job_id},
+                              fs_snapshot=s.get("fs_snapshot"))
         return BackupReport(result.snapshot,
                             [f"{p}: {m}" for p, m in result.errors[:PROBLEMS_SHOWN]])
 
@@ -49,8 +50,10 @@ class FilesSource(Source[RestoredCopy]):
 
     def describe(self, job: SourceJob) -> str:
         excludes = job.settings.get("excludes")
+        snapshot = job.settings.get("fs_snapshot")
         return (f"files {', '.join(job.settings['paths'])}"
-                + (f" excluding {', '.join(excludes)}" if excludes else ""))
+                + (f" excluding {', '.join(excludes)}" if excludes else "")
+                + (f" from a filesystem snapshot ({snapshot})" if snapshot else ""))
 
     @contextmanager
     def restore(self, job: SourceJob, repo: Repository, ctl: JobControl,
