@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml src/keepwell/sources/postgres/keepwell-wal-push
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/python -m compileall -q src >/dev/null
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -20,6 +20,9 @@
 # Environment: ROUNDS=3, BORG=1 (0 leaves borg out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# byte code compiled, as an installed package has it (PYTHONDONTWRITEBYTECODE would otherwise
+# make every keepwell process compile its modules at start)
+.venv/bin/python -m compileall -q src >/dev/null
 ROUNDS=${ROUNDS:-3}
 BORG=${BORG:-1}
 SHAPES=("$@"); [ ${#SHAPES[@]} -gt 0 ] || SHAPES=(small mixed large)

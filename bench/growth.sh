@@ -9,6 +9,9 @@
 #        10,000 x 100 tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# byte code compiled, as an installed package has it (PYTHONDONTWRITEBYTECODE would otherwise
+# make every keepwell process compile its modules at start)
+.venv/bin/python -m compileall -q src >/dev/null
 COUNTS=("$@"); [ ${#COUNTS[@]} -gt 0 ] || COUNTS=(100000 300000 1000000)
 DIRS=${DIRS:-1}
 command -v restic >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic >/dev/null; }

@@ -82,12 +82,17 @@ def test_records_the_original_paths_and_removes_the_snapshot(vol: Path, repo: Pa
     assert not any("skip" in p or "keepwell-fssnap" in p for p in paths)
     ok(kw(repo, "restore", "latest", "--target", str(tmp_path / "r")))
     assert (tmp_path / "r" / str(vol).lstrip("/") / "data" / "a.txt").read_text() == "A"
-    # a second run finds the first as its parent and reads no file again
+    # a second run finds the first as its parent and reads no file again, though its snapshot
+    # is another device (a subvolume made meanwhile took the device number the first one had)
+    sh("btrfs", "subvolume", "create", str(vol / "other"))
     again = json.loads(ok(kw(repo, "backup", "--json", "--fs-snapshot", "auto", "--exclude",
                              f"{vol}/data/skip", str(vol / "data"), str(vol / "top.txt"))))
     summary = again["snapshot"]["summary"]
     assert summary["files_new"] == summary["files_changed"] == 0
     assert summary["files_unmodified"] == 2
+    # and stores no tree again but those above the subvolume (its root's time changed when the
+    # snapshot was made in it): the snapshot's device is recorded as the original's
+    assert summary["blobs_known"] >= 1
     # the whole subvolume, snapshot root and all: recorded under its own name
     ok(kw(repo, "backup", "--fs-snapshot", "auto", str(vol)))
     assert f"{vol}/data/a.txt" in _paths(repo) and own_snapshots(vol) == []

@@ -81,6 +81,16 @@ class PathMap:
         # longest first, so a nested root wins
         self._back = sorted(((r, p) for p, r in self._reads.items() if r != p),
                             key=lambda rp: -len(rp[0]))
+        # the device a path is read from → the device of the path it is recorded as: a
+        # filesystem snapshot is a device of its own (a new one each time for btrfs), and a
+        # node recording it would differ from its parent's node for every file and directory
+        self.devs: dict[int, int] = {}
+        for rec, read in self._reads.items():
+            if rec != read:
+                try:
+                    self.devs[os.lstat(read).st_dev] = os.lstat(rec).st_dev
+                except OSError:
+                    pass
 
     def __bool__(self) -> bool:
         return bool(self._back)
@@ -97,9 +107,10 @@ class PathMap:
 
 
 class _Names:
-    def __init__(self) -> None:
+    def __init__(self, devs: dict[int, int] | None = None) -> None:
         self.users: dict[int, str] = {}
         self.groups: dict[int, str] = {}
+        self.devs = devs or {}  # PathMap.devs
 
     def user(self, uid: int) -> str:
         n = self.users.get(uid)
@@ -142,7 +153,7 @@ def node_from_stat(name: str, st: os.stat_result, names: _Names) -> Node:
         name=name, type=kind, mode=stat.S_IMODE(m), uid=st.st_uid, gid=st.st_gid,
         user=names.user(st.st_uid), group=names.group(st.st_gid), mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns, size=st.st_size if kind == FILE else 0, inode=st.st_ino,
-        dev=st.st_dev, nlink=st.st_nlink, rdev=st.st_rdev if kind in (CHARDEV, BLOCKDEV) else 0,
+        dev=names.devs.get(st.st_dev, st.st_dev), nlink=st.st_nlink, rdev=st.st_rdev if kind in (CHARDEV, BLOCKDEV) else 0,
     )
 
 
@@ -173,7 +184,7 @@ class Archiver:
         self.selection = selection
         self.one_file_system = one_file_system
         self.parent = parent
-        self.names = _Names()
+        self.names = _Names(self.paths.devs)
         self.errors: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         # Readers (large files; small ones go to worker processes): one per core plus one to
@@ -365,6 +376,7 @@ class Archiver:
         settled = same = same_bytes = sockets = 0
         nodes, names = d.nodes, self.names
         users, groups = names.users, names.groups  # filled by node_from_stat on a first miss
+        devs = names.devs
         larger_than = sel.larger_than
         try:
             for i, (e, child) in enumerate(kept):
@@ -387,7 +399,7 @@ class Archiver:
                         and o.xattrs is not None and o.mtime_ns == st.st_mtime_ns and o.ctime_ns == st.st_ctime_ns \
                         and o.size == st.st_size and o.inode == st.st_ino and o.type == FILE \
                         and stat.S_ISREG(st.st_mode) and o.mode == stat.S_IMODE(st.st_mode) \
-                        and o.uid == st.st_uid and o.gid == st.st_gid and o.dev == st.st_dev \
+                        and o.uid == st.st_uid and o.gid == st.st_gid and o.dev == devs.get(st.st_dev, st.st_dev) \
                         and o.nlink == st.st_nlink and o.user == users.get(st.st_uid) \
                         and o.group == groups.get(st.st_gid):
                     nodes[i] = o  # unchanged, and so is every field it records: the old node
@@ -511,7 +523,7 @@ class Archiver:
              slot: int, known: set[str] | None = None) -> None:
         """A directory or regular file the walk found: walk it, or store it unless unchanged."""
         if node.type == DIR:
-            if self.one_file_system and d is not None and st.st_dev != d.node.dev:
+            if self.one_file_system and d is not None and node.dev != d.node.dev:
                 node.subtree = None
                 self._child_done(d, slot, None)
                 return

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,10 @@ class Reader:
         self.keys = memoryview(keys).cast("Q")
         self.sink = BlobSink(repo, upload_workers=2, levels=repo.levels(init["kind"]))
         self.min_size = repo.chunker_params.min_size
+        # batches waiting behind the current one, opened (and their reads started) by one thread
+        # while this one compresses: a cold disk then reads the next batch during the work
+        self._opener = ThreadPoolExecutor(1, thread_name_prefix="kw-open")
+        self._ahead: dict[int, tuple[list[tuple[str, int]], Future[list[int | OSError]]]] = {}
 
     def _known(self, blob_id: bytes) -> bool:
         keys = self.keys
@@ -198,10 +203,16 @@ class Reader:
         i = bisect.bisect_left(keys, key)
         return i < len(keys) and keys[i] == key
 
+    def prefetch(self, files: list[tuple[str, int]]) -> None:
+        """Open a batch that waits behind the current one (once; see `handle`)."""
+        if id(files) not in self._ahead:
+            self._ahead[id(files)] = (files, self._opener.submit(_open_all, files))
+
     def handle(self, files: list[tuple[str, int]]) -> list[Answer]:
         # every file of the batch opened first, with the kernel told to read them ahead: a cold
         # disk then serves the batch's reads at once, not one after another
-        fds = [_opened(path) for path, _ in files]
+        ahead = self._ahead.pop(id(files), None)
+        fds = ahead[1].result() if ahead is not None else _open_all(files)
         answers = [self._store(fd, size) for fd, (_, size) in zip(fds, files, strict=True)]
         trim_heap()
         return answers
@@ -232,11 +243,21 @@ class Reader:
         return ids, len(data), None, assumed, xattrs
 
     def finish(self) -> dict[str, int]:
+        for _, opening in self._ahead.values():  # none are left after a whole run
+            for fd in opening.result():
+                if isinstance(fd, int):
+                    os.close(fd)
+        self._ahead.clear()
+        self._opener.shutdown()
         try:
             self.sink.flush()
         finally:
             self.sink.close()
         return self.sink.stats.totals()
+
+
+def _open_all(files: list[tuple[str, int]]) -> list[int | OSError]:
+    return [_opened(path) for path, _ in files]
 
 
 def _opened(path: str) -> int | OSError:
