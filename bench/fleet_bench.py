@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--sources", type=int, default=1000)
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--workers-per-site", type=int, default=1)
+    ap.add_argument("--lead", type=float, default=None,
+                    help="seconds from the start to the schedules' second (default 30 + "
+                         "sources / 4: apply creates a few Schedules a second on a busy machine)")
     ap.add_argument("--weak-kdf", action="store_true",
                     help="cheap key derivation (isolates the fleet's own cost from the KDF's)")
     args = ap.parse_args()
@@ -94,7 +97,8 @@ def main() -> int:
             repos[site] = {"location": str(root / "repos" / site),
                            "password": "env:KW_BENCH_PASSWORD"}
         # the same second for every source, far enough ahead for apply and the workers
-        fire = int(time.time()) + 30 + args.sources // 20
+        lead = args.lead if args.lead is not None else 30 + args.sources / 4
+        fire = int(time.time() + lead)
         at = datetime.fromtimestamp(fire, UTC)
         sources = {}
         for i in range(args.sources):
@@ -129,9 +133,11 @@ def main() -> int:
         while not all('"worker_started"' in p.read_text(errors="replace") for p in logs):
             time.sleep(0.2)
         if time.time() > fire - 2:
-            print("the workers started too late for the schedules' second; run again")
+            print("the workers started too late for the schedules' second; run again with a "
+                  "longer --lead")
             return 1
-        print(f"workers up; the schedules fire at {at.isoformat()}", flush=True)
+        print(f"workers up; the schedules fire at {at.isoformat()} (in {fire - time.time():.0f} s)",
+              flush=True)
         rows: list[sqlite3.Row] = []
         while time.time() < fire + 1800:
             time.sleep(1)

@@ -8,157 +8,33 @@ of the job history, the end of a ``fleet run --wait`` process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.integration.control_support import PASSWORD, env, init_repository, write_random
+from tests.integration.control_support import init_repository, write_random
+from tests.integration.fleet_support import (
+    MAIN,
+    Fleet,
+    MiB,
+    budget_leases,
+    files,
+    fleet,
+    restore,
+    server,
+    snapshots,
+    start_server,
+    tree,
+)
 from tests.servers import free_port
 from tests.waiting import wait_for
 
-MAIN = [sys.executable, "-m", "keepwell.cli.main"]
-MiB = 1024 * 1024
-
-
-class Fleet:
-    """A Temporal dev server, a workspace with repositories and keepwell.yaml, its workers."""
-
-    def __init__(self, root: Path, server_log: Path, address: str) -> None:
-        self.root = root
-        self.address = address
-        self.server_log = server_log
-        self.config = root / "keepwell.yaml"
-        self.history = root / "history.db"
-        self.workers: list[tuple[subprocess.Popen[bytes], Path]] = []
-        (root / "pw").write_text(PASSWORD)
-
-    def env(self) -> dict[str, str]:
-        e = env()
-        e["KEEPWELL_FLEET_ADDRESS"] = self.address
-        return e
-
-    def write_config(self, doc: dict[str, Any]) -> None:
-        doc = {"history": str(self.history), "scratch": str(self.root / "scratch"),
-               "metrics": {"listen": None},
-               "fleet": {"namespace": "default", "heartbeat_timeout": "2s"},
-               "retries": {"attempts": 3, "base": "1s", "cap": "2s"}, **doc}
-        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*MAIN, *args], env=self.env(), capture_output=True, text=True,
-                              timeout=timeout)
-
-    def worker(self, site: str) -> subprocess.Popen[bytes]:
-        log = self.root / f"worker-{len(self.workers)}-{site}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([*MAIN, "worker", "-c", str(self.config), "--site", site,
-                                     "--max-jobs", "1", "--log-json"],
-                                    stdout=out, stderr=out, env=self.env())
-        self.workers.append((proc, log))
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited {proc.returncode}: {log.read_text()}")
-            return '"worker_started"' in log.read_text(errors="replace")
-
-        wait_for(started, f"worker of site {site}")
-        return proc
-
-    def runs(self) -> list[dict[str, Any]]:
-        import sqlite3
-
-        if not self.history.exists():
-            return []
-        db = sqlite3.connect(self.history, timeout=30)
-        db.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY id")]
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            db.close()
-
-    def stop_workers(self) -> None:
-        for proc, _ in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        self.workers.clear()
-
-
-def start_server(root: Path, ports: tuple[int, int, int]) -> subprocess.Popen[bytes]:
-    """``keepwell fleet server`` on the given gRPC, HTTP and metrics ports, its state in
-    ``root/temporal.db``; returns once the gRPC port accepts connections."""
-    port, http, metrics = ports
-    log = root / "server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([*MAIN, "fleet", "server", "--listen", f"127.0.0.1:{port}",
-                                 "--db", str(root / "temporal.db"), "--http-port", str(http),
-                                 "--metrics-port", str(metrics)],
-                                stdout=out, stderr=out, env=env())
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"temporal server exited: {log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    wait_for(ready, "the temporal server")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("temporal")
-    ports = (free_port(), free_port(), free_port())
-    proc = start_server(root, ports)
-    yield f"127.0.0.1:{ports[0]}", root / "server.log"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.fixture
-def fleet(server: tuple[str, Path], tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, server[1], server[0])
-    yield f
-    f.stop_workers()
-
-
-def _tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _restore(fleet: Fleet, repo: Path, snapshot: str, data: Path) -> dict[str, str]:
-    target = fleet.root / f"restored-{snapshot[:8]}"
-    proc = fleet.cli("-r", str(repo), "--password-file", str(fleet.root / "pw"), "restore",
-                     snapshot, "--target", str(target))
-    assert proc.returncode == 0, proc.stderr
-    return _tree(target / data.relative_to("/"))
-
-
-def _snapshots(fleet: Fleet, repo: Path) -> list[dict[str, Any]]:
-    proc = fleet.cli("-r", str(repo), "--password-file", str(fleet.root / "pw"), "snapshots",
-                     "--json")
-    assert proc.returncode == 0, proc.stderr
-    return list(json.loads(proc.stdout))
-
-
-def _files(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
-
+__all__ = ["fleet", "server"]  # fixtures
 
 def _two_sites(fleet: Fleet) -> tuple[Path, Path, Path]:
     repo = fleet.root / "repo"
@@ -189,7 +65,7 @@ def test_run_wait_restores_exactly_and_sites_are_kept_apart(fleet: Fleet) -> Non
     assert out["status"] == "succeeded" and out["site"] == "east"
     step = out["steps"][0]
     assert step["worker"].startswith(f"east/{socket.gethostname()}/{east_worker.pid}")
-    assert _restore(fleet, repo, step["snapshot_id"], east) == _tree(east)
+    assert restore(fleet, repo, step["snapshot_id"], east) == tree(east)
     runs = fleet.runs()
     assert [(r["source"], r["status"], r["trigger"], r["pid"]) for r in runs] == [
         ("a", "succeeded", "fleet", east_worker.pid)]
@@ -198,8 +74,8 @@ def test_run_wait_restores_exactly_and_sites_are_kept_apart(fleet: Fleet) -> Non
     done = wait_for(lambda: [r for r in fleet.runs() if r["source"] == "b"
                              and r["status"] == "succeeded"], "b on the west worker")
     assert done[0]["pid"] == west_worker.pid
-    snap = next(s for s in _snapshots(fleet, repo) if s["id"] == done[0]["snapshot_id"])
-    assert _restore(fleet, repo, snap["id"], west) == _tree(west)
+    snap = next(s for s in snapshots(fleet, repo) if s["id"] == done[0]["snapshot_id"])
+    assert restore(fleet, repo, snap["id"], west) == tree(west)
     status = fleet.cli("fleet", "status", "-c", str(fleet.config), "--json")
     assert status.returncode == 0, status.stderr
     workers = json.loads(status.stdout)["workers"]
@@ -260,10 +136,10 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     # The first worker has the job (the second was not polling yet). Kill it once an index
     # object lists some of its packs (every 4 packs): a pack stored after the last index
     # object is an orphan, uploaded again by the retry.
-    indexes = len(_files(repo / "index"))
-    wait_for(lambda: len(_files(repo / "index")) > indexes, "the backup's first index object")
+    indexes = len(files(repo / "index"))
+    wait_for(lambda: len(files(repo / "index")) > indexes, "the backup's first index object")
     assert fleet.runs()[0]["pid"] == first.pid
-    uploaded_before = sum(p.stat().st_size for p in _files(repo / "data"))
+    uploaded_before = sum(p.stat().st_size for p in files(repo / "data"))
     first.send_signal(signal.SIGKILL)
     first.wait()
     stdout, stderr = waiter.communicate(timeout=120)
@@ -272,9 +148,9 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
     step = out["steps"][0]
     assert step["attempt"] >= 2
     assert step["worker"] == f"east/{socket.gethostname()}/{second.pid}"
-    snaps = [s for s in _snapshots(fleet, repo)]
+    snaps = [s for s in snapshots(fleet, repo)]
     assert len(snaps) == 1 and snaps[0]["id"] == step["snapshot_id"]
-    assert _restore(fleet, repo, step["snapshot_id"], data) == _tree(data)
+    assert restore(fleet, repo, step["snapshot_id"], data) == tree(data)
     runs = fleet.runs()
     assert [(r["status"], r["pid"]) for r in runs] == [("interrupted", first.pid),
                                                        ("succeeded", second.pid)]
@@ -284,18 +160,6 @@ def test_worker_killed_mid_backup_the_job_completes_on_another(fleet: Fleet) -> 
           f"bytes of {total} ({retried / total:.0%})")
     assert retried <= total - 16 * MiB  # the indexed packs of the lost worker were reused
     assert budget_leases(fleet, "keepwell-budget-repository-main") == []  # all released
-
-
-def budget_leases(fleet: Fleet, workflow_id: str) -> list[dict[str, Any]]:
-    """The holders of a budget workflow's leases (its ``leases`` query)."""
-    from keepwell.fleet.target import temporal_binary
-
-    proc = subprocess.run([temporal_binary(), "workflow", "query", "--address", fleet.address,
-                           "-w", workflow_id, "--name", "leases", "-o", "json"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    held = json.loads(proc.stdout)["queryResult"][0]  # the CLI shows an empty list as null
-    return list(held or [])
 
 
 def test_client_commands_exit_with_their_own_code(fleet: Fleet) -> None:
@@ -337,7 +201,7 @@ def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -
         waiter = subprocess.Popen([*MAIN, "fleet", "run", "big", "-c", str(fleet.config),
                                    "--wait", "--json"], env=fleet.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: _files(repo / "data"), "the backup's first pack")
+        wait_for(lambda: files(repo / "data"), "the backup's first pack")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc = start_server(server_root, ports)
@@ -347,9 +211,9 @@ def test_server_killed_and_restarted_mid_run_the_run_completes(tmp_path: Path) -
         assert out["status"] == "succeeded"
         step = out["steps"][0]
         assert step["worker"] == f"east/{socket.gethostname()}/{worker.pid}"
-        snaps = _snapshots(fleet, repo)
+        snaps = snapshots(fleet, repo)
         assert [s["id"] for s in snaps] == [step["snapshot_id"]]
-        assert _restore(fleet, repo, step["snapshot_id"], data) == _tree(data)
+        assert restore(fleet, repo, step["snapshot_id"], data) == tree(data)
         assert worker.poll() is None  # the worker lived through the outage
     finally:
         fleet.stop_workers()
@@ -401,9 +265,9 @@ def test_repository_cap_holds_across_workers(fleet: Fleet) -> None:
     assert len({r["pid"] for r in runs.values()}) >= 2  # the jobs did spread over the workers
     assert {r["pid"] for r in runs.values()} <= {w.pid for w in workers}
     for name, run in runs.items():
-        restored = _restore(fleet, other if name == "c" else repo, run["snapshot_id"],
+        restored = restore(fleet, other if name == "c" else repo, run["snapshot_id"],
                             paths[name])
-        assert restored == _tree(paths[name])
+        assert restored == tree(paths[name])
 
 
 def test_site_upload_budget_is_shared_by_the_sites_workers(fleet: Fleet) -> None:

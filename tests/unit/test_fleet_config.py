@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from keepwell.backends.resilience import CircuitBreaker
 from keepwell.control.config import FleetConfig, parse_config
 from keepwell.errors import ConfigurationError
 from keepwell.fleet.schedules import temporal_cron, wanted
@@ -62,3 +63,30 @@ def test_a_run_carries_site_retries_and_the_drill_after_backup() -> None:
     assert sorted(wanted(cfg)) == ["keepwell-backup-db", "keepwell-drill-nightly"]
     with pytest.raises(ConfigurationError, match="no source or drill named 'nope'"):
         run_request(cfg, "backup", "nope", None)
+
+
+def test_a_run_says_which_steps_follow_its_backup_and_its_breaker_policy() -> None:
+    doc = BASE.replace("  main: {location: /tmp/r, password: env:PW}",
+                       "  main: {location: /tmp/r, password: env:PW, replica: {location: /tmp/m}}"
+                       ) + "circuit_breaker: {failure_threshold: 4, reset_after: 10min}\n"
+    doc = doc.replace("retries: {attempts: 5", "retention: {keep_last: 3}, retries: {attempts: 5")
+    cfg = parse_config(doc, Path("/tmp/k.yaml"))
+    req = run_request(cfg, "backup", "db", None)
+    assert (req.retention, req.replica, req.breaker_threshold, req.breaker_reset) == (
+        True, True, 4, 600.0)
+    plain = run_request(parse_config(BASE, Path("/tmp/k.yaml")), "backup", "docs", None)
+    assert (plain.retention, plain.replica) == (False, False)
+
+
+def test_a_breaker_kept_elsewhere_comes_back_as_it_was() -> None:
+    now = [100.0]
+    first = CircuitBreaker(2, 30.0, clock=lambda: now[0])
+    first.record_failure()
+    first.record_failure()
+    assert first.state == "open"
+    again = CircuitBreaker(2, 30.0, clock=lambda: now[0])
+    again.restore(*first.saved())
+    assert again.state == "open" and not again.allow()
+    now[0] += 30.0
+    assert again.allow() and again.saved() == (2, 100.0, True)  # the trial run
+    assert not again.allow()

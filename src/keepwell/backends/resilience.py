@@ -131,6 +131,17 @@ class CircuitBreaker:
             elif self._failures >= self.failure_threshold:
                 self._opened_at = self._clock()
 
+    def saved(self) -> tuple[int, float | None, bool]:
+        """What the breaker remembers: consecutive failures, when it opened (on its clock),
+        whether a probe is in flight; `restore` takes it back (a breaker kept elsewhere)."""
+        with self._lock:
+            return self._failures, self._opened_at, self._probe_in_flight
+
+    def restore(self, failures: int, opened_at: float | None, probe_in_flight: bool) -> None:
+        with self._lock:
+            self._failures, self._opened_at = failures, opened_at
+            self._probe_in_flight = probe_in_flight
+
 
 class TokenBucket:
     """A thread-safe token bucket: ``rate`` tokens per second, at most ``burst`` saved up.

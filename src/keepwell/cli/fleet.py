@@ -17,7 +17,7 @@ import typer
 
 from keepwell.cli.common import GLOBALS, JsonOption, human_bytes, print_json
 from keepwell.cli.control import ConfigOption, _age, _load, _ts
-from keepwell.errors import EXIT_FAILURE, UsageError
+from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, UsageError
 
 T = TypeVar("T")
 
@@ -96,19 +96,30 @@ def _run(action: str, name: str, config: str | None, wait: bool, json_out: bool)
         print_json(out)
     elif out["status"] == "started":
         typer.echo(f"{action} {name}: started {out['workflow_id']} on site {out['site']}")
-    elif out["status"] == "succeeded":
+    elif out["status"] in ("succeeded", "partial"):
         for step in out["steps"]:
+            if step["status"] != "succeeded":
+                typer.echo(f"{step['action']} {step['name']}: {step['status']}: "
+                           f"{step['details'].get('error')}")
+                continue
+            said = (f", snapshot {step['snapshot_id'][:8]}" if step["snapshot_id"] else "")
             typer.echo(f"{step['action']} {step['name']}: succeeded on {step['worker']} "
-                       f"(attempt {step['attempt']}), snapshot {(step['snapshot_id'] or '')[:8]}, "
+                       f"(attempt {step['attempt']}){said}, "
                        f"uploaded {human_bytes(step['bytes_uploaded'] or 0)}")
-    if out["status"] == "failed":
+    if out["status"] in ("failed", "skipped"):
         if not json_out:
-            typer.echo(f"error: {action} {name} failed: {out['error']}", err=True)
+            until = f" until {_ts(out['retry_at'])}" if out.get("retry_at") else ""
+            typer.echo(f"error: {action} {name} {out['status']}: {out['error']}{until}",
+                       err=True)
         raise typer.Exit(EXIT_FAILURE)
+    if out["status"] == "partial":
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 WaitOption = Annotated[bool, typer.Option("--wait", help="Wait for the end; exit 0 only if it "
-                                          "succeeded.")]
+                                          "succeeded, 3 if its backup succeeded but its retention "
+                                          "or replica copy failed, 1 if it failed or was skipped "
+                                          "(circuit open).")]
 
 
 @fleet_app.command("run")
@@ -169,6 +180,10 @@ def cmd_jobs(config: ConfigOption = None,
     for r in runs:
         typer.echo(f"{_ts(r['started_at']):<24} {r['status']:<11} {r['task_queue'][:20]:<20} "
                    f"{r['workflow_id']}")
+        for step in r["steps"]:
+            why = f": {step['reason']}" if step.get("reason") else ""
+            typer.echo(f"{'':<24}   {step['step']} {step['name']}: {step['status']} "
+                       f"(attempt {step['attempt']}){why}")
 
 
 def cmd_worker(

@@ -8,12 +8,14 @@ interrupted run may have committed (a snapshot is written last and records the j
 Once the snapshot is committed, the source's retention runs (`apply_retention`): the policy of
 its settings, given to the source's own forget plan, so a database keeps the bases its
 point-in-time window needs and the log (WAL, binlogs) from their floor on, and forgets what lies
-below; then the repository's replica, if any, is brought up to date.
+below; then the repository's replica, if any, is brought up to date. These two *follow-ups* run
+inside the backup job (the daemon), or, for a spec with ``follow_ups`` off, as steps of their
+own that an executor retries apart from the backup (`run_follow_up`: the fleet).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from keepwell.control.jobs import (
@@ -82,15 +84,14 @@ def _recovered(repo: Repository, spec: JobSpec) -> JobOutcome | None:
     return None
 
 
-def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
-    """One backup of the job's source, its retention, and its replica."""
-    source = source_for(spec.kind)
-    job = source_job(spec)
-    with ctx.trace.phase("open repository"):
-        repo = open_job_repository(spec, ctx)
-    clock = PhaseClock()
+class _Counts:
+    """Feeds the repository's events into the job's progress and log."""
 
-    def count_workers(name: str, fields: dict[str, Any]) -> None:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, name: str, fields: dict[str, Any]) -> None:
+        ctx = self.ctx
         if name == "stored_by_workers":  # packs that worker processes uploaded themselves
             ctx.count_upload(fields["bytes"])
         elif name == "bytes":
@@ -105,10 +106,38 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         elif name == "error":
             ctx.log("error", f"{fields.get('path', '')}: {fields.get('message', '')}")
 
-    repo.events.subscribe(count_workers)
-    repo.events.subscribe(clock.on_event)
+
+def _open(spec: JobSpec, ctx: JobContext) -> Repository:
+    with ctx.trace.phase("open repository"):
+        repo = open_job_repository(spec, ctx)
+    repo.events.subscribe(_Counts(ctx))
     if ctx.listener is not None:
         repo.events.subscribe(ctx.listener)
+    return repo
+
+
+def _retention(spec: JobSpec, ctx: JobContext, repo: Repository, outcome: JobOutcome) -> None:
+    with ctx.trace.phase("retention"):
+        apply_retention(source_for(spec.kind), source_job(spec), repo, outcome)
+
+
+def _replica(spec: JobSpec, ctx: JobContext, repo: Repository, outcome: JobOutcome) -> None:
+    if spec.params["repository"].get("replica"):
+        with ctx.trace.phase("replica"):
+            outcome.details["replica"] = mirror_to_replica(spec, ctx, repo.backend)
+
+
+FollowUp = Callable[[JobSpec, JobContext, Repository, JobOutcome], None]
+FOLLOW_UPS: dict[str, FollowUp] = {"retention": _retention, "replica": _replica}  # in order
+
+
+def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
+    """One backup of the job's source, then (``spec.follow_ups``) its retention and replica."""
+    source = source_for(spec.kind)
+    job = source_job(spec)
+    repo = _open(spec, ctx)
+    clock = PhaseClock()
+    repo.events.subscribe(clock.on_event)
     try:
         done = _recovered(repo, spec)
         if done is not None:
@@ -121,11 +150,21 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         outcome = outcome_from_snapshot(report.snapshot)
         if report.problems:
             outcome.details["partial"] = report.problems
-        with ctx.trace.phase("retention"):
-            apply_retention(source, job, repo, outcome)
-        if spec.params["repository"].get("replica"):
-            with ctx.trace.phase("replica"):
-                outcome.details["replica"] = mirror_to_replica(spec, ctx, repo.backend)
+        if spec.follow_ups:
+            for follow_up in FOLLOW_UPS.values():
+                follow_up(spec, ctx, repo, outcome)
         return outcome
     finally:
         repo.close()
+
+
+def run_follow_up(spec: JobSpec, ctx: JobContext, step: str) -> dict[str, Any]:
+    """One follow-up of a backup job (``retention`` or ``replica``) as a step of its own; what
+    it did. Raises what goes wrong."""
+    outcome = JobOutcome("succeeded")
+    repo = _open(spec, ctx)
+    try:
+        FOLLOW_UPS[step](spec, ctx, repo, outcome)
+    finally:
+        repo.close()
+    return outcome.details

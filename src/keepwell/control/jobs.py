@@ -67,6 +67,9 @@ class JobSpec:
     requested_by: str | None = None  # who asked for a job run by hand (a user, ``web:ROLE``)
     # Hard resource limits (`keepwell.control.cgroups.ResourceLimits.from_dict`); None: none.
     resources: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    # A backup's retention and replica copy run in the same job (the daemon, ``keepwell run``);
+    # False: the executor runs them as steps of their own (`keepwell.fleet`).
+    follow_ups: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

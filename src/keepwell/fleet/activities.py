@@ -1,12 +1,21 @@
-"""The activity of a run's step: one job, run by the daemon's own `run_job`, with heartbeats.
+"""The activities of a run's steps: the job, its retention, its replica copy, its breaker.
 
 `JobActivities.job` builds the job from the worker's configuration (`build_job`, with the run's
 scheduled time, so every attempt and every worker refers to the same job id), runs it on a thread
 through `keepwell.control.runner.run_job` (the job history, alerts and log events of a local
 run), and heartbeats its progress (bytes read, files, packs and bytes uploaded) while it runs. A
-retry (attempt 2 and later) is a ``recovery`` run: it first looks for the snapshot a lost worker
-may have committed, and the repository reuses the packs it had already uploaded. A job that does
-not succeed raises, so Temporal retries it with the run's policy.
+backup job stops at its committed snapshot (``follow_ups`` off): `retention` and `replica` run
+the source's retention and the repository's replica copy (`keepwell.control.backups`) as steps
+of their own, each retried by Temporal apart from the backup; what they did, or why they failed,
+goes to the backup's log in the job history when that history has the backup's row. A retry
+(attempt 2 and later) of a backup is a ``recovery`` run: it first looks for the snapshot a lost
+worker may have committed, and the repository reuses the packs it had already uploaded. A step
+that does not succeed raises, so Temporal retries it with the run's policy. Every step holds
+the leases of the job's budgets (`keepwell.fleet.budgets`) while it runs.
+
+`breaker_ask` and `breaker_report` are the run's calls to its source's breaker
+(`keepwell.fleet.breakers`), run as local activities; a run the breaker refuses is recorded
+``skipped`` in the job history, as the daemon records it.
 """
 
 from __future__ import annotations
@@ -16,20 +25,33 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from keepwell.control.alerts import Alerts
+from keepwell.control.backups import run_follow_up
 from keepwell.control.config import LoadedConfig
 from keepwell.control.history import open_history
-from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
+from keepwell.control.jobs import JobContext, JobSpec, build_job
+from keepwell.control.logs import log_event
 from keepwell.control.runner import run_job
-from keepwell.fleet.budgets import Leases, SiteUpload, scopes
-from keepwell.fleet.messages import StepRequest, StepResult
+from keepwell.errors import ConfigurationError, KeepwellError
+from keepwell.fleet.breakers import SKIP_REASON, tell_breaker
+from keepwell.fleet.budgets import Leases, SiteUpload, on_loop, scopes
+from keepwell.fleet.messages import BreakerAsk, BreakerVerdict, StepRequest, StepResult
 from keepwell.fleet.target import site_of
+from keepwell.fleet.workflows import (
+    BREAKER_ASK_ACTIVITY,
+    BREAKER_REPORT_ACTIVITY,
+    JOB_ACTIVITY,
+    REPLICA_ACTIVITY,
+    RETENTION_ACTIVITY,
+)
+
+T = TypeVar("T")
 
 
 class _Progress:
@@ -39,6 +61,7 @@ class _Progress:
         self.bytes_read = 0
         self.files = 0
         self.packs = 0
+        self.ctx: JobContext | None = None
         self._lock = threading.Lock()
 
     def __call__(self, name: str, fields: dict[str, Any]) -> None:
@@ -52,15 +75,19 @@ class _Progress:
             elif name == "pack_stored":
                 self.packs += 1
 
-    def as_dict(self, ctx: JobContext) -> dict[str, int]:
+    @property
+    def uploaded(self) -> int:
+        return self.ctx.uploaded if self.ctx is not None else 0
+
+    def as_dict(self) -> dict[str, int]:
         with self._lock:
             return {"bytes_read": self.bytes_read, "files": self.files, "packs": self.packs,
-                    "bytes_uploaded": ctx.uploaded}
+                    "bytes_uploaded": self.uploaded}
 
 
 class JobActivities:
     """The activities of one worker: its configuration, its site, its client to the cluster
-    (for the leases of the fleet's budgets, `keepwell.fleet.budgets`)."""
+    (for the leases of the fleet's budgets and the breakers)."""
 
     def __init__(self, loaded: LoadedConfig, site: str, identity: str,
                  log: logging.Logger, client: Client, loop: asyncio.AbstractEventLoop) -> None:
@@ -71,20 +98,102 @@ class JobActivities:
         self.client = client
         self.loop = loop
 
-    @activity.defn(name="keepwell-job")
+    def _spec(self, step: StepRequest, action: str, trigger: str) -> JobSpec:
+        cfg = self.loaded.config
+        site = site_of(cfg, action, step.name)
+        if site != self.site:
+            raise ApplicationError(f"{action} {step.name} belongs to site {site!r}, not to this "
+                                   f"worker's site {self.site!r}", non_retryable=True)
+        spec = build_job(cfg, action, step.name, step.scheduled_at, trigger=trigger)
+        return dataclasses.replace(spec, attempt=activity.info().attempt, follow_ups=False)
+
+    @activity.defn(name=JOB_ACTIVITY)
     def job(self, step: StepRequest) -> StepResult:
+        attempt = activity.info().attempt
+        trigger = "recovery" if attempt > 1 else ("probe" if step.probe else "fleet")
+        spec = self._spec(step, step.action, trigger)
+        progress = _Progress()
+        history = open_history(self.loaded.config)
+        try:
+            if attempt > 1:  # a lost worker's row of this job is not running any more
+                for run in history.interrupted_runs():
+                    if run.job_id == spec.job_id:
+                        history.mark_interrupted(run.id, "its fleet worker was lost; retried")
+            alerts = Alerts(history, self.loaded.config.alerts,
+                            list(self.loaded.config.notifications))
+            run_id, outcome = self._leased(
+                spec, step, progress, lambda ctx: run_job(spec, ctx, history, alerts, self.log))
+        finally:
+            history.close()
+        if outcome.status != "succeeded":
+            raise ApplicationError(f"{spec.action} {spec.name} {outcome.status}: {outcome.error}",
+                                   type=outcome.error_type or "JobFailed")
+        return StepResult(action=spec.action, name=spec.name, job_id=spec.job_id,
+                          status=outcome.status, attempt=attempt, worker=self.identity,
+                          snapshot_id=outcome.snapshot_id, bytes_read=outcome.bytes_read,
+                          bytes_stored=outcome.bytes_stored,
+                          bytes_uploaded=outcome.bytes_uploaded,
+                          details={"progress": progress.as_dict(), "rto": outcome.rto,
+                                   "rpo": outcome.rpo, "run_id": run_id})
+
+    @activity.defn(name=RETENTION_ACTIVITY)
+    def retention(self, step: StepRequest) -> StepResult:
+        return self._follow_up(step)
+
+    @activity.defn(name=REPLICA_ACTIVITY)
+    def replica(self, step: StepRequest) -> StepResult:
+        return self._follow_up(step)
+
+    def _follow_up(self, step: StepRequest) -> StepResult:
+        """A backup's retention or replica copy, as a step of its own."""
+        attempt = activity.info().attempt
+        spec = self._spec(step, "backup", "fleet")
+        progress = _Progress()
+        history = open_history(self.loaded.config)
+        try:
+            backup = next((r for r in reversed(history.runs_for_job(spec.job_id))
+                           if r.status == "succeeded"), None)
+
+            def note(level: str, message: str) -> None:
+                if backup is not None:
+                    history.add_log(backup.id, level, message)
+
+            try:
+                details = self._leased(spec, step, progress,
+                                       lambda ctx: run_follow_up(spec, ctx, step.action))
+            except ApplicationError:
+                raise
+            except Exception as exc:
+                line = (exc.line() if isinstance(exc, KeepwellError)
+                        else f"{type(exc).__name__}: {exc}")
+                note("warning", f"{step.action} failed (attempt {attempt}): {line}")
+                log_event(self.log, "step_failed", level=logging.WARNING, job=spec.job_id,
+                          step=step.action, source=spec.source, attempt=attempt, error=line)
+                raise ApplicationError(f"{step.action} of {spec.name} failed: {line}",
+                                       type=type(exc).__name__,
+                                       non_retryable=isinstance(exc, ConfigurationError)
+                                       ) from None
+            said = ", ".join(f"{k} {v}" for k, v in details.items() if v is not None)
+            note("info", f"{step.action} succeeded (attempt {attempt})"
+                         + (f": {said}" if said else ""))
+            log_event(self.log, "step_finished", job=spec.job_id, step=step.action,
+                      source=spec.source, attempt=attempt, **details)
+        finally:
+            history.close()
+        return StepResult(action=step.action, name=spec.name, job_id=spec.job_id,
+                          status="succeeded", attempt=attempt, worker=self.identity,
+                          bytes_uploaded=progress.uploaded,
+                          details={**details, "progress": progress.as_dict()})
+
+    def _leased(self, spec: JobSpec, step: StepRequest, progress: _Progress,
+                work: Callable[[JobContext], T]) -> T:
+        """Run ``work`` on a thread inside the job's budgets: wait for its leases, heartbeat
+        and renew them while it runs, release them at its end."""
         info = activity.info()
         cfg = self.loaded.config
-        if site_of(cfg, step.action, step.name) != self.site:
-            raise ApplicationError(
-                f"{step.action} {step.name} belongs to site {site_of(cfg, step.action, step.name)!r}"
-                f", not to this worker's site {self.site!r}", non_retryable=True)
-        spec = build_job(cfg, step.action, step.name, step.scheduled_at,
-                         trigger="fleet" if info.attempt == 1 else "recovery")
-        spec = dataclasses.replace(spec, attempt=info.attempt)
-        progress = _Progress()
         upload = SiteUpload(cfg, self.site)
         ctx = JobContext(shared_upload=upload.bucket, timeout=spec.timeout, listener=progress)
+        progress.ctx = ctx
         leases = Leases(self.client, self.loop,
                         f"{info.workflow_id}/{info.activity_id}/{info.attempt}", self.identity,
                         ttl=max(3 * info.heartbeat_timeout.total_seconds(), 1.0)
@@ -97,57 +206,77 @@ class JobActivities:
 
         try:
             if not leases.acquire(step.heartbeat_every, waiting, ctx.cancel):
-                raise ApplicationError(f"{spec.action} {spec.name}: cancelled while waiting "
+                raise ApplicationError(f"{step.action} {spec.name}: cancelled while waiting "
                                        "for a budget", type="Cancelled")
             upload.follow(leases.grants)
-            outcome = self._run(spec, ctx, progress, step.heartbeat_every,
-                                lambda: upload.follow(leases.renew()))
+            return self._heartbeating(spec, ctx, progress, step.heartbeat_every,
+                                      lambda: upload.follow(leases.renew()), work)
         finally:
             leases.release()
-        result = StepResult(action=spec.action, name=spec.name, job_id=spec.job_id,
-                            status=outcome.status, attempt=info.attempt,
-                            worker=self.identity,
-                            snapshot_id=outcome.snapshot_id, bytes_read=outcome.bytes_read,
-                            bytes_stored=outcome.bytes_stored,
-                            bytes_uploaded=outcome.bytes_uploaded,
-                            details={"progress": progress.as_dict(ctx), "rto": outcome.rto,
-                                     "rpo": outcome.rpo})
-        if outcome.status != "succeeded":
-            raise ApplicationError(f"{spec.action} {spec.name} {outcome.status}: {outcome.error}",
-                                   type=outcome.error_type or "JobFailed")
-        return result
 
-    def _run(self, spec: JobSpec, ctx: JobContext, progress: _Progress,
-             every: float, renew: Callable[[], None]) -> JobOutcome:
+    def _heartbeating(self, spec: JobSpec, ctx: JobContext, progress: _Progress, every: float,
+                      renew: Callable[[], None], work: Callable[[JobContext], T]) -> T:
+        done: list[T] = []
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                done.append(work(ctx))
+            except BaseException as exc:  # reported by the activity
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, name=f"job-{spec.job_id}", daemon=True)
+        thread.start()
+        while True:
+            thread.join(every)
+            if not thread.is_alive():
+                break
+            if activity.is_cancelled() or activity.is_worker_shutdown():
+                ctx.cancel.set()
+            activity.heartbeat(progress.as_dict())
+            renew()
+        if failed:
+            raise failed[0]
+        return done[0]
+
+    @activity.defn(name=BREAKER_ASK_ACTIVITY)
+    def breaker_ask(self, ask: BreakerAsk) -> BreakerVerdict:
+        verdict = on_loop(self.loop, tell_breaker(self.client, ask))
+        if verdict.allowed:
+            return verdict
+        spec = build_job(self.loaded.config, "backup", ask.source, ask.scheduled_at,
+                         trigger="fleet")
         history = open_history(self.loaded.config)
         try:
-            if spec.attempt > 1:  # a lost worker's row of this job is not running any more
-                for run in history.interrupted_runs():
-                    if run.job_id == spec.job_id:
-                        history.mark_interrupted(run.id, "its fleet worker was lost; retried")
-            alerts = Alerts(history, self.loaded.config.alerts,
-                            list(self.loaded.config.notifications))
-            done: list[JobOutcome] = []
-            failed: list[BaseException] = []
-
-            def work() -> None:
-                try:
-                    done.append(run_job(spec, ctx, history, alerts, self.log)[1])
-                except BaseException as exc:  # bookkeeping failed; reported by the activity
-                    failed.append(exc)
-
-            thread = threading.Thread(target=work, name=f"job-{spec.job_id}", daemon=True)
-            thread.start()
-            while True:
-                thread.join(every)
-                if not thread.is_alive():
-                    break
-                if activity.is_cancelled() or activity.is_worker_shutdown():
-                    ctx.cancel.set()
-                activity.heartbeat(progress.as_dict(ctx))
-                renew()
-            if failed:
-                raise failed[0]
-            return done[0]
+            history.record_skip(job_id=spec.job_id, name=spec.name, source=spec.source,
+                                action=spec.action, kind=spec.kind, attempt=1, trigger="fleet",
+                                reason=SKIP_REASON)
         finally:
             history.close()
+        log_event(self.log, "job_skipped", job=spec.job_id, source=spec.source,
+                  reason="circuit open", retry_at=verdict.retry_at)
+        return verdict
+
+    @activity.defn(name=BREAKER_REPORT_ACTIVITY)
+    def breaker_report(self, ask: BreakerAsk) -> BreakerVerdict:
+        verdict = on_loop(self.loop, tell_breaker(self.client, ask))
+        if verdict.state == verdict.was == "closed":
+            return verdict
+        cfg = self.loaded.config
+        history = open_history(cfg)
+        try:
+            alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
+            if verdict.state == "closed":
+                history.set_breaker(ask.source, "closed", 0)
+                alerts.clear(ask.source, "circuit_open")
+                log_event(self.log, "circuit_closed", source=ask.source)
+                return verdict
+            history.set_breaker(ask.source, "open", verdict.failures)
+            if verdict.was == "closed":
+                alerts.fire(ask.source, "circuit_open",
+                            f"{ask.source} failed {verdict.failures} run(s) in a row and is "
+                            f"paused: {ask.error}")
+                log_event(self.log, "circuit_opened", level=logging.WARNING, source=ask.source)
+        finally:
+            history.close()
+        return verdict

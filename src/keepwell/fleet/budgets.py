@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
@@ -33,6 +33,12 @@ from keepwell.fleet.workflows import BUDGET_QUEUE, Budget
 
 BUDGET_PREFIX = "keepwell-budget-"
 _LOCAL = ("localhost", "127.0.0.1", "::1", "")
+T = TypeVar("T")
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a call to the cluster on the worker's event loop from a job's thread."""
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Leases:
         self.grants: dict[str, LeaseGrant] = {}
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+        return on_loop(self.loop, coro)
 
     async def _acquire(self, scope: Scope) -> LeaseGrant:
         start = WithStartWorkflowOperation(

@@ -25,6 +25,10 @@ class RunRequest:
     timeout: float = 6 * 3600.0
     heartbeat_timeout: float = 30.0
     drill_timeout: float = 6 * 3600.0
+    retention: bool = False  # the source has a retention policy: a step after the backup
+    replica: bool = False  # its repository has a replica: a step after the retention
+    breaker_threshold: int = 3  # circuit_breaker.failure_threshold
+    breaker_reset: float = 900.0  # circuit_breaker.reset_after
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class StepRequest:
     scheduled_at: float
     site: str
     heartbeat_every: float
+    probe: bool = False  # the trial run of a half-open breaker
 
 
 @dataclass
@@ -86,3 +91,38 @@ class LeaseGrant:
 class BudgetState:
     held: list[Lease] = field(default_factory=list)
     waiting: list[Lease] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BreakerAsk:
+    """A run's word to its source's breaker: may it start (``outcome`` None), or how it ended
+    (``succeeded``/``failed``). The policy travels with it, so a changed configuration applies
+    to the next run."""
+
+    source: str
+    site: str
+    scheduled_at: float
+    failure_threshold: int
+    reset_after: float
+    probe_ttl: float  # a trial run not reported within this long counts as a failed one
+    outcome: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BreakerVerdict:
+    allowed: bool
+    state: str  # closed | open | half-open, after the call
+    was: str  # the state before it
+    failures: int
+    retry_at: float | None = None  # open: when a trial run may start
+
+
+@dataclass
+class BreakerMemory:
+    """What a breaker carries over when its workflow continues as new."""
+
+    failures: int = 0
+    opened_at: float | None = None
+    probe_in_flight: bool = False
+    probe_started: float | None = None

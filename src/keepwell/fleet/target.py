@@ -3,11 +3,13 @@
 `fleet_address` is ``KEEPWELL_FLEET_ADDRESS`` when set, else ``fleet.address`` of the
 configuration. `connect` opens a client to it (TLS and an API key for a real cluster).
 `run_request` turns a configured source or drill into the `RunRequest` a workflow runs: its site,
-its retry policy, its timeouts, and the drill that follows its backups (``after_backup``).
+its retry policy, its timeouts, whether its backups are followed by retention and a replica copy,
+its circuit breaker's policy, and the drill that follows its backups (``after_backup``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -15,7 +17,15 @@ import sysconfig
 from pathlib import Path
 
 from temporalio.client import Client
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
+from keepwell.control.backups import retention_policy
 from keepwell.control.config import Config, FleetConfig
 from keepwell.control.secrets import resolve
 from keepwell.errors import ConfigurationError, MissingExtraError
@@ -32,12 +42,26 @@ def fleet_address(fleet: FleetConfig) -> str:
     return os.environ.get("KEEPWELL_FLEET_ADDRESS") or fleet.address
 
 
+_RUNTIME: list[Runtime] = []
+
+
+def _runtime() -> Runtime:
+    """The SDK's runtime, its native core's log lines (retries while the server is away)
+    forwarded to Python's logging: by default they are printed on stdout, in the middle of a
+    command's ``--json`` output."""
+    if not _RUNTIME:
+        forward = LogForwardingConfig(logger=logging.getLogger("keepwell.fleet.sdk"))
+        _RUNTIME.append(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"), forwarding=forward))))
+    return _RUNTIME[0]
+
+
 async def connect(fleet: FleetConfig) -> Client:
     address = fleet_address(fleet)
     api_key = resolve(fleet.api_key, what="fleet api_key") if fleet.api_key else None
     try:
         return await Client.connect(address, namespace=fleet.namespace, tls=fleet.tls,
-                                    api_key=api_key)
+                                    api_key=api_key, runtime=_runtime())
     except RuntimeError as exc:
         raise ConfigurationError(f"cannot reach the fleet's Temporal server at {address}: {exc}",
                                  hint="start one with 'keepwell fleet server' or set "
@@ -64,11 +88,16 @@ def run_request(cfg: Config, action: str, name: str, scheduled_at: float | None)
     if action == "backup":
         drill = next((d for d, spec in sorted(cfg.drills.items())
                       if spec.source == name and spec.after_backup), None)
+    retention = src.retention.as_kwargs() if src.retention is not None else None
     return RunRequest(action=action, name=name, site=site, scheduled_at=scheduled_at,
                       drill=drill, attempts=retries.attempts, retry_base=retries.base,
                       retry_cap=retries.cap, timeout=src.timeout or cfg.limits.job_timeout,
                       heartbeat_timeout=cfg.fleet.heartbeat_timeout,
-                      drill_timeout=cfg.limits.job_timeout)
+                      drill_timeout=cfg.limits.job_timeout,
+                      retention=retention_policy(retention) is not None,
+                      replica=cfg.repositories[src.repository].replica is not None,
+                      breaker_threshold=cfg.circuit_breaker.failure_threshold,
+                      breaker_reset=cfg.circuit_breaker.reset_after)
 
 
 def temporal_binary() -> str:

@@ -1,8 +1,9 @@
 """``keepwell worker``: one executor of a site, polling the site's task queue until stopped.
 
-It runs the run workflows and their job activities of one site, at most ``max_jobs`` jobs at
-once. It also runs the fleet's budget workflows (`keepwell.fleet.budgets`), on a queue every
-worker polls. SIGTERM/SIGINT stop it: it stops polling and lets running jobs finish for the
+It runs the run workflows and their step activities of one site, at most ``max_jobs`` steps at
+once, and their calls to the breakers. It also runs the fleet's budget and breaker workflows
+(`keepwell.fleet.budgets`, `keepwell.fleet.breakers`), on a queue every worker polls.
+SIGTERM/SIGINT stop it: it stops polling and lets running jobs finish for the
 configuration's ``limits.shutdown_grace`` seconds; a job still running then is cancelled and
 retried on another worker of the site.
 """
@@ -23,7 +24,9 @@ from keepwell.control.config import LoadedConfig
 from keepwell.control.logs import log_event
 from keepwell.fleet.activities import JobActivities
 from keepwell.fleet.target import connect, fleet_address, task_queue
-from keepwell.fleet.workflows import BUDGET_QUEUE, Budget, FleetRun
+from keepwell.fleet.workflows import BUDGET_QUEUE, Budget, FleetRun, SourceBreaker
+
+BREAKER_CALLS = 4  # breaker calls of runs at once (local activities)
 
 
 def worker_identity(site: str) -> str:
@@ -39,12 +42,17 @@ async def _serve(loaded: LoadedConfig, site: str, max_jobs: int, log: logging.Lo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="fleet-job") as pool:
+    # the breakers' local activities get threads of their own: they never wait behind jobs
+    with ThreadPoolExecutor(max_workers=max_jobs + BREAKER_CALLS,
+                            thread_name_prefix="fleet-job") as pool:
         worker = Worker(client, task_queue=task_queue(site), workflows=[FleetRun],
-                        activities=[acts.job], activity_executor=pool,
-                        max_concurrent_activities=max_jobs, identity=identity,
+                        activities=[acts.job, acts.retention, acts.replica, acts.breaker_ask,
+                                    acts.breaker_report],
+                        activity_executor=pool, max_concurrent_activities=max_jobs,
+                        max_concurrent_local_activities=BREAKER_CALLS, identity=identity,
                         graceful_shutdown_timeout=timedelta(seconds=cfg.limits.shutdown_grace))
-        budgets = Worker(client, task_queue=BUDGET_QUEUE, workflows=[Budget], identity=identity)
+        budgets = Worker(client, task_queue=BUDGET_QUEUE, workflows=[Budget, SourceBreaker],
+                         identity=identity)
         async with worker, budgets:
             log_event(log, "worker_started", site=site, queue=task_queue(site),
                       address=fleet_address(cfg.fleet), identity=identity, max_jobs=max_jobs)
