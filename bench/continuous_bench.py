@@ -16,8 +16,8 @@ For each backend (a local repository; SeaweedFS's S3 gateway, started here):
      one. The writer stops, the watcher gets SIGTERM (it commits what is pending), and the last
      snapshot is compared with the tree (every file's size and mtime): losses.
   2. With --kills K: the watcher is started again under the same load and SIGKILLed K times at
-     random moments (0.1-6 s after each start: in the start scan, in commits, between), each
-     time started again. After the last start the writer stops, the watcher commits (quiesce)
+     random moments (half 0.1-6 s after a start, mostly in the start scan; half 0-2 s after the
+     start scan's commit: in commits and between them), each time started again at once. After the last start the writer stops, the watcher commits (quiesce)
      and gets SIGTERM; the last snapshot is restored and compared with the tree byte for byte,
      and `keepwell check` runs.
   3. With --restic: `restic backup TREE` in a loop, on the same kind of repository, under the
@@ -351,8 +351,12 @@ def kill_run(a: argparse.Namespace, name: str, location: str, env: dict[str, str
     thread = writer.start()
     in_scan = 0
     w = Watch(command, tree, log, env)
-    for _ in range(a.kills):
-        time.sleep(rng.uniform(0.1, 6.0))
+    for k in range(a.kills):
+        if k % 2:  # in the start scan, or soon after it
+            time.sleep(rng.uniform(0.1, 6.0))
+        else:  # after the start scan: in a commit, or between commits
+            w.wait_commit()
+            time.sleep(rng.uniform(0.0, 2.0))
         if not w.commits():
             in_scan += 1  # killed before its start scan committed
         rc = w.stop(signal.SIGKILL)
@@ -409,12 +413,25 @@ class ResticLoop:
             start = time.time()
             p = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL)
-            out = p.stdout.read() if p.stdout else b""
-            _pid, status, ru = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
+            chunks: list[bytes] = []
+            reader = threading.Thread(target=lambda p=p: chunks.append(p.stdout.read()))  # type: ignore[union-attr]
+            reader.start()
+            # its peak RSS from /proc while it runs (rusage's would count this script's pages
+            # copied at the fork)
+            while True:
+                pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    break
+                with contextlib.suppress(OSError, ValueError):
+                    for line in open(f"/proc/{p.pid}/status"):
+                        if line.startswith("VmHWM:"):
+                            self.peak_rss = max(self.peak_rss, int(line.split()[1]) / 1024)
+                time.sleep(0.05)
             end = time.time()
+            reader.join()
+            out = b"".join(chunks)
+            p.returncode = os.waitstatus_to_exitcode(status)
             self.cpu += ru.ru_utime + ru.ru_stime
-            self.peak_rss = max(self.peak_rss, ru.ru_maxrss / 1024)
             sid = ""
             for line in out.splitlines():
                 with contextlib.suppress(ValueError):
@@ -476,7 +493,7 @@ def restic_run(a: argparse.Namespace, name: str, location: str, env: dict[str, s
         "snapshots during the load": f"{len(loop.runs):,}",
         "writes never committed": f"{missing}",
         "CPU idle / under load (of one core)": f"{idle_cpu * 100:.0f} % / {load_cpu * 100:.0f} %",
-        "RSS idle / peak": f"– / {loop.peak_rss:.0f} MB",
+        "RSS idle / peak": f"– / {loop.peak_rss:.0f} MB (one run)",
         "first snapshot (start scan)": f"{first:.1f} s",
     }
 
