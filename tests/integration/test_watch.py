@@ -1,10 +1,10 @@
 """``keepwell watch``: the real command in a process of its own, on a real tree.
 
 A change is in a committed snapshot once the watcher has seen it: files created, written,
-deleted and renamed; every file of a burst written into freshly made directories; everything,
-after the watcher is killed with SIGKILL at random moments and started again. Each commit
+deleted and renamed; every file of a burst written into freshly made directories. Each commit
 re-reads only what changed, which the snapshot's own counts show (not a timing). Waits are on
-the latest snapshot's listing matching the tree, never on a fixed sleep.
+the latest snapshot's listing matching the tree, never on a fixed sleep. Kills of the watcher
+under a writer: tests/fault/test_watch_kills.py.
 """
 
 from __future__ import annotations
@@ -12,45 +12,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import signal
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.fault.cli import KW, PASSWORD, kw, ok
+from tests.fault.cli import kw, ok
+from tests.fault.watch_support import (
+    Watch,
+    assert_same_bytes,
+    snapshot_listing,
+    snapshots,
+    tree_listing,
+    wait_until_held,
+)
 from tests.waiting import wait_for
-
-
-class Watch:
-    def __init__(self, repo: Path, cache: Path, root: Path, *args: str) -> None:
-        self.repo = repo
-        self.log = root.parent / f"watch-{os.urandom(4).hex()}.log"
-        env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
-               "KEEPWELL_TESTONLY_WEAK_KDF": "1", "KEEPWELL_CACHE_DIR": str(cache)}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                KW + ["watch", str(root), "--json", "--quiet-time", "100ms", "--max-delay",
-                      "500ms", *args], env=env, stdout=out, stderr=subprocess.PIPE, text=True)
-
-    def commits(self) -> list[dict[str, Any]]:
-        with open(self.log) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def started(self) -> None:
-        """Wait for the start scan's commit (a snapshot, or nothing new to record)."""
-        wait_for(lambda: self.commits() or self.proc.poll() is not None, "the start scan")
-        assert self.proc.poll() is None, self.proc.communicate()
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        _out, err = self.proc.communicate(timeout=120)
-        return self.proc.returncode, err
 
 
 @pytest.fixture
@@ -59,50 +35,6 @@ def place(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     root.mkdir()
     ok(kw(repo, "init"))
     yield repo, cache, root
-
-
-def snapshot_listing(repo: Path, root: Path) -> dict[str, tuple[str, int, int]] | None:
-    r = kw(repo, "ls", "latest", "--json")
-    if r.returncode != 0:
-        return None
-    prefix = str(root) + "/"
-    return {row["path"][len(prefix):]: (row["type"], row["size"] if row["type"] == "file" else 0,
-                                        row["mtime_ns"])
-            for row in json.loads(r.stdout) if row["path"].startswith(prefix)}
-
-
-def tree_listing(root: Path) -> dict[str, tuple[str, int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            kind = "dir" if p.is_dir() and not p.is_symlink() else "symlink" if p.is_symlink() else "file"
-            out[str(p.relative_to(root))] = (kind, st.st_size if kind == "file" else 0, st.st_mtime_ns)
-    return out
-
-
-def wait_until_held(repo: Path, root: Path, what: str) -> None:
-    """Wait until the latest snapshot lists the tree as it is (names, kinds, sizes, mtimes)."""
-    wait_for(lambda: snapshot_listing(repo, root) == tree_listing(root), what, timeout=120,
-             interval=0.1)
-
-
-def assert_same_bytes(repo: Path, root: Path, target: Path) -> None:
-    """Restore the latest snapshot and compare it with the tree, byte for byte."""
-    ok(kw(repo, "restore", "latest", "--target", str(target)))
-    restored = target / str(root).lstrip("/")
-    assert tree_listing(restored).keys() == tree_listing(root).keys()
-    for rel, (kind, _size, _mtime) in tree_listing(root).items():
-        if kind == "file":
-            assert (restored / rel).read_bytes() == (root / rel).read_bytes(), rel
-        elif kind == "symlink":
-            assert os.readlink(restored / rel) == os.readlink(root / rel), rel
-
-
-def snapshots(repo: Path) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = json.loads(ok(kw(repo, "snapshots", "--json")))
-    return found
 
 
 def test_changes_deletes_and_renames_are_committed(place: tuple[Path, Path, Path],
@@ -184,63 +116,6 @@ def test_a_commit_rereads_only_what_changed(place: tuple[Path, Path, Path]) -> N
     finally:
         rc, err = w.stop()
     assert rc == 0, err
-
-
-def _writer(root: Path, stop: threading.Event, seed: int, count: list[int]) -> None:
-    """Creates, rewrites, deletes and renames files and directories until ``stop``."""
-    rng = random.Random(seed)
-    while not stop.is_set():
-        d = root / f"w{rng.randrange(8)}"
-        d.mkdir(exist_ok=True)
-        op = rng.random()
-        names = sorted(os.listdir(d))
-        if op < 0.6 or not names:
-            (d / f"f{rng.randrange(400)}").write_bytes(rng.randbytes(rng.randint(0, 5000)))
-        elif op < 0.75:
-            victim = d / rng.choice(names)
-            if victim.is_dir():
-                shutil.rmtree(victim)
-            else:
-                victim.unlink()
-        elif op < 0.9:
-            if (d / (name := rng.choice(names))).is_file():  # onto a file or a new name
-                (d / name).rename(d / f"f{rng.randrange(400)}")
-        else:
-            sub = d / f"sub{rng.randrange(5)}"
-            sub.mkdir(exist_ok=True)
-            (sub / f"s{rng.randrange(20)}").write_bytes(rng.randbytes(100))
-        count[0] += 1
-
-
-def test_kill_9_at_random_moments_loses_nothing(place: tuple[Path, Path, Path],
-                                                tmp_path: Path) -> None:
-    repo, cache, root = place
-    rng = random.Random(11)
-    stop = threading.Event()
-    count = [0]
-    writer = threading.Thread(target=_writer, args=(root, stop, 3, count), daemon=True)
-    writer.start()
-    try:
-        for _round in range(4):
-            w = Watch(repo, cache, root)
-            w.started()
-            # a random moment: after a random number of changes (the writer never pauses)
-            goal = count[0] + rng.randint(50, 600)
-            wait_for(lambda goal=goal: count[0] >= goal, "the writer's changes")  # type: ignore[misc]
-            rc, _err = w.stop(signal.SIGKILL)
-            assert rc == -signal.SIGKILL
-    finally:
-        stop.set()
-        writer.join()
-    w = Watch(repo, cache, root)
-    try:
-        w.started()
-        wait_until_held(repo, root, "every change after the kills")
-        assert_same_bytes(repo, root, tmp_path / "restored")
-    finally:
-        rc, err = w.stop()
-    assert rc == 0, err
-    assert len(snapshots(repo)) >= 5
 
 
 def test_polling_finds_changes_where_events_are_not_used(place: tuple[Path, Path, Path]) -> None:

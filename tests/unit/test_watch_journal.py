@@ -98,3 +98,37 @@ def test_inotify_reports_creations_and_new_directories(tmp_path: Path) -> None:
     finally:
         ino.close()
     assert remote_filesystem(str(tmp_path)) is None
+
+
+def test_a_tree_written_for_the_next_commit_equals_the_tree_read_back(tmp_path: Path) -> None:
+    """The watcher's commits keep the trees they write in the repository's tree cache
+    (``remember_trees``); what the next commit takes from there must be, node for node and in
+    order, what reading the stored tree gives."""
+    from keepwell.backends.local import LocalBackend
+    from keepwell.repository import Repository
+    from keepwell.sources.files.archiver import _Names, node_from_stat
+    from keepwell.sources.files.metadata import XattrReader
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("b", "a", "\udcff-odd", "c.txt"):
+        (data / name).write_bytes(name.encode("utf-8", "surrogateescape"))
+    os.symlink("a", data / "link")
+    names, xattrs = _Names(), XattrReader()
+    nodes = []
+    for name in os.listdir(data):
+        p = str(data / name)
+        node = node_from_stat(name, os.lstat(p), names)
+        node.xattrs = xattrs.read(p, node.dev)
+        if node.type == "symlink":
+            node.target = os.readlink(p)
+        nodes.append(node)
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), "pw")
+    with repo.new_snapshot("files", [str(data)], remember_trees=True) as w:
+        tree_id = w.save_tree(nodes)
+        w.commit()
+    held = repo.load_tree(tree_id)  # from the cache
+    fresh = Repository.open(LocalBackend(str(tmp_path / "repo")), "pw")
+    assert held == fresh.load_tree(tree_id)  # from storage
+    fresh.close()
+    repo.close()

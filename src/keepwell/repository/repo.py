@@ -93,6 +93,7 @@ class Repository:
         self._index_lock = threading.Lock()
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_nodes = 0  # nodes held in _trees
+        self.trees_budget_nodes = self._TREES_BUDGET_NODES
         self._trees_lock = threading.Lock()
         # whole tree packs read so far (a walk reads thousands of trees from a few packs), and
         # where the subtrees of the trees loaded so far are (found in one index pass per tree)
@@ -373,18 +374,28 @@ class Repository:
             for sub, sub_loc in zip(subtrees, self.index.lookup_many(subtrees), strict=True):
                 if sub_loc is not None:
                     self._tree_locs[sub] = sub_loc
+        self._hold_tree(tree_id, nodes)
+        return nodes
+
+    def remember_tree(self, tree_id: bytes, nodes: list[Node]) -> None:
+        """Hold a tree just written as if it had been loaded: ``nodes`` in the order of the
+        tree blob and equal to what decoding it gives (`tree.as_decoded`), never changed
+        afterwards. A watcher's next commit comes back to the directories it just wrote."""
+        self._hold_tree(tree_id, nodes)
+
+    def _hold_tree(self, tree_id: bytes, nodes: list[Node]) -> None:
         with self._trees_lock:
             if tree_id not in self._trees:
                 self._trees[tree_id] = nodes
                 self._trees_nodes += len(nodes)
-                while self._trees_nodes > self._TREES_BUDGET_NODES and len(self._trees) > 1:
+                while self._trees_nodes > self.trees_budget_nodes and len(self._trees) > 1:
                     self._trees_nodes -= len(self._trees.popitem(last=False)[1])
-        return nodes
 
     # Decoded trees kept for lookups that come back to them (`find_node`, `ls`, `diff`): a
     # bound on their nodes (about 0.5 KiB each), not on their count, since one directory can
     # hold 100,000 files. A walk reads each tree once, so holding more only grows memory: a
-    # bound of 4,096 trees held half the nodes of a 59,000-file restore, 27 MiB.
+    # bound of 4,096 trees held half the nodes of a 59,000-file restore, 27 MiB. A caller that
+    # comes back to many trees (the watcher's commits) raises `trees_budget_nodes`.
     _TREES_BUDGET_NODES = 4096
 
     _TREE_PACKS_BUDGET = 64 * 1024 * 1024

@@ -72,17 +72,30 @@ class Node:
 def encode_node(n: Node) -> list[object]:
     """A node as the items of its array in a tree blob."""
     return [
-        os.fsencode(n.name), _TYPE_CODE[n.type], n.mode, n.uid, n.gid, n.user, n.group,
+        _name_bytes(n.name), _TYPE_CODE[n.type], n.mode, n.uid, n.gid, n.user, n.group,
         n.mtime_ns, n.ctime_ns, n.size, n.inode, n.dev, n.nlink, n.content, n.subtree,
         None if n.target is None else os.fsencode(n.target), n.rdev,
         [[k, v] for k, v in n.xattrs] if n.xattrs else [],
     ]
 
 
-def encode_tree(nodes: list[Node]) -> bytes:
-    nodes = sorted(nodes, key=lambda n: os.fsencode(n.name))
+def in_tree_order(nodes: list[Node]) -> list[Node]:
+    """The nodes in the order a tree blob holds them (by the bytes of their names)."""
+    return sorted(nodes, key=lambda n: _name_bytes(n.name))
+
+
+def encode_tree(nodes: list[Node], *, ordered: bool = False) -> bytes:
+    """A tree blob of ``nodes`` (``ordered``: they are `in_tree_order` already)."""
+    if not ordered:
+        nodes = in_tree_order(nodes)
     data: bytes = msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
     return data
+
+
+def as_decoded(nodes: list[Node]) -> bool:
+    """Whether ``nodes`` equal, field by field, what decoding their encoding gives: what is
+    written as an empty list of extended attributes reads back as ``()``, not as None."""
+    return all(type(n.xattrs) is tuple and type(n.content) is list for n in nodes)
 
 
 def decode_tree(data: bytes) -> list[Node]:
@@ -133,6 +146,11 @@ def _xattrs(raw: list[list[bytes]]) -> tuple[tuple[bytes, bytes], ...]:
 
 
 _UTF8 = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
+
+
+def _name_bytes(name: str) -> bytes:
+    """os.fsencode of a name, straight to the codec when the filesystem encoding is UTF-8."""
+    return name.encode("utf-8", "surrogateescape") if _UTF8 else os.fsencode(name)
 
 
 def _name(b: bytes) -> str:

@@ -28,7 +28,7 @@ from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
 from keepwell.repository.sessions import Session
 from keepwell.repository.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from keepwell.repository.store import RepositoryStore
-from keepwell.repository.tree import DIR, FILE, Node, encode_tree
+from keepwell.repository.tree import DIR, FILE, Node, as_decoded, encode_tree, in_tree_order
 
 DirMeta = Callable[[str], Node]
 
@@ -44,8 +44,11 @@ class SnapshotWriter:
                  tags: list[str] | tuple[str, ...] = (), source: dict[str, Any] | None = None,
                  parent: Snapshot | str | None = None, dir_meta: DirMeta | None = None,
                  upload_workers: int = UPLOAD_WORKERS, blob_workers: int | None = None,
-                 probe_levels: bool = False, page_levels: bool = False) -> None:
+                 probe_levels: bool = False, page_levels: bool = False,
+                 remember_trees: bool = False) -> None:
         self.repo = repo
+        # hand each tree written to the repository's tree cache (Repository.remember_tree)
+        self.remember_trees = remember_trees
         self.kind = kind
         self.paths = list(paths)
         self.host = host or socket.gethostname()
@@ -153,8 +156,11 @@ class SnapshotWriter:
         return len(data)
 
     def save_tree(self, nodes: list[Node]) -> bytes:
-        plain = encode_tree(nodes)
+        nodes = in_tree_order(nodes)
+        plain = encode_tree(nodes, ordered=True)
         tree_id = self.sink.save(TREE, plain)
+        if self.remember_trees and as_decoded(nodes):
+            self.repo.remember_tree(tree_id, nodes)
         if (own := getattr(self.repo, "own", None)) is not None:
             own.put_tree(tree_id, plain)  # an append key's parent next time
         return tree_id
