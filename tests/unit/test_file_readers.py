@@ -277,16 +277,19 @@ def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
     assert repo.index.has(keyed_id(repo.id_key, (tmp_path / "new").read_bytes()))
 
 
-def test_worker_count_leaves_the_main_process_its_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default a file backup and a restore run one worker per core but one (the main process
-    walks and builds the trees, or writes the large files), any other user one per core; the
-    variable overrides both."""
+def test_worker_count_follows_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default one worker per core of the process's CPU affinity (not of the machine: a
+    container or taskset gives fewer), less the cores a caller reserves; the variable overrides
+    both."""
+    from keepwell.sources.files import workers
     from keepwell.sources.files.workers import worker_count
 
     monkeypatch.delenv("KEEPWELL_FILE_PROCESSES", raising=False)
-    for cores, files, other in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):
-        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
-        assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == files
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    for cores, reserved, other in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
+        assert workers.usable_cores() == cores
+        assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == reserved
         assert worker_count("KEEPWELL_FILE_PROCESSES") == other
     monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "3")
     assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == 3

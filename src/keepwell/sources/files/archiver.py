@@ -759,8 +759,9 @@ def _backup(repo: Repository, absolute: list[str], missing: list[tuple[str, str]
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, selection=selection, one_file_system=one_file_system,
                             parent=parent, workers=workers or max(2, os.cpu_count() or 2),
-                            # the walk, the trees and large files keep this process busy
-                            processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1), kind=kind,
+                            # one per core: the walk, the trees and the large files of this
+                            # process leave it idle much of the time on a tree of small files
+                            processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind,
                             paths=paths)
         prefetch = Prefetch([paths.read_from(ap) for ap in absolute],
                             one_file_system=one_file_system)

@@ -517,7 +517,7 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
     with fewer_collections():
         # a Matcher given by the caller records which of its patterns matched something
         return Restorer(repo, snap, target, includes=_matcher(includes), excludes=_matcher(excludes),
-                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1),
+                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES"),
                         overwrite=overwrite).run()
 
 

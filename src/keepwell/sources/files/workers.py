@@ -271,13 +271,20 @@ def can_reopen(repo: Any) -> bool:
 
 
 def worker_count(variable: str, *, reserve: int = 0) -> int:
-    """Worker processes from an environment variable (0: none), else one per core but for
-    ``reserve`` cores left to a main process that has a core's worth of work of its own; at
-    least one."""
+    """Worker processes from an environment variable (0: none), else one per core this process
+    may run on (its CPU affinity, as a container or `taskset` sets it), but for ``reserve``
+    cores left to a main process that has a core's worth of work of its own; at least one."""
     value = os.environ.get(variable)
     if value is not None:
         try:
             return max(0, int(value))
         except ValueError:
             raise UsageError(f"{variable}={value!r} is not a number") from None
-    return max(1, (os.cpu_count() or 2) - reserve)
+    return max(1, usable_cores() - reserve)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
