@@ -72,18 +72,22 @@ class _Mapped:
 
     def read(self, item: WalItem) -> tuple[bytes | mmap.mmap, os.stat_result]:
         """The bytes of a WAL file and its status (partial segments and history files: read)."""
-        f = open(item.path, "rb")  # noqa: SIM115 -- kept open until `close`
+        f = open(item.path, "rb")  # noqa: SIM115 -- a mapped file stays open until `close`
+        mapped = None
         try:
             st = os.fstat(f.fileno())
             if wal_kind(item.name) != "segment" or st.st_size == 0:
                 return f.read(), st
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            m = mmap.mmap(f.fileno(), st.st_size, flags=flags, prot=mmap.PROT_READ)
-        except BaseException:
-            f.close()
-            raise
-        self.open.append((m, f, st, item.name))
-        return m, st
+            try:
+                mapped = mmap.mmap(f.fileno(), st.st_size, flags=flags, prot=mmap.PROT_READ)
+            except OSError:  # a filesystem that cannot map files
+                return f.read(), st
+            self.open.append((mapped, f, st, item.name))
+            return mapped, st
+        finally:
+            if mapped is None:
+                f.close()
 
     def check_unchanged(self) -> None:
         for _m, f, st, name in self.open:
