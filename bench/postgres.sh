@@ -12,6 +12,12 @@
 #
 # Run as root from the checkout (servers run as the `postgres` user): bash bench/postgres.sh
 # Needs .ci/install.d/postgres.sh to have run. Leaves nothing behind but bench/work/.
+#
+# PARTS chooses what is measured (default "backup restore wal"): `backup` (both backups and the
+# repository growth), `restore` (RESTORES restores per tool, default 3, in turns; the median is
+# reported; without `backup` a first backup of each is made untimed), `wal` (every archive rate),
+# `wal-async` (only the two asynchronous rates). KW_PUSH overrides the archive_command fast path
+# (e.g. the checkout's src/keepwell/sources/postgres/keepwell-wal-push).
 set -euo pipefail
 
 SCALE="${SCALE:-50}"
@@ -22,15 +28,18 @@ PY="$here/.venv/bin/python"
 HOOK="$here/.venv/bin/keepwell-wal"
 [[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.walcommand"
 # archive_command as `keepwell postgres archive-command` prints it: the shell fast path
-PUSH="$here/.venv/bin/keepwell-wal-push"
-if [[ ! -x "$PUSH" ]]; then
+PUSH="${KW_PUSH:-$here/.venv/bin/keepwell-wal-push}"
+if [[ -z "${KW_PUSH:-}" && ! -x "$PUSH" ]]; then
     if [[ -x "$here/.venv/bin/keepwell-wal" ]]; then
         PUSH="env KEEPWELL_WAL_HOOK=$HOOK /bin/sh $here/src/keepwell/sources/postgres/keepwell-wal-push"
     else
         PUSH="$HOOK push"
     fi
 fi
-PARTS="${PARTS:-backup wal}"   # what to measure: backup and/or wal
+HOOK_ENV=""  # the checkout's fast path calls the installed hook
+[[ -n "${KW_PUSH:-}" ]] && HOOK_ENV="KEEPWELL_WAL_HOOK=$HOOK"
+PARTS="${PARTS:-backup restore wal}"   # what to measure (see above)
+RESTORES="${RESTORES:-3}"
 PGBR_ENCRYPT="${PGBR_ENCRYPT:-1}"
 BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 PORT="${PORT:-55432}"
@@ -97,7 +106,7 @@ wal_level = replica
 max_wal_size = '8GB'
 shared_buffers = '256MB'
 archive_mode = on
-archive_command = 'env KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password $KW_ASYNC && pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p'
+archive_command = 'env $HOOK_ENV KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password $KW_ASYNC && pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p'
 CONF
 as_pg "$BIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w start >/dev/null
 pgbr stanza-create
@@ -134,25 +143,34 @@ psql_ "CHECKPOINT"; sync; t0=$(now); pgbr --type=incr backup; t1=$(now)
 BR_INCR=$(secs "$t0" "$t1")
 wait_archived; wait_uploaded; KW_SIZE2=$(size_mb "$W/kw-repo"); BR_SIZE2=$(size_mb "$W/pgbr-repo")
 
+fi
+
 # 3. restores (data directory only, no recovery run). Every timed step starts with `sync`, so
-# neither tool pays for the other's writes still on their way to disk.
-# Twice each, in turns (keepwell, pgBackRest, pgBackRest, keepwell), into fresh directories; the
-# mean of the two is reported (a single restore on this shared disk varies by ±20 %).
+# neither tool pays for the other's writes still on their way to disk. RESTORES of each, in
+# turns (keepwell, pgBackRest, pgBackRest, keepwell, ...), into fresh directories; the median is
+# reported (a single restore on this shared disk varies by ±20 %).
+if [[ " $PARTS " == *" restore "* ]]; then
+if [[ " $PARTS " != *" backup "* ]]; then
+    psql_ "CHECKPOINT"; kw backup --physical >/dev/null; pgbr --type=full backup
+    wait_archived; wait_uploaded
+fi
 restore_kw() {
     mkdir -p "$W/r-kw-$1"; chown postgres: "$W/r-kw-$1"; chmod 700 "$W/r-kw-$1"
     sync; t0=$(now); kw restore --target-dir "$W/r-kw-$1" --immediate >/dev/null; t1=$(now)
-    KW_RESTORES+=" $(secs "$t0" "$t1")"
+    KW_RESTORES+=" $(secs "$t0" "$t1")"; rm -rf "$W/r-kw-$1"
 }
 restore_br() {
     mkdir -p "$W/r-br-$1"; chown postgres: "$W/r-br-$1"; chmod 700 "$W/r-br-$1"
     sync; t0=$(now); pgbr --pg1-path="$W/r-br-$1" --type=immediate restore; t1=$(now)
-    BR_RESTORES+=" $(secs "$t0" "$t1")"
+    BR_RESTORES+=" $(secs "$t0" "$t1")"; rm -rf "$W/r-br-$1"
 }
 KW_RESTORES="" BR_RESTORES=""
-restore_kw 1; restore_br 1; restore_br 2; restore_kw 2
-mean() { echo "$1" | awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.1f", s / NF }'; }
-KW_RESTORE="$(mean "$KW_RESTORES") s (runs:$KW_RESTORES)" BR_RESTORE="$(mean "$BR_RESTORES") s (runs:$BR_RESTORES)"
-rm -rf "$W"/r-kw-* "$W"/r-br-*
+for i in $(seq "$RESTORES"); do
+    if (( i % 2 )); then restore_kw "$i"; restore_br "$i"; else restore_br "$i"; restore_kw "$i"; fi
+done
+median() { echo "$1" | tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END {
+    if (NR % 2) printf "%.1f", v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+KW_RESTORE="$(median "$KW_RESTORES") s (runs:$KW_RESTORES)" BR_RESTORE="$(median "$BR_RESTORES") s (runs:$BR_RESTORES)"
 fi
 
 # 4. WAL archive throughput: make SEGMENTS ready segments, then let one archive_command drain them
@@ -190,13 +208,21 @@ archive_rate() {  # $1 = archive_command
     awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }'
 }
 KW_DIRECT_RATE=- KW_SYNC_RATE=- KW_ASYNC_RATE=- BR_SYNC_RATE=- BR_ASYNC_RATE=- CP_RATE=-
+ENVP="env $HOOK_ENV KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password"
 if [[ " $PARTS " == *" wal "* ]]; then
-ENVP="env KEEPWELL_REPOSITORY=$W/kw-repo KEEPWELL_PASSWORD_FILE=$W/password"
 KW_DIRECT_RATE=$(archive_rate "$ENVP $HOOK push %p")
 KW_SYNC_RATE=$(archive_rate "$ENVP $PUSH --spool $W/kw-spool %p")
+fi
+if [[ " $PARTS " == *" wal "* || " $PARTS " == *" wal-async "* ]]; then
 KW_ASYNC_RATE=$(archive_rate "$ENVP $PUSH --async --spool $W/kw-spool %p")
+fi
+if [[ " $PARTS " == *" wal "* ]]; then
 BR_SYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench --no-archive-async archive-push %p")
+fi
+if [[ " $PARTS " == *" wal "* || " $PARTS " == *" wal-async "* ]]; then
 BR_ASYNC_RATE=$(archive_rate "pgbackrest --config=$W/pgbackrest.conf --stanza=bench archive-push %p")
+fi
+if [[ " $PARTS " == *" wal "* ]]; then
 CP_RATE=$(archive_rate "cp %p $W/cp-%f")
 fi
 
@@ -212,7 +238,7 @@ echo "| first physical backup | ${KW_FULL} s | ${BR_FULL} s (full) |"
 echo "| repository after it (backup + WAL) | ${KW_SIZE1} MiB | ${BR_SIZE1} MiB |"
 echo "| second backup after the workload | ${KW_SECOND} s (full, deduplicated) | ${BR_INCR} s (incremental) |"
 echo "| repository growth (backup + WAL of the workload) | $(minus "$KW_SIZE2" "$KW_SIZE1") MiB | $(minus "$BR_SIZE2" "$BR_SIZE1") MiB |"
-echo "| restore (data directory) | ${KW_RESTORE} | ${BR_RESTORE} |"
+echo "| restore (data directory, median of $RESTORES) | ${KW_RESTORE} | ${BR_RESTORE} |"
 echo "| WAL archive, synchronous | ${KW_SYNC_RATE} segments/s (through the uploader; ${KW_DIRECT_RATE}/s opening the repository per segment) | ${BR_SYNC_RATE} segments/s |"
 echo "| WAL archive, asynchronous | ${KW_ASYNC_RATE} segments/s | ${BR_ASYNC_RATE} segments/s |"
 echo

@@ -497,3 +497,53 @@ def test_a_delta_extraction_writes_a_plain_file_in_place(tmp_path: Path) -> None
     stats = extract_tar(_tar(("base/1", "file", b"a" * 4096 + b"b" * 1000)), str(root), delta=True)
     assert (root / "base/1").read_bytes() == b"a" * 4096 + b"b" * 1000
     assert os.stat(root / "base/1").st_ino == before and stats.written_bytes < 5096
+
+
+def _segment_file(path: Path, sysid: int, seed: int) -> Path:
+    """A completed segment: a valid long page header, then bytes that compress, written some
+    time ago (as PostgreSQL leaves a segment it has finished)."""
+    import struct
+
+    head = struct.pack("<HHIQI4xQII", 0xD110, 0x0002, 1, 0, 0, sysid, 16 << 20, 8192)
+    body = b"".join(f"{seed}:{i};".encode() for i in range(120_000))
+    path.write_bytes(head + body[: (1 << 20) - len(head)])
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    return path
+
+
+def test_a_segment_overwritten_while_it_is_archived_is_not_committed(tmp_path: Path) -> None:
+    """Segments are hashed first and compressed later from the page cache: one that changes in
+    between (recycled by PostgreSQL after another push acknowledged it) fails the push, and no
+    snapshot records it."""
+    from keepwell.backends.local import LocalBackend
+    from keepwell.errors import IntegrityError
+    from keepwell.repository import Repository
+    from keepwell.sources.postgres.archive import WalArchive, WalItem
+
+    first = _segment_file(tmp_path / "000000010000000000000001", 42, 1)
+    second = _segment_file(tmp_path / "000000010000000000000002", 42, 2)
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), "pw")
+    try:
+        def overwrite_second(name: str, _fields: dict[str, Any]) -> None:
+            if name == "bytes":  # the first segment is stored: the second is not read yet
+                repo.events.unsubscribe(overwrite_second)
+                with open(second, "r+b") as f:
+                    f.seek(4096)
+                    f.write(b"recycled" * 512)
+
+        repo.events.subscribe(overwrite_second)
+        items = [WalItem(p.name, str(p)) for p in (first, second)]
+        with pytest.raises(IntegrityError, match="000000010000000000000002 changed"):
+            WalArchive(repo, "main").push(items)
+        assert [s for s in repo.list_snapshots() if s.kind == KIND_WAL] == []
+        # once whole again, both are archived, each with the hash of what was stored
+        result = WalArchive(repo, "main").push(items)
+        assert result.stored == [first.name, second.name]
+        snap = repo.find_snapshot(str(result.snapshot_id))
+        import blake3
+
+        stored = b"".join(repo.iter_file(snap, "wal/00000001/000000010000000000000002"))
+        assert stored == second.read_bytes()
+        assert blake3.blake3(stored).hexdigest() == result.digests[second.name]
+    finally:
+        repo.close()
