@@ -239,7 +239,10 @@ class ObjectStoreBackend:
         started = time.monotonic()
         try:
             with mapped as body:
-                self._put_body(store, name, body, overwrite, multipart)
+                try:
+                    self._put_body(store, name, body, overwrite, multipart)
+                finally:
+                    del body  # no traceback of an error may keep the map (and its file) alive
         except KeepwellError:
             raise  # the spool could not be read
         except Exception as exc:

@@ -198,11 +198,16 @@ class Spool:
         try:
             yield view
         finally:
-            view.release()
+            # A request that failed (a stall) may still hold the buffer in a task of the HTTP
+            # client: the map (and the descriptor it holds) then stays until that lets go, and
+            # no frame of an error's traceback may keep it longer; the error of the request is
+            # what the caller must see.
             try:
+                view.release()
                 m.close()
-            except BufferError:  # a view of it is still held somewhere: the collector closes it
+            except BufferError:
                 pass
+            del view, m
 
     def pieces(self, piece: int = READ_PIECE) -> Iterator[bytes]:
         """The spool's bytes, from the start, ``piece`` bytes at a time."""
