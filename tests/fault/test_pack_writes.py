@@ -2,48 +2,41 @@
 
 The engine's own guard (keepwell.repository.packer) is tested here on a storage that does not
 guard itself: its spool takes half of a failing write and would go on taking more, as a naive
-file wrapper would. The local spool's guard (a failed write spoils it) is tested through the
+file wrapper would. The spool's guard (a failed write spoils it) is tested through the
 real filesystem code with a write that fails at the system call."""
 
 from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from keepwell.backends import local
+from keepwell.backends import spool as spool_module
 from keepwell.backends.local import LocalBackend
 from keepwell.backends.memory import MemoryBackend
+from keepwell.backends.spool import Spool
 from keepwell.crypto import content_name, keyed_id
 from keepwell.errors import KeepwellError, PermanentBackendError
 from keepwell.repository import Repository
 from keepwell.repository.check import check
 
 
-class _HalfWritingSpool:
+class _HalfWritingSpool(Spool):
     """Keeps half of its ``fail_at``-th write, raises, and would then carry on as if whole."""
 
     def __init__(self, backend: _HalfWritingBackend) -> None:
+        super().__init__(tempfile.gettempdir(), backend.location)
         self.backend = backend
-        self.data = bytearray()
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.backend.writes += 1
         if self.backend.writes == self.backend.fail_at:
-            self.data += data[: len(data) // 2]
+            super().write(data[: len(data) // 2])
             raise OSError(errno.EIO, "input/output error")
-        self.data += data
-
-    def hexdigest(self) -> str:
-        return content_name(self.data)
-
-    def commit(self, name: str) -> None:
-        self.backend.put(name, bytes(self.data))
-
-    def abort(self) -> None:
-        self.data = bytearray()
+        super().write(data)
 
 
 class _HalfWritingBackend(MemoryBackend):
@@ -52,7 +45,7 @@ class _HalfWritingBackend(MemoryBackend):
         self.fail_at = fail_at
         self.writes = 0
 
-    def open_spool(self) -> _HalfWritingSpool:
+    def open_spool(self, directory: str | None = None) -> _HalfWritingSpool:
         return _HalfWritingSpool(self)
 
 
@@ -78,7 +71,7 @@ def test_a_pack_with_a_failed_write_is_never_stored_nor_indexed(fail_at: int) ->
 def test_a_failed_system_write_spoils_the_local_spool(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     backend = LocalBackend(str(tmp_path / "repo"))
-    real = local._os_write
+    real = spool_module._os_write
     calls = []
 
     def write(fd: int, data: memoryview) -> int:
@@ -88,7 +81,7 @@ def test_a_failed_system_write_spoils_the_local_spool(tmp_path: Path,
             raise OSError(errno.ENOSPC, "no space left on device")
         return int(real(fd, data))
 
-    monkeypatch.setattr(local, "_os_write", write)
+    monkeypatch.setattr(spool_module, "_os_write", write)
     spool = backend.open_spool()
     spool.write(os.urandom(2 << 20))
     with pytest.raises(PermanentBackendError, match="no space left"):
@@ -103,7 +96,7 @@ def test_a_failed_system_write_spoils_the_local_spool(tmp_path: Path,
 def test_a_write_that_stores_nothing_is_a_full_disk(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that returns 0 would loop forever; it is the filesystem saying it has no room."""
-    monkeypatch.setattr(local, "_os_write", lambda fd, data: 0)
+    monkeypatch.setattr(spool_module, "_os_write", lambda fd, data: 0)
     spool = LocalBackend(str(tmp_path / "repo")).open_spool()
     with pytest.raises(PermanentBackendError, match="no space left"):
         spool.write(os.urandom(2 << 20))
@@ -111,8 +104,8 @@ def test_a_write_that_stores_nothing_is_a_full_disk(tmp_path: Path,
 
 
 def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = local._os_write
-    monkeypatch.setattr(local, "_os_write", lambda fd, data: real(fd, data[:4097]))
+    real = spool_module._os_write
+    monkeypatch.setattr(spool_module, "_os_write", lambda fd, data: real(fd, data[:4097]))
     backend = LocalBackend(str(tmp_path / "repo"))
     data = os.urandom(3 << 20)
     spool = backend.open_spool()

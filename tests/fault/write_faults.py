@@ -1,7 +1,8 @@
 """Failing writes at the boundary between keepwell and the kernel, the way a disk does.
 
 `install` is the local backend's test hook (``KEEPWELL_TESTONLY_WRITE_HOOK``; see
-keepwell.backends.local): it replaces the module's ``_os_write`` and ``_fdatasync`` with ones that
+keepwell.backends.local): it replaces the spool module's ``_os_write`` and ``_fdatasync``
+(keepwell.backends.spool, through which the local backend writes everything) with ones that
 count every call, over every process of a run (the main process and its worker processes share
 one counter file), and fail the chosen one as a plan says. Nothing above the system call is
 touched: keepwell's own code meets the failure exactly where a full or failing disk puts it.
@@ -24,6 +25,7 @@ import errno
 import fcntl
 import os
 import struct
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -62,7 +64,8 @@ def _bump(counter: str, which: int) -> int:
         os.close(fd)
 
 
-def install(module: ModuleType) -> None:
+def install(local: ModuleType) -> None:
+    module = sys.modules["keepwell.backends.spool"]  # imported by the local backend's module
     counter, n_text, kind = os.environ["KEEPWELL_TESTONLY_WRITE_FAULT"].split(",")
     n = int(n_text)
     real_write, real_sync = module._os_write, module._fdatasync

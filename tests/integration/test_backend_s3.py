@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from keepwell.errors import (
     PermanentBackendError,
     TransientBackendError,
 )
-from tests.backend_contract import BackendContract
+from tests.backend_contract import BackendContract, RemoteSpoolContract, SpooledPuts
 from tests.servers.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.integration
@@ -40,6 +41,25 @@ class TestWrappedS3Contract(BackendContract):
         b = wrap(open_backend(s3_url), cache_dir=tmp_path, max_concurrent=4)
         yield b
         b.close()
+
+
+class TestSpooledS3Contract(RemoteSpoolContract):
+    @pytest.fixture
+    def backend(self, s3_url: str, tmp_path: Path) -> Iterator[Backend]:
+        b = SpooledPuts(open_backend(s3_url), str(tmp_path))
+        yield b
+        b.close()
+
+
+class TestSpooledWrappedS3Contract(RemoteSpoolContract):
+    """Spools in the cache directory, stored through the usual wrappers."""
+
+    @pytest.fixture
+    def backend(self, s3_url: str, tmp_path: Path) -> Iterator[Backend]:
+        b = SpooledPuts(wrap(open_backend(s3_url), cache_dir=tmp_path, max_concurrent=4))
+        yield b
+        b.close()
+        assert b.spooled == 0 or b.last_directory.startswith(str(tmp_path))
 
 
 def test_options_override_environment(

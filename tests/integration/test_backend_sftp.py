@@ -17,7 +17,7 @@ from keepwell.backends.registry import open_backend
 from keepwell.backends.sftp import SftpBackend
 from keepwell.backends.wrappers import wrap
 from keepwell.errors import ObjectExistsError, PermanentBackendError
-from tests.backend_contract import BackendContract
+from tests.backend_contract import BackendContract, RemoteSpoolContract, SpooledPuts
 from tests.servers.sshd import SshServer
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,26 @@ class TestWrappedSftpContract(BackendContract):
         b = wrap(open_backend(sftp_url), cache_dir=tmp_path / "cache", max_concurrent=3)
         yield b
         b.close()
+
+
+class TestSpooledSftpContract(RemoteSpoolContract):
+    @pytest.fixture
+    def backend(self, sftp_url: str, tmp_path: Path) -> Iterator[Backend]:
+        (tmp_path / "spools").mkdir()
+        b = SpooledPuts(open_backend(sftp_url), str(tmp_path / "spools"))
+        yield b
+        b.close()
+
+
+class TestSpooledWrappedSftpContract(RemoteSpoolContract):
+    """Spools in the cache directory, stored through the usual wrappers."""
+
+    @pytest.fixture
+    def backend(self, sftp_url: str, tmp_path: Path) -> Iterator[Backend]:
+        b = SpooledPuts(wrap(open_backend(sftp_url), cache_dir=tmp_path / "cache", max_concurrent=3))
+        yield b
+        b.close()
+        assert b.spooled == 0 or b.last_directory.startswith(str(tmp_path / "cache"))
 
 
 def test_objects_are_files_and_no_temporaries_remain(sftp_url: str) -> None:

@@ -10,13 +10,21 @@ from keepwell.backends.local import LocalBackend
 from keepwell.backends.memory import MemoryBackend
 from keepwell.backends.registry import open_backend
 from keepwell.errors import ObjectExistsError, UsageError
-from tests.backend_contract import BackendContract
+from tests.backend_contract import BackendContract, SpoolContract, SpooledPuts
 
 
 class TestLocalContract(BackendContract):
     @pytest.fixture
     def backend(self, tmp_path: Path) -> Iterator[LocalBackend]:
         yield LocalBackend(str(tmp_path / "repo"))
+
+
+class TestSpooledLocalContract(SpoolContract):
+    """Packs' path on a local repository: spools on its filesystem, linked into place."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[SpooledPuts]:
+        yield SpooledPuts(LocalBackend(str(tmp_path / "repo")))
 
 
 class TestMemoryContract(BackendContract):

@@ -10,6 +10,11 @@ as ``data/ab/ab12…`` or ``snapshots/9f…``. Every backend gives the same guar
 * errors are classified: `ObjectNotFoundError`, `TransientBackendError` (worth a retry) and
   `PermanentBackendError`; nothing else escapes.
 
+A payload of ``put`` is bytes or a `keepwell.backends.spool.Spool`, an object written into a
+local file beforehand, which ``put`` reads from the start as often as it tries. A backend that
+offers ``open_spool(directory=None)`` (the local and the remote ones; wrappers pass it on) gives
+out spools for it: a writer of large objects (packs) builds them there instead of in memory.
+
 Retries, rate limits, circuit breaking and caching are wrappers (`keepwell.backends.wrappers`)
 that any backend can wear; they are never written into a backend.
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from keepwell.backends.spool import Payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +42,7 @@ class Backend(Protocol):
 
     location: str
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None: ...
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None: ...
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from keepwell.backends.base import Backend, ObjectInfo
+from keepwell.backends.spool import Payload
 from keepwell.errors import PermanentBackendError
 
 
@@ -29,7 +30,7 @@ class DryRunBackend:
         self._lock = threading.Lock()
         self.dropped: dict[str, int] = {}  # name -> size of what a real run would have stored
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         with self._lock:
             self.dropped[name] = len(data)
 

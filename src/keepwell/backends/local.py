@@ -12,58 +12,28 @@ object in memory, and the bytes are written once, not copied from a buffer into 
 ``put`` is one write into a spool. A spool hashes the bytes as the kernel accepts them, so the
 name a pack gets is the hash of what is in its file; any failed write spoils the spool for good
 (`commit` refuses it), and `commit` links the file only once its length is the count of bytes
-written and ``fdatasync`` has succeeded: what gets a name is known to be whole.
+written and ``fdatasync`` has succeeded: what gets a name is known to be whole. The spool itself
+is keepwell.backends.spool's; ``put`` of a spool of this backend is its `LocalSpool.commit`.
 
-Every write and data sync of the module goes through `_os_write` and `_fdatasync`. A test suite
-may replace them (``KEEPWELL_TESTONLY_WRITE_HOOK=module:function``: the function gets this
-module) to fail writes the way a full or failing disk does; nothing else sets them.
+A test suite may change the module's behaviour (``KEEPWELL_TESTONLY_WRITE_HOOK=module:function``:
+the function gets this module, and may replace the spool module's ``_os_write`` and
+``_fdatasync``, through which every write and data sync goes) to fail writes the way a full or
+failing disk does; nothing else sets it.
 """
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import sys
 from collections.abc import Iterator
 
-import blake3
-
 from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
-from keepwell.errors import (
-    ObjectExistsError,
-    ObjectNotFoundError,
-    PermanentBackendError,
-    TransientBackendError,
-)
+from keepwell.backends.spool import TMP_PREFIX, Payload, Spool, classify, payload_pieces
+from keepwell.errors import ObjectExistsError
 
-_TMP_PREFIX = ".tmp-"
-_SPOOL_BUFFER = 1024 * 1024  # small pieces are gathered up to this much per write
-
-_os_write = os.write
-_fdatasync = os.fdatasync
-
-# errors of a local disk that no retry cures, with what to do about each
-_PERMANENT = {
-    errno.ENOSPC: ("no space left on device", "free some space, then run the command again"),
-    errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota, then run the "
-                                          "command again"),
-    errno.EFBIG: ("file too large for the filesystem", "use a filesystem that holds larger files"),
-    errno.EIO: ("input/output error", "the disk failed a write; check it (dmesg, smartctl) "
-                                      "before trusting it with backups"),
-}
-
-
-def _classify(exc: OSError, what: str) -> Exception:
-    if exc.errno == errno.ENOENT:
-        return ObjectNotFoundError(f"{what}: not found")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PermanentBackendError(f"{what}: {exc.strerror}")
-    if exc.errno in _PERMANENT:
-        message, hint = _PERMANENT[exc.errno]
-        return PermanentBackendError(f"{what}: {message}", hint=hint)
-    return TransientBackendError(f"{what}: {exc.strerror or exc}")
+_classify = classify
 
 
 def _fsync_dir(path: str) -> None:
@@ -97,20 +67,29 @@ class LocalBackend:
                 pass
         self._known_dirs.add(directory)
 
-    def open_spool(self) -> LocalSpool:
-        """A new object to be written piece by piece and stored with `LocalSpool.commit`."""
+    def open_spool(self, directory: str | None = None) -> LocalSpool:
+        """A new object to be written piece by piece and stored with ``put`` (or
+        `LocalSpool.commit`). ``directory`` is not used: a local spool lives on the
+        repository's filesystem, to be linked into place."""
         try:
             return LocalSpool(self)
         except OSError as exc:
             raise _classify(exc, f"writing in {self.location}") from exc
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         self._path(name)  # an invalid name is refused before anything is written
+        if isinstance(data, LocalSpool) and data.backend is self:
+            data.commit(name, overwrite=overwrite)
+            return
         spool = self.open_spool()
         try:
-            spool.write(data)
+            if isinstance(data, Spool):
+                for piece in payload_pieces(data):
+                    spool.write(piece)
+            else:
+                spool.write(data)
         except BaseException:
-            spool.abort()
+            spool.close()
             raise
         spool.commit(name, overwrite=overwrite)
 
@@ -148,7 +127,7 @@ class LocalBackend:
                 raise _classify(exc, f"listing {rel or '/'} in {self.location}") from exc
             subdirs = []
             for entry in entries:
-                if entry.name.startswith(_TMP_PREFIX):
+                if entry.name.startswith(TMP_PREFIX):
                     continue
                 name = f"{rel}/{entry.name}" if rel else entry.name
                 if entry.is_dir(follow_symlinks=False):
@@ -172,117 +151,37 @@ class LocalBackend:
         pass
 
 
-class LocalSpool:
-    """An object being written into a file of the repository's filesystem, invisible until
+class LocalSpool(Spool):
+    """A spool (keepwell.backends.spool) on the repository's filesystem, invisible until
     `commit` links it under its name. Where the filesystem has no ``O_TMPFILE`` (or there is no
     /proc to link it from), the file is a hidden temporary one in the repository's top
     directory, which listings skip. A crash leaves nothing behind (``O_TMPFILE``) or that hidden
-    file; `abort` removes what is left.
-
-    ``size`` counts the bytes handed to `write`; `hexdigest` is the hash of the bytes the kernel
-    accepted, in order. A write that fails (or stores nothing) spoils the spool: every later call
-    but `abort` raises, so a caller can never name or store a file with a hole in it."""
+    file; `close` removes what is left."""
 
     def __init__(self, backend: LocalBackend) -> None:
-        self._backend = backend
-        self._buf = bytearray()
-        self.size = 0
-        self._written = 0
-        self._hash = blake3.blake3()
-        self._failed: BaseException | None = None
-        self._tmp: str | None = None
         backend._ensure_dir(backend.root)
-        flag = getattr(os, "O_TMPFILE", 0)
-        self._fd = -1
-        if flag and os.path.isdir("/proc/self/fd"):
-            try:
-                self._fd = os.open(backend.root, flag | os.O_WRONLY, 0o600)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-        if self._fd < 0:
-            self._tmp = os.path.join(backend.root, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._usable()
-        self.size += len(data)
-        try:
-            if len(self._buf) + len(data) > _SPOOL_BUFFER:
-                self._flush()
-            if len(data) >= _SPOOL_BUFFER:
-                self._write_all(data)
-            else:
-                self._buf += data
-        except OSError as exc:
-            self._failed = _classify(exc, f"writing in {self._backend.location}")
-            raise self._failed from exc
-        except BaseException as exc:
-            self._failed = exc
-            raise
-
-    def _usable(self) -> None:
-        if self._failed is not None:
-            raise PermanentBackendError(
-                f"writing in {self._backend.location}: an earlier write of this object failed "
-                f"({self._failed})", hint="the object is not stored; run the command again")
-        if self._fd < 0:
-            raise ValueError("the spool was committed or aborted")
-
-    def _flush(self) -> None:
-        if self._buf:
-            self._write_all(self._buf)
-            self._buf.clear()
-
-    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = _os_write(self._fd, view)
-            if n <= 0:  # a regular file takes nothing only when the filesystem has no room
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self._hash.update(view[:n])
-            self._written += n
-            view = view[n:]
-
-    def hexdigest(self) -> str:
-        """The hash of everything written so far (gathered pieces are written out first)."""
-        self._usable()
-        try:
-            self._flush()
-        except OSError as exc:
-            self._failed = _classify(exc, f"writing in {self._backend.location}")
-            raise self._failed from exc
-        return self._hash.hexdigest()
-
-    def _check_whole(self) -> None:
-        """Raise unless the file holds exactly the bytes written, durably."""
-        _fdatasync(self._fd)
-        length = os.fstat(self._fd).st_size
-        if self._written != self.size or length != self.size:
-            raise PermanentBackendError(
-                f"writing in {self._backend.location}: the file holds {length} of the "
-                f"{self.size} bytes written", hint="the object is not stored; run the command again")
+        super().__init__(backend.root, backend.location, linkable=True)
+        self.backend = backend
 
     def commit(self, name: str, *, overwrite: bool = False) -> None:
         """Store what was written as object ``name`` (durably, as `LocalBackend.put` does), or
         raise `ObjectExistsError` if it exists and ``overwrite`` is not set. The spool is spent
         either way."""
-        b = self._backend
+        b = self.backend
         final = b._path(name)
         directory, base = os.path.split(final)
         dfd = -1
         try:
-            self._usable()
-            self._flush()
-            self._check_whole()
+            self.seal(durable=True)  # what gets a name is known to be whole
             b._ensure_dir(directory)
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            fd = self.fileno()
             if self._tmp is None:
                 # linkat(AT_SYMLINK_FOLLOW) of the /proc link gives the unnamed file a name;
                 # a dir fd makes os.link call linkat (plain link() would not follow the link)
-                source = f"/proc/self/fd/{self._fd}"
+                source = f"/proc/self/fd/{fd}"
                 if overwrite:  # an unnamed file cannot be renamed: name it beside, then rename
-                    self._tmp = os.path.join(directory, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
+                    self._tmp = os.path.join(directory, f"{TMP_PREFIX}{tokens.token_hex(8)}")
                     os.link(source, self._tmp, src_dir_fd=dfd, follow_symlinks=True)
                     source = self._tmp
             else:
@@ -301,20 +200,11 @@ class LocalSpool:
         finally:
             if dfd >= 0:
                 os.close(dfd)
-            self.abort()
+            self.close()
 
-    def abort(self) -> None:
-        """Drop what was written (nothing stays on disk)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except OSError:
-                pass
-            self._tmp = None
-        self._buf = bytearray()
+
+def from_url(url: str, **options: object) -> LocalBackend:
+    return LocalBackend(url[len("file://") :] if url.startswith("file://") else url)
 
 
 def _install_test_hook() -> None:
@@ -322,10 +212,6 @@ def _install_test_hook() -> None:
     if spec:
         module, _, function = spec.partition(":")
         getattr(importlib.import_module(module), function)(sys.modules[__name__])
-
-
-def from_url(url: str, **options: object) -> LocalBackend:
-    return LocalBackend(url[len("file://") :] if url.startswith("file://") else url)
 
 
 _install_test_hook()

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from keepwell.backends.base import ObjectInfo, check_name
+from keepwell.backends.spool import Payload, payload_bytes
 from keepwell.errors import ObjectExistsError, ObjectNotFoundError
 
 
@@ -15,12 +16,13 @@ class MemoryBackend:
         self._objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         check_name(name)
+        data = bytes(payload_bytes(data))
         with self._lock:
             if not overwrite and name in self._objects:
                 raise ObjectExistsError(f"{name} already exists in {self.location}")
-            self._objects[name] = bytes(data)
+            self._objects[name] = data
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         with self._lock:

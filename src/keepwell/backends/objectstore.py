@@ -24,6 +24,7 @@ retries are its job too.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import math
 import os
 import re
@@ -47,6 +48,7 @@ from obstore.exceptions import (
 
 from keepwell.backends.base import ObjectInfo, check_name
 from keepwell.backends.resilience import stall_timeout
+from keepwell.backends.spool import Payload, Spool, open_upload_spool
 from keepwell.errors import (
     BackendError,
     ConfigurationError,
@@ -220,23 +222,29 @@ class ObjectStoreBackend:
                 sample = size / seconds
                 self._rate = sample if self._rate is None else 0.7 * self._rate + 0.3 * sample
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def open_spool(self, directory: str | None = None) -> Spool:
+        """A spool (keepwell.backends.spool) in ``directory``, else in $TMPDIR, for ``put``."""
+        return open_upload_spool(directory, self.location)
+
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         check_name(name)
         what = self._what("writing", name)
         size = len(data)
         multipart = overwrite and size > self.multipart_threshold
         store, wait = self._put_store(self.allowance(MULTIPART_CHUNK if multipart else size),
                                       create=not overwrite)
+        # a spool is read from its file by each attempt, mapped: no copy of it in the heap
+        # (obstore reads a buffer in place; a single request needs the whole body at once)
+        mapped = data.mapped() if isinstance(data, Spool) else contextlib.nullcontext(data)
         started = time.monotonic()
         try:
-            if not overwrite:
-                # A conditional put is always one request: S3 cannot make a multipart upload
-                # conditional through obstore, and one PUT holds up to 5 GiB.
-                obstore.put(store, name, data, mode="create", use_multipart=False)
-            elif multipart:
-                obstore.put(store, name, data, use_multipart=True, chunk_size=MULTIPART_CHUNK)
-            else:
-                obstore.put(store, name, data, use_multipart=False)
+            with mapped as body:
+                try:
+                    self._put_body(store, name, body, overwrite, multipart)
+                finally:
+                    del body  # no traceback of an error may keep the map (and its file) alive
+        except KeepwellError:
+            raise  # the spool could not be read
         except Exception as exc:
             err = classify(exc, what, wait)
             if isinstance(err, StallError):
@@ -244,6 +252,18 @@ class ObjectStoreBackend:
                     self._rate = (self._rate or 2 * UPLOAD_FLOOR) / 2
             raise err from None
         self._uploaded(size, time.monotonic() - started)
+
+    @staticmethod
+    def _put_body(store: Any, name: str, body: bytes | bytearray | memoryview, overwrite: bool,
+                  multipart: bool) -> None:
+        if not overwrite:
+            # A conditional put is always one request: S3 cannot make a multipart upload
+            # conditional through obstore, and one PUT holds up to 5 GiB.
+            obstore.put(store, name, body, mode="create", use_multipart=False)
+        elif multipart:
+            obstore.put(store, name, body, use_multipart=True, chunk_size=MULTIPART_CHUNK)
+        else:
+            obstore.put(store, name, body, use_multipart=False)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_name(name)

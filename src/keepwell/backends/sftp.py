@@ -51,6 +51,7 @@ import paramiko
 from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
 from keepwell.backends.resilience import stall_timeout
+from keepwell.backends.spool import Payload, Spool, open_upload_spool, payload_pieces
 from keepwell.errors import (
     BackendError,
     ConfigurationError,
@@ -316,7 +317,11 @@ class SftpBackend:
 
     # --- the interface -------------------------------------------------------------------------
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def open_spool(self, directory: str | None = None) -> Spool:
+        """A spool (keepwell.backends.spool) in ``directory``, else in $TMPDIR, for ``put``."""
+        return open_upload_spool(directory, self.location)
+
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         final = self._path(name)
         directory = posixpath.dirname(final)
         tmp = posixpath.join(directory, f"{_TMP_PREFIX}{tokens.token_hex(8)}")
@@ -326,9 +331,8 @@ class SftpBackend:
             try:
                 with _opened(sftp, tmp, "wb") as f:
                     f.set_pipelined(True)
-                    view = memoryview(data).cast("B")
-                    for start in range(0, len(view), _WRITE_PIECE):
-                        f.write(view[start : start + _WRITE_PIECE])
+                    for piece in payload_pieces(data, _WRITE_PIECE):  # a spool: from its start
+                        f.write(piece)
                     f.flush()
                     self._fsync(sftp, f)
                 if overwrite:

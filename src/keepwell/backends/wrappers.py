@@ -29,6 +29,7 @@ from keepwell.backends.adaptive import AimdController, Outcome
 from keepwell.backends.base import Backend, ObjectInfo, check_name
 from keepwell.backends.cachedir import MARKER, touch
 from keepwell.backends.resilience import Backoff, CircuitBreaker, Sleep, TokenBucket
+from keepwell.backends.spool import Payload, Spool, payload_pieces, same_bytes
 from keepwell.errors import (
     BackendError,
     CircuitOpenError,
@@ -51,7 +52,7 @@ class _Wrapper:
         self.inner = inner
         self.location = inner.location
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         self.inner.put(name, data, overwrite=overwrite)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -68,6 +69,12 @@ class _Wrapper:
 
     def close(self) -> None:
         self.inner.close()
+
+    def open_spool(self, directory: str | None = None) -> Spool | None:
+        """The inner backend's spool (keepwell.backends.spool), or None if it offers none;
+        it is stored by ``put``, through this wrapper."""
+        open_spool = getattr(self.inner, "open_spool", None)
+        return open_spool(directory) if open_spool is not None else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
@@ -145,7 +152,7 @@ class RetryingBackend(_Wrapper):
                     raise final from None
         raise AssertionError("unreachable")
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         ambiguous = False
         run = _Run()
         for attempt in range(self.attempts):
@@ -170,12 +177,12 @@ class RetryingBackend(_Wrapper):
         with self._counts_lock:
             self.ambiguous_resolved += 1
 
-    def _holds(self, name: str, data: bytes | bytearray | memoryview) -> bool:
+    def _holds(self, name: str, data: Payload) -> bool:
         try:
             stored = self._call(f"get {name}", lambda: self.inner.get(name))
         except ObjectNotFoundError:
             return False
-        return stored == data
+        return same_bytes(stored, data)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(f"get {name}", lambda: self.inner.get(name, offset, length))
@@ -281,7 +288,7 @@ class CircuitBreakerBackend(_Wrapper):
         self.breaker.record_success()
         return result
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         check_name(name)
         self._call(lambda: self.inner.put(name, data, overwrite=overwrite))
 
@@ -337,7 +344,7 @@ class RateLimitedBackend(_Wrapper):
             bucket.acquire(piece)
             n -= piece
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         if self.upload is not None:
             self._pay(self.upload, len(data))
         self.inner.put(name, data, overwrite=overwrite)
@@ -389,7 +396,7 @@ class GuardedBackend(_Wrapper):
         super().__init__(inner)
         self.guard = guard
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         self.guard.check()
         began = time.time()
         self.inner.put(name, data, overwrite=overwrite)
@@ -429,7 +436,7 @@ class ConcurrencyLimitedBackend(_Wrapper):
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         with self._slots:
             self.inner.put(name, data, overwrite=overwrite)
 
@@ -466,7 +473,7 @@ class AdaptiveBackend(_Wrapper):
         super().__init__(inner)
         self.controller = controller
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         self.controller.pace(len(data))
         generation = self.controller.acquire()
         outcome: Outcome | None = None
@@ -559,18 +566,19 @@ class CachedBackend(_Wrapper):
     def _path(self, name: str) -> str:
         return os.path.join(self.cache_dir, *check_name(name).split("/"))
 
-    def _store(self, name: str, data: bytes | bytearray | memoryview) -> None:
+    def _store(self, name: str, data: Payload) -> None:
         self._store_file(self._path(name), data)
         with self._lock:
             self._verified.add(name)  # what we wrote or read from the inner backend
 
     @staticmethod
-    def _store_file(path: str, data: bytes | bytearray | memoryview) -> None:
+    def _store_file(path: str, data: Payload) -> None:
         tmp = f"{path}.tmp-{tokens.token_hex(6)}"
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                for piece in payload_pieces(data):
+                    f.write(piece)
             os.replace(tmp, path)
         except OSError as exc:
             # A cache that cannot be written is only slower, never wrong.
@@ -607,7 +615,11 @@ class CachedBackend(_Wrapper):
             self._verified.add(name)
         return whole[offset:] if length is None else whole[offset:offset + length]
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, overwrite: bool = False) -> None:
+    def open_spool(self, directory: str | None = None) -> Spool | None:
+        """The inner backend's spool, in the cache directory unless another is asked for."""
+        return super().open_spool(directory or self.cache_dir)
+
+    def put(self, name: str, data: Payload, *, overwrite: bool = False) -> None:
         if overwrite and self._cacheable(name):
             self._drop(name)
         self.inner.put(name, data, overwrite=overwrite)

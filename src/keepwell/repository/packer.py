@@ -21,8 +21,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
+from keepwell.backends.spool import Spool
 from keepwell.compression import Levels, pack_payload
 from keepwell.crypto import content_name, keyed_id
 from keepwell.errors import ObjectExistsError
@@ -42,18 +43,6 @@ if TYPE_CHECKING:
     from keepwell.backends.base import Backend
 
 
-class Spool(Protocol):
-    """What a backend's ``open_spool()`` returns (keepwell.backends.local.LocalSpool)."""
-
-    def write(self, data: bytes | bytearray) -> None: ...
-
-    def hexdigest(self) -> str: ...
-
-    def commit(self, name: str) -> None: ...
-
-    def abort(self) -> None: ...
-
-
 PACK_TARGET = {DATA: 16 * 1024 * 1024, TREE: 4 * 1024 * 1024}
 INDEX_EVERY_PACKS = 4
 UPLOAD_WORKERS = 4  # packs uploaded at once by one sink (and where adaptive uploads start)
@@ -63,7 +52,8 @@ INDEX_EVERY_SECONDS = 10.0
 class PackBuilder:
     """A pack being filled. Its bytes go into a spool file of the backend where it offers one
     (the local backend: a file on the repository's filesystem, linked into place when the pack
-    is complete), else into memory; either way the pack is named by the hash of its bytes.
+    is complete; a remote one: a file in the cache directory, uploaded from there), else into
+    memory; either way the pack is named by the hash of its bytes.
 
     A blob's entry is recorded only once its bytes were written. A write that fails spoils the
     builder (``failed``): it can neither take more blobs nor be stored, only discarded."""
@@ -89,7 +79,7 @@ class PackBuilder:
             if self.size == 0:  # opened at the first blob: a builder may stay empty
                 open_spool = getattr(self._backend, "open_spool", None)
                 if open_spool is not None:
-                    self._spool = open_spool()
+                    self._spool = open_spool()  # None: a wrapper over a backend without
             if self._spool is not None:
                 self._spool.write(data)
             else:
@@ -110,10 +100,12 @@ class PackBuilder:
         self._write(pack_trailer(len(header)))
         try:
             if self._spool is not None:
-                # the hash of what the file holds; commit checks its length and syncs it first
+                # the hash of what the file holds (its length checked); the backend stores it
+                # from the file: the local one links it, a remote one uploads it, each retry
+                # reading it again from the start
                 pack_hex = self._spool.hexdigest()
                 name = pack_object_name(self.type, pack_hex)
-                self._spool.commit(name)
+                repo.backend.put(name, self._spool)
             else:
                 pack_hex = content_name(self.buf)
                 name = pack_object_name(self.type, pack_hex)
@@ -128,7 +120,7 @@ class PackBuilder:
 
     def discard(self) -> None:
         if self._spool is not None:
-            self._spool.abort()
+            self._spool.close()
             self._spool = None
         self.buf = bytearray()
 
