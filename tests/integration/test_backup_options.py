@@ -220,3 +220,37 @@ def test_iexclude_exclude_file_and_iexclude_file_add_up(repo: Path, tmp_path: Pa
     assert _files(repo, snap["id"]) == {f"{data}/notes.txt", f"{data}/keep.md"}
     _usage(kw(repo, "backup", "--iexclude-file", str(tmp_path / "absent"), str(data)),
            "absent")
+
+
+def _summary(repo: Path, *args: str) -> dict[str, Any]:
+    return dict(json.loads(ok(kw(repo, "backup", "--json", *args)))["snapshot"]["summary"])
+
+
+def test_parent_names_the_snapshot_to_compare_with(repo: Path, tmp_path: Path) -> None:
+    """``--parent`` (as restic's): unchanged files are judged against the snapshot it names,
+    not against the latest one."""
+    src = tmp_path / "src"
+    _tree(src, {"a": b"one", "b": b"two", "sub/c": b"three"})
+    first = json.loads(ok(kw(repo, "backup", "--json", str(src))))["snapshot"]["short_id"]
+    (src / "a").write_bytes(b"one, changed")
+    assert _summary(repo, str(src))["files_changed"] == 1
+    again = _summary(repo, str(src))  # the latest holds the change: nothing changed
+    assert (again["files_changed"], again["files_unmodified"]) == (0, 3)
+    against_first = _summary(repo, "--parent", first, str(src))
+    assert (against_first["files_changed"], against_first["files_unmodified"]) == (1, 2)
+    r = kw(repo, "backup", "--parent", "abcdef12", str(src))
+    assert r.returncode == 1 and "no snapshot with id abcdef12" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_force_reads_every_file_again_and_stores_nothing_new(repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, {"a": b"x" * 5000, "sub/b": os.urandom(300_000)})
+    _summary(repo, str(src))
+    forced = _summary(repo, "--force", str(src))
+    assert forced["files_unmodified"] == 0
+    assert forced["files_new"] + forced["files_changed"] == 2
+    assert forced["bytes_read"] + forced["bytes_processed"] >= 305_000
+    assert forced["bytes_added"] < 2000  # the trees of a new snapshot, never the content again
+    r = kw(repo, "backup", "--force", "--parent", "latest", str(src))
+    assert r.returncode == 2 and "--force" in r.stderr

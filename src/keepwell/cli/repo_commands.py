@@ -251,6 +251,13 @@ def backup(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", "-n",
         help="Do not upload or write any data, just show what would be done.")] = False,
+    parent: Annotated[str | None, typer.Option(
+        metavar="SNAPSHOT",
+        help="Compare with this snapshot to find unchanged files (default: the latest of this "
+             "host with the same paths).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Read every file again, even those the parent snapshot shows "
+                        "unchanged (their content is still stored once).")] = False,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Back up files and directories, standard input, or a command's output into a new snapshot."""
@@ -269,10 +276,12 @@ def backup(
              + [(RAW, f) for f in files_from_raw or []])
     if streamed and (exclude or exclude_file or iexclude or iexclude_file or exclude_if_present
                      or exclude_caches or exclude_larger_than is not None or one_file_system
-                     or lists or fs_snapshot is not None):
-        raise UsageError("the --exclude*, --iexclude*, --one-file-system, --files-from* and "
-                         "--fs-snapshot options are for paths, not for --stdin or "
-                         "--stdin-from-command")
+                     or lists or fs_snapshot is not None or parent is not None or force):
+        raise UsageError("the --exclude*, --iexclude*, --one-file-system, --files-from*, "
+                         "--fs-snapshot, --parent and --force options are for paths, not for "
+                         "--stdin or --stdin-from-command")
+    if force and parent is not None:
+        raise UsageError("--force reads every file: give no --parent with it")
     if fs_snapshot is not None:
         from keepwell.sources.files.fssnapshot import METHODS
 
@@ -304,7 +313,8 @@ def backup(
         if progress.enabled:
             _count_in_background(progress, paths or [], selection, one_file_system)
         res = backup_paths(r, paths or [], selection=selection, one_file_system=one_file_system,
-                           tags=tags, host=host, fs_snapshot=fs_snapshot)
+                           tags=tags, host=host, fs_snapshot=fs_snapshot,
+                           parent=None if force else parent or "auto")
         snap, errors = res.snapshot, res.errors
     progress.done()
     s = snap.summary
