@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from keepwell.backends.local import _TMP_PREFIX
+from keepwell.backends.spool import TMP_PREFIX
 from tests.fault.support import KW, Manifest, audit, kw, kw_env, manifest
 
 
@@ -97,7 +97,7 @@ def test_next_backup_reuses_killed_uploads(tmp_path: Path) -> None:
     deadline = time.time() + 60
 
     def checkpointed() -> bool:  # a finished index object, not the temporary file of one
-        return index.exists() and any(not f.name.startswith(_TMP_PREFIX) for f in index.iterdir())
+        return index.exists() and any(not f.name.startswith(TMP_PREFIX) for f in index.iterdir())
 
     while time.time() < deadline and not checkpointed():
         time.sleep(0.02)
