@@ -28,6 +28,7 @@ measure() {  # tree files tool step command...
 }
 trees=(); for n in "${COUNTS[@]}"; do trees+=("mixed:$n"); done
 [ "$DIRS" = 1 ] && trees+=("dirs:1000000")
+turn=0
 for spec in "${trees[@]}"; do
     kind=${spec%%:*}; n=${spec#*:}
     src=$PWD/bench/work/trees/gen-$kind-$n
@@ -42,9 +43,13 @@ for spec in "${trees[@]}"; do
     measure "$kind" "$n" restic backup restic -q -r "$W/restic" backup "$src"
     measure "$kind" "$n" keepwell rebackup $KW -q -r "$W/kw" backup "$src"
     measure "$kind" "$n" restic rebackup restic -q -r "$W/restic" backup "$src"
-    measure "$kind" "$n" keepwell restore $KW -q -r "$W/kw" restore latest --target "$W/out-kw"
-    measure "$kind" "$n" restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic"
-    [ "$(find "$W/out-kw$src" -type f | wc -l)" = "$n" ] || { echo "keepwell restored the wrong number of files"; exit 1; }
-    rm -rf "$W"/out-*
+    # restores go to fresh directories, deleted only at the end (ext4 creates files slowly for a
+    # minute after many were deleted), the tools taking turns to go first
+    kw_restore() { measure "$kind" "$n" keepwell restore $KW -q -r "$W/kw" restore latest --target "$W/out-kw-$kind-$n"; }
+    restic_restore() { measure "$kind" "$n" restic restore restic -q -r "$W/restic" restore latest --target "$W/out-restic-$kind-$n"; }
+    turn=$((turn + 1))
+    if [ $((turn % 2)) = 1 ]; then kw_restore; restic_restore; else restic_restore; kw_restore; fi
+    [ "$(find "$W/out-kw-$kind-$n$src" -type f | wc -l)" = "$n" ] || { echo "keepwell restored the wrong number of files"; exit 1; }
 done
+rm -rf "$W"/out-*
 .venv/bin/python bench/growth_plot.py "$RES" docs/images
