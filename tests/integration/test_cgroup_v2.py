@@ -32,19 +32,19 @@ from tests.waiting import wait_for
 
 MIB = 1024 * 1024
 
-# waits for a line, then starts a child that spends a little CPU; both then wait to be killed
+# waits for a line, then starts a child that spends a little CPU; both then wait for a signal
 _FAMILY = """
-import os, sys, time
+import os, signal, sys, time
 sys.stdin.readline()
 pid = os.fork()
 if pid == 0:
     began = time.process_time()
     while time.process_time() - began < 0.05:
         pass
-    time.sleep(600)
+    signal.pause()  # until killed with its cgroup
     os._exit(0)
 print(pid, flush=True)
-time.sleep(600)
+signal.pause()
 """
 
 
