@@ -1,7 +1,8 @@
 """``keepwell watch``: the real command in a process of its own, on a real tree.
 
 A change is in a committed snapshot once the watcher has seen it: files created, written,
-deleted and renamed; every file of a burst written into freshly made directories. Each commit
+deleted and renamed; every file of a burst written into freshly made directories; both with
+inotify and with fanotify (tests/integration/test_fanotify.py has the rest of fanotify). Each commit
 re-reads only what changed, which the snapshot's own counts show (not a timing). Waits are on
 the latest snapshot's listing matching the tree, never on a fixed sleep. Kills of the watcher
 under a writer: tests/fault/test_watch_kills.py.
@@ -37,13 +38,14 @@ def place(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     yield repo, cache, root
 
 
+@pytest.mark.parametrize("notify", ["inotify", "fanotify"])
 def test_changes_deletes_and_renames_are_committed(place: tuple[Path, Path, Path],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, notify: str) -> None:
     repo, cache, root = place
     (root / "docs").mkdir()
     (root / "docs" / "a.txt").write_text("alpha\n")
     (root / "old.txt").write_text("old\n")
-    w = Watch(repo, cache, root)
+    w = Watch(repo, cache, root, "--notify", notify)
     try:
         w.started()
         wait_until_held(repo, root, "the start scan")
@@ -61,13 +63,15 @@ def test_changes_deletes_and_renames_are_committed(place: tuple[Path, Path, Path
     finally:
         rc, err = w.stop()
     assert rc == 0, err
-    assert "inotify watches in use" in err
+    assert ("inotify watches in use" if notify == "inotify"
+            else "1 filesystem(s) marked with fanotify") in err, err
 
 
+@pytest.mark.parametrize("notify", ["inotify", "fanotify"])
 def test_every_file_written_into_new_directories_is_captured(place: tuple[Path, Path, Path],
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, notify: str) -> None:
     repo, cache, root = place
-    w = Watch(repo, cache, root)
+    w = Watch(repo, cache, root, "--notify", notify)
     try:
         w.started()
         rng = random.Random(5)
@@ -148,8 +152,8 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
 def test_a_continuous_files_source_in_the_daemon(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """``mode: continuous``: the daemon keeps a watcher running for the source, whose snapshots
-    carry the source's tag, and stops it with itself."""
+    """``mode: continuous``: the daemon keeps a watcher running for the source (with the
+    source's ``notify``), whose snapshots carry the source's tag, and stops it with itself."""
     from tests.integration.control_support import PASSWORD as CONTROL_PASSWORD
     from tests.integration.control_support import Workspace
 
@@ -164,10 +168,13 @@ def test_a_continuous_files_source_in_the_daemon(tmp_path: Path,
             "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
             "sources": {"live": {"kind": "files", "repository": "r", "paths": [str(data)],
                                  "mode": "continuous", "max_delay": "300ms",
-                                 "excludes": ["*.tmp"]}},
+                                 "excludes": ["*.tmp"], "notify": "fanotify"}},
         })
         d = ws.daemon()
         d.wait_for(lambda: d.events("stream_started"), what="the watcher")
+        pid = d.events("stream_started")[0]["pid"]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--notify") + 1] == b"fanotify", argv
 
         def held() -> bool:
             r = kw(repo, "ls", "latest", "--json", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})

@@ -42,6 +42,11 @@ class WatchReport:
                        f"({fields['reason']})")
         elif name == "watch_overflow":
             self._line("the kernel's event queue overflowed: the whole tree is scanned again")
+        elif name == "watch_fanotify":
+            self._line(f"watching with fanotify: one mark on each of {fields['marks']} "
+                       "filesystem(s), no watch per directory")
+        elif name == "warning":
+            sys.stderr.write(f"keepwell: warning: {fields['message']}\n")
         elif name == "error":
             sys.stderr.write(f"keepwell: {fields['path']}: {fields['message']}\n")
 
@@ -55,7 +60,9 @@ class WatchReport:
             self._line(f"scanning instead of watching ({f['polling']}): changes are found by "
                        "periodic scans, not as they happen")
         parent = f["parent"]
-        self._line(f"watching {', '.join(f['roots'])}: {f['watches']} directories"
+        what = (f"{f['watches']} filesystem(s) marked with fanotify"
+                if f.get("notify") == "fanotify" else f"{f['watches']} directories")
+        self._line(f"watching {', '.join(f['roots'])}: {what}"
                    + (f", {f['pending']} change(s) left pending by the last run" if f["pending"] else "")
                    + (f"; comparing with snapshot {parent.short_id}" if parent is not None else ""))
 
@@ -114,6 +121,11 @@ def watch(
     exclude_larger_than: Annotated[str | None, typer.Option(
         "--exclude-larger-than", metavar="SIZE", help="Exclude files larger than SIZE.")] = None,
     one_file_system: Annotated[bool, typer.Option("--one-file-system", "-x")] = False,
+    notify: Annotated[str, typer.Option(
+        "--notify", metavar="auto|inotify|fanotify",
+        help="How changes are captured: inotify watches each directory; fanotify marks each "
+             "filesystem once (needs root); auto takes fanotify where every path is a mount "
+             "point or inotify runs out of watches.")] = "auto",
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Protect directories continuously: every change is captured as it happens and committed
@@ -128,8 +140,10 @@ def watch(
         max_delay=parse_seconds(max_delay, "--max-delay"),
         quiet_time=parse_seconds(quiet_time, "--quiet-time"),
         poll_interval=parse_seconds(poll, "--poll") if poll is not None else None,
-        one_file_system=one_file_system, host=host,
+        one_file_system=one_file_system, host=host, notify=notify,
         tags=[t for group in tag or [] for t in group.split(",") if t])
+    if notify not in ("auto", "inotify", "fanotify"):
+        raise UsageError(f"--notify {notify!r}: give auto, inotify or fanotify")
     if options.poll_interval is not None and options.poll_interval <= 0:
         raise UsageError("--poll needs a duration above zero")
     r = open_repo(repo, password_file)

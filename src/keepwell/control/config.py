@@ -201,6 +201,8 @@ class FilesSource(_SourceBase):
     mode: Literal["scheduled", "continuous"] = "scheduled"
     max_delay: Duration = 1.0
     quiet_time: Duration = 0.2
+    # how ``mode: continuous`` captures changes (keepwell watch --notify)
+    notify: Literal["auto", "inotify", "fanotify"] = "auto"
     # scheduled backups read a filesystem snapshot (backup --fs-snapshot, docs/files.md)
     fs_snapshot: Literal["btrfs", "lvm", "auto"] | None = None
 

@@ -44,6 +44,8 @@ def watch_stream(src: FilesSource, tags: list[str]) -> StreamConfig:
         command += ["--tag", tag]
     if src.host:
         command += ["--host", src.host]
+    if src.notify != "auto":
+        command += ["--notify", src.notify]
     return StreamConfig(command=command)
 
 

@@ -29,6 +29,7 @@ from keepwell.repository.tree import DIR, FILE, SOCKET, SYMLINK, Node
 from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files import metadata
 from keepwell.sources.files.archiver import Archiver, _Names, node_from_stat
+from keepwell.sources.files.fssnapshot import BTRFS_ROOT_INODE, is_own_btrfs_snapshot
 from keepwell.sources.files.select import Selection
 
 _SETTLE_TRIES = 4
@@ -150,8 +151,9 @@ class Rebuild:
                 self.errors.append((child, exc.strerror or str(exc)))
                 entries.pop(name, None)
                 continue
-            if self.one_file_system and st.st_dev != dev:
-                entries.pop(name, None)
+            if (self.one_file_system and st.st_dev != dev) or (
+                    st.st_ino == BTRFS_ROOT_INODE and is_own_btrfs_snapshot(name, st)):
+                entries.pop(name, None)  # another filesystem; a backup's btrfs snapshot
                 continue
             new = self._entry(child, st, entries.get(name), sub, dev)
             if new is None:

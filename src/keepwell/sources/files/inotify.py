@@ -83,12 +83,27 @@ class Event:
         return bool(self.mask & IN_ISDIR)
 
 
+def read_ready(fd: int, timeout: float | None, size: int) -> bytes:
+    """Up to ``size`` bytes from the non-blocking ``fd``, waiting up to ``timeout`` seconds for
+    them (None: no limit; 0: not at all); empty if nothing came."""
+    if timeout is None or timeout > 0:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return b""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return b""
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class Inotify:
     """One inotify instance and the directories it watches (by path and by wd)."""
+
+    per_directory = True  # each directory needs its own watch, added as it appears
 
     def __init__(self) -> None:
         self._c = _libc()
@@ -141,14 +156,7 @@ class Inotify:
     def read(self, timeout: float | None) -> list[Event]:
         """The events ready now, waiting up to ``timeout`` seconds for the first one (None: no
         limit). An overflow is returned as an event with ``IN_Q_OVERFLOW`` and no directory."""
-        if timeout is None or timeout > 0:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            if not ready:
-                return []
-        try:
-            buf = os.read(self.fd, _BUFFER)
-        except BlockingIOError:
-            return []
+        buf = read_ready(self.fd, timeout, _BUFFER)
         out: list[Event] = []
         pos, size = 0, len(buf)
         while pos + _HEADER.size <= size:

@@ -1,7 +1,8 @@
 """Continuous protection of file trees: changes captured as they happen, snapshots in O(changes).
 
 Words:
-    watcher     `Watcher`: one inotify instance over every directory of the watched roots, the
+    watcher     `Watcher`: one inotify instance over every directory of the watched roots (or
+                one fanotify mark per filesystem, keepwell.sources.files.fanotify), the
                 change `Journal`, and the commits; it runs until asked to stop
     commit      a snapshot of the pending changes (keepwell.sources.files.incremental), taken
                 when changes have gone quiet for ``quiet_time`` or ``max_delay`` has passed
@@ -39,6 +40,8 @@ from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.tree import Node
 from keepwell.sources.files.archiver import Archiver, _dir_meta, _Names, find_parent
+from keepwell.sources.files.fanotify import Fanotify, FanotifyUnavailable, mount_points
+from keepwell.sources.files.fssnapshot import BTRFS_PREFIX, is_own_btrfs_snapshot
 from keepwell.sources.files.incremental import Rebuild, changes_under
 from keepwell.sources.files.inotify import (
     IN_CREATE,
@@ -71,6 +74,10 @@ class WatchOptions:
     poll_interval: float | None = None  # seconds: scan instead of watching
     remote_poll_interval: float = 60.0  # the scan interval a remote filesystem falls back to
     one_file_system: bool = False
+    # how changes are captured: inotify (a watch per directory), fanotify (a mark per
+    # filesystem, needs CAP_SYS_ADMIN), or auto: fanotify where every root is the root of a
+    # mounted filesystem (its events are all ours) or where inotify runs out of watches
+    notify: str = "auto"
     host: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -99,6 +106,13 @@ def watched_roots(paths: list[str]) -> list[str]:
     return sorted(out)
 
 
+def _own_snapshot(path: str) -> bool:
+    try:
+        return is_own_btrfs_snapshot(path.rsplit("/", 1)[-1], os.lstat(path))
+    except OSError:
+        return False
+
+
 class Watcher:
     def __init__(self, repo: Repository, roots: list[str], journal: Journal,
                  selection: Selection, options: WatchOptions) -> None:
@@ -110,7 +124,7 @@ class Watcher:
         self.options = options
         self.host = options.host or socket.gethostname()
         self.stop_event = threading.Event()
-        self.inotify: Inotify | None = None
+        self.notifier: Inotify | Fanotify | None = None
         self.polling: str | None = None  # why the watcher scans instead of watching
         self.parent: Snapshot | None = None
         self.counts: dict[str, int] = {"snapshots": 0, "commits_unchanged": 0, "overflows": 0,
@@ -124,12 +138,14 @@ class Watcher:
     # -- watches ------------------------------------------------------------------------------
     def _watch_tree(self, top: str) -> None:
         """Watch ``top`` and every directory below it (not excluded, same filesystem if asked)."""
-        assert self.inotify is not None
+        assert self.notifier is not None
+        if not self.notifier.per_directory:
+            return
         stack = [top]
         root_dev = None
         while stack:
             d = stack.pop()
-            if not self.inotify.add(d):
+            if not self.notifier.add(d):
                 continue
             try:
                 with os.scandir(d) as it:
@@ -137,6 +153,9 @@ class Watcher:
                         try:
                             if not e.is_dir(follow_symlinks=False):
                                 continue
+                            if e.name.startswith(BTRFS_PREFIX) and is_own_btrfs_snapshot(
+                                    e.name, e.stat(follow_symlinks=False)):
+                                continue  # a backup's filesystem snapshot, never backed up
                             child = f"{d}/{e.name}"
                             if self.selection.by_path and self.selection.skips_path(child):
                                 continue
@@ -161,18 +180,51 @@ class Watcher:
                 self.polling = f"{r} is on a remote filesystem ({kind})"
                 self.options.poll_interval = self.options.remote_poll_interval
                 return
-        self.inotify = Inotify()
+        mode = self.options.notify
+        if mode == "fanotify" or (mode == "auto" and set(self.roots) <= mount_points()):
+            try:
+                self._fanotify()
+                return
+            except FanotifyUnavailable as exc:
+                if mode == "fanotify":
+                    raise UsageError(f"--notify fanotify: {exc.strerror}",
+                                     hint="run as root (CAP_SYS_ADMIN), or give --notify "
+                                          "inotify") from None
+                self.repo.events.emit("warning", message=f"{exc.strerror}: watching each "
+                                      "directory with inotify instead")
+        self.notifier = Inotify()
         try:
             for r in self.roots:
                 self._watch_tree(r)
         except WatchLimitError:
-            count = len(self.inotify)
+            count = len(self.notifier)
+            if mode == "auto" and self._instead_of_inotify(count):
+                return
             self._fall_back(f"the inotify watch limit was reached after {count} directories",
                             announce=False)
             self._emit_limit(count, reached=True)
             return
-        self.counts["watches"] = len(self.inotify)
-        self._emit_limit(len(self.inotify), reached=False)
+        self.counts["watches"] = len(self.notifier)
+        self._emit_limit(len(self.notifier), reached=False)
+
+    def _fanotify(self) -> None:
+        """Capture with fanotify: one mark per filesystem (raises FanotifyUnavailable)."""
+        self.notifier = Fanotify(self.roots, one_file_system=self.options.one_file_system)
+        self.counts["watches"] = len(self.notifier)
+        self.repo.events.emit("watch_fanotify", marks=len(self.notifier))
+
+    def _instead_of_inotify(self, count: int) -> bool:
+        """inotify ran out of watches after ``count``: whether fanotify took over."""
+        if self.notifier is not None:
+            self.notifier.close()
+            self.notifier = None
+        try:
+            self._fanotify()
+        except FanotifyUnavailable:
+            return False
+        self.repo.events.emit("warning", message=f"the inotify watch limit was reached after "
+                              f"{count} directories: watching with fanotify instead")
+        return True
 
     def _emit_limit(self, count: int, *, reached: bool) -> None:
         limit = max_user_watches()
@@ -191,7 +243,7 @@ class Watcher:
             self._first_change = now
 
     def _handle(self, ev: Event) -> None:
-        assert self.inotify is not None
+        assert self.notifier is not None
         self.counts["events"] += 1
         if ev.mask & IN_Q_OVERFLOW:
             self.counts["overflows"] += 1
@@ -201,13 +253,15 @@ class Watcher:
                 self._mark(r, subtree=True)
             return
         path = ev.path
+        if ev.is_dir and ev.name.startswith(BTRFS_PREFIX) and _own_snapshot(path):
+            return  # a backup's btrfs snapshot appearing: never part of the tree's snapshots
         if ev.is_dir and ev.mask & (IN_CREATE | IN_MOVED_TO):
             if not (self.selection.by_path and self.selection.skips_path(path)):
                 self._watch_tree(path)  # first the watch, then the scan (at the commit)
             self._mark(path, subtree=True)
             return
         if ev.is_dir and ev.mask & IN_MOVED_FROM:
-            self.inotify.remove_under(path)
+            self.notifier.remove_under(path)
         if not ev.name and ev.mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             # the directory is reported by its parent's watch as well, except a root
             if path in self.roots:
@@ -322,29 +376,37 @@ class Watcher:
             self.parent = find_parent(self.repo, self.roots, self.host)
         self.repo.events.emit("watch_started", roots=self.roots, watches=self.counts["watches"],
                               polling=self.polling, pending=len(self.journal.pending),
-                              parent=self.parent)
+                              parent=self.parent, notify=self._notify_name())
         # events seen from here on are marked; the start scan covers everything before
         self.commit(scan_all=True)
         try:
-            if self.inotify is not None:
+            if self.notifier is not None:
                 self._event_loop()
-        except WatchLimitError:  # new directories took the last watches: scan from now on
-            count = len(self.inotify) if self.inotify is not None else 0
-            self._emit_limit(count, reached=True)
-            self._fall_back(f"the inotify watch limit was reached after {count} directories")
-            self.commit(scan_all=True)
+        except WatchLimitError:  # new directories took the last watches
+            count = len(self.notifier) if self.notifier is not None else 0
+            if self.options.notify == "auto" and self._instead_of_inotify(count):
+                self.commit(scan_all=True)  # what changed while no mark was there
+                self._event_loop()
+            else:  # scan from now on
+                self._emit_limit(count, reached=True)
+                self._fall_back(f"the inotify watch limit was reached after {count} directories")
+                self.commit(scan_all=True)
         finally:
-            if self.inotify is not None:
-                self.inotify.close()
-                self.inotify = None
+            if self.notifier is not None:
+                self.notifier.close()
+                self.notifier = None
         if self.polling is not None:
             self._poll_loop()
         self.commit()
 
+    def _notify_name(self) -> str | None:
+        return None if self.notifier is None else (
+            "inotify" if self.notifier.per_directory else "fanotify")
+
     def _fall_back(self, why: str, *, announce: bool = True) -> None:
-        if self.inotify is not None:
-            self.inotify.close()
-            self.inotify = None
+        if self.notifier is not None:
+            self.notifier.close()
+            self.notifier = None
         self.polling = why
         self.options.poll_interval = self.options.remote_poll_interval
         if announce:  # at start, watch_started says it
@@ -356,18 +418,18 @@ class Watcher:
             self.commit(scan_all=True)
 
     def _event_loop(self) -> None:
-        assert self.inotify is not None
+        assert self.notifier is not None
         while not self.stop_event.is_set():
             now = time.monotonic()
             if self._due(now):
                 self.commit()
                 continue
             timeout = self._timeout(now)
-            events = self.inotify.read(0.25 if timeout is None else min(timeout, 0.25))
+            events = self.notifier.read(0.25 if timeout is None else min(timeout, 0.25))
             for ev in events:
                 self._handle(ev)
             now = time.monotonic()
             if self.journal.unsynced and (not events or now - self._last_sync >= 0.05):
                 self.journal.sync()  # in batches: at most every 50 ms while events pour in
                 self._last_sync = now
-            self.counts["watches"] = len(self.inotify)
+            self.counts["watches"] = len(self.notifier)
