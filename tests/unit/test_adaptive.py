@@ -332,9 +332,34 @@ def test_an_error_paces_at_a_fraction_of_what_the_link_delivered() -> None:
     # one decrease per congestion event: a late failure of an older upload changes nothing
     c.record(c.generation - 1, Outcome("error"))
     assert c.rate == pytest.approx(0.8 * MIB) and len(c.rate_decisions) == 1
-    # a second event: a fraction of the lower of the throughput and the rate in force
+    # the same outage failing again (no success between): the number of uploads halves, the
+    # rate holds
+    c.record(c.generation, Outcome("error"))
+    assert c.limit == 1 and c.rate == pytest.approx(0.8 * MIB) and len(c.rate_decisions) == 1
+    # a second event after the link delivered again: a fraction of the lower of the throughput
+    # and the rate in force
+    one_at_a_time(c, clock, 1, 1.0)
     c.record(c.generation, Outcome("error"))
     assert c.rate == pytest.approx(0.64 * MIB)
+
+
+def test_an_outage_lowers_the_rate_once_from_what_the_link_delivered_before_it() -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 8, 1.0)  # 1 MiB/s
+    clock.now += 300  # the link froze: five minutes until the first stall is reported
+    c.record(c.generation, Outcome("timeout"))
+    assert c.rate == pytest.approx(0.8 * MIB), "the stall's own time is not a slow link"
+    for _ in range(5):  # each retry stalls or is refused again
+        clock.now += 60
+        c.record(c.generation, Outcome("timeout"))
+        c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(0.8 * MIB) and len(c.rate_decisions) == 1
+    assert c.limit == 1
+    # so a retry of a pack waits its turn at the rate the link had, not at the floor's
+    for _ in range(2):
+        waited = len(clock.slept)
+        c.pace(16 * MIB)
+        assert sum(clock.slept[waited:]) <= 16 / 0.8 + 0.01  # seconds; at the floor: 1024
 
 
 def test_no_throughput_yet_leaves_the_rate_unlimited() -> None:
@@ -393,6 +418,7 @@ def test_the_rate_stays_below_the_ceiling_and_leaves_it_to_the_budgets() -> None
     one_at_a_time(c, clock, 4, 0.25)  # 4 MiB/s measured (another path: the budget is not paid here)
     c.record(c.generation, Outcome("error"))
     assert c.rate == 2 * MIB
+    one_at_a_time(c, clock, 1, 0.25)
     c.record(c.generation, Outcome("error"))
     assert c.rate == pytest.approx(1.6 * MIB)
     for _ in range(5):
@@ -485,3 +511,17 @@ def test_decisions_reach_the_daemons_log_and_a_confined_runs_log(
     finally:
         adaptive_log.handlers, adaptive_log.level, adaptive_log.propagate = saved
         control_log.handlers, control_log.level, control_log.propagate = saved_control
+
+
+def test_small_objects_neither_wait_for_the_rate_nor_set_it() -> None:
+    c, clock = paced(4, window=4)
+    one_at_a_time(c, clock, 8, 1.0)  # packs at 1 MiB/s
+    for _ in range(20):  # then only heartbeats and index objects, over minutes
+        clock.now += 30
+        one_at_a_time(c, clock, 1, 0.01, size=200)
+    c.record(c.generation, Outcome("error"))
+    assert c.rate == pytest.approx(0.8 * MIB), "the packs' throughput, not the heartbeats'"
+    c.pace(16 * MIB)  # a pack in debt
+    waited = len(clock.slept)
+    c.pace(200)  # a heartbeat behind it is not held back
+    assert clock.slept[waited:] == []

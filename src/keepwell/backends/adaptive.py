@@ -10,7 +10,8 @@ increase, multiplicative decrease (AIMD).
   limit. It never goes below ``minimum`` nor above ``maximum``, and it starts at ``start``
   (today's number of upload workers), so a healthy link is never slower than with a fixed
   number of uploads.
-* Pacing: unlimited until the first congestion event, so a healthy link is never slowed.
+* Pacing (of measured uploads: packs): unlimited until the first congestion event, so a
+  healthy link is never slowed.
   A congestion event sets the rate to ``back_off`` times the throughput of the last window
   (never more than ``back_off`` times the rate in force); each good window in which the link
   delivered what the rate allowed adds ``increase`` times that throughput. The rate never goes
@@ -40,11 +41,16 @@ Words:
     congestion   what lowers the pacing rate: a transient error, a stall, or a window whose
                  cost is more than ``slow`` times the baseline while the limit is at its
                  minimum (the link itself got slower). A cost well above the baseline with
-                 more uploads at once only lowers their number.
+                 more uploads at once only lowers their number. Errors and stalls after the
+                 first, with no success between them, are one outage: they lower the number
+                 of uploads, not the rate again.
     throughput   bytes per second that the link delivered over the last window: the bytes of
                  the uploads that ended since the earliest start among the last ``window``
                  successful uploads (or the end of the one before them, if earlier), divided
-                 by the time since then. Uploads of every size count.
+                 by the time since then. Only measured uploads count: a few small objects
+                 spread over minutes would make a fast link look slow. For an error or a stall
+                 the time ends with the last successful upload: what the link delivered while
+                 it worked, not diluted by the outage.
     good window  a full window whose cost is at most ``rise`` times the baseline; the pacing
                  rate grows only if the throughput also reached ``fill`` times the rate (else
                  the link or the data, not the pacing, set the pace).
@@ -194,6 +200,7 @@ class AimdController:
         self.successes = 0
         self.errors = 0
         self.timeouts = 0
+        self._failing = False  # failures since the last success lowered the rate already
 
     @property
     def limit(self) -> int:
@@ -205,8 +212,11 @@ class AimdController:
         return self.pacing.rate
 
     def pace(self, size: int) -> None:
-        """Pay for ``size`` bytes at the pacing rate (at once while it is unlimited)."""
-        if self.pace_uploads:
+        """Pay for ``size`` bytes at the pacing rate (at once while it is unlimited). Uploads
+        below ``measured_from`` pass free: a session's heartbeat, an index or a snapshot object
+        never waits behind the packs' turn (a heartbeat held back would let the session look
+        stale), and their few bytes do not count in the throughput either."""
+        if self.pace_uploads and size >= self.measured_from:
             self.pacing.acquire(size)
 
     def acquire(self) -> int:
@@ -228,14 +238,14 @@ class AimdController:
         with self._lock:
             return self._throughput()
 
-    def _throughput(self) -> float | None:
+    def _throughput(self, until: float | None = None) -> float | None:
         done = list(self._done)
         if not done:
             return None
         since = min(start for start, _, _ in done[-self.window:])
         if len(done) > self.window:
             since = min(since, done[-self.window - 1][1])
-        span = self.clock() - since
+        span = (self.clock() if until is None else until) - since
         if span <= 0:
             return None
         return sum(size for _, end, size in done if end > since) / span
@@ -249,12 +259,18 @@ class AimdController:
                 else:
                     self.errors += 1
                 if generation == self.generation:
-                    self._congestion(outcome.kind, pacing=True)
+                    # a link that fails again before anything got through says nothing new
+                    # about its speed: the rate is lowered once per outage, not per retry
+                    self._congestion(outcome.kind, pacing=not self._failing)
+                    self._failing = True
                 return
             self.successes += 1
+            self._failing = False
+            if outcome.size < self.measured_from:
+                return
             now = self.clock()
             self._done.append((now - outcome.latency, now, outcome.size))
-            if generation != self.generation or outcome.size < self.measured_from:
+            if generation != self.generation:
                 return
             self._costs.append(outcome.cost)
             if len(self._costs) >= self.window:
@@ -288,7 +304,12 @@ class AimdController:
         log.info("uploads at once: %d (%s: %s)", limit, direction, reason)
 
     def _slower(self, reason: Reason) -> None:
-        measured, rate = self._throughput(), self.rate
+        # What the link delivered while it delivered: up to the end of the last upload that got
+        # through, so that the time a stall or a cut has lasted is not taken for a slow link
+        # (measured up to now, a stall's own minutes would bring the rate down to its floor, and
+        # each retry would wait its turn at that rate before it is even sent).
+        until = self._done[-1][1] if reason in ("error", "timeout") and self._done else None
+        measured, rate = self._throughput(until), self.rate
         if measured is None and rate is None:
             return  # nothing measured yet: no rate to fall back from
         basis = min(r for r in (measured, rate) if r is not None)

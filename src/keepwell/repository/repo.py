@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -705,11 +704,7 @@ def _wrap_usual(backend: Backend, location: str, options: dict[str, Any],
     cache_dir = (options.get("cache_dir") or default_base()) if remote else None
     # pacing stays below the configured upload limits and budgets (their rates as of now)
     budgets = [r for r in (up * 1024 if up else None, *(b.rate for b in upload_buckets)) if r]
-    # the pacing rate is opt-in: on a frozen or cut link it held each retry back (found by the
-    # stalled-link tests) where a plain retry reports the fault in bounded time
-    pace = os.environ.get("KEEPWELL_ADAPTIVE_RATE", "").strip().lower() in ("1", "true", "on", "yes") \
-        or bool(options.get("adaptive_rate"))
-    adaptive = AimdController(UPLOAD_WORKERS, ceiling=min(budgets, default=None), pace=pace) \
+    adaptive = AimdController(UPLOAD_WORKERS, ceiling=min(budgets, default=None)) \
         if remote and adaptive_enabled(options.get("adaptive")) else None
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
                          cache_dir=cache_dir, cache_verify=named_by_content,
