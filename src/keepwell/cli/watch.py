@@ -42,9 +42,6 @@ class WatchReport:
                        f"({fields['reason']})")
         elif name == "watch_overflow":
             self._line("the kernel's event queue overflowed: the whole tree is scanned again")
-        elif name == "watch_fanotify":
-            self._line(f"watching with fanotify: one mark on each of {fields['marks']} "
-                       "filesystem(s), no watch per directory")
         elif name == "warning":
             sys.stderr.write(f"keepwell: warning: {fields['message']}\n")
         elif name == "error":
