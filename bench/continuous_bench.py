@@ -235,7 +235,8 @@ class Watch:
         self.out = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             command + ["-q", "watch", "--json", "--max-delay", "500ms", "--quiet-time", "100ms",
-                       str(tree)], stdout=self.out, stderr=subprocess.DEVNULL, env=env)
+                       "--notify", env.get("KEEPWELL_BENCH_NOTIFY", "auto"), str(tree)],
+            stdout=self.out, stderr=subprocess.DEVNULL, env=env)
         self.size0 = log.stat().st_size
 
     def commits(self) -> list[dict[str, Any]]:
@@ -507,6 +508,8 @@ def main() -> None:
     ap.add_argument("--backend", choices=["local", "s3", "both"], default="local")
     ap.add_argument("--kills", type=int, default=0)
     ap.add_argument("--restic", action="store_true")
+    ap.add_argument("--notify", choices=["auto", "inotify", "fanotify"], default="auto",
+                    help="how the watcher captures changes (keepwell watch --notify)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "continuous"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--keepwell", default=f"{sys.executable} -m keepwell.cli.main")
@@ -515,11 +518,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     tree = work / "tree"
-    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD,
+    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_BENCH_NOTIFY": a.notify,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     os.environ["KEEPWELL_PASSWORD"] = PASSWORD
     print(f"{a.files:,} files + a {BIG >> 20} MiB log; {a.rate:.0f} writes/s for {a.seconds:g}s; "
           f"backend {a.backend}; kills {a.kills}; restic {'yes' if a.restic else 'no'}; "
+          f"notify {a.notify}; "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     make_tree(tree, a.files)
     columns: dict[str, dict[str, str]] = {}
