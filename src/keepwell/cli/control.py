@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from keepwell.cli.common import JsonOption, KeepwellGroup, human_bytes, print_json, run_app
-from keepwell.errors import EXIT_FAILURE, ConfigurationError, UsageError
+from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, ConfigurationError, UsageError
 
 ConfigOption = Annotated[
     str | None,
@@ -201,6 +201,13 @@ def _run_action(action: str, name: str, config: str | None, json_out: bool,
                       f"{human_bytes(outcome.bytes_stored or 0)}")
         typer.echo(f"{action} {name}: succeeded, snapshot {(outcome.snapshot_id or '')[:8]}"
                    + extra)
+    failed = outcome.details.get("follow_ups_failed") if outcome.status == "succeeded" else None
+    if failed:
+        if not json_out:
+            for step, error in failed.items():
+                typer.echo(f"error: {action} {name}: the snapshot is saved, but its {step} "
+                           f"failed: {error}", err=True)
+        raise typer.Exit(EXIT_PARTIAL)
     if outcome.status != "succeeded":
         if not json_out:
             typer.echo(f"error: {action} {name} {outcome.status}: {outcome.error}", err=True)

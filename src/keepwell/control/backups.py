@@ -10,7 +10,9 @@ its settings, given to the source's own forget plan, so a database keeps the bas
 point-in-time window needs and the log (WAL, binlogs) from their floor on, and forgets what lies
 below; then the repository's replica, if any, is brought up to date. These two *follow-ups* run
 inside the backup job (the daemon), or, for a spec with ``follow_ups`` off, as steps of their
-own that an executor retries apart from the backup (`run_follow_up`: the fleet).
+own that an executor retries apart from the backup (`run_follow_up`: the fleet). Inside the
+job, a follow-up that fails leaves the backup succeeded, with the failure in the outcome's
+``follow_ups_failed`` (step name to error) and in the run's log.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from keepwell.control.jobs import (
+    JobCancelled,
     JobContext,
     JobOutcome,
     JobSpec,
@@ -27,6 +30,7 @@ from keepwell.control.jobs import (
     source_job,
 )
 from keepwell.control.spans import PhaseClock
+from keepwell.errors import KeepwellError
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.retention import Policy
 from keepwell.sources.base import Source, SourceJob, source_for
@@ -151,8 +155,20 @@ def run_backup(spec: JobSpec, ctx: JobContext) -> JobOutcome:
         if report.problems:
             outcome.details["partial"] = report.problems
         if spec.follow_ups:
-            for follow_up in FOLLOW_UPS.values():
-                follow_up(spec, ctx, repo, outcome)
+            for name, follow_up in FOLLOW_UPS.items():
+                try:
+                    follow_up(spec, ctx, repo, outcome)
+                except JobCancelled:
+                    raise
+                except (KeepwellError, OSError) as exc:
+                    # the snapshot is committed: the backup stands (a retry would make another
+                    # one, and its success must count for the last-success figures); the step
+                    # that failed is said, in the run's log and its details, and a one-shot
+                    # `keepwell run` exits 3 (as `fleet run --wait` for a partial run)
+                    failed = outcome.details.setdefault("follow_ups_failed", {})
+                    failed[name] = str(exc)
+                    ctx.log("error", f"{name} failed after snapshot {outcome.snapshot_id or ''}"
+                                     f" was committed: {exc}")
         return outcome
     finally:
         repo.close()
