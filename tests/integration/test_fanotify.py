@@ -65,6 +65,18 @@ def test_changes_under_the_roots_and_nothing_else(tmp_path: Path) -> None:
         f.close()
 
 
+def test_a_root_given_through_a_symbolic_link_is_named_as_given(tmp_path: Path) -> None:
+    (tmp_path / "real" / "root").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    given = tmp_path / "link" / "root"
+    f = Fanotify([str(given)])
+    try:
+        (given / "a.txt").write_text("a")
+        assert f"{given}/a.txt" in _paths_seen(f, f"{given}/a.txt")
+    finally:
+        f.close()
+
+
 @pytest.fixture
 def mounted_below(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "root"

@@ -135,6 +135,9 @@ class Fanotify:
                                               ctypes.POINTER(ctypes.c_int), ctypes.c_int]
         self._c.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
         self.roots = [r.rstrip("/") for r in roots]  # never / itself (watched_roots)
+        # a handle turns into the directory's real path: a root reached through a symbolic
+        # link is matched by its real path, and the events name it as given
+        self._real = [(os.path.realpath(r), r) for r in self.roots]
         fd = self._c.fanotify_init(FAN_CLASS_NOTIF | FAN_REPORT_DFID_NAME | FAN_CLOEXEC
                                    | FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
         if fd < 0:
@@ -153,8 +156,8 @@ class Fanotify:
                 places += mounts_below(self.roots)
             for place in places:
                 self._mark(place)
-            for root in self.roots:
-                self._roots_by_handle[(_fsid(self._c, root), self._handle(root))] = root
+            for real, _given in self._real:
+                self._roots_by_handle[(_fsid(self._c, real), self._handle(real))] = real
         except BaseException:
             self.close()
             raise
@@ -225,8 +228,13 @@ class Fanotify:
         self._cache[key] = path
         return path
 
-    def _under_roots(self, path: str) -> bool:
-        return any(path == r or path.startswith(r + "/") for r in self.roots)
+    def _as_given(self, path: str) -> str | None:
+        """``path`` (a real one) under the root it lies in, as that root was given; None if it
+        lies in none."""
+        for real, given in self._real:
+            if path == real or path.startswith(real + "/"):
+                return given + path[len(real):]
+        return None
 
     def read(self, timeout: float | None) -> list[Event]:
         """The events ready now under the roots, waiting up to ``timeout`` seconds for the
@@ -271,9 +279,10 @@ class Fanotify:
         directory = self._path((f0, f1), handle)
         if directory is None:
             return
-        path = f"{directory}/{name}" if name else directory
-        if not self._under_roots(path):
+        found = self._as_given(f"{directory}/{name}" if name else directory)
+        if found is None:
             return
+        path = found
         if path in self.roots and not name:
             out.append(Event(path, "", mask))
         else:
