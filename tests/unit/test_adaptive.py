@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -525,3 +526,33 @@ def test_small_objects_neither_wait_for_the_rate_nor_set_it() -> None:
     waited = len(clock.slept)
     c.pace(200)  # a heartbeat behind it is not held back
     assert clock.slept[waited:] == []
+
+
+def test_the_daemons_metrics_show_each_repositorys_adapted_number_and_rate(
+        tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from keepwell.control.history import History
+    from keepwell.control.metrics import KeepwellCollector, LiveFigures
+
+    history = History(str(tmp_path / "history.db"))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KeepwellCollector(history, [], LiveFigures))  # type: ignore[arg-type]
+    clock = Clock()
+    c = AimdController(4, clock=clock, sleep=clock.sleep, window=4, name="s3://bucket/a")
+    try:
+        text = generate_latest(registry).decode()
+        assert 'keepwell_upload_concurrency{repository="s3://bucket/a"} 4.0' in text
+        assert "keepwell_upload_pacing_rate_bytes_per_second{" not in text  # unlimited
+        one_at_a_time(c, clock, 8, 1.0)
+        c.record(c.generation, Outcome("timeout"))
+        text = generate_latest(registry).decode()
+        assert 'keepwell_upload_concurrency{repository="s3://bucket/a"} 2.0' in text
+        assert c.rate is not None
+        assert 'keepwell_upload_pacing_rate_bytes_per_second{repository="s3://bucket/a"} ' \
+            f'{float(c.rate)!r}' in text, text
+        del c
+        gc.collect()
+        assert "s3://bucket/a" not in generate_latest(registry).decode(), "gone with its repository"
+    finally:
+        history.close()

@@ -64,6 +64,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -162,7 +163,7 @@ class AimdController:
     congestion event and its cost the new baseline (default: 2, within ``rise`` and ``high``).
     ``back_off``, ``increase``, ``fill``, ``ceiling``: the pacing rule (module docstring,
     bytes per second for ``ceiling``). ``pace`` False: no pacing (only the
-    number of uploads adapts). Thread-safe; `acquire` returns the generation to hand back to
+    number of uploads adapts). ``name``: the repository, as the metrics label it. Thread-safe; `acquire` returns the generation to hand back to
     `release`. ``clock`` and ``sleep`` are injected for tests.
     """
 
@@ -171,7 +172,7 @@ class AimdController:
                  measured_from: int = MEASURED_FROM, pace: bool = True,
                  back_off: float = 0.8, increase: float = 0.25, fill: float = 0.85,
                  ceiling: float | None = None, clock: Clock = time.monotonic,
-                 sleep: Sleep = time.sleep) -> None:
+                 sleep: Sleep = time.sleep, name: str = "") -> None:
         maximum = start if maximum is None else maximum
         slow = min(max(2.0, rise), high) if slow is None else slow
         if not 1 <= minimum <= start <= maximum:
@@ -200,6 +201,8 @@ class AimdController:
         self.successes = 0
         self.errors = 0
         self.timeouts = 0
+        self.name = name  # the repository it uploads to, for the metrics
+        _LIVE.add(self)
         self._failing = False  # failures since the last success lowered the rate already
 
     @property
@@ -334,6 +337,14 @@ class AimdController:
         self.rate_decisions.append(RateDecision(direction, rate, reason, measured))
         log.info("upload pacing: %s (%s: %s; link delivered %s)", _rate_text(rate), direction,
                  reason, "nothing yet" if measured is None else _rate_text(measured))
+
+
+_LIVE: weakref.WeakSet[AimdController] = weakref.WeakSet()
+
+
+def live_controllers() -> list[AimdController]:
+    """The controllers of this process's open repositories (for the daemon's metrics)."""
+    return list(_LIVE)
 
 
 def adaptive_enabled(option: object = None) -> bool:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from keepwell.backends.adaptive import live_controllers
 from keepwell.control.history import History
 from keepwell.control.pitr import WindowCache
 from keepwell.errors import ConfigurationError, KeepwellError
@@ -146,6 +147,7 @@ class KeepwellCollector:
         if live.upload_limit:
             yield g("keepwell_upload_limit_bytes_per_second",
                     "The shared upload budget", value=live.upload_limit)
+        yield from _adaptive()
         breaker = g("keepwell_circuit_breaker_state", "1 for the breaker's current state",
                     labels=["source", "state"])
         for source, state in sorted(live.breakers.items()):
@@ -185,6 +187,31 @@ class KeepwellCollector:
         if live.last_reload is not None:
             yield g("keepwell_config_last_reload_success_timestamp_seconds",
                     "Unix time of the last applied reload", value=live.last_reload)
+
+
+def _adaptive() -> Iterator[Metric]:
+    """How many uploads at once and at which pacing rate the running jobs of this process send
+    to each remote repository (keepwell.backends.adaptive); jobs run in a process of their own
+    (hard limits) are not seen here."""
+    g = GaugeMetricFamily
+    limit = g("keepwell_upload_concurrency", "Uploads allowed at once, as adapted to the link",
+              labels=["repository"])
+    rate = g("keepwell_upload_pacing_rate_bytes_per_second",
+             "Pacing rate of uploads learned from the link (absent: unlimited)",
+             labels=["repository"])
+    seen: dict[str, tuple[int, float | None]] = {}
+    for c in live_controllers():
+        prev = seen.get(c.name)  # two jobs to one repository: the lower figures
+        now = (c.limit, c.rate)
+        if prev is not None:
+            now = (min(prev[0], now[0]), min((r for r in (prev[1], now[1]) if r is not None),
+                                             default=None))
+        seen[c.name] = now
+    for name, (n, r) in sorted(seen.items()):
+        limit.add_metric([name], n)
+        if r is not None:
+            rate.add_metric([name], r)
+    yield from (limit, rate)
 
 
 class MetricsServer:

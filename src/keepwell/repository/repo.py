@@ -704,7 +704,8 @@ def _wrap_usual(backend: Backend, location: str, options: dict[str, Any],
     cache_dir = (options.get("cache_dir") or default_base()) if remote else None
     # pacing stays below the configured upload limits and budgets (their rates as of now)
     budgets = [r for r in (up * 1024 if up else None, *(b.rate for b in upload_buckets)) if r]
-    adaptive = AimdController(UPLOAD_WORKERS, ceiling=min(budgets, default=None)) \
+    adaptive = AimdController(UPLOAD_WORKERS, ceiling=min(budgets, default=None),
+                              name=str(getattr(backend, "location", "") or location)) \
         if remote and adaptive_enabled(options.get("adaptive")) else None
     return wrappers.wrap(backend, limit_upload=up, limit_download=down, retries=remote,
                          cache_dir=cache_dir, cache_verify=named_by_content,
