@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.servers.mariadb import (
     mariadb_server,
     rows,
 )
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,8 +51,14 @@ def _one_line_refusal(res: subprocess.CompletedProcess[str], text: str) -> None:
 
 def test_another_server_under_the_same_name_is_refused(tmp_path: Path) -> None:
     repo = KeepwellRepo(tmp_path)
-    with mariadb_server(server_id=1, name="a") as a, mariadb_server(server_id=1, name="b") as b, \
-            mariadb_server(server_id=3, name="dst") as dst:
+    with ExitStack() as stack:
+        a = stack.enter_context(mariadb_server(server_id=1, name="a"))
+        # an installation is told by its second: the other one is made in a later second
+        first = _initialized(a)
+        wait_for(lambda: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) > first,
+                 "the second after the first installation's")
+        b = stack.enter_context(mariadb_server(server_id=1, name="b"))
+        dst = stack.enter_context(mariadb_server(server_id=3, name="dst"))
         assert _initialized(a) != _initialized(b), "two installations in the same second"
         _table(a, "a", 5)
         _table(b, "b", 7)
