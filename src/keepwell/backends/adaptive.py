@@ -162,9 +162,9 @@ class AimdController:
     holds. ``slow``: at the minimum limit, a window above ``slow`` times the baseline is a
     congestion event and its cost the new baseline (default: 2, within ``rise`` and ``high``).
     ``back_off``, ``increase``, ``fill``, ``ceiling``: the pacing rule (module docstring,
-    bytes per second for ``ceiling``). ``pace`` False: no pacing (only the
-    number of uploads adapts). ``name``: the repository, as the metrics label it. Thread-safe; `acquire` returns the generation to hand back to
-    `release`. ``clock`` and ``sleep`` are injected for tests.
+    bytes per second for ``ceiling``). ``pace`` False: no pacing (only the number of uploads
+    adapts). ``name``: the repository, as the metrics label it. Thread-safe; `acquire` returns
+    the generation to hand back to `release`. ``clock`` and ``sleep`` are injected for tests.
     """
 
     def __init__(self, start: int, maximum: int | None = None, minimum: int = 1, *,

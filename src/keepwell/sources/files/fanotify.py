@@ -192,9 +192,6 @@ class Fanotify:
         """The number of marks (filesystems)."""
         return len(self._mounts)
 
-    def watches(self, path: str) -> bool:
-        return True
-
     def add(self, path: str) -> bool:
         return True
 
@@ -279,10 +276,9 @@ class Fanotify:
         directory = self._path((f0, f1), handle)
         if directory is None:
             return
-        found = self._as_given(f"{directory}/{name}" if name else directory)
-        if found is None:
+        path = self._as_given(f"{directory}/{name}" if name else directory)
+        if path is None:
             return
-        path = found
         if path in self.roots and not name:
             out.append(Event(path, "", mask))
         else:

@@ -210,8 +210,7 @@ class Watcher:
     def _fanotify(self) -> None:
         """Capture with fanotify: one mark per filesystem (raises FanotifyUnavailable)."""
         self.notifier = Fanotify(self.roots, one_file_system=self.options.one_file_system)
-        self.counts["watches"] = len(self.notifier)
-        self.repo.events.emit("watch_fanotify", marks=len(self.notifier))
+        self.counts["watches"] = len(self.notifier)  # the start line says they are marks
 
     def _instead_of_inotify(self, count: int) -> bool:
         """inotify ran out of watches after ``count``: whether fanotify took over."""
