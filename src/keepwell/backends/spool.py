@@ -29,6 +29,7 @@ import errno
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import blake3
@@ -198,15 +199,13 @@ class Spool:
         try:
             yield view
         finally:
-            # A request that failed (a stall) may still hold the buffer in a task of the HTTP
-            # client: the map (and the descriptor it holds) then stays until that lets go, and
-            # no frame of an error's traceback may keep it longer; the error of the request is
-            # what the caller must see.
-            try:
-                view.release()
-                m.close()
-            except BufferError:
-                pass
+            # A request that failed may still hold the buffer in a task of the HTTP client,
+            # which lets go once it runs again (it needs this thread to yield the interpreter):
+            # wait for that, a bounded time, so that a failed run frees its spool files when it
+            # ends. A client that holds on longer (a connection stuck in the kernel) keeps the
+            # map, and its descriptor, until it lets go; no frame of an error's traceback may
+            # keep it longer, and the error of the request is what the caller must see.
+            _unmap(view, m)
             del view, m
 
     def pieces(self, piece: int = READ_PIECE) -> Iterator[bytes]:
@@ -267,3 +266,24 @@ def same_bytes(stored: bytes, data: Payload) -> bool:
     if isinstance(data, Spool):
         return len(stored) == data.size and blake3.blake3(stored).hexdigest() == data.hexdigest()
     return stored == data
+
+
+_LET_GO = 5.0  # seconds the end of a failed upload waits for the HTTP client to drop its map
+
+
+def _unmap(view: memoryview, m: mmap.mmap) -> None:
+    """Release ``view`` and close ``m`` once nothing else holds a buffer of them, waiting up to
+    `_LET_GO` seconds (with the interpreter yielded, as the holder needs it to let go)."""
+    deadline = time.monotonic() + _LET_GO
+    pause = 0.0005
+    while True:
+        try:
+            view.release()
+            m.close()
+            return
+        except BufferError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
