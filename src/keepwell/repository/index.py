@@ -222,8 +222,12 @@ class MasterIndex:
             self.files.add(name)
 
     def finish(self) -> None:
+        """Fold what was staged. Blobs added one by one stay in their dict until `add` folds
+        them: an index refreshed after every small run (a watcher's commits) would otherwise
+        copy and sort all its entries each time."""
         with self._lock:
-            self._fold()
+            if self._staged:
+                self._fold()
 
     def _fold(self) -> None:
         """Merge staged and added entries into the sorted records and keys."""

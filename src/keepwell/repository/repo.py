@@ -93,6 +93,9 @@ class Repository:
         self._index_lock = threading.Lock()
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_nodes = 0  # nodes held in _trees
+        self.trees_read = 0  # trees read from storage (the others came from _trees)
+        # the nodes' encodings, one by one, of the held trees a writer remembered with them
+        self._tree_pieces: dict[bytes, list[bytes]] = {}
         self.trees_budget_nodes = self._TREES_BUDGET_NODES
         self._trees_lock = threading.Lock()
         # whole tree packs read so far (a walk reads thousands of trees from a few packs), and
@@ -367,6 +370,7 @@ class Repository:
                                      hint="run 'keepwell check' to see what is affected")
             nodes = decode_tree(self.open_blob(tree_id, loc.type, self._tree_bytes(loc),
                                                loc.raw_length, self.sender_of(loc.pack)))
+            self.trees_read += 1
         subtrees = [n.subtree for n in nodes if n.subtree is not None]
         if subtrees and own is None:  # the walk asks for these next
             if len(self._tree_locs) > 100_000:
@@ -377,19 +381,40 @@ class Repository:
         self._hold_tree(tree_id, nodes)
         return nodes
 
-    def remember_tree(self, tree_id: bytes, nodes: list[Node]) -> None:
+    def remember_tree(self, tree_id: bytes, nodes: list[Node], pieces: list[bytes] | None = None) -> None:
         """Hold a tree just written as if it had been loaded: ``nodes`` in the order of the
         tree blob and equal to what decoding it gives (`tree.as_decoded`), never changed
-        afterwards. A watcher's next commit comes back to the directories it just wrote."""
-        self._hold_tree(tree_id, nodes)
+        afterwards; ``pieces``: each node's encoding (`tree.encode_pieces`), for a later
+        writing of the directory with only some entries changed (`tree_pieces`). A watcher's
+        next commit comes back to the directories it just wrote."""
+        self._hold_tree(tree_id, nodes, pieces)
 
-    def _hold_tree(self, tree_id: bytes, nodes: list[Node]) -> None:
+    def tree_pieces(self, tree_id: bytes) -> list[bytes] | None:
+        """The encodings of the nodes of a held tree, in its order, if it was remembered with
+        them (a tree loaded from storage has none)."""
+        with self._trees_lock:
+            return self._tree_pieces.get(tree_id)
+
+    def forget_tree(self, tree_id: bytes) -> None:
+        """Stop holding a tree (one a writer has just superseded): room for those that will be
+        asked for. Loading it again reads it from storage."""
+        with self._trees_lock:
+            nodes = self._trees.pop(tree_id, None)
+            if nodes is not None:
+                self._trees_nodes -= len(nodes)
+                self._tree_pieces.pop(tree_id, None)
+
+    def _hold_tree(self, tree_id: bytes, nodes: list[Node], pieces: list[bytes] | None = None) -> None:
         with self._trees_lock:
             if tree_id not in self._trees:
                 self._trees[tree_id] = nodes
                 self._trees_nodes += len(nodes)
+                if pieces is not None:
+                    self._tree_pieces[tree_id] = pieces
                 while self._trees_nodes > self.trees_budget_nodes and len(self._trees) > 1:
-                    self._trees_nodes -= len(self._trees.popitem(last=False)[1])
+                    gone, held = self._trees.popitem(last=False)
+                    self._trees_nodes -= len(held)
+                    self._tree_pieces.pop(gone, None)
 
     # Decoded trees kept for lookups that come back to them (`find_node`, `ls`, `diff`): a
     # bound on their nodes (about 0.5 KiB each), not on their count, since one directory can

@@ -79,9 +79,14 @@ def encode_node(n: Node) -> list[object]:
     ]
 
 
+def tree_key(n: Node) -> bytes:
+    """What a tree blob orders its nodes by: the bytes of their names."""
+    return _name_bytes(n.name)
+
+
 def in_tree_order(nodes: list[Node]) -> list[Node]:
-    """The nodes in the order a tree blob holds them (by the bytes of their names)."""
-    return sorted(nodes, key=lambda n: _name_bytes(n.name))
+    """The nodes in the order a tree blob holds them (`tree_key`)."""
+    return sorted(nodes, key=tree_key)
 
 
 def encode_tree(nodes: list[Node], *, ordered: bool = False) -> bytes:
@@ -90,6 +95,32 @@ def encode_tree(nodes: list[Node], *, ordered: bool = False) -> bytes:
         nodes = in_tree_order(nodes)
     data: bytes = msgpack.packb([TREE_VERSION, [encode_node(n) for n in nodes]], use_bin_type=True)
     return data
+
+
+def encode_pieces(nodes: list[Node], known: list[bytes | None] | None = None) -> list[bytes]:
+    """Each node's encoding on its own, in the order given (`join_pieces` makes the tree blob
+    of them). ``known``: beside ``nodes``, the encodings already made (None where a node has
+    none): the unchanged entries of a directory written again."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    if known is None:
+        return [pack(encode_node(n)) for n in nodes]
+    return [p if p is not None else pack(encode_node(n)) for n, p in zip(nodes, known, strict=True)]
+
+
+def join_pieces(pieces: list[bytes]) -> bytes:
+    """The tree blob of nodes encoded one by one (`encode_pieces`, in tree order): the same
+    bytes as `encode_tree` of those nodes."""
+    n = len(pieces)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 1 << 16:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return b"".join((_TREE_HEAD, head, *pieces))
+
+
+_TREE_HEAD = bytes((0x92, TREE_VERSION))  # an array of two: the version, then the nodes
 
 
 def as_decoded(nodes: list[Node]) -> bool:

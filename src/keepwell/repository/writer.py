@@ -28,7 +28,16 @@ from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
 from keepwell.repository.sessions import Session
 from keepwell.repository.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from keepwell.repository.store import RepositoryStore
-from keepwell.repository.tree import DIR, FILE, Node, as_decoded, encode_tree, in_tree_order
+from keepwell.repository.tree import (
+    DIR,
+    FILE,
+    Node,
+    as_decoded,
+    encode_pieces,
+    encode_tree,
+    in_tree_order,
+    join_pieces,
+)
 
 DirMeta = Callable[[str], Node]
 
@@ -155,12 +164,26 @@ class SnapshotWriter:
                                  mtime_ns=int(now * 1e9), ctime_ns=int(now * 1e9), content=ids))
         return len(data)
 
-    def save_tree(self, nodes: list[Node]) -> bytes:
-        nodes = in_tree_order(nodes)
-        plain = encode_tree(nodes, ordered=True)
+    def save_tree(self, nodes: list[Node], *, ordered: bool = False,
+                  known: list[bytes | None] | None = None) -> bytes:
+        """Store a directory's tree blob. ``ordered``: ``nodes`` are in tree order already;
+        ``known`` (with ``ordered``): beside them, the encodings of those taken unchanged from
+        a tree held with its encodings (`Repository.tree_pieces`), None for the others."""
+        if not ordered:
+            nodes = in_tree_order(nodes)
+        # the nodes of a held tree read back as they are (`as_decoded`): only new ones need it
+        new = nodes if known is None else [n for n, p in zip(nodes, known, strict=True) if p is None]
+        remember = self.remember_trees and as_decoded(new)
+        if remember or known is not None:  # kept node by node, for the next writing of it
+            pieces: list[bytes] | None = encode_pieces(nodes, known)
+            assert pieces is not None
+            plain = join_pieces(pieces)
+        else:
+            pieces = None
+            plain = encode_tree(nodes, ordered=True)
         tree_id = self.sink.save(TREE, plain)
-        if self.remember_trees and as_decoded(nodes):
-            self.repo.remember_tree(tree_id, nodes)
+        if remember:
+            self.repo.remember_tree(tree_id, nodes, pieces)
         if (own := getattr(self.repo, "own", None)) is not None:
             own.put_tree(tree_id, plain)  # an append key's parent next time
         return tree_id

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from keepwell.repository import Repository
-from keepwell.repository.tree import DIR, FILE, SOCKET, SYMLINK, Node
+from keepwell.repository.tree import DIR, FILE, SOCKET, SYMLINK, Node, tree_key
 from keepwell.repository.writer import SnapshotWriter
 from keepwell.sources.files import metadata
 from keepwell.sources.files.archiver import Archiver, _Names, node_from_stat
@@ -133,44 +133,62 @@ class Rebuild:
             return self.archiver.backup_tree(path, st, old if old is not None and old.type == DIR else None)
         self.counts["trees_loaded"] += 1
         old_nodes = self.repo.load_tree(old.subtree)
-        entries = {n.name: n for n in old_nodes}
+        # the entries in tree order, with the encodings of those left as they were where the
+        # tree was held with them (a directory of many files rewritten for a few); a changed
+        # entry's slot is rewritten or emptied, a new name goes at the end (then sorted)
+        nodes: list[Node | None] = list(old_nodes)
+        held = self.repo.tree_pieces(old.subtree)
+        pieces: list[bytes | None] = list(held) if held is not None else [None] * len(nodes)
+        slot = {n.name: i for i, n in enumerate(old_nodes)}
+        changed = False
         for name, sub in changes.children.items():
             child = f"{path}/{name}"
-            if self.selection.by_path and self.selection.skips_path(child):
-                entries.pop(name, None)
-                continue
-            try:
-                st = os.lstat(child)
-            except FileNotFoundError:
-                entries.pop(name, None)
-                continue
-            except NotADirectoryError:
-                entries.pop(name, None)
-                continue
-            except OSError as exc:
-                self.errors.append((child, exc.strerror or str(exc)))
-                entries.pop(name, None)
-                continue
-            if (self.one_file_system and st.st_dev != dev) or (
-                    st.st_ino == BTRFS_ROOT_INODE and is_own_btrfs_snapshot(name, st)):
-                entries.pop(name, None)  # another filesystem; a backup's btrfs snapshot
-                continue
-            new = self._entry(child, st, entries.get(name), sub, dev)
-            if new is None:
-                entries.pop(name, None)
-            else:
-                entries[name] = new
+            i = slot.get(name)
+            new = None
+            if not (self.selection.by_path and self.selection.skips_path(child)):
+                new = self._child(child, name, None if i is None else nodes[i], sub, dev)
+            if i is None:
+                if new is not None:
+                    slot[name] = len(nodes)
+                    nodes.append(new)
+                    pieces.append(None)
+                    changed = True
+            elif new is not nodes[i]:
+                nodes[i] = new
+                pieces[i] = None
+                changed = True
         try:
             node.xattrs = self.xattrs.read(path, node.dev, directory=True)
         except OSError as exc:
             self.errors.append((path, exc.strerror or str(exc)))
-        nodes = list(entries.values())
-        if nodes == old_nodes:
+        entries = [n for n in nodes if n is not None]
+        if not changed or entries == old_nodes:
             node.subtree = old.subtree
-        else:
-            node.subtree = self.writer.save_tree(nodes)
-            self.counts["trees_written"] += 1
+            return node
+        known = [p for n, p in zip(nodes, pieces, strict=True) if n is not None]
+        ordered = len(nodes) == len(old_nodes)
+        if not ordered:  # a name was added: sort, and the encodings with them
+            order = sorted(range(len(entries)), key=lambda k: tree_key(entries[k]))
+            entries = [entries[k] for k in order]
+            known = [known[k] for k in order]
+        node.subtree = self.writer.save_tree(entries, ordered=True, known=known)
+        self.repo.forget_tree(old.subtree)  # superseded: room for the trees still to come
+        self.counts["trees_written"] += 1
         return node
+
+    def _child(self, child: str, name: str, old: Node | None, sub: Changes, dev: int) -> Node | None:
+        """The new node of an entry a change names (None: gone, or no longer recorded)."""
+        try:
+            st = os.lstat(child)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            self.errors.append((child, exc.strerror or str(exc)))
+            return None
+        if (self.one_file_system and st.st_dev != dev) or (
+                st.st_ino == BTRFS_ROOT_INODE and is_own_btrfs_snapshot(name, st)):
+            return None  # another filesystem; a backup's btrfs snapshot
+        return self._entry(child, st, old, sub, dev)
 
     def _file(self, path: str, node: Node, st: os.stat_result, old: Node | None) -> Node | None:
         pause = _SETTLE_PAUSE
