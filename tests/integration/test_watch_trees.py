@@ -5,13 +5,16 @@ alone, reusing the encodings of the entries left as they were, and the result is
 a full scan of the same directory writes (the same bytes, so the same id): entries changed,
 added between existing names, deleted. The trees a commit comes back
 to are held from the commit before (none is read from storage again), even when the cache
-holds little more than one version of the tree; the ones it supersedes make room.
+holds little more than one version of the tree; the ones it supersedes make room. And a change
+made while no events were read (during a commit) counts for max_delay from then, not from when
+its event was read.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from keepwell.repository.tree import FILE, Node, encode_pieces, encode_tree, joi
 from keepwell.sources.files.journal import Journal
 from keepwell.sources.files.select import Selection
 from keepwell.sources.files.watch import Watcher, WatchOptions
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +115,33 @@ def test_a_commit_reads_no_tree_the_commit_before_wrote(tmp_path: Path) -> None:
         assert snap is not None and w.last_commit["trees_written"] >= dirs
         assert repo.trees_read == read, "trees read from storage again"
     assert os.listdir(root)
+
+
+def test_a_change_made_while_no_event_was_read_counts_from_then(tmp_path: Path) -> None:
+    """A commit reads no events: a change made during one is dated no later than the read
+    before it, so max_delay does not start only once the commit is over (nor its lag)."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    repo, w = _watcher(tmp_path, root)
+    w._start_watching()
+    try:
+        w.commit(scan_all=True)
+        w._read_events(0)  # nothing yet
+        assert w._first_change is None
+        before = time.monotonic()
+        (root / "during-a-commit").write_text("x")  # no events are read meanwhile
+        w.commit()  # nothing pending: the read comes after it
+
+        def read() -> bool:
+            w._read_events(0.1)
+            return w._first_change is not None
+
+        wait_for(read, "the event")
+        assert w._first_change is not None and w._first_change <= before
+        called = time.monotonic()
+        assert w.commit() is not None
+        # the lag it reports counts from then too (rounded to the millisecond)
+        assert w.last_commit["lag_seconds"] >= round(called - before, 3) - 0.001
+    finally:
+        assert w.notifier is not None
+        w.notifier.close()

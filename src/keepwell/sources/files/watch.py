@@ -131,6 +131,10 @@ class Watcher:
                                        "watches": 0, "events": 0}
         self.last_commit: dict[str, Any] = {}
         self._first_change: float | None = None
+        # when the last read of events returned: what the next read returns happened after it
+        # (and perhaps long before that read: during a commit, nothing is read)
+        self._read_at: float | None = None
+        self._read_any = False
         self._last_change: float | None = None
         self._last_sync = 0.0
         self._names = _Names()
@@ -239,7 +243,9 @@ class Watcher:
         now = time.monotonic()
         self._last_change = now
         if self._first_change is None:
-            self._first_change = now
+            # the change is as old as the events can be: max_delay counts from there, so a
+            # change made during a commit is not kept waiting for that commit as well
+            self._first_change = now if self._read_at is None else min(self._read_at, now)
 
     def _handle(self, ev: Event) -> None:
         assert self.notifier is not None
@@ -365,6 +371,7 @@ class Watcher:
         """Watch until `stop_event` is set; then commit what is pending and return."""
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         self._start_watching()
+        self._read_at = time.monotonic()  # the start scan's events may be this old
         self.parent = None
         if self.journal.last_snapshot is not None:
             try:
@@ -424,11 +431,21 @@ class Watcher:
                 self.commit()
                 continue
             timeout = self._timeout(now)
-            events = self.notifier.read(0.25 if timeout is None else min(timeout, 0.25))
-            for ev in events:
-                self._handle(ev)
+            self._read_events(0.25 if timeout is None else min(timeout, 0.25))
             now = time.monotonic()
-            if self.journal.unsynced and (not events or now - self._last_sync >= 0.05):
+            if self.journal.unsynced and (not self._read_any or now - self._last_sync >= 0.05):
                 self.journal.sync()  # in batches: at most every 50 ms while events pour in
                 self._last_sync = now
             self.counts["watches"] = len(self.notifier)
+
+    def _read_events(self, timeout: float) -> None:
+        """Read the events the notifier has (waiting up to ``timeout`` seconds for the first)
+        and mark what they name; each is dated no later than the return of the read before."""
+        assert self.notifier is not None
+        events = self.notifier.read(timeout)
+        returned = time.monotonic()
+        self._read_any = bool(events)
+        for ev in events:
+            self._handle(ev)
+        self._read_at = returned
+
