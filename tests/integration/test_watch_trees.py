@@ -7,7 +7,8 @@ added between existing names, deleted. The trees a commit comes back
 to are held from the commit before (none is read from storage again), even when the cache
 holds little more than one version of the tree; the ones it supersedes make room. And a change
 made while no events were read (during a commit) counts for max_delay from then, not from when
-its event was read.
+its event was read. A small file written to while it is read is read again at once; a large one
+is stored as read and stays pending for the next commit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 from keepwell.backends.local import LocalBackend
 from keepwell.repository import Repository
 from keepwell.repository.tree import FILE, Node, encode_pieces, encode_tree, join_pieces
+from keepwell.sources.files.archiver import Archiver
+from keepwell.sources.files.incremental import Changes, Rebuild
 from keepwell.sources.files.journal import Journal
 from keepwell.sources.files.select import Selection
 from keepwell.sources.files.watch import Watcher, WatchOptions
@@ -145,3 +148,40 @@ def test_a_change_made_while_no_event_was_read_counts_from_then(tmp_path: Path) 
     finally:
         assert w.notifier is not None
         w.notifier.close()
+
+
+@pytest.mark.parametrize(("size", "reads", "moving"), [(10_000, 2, False), (2 << 20, 1, True)])
+def test_a_file_that_moves_while_read(tmp_path: Path, size: int, reads: int, moving: bool) -> None:
+    """A small file written to during its read is read again at once; a large one is not (the
+    commit would wait on it): it is stored as read, and stays pending as ``moving``."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    path = root / "file"
+    path.write_bytes(os.urandom(size))
+    repo, _ = _watcher(tmp_path, root)
+    writer = repo.new_snapshot("files", [str(root)])
+    with writer:
+        archiver = Archiver(repo, writer, selection=Selection(), one_file_system=False,
+                            parent=None, workers=1)
+        read = archiver.read_file
+        seen: list[int] = []
+
+        def read_while_written(p: str, node: Node) -> list[bytes]:
+            ids = read(p, node)
+            seen.append(node.size)
+            if len(seen) == 1:  # a writer appends while the first read goes on
+                with open(p, "ab") as f:
+                    f.write(b"more")
+            return ids
+
+        archiver.read_file = read_while_written  # type: ignore[method-assign, assignment]
+        rebuild = Rebuild(repo, writer, archiver, Selection())
+        try:
+            node = rebuild.rebuild(str(path), None, Changes())
+        finally:
+            archiver.close()
+        writer.abort()
+    assert node is not None
+    assert len(seen) == reads
+    assert rebuild.moving == ([str(path)] if moving else [])
+    assert node.size == (size if moving else size + 4)  # as it was read

@@ -10,9 +10,10 @@ Words:
                 directory is listed unless its whole subtree is to be scanned again (which the
                 file archiver does, against the parent's tree, reading only what changed)
     settled     a file is taken at a consistent point: read, then stat'ed again; if its size,
-                mtime, ctime or inode moved, it is read again after a short pause, a few times;
-                a file that never settles is stored as last read and reported in ``moving``,
-                so that its change stays pending for the next snapshot
+                mtime, ctime or inode moved, it is read again after a short pause, a few times
+                (a large one is not: the next commit reads it); a file that never settles is
+                stored as last read and reported in ``moving``, so that its change stays
+                pending for the next snapshot
 
 `Rebuild.counts` says what a rebuild cost (``trees_loaded``, ``trees_written``,
 ``files_read``, ``subtrees_scanned``...): what a caller can check O(changes) against.
@@ -34,6 +35,10 @@ from keepwell.sources.files.select import Selection
 
 _SETTLE_TRIES = 4
 _SETTLE_PAUSE = 0.02  # seconds before the first retry; doubled for each next one
+# a file this large that moved while it was read is not read again in place (reading it again
+# and again would hold back every other change of the commit: a log appended to ten times a
+# second moves during most reads of its 64 MiB); it stays pending for the next commit
+_SETTLE_IN_PLACE = 1024 * 1024
 
 
 @dataclass
@@ -209,7 +214,7 @@ class Rebuild:
             if after.st_size == node.size and after.st_mtime_ns == st.st_mtime_ns \
                     and after.st_ctime_ns == st.st_ctime_ns and after.st_ino == st.st_ino:
                 return node
-            if attempt == _SETTLE_TRIES - 1:
+            if attempt == _SETTLE_TRIES - 1 or max(node.size, after.st_size) >= _SETTLE_IN_PLACE:
                 break
             time.sleep(pause)  # still being written: let the writer get on, then read again
             pause *= 2
