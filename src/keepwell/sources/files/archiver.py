@@ -190,10 +190,13 @@ class Archiver:
         # Readers (large files; small ones go to worker processes): one per core plus one to
         # cover a blocking read.
         self._files = ThreadPoolExecutor(workers + 1, thread_name_prefix="kw-file")
-        # One walker thread, taking directories in the order they were found: a second one only
-        # hands the GIL back and forth (an unchanged re-backup of 50,000 files: 2.45 s with two,
-        # 1.62 s with one); a cold disk's latency is covered by `Prefetch`. A plain
-        # queue: an executor's bookkeeping per directory cost 5 % of an unchanged re-backup.
+        # One walker thread, taking the directory found last first (depth first: a directory's
+        # tree is written, and the nodes it holds let go, soon after its subtree is walked;
+        # breadth first, most directories stayed open until the end, and a re-backup of 600,000
+        # files peaked 18 MiB higher). A second walker only hands the GIL back and forth (an
+        # unchanged re-backup of 50,000 files: 2.45 s with two, 1.62 s with one); a cold disk's
+        # latency is covered by `Prefetch`. A plain deque: an executor's bookkeeping per
+        # directory cost 5 % of an unchanged re-backup.
         self._dir_queue: deque[tuple[Any, ...] | None] = deque()
         self._dir_ready = threading.Event()
         self._walker = threading.Thread(target=self._walk_loop, name="kw-walk", daemon=True)
@@ -210,6 +213,9 @@ class Archiver:
         self.counts = {"files_new": 0, "files_changed": 0, "files_unmodified": 0, "dirs": 0,
                        "bytes_processed": 0, "errors": 0, "reader_processes": 0,
                        "sockets_skipped": 0}
+        # directories listed whose tree is not written yet (each holds its entries' nodes), and
+        # the most there were at once: what the walk's memory grows with
+        self.dirs_open = self.dirs_open_peak = 0
         self._xattrs = metadata.XattrReader()
 
     # -- results flowing up -------------------------------------------------------------------
@@ -234,6 +240,7 @@ class Archiver:
             return
         with self._lock:
             self.counts["dirs"] += 1
+            self.dirs_open -= 1
         if d.parent is not None:
             self._child_done(d.parent, d.slot, d.node)
         elif d.done is not None:
@@ -359,6 +366,9 @@ class Archiver:
                 continue
             kept.append((e, child))
         d = _Dir(node, len(kept), parent, slot, done)
+        with self._lock:
+            self.dirs_open += 1
+            self.dirs_open_peak = max(self.dirs_open_peak, self.dirs_open)
         if not kept:
             self._finish_dir(d)
             return
@@ -469,7 +479,7 @@ class Archiver:
         queue, ready = self._dir_queue, self._dir_ready
         while True:
             try:
-                job = queue.popleft()
+                job = queue.pop()
             except IndexError:
                 ready.wait()
                 ready.clear()  # then look again: whatever was added before the set is there
@@ -603,7 +613,7 @@ class Archiver:
             self._wake.clear()
 
     def close(self) -> None:
-        self._dir_queue.append(None)  # after whatever is left: the walk ends once it is done
+        self._dir_queue.appendleft(None)  # under whatever is left: the walk ends once it is done
         self._dir_ready.set()
         self._walker.join()
         try:
