@@ -299,3 +299,77 @@ def test_site_upload_budget_is_shared_by_the_sites_workers(fleet: Fleet) -> None
     # jobs' shares follow the holders (renewed every heartbeat)
     assert uploaded >= 36 * MiB
     assert uploaded <= budget * span + 3 * budget
+
+
+def _streamer(fleet: Fleet, source: str) -> int | None:
+    """The pid of the streamer the job history records for ``source``."""
+    import sqlite3
+
+    db = sqlite3.connect(fleet.history, timeout=30)
+    try:
+        row = db.execute("SELECT pid FROM streamers WHERE source=?", (source,)).fetchone()
+    finally:
+        db.close()
+    return int(row[0]) if row else None
+
+
+def _runs(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_continuous_source_is_watched_on_a_worker_of_its_site(fleet: Fleet) -> None:
+    repo = fleet.root / "repo"
+    init_repository(repo)
+    data = fleet.root / "data" / "live"
+    data.mkdir(parents=True)
+    (data / "first.txt").write_text("one\n")
+    doc: dict[str, Any] = {
+        "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"live": {"kind": "files", "repository": "main", "paths": [str(data)],
+                             "site": "east", "mode": "continuous", "max_delay": "200ms"}},
+    }
+    fleet.write_config(doc)
+
+    def apply() -> list[tuple[str, str, str | None]]:
+        proc = fleet.cli("fleet", "apply", "-c", str(fleet.config), "--json")
+        assert proc.returncode == 0, proc.stderr
+        return [(s["op"], s["schedule_id"], s["site"]) for s in json.loads(proc.stdout)["plan"]]
+
+    def held(name: str) -> bool:
+        proc = fleet.cli("-r", str(repo), "--password-file", str(fleet.root / "pw"), "ls",
+                         "latest", "--json")
+        return proc.returncode == 0 and any(
+            row["path"] == f"{data}/{name}" for row in json.loads(proc.stdout))
+
+    first = fleet.worker("east")
+    assert apply() == [("start", "keepwell-stream-live", "east")]
+    wait_for(lambda: held("first.txt"), "the watcher's first snapshot")
+    assert apply() == [("unchanged", "keepwell-stream-live", "east")]
+    watcher = _streamer(fleet, "live")
+    assert watcher is not None and _runs(watcher)
+    # its worker is killed: another worker of the site takes the streamer over, stopping the
+    # watcher the killed one left behind
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    fleet.worker("east")
+    wait_for(lambda: _streamer(fleet, "live") not in (None, watcher), "the streamer moving")
+    assert not _runs(watcher)
+    (data / "second.txt").write_text("two\n")
+    wait_for(lambda: held("second.txt"), "a change seen by the new worker's watcher")
+    # a changed source restarts its streamer; a removed one has it stopped
+    doc["sources"]["live"]["max_delay"] = "300ms"
+    fleet.write_config(doc)
+    assert apply() == [("restart", "keepwell-stream-live", "east")]
+    wait_for(lambda: _streamer(fleet, "live") is not None, "the restarted streamer")
+    watcher = _streamer(fleet, "live")
+    assert watcher is not None
+    doc["sources"]["live"]["mode"] = "scheduled"
+    fleet.write_config(doc)
+    assert apply() == [("stop", "keepwell-stream-live", None)]
+    assert not _runs(watcher)  # stopped before apply returned
+    assert _streamer(fleet, "live") is None
+    assert apply() == []

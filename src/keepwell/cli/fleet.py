@@ -74,7 +74,8 @@ def cmd_apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Make the cluster's Schedules match the configuration (create, update, delete)."""
+    """Make the cluster's Schedules (create, update, delete) and streamers (start, restart,
+    stop) match the configuration."""
     from keepwell.fleet.schedules import apply
 
     plan = _with_client(config, lambda client, cfg: apply(client, cfg, dry_run=dry_run))
@@ -82,7 +83,8 @@ def cmd_apply(
         print_json({"dry_run": dry_run, "plan": [s.as_dict() for s in plan]})
         return
     for s in plan:
-        where = f"  {s.cron!r} on site {s.site}" if s.cron else ""
+        where = (f"  {s.cron!r} on site {s.site}" if s.cron
+                 else f"  on site {s.site}" if s.site else "")
         typer.echo(f"{s.op:<9} {s.schedule_id}{where}")
     changes = sum(1 for s in plan if s.op != "unchanged")
     typer.echo(f"{changes} change(s){' planned (dry run)' if dry_run else ''}")

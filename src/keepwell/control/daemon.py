@@ -46,9 +46,9 @@ from typing import Any, Protocol
 
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
 from keepwell.control.alerts import Alerts
-from keepwell.control.config import Config, FilesSource, LoadedConfig, StreamConfig, load_config
+from keepwell.control.config import Config, LoadedConfig, load_config
 from keepwell.control.history import open_history
-from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job, source_job
+from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
 from keepwell.control.limits import Caps, JobQueue, Slots
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import KeepwellCollector, LiveFigures, MetricsServer
@@ -56,10 +56,9 @@ from keepwell.control.pitr import WindowCache, has_windows
 from keepwell.control.reload import ConfigChange, diff_configs
 from keepwell.control.runner import LiveJobs, finish, live_entry, run_job
 from keepwell.control.schedule import Schedule
-from keepwell.control.streamers import StreamSupervisor, stop_orphan, watch_stream
+from keepwell.control.streamers import StreamSupervisor, source_stream, stop_orphan
 from keepwell.control.tracing import open_tracing
 from keepwell.errors import ConfigurationError, UsageError
-from keepwell.sources.base import source_for
 
 OVERRUN_GRACE = 5.0
 WATCH_INTERVAL = 1.0  # seconds between two looks at the configuration file (--watch-config)
@@ -264,16 +263,10 @@ class Daemon:
             self._start_stream(name)
 
     def _start_stream(self, name: str) -> None:
-        src = self.cfg.sources[name]
-        stream: StreamConfig | None = getattr(src, "stream", None)
-        continuous = isinstance(src, FilesSource) and src.mode == "continuous"
-        if (stream is None and not continuous) or not src.enabled:
+        found = source_stream(self.cfg, name)
+        if found is None:
             return
-        job = source_job(build_job(self.cfg, "backup", name, time.time()))
-        if isinstance(src, FilesSource):
-            stream = watch_stream(src, list(job.tags))
-        assert stream is not None
-        env = source_for(src.kind).environment(job, JobContext())
+        stream, env = found
         sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
                                on_spawn=self.history.set_streamer)
         self.streams[name] = sup

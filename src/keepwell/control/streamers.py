@@ -28,9 +28,11 @@ from collections import deque
 from collections.abc import Callable
 
 from keepwell.backends.resilience import Backoff
-from keepwell.control.config import FilesSource, StreamConfig
+from keepwell.control.config import Config, FilesSource, StreamConfig
+from keepwell.control.jobs import JobContext, build_job, source_job
 from keepwell.control.logs import log_event
 from keepwell.control.metrics import StreamFigures
+from keepwell.sources.base import source_for
 
 
 def watch_stream(src: FilesSource, tags: list[str]) -> StreamConfig:
@@ -47,6 +49,23 @@ def watch_stream(src: FilesSource, tags: list[str]) -> StreamConfig:
     if src.notify != "auto":
         command += ["--notify", src.notify]
     return StreamConfig(command=command)
+
+
+def source_stream(cfg: Config, name: str) -> tuple[StreamConfig, dict[str, str]] | None:
+    """The streamer of source ``name`` and the environment it runs in (its repository and
+    credentials, as its jobs get them): its ``stream`` command, or ``keepwell watch`` for a
+    files source in ``mode: continuous``; None for a source that does not stream, or is
+    disabled. The daemon and the fleet's workers start the same one."""
+    src = cfg.sources[name]
+    stream: StreamConfig | None = getattr(src, "stream", None)
+    continuous = isinstance(src, FilesSource) and src.mode == "continuous"
+    if (stream is None and not continuous) or not src.enabled:
+        return None
+    job = source_job(build_job(cfg, "backup", name, time.time()))
+    if isinstance(src, FilesSource):
+        stream = watch_stream(src, list(job.tags))
+    assert stream is not None
+    return stream, source_for(src.kind).environment(job, JobContext())
 
 
 class StreamSupervisor:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from keepwell.control.alerts import Alerts
 from keepwell.control.backups import run_follow_up
@@ -38,10 +38,17 @@ from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobSpec, build_job
 from keepwell.control.logs import log_event
 from keepwell.control.runner import run_job
+from keepwell.control.streamers import StreamSupervisor, source_stream, stop_orphan
 from keepwell.errors import ConfigurationError, KeepwellError
 from keepwell.fleet.breakers import SKIP_REASON, tell_breaker
 from keepwell.fleet.budgets import Leases, SiteUpload, on_loop, scopes
-from keepwell.fleet.messages import BreakerAsk, BreakerVerdict, StepRequest, StepResult
+from keepwell.fleet.messages import (
+    BreakerAsk,
+    BreakerVerdict,
+    StepRequest,
+    StepResult,
+    StreamRequest,
+)
 from keepwell.fleet.target import site_of
 from keepwell.fleet.workflows import (
     BREAKER_ASK_ACTIVITY,
@@ -49,6 +56,7 @@ from keepwell.fleet.workflows import (
     JOB_ACTIVITY,
     REPLICA_ACTIVITY,
     RETENTION_ACTIVITY,
+    STREAM_ACTIVITY,
 )
 
 T = TypeVar("T")
@@ -238,6 +246,53 @@ class JobActivities:
         if failed:
             raise failed[0]
         return done[0]
+
+    @activity.defn(name=STREAM_ACTIVITY, no_thread_cancel_exception=True)
+    def stream(self, req: StreamRequest) -> None:
+        """Run the source's streamer (`keepwell.control.streamers.source_stream`, as the daemon
+        does) under a supervisor until the activity is cancelled, heartbeating its figures. A
+        streamer a killed worker of this host left behind is stopped first (the job history
+        has its pid). On the worker's shutdown the streamer stops and the activity fails, to
+        be started again on another worker of the site."""
+        cfg = self.loaded.config
+        if req.name not in cfg.sources or site_of(cfg, "backup", req.name) != self.site:
+            raise ApplicationError(f"stream {req.name}: not a source of this worker's site "
+                                   f"{self.site!r}", non_retryable=True)
+        found = source_stream(cfg, req.name)
+        if found is None:
+            raise ApplicationError(f"stream {req.name}: the source does not stream (no "
+                                   "'stream', not 'mode: continuous') or is disabled",
+                                   non_retryable=True)
+        stream, env = found
+        history = open_history(cfg)
+        try:
+            for source, pid, command in history.orphaned_streamers():
+                if source == req.name and stop_orphan(pid, command):
+                    log_event(self.log, "stream_orphan_stopped", level=logging.WARNING,
+                              source=source, pid=pid)
+            sup = StreamSupervisor(req.name, stream, env, self.log,
+                                   on_spawn=history.set_streamer)
+            sup.start()
+            every = max(0.2, req.heartbeat_timeout / 4)
+            try:
+                while True:
+                    figures = sup.figures
+                    activity.heartbeat({"up": figures.up, "restarts": figures.restarts,
+                                        "lag_seconds": figures.lag_seconds,
+                                        "worker": self.identity})
+                    activity.wait_for_cancelled_sync(every)
+                    if activity.is_cancelled() or activity.is_worker_shutdown():
+                        break
+            finally:
+                sup.stop()
+                history.clear_streamer(req.name)
+        finally:
+            history.close()
+        log_event(self.log, "stream_stopped", source=req.name, worker=self.identity)
+        if activity.is_cancelled():
+            raise CancelledError(f"stream {req.name}: stopped")
+        raise ApplicationError(f"stream {req.name}: the worker is shutting down",
+                               type="WorkerShutdown")
 
     @activity.defn(name=BREAKER_ASK_ACTIVITY)
     def breaker_ask(self, ask: BreakerAsk) -> BreakerVerdict:

@@ -32,6 +32,17 @@ class RunRequest:
 
 
 @dataclass(frozen=True)
+class StreamRequest:
+    """One source's streamer kept running on a worker of its site (`FleetStream`)."""
+
+    name: str
+    site: str
+    queue: str  # the site's streamer queue (keepwell.fleet.target.stream_queue)
+    heartbeat_timeout: float = 30.0
+    digest: str = ""  # of the source's configuration: a changed one is a new request
+
+
+@dataclass(frozen=True)
 class StepRequest:
     action: str
     name: str

@@ -1,15 +1,20 @@
-"""``keepwell fleet apply``: make the cluster's Schedules match the configuration.
+"""``keepwell fleet apply``: make the cluster's Schedules and streamers match the configuration.
 
 Each scheduled source becomes the Schedule ``keepwell-backup-NAME`` and each scheduled drill
 ``keepwell-drill-NAME``, starting a run workflow on the site's task queue. A Schedule's note
 carries a digest of what the configuration asked for, so a second apply of the same file finds
 every Schedule up to date and changes nothing; a Schedule of this prefix that the file no longer
-asks for is deleted. Cron: keepwell's six-field form (leading seconds) becomes Temporal's
+asks for is deleted. Each source that streams (a files source in ``mode: continuous``, a
+``stream`` of a database source) gets the workflow ``keepwell-stream-NAME`` (`FleetStream`),
+which keeps its streamer running on a worker of its site; its memo holds the digest of the
+source's configuration, so a changed source has its streamer stopped and started again
+(``restart``), and a source that no longer streams has it stopped (``stop``). Cron: keepwell's six-field form (leading seconds) becomes Temporal's
 seven-field form (seconds ... weekday, year).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,14 +28,15 @@ from temporalio.client import (
     ScheduleState,
     ScheduleUpdate,
     ScheduleUpdateInput,
+    WorkflowFailureError,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from keepwell.control.config import Config
+from keepwell.control.config import Config, FilesSource
 from keepwell.control.schedule import Schedule as Cron
-from keepwell.fleet.messages import RunRequest
-from keepwell.fleet.target import run_request, task_queue
-from keepwell.fleet.workflows import WORKFLOW
+from keepwell.fleet.messages import RunRequest, StreamRequest
+from keepwell.fleet.target import run_request, stream_queue, task_queue
+from keepwell.fleet.workflows import STREAM_PREFIX, STREAM_WORKFLOW, WORKFLOW
 
 PREFIX = "keepwell-"
 
@@ -62,7 +68,7 @@ class Wanted:
 
 @dataclass
 class Step:
-    op: str  # create | update | delete | unchanged
+    op: str  # create | update | delete | unchanged; for streamers: start | restart | stop
     schedule_id: str
     cron: str | None = None
     site: str | None = None
@@ -89,6 +95,62 @@ def wanted(cfg: Config) -> dict[str, Wanted]:
             out[sid] = Wanted(sid, temporal_cron(drill.schedule), drill.timezone or cfg.timezone,
                               run_request(cfg, "drill", name, None))
     return out
+
+
+def wanted_streams(cfg: Config) -> dict[str, StreamRequest]:
+    """The streamer workflows the configuration asks for, by workflow id."""
+    out: dict[str, StreamRequest] = {}
+    for name, src in cfg.sources.items():
+        continuous = isinstance(src, FilesSource) and src.mode == "continuous"
+        if not src.enabled or (getattr(src, "stream", None) is None and not continuous):
+            continue
+        doc = {"source": src.model_dump(mode="json"),
+               "repository": cfg.repositories[src.repository].model_dump(mode="json")}
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        out[STREAM_PREFIX + name] = StreamRequest(
+            name=name, site=src.site, queue=stream_queue(src.site),
+            heartbeat_timeout=cfg.fleet.heartbeat_timeout, digest=digest)
+    return out
+
+
+async def _running_streams(client: Client) -> dict[str, str]:
+    """The streamer workflows running on the cluster: workflow id -> the digest they run."""
+    out: dict[str, str] = {}
+    query = f"WorkflowType = '{STREAM_WORKFLOW}' AND ExecutionStatus = 'Running'"
+    async for wf in client.list_workflows(query=query):
+        if wf.id.startswith(STREAM_PREFIX):
+            digest = await wf.memo_value("digest", "")
+            out[wf.id] = digest if isinstance(digest, str) else ""
+    return out
+
+
+async def _stop_stream(client: Client, workflow_id: str) -> None:
+    """Cancel a streamer workflow and wait until its streamer has stopped."""
+    handle = client.get_workflow_handle(workflow_id)
+    await handle.cancel()
+    with contextlib.suppress(WorkflowFailureError):
+        await handle.result()
+
+
+async def _apply_streams(client: Client, cfg: Config, *, dry_run: bool) -> list[Step]:
+    want = wanted_streams(cfg)
+    running = await _running_streams(client)
+    plan: list[Step] = []
+    for wid, req in sorted(want.items()):
+        digest = running.get(wid)
+        op = "start" if digest is None else ("unchanged" if digest == req.digest else "restart")
+        plan.append(Step(op, wid, None, req.site))
+        if dry_run or op == "unchanged":
+            continue
+        if op == "restart":
+            await _stop_stream(client, wid)
+        await client.start_workflow(STREAM_WORKFLOW, req, id=wid, task_queue=task_queue(req.site),
+                                    memo={"digest": req.digest})
+    for wid in sorted(set(running) - set(want)):
+        plan.append(Step("stop", wid))
+        if not dry_run:
+            await _stop_stream(client, wid)
+    return plan
 
 
 async def _note_of(client: Client, schedule_id: str) -> str | None:
@@ -129,4 +191,4 @@ async def apply(client: Client, cfg: Config, *, dry_run: bool) -> list[Step]:
         plan.append(Step("delete", sid))
         if not dry_run:
             await client.get_schedule_handle(sid).delete()
-    return plan
+    return plan + await _apply_streams(client, cfg, dry_run=dry_run)

@@ -38,6 +38,13 @@ def task_queue(site: str) -> str:
     return QUEUE_PREFIX + site
 
 
+def stream_queue(site: str) -> str:
+    """The task queue of a site's streamers: apart from its jobs, whose slots (``--max-jobs``)
+    a streamer that runs for good would otherwise hold. (A site's name has no ``/``: no site's
+    job queue is another's streamer queue.)"""
+    return f"{QUEUE_PREFIX}{site}/streams"
+
+
 def fleet_address(fleet: FleetConfig) -> str:
     return os.environ.get("KEEPWELL_FLEET_ADDRESS") or fleet.address
 

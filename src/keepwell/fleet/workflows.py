@@ -50,9 +50,13 @@ with workflow.unsafe.imports_passed_through():
         RunResult,
         StepRequest,
         StepResult,
+        StreamRequest,
     )
 
 WORKFLOW = "keepwell-run"
+STREAM_WORKFLOW = "keepwell-stream"
+STREAM_ACTIVITY = "keepwell-stream"
+STREAM_PREFIX = "keepwell-stream-"  # + the source's name: the id of its stream workflow
 JOB_ACTIVITY = "keepwell-job"
 RETENTION_ACTIVITY = "keepwell-retention"
 REPLICA_ACTIVITY = "keepwell-replica"
@@ -145,6 +149,28 @@ class FleetRun:
     @workflow.query(name="steps")
     def steps(self) -> list[StepResult]:
         return self.done
+
+
+@workflow.defn(name=STREAM_WORKFLOW)
+class FleetStream:
+    """One source's streamer (``keepwell watch`` of a continuous files source, or its ``stream``
+    command) kept running as one long activity on a worker of its site, heartbeating; a worker
+    that disappears has it started again on another (retries without end, backing off up to a
+    minute). Cancelling the workflow stops the streamer (`keepwell fleet apply` does, for a
+    source that no longer streams); it waits for the streamer to stop."""
+
+    @workflow.run
+    async def run(self, req: StreamRequest) -> None:
+        await workflow.execute_activity(
+            STREAM_ACTIVITY, req,
+            task_queue=req.queue,
+            start_to_close_timeout=timedelta(days=3650),
+            heartbeat_timeout=timedelta(seconds=req.heartbeat_timeout),
+            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                     backoff_coefficient=2.0,
+                                     maximum_interval=timedelta(seconds=60)),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
 
 
 @workflow.defn(name=BUDGET_WORKFLOW)
