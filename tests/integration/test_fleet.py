@@ -349,6 +349,15 @@ def test_a_continuous_source_is_watched_on_a_worker_of_its_site(fleet: Fleet) ->
     assert apply() == [("start", "keepwell-stream-live", "east")]
     wait_for(lambda: held("first.txt"), "the watcher's first snapshot")
     assert apply() == [("unchanged", "keepwell-stream-live", "east")]
+
+    def streams() -> list[dict[str, Any]]:
+        proc = fleet.cli("fleet", "status", "-c", str(fleet.config), "--json")
+        assert proc.returncode == 0, proc.stderr
+        return list(json.loads(proc.stdout)["streams"])
+
+    shown = wait_for(lambda: [s for s in streams() if (s["figures"] or {}).get("up")],
+                     "fleet status showing the streamer up")
+    assert [(s["source"], s["worker"].split("/")[0]) for s in shown] == [("live", "east")]
     watcher = _streamer(fleet, "live")
     assert watcher is not None and _runs(watcher)
     # its worker is killed: another worker of the site takes the streamer over, stopping the
@@ -373,3 +382,4 @@ def test_a_continuous_source_is_watched_on_a_worker_of_its_site(fleet: Fleet) ->
     assert not _runs(watcher)  # stopped before apply returned
     assert _streamer(fleet, "live") is None
     assert apply() == []
+    assert streams() == []

@@ -142,7 +142,8 @@ def cmd_drill(name: Annotated[str, typer.Argument(help="Drill (or source) to run
 
 @fleet_app.command("status")
 def cmd_status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Schedules (last and next runs), running jobs with their worker and progress, workers."""
+    """Schedules (last and next runs), running jobs with their worker and progress, streamers,
+    workers."""
     from keepwell.fleet.runs import status
 
     info = _with_client(config, status)
@@ -161,6 +162,15 @@ def cmd_status(config: ConfigOption = None, json_out: JsonOption = False) -> Non
                        f"{step['attempt']}), read {human_bytes(p.get('bytes_read', 0))}, "
                        f"uploaded {human_bytes(p.get('bytes_uploaded', 0))}, "
                        f"{p.get('files', 0)} files, started {_age(r['started_at'])} ago")
+    typer.echo("\nstreams:" if info["streams"] else "\nstreams: none")
+    for st in info["streams"]:
+        f = st["figures"] or {}
+        lag = f.get("lag_seconds")
+        state = "up" if f.get("up") else "down"
+        typer.echo(f"  {st['source']}  on {st['worker'] or '-'} (attempt {st['attempt']}), "
+                   f"{state}, {f.get('restarts', 0)} restart(s)"
+                   + (f", lag {lag:.1f}s" if isinstance(lag, int | float) else "")
+                   + f", started {_age(st['started_at'])} ago")
     typer.echo("\nworkers:")
     for site, workers in info["workers"].items():
         typer.echo(f"  site {site}: {len(workers)}"

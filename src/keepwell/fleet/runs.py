@@ -2,7 +2,8 @@
 
 `start` starts one run workflow now on its site's task queue and, with ``wait``, waits for its
 end. `status` reads the cluster: the Schedules (last and next runs), the running runs with their
-worker and the progress of their current step (its heartbeat), and the workers polling each
+worker and the progress of their current step (its heartbeat), the streamers with their worker
+and figures, and the workers polling each
 site's queue (`workers`, which the web app's running page shows too). `jobs` lists recent runs
 with their steps, read from each run's history.
 """
@@ -32,7 +33,7 @@ from keepwell.control.config import Config
 from keepwell.fleet.messages import RunResult, StepRequest
 from keepwell.fleet.schedules import PREFIX
 from keepwell.fleet.target import run_request, task_queue
-from keepwell.fleet.workflows import WORKFLOW, FleetRun
+from keepwell.fleet.workflows import STREAM_PREFIX, STREAM_WORKFLOW, WORKFLOW, FleetRun
 
 SERVER_AWAY = 600.0  # how long `start` waits for a run across a server that went away
 
@@ -120,6 +121,25 @@ async def _running(client: Client) -> list[dict[str, Any]]:
     return out
 
 
+async def _streams(client: Client) -> list[dict[str, Any]]:
+    """The streamers running (`FleetStream`): each one's source, its worker and its last
+    heartbeat's figures (``up``, ``restarts``, ``lag_seconds``)."""
+    out = []
+    query = f'WorkflowType="{STREAM_WORKFLOW}" AND ExecutionStatus="Running"'
+    async for wf in client.list_workflows(query):
+        desc = await client.get_workflow_handle(wf.id, run_id=wf.run_id).describe()
+        entry: dict[str, Any] = {"workflow_id": wf.id, "source": wf.id[len(STREAM_PREFIX):],
+                                 "started_at": _ts(wf.start_time), "worker": None,
+                                 "attempt": 0, "figures": None}
+        for pa in desc.raw_description.pending_activities:
+            details = (await client.data_converter.decode(pa.heartbeat_details.payloads)
+                       if pa.heartbeat_details.payloads else [])
+            entry.update(worker=pa.last_worker_identity or None, attempt=pa.attempt,
+                         figures=details[0] if details else None)
+        out.append(entry)
+    return sorted(out, key=lambda e: e["workflow_id"])
+
+
 async def workers(client: Client, cfg: Config) -> dict[str, list[dict[str, Any]]]:
     """The workers polling each site's queue (every configured site, and ``default``): their
     identity and last poll."""
@@ -148,7 +168,8 @@ async def status(client: Client, cfg: Config) -> dict[str, Any]:
                           "next_run": _ts(nxt[0]) if nxt else None,
                           "runs": desc.info.num_actions})
     return {"schedules": sorted(schedules, key=lambda x: x["schedule_id"]),
-            "running": await _running(client), "workers": await workers(client, cfg)}
+            "running": await _running(client), "streams": await _streams(client),
+            "workers": await workers(client, cfg)}
 
 
 async def _steps(client: Client, wf: WorkflowExecution) -> list[dict[str, Any]]:
