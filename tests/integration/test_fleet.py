@@ -313,6 +313,17 @@ def _streamer(fleet: Fleet, source: str) -> int | None:
     return int(row[0]) if row else None
 
 
+def _streamer_command(fleet: Fleet, source: str) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(fleet.history, timeout=30)
+    try:
+        row = db.execute("SELECT command FROM streamers WHERE source=?", (source,)).fetchone()
+    finally:
+        db.close()
+    return list(json.loads(row[0])) if row else []
+
+
 def _runs(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -369,11 +380,13 @@ def test_a_continuous_source_is_watched_on_a_worker_of_its_site(fleet: Fleet) ->
     assert not _runs(watcher)
     (data / "second.txt").write_text("two\n")
     wait_for(lambda: held("second.txt"), "a change seen by the new worker's watcher")
-    # a changed source restarts its streamer; a removed one has it stopped
+    # a changed source restarts its streamer, with the file as it now is on the worker; a
+    # removed one has it stopped
+    assert "0.2s" in _streamer_command(fleet, "live")
     doc["sources"]["live"]["max_delay"] = "300ms"
     fleet.write_config(doc)
     assert apply() == [("restart", "keepwell-stream-live", "east")]
-    wait_for(lambda: _streamer(fleet, "live") is not None, "the restarted streamer")
+    wait_for(lambda: "0.3s" in _streamer_command(fleet, "live"), "the restarted streamer")
     watcher = _streamer(fleet, "live")
     assert watcher is not None
     doc["sources"]["live"]["mode"] = "scheduled"

@@ -33,7 +33,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from keepwell.control.alerts import Alerts
 from keepwell.control.backups import run_follow_up
-from keepwell.control.config import LoadedConfig
+from keepwell.control.config import LoadedConfig, load_config
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobSpec, build_job
 from keepwell.control.logs import log_event
@@ -49,7 +49,7 @@ from keepwell.fleet.messages import (
     StepResult,
     StreamRequest,
 )
-from keepwell.fleet.target import site_of
+from keepwell.fleet.target import site_of, stream_digest
 from keepwell.fleet.workflows import (
     BREAKER_ASK_ACTIVITY,
     BREAKER_REPORT_ACTIVITY,
@@ -250,14 +250,23 @@ class JobActivities:
     @activity.defn(name=STREAM_ACTIVITY, no_thread_cancel_exception=True)
     def stream(self, req: StreamRequest) -> None:
         """Run the source's streamer (`keepwell.control.streamers.source_stream`, as the daemon
-        does) under a supervisor until the activity is cancelled, heartbeating its figures. A
+        does) under a supervisor until the activity is cancelled, heartbeating its figures and
+        raising the source's lag alert as the daemon does. A
         streamer a killed worker of this host left behind is stopped first (the job history
         has its pid). On the worker's shutdown the streamer stops and the activity fails, to
         be started again on another worker of the site."""
-        cfg = self.loaded.config
+        # the file as it is now: a streamer runs for good, and `fleet apply` restarts it when
+        # the source changed; a worker whose file differs from the applied one refuses it
+        cfg = load_config(self.loaded.path).config
         if req.name not in cfg.sources or site_of(cfg, "backup", req.name) != self.site:
             raise ApplicationError(f"stream {req.name}: not a source of this worker's site "
                                    f"{self.site!r}", non_retryable=True)
+        if req.digest and stream_digest(cfg, req.name) != req.digest:
+            log_event(self.log, "stream_refused", level=logging.WARNING, source=req.name,
+                      reason="configuration differs")
+            raise ApplicationError(f"stream {req.name}: this worker's {self.loaded.path} gives "
+                                   "the source other settings than the file 'fleet apply' "
+                                   "used: give the workers the same file", type="StaleConfig")
         found = source_stream(cfg, req.name)
         if found is None:
             raise ApplicationError(f"stream {req.name}: the source does not stream (no "
@@ -270,8 +279,13 @@ class JobActivities:
                 if source == req.name and stop_orphan(pid, command):
                     log_event(self.log, "stream_orphan_stopped", level=logging.WARNING,
                               source=source, pid=pid)
-            sup = StreamSupervisor(req.name, stream, env, self.log,
-                                   on_spawn=history.set_streamer)
+            # the lag alert, as the daemon raises it (keepwell.control.alerts)
+            limit = getattr(getattr(cfg.sources[req.name], "stream", None), "lag_alert", None)
+            alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
+            sup = StreamSupervisor(
+                req.name, stream, env, self.log, on_spawn=history.set_streamer,
+                on_lag=None if limit is None else
+                (lambda source, samples: alerts.check_lag(source, samples, limit)))
             sup.start()
             every = max(0.2, req.heartbeat_timeout / 4)
             try:

@@ -35,7 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from keepwell.control.config import Config, FilesSource
 from keepwell.control.schedule import Schedule as Cron
 from keepwell.fleet.messages import RunRequest, StreamRequest
-from keepwell.fleet.target import run_request, stream_queue, task_queue
+from keepwell.fleet.target import run_request, stream_digest, stream_queue, task_queue
 from keepwell.fleet.workflows import STREAM_PREFIX, STREAM_WORKFLOW, WORKFLOW
 
 PREFIX = "keepwell-"
@@ -104,12 +104,9 @@ def wanted_streams(cfg: Config) -> dict[str, StreamRequest]:
         continuous = isinstance(src, FilesSource) and src.mode == "continuous"
         if not src.enabled or (getattr(src, "stream", None) is None and not continuous):
             continue
-        doc = {"source": src.model_dump(mode="json"),
-               "repository": cfg.repositories[src.repository].model_dump(mode="json")}
-        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
         out[STREAM_PREFIX + name] = StreamRequest(
             name=name, site=src.site, queue=stream_queue(src.site),
-            heartbeat_timeout=cfg.fleet.heartbeat_timeout, digest=digest)
+            heartbeat_timeout=cfg.fleet.heartbeat_timeout, digest=stream_digest(cfg, name))
     return out
 
 

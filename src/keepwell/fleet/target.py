@@ -9,6 +9,8 @@ its circuit breaker's policy, and the drill that follows its backups (``after_ba
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -43,6 +45,16 @@ def stream_queue(site: str) -> str:
     a streamer that runs for good would otherwise hold. (A site's name has no ``/``: no site's
     job queue is another's streamer queue.)"""
     return f"{QUEUE_PREFIX}{site}/streams"
+
+
+def stream_digest(cfg: Config, name: str) -> str:
+    """What a source's streamer runs with (the source's and its repository's settings), as a
+    short digest: `fleet apply` keeps it with the streamer's workflow, and a worker checks its
+    own configuration against it before it starts the streamer."""
+    src = cfg.sources[name]
+    doc = {"source": src.model_dump(mode="json"),
+           "repository": cfg.repositories[src.repository].model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fleet_address(fleet: FleetConfig) -> str:
