@@ -85,6 +85,31 @@ def test_run_wait_restores_exactly_and_sites_are_kept_apart(fleet: Fleet) -> Non
         f"west/{socket.gethostname()}/{west_worker.pid}"]
 
 
+def test_a_source_added_to_the_file_runs_on_the_running_workers(fleet: Fleet) -> None:
+    repo, east, _ = _two_sites(fleet)
+    fleet.worker("east")
+    doc = yaml.safe_load(fleet.config.read_text())
+    more = fleet.root / "data" / "more"
+    write_random(more / "m.bin", 100_000)
+    doc["sources"]["c"] = {"kind": "files", "repository": "main", "paths": [str(more)],
+                           "site": "east"}
+    fleet.config.write_text(yaml.safe_dump(doc))  # the worker was started before c existed
+    proc = fleet.cli("fleet", "run", "c", "-c", str(fleet.config), "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    step = json.loads(proc.stdout)["steps"][0]
+    assert restore(fleet, repo, step["snapshot_id"], more) == tree(more)
+    # a file that no longer validates is refused: the worker keeps the last good one
+    fleet.config.write_text(fleet.config.read_text() + "\nnot_a_setting: 1\n")
+    proc = fleet.cli("fleet", "run", "a", "-c", str(fleet.config), "--wait", "--json")
+    assert proc.returncode != 0  # the command line refuses the file itself
+    good = fleet.root / "good.yaml"  # the same settings, valid
+    good.write_text(yaml.safe_dump(doc))
+    proc = fleet.cli("fleet", "run", "a", "-c", str(good), "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # run with the last good file
+    log = fleet.workers[0][1].read_text()
+    assert '"config_reloaded"' in log and '"config_refused"' in log
+
+
 def test_apply_is_idempotent_and_removes_schedules(fleet: Fleet) -> None:
     _two_sites(fleet)
     doc = yaml.safe_load(fleet.config.read_text())

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from temporalio import activity
@@ -33,7 +35,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from keepwell.control.alerts import Alerts
 from keepwell.control.backups import run_follow_up
-from keepwell.control.config import LoadedConfig, load_config
+from keepwell.control.config import Config, LoadedConfig, load_config
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobSpec, build_job
 from keepwell.control.logs import log_event
@@ -93,6 +95,14 @@ class _Progress:
                     "bytes_uploaded": self.uploaded}
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class JobActivities:
     """The activities of one worker: its configuration, its site, its client to the cluster
     (for the leases of the fleet's budgets and the breakers)."""
@@ -105,9 +115,29 @@ class JobActivities:
         self.log = log
         self.client = client
         self.loop = loop
+        self._read = _file_state(loaded.path)
+        self._config_lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        """The worker's configuration file as it is now: each step reads it again once it has
+        changed (a source added and `fleet apply`'d runs without restarting the workers); a
+        file that no longer validates is refused with a warning, and the last good one stays
+        in force, as the daemon's reload does."""
+        with self._config_lock:
+            state = _file_state(self.loaded.path)
+            if state != self._read:
+                self._read = state
+                try:
+                    self.loaded = load_config(self.loaded.path)
+                    log_event(self.log, "config_reloaded", path=str(self.loaded.path))
+                except KeepwellError as exc:
+                    log_event(self.log, "config_refused", level=logging.WARNING,
+                              path=str(self.loaded.path), error=exc.line())
+            return self.loaded.config
 
     def _spec(self, step: StepRequest, action: str, trigger: str) -> JobSpec:
-        cfg = self.loaded.config
+        cfg = self.config
         site = site_of(cfg, action, step.name)
         if site != self.site:
             raise ApplicationError(f"{action} {step.name} belongs to site {site!r}, not to this "
@@ -121,14 +151,14 @@ class JobActivities:
         trigger = "recovery" if attempt > 1 else ("probe" if step.probe else "fleet")
         spec = self._spec(step, step.action, trigger)
         progress = _Progress()
-        history = open_history(self.loaded.config)
+        cfg = self.config
+        history = open_history(cfg)
         try:
             if attempt > 1:  # a lost worker's row of this job is not running any more
                 for run in history.interrupted_runs():
                     if run.job_id == spec.job_id:
                         history.mark_interrupted(run.id, "its fleet worker was lost; retried")
-            alerts = Alerts(history, self.loaded.config.alerts,
-                            list(self.loaded.config.notifications))
+            alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
             run_id, outcome = self._leased(
                 spec, step, progress, lambda ctx: run_job(spec, ctx, history, alerts, self.log))
         finally:
@@ -157,7 +187,7 @@ class JobActivities:
         attempt = activity.info().attempt
         spec = self._spec(step, "backup", "fleet")
         progress = _Progress()
-        history = open_history(self.loaded.config)
+        history = open_history(self.config)
         try:
             backup = next((r for r in reversed(history.runs_for_job(spec.job_id))
                            if r.status == "succeeded"), None)
@@ -198,7 +228,7 @@ class JobActivities:
         """Run ``work`` on a thread inside the job's budgets: wait for its leases, heartbeat
         and renew them while it runs, release them at its end."""
         info = activity.info()
-        cfg = self.loaded.config
+        cfg = self.config
         upload = SiteUpload(cfg, self.site)
         ctx = JobContext(shared_upload=upload.bucket, timeout=spec.timeout, listener=progress)
         progress.ctx = ctx
@@ -255,9 +285,9 @@ class JobActivities:
         streamer a killed worker of this host left behind is stopped first (the job history
         has its pid). On the worker's shutdown the streamer stops and the activity fails, to
         be started again on another worker of the site."""
-        # the file as it is now: a streamer runs for good, and `fleet apply` restarts it when
-        # the source changed; a worker whose file differs from the applied one refuses it
-        cfg = load_config(self.loaded.path).config
+        # the file as it is now: `fleet apply` restarts a streamer when its source changed; a
+        # worker whose file differs from the applied one refuses it
+        cfg = self.config
         if req.name not in cfg.sources or site_of(cfg, "backup", req.name) != self.site:
             raise ApplicationError(f"stream {req.name}: not a source of this worker's site "
                                    f"{self.site!r}", non_retryable=True)
@@ -313,9 +343,9 @@ class JobActivities:
         verdict = on_loop(self.loop, tell_breaker(self.client, ask))
         if verdict.allowed:
             return verdict
-        spec = build_job(self.loaded.config, "backup", ask.source, ask.scheduled_at,
+        spec = build_job(self.config, "backup", ask.source, ask.scheduled_at,
                          trigger="fleet")
-        history = open_history(self.loaded.config)
+        history = open_history(self.config)
         try:
             history.record_skip(job_id=spec.job_id, name=spec.name, source=spec.source,
                                 action=spec.action, kind=spec.kind, attempt=1, trigger="fleet",
@@ -331,7 +361,7 @@ class JobActivities:
         verdict = on_loop(self.loop, tell_breaker(self.client, ask))
         if verdict.state == verdict.was == "closed":
             return verdict
-        cfg = self.loaded.config
+        cfg = self.config
         history = open_history(cfg)
         try:
             alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
