@@ -28,6 +28,8 @@ PY="$here/.venv/bin/python"
 HOOK="$here/.venv/bin/keepwell-wal"
 [[ -x "$HOOK" ]] || HOOK="$PY -m keepwell.sources.postgres.walcommand"
 # archive_command as `keepwell postgres archive-command` prints it: the shell fast path
+# PostgreSQL runs archive_command in its data directory: a relative KW_PUSH is made absolute
+[[ -n "${KW_PUSH:-}" && "$KW_PUSH" != /* ]] && KW_PUSH="$PWD/$KW_PUSH"
 PUSH="${KW_PUSH:-$here/.venv/bin/keepwell-wal-push}"
 if [[ -z "${KW_PUSH:-}" && ! -x "$PUSH" ]]; then
     if [[ -x "$here/.venv/bin/keepwell-wal" ]]; then
