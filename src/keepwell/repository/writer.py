@@ -174,13 +174,9 @@ class SnapshotWriter:
         # the nodes of a held tree read back as they are (`as_decoded`): only new ones need it
         new = nodes if known is None else [n for n, p in zip(nodes, known, strict=True) if p is None]
         remember = self.remember_trees and as_decoded(new)
-        if remember or known is not None:  # kept node by node, for the next writing of it
-            pieces: list[bytes] | None = encode_pieces(nodes, known)
-            assert pieces is not None
-            plain = join_pieces(pieces)
-        else:
-            pieces = None
-            plain = encode_tree(nodes, ordered=True)
+        # node by node where they are kept (for the next writing of the directory) or reused
+        pieces = encode_pieces(nodes, known) if remember or known is not None else None
+        plain = encode_tree(nodes, ordered=True) if pieces is None else join_pieces(pieces)
         tree_id = self.sink.save(TREE, plain)
         if remember:
             self.repo.remember_tree(tree_id, nodes, pieces)

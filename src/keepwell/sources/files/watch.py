@@ -134,7 +134,6 @@ class Watcher:
         # when the last read of events returned: what the next read returns happened after it
         # (and perhaps long before that read: during a commit, nothing is read)
         self._read_at: float | None = None
-        self._read_any = False
         self._last_change: float | None = None
         self._last_sync = 0.0
         self._names = _Names()
@@ -431,21 +430,22 @@ class Watcher:
                 self.commit()
                 continue
             timeout = self._timeout(now)
-            self._read_events(0.25 if timeout is None else min(timeout, 0.25))
+            read = self._read_events(0.25 if timeout is None else min(timeout, 0.25))
             now = time.monotonic()
-            if self.journal.unsynced and (not self._read_any or now - self._last_sync >= 0.05):
+            if self.journal.unsynced and (not read or now - self._last_sync >= 0.05):
                 self.journal.sync()  # in batches: at most every 50 ms while events pour in
                 self._last_sync = now
             self.counts["watches"] = len(self.notifier)
 
-    def _read_events(self, timeout: float) -> None:
+    def _read_events(self, timeout: float) -> bool:
         """Read the events the notifier has (waiting up to ``timeout`` seconds for the first)
-        and mark what they name; each is dated no later than the return of the read before."""
+        and mark what they name, each dated no later than the return of the read before;
+        whether there were any."""
         assert self.notifier is not None
         events = self.notifier.read(timeout)
         returned = time.monotonic()
-        self._read_any = bool(events)
         for ev in events:
             self._handle(ev)
         self._read_at = returned
+        return bool(events)
 
