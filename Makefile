@@ -1,8 +1,9 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-# the servers and tools the tests start (PostgreSQL, MariaDB, OpenSSH, Azurite): installed by the
-# idempotent scripts of .ci/install.d, as root (through sudo when run by another user)
+# the servers and tools the tests start (PostgreSQL, MariaDB, OpenSSH, Azurite, QEMU and a kernel
+# for the LVM tests' VM): installed by the idempotent scripts of .ci/install.d, as root (through
+# sudo when run by another user)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test servers lint typecheck unit fault clean

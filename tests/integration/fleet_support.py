@@ -56,10 +56,11 @@ class Fleet:
         return subprocess.run([*MAIN, *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
-    def worker(self, site: str) -> subprocess.Popen[bytes]:
+    def worker(self, site: str, config: Path | None = None) -> subprocess.Popen[bytes]:
+        """A worker of ``site`` reading ``config`` (the fleet's file by default)."""
         log = self.root / f"worker-{len(self.workers)}-{site}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([*MAIN, "worker", "-c", str(self.config), "--site", site,
+            proc = subprocess.Popen([*MAIN, "worker", "-c", str(config or self.config), "--site", site,
                                      "--max-jobs", "1", "--log-json"],
                                     stdout=out, stderr=out, env=self.env())
         self.workers.append((proc, log))
@@ -71,6 +72,10 @@ class Fleet:
 
         wait_for(started, f"worker of site {site}")
         return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        """What a worker has logged so far."""
+        return next(log for p, log in self.workers if p is proc).read_text(errors="replace")
 
     def runs(self) -> list[dict[str, Any]]:
         import sqlite3

@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,8 @@ def _streamer(fleet: Fleet, source: str) -> int | None:
     db = sqlite3.connect(fleet.history, timeout=30)
     try:
         row = db.execute("SELECT pid FROM streamers WHERE source=?", (source,)).fetchone()
+    except sqlite3.OperationalError:  # no streamer has ever run: the table is not made yet
+        row = None
     finally:
         db.close()
     return int(row[0]) if row else None
@@ -421,3 +424,51 @@ def test_a_continuous_source_is_watched_on_a_worker_of_its_site(fleet: Fleet) ->
     assert _streamer(fleet, "live") is None
     assert apply() == []
     assert streams() == []
+
+
+LAGGING = """
+import json, sys, time
+for i in range(1_000_000):
+    print(json.dumps({"lag_seconds": 100 + 10 * i}), flush=True)
+    time.sleep(0.2)
+"""
+
+
+def test_a_streamers_lag_alert_and_a_worker_with_another_file(fleet: Fleet) -> None:
+    """A streamer on a worker raises its source's lag alert as the daemon's does; a worker
+    whose file gives the source other settings than the file applied refuses the stream, and
+    it runs on a worker with the right file."""
+    repo = fleet.root / "repo"
+    init_repository(repo)
+    script = fleet.root / "lagging.py"
+    script.write_text(LAGGING)
+    alerts = fleet.root / "alerts.jsonl"
+    notify = [sys.executable, "-c",
+              f"import sys; open({str(alerts)!r}, 'a').write(sys.stdin.read() + '\\n')"]
+    stream = {"command": [sys.executable, str(script)], "restart_base": "0.2s",
+              "lag_alert": "60s"}
+    doc: dict[str, Any] = {
+        "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"pg": {"kind": "postgres", "repository": "main", "site": "east",
+                           "connection": {"host": "127.0.0.1", "port": 1}, "stream": stream}},
+        "notifications": [{"command": notify}],
+    }
+    fleet.write_config(doc)
+    stale = fleet.root / "stale.yaml"
+    stale.write_text(fleet.config.read_text().replace("lag_alert: 60s", "lag_alert: 30s"))
+    assert stale.read_text() != fleet.config.read_text()
+    other = fleet.worker("east", config=stale)
+    proc = fleet.cli("fleet", "apply", "-c", str(fleet.config))
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: fleet.log(other).count('"stream_refused"') >= 2,
+             "the worker with another file refusing the stream, twice")
+    assert _streamer(fleet, "pg") is None and not alerts.exists()
+    other.send_signal(signal.SIGKILL)
+    other.wait()
+    fleet.worker("east")
+    wait_for(lambda: alerts.exists() and '"log_lag"' in alerts.read_text(),
+             "the lag alert from the streamer on the right worker")
+    events = [json.loads(line) for line in alerts.read_text().splitlines() if line]
+    [alert] = [e for e in events if e.get("kind") == "log_lag"]
+    assert alert["event"] == "alert" and alert["source"] == "pg"
+    assert "log streaming lag of pg" in alert["message"]

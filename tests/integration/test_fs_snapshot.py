@@ -7,8 +7,9 @@ Real btrfs filesystems on loop devices (tests.integration.fssnap_support), the r
 together is saved as it was at one instant; paths on two filesystems get one snapshot each; the
 snapshot is gone after a success, after a failed backup and after SIGTERM; one left by a killed
 run (SIGKILL) is removed by the next run with a warning; a path that no method can snapshot is
-one line and exit 2. This machine's kernel has no device-mapper, so LVM is tested as far as
-that allows: refusing a volume that is not LVM, and the pieces that need no device.
+one line and exit 2. LVM needs device-mapper, which this machine's kernel lacks: here it is
+tested as far as that allows (refusing a volume that is not LVM, the pieces that need no
+device); the rest runs in a VM (test_fs_snapshot_lvm.py, lvm_checks.py).
 """
 
 from __future__ import annotations
@@ -17,37 +18,26 @@ import json
 import os
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 
 from keepwell.sources.files import fssnapshot
 from keepwell.sources.files.fssnapshot import fs_snapshots
 from tests.fault.cli import KW, PASSWORD, kw, ok
-from tests.integration.fssnap_support import btrfs, ext4, own_snapshots, sh
+from tests.integration.fssnap_support import (
+    PairWriter,
+    backup_beside_a_writer,
+    btrfs,
+    ext4,
+    held_backup,
+    own_snapshots,
+    pair,
+    sh,
+)
 from tests.integration.snapshot_edit_faults import hook_env
 from tests.waiting import wait_for
-
-HELD = "KEEPWELL_TESTONLY_HELD_FILE"
-
-
-def hold_snapshot_writes(module: ModuleType) -> None:
-    """A write hook: the snapshot object's write (the backup's last step, long after the
-    filesystem snapshot was taken) says so in the file ``$KEEPWELL_TESTONLY_HELD_FILE`` and
-    waits for ever, so a test can signal a backup in the middle of its run."""
-    real_put = module.LocalBackend.put
-
-    def put(self: Any, name: str, data: Any, **kw: Any) -> None:
-        if name.startswith("snapshots/"):
-            Path(os.environ[HELD]).write_text(str(os.getpid()))
-            threading.Event().wait()
-        real_put(self, name, data, **kw)
-
-    module.LocalBackend.put = put
 
 
 @pytest.fixture
@@ -98,55 +88,6 @@ def test_records_the_original_paths_and_removes_the_snapshot(vol: Path, repo: Pa
     assert f"{vol}/data/a.txt" in _paths(repo) and own_snapshots(vol) == []
 
 
-class PairWriter:
-    """Writes the same counter into a.txt and then b.txt, each written, flushed (fsync) and
-    renamed into place as an application that wants its files to survive a crash does: at
-    every instant b <= a <= b + 1. (Without the fsync, a btrfs snapshot may hold a renamed
-    file without its data, empty: what a crash at that instant would leave.)"""
-
-    def __init__(self, where: Path) -> None:
-        self.where = where
-        self.n = 0
-        self.stop = threading.Event()
-        self.step = threading.Condition()
-        self.thread = threading.Thread(target=self._run)
-
-    def _put(self, name: str, value: int) -> None:
-        tmp = self.where / f".{name}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{value}\n" + "x" * 4000)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.where / name)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            n = self.n + 1
-            self._put("a.txt", n)
-            self._put("b.txt", n)
-            with self.step:
-                self.n = n
-                self.step.notify_all()
-
-    def wait_past(self, n: int) -> None:
-        with self.step:
-            assert self.step.wait_for(lambda: self.n > n or not self.thread.is_alive(), 60)
-            assert self.thread.is_alive()
-
-    def __enter__(self) -> PairWriter:
-        self.thread.start()
-        self.wait_past(20)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-def _pair(read: Any) -> tuple[int, int]:
-    return int(read("a.txt").split()[0]), int(read("b.txt").split()[0])
-
-
 def test_the_snapshot_holds_a_pair_from_one_instant(vol: Path) -> None:
     """The snapshot itself: taken while the writer runs, it keeps a consistent pair however
     long the writer goes on (waited for by its counter, not by time)."""
@@ -155,7 +96,7 @@ def test_the_snapshot_holds_a_pair_from_one_instant(vol: Path) -> None:
     with PairWriter(data) as writer, fs_snapshots([str(data)], "btrfs", print) as reads:
         taken = writer.n
         writer.wait_past(taken + 200)
-        a, b = _pair(lambda name: Path(reads[str(data)], name).read_text())
+        a, b = pair(lambda name: Path(reads[str(data)], name).read_text())
         assert b <= a <= b + 1 and a <= taken + 1
         assert writer.n > a + 100  # the live files moved on; the snapshot did not
     assert own_snapshots(vol) == []
@@ -164,14 +105,7 @@ def test_the_snapshot_holds_a_pair_from_one_instant(vol: Path) -> None:
 def test_a_backup_beside_a_writer_saves_a_consistent_pair(vol: Path, repo: Path) -> None:
     data = vol / "data"
     data.mkdir()
-    (data / "big").write_bytes(os.urandom(8 << 20))  # between a.txt and b.txt in the walk
-    with PairWriter(data) as writer:
-        before = writer.n
-        ok(kw(repo, "backup", "--fs-snapshot", "btrfs", str(data)))
-        after = writer.n
-    a, b = _pair(lambda name: ok(kw(repo, "dump", "latest", f"{data}/{name}")))
-    assert b <= a <= b + 1
-    assert before <= a <= after + 1
+    backup_beside_a_writer(repo, data, "btrfs")
     assert own_snapshots(vol) == []
 
 
@@ -183,20 +117,12 @@ def test_the_snapshot_is_removed_after_a_failed_backup(vol: Path, repo: Path) ->
     assert own_snapshots(vol) == []
 
 
-def _held_backup(repo: Path, held: Path, *paths: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "KEEPWELL_PASSWORD": PASSWORD, "KEEPWELL_REPOSITORY": str(repo),
-           "KEEPWELL_TESTONLY_WEAK_KDF": "1", HELD: str(held),
-           **hook_env("hold_snapshot_writes", __name__)}
-    return subprocess.Popen(KW + ["backup", "--fs-snapshot", "auto", *map(str, paths)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_sigterm_removes_one_snapshot_per_filesystem(vol: Path, repo: Path, tmp_path: Path) -> None:
     (vol / "a").write_text("a")
     with btrfs(tmp_path / "second") as other:
         (other / "b").write_text("b")
         held = tmp_path / "held"
-        proc = _held_backup(repo, held, vol / "a", other / "b")
+        proc = held_backup(repo, held, vol / "a", other / "b")
         try:
             wait_for(held.exists, "the backup to reach its snapshot write", 120)
             assert len(own_snapshots(vol)) == 1 and len(own_snapshots(other)) == 1
@@ -213,7 +139,7 @@ def test_a_snapshot_left_by_a_killed_run_is_removed_by_the_next(vol: Path, repo:
                                                                 tmp_path: Path) -> None:
     (vol / "a").write_text("a")
     held = tmp_path / "held"
-    proc = _held_backup(repo, held, vol / "a")
+    proc = held_backup(repo, held, vol / "a")
     try:
         wait_for(held.exists, "the backup to reach its snapshot write", 120)
     finally:
