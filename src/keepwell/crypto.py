@@ -45,7 +45,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keepwell import tokens
 from keepwell.errors import IntegrityError, WrongPasswordError
@@ -175,7 +174,7 @@ class MasterKey:
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_key().public_bytes_raw()
 
 
 def sender_key(shared_secret: bytes, sender_public: bytes, repository_public: bytes) -> MasterKey:
