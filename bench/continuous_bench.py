@@ -246,7 +246,9 @@ class Watch:
         out = []
         for line in lines:
             with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
+                doc = json.loads(line)
+                if "event" not in doc:  # a commit, not a failure or a catching up
+                    out.append(doc)
         return out
 
     def wait_commit(self, after: float = 0.0, timeout: float = 600) -> None:

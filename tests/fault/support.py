@@ -9,11 +9,34 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 KW = [sys.executable, "-m", "keepwell.cli.main"]
 PASSWORD = "pw"
+SMALL_DISK_MIB = 40
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 made in a file and mounted through a loop device (the tests run as root):
+    a disk that really fills up."""
+    image, mount = tmp_path / "disk.img", tmp_path / "disk"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(SMALL_DISK_MIB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    r = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a loop filesystem here (these tests need root): {r.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def kw_env(repo: Path, **extra: str) -> dict[str, str]:

@@ -10,32 +10,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fault.support import Manifest, assert_one_line_error, audit, kw, kw_env, manifest
 
-SIZE_MIB = 40
 ROUNDS = int(os.environ.get("KEEPWELL_FAULT_DISK_ROUNDS", "6"))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    image, mount = tmp_path / "disk.img", tmp_path / "disk"
-    mount.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(SIZE_MIB << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a loop filesystem here (these tests need root): {r.stderr}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def _fill(path: Path, rng: random.Random, size: int) -> None:

@@ -31,13 +31,18 @@ class Watch:
                 KW + ["watch", str(root), "--json", "--quiet-time", "100ms", "--max-delay",
                       "500ms", *args], env=env, stdout=out, stderr=subprocess.PIPE, text=True)
 
-    def commits(self) -> list[dict[str, Any]]:
+    def lines(self) -> list[dict[str, Any]]:
+        """Every JSON line: the commits, and the events (``"event"``: ``commit_failed``,
+        ``caught_up``)."""
         out = []
         with open(self.log) as f:
             for line in f:
                 with contextlib.suppress(ValueError):  # a line cut short by a kill
                     out.append(json.loads(line))
         return out
+
+    def commits(self) -> list[dict[str, Any]]:
+        return [c for c in self.lines() if "event" not in c]
 
     def started(self) -> None:
         """Wait for the start scan's commit (a snapshot, or nothing new to record)."""

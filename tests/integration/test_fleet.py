@@ -472,4 +472,4 @@ def test_a_streamers_lag_alert_and_a_worker_with_another_file(fleet: Fleet) -> N
     events = [json.loads(line) for line in alerts.read_text().splitlines() if line]
     [alert] = [e for e in events if e.get("kind") == "log_lag"]
     assert alert["event"] == "alert" and alert["source"] == "pg"
-    assert "log streaming lag of pg" in alert["message"]
+    assert "streaming lag of pg" in alert["message"]

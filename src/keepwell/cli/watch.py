@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +20,7 @@ from keepwell.cli.common import (
     open_repo,
 )
 from keepwell.cli.repo_commands import selection_of
-from keepwell.errors import UsageError
+from keepwell.errors import KeepwellError, UsageError
 from keepwell.units import parse_seconds
 
 
@@ -40,6 +41,14 @@ class WatchReport:
         elif name == "watch_polling":
             self._line(f"scanning every {fields['interval']:g}s instead of watching "
                        f"({fields['reason']})")
+        elif name == "watch_commit_failed":
+            self._commit_failed(fields)
+        elif name == "watch_recovered":
+            self._line(f"committing again after {fields['failures']} failed attempt(s) over "
+                       f"{fields['seconds']:.0f}s")
+        elif name == "watch_caught_up":
+            if self.json:
+                print(json.dumps({"event": "caught_up", **fields}), flush=True)
         elif name == "watch_overflow":
             self._line("the kernel's event queue overflowed: the whole tree is scanned again")
         elif name == "warning":
@@ -73,6 +82,19 @@ class WatchReport:
                 "keep it after a reboot)\n")
         else:
             self._line(f"{f['watches']} inotify watches in use{of}")
+
+    def _commit_failed(self, f: dict[str, Any]) -> None:
+        exc = f["error"]
+        error = exc.line() if isinstance(exc, KeepwellError) else f"{type(exc).__name__}: {exc}"
+        if GLOBALS.debug:
+            traceback.print_exception(exc)
+        if self.json:  # the lag goes on growing in the lines a supervisor reads
+            print(json.dumps({"event": "commit_failed", "error": error,
+                              **{k: v for k, v in f.items() if k != "error"}}), flush=True)
+        sys.stderr.write(f"keepwell: commit failed: {error}; {f['pending']} change(s) kept in "
+                         f"the journal, oldest {f['lag_seconds']:.0f}s ago; retrying in "
+                         f"{f['retry_in']:g}s\n")
+        sys.stderr.flush()
 
     def _committed(self, f: dict[str, Any]) -> None:
         snap = f["snapshot"]

@@ -12,7 +12,10 @@ Kinds of alert (one per source and kind, keyed ``SOURCE:KIND``):
   baseline, and the floors keep a very steady history from flagging tiny changes.
 * ``stale``: no successful backup within the expected window (``expect_success_within``, or
   ``stale_factor`` times the schedule's interval).
-* ``log_lag``: a streamed WAL/binlog lag above its ``lag_alert`` and still growing.
+* ``log_lag``: a streamed WAL/binlog lag, or a continuous files source's wait for a snapshot,
+  above its ``lag_alert`` and still growing.
+* ``stream_down``: a streamer with a ``lag_alert`` has kept exiting (or cannot start) for longer
+  than that ``lag_alert``.
 * ``drill_failed``: the newest restore drill failed.
 * ``circuit_open``: the source kept failing and is paused.
 
@@ -141,12 +144,21 @@ class Alerts:
         else:
             self.clear(source, "stale")
 
+    def check_down(self, source: str, seconds: float, limit: float, code: int | str) -> None:
+        """A streamer exited; it has been failing for ``seconds`` (0 at a first exit)."""
+        if seconds >= limit:
+            self.fire(source, "stream_down", f"the streamer of {source} has kept exiting for "
+                                             f"{seconds:.0f}s (last exit: {code})")
+
+    def stream_up(self, source: str) -> None:
+        self.clear(source, "stream_down")
+
     def check_lag(self, source: str, samples: list[float], limit: float) -> None:
         if not samples:
             return
         growing = len(samples) >= 3 and samples[-1] > samples[-2] > samples[-3]
         if samples[-1] > limit and growing:
-            self.fire(source, "log_lag", f"log streaming lag of {source} is "
+            self.fire(source, "log_lag", f"streaming lag of {source} is "
                                          f"{samples[-1]:.0f}s and growing")
         elif samples[-1] <= limit:
             self.clear(source, "log_lag")

@@ -203,6 +203,9 @@ class FilesSource(_SourceBase):
     quiet_time: Duration = 0.2
     # how ``mode: continuous`` captures changes (keepwell watch --notify)
     notify: Literal["auto", "inotify", "fanotify"] = "auto"
+    # ``mode: continuous``: alert when changes have waited longer than this for a snapshot
+    # and the wait still grows, or when the watcher has been down that long
+    lag_alert: Duration | None = None
     # scheduled backups read a filesystem snapshot (backup --fs-snapshot, docs/files.md)
     fs_snapshot: Literal["btrfs", "lvm", "auto"] | None = None
 

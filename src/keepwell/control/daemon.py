@@ -268,17 +268,20 @@ class Daemon:
             return
         stream, env = found
         sup = StreamSupervisor(name, stream, env, self.log, on_lag=self._on_lag,
-                               on_spawn=self.history.set_streamer)
+                               on_spawn=self.history.set_streamer, on_down=self._on_down,
+                               on_up=self.alerts.stream_up)
         self.streams[name] = sup
         sup.start()
 
+    def _on_down(self, source: str, seconds: float, code: int | str) -> None:
+        sup = self.streams.get(source)
+        if sup is not None and sup.config.lag_alert is not None:
+            self.alerts.check_down(source, seconds, sup.config.lag_alert, code)
+
     def _on_lag(self, source: str, samples: list[float]) -> None:
-        src = self.cfg.sources.get(source)
-        if src is None:
-            return
-        stream = getattr(src, "stream", None)
-        if stream is not None and stream.lag_alert is not None:
-            self.alerts.check_lag(source, samples, stream.lag_alert)
+        sup = self.streams.get(source)
+        if sup is not None and sup.config.lag_alert is not None:
+            self.alerts.check_lag(source, samples, sup.config.lag_alert)
 
     # -- the loop -------------------------------------------------------------------------------
     def take_lock(self) -> None:

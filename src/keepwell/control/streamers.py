@@ -11,6 +11,11 @@ checking that the pid still runs the same command) before a new one starts.
 
 Protocol: a streamer may print JSON lines such as ``{"lag_seconds": 3.5, "spool_depth": 2}`` on
 its standard output; the supervisor keeps the latest figures for metrics and the lag alert.
+
+Down: a streamer is failing from its first exit after it was last well (it reported a lag, or
+ran for ``restart_cap`` seconds); ``on_down`` hears at each exit how long that has been, and
+``on_up`` when it is well again. A streamer that cannot start (a repository that cannot be
+opened) reports no lag at all: this is what raises the ``stream_down`` alert for it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def watch_stream(src: FilesSource, tags: list[str]) -> StreamConfig:
         command += ["--host", src.host]
     if src.notify != "auto":
         command += ["--notify", src.notify]
-    return StreamConfig(command=command)
+    return StreamConfig(command=command, lag_alert=src.lag_alert)
 
 
 def source_stream(cfg: Config, name: str) -> tuple[StreamConfig, dict[str, str]] | None:
@@ -71,13 +76,19 @@ def source_stream(cfg: Config, name: str) -> tuple[StreamConfig, dict[str, str]]
 class StreamSupervisor:
     def __init__(self, source: str, config: StreamConfig, env: dict[str, str],
                  log: logging.Logger, on_lag: Callable[[str, list[float]], None] | None = None,
-                 on_spawn: Callable[[str, int, list[str]], None] | None = None) -> None:
+                 on_spawn: Callable[[str, int, list[str]], None] | None = None,
+                 on_down: Callable[[str, float, int | str], None] | None = None,
+                 on_up: Callable[[str], None] | None = None) -> None:
         self.source = source
         self.config = config
         self.env = env
         self.log = log
         self.on_lag = on_lag
         self.on_spawn = on_spawn
+        self.on_down = on_down
+        self.on_up = on_up
+        # monotonic time of the first exit since the streamer was last well; None while well
+        self.failing_since: float | None = None
         self.figures = StreamFigures()
         self.lag_samples: deque[float] = deque(maxlen=10)
         self._stop = threading.Event()
@@ -110,6 +121,7 @@ class StreamSupervisor:
             if not isinstance(doc, dict):
                 continue
             if isinstance(doc.get("lag_seconds"), int | float):
+                self._well()
                 self.figures.lag_seconds = float(doc["lag_seconds"])
                 self.lag_samples.append(self.figures.lag_seconds)
                 if self.on_lag is not None:
@@ -133,19 +145,39 @@ class StreamSupervisor:
                 if self.on_spawn is not None:
                     self.on_spawn(self.source, proc.pid, list(self.config.command))
                 log_event(self.log, "stream_started", source=self.source, pid=proc.pid)
-                self._read(proc)
-                code = proc.wait()
+                # well once it has run for restart_cap seconds, even if it never reports a lag
+                timer = threading.Timer(self.config.restart_cap, self._well)
+                timer.daemon = True
+                timer.start()
+                try:
+                    self._read(proc)
+                    code = proc.wait()
+                finally:
+                    timer.cancel()
                 self.figures.up = False
             if self._stop.is_set():
                 break
-            if time.monotonic() - started >= self.config.restart_cap:
+            now = time.monotonic()
+            if now - started >= self.config.restart_cap:
                 failures = 0
+                self._well()
+            if self.failing_since is None:
+                self.failing_since = now
+            if self.on_down is not None:
+                self.on_down(self.source, now - self.failing_since, code)
             delay = self._backoff.delay(failures)
             failures += 1
             self.figures.restarts += 1
             log_event(self.log, "stream_exited", level=logging.WARNING, source=self.source,
                       code=code, restart_in=round(delay, 3))
             self._stop.wait(delay)
+
+
+    def _well(self) -> None:
+        if self.failing_since is not None:
+            self.failing_since = None
+            if self.on_up is not None:
+                self.on_up(self.source)
 
 
 def stop_orphan(pid: int, command: list[str]) -> bool:

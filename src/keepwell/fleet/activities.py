@@ -310,12 +310,15 @@ class JobActivities:
                     log_event(self.log, "stream_orphan_stopped", level=logging.WARNING,
                               source=source, pid=pid)
             # the lag alert, as the daemon raises it (keepwell.control.alerts)
-            limit = getattr(getattr(cfg.sources[req.name], "stream", None), "lag_alert", None)
+            limit = stream.lag_alert
             alerts = Alerts(history, cfg.alerts, list(cfg.notifications))
             sup = StreamSupervisor(
                 req.name, stream, env, self.log, on_spawn=history.set_streamer,
                 on_lag=None if limit is None else
-                (lambda source, samples: alerts.check_lag(source, samples, limit)))
+                (lambda source, samples: alerts.check_lag(source, samples, limit)),
+                on_down=None if limit is None else
+                (lambda source, seconds, code: alerts.check_down(source, seconds, limit, code)),
+                on_up=alerts.stream_up)
             sup.start()
             every = max(0.2, req.heartbeat_timeout / 4)
             try:

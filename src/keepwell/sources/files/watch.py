@@ -21,7 +21,17 @@ A new directory is watched as soon as its creation is seen, then scanned whole a
 commit (after its watch exists): files written into it before the watch was added raise no
 event, and the scan finds them. An overflow of the kernel's queue marks every root for a scan.
 The watcher reports through events on the repository (``watch_started``, ``watch_committed``,
-``watch_limit``, ``watch_polling``) and its counts (`Watcher.counts`); the CLI renders them.
+``watch_commit_failed``, ``watch_recovered``, ``watch_caught_up``, ``watch_limit``,
+``watch_polling``) and its counts (`Watcher.counts`); the CLI renders them.
+
+A commit that fails (a repository that cannot be reached, a full disk, a lock held by a prune)
+records nothing and loses nothing: its changes stay in the journal, events are still read and
+journaled, and the commit is tried again after a delay that doubles from ``_RETRY_BASE`` up to
+``_RETRY_CAP``. Each failure is reported with the lag so far (the age of the oldest change not
+yet in a snapshot), so the lag alert of a supervising daemon fires while the repository is away,
+and the first commit after it is back takes everything that changed meanwhile. A late commit
+that leaves nothing pending is followed by ``watch_caught_up`` (a lag of zero): the alert is
+resolved then, not only at the next change.
 """
 
 from __future__ import annotations
@@ -65,6 +75,9 @@ _NEAR_LIMIT = 0.8
 # entries of the decoded trees held between commits (about 0.5 KiB each): the directories of a
 # 50,000-file tree, written by one commit and read back by the next
 _TREE_CACHE_NODES = 100_000
+# seconds between a failed commit and the next attempt: doubling from the base up to the cap
+_RETRY_BASE = 1.0
+_RETRY_CAP = 30.0
 
 
 @dataclass
@@ -128,7 +141,7 @@ class Watcher:
         self.polling: str | None = None  # why the watcher scans instead of watching
         self.parent: Snapshot | None = None
         self.counts: dict[str, int] = {"snapshots": 0, "commits_unchanged": 0, "overflows": 0,
-                                       "watches": 0, "events": 0}
+                                       "watches": 0, "events": 0, "commit_failures": 0}
         self.last_commit: dict[str, Any] = {}
         self._first_change: float | None = None
         # when the last read of events returned: what the next read returns happened after it
@@ -137,6 +150,12 @@ class Watcher:
         self._last_change: float | None = None
         self._last_sync = 0.0
         self._names = _Names()
+        # failed commits in a row, when the next attempt is due, and whether a whole-tree scan
+        # is still owed (a start or polling scan whose commit failed)
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._rescan = False
+        self._failing_since: float | None = None
 
     # -- watches ------------------------------------------------------------------------------
     def _watch_tree(self, top: str) -> None:
@@ -276,12 +295,16 @@ class Watcher:
     def _due(self, now: float) -> bool:
         if self._first_change is None or self._last_change is None:
             return False
+        if self._retry_at is not None:
+            return now >= self._retry_at
         return (now - self._last_change >= self.options.quiet_time
                 or now - self._first_change >= self.options.max_delay)
 
     def _timeout(self, now: float) -> float | None:
         if self._first_change is None or self._last_change is None:
             return None if self.journal.unsynced is False else 0.02
+        if self._retry_at is not None:
+            return max(0.0, self._retry_at - now)
         return max(0.0, min(self._last_change + self.options.quiet_time,
                             self._first_change + self.options.max_delay) - now)
 
@@ -302,11 +325,26 @@ class Watcher:
         oldest = self._first_change
         upto = self.journal.seq
         pending = {m.path: m.subtree for m in self.journal.pending.values()}
+        scan_all = scan_all or self._rescan
         if scan_all:
             pending.update({r: True for r in self.roots})
         self._first_change = self._last_change = None
         if not pending:
             return None
+        try:
+            snap = self._write(pending, upto, oldest)
+        except BaseException:
+            # nothing was recorded and the journal still holds every change: they stay
+            # pending, as old as they were, and a whole-tree scan stays owed
+            now = time.monotonic()
+            self._first_change = oldest if oldest is not None else now
+            self._last_change = now
+            self._rescan = scan_all
+            raise
+        self._rescan = False
+        return snap
+
+    def _write(self, pending: dict[str, bool], upto: int, oldest: float | None) -> Snapshot | None:
         started = time.monotonic()
         writer = self.repo.new_snapshot("files", self.roots, host=self.host, tags=self.options.tags,
                                         dir_meta=_dir_meta(self._names), remember_trees=True)
@@ -365,6 +403,40 @@ class Watcher:
         self.repo.events.emit("watch_committed", **{**self.last_commit, "snapshot": snap})
         return snap
 
+    def attempt(self, *, scan_all: bool = False) -> bool:
+        """`commit`, with a failure reported and retried later instead of raised: whether it
+        succeeded."""
+        try:
+            self.commit(scan_all=scan_all)
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        if self._failures:
+            self.repo.events.emit("watch_recovered", failures=self._failures,
+                                  seconds=round(time.monotonic() - (self._failing_since or 0), 3))
+        self._failures = 0
+        self._retry_at = self._failing_since = None
+        if (self._first_change is None and self.last_commit
+                and self.last_commit["lag_seconds"] > self.options.max_delay):
+            # a late commit (after an outage, or a long one) that left nothing pending: the
+            # snapshots are up to date again, which a lag alert needs to hear to be resolved
+            self.repo.events.emit("watch_caught_up", lag_seconds=0.0, at=round(time.time(), 3))
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        self._failures += 1
+        self.counts["commit_failures"] += 1
+        if self._failing_since is None:
+            self._failing_since = now
+        delay = min(_RETRY_CAP, _RETRY_BASE * 2.0 ** (self._failures - 1))
+        self._retry_at = now + delay
+        oldest = self._first_change if self._first_change is not None else self._failing_since
+        self.repo.events.emit("watch_commit_failed", error=exc, failures=self._failures,
+                              retry_in=round(delay, 3), pending=len(self.journal.pending),
+                              lag_seconds=round(now - min(oldest, self._failing_since), 3),
+                              at=round(time.time(), 3))
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         """Watch until `stop_event` is set; then commit what is pending and return."""
@@ -383,19 +455,19 @@ class Watcher:
                               polling=self.polling, pending=len(self.journal.pending),
                               parent=self.parent, notify=self._notify_name())
         # events seen from here on are marked; the start scan covers everything before
-        self.commit(scan_all=True)
+        self.attempt(scan_all=True)
         try:
             if self.notifier is not None:
                 self._event_loop()
         except WatchLimitError:  # new directories took the last watches
             count = len(self.notifier) if self.notifier is not None else 0
             if self.options.notify == "auto" and self._instead_of_inotify(count):
-                self.commit(scan_all=True)  # what changed while no mark was there
+                self.attempt(scan_all=True)  # what changed while no mark was there
                 self._event_loop()
             else:  # scan from now on
                 self._emit_limit(count, reached=True)
                 self._fall_back(f"the inotify watch limit was reached after {count} directories")
-                self.commit(scan_all=True)
+                self.attempt(scan_all=True)
         finally:
             if self.notifier is not None:
                 self.notifier.close()
@@ -418,16 +490,21 @@ class Watcher:
             self.repo.events.emit("watch_polling", reason=why, interval=self.options.poll_interval)
 
     def _poll_loop(self) -> None:
-        assert self.options.poll_interval is not None
-        while not self.stop_event.wait(self.options.poll_interval):
-            self.commit(scan_all=True)
+        interval = self.options.poll_interval
+        assert interval is not None
+        while True:
+            wait = interval if self._retry_at is None else max(
+                0.0, min(interval, self._retry_at - time.monotonic()))
+            if self.stop_event.wait(wait):
+                return
+            self.attempt(scan_all=True)
 
     def _event_loop(self) -> None:
         assert self.notifier is not None
         while not self.stop_event.is_set():
             now = time.monotonic()
             if self._due(now):
-                self.commit()
+                self.attempt()
                 continue
             timeout = self._timeout(now)
             read = self._read_events(0.25 if timeout is None else min(timeout, 0.25))
