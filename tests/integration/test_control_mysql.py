@@ -66,9 +66,12 @@ def test_drill_into_a_temporary_mariadb(server: MariaDBServer, tmp_path: Path, m
     repo = tmp_path / "repo"
     init_repository(repo)
     config = tmp_path / "keepwell.yaml"
+    # scratch space too deep for a socket's path (107 bytes): the server's socket goes elsewhere
+    scratch = tmp_path / ("deep-scratch-" * 6) / "scratch"
+    assert len(str(scratch / "drill-shop-xxxxxxxx" / "data" / "mysqld.sock")) > 107
     doc: dict[str, Any] = {
         "history": str(tmp_path / "history.db"),
-        "scratch": str(tmp_path / "scratch"),
+        "scratch": str(scratch),
         "repositories": {"main": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
         "sources": {"shop": {"kind": "mysql", "repository": "main", "mode": mode,
                              "connection": {"host": "127.0.0.1", "port": server.port,
@@ -101,7 +104,6 @@ def test_drill_into_a_temporary_mariadb(server: MariaDBServer, tmp_path: Path, m
     assert d["row_counts"] == {"shop.items": 3000}, "the backup's rows, not the later one"
     assert d["tables_checked"] == 2  # items and audit, each through CHECK TABLE
     assert 0 < drill["rto"] < 300 and drill["rpo"] >= 0
-    scratch = tmp_path / "scratch"
     assert not list(scratch.iterdir()), "the scratch space is removed"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(scratch) not in ps, "the temporary server is stopped"

@@ -202,9 +202,16 @@ def test_logical_drill_restores_into_a_fresh_cluster(pg_env: PgEnv) -> None:
     state.mkdir()
     chown_pg(state)
     config = pg_env.workdir / "keepwell.yaml"
+    # scratch space too deep for a socket's path (107 bytes): the server's socket goes elsewhere
+    scratch = pg_env.workdir / ("deep-scratch-" * 8) / "scratch"
+    scratch.mkdir(parents=True)
+    for d in (scratch.parent, scratch):
+        d.chmod(0o755)
+    chown_pg(scratch)
+    assert len(str(scratch / "sock" / ".s.PGSQL.65535")) > 107
     config.write_text(yaml.safe_dump({
         "history": str(state / "history.db"),
-        "scratch": str(pg_env.workdir / "scratch"),
+        "scratch": str(scratch),
         "repositories": {"main": {"location": str(pg_env.repo),
                                   "password": f"file:{pg_env.password_file}"}},
         "sources": {"shop": {"kind": "postgres", "repository": "main", "mode": "logical",
@@ -226,4 +233,4 @@ def test_logical_drill_restores_into_a_fresh_cluster(pg_env: PgEnv) -> None:
     (src,) = status["sources"]
     assert src["pitr"]["from"] is None and "no complete physical backup" in (
         src["pitr"]["problems"][0])
-    assert not list((pg_env.workdir / "scratch").iterdir())
+    assert not list(scratch.iterdir())

@@ -36,6 +36,25 @@ TAIL_BYTES = 64 * 1024  # how much of standard error a failure line is looked fo
 _FAILURE_WORDS = ("error", "fatal", "failed", "couldn't", "can't")
 
 
+# the longest path a Unix socket may have: sun_path holds 108 bytes with the terminating NUL
+SOCKET_PATH_MAX = 107
+
+
+def socket_directory(preferred: str, name: str, prefix: str) -> str:
+    """Where a temporary server's Unix socket ``name`` goes: ``preferred`` if the socket's path
+    fits in sun_path, else a new private directory (mode 700) under the system's temporary
+    directory, or /tmp if that is long too; its caller removes such a directory (its base name
+    starts with ``prefix``) when the server has stopped. Scratch and data directories can be
+    deep (a job's scratch space, a restore target): a server refuses a socket path that does
+    not fit, and so would its clients."""
+    if len(os.fsencode(os.path.join(preferred, name))) <= SOCKET_PATH_MAX:
+        return preferred
+    base = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(base, prefix + "x" * 8, name))) > SOCKET_PATH_MAX:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
 def failure_line(text: str, name: str = "") -> str:
     """The line of a program's output that says why it failed (without its ``name:`` prefix)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

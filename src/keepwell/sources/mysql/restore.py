@@ -46,7 +46,7 @@ from keepwell.sources.mysql.plan import ReplayPlan
 from keepwell.sources.mysql.tools import MARIADB, MYSQL, find, find_tool
 from keepwell.sources.streams import widen_pipe
 from keepwell.sources.tempserver import TempServer, hand_over, unreachable
-from keepwell.sources.tools import ToolProcess, run_tool
+from keepwell.sources.tools import ToolProcess, run_tool, socket_directory
 
 PIPE_BLOCK = 1 << 20
 _HISTORY_KEY = re.compile(r"h-?\d+(?:-\d+)?")  # keepwell.sources.mysql.catalog.Catalog.key
@@ -282,7 +282,10 @@ class LocalServer:
                 os.chown(sockdir, pw.pw_uid, pw.pw_gid)
             sock = os.path.join(sockdir, "mysqld.sock")
         else:
-            sock = os.path.join(datadir, "mysqld.sock")
+            sockdir = socket_directory(datadir, "mysqld.sock", _SOCKDIR_PREFIX)
+            if sockdir != datadir:
+                hand_over(sockdir, run_as)
+            sock = os.path.join(sockdir, "mysqld.sock")
         log = os.path.join(datadir, "keepwell-restore.err")
         argv = [find_tool("server", flavor), "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                 f"--user={run_as}", f"--pid-file={os.path.join(datadir, 'keepwell.pid')}",

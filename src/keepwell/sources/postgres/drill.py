@@ -7,7 +7,9 @@ through ``restore_command``), then starts a temporary server on that data direct
 archiving, trust authentication on the socket only, and nothing written outside scratch space:
 every tablespace, those of the backup and those the replayed WAL creates, stays inside the
 restored data directory (the restore's default), the server's data directory, pid file and log
-are pinned there whatever the restored configuration says, and a restore that would touch a
+are pinned there whatever the restored configuration says (only the socket goes to a private
+directory under the system's temporary directory when scratch space is too deep for a socket's
+path, 107 bytes), and a restore that would touch a
 path a running server uses is refused. Recovery that stops before the end of the archived WAL
 fails the drill. A *logical* drill runs ``initdb`` into scratch space, starts that temporary
 server and restores the newest logical dump (globals, then every database) with
@@ -27,11 +29,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import psycopg
@@ -53,9 +57,10 @@ from keepwell.sources.postgres.restore import (
 from keepwell.sources.postgres.tools import find_program
 from keepwell.sources.rowcount import count_rows, figures
 from keepwell.sources.tempserver import TempServer, free_port, hand_over, unreachable
-from keepwell.sources.tools import ToolProcess, run_tool
+from keepwell.sources.tools import ToolProcess, run_tool, socket_directory
 
 _READY = "database system is ready to accept connections"
+_SOCKDIR_PREFIX = "keepwell-pgdrill-"
 _PROMOTED = ("selected new timeline ID", "archive recovery complete")
 _FATAL_RE = re.compile(r"(?:FATAL|PANIC):\s+(.*)")
 
@@ -101,9 +106,12 @@ class PgServer:
     def datadir(self) -> str:
         return os.path.join(self.scratch, "data")
 
-    @property
+    @cached_property
     def sockdir(self) -> str:
-        return os.path.join(self.scratch, "sock")
+        """In scratch space where the socket's path fits (else a private directory under the
+        temporary directory, removed by `stop`)."""
+        return socket_directory(os.path.join(self.scratch, "sock"), f".s.PGSQL.{self.port}",
+                                _SOCKDIR_PREFIX)
 
     def start(self, timeout: float, stop: Callable[[], None], *, recovery: bool) -> None:
         hba = os.path.join(self.scratch, "drill_hba.conf")
@@ -143,6 +151,8 @@ class PgServer:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop(60)
+        if os.path.basename(self.sockdir).startswith(_SOCKDIR_PREFIX):
+            shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def conninfo(self, user: str, dbname: str = "postgres") -> str:
         return f"host={self.sockdir} port={self.port} user={user} dbname={dbname}"
