@@ -42,9 +42,13 @@ unit: $(STAMP)
 fault: $(STAMP) servers
 	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q -p no:cacheprovider -rP tests/fault
 
-# every test, with the servers installed first; a skipped test fails the run (tests/conftest.py)
+# every test, with the servers installed first; a skipped test fails the run (tests/conftest.py).
+# TEST_JOBS processes share the files of tests (the tests of one file run in one process, beside
+# its fixtures); each starts its own servers on free ports and temporary directories
+TEST_JOBS ?= 2
 test: $(STAMP) servers lint typecheck
-	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
+	KEEPWELL_TESTONLY_WEAK_KDF=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_JOBS) \
+		--dist loadfile --durations=25 tests
 
 clean:
 	rm -rf demo bench/work
