@@ -164,3 +164,35 @@ def test_a_watcher_that_cannot_start_raises_stream_down(tmp_path: Path, hook: We
     assert "a.txt" in listing
     assert json.loads(ok(kw(repo, "snapshots", "--json",
                             env={"KEEPWELL_PASSWORD": "test-password"})))
+
+
+def test_a_full_disk_under_the_journal_stops_no_commit(tmp_path: Path, small_disk: Path) -> None:
+    """The journal (in keepwell's cache directory) cannot be written: one warning that names it,
+    and every change is still committed; once there is room again, the journal is written."""
+    repo, cache, root = tmp_path / "repo", small_disk / "cache", tmp_path / "tree"
+    root.mkdir()
+    ok(kw(repo, "init"))
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        wait_until_held(repo, root, "the start scan")
+        ballast = _fill(small_disk)
+        for i in range(300):  # more than the journal file's buffer holds
+            (root / f"during-{i:03}-{'x' * 40}.txt").write_text(f"{i}\n")
+        wait_until_held(repo, root, "the changes made while the journal's disk was full")
+        assert w.proc.poll() is None
+        ballast.unlink()
+        (root / "after.txt").write_text("after\n")
+        wait_until_held(repo, root, "a change made once there was room again")
+        rc, err = w.stop()
+        assert rc == 0, err
+    finally:
+        if w.proc.poll() is None:
+            w.stop(signal.SIGKILL)
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert any("the watch journal" in line and "no space left on device" in line.lower()
+               for line in warnings), err
+    assert any("is written again" in line for line in warnings), err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert not _failures(w)
+    assert_same_bytes(repo, root, tmp_path / "restored")

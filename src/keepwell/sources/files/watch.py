@@ -42,6 +42,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,7 @@ from keepwell.sources.files.inotify import (
     max_user_watches,
     remote_filesystem,
 )
-from keepwell.sources.files.journal import Journal
+from keepwell.sources.files.journal import Journal, JournalError
 from keepwell.sources.files.select import Selection
 from keepwell.sources.files.workers import worker_count
 
@@ -156,6 +157,7 @@ class Watcher:
         self._retry_at: float | None = None
         self._rescan = False
         self._failing_since: float | None = None
+        self._journal_broken = False  # the journal cannot be written (warned once)
 
     # -- watches ------------------------------------------------------------------------------
     def _watch_tree(self, top: str) -> None:
@@ -257,7 +259,10 @@ class Watcher:
     def _mark(self, path: str, subtree: bool = False) -> None:
         if self.selection.by_path and self.selection.skips_path(path):
             return
-        self.journal.mark(path, subtree)
+        try:
+            self.journal.mark(path, subtree)
+        except JournalError as exc:
+            self._journal_failed(exc)  # the mark is held in memory all the same
         now = time.monotonic()
         self._last_change = now
         if self._first_change is None:
@@ -321,7 +326,7 @@ class Watcher:
     def commit(self, *, scan_all: bool = False) -> Snapshot | None:
         """A snapshot of what is pending (of everything, compared with the parent, if
         ``scan_all``); None if nothing it would record changed (the parent holds it all)."""
-        self.journal.sync()
+        self._journal(self.journal.sync)
         oldest = self._first_change
         upto = self.journal.seq
         pending = {m.path: m.subtree for m in self.journal.pending.values()}
@@ -383,14 +388,14 @@ class Watcher:
                 snap = None
                 self.counts["commits_unchanged"] += 1
                 assert self.parent is not None
-                self.journal.committed(self.parent.id, upto)
+                self._journal(self.journal.committed, self.parent.id, upto)
             else:
                 writer.summary.update({**archiver.counts, **counts,
                                        "files_read": counts["files_read"]})
                 snap = writer.commit()
                 self.parent = snap
                 self.counts["snapshots"] += 1
-                self.journal.committed(snap.id, upto, rebuild.moving)
+                self._journal(self.journal.committed, snap.id, upto, rebuild.moving)
         if rebuild.moving:  # read again at the next commit, even if nothing else happens
             now = time.monotonic()
             self._first_change = self._first_change or now
@@ -402,6 +407,26 @@ class Watcher:
                             "lag_seconds": round(done - oldest, 3) if oldest is not None else 0.0}
         self.repo.events.emit("watch_committed", **{**self.last_commit, "snapshot": snap})
         return snap
+
+    def _journal(self, write: Callable[..., None], *args: Any) -> None:
+        """A write or sync of the journal; a failure is a warning, once until it works again:
+        commits go on (the marks are in memory), only a crash now means a whole-tree scan."""
+        try:
+            write(*args)
+        except JournalError as exc:
+            self._journal_failed(exc)
+            return
+        if self._journal_broken and not self.journal.unsynced:
+            self._journal_broken = False
+            self.repo.events.emit("warning", message=f"the watch journal {self.journal.path} "
+                                  "is written again")
+
+    def _journal_failed(self, exc: JournalError) -> None:
+        if not self._journal_broken:
+            self._journal_broken = True
+            self.repo.events.emit("warning", message=f"{exc}: changes are still committed, "
+                                  "but a watcher restarted now scans the whole tree again "
+                                  f"({exc.hint})")
 
     def attempt(self, *, scan_all: bool = False) -> bool:
         """`commit`, with a failure reported and retried later instead of raised: whether it
@@ -510,8 +535,8 @@ class Watcher:
             read = self._read_events(0.25 if timeout is None else min(timeout, 0.25))
             now = time.monotonic()
             if self.journal.unsynced and (not read or now - self._last_sync >= 0.05):
-                self.journal.sync()  # in batches: at most every 50 ms while events pour in
                 self._last_sync = now
+                self._journal(self.journal.sync)  # in batches: at most every 50 ms
             self.counts["watches"] = len(self.notifier)
 
     def _read_events(self, timeout: float) -> bool:
