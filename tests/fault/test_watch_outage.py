@@ -40,19 +40,30 @@ def _fill(disk: Path) -> Path:
     return ballast
 
 
+def _started(repo: Path, cache: Path, root: Path, files: dict[str, str]) -> Watch:
+    """A new repository and a watcher on ``root`` (holding ``files``) past its start scan."""
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    ok(kw(repo, "init"))
+    w = Watch(repo, cache, root)
+    try:
+        w.started()
+        wait_until_held(repo, root, "the start scan")
+    except BaseException:
+        w.stop(signal.SIGKILL)
+        raise
+    return w
+
+
 def _failures(w: Watch) -> list[dict[str, Any]]:
     return [c for c in w.lines() if c.get("event") == "commit_failed"]
 
 
 def test_the_watcher_rides_out_a_full_repository_disk(tmp_path: Path, small_disk: Path) -> None:
     repo, cache, root = small_disk / "repo", tmp_path / "cache", tmp_path / "tree"
-    root.mkdir()
-    (root / "kept.txt").write_text("before the disk filled\n")
-    ok(kw(repo, "init"))
-    w = Watch(repo, cache, root)
+    w = _started(repo, cache, root, {"kept.txt": "before the disk filled\n"})
     try:
-        w.started()
-        wait_until_held(repo, root, "the start scan")
         ballast = _fill(small_disk)
         (root / "during").mkdir()
         (root / "during" / "big.bin").write_bytes(os.urandom(600_000))
@@ -170,12 +181,8 @@ def test_a_full_disk_under_the_journal_stops_no_commit(tmp_path: Path, small_dis
     """The journal (in keepwell's cache directory) cannot be written: one warning that names it,
     and every change is still committed; once there is room again, the journal is written."""
     repo, cache, root = tmp_path / "repo", small_disk / "cache", tmp_path / "tree"
-    root.mkdir()
-    ok(kw(repo, "init"))
-    w = Watch(repo, cache, root)
+    w = _started(repo, cache, root, {})
     try:
-        w.started()
-        wait_until_held(repo, root, "the start scan")
         ballast = _fill(small_disk)
         for i in range(300):  # more than the journal file's buffer holds
             (root / f"during-{i:03}-{'x' * 40}.txt").write_text(f"{i}\n")
