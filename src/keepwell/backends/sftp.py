@@ -92,6 +92,10 @@ def classify(exc: BaseException, what: str, stall: float | None = None) -> Backe
             f"{what}: the server's host key changed",
             hint="check known_hosts; this may be an attack",
         )
+    if isinstance(exc, paramiko.AuthenticationException) and "saw eof" in str(exc).lower():
+        # paramiko's word for a connection that went away during authentication: no answer
+        # about the key was given, and a new connection may well be let in
+        return TransientBackendError(f"{what}: connection lost during authentication ({exc})")
     if isinstance(exc, paramiko.AuthenticationException):
         return PermanentBackendError(
             f"{what}: authentication failed: {exc}",
