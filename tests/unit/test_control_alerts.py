@@ -92,3 +92,19 @@ def test_a_broken_channel_is_reported_not_raised(tmp_path: Path) -> None:
         history.close()
     assert [d.ok for d in alerts.deliveries] == [False, False]
     assert "exit 4" in (alerts.deliveries[1].error or "")
+
+
+def test_a_streamer_down_longer_than_its_lag_alert(tmp_path: Path) -> None:
+    history = History(str(tmp_path / "h.db"))
+    alerts = Alerts(history, POLICY, [])
+    try:
+        alerts.check_down("live", 0.0, 60.0, 10)  # a first exit
+        alerts.check_down("live", 59.9, 60.0, 10)
+        assert not history.alerts()
+        alerts.check_down("live", 61.0, 60.0, 10)
+        (active,) = history.alerts()
+        assert active.kind == "stream_down" and "exit: 10" in active.message
+        alerts.stream_up("live")
+        assert not history.alerts()
+    finally:
+        history.close()
