@@ -18,6 +18,7 @@ import pytest
 
 from tests.fault.cli import kw, ok
 from tests.fault.watch_support import Watch, assert_same_bytes, wait_until_held
+from tests.integration.control_support import PASSWORD as CONTROL_PASSWORD
 from tests.integration.control_support import WebhookSink, Workspace, init_repository
 from tests.waiting import wait_for
 
@@ -103,9 +104,15 @@ def hook() -> Iterator[WebhookSink]:
     sink.close()
 
 
-def _source(data: Path, **extra: Any) -> dict[str, Any]:
-    return {"kind": "files", "repository": "r", "paths": [str(data)], "mode": "continuous",
-            "max_delay": "200ms", "quiet_time": "100ms", **extra}
+def _configure(ws: Workspace, repo: Path, data: Path, hook: WebhookSink, lag_alert: str) -> None:
+    """One continuous files source ``live`` of ``data`` into ``repo``, alerts to ``hook``."""
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"live": {"kind": "files", "repository": "r", "paths": [str(data)],
+                             "mode": "continuous", "max_delay": "200ms", "quiet_time": "100ms",
+                             "lag_alert": lag_alert}},
+        "notifications": [{"webhook": hook.url}],
+    })
 
 
 def test_a_continuous_source_raises_its_lag_alert_while_the_repository_is_full(
@@ -118,11 +125,7 @@ def test_a_continuous_source_raises_its_lag_alert_while_the_repository_is_full(
     repo = small_disk / "repo"
     init_repository(repo)
     try:
-        ws.write_config({
-            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
-            "sources": {"live": _source(data, lag_alert="2s")},
-            "notifications": [{"webhook": hook.url}],
-        })
+        _configure(ws, repo, data, hook, lag_alert="2s")
         d = ws.daemon()
         d.wait_for(lambda: d.events("stream_started"), what="the watcher")
         ballast = _fill(small_disk)
@@ -138,7 +141,7 @@ def test_a_continuous_source_raises_its_lag_alert_while_the_repository_is_full(
         assert not hook.of("alert", "stream_down")
     finally:
         ws.close()
-    listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": "test-password"}))
+    listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD}))
     assert "new.bin" in listing
 
 
@@ -154,11 +157,7 @@ def test_a_watcher_that_cannot_start_raises_stream_down(tmp_path: Path, hook: We
     (data / "a.txt").write_text("a\n")
     repo = tmp_path / "later"
     try:
-        ws.write_config({
-            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
-            "sources": {"live": _source(data, lag_alert="1s")},
-            "notifications": [{"webhook": hook.url}],
-        })
+        _configure(ws, repo, data, hook, lag_alert="1s")
         d = ws.daemon()
         d.wait_for(lambda: hook.of("alert", "stream_down"), timeout=120,
                    what="the stream-down alert")
@@ -171,10 +170,10 @@ def test_a_watcher_that_cannot_start_raises_stream_down(tmp_path: Path, hook: We
         assert d.stop() == 0
     finally:
         ws.close()
-    listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": "test-password"}))
+    listing = ok(kw(repo, "ls", "latest", env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD}))
     assert "a.txt" in listing
     assert json.loads(ok(kw(repo, "snapshots", "--json",
-                            env={"KEEPWELL_PASSWORD": "test-password"})))
+                            env={"KEEPWELL_PASSWORD": CONTROL_PASSWORD})))
 
 
 def test_a_full_disk_under_the_journal_stops_no_commit(tmp_path: Path, small_disk: Path) -> None:

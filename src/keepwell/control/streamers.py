@@ -172,7 +172,6 @@ class StreamSupervisor:
                       code=code, restart_in=round(delay, 3))
             self._stop.wait(delay)
 
-
     def _well(self) -> None:
         if self.failing_since is not None:
             self.failing_since = None

@@ -46,12 +46,16 @@ class JournalError(KeepwellError):
             "its permissions; a restarted watcher finds every change again by its start scan")
 
 
+def _failed(path: str, exc: OSError) -> JournalError:
+    return JournalError(f"the watch journal {path}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def _disk(path: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise JournalError(f"the watch journal {path}: {exc.strerror or exc}") from exc
+        raise _failed(path, exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +99,10 @@ class Journal:
 
     def _write(self, kind: str, seq: int, value: str) -> None:
         self._unsynced = True
-        with _disk(self.path):
+        try:  # once per event: no context manager on this path
             self._f.write(json.dumps([kind, seq, value]).encode("ascii") + b"\n")
+        except OSError as exc:
+            raise _failed(self.path, exc) from exc
 
     def mark(self, path: str, subtree: bool = False) -> bool:
         """Record a change of ``path``; False if it was pending already (nothing written)."""

@@ -456,11 +456,11 @@ class Watcher:
             self._failing_since = now
         delay = min(_RETRY_CAP, _RETRY_BASE * 2.0 ** (self._failures - 1))
         self._retry_at = now + delay
-        oldest = self._first_change if self._first_change is not None else self._failing_since
+        # the oldest change waiting, or (a failed scan with none) the first failure
+        oldest = min(self._first_change or now, self._failing_since)
         self.repo.events.emit("watch_commit_failed", error=exc, failures=self._failures,
                               retry_in=round(delay, 3), pending=len(self.journal.pending),
-                              lag_seconds=round(now - min(oldest, self._failing_since), 3),
-                              at=round(time.time(), 3))
+                              lag_seconds=round(now - oldest, 3), at=round(time.time(), 3))
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
