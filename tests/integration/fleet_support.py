@@ -56,12 +56,15 @@ class Fleet:
         return subprocess.run([*MAIN, *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
-    def worker(self, site: str, config: Path | None = None) -> subprocess.Popen[bytes]:
-        """A worker of ``site`` reading ``config`` (the fleet's file by default)."""
+    def worker(self, site: str, config: Path | None = None,
+               max_jobs: int | None = 1) -> subprocess.Popen[bytes]:
+        """A worker of ``site`` reading ``config`` (the fleet's file by default), running
+        ``max_jobs`` jobs at once (None: the configuration's ``limits.max_concurrent_jobs``)."""
         log = self.root / f"worker-{len(self.workers)}-{site}.log"
+        jobs = ["--max-jobs", str(max_jobs)] if max_jobs else []
         with open(log, "wb") as out:
             proc = subprocess.Popen([*MAIN, "worker", "-c", str(config or self.config), "--site", site,
-                                     "--max-jobs", "1", "--log-json"],
+                                     *jobs, "--log-json"],
                                     stdout=out, stderr=out, env=self.env())
         self.workers.append((proc, log))
 

@@ -296,6 +296,32 @@ def test_repository_cap_holds_across_workers(fleet: Fleet) -> None:
         assert restored == tree(paths[name])
 
 
+def test_a_worker_runs_max_concurrent_jobs_at_once_by_default(fleet: Fleet) -> None:
+    """Without ``--max-jobs`` a worker takes ``limits.max_concurrent_jobs`` as its machine's cap,
+    as the daemon does: with 1, two runs on two repositories (no budget between them) take turns."""
+    pw = "env:KW_TEST_PASSWORD"
+    repos, paths = {}, {}
+    for name in ("a", "b"):
+        repos[name] = fleet.root / f"repo-{name}"
+        init_repository(repos[name])
+        paths[name] = fleet.root / "data" / name
+        write_random(paths[name] / "f.bin", 3 * MiB)
+    fleet.write_config({
+        "limits": {"max_concurrent_jobs": 1},
+        "repositories": {name: {"location": str(repo), "password": pw}
+                         for name, repo in repos.items()},
+        "sources": {name: {"kind": "files", "repository": name, "paths": [str(path)],
+                           "site": "east", "upload_limit": "2MiB"}
+                    for name, path in paths.items()},
+    })
+    worker = fleet.worker("east", max_jobs=None)
+    assert '"max_jobs": 1' in fleet.log(worker)
+    outs = _run_all(fleet, ["a", "b"])
+    assert [o["status"] for o in outs] == ["succeeded"] * 2
+    first, second = sorted(fleet.runs(), key=lambda r: r["started_at"])
+    assert first["ended_at"] <= second["started_at"]
+
+
 def test_site_upload_budget_is_shared_by_the_sites_workers(fleet: Fleet) -> None:
     """``limits.upload`` is the site's budget: three workers' jobs together upload no faster."""
     repo = fleet.root / "repo"

@@ -202,7 +202,9 @@ def cmd_worker(
     config: ConfigOption = None,
     site: Annotated[str, typer.Option("--site", help="The site whose jobs this worker runs.")]
     = "default",
-    max_jobs: Annotated[int, typer.Option("--max-jobs", min=1, help="Jobs at once.")] = 2,
+    max_jobs: Annotated[int | None, typer.Option(
+        "--max-jobs", min=1,
+        help="Jobs at once on this worker [default: limits.max_concurrent_jobs].")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
     = False,
 ) -> None:
@@ -213,7 +215,8 @@ def cmd_worker(
 
     loaded = _load(config)
     log = logs.setup(json_lines=log_json or loaded.config.log_json)
-    raise typer.Exit(run_worker(loaded, site, max_jobs, log))
+    jobs = max_jobs or loaded.config.limits.max_concurrent_jobs
+    raise typer.Exit(run_worker(loaded, site, jobs, log))
 
 
 def register(app: typer.Typer) -> None:
