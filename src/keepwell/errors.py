@@ -12,6 +12,8 @@ Exit codes (documented in docs/operations.md):
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -32,9 +34,16 @@ class KeepwellError(Exception):
         if hint is not None:
             self.hint = hint
 
-    def line(self) -> str:
-        msg = str(self)
-        return f"{msg} ({self.hint})" if self.hint else msg
+    def line(self, *, retrying: bool = False) -> str:
+        """The message and its hint; ``retrying``: said by a process that retries by itself (the
+        watcher), whose user has no command to run again."""
+        msg, hint = str(self), self.hint
+        if retrying:
+            hint = _AGAIN.sub("", hint)
+        return f"{msg} ({hint})" if hint else msg
+
+
+_AGAIN = re.compile(r"(?:^|,? then |; )run the command again$")
 
 
 class UsageError(KeepwellError):

@@ -76,6 +76,9 @@ def test_the_watcher_rides_out_a_full_repository_disk(tmp_path: Path, small_disk
         (root / "gone.txt").unlink()
         fails = _failures(w)
         assert "no space left on device" in fails[0]["error"].lower(), fails[0]
+        # the watcher retries by itself: the hint says what to do, not to run it again
+        assert "free some space" in fails[0]["error"], fails[0]
+        assert "run the command again" not in fails[0]["error"], fails[0]
         lags = [f["lag_seconds"] for f in fails]
         assert lags == sorted(lags) and lags[-1] > lags[0], lags  # the lag a supervisor sees
         assert all(f["pending"] >= 1 for f in fails), fails

@@ -85,7 +85,7 @@ class WatchReport:
 
     def _commit_failed(self, f: dict[str, Any]) -> None:
         exc = f["error"]
-        error = exc.line() if isinstance(exc, KeepwellError) else f"{type(exc).__name__}: {exc}"
+        error = exc.line(retrying=True) if isinstance(exc, KeepwellError) else f"{type(exc).__name__}: {exc}"
         if GLOBALS.debug:
             traceback.print_exception(exc)
         if self.json:  # the lag goes on growing in the lines a supervisor reads
