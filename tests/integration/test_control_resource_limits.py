@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,25 @@ def test_a_stopped_job_stops_its_job_process_and_its_cgroup_goes(tmp_path: Path)
     outcome = result["outcome"]
     assert outcome.status == "interrupted", outcome.error
     assert not cpu_dir.exists()
+
+
+def test_a_process_held_to_one_core_by_its_cgroup_starts_one_worker(tmp_path: Path) -> None:
+    """Worker processes and thread pools are sized by the cores a process may use: a job held to
+    one core by its cgroup's CPU quota starts one worker process, not one per core the machine
+    (and the process's affinity) has, and its pools get two threads."""
+    group = JobCgroup.create("cores-test", ResourceLimits(cpu=1.0))
+    code = ("import sys; sys.stdin.readline()\n"
+            "from keepwell.cpus import pool_threads\n"
+            "from keepwell.sources.files.workers import worker_count\n"
+            "print(worker_count('KEEPWELL_FILE_PROCESSES'), pool_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "KEEPWELL_FILE_PROCESSES"}
+    try:
+        assert "cpu" not in group.unapplied, group.unapplied
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env)
+        group.add(proc.pid)
+        out, _ = proc.communicate("go\n", timeout=60)
+    finally:
+        group.remove()
+    assert proc.returncode == 0
+    assert out.split() == ["1", "2"], out

@@ -279,16 +279,17 @@ def test_a_reader_stores_files_without_loading_numpy(tmp_path: Path) -> None:
 
 def test_worker_count_follows_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default one worker per core of the process's CPU affinity (not of the machine: a
-    container or taskset gives fewer), less the cores a caller reserves; the variable overrides
-    both."""
-    from keepwell.sources.files import workers
+    container or taskset gives fewer), less the cores a caller reserves, at most eight; the
+    variable overrides all of it."""
+    from keepwell import cpus
     from keepwell.sources.files.workers import worker_count
 
     monkeypatch.delenv("KEEPWELL_FILE_PROCESSES", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    for cores, reserved, other in ((8, 7, 8), (2, 1, 2), (1, 1, 1)):
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda proc="": None)
+    for cores, reserved, other in ((64, 8, 8), (8, 7, 8), (2, 1, 2), (1, 1, 1)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
-        assert workers.usable_cores() == cores
+        assert cpus.usable_cores() == cores
         assert worker_count("KEEPWELL_FILE_PROCESSES", reserve=1) == reserved
         assert worker_count("KEEPWELL_FILE_PROCESSES") == other
     monkeypatch.setenv("KEEPWELL_FILE_PROCESSES", "3")

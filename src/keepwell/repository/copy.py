@@ -28,7 +28,6 @@ kind, summary and source dict, and its parent when that parent was copied too.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Collection, Iterable, Iterator
@@ -39,6 +38,7 @@ from typing import Any, BinaryIO, cast
 import blake3
 
 from keepwell.backends.base import Backend
+from keepwell.cpus import pool_threads
 from keepwell.repository.format import DATA
 from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
 from keepwell.repository.packreader import PackReader, Want, open_payload
@@ -129,7 +129,7 @@ class Copier:
         self._tree_map: dict[bytes, bytes] = {}
         self._content_map: dict[bytes, list[bytes]] = {}
         self._background = ThreadPoolExecutor(1, thread_name_prefix="kw-copy-fetch")
-        self._savers = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="kw-copy-save")
+        self._savers = ThreadPoolExecutor(pool_threads(), thread_name_prefix="kw-copy-save")
 
     def close(self) -> None:
         self._background.shutdown(wait=True, cancel_futures=True)

@@ -11,7 +11,6 @@ stored whole are indexed for reuse, and none that a failed write spoiled.
 from __future__ import annotations
 
 import getpass
-import os
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from keepwell import __version__
+from keepwell.cpus import pool_threads
 from keepwell.errors import UsageError
 from keepwell.repository.format import DATA, KIND_SNAPSHOT, TREE
 from keepwell.repository.packer import UPLOAD_WORKERS, BlobSink
@@ -78,7 +78,7 @@ class SnapshotWriter:
             raise
         self.bytes_read = 0
         self._done = False
-        self._blob_workers = blob_workers or max(2, os.cpu_count() or 2)
+        self._blob_workers = blob_workers or pool_threads()
         self._blob_pool: ThreadPoolExecutor | None = None
         # Chunks waiting for or in the pool, over all streams at once: bounds memory however many
         # threads feed streams in parallel (the file archiver runs several).

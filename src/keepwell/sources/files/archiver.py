@@ -39,6 +39,7 @@ from functools import partial
 from operator import attrgetter
 from typing import Any
 
+from keepwell.cpus import pool_threads
 from keepwell.errors import KeepwellError, UsageError
 from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
@@ -768,7 +769,7 @@ def _backup(repo: Repository, absolute: list[str], missing: list[tuple[str, str]
             parent = repo.find_snapshot(parent)
         writer.parent = parent.id if parent is not None else None
         archiver = Archiver(repo, writer, selection=selection, one_file_system=one_file_system,
-                            parent=parent, workers=workers or max(2, os.cpu_count() or 2),
+                            parent=parent, workers=workers or pool_threads(),
                             # one per core: the walk, the trees and the large files of this
                             # process leave it idle much of the time on a tree of small files
                             processes=worker_count("KEEPWELL_FILE_PROCESSES"), kind=kind,

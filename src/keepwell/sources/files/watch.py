@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from keepwell.cpus import pool_threads
 from keepwell.errors import UsageError
 from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
@@ -357,7 +358,7 @@ class Watcher:
             writer.parent = self.parent.id if self.parent is not None else None
             archiver = Archiver(self.repo, writer, selection=self.selection,
                                 one_file_system=self.options.one_file_system, parent=None,
-                                workers=max(2, os.cpu_count() or 2),
+                                workers=pool_threads(),
                                 processes=worker_count("KEEPWELL_FILE_PROCESSES", reserve=1))
             rebuild = Rebuild(self.repo, writer, archiver, self.selection,
                               one_file_system=self.options.one_file_system)

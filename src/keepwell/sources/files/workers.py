@@ -33,9 +33,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from keepwell.cpus import usable_cores
 from keepwell.errors import KeepwellError, UsageError
 
 IN_FLIGHT = 3
+# the default's ceiling on a large machine: one main process walks the tree or the snapshot and
+# feeds every worker, and each worker is an interpreter of its own (30-70 MiB)
+MAX_PROCESSES = 8
 
 _MAIN = ("import sys; from multiprocessing.connection import Connection as C; "
          "from keepwell.sources.files.workers import serve; "
@@ -272,19 +276,13 @@ def can_reopen(repo: Any) -> bool:
 
 def worker_count(variable: str, *, reserve: int = 0) -> int:
     """Worker processes from an environment variable (0: none), else one per core this process
-    may run on (its CPU affinity, as a container or `taskset` sets it), but for ``reserve``
-    cores left to a main process that has a core's worth of work of its own; at least one."""
+    may use (`keepwell.cpus.usable_cores`: its CPU affinity, as a container or `taskset` sets
+    it, and its cgroup's CPU quota), but for ``reserve`` cores left to a main process that has
+    a core's worth of work of its own; at least one, at most `MAX_PROCESSES`."""
     value = os.environ.get(variable)
     if value is not None:
         try:
             return max(0, int(value))
         except ValueError:
             raise UsageError(f"{variable}={value!r} is not a number") from None
-    return max(1, usable_cores() - reserve)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 2
+    return min(MAX_PROCESSES, max(1, usable_cores() - reserve))
