@@ -39,7 +39,7 @@ from functools import partial
 from operator import attrgetter
 from typing import Any
 
-from keepwell.cpus import pool_threads
+from keepwell.cpus import pool_threads, usable_cores
 from keepwell.errors import KeepwellError, UsageError
 from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
@@ -53,7 +53,7 @@ from keepwell.sources.files.readers import ReaderPool, read_whole
 from keepwell.sources.files.select import Selection
 from keepwell.sources.files.workers import can_reopen, worker_count
 
-# Files from this size on are streamed by the main process, one at a time; smaller ones are read
+# Files from this size on are streamed by the main process, a few at a time; smaller ones are read
 # whole (by a worker process once there are many), where a file of 8 MiB and its compressed and
 # encrypted copies held 24 MiB at once
 _LARGE = 2 * 1024 * 1024
@@ -203,7 +203,7 @@ class Archiver:
         self._walker = threading.Thread(target=self._walk_loop, name="kw-walk", daemon=True)
         self._walker.start()
         self._slots = threading.BoundedSemaphore(64)
-        self._large = threading.Lock()
+        self._large = threading.Semaphore(max(2, min(4, usable_cores())))
         self._error: BaseException | None = None
         self._wake = threading.Event()
         self._processes = processes if can_reopen(repo) else 0
@@ -297,8 +297,11 @@ class Archiver:
             node.xattrs = metadata.read_fd(fd)
             if node.size < _LARGE:
                 return self._read_whole(fd, node)
-            # one large file at a time: each stream holds a buffer (up to 6 MiB), and the
-            # writer's pool already spreads one stream's chunks over every core
+            # a few large files at once (`_large`): each stream's thread reads and cuts its file
+            # alone (the writer's pool hashes, compresses and encrypts the chunks); with one at
+            # a time, a file whose chunks are mostly known left the pool idle and every other
+            # core with it (a re-backup of a changed 640 MiB image and 405 MiB database: 5.2-5.9 s
+            # one at a time, 3.3-3.7 s two at once). Each stream holds a buffer (up to 6 MiB).
             with self._large, os.fdopen(os.dup(fd), "rb", buffering=0) as f:
                 ids, node.size = self.writer.save_content(f, count=False, size=node.size)
                 return ids
