@@ -22,7 +22,7 @@ from keepwell.sources.postgres.plan import Target, choose
 from keepwell.sources.postgres.retention import plan_forget
 from keepwell.sources.postgres.spool import SpoolFull, WalSpool
 from keepwell.sources.postgres.tartap import TarTap
-from keepwell.sources.postgres.walcommand import parse_args
+from keepwell.sources.postgres.walcommand import main, parse_args
 from keepwell.sources.postgres.walnames import (
     Lsn,
     parse_segment_name,
@@ -147,6 +147,15 @@ def test_spool_bounds_and_markers(tmp_path: Path) -> None:
     assert marker is not None and marker.digest == "abc" and marker.file == [1, 2, 3, 4]
     spool.set_identity("main", 7)
     assert spool.identity() == ("main", 7)
+
+
+def test_hook_help_is_printed_with_exit_code_0(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["-h"], ["push", "--help"], ["fetch", "-h"]):
+        assert main(argv) == 0, argv
+        out, err = capsys.readouterr()
+        assert out.startswith("usage: keepwell-wal COMMAND") and not err, argv
+    assert main([]) == 2
+    assert "usage: keepwell-wal" in capsys.readouterr().err
 
 
 def test_hook_arguments() -> None:

@@ -49,11 +49,17 @@ _REPEATED = {"--tablespace-map", "--repo", "--password-file"}
 _POSITIONALS = {"push": 1, "fetch": 2, "upload": 0}
 
 
+class HelpAsked(Exception):
+    """``-h`` or ``--help``: the usage goes to stdout, and the exit code is 0."""
+
+
 def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
     """(command, positionals, options) of a hook command line; argparse costs too much here."""
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _POSITIONALS:
-        raise UsageError(USAGE if not argv or argv[0] in ("-h", "--help")
-                         else f"unknown command {argv[0]!r}\n{USAGE}")
+    if argv and argv[0] in ("-h", "--help"):
+        raise HelpAsked
+    if not argv or argv[0] not in _POSITIONALS:
+        raise UsageError(f"unknown command {argv[0]!r}\n{USAGE}" if argv else USAGE,
+                         hint="")  # the usage says it all
     command, rest = argv[0], argv[1:]
     positionals: list[str] = []
     options: dict[str, str] = {}
@@ -62,7 +68,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
         arg = rest[i]
         key, eq, value = arg.partition("=")
         if arg in ("-h", "--help"):
-            raise UsageError(USAGE)
+            raise HelpAsked
         if arg in _FLAGS:
             options[arg] = "1"
         elif key in _VALUED:
@@ -128,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                                 daemon="--daemon" in opts,
                                 idle_exit=idle_exit,
                                 lock_fd=lock_fd)
+    except HelpAsked:
+        sys.stdout.write(USAGE.lstrip("\n"))
+        return 0
     except WalNotFoundError as exc:
         sys.stderr.write(f"keepwell: {exc.line()}\n")
         return 1
