@@ -140,6 +140,23 @@ def test_check_fails_when_one_index_object_is_lost(tmp_path: Path) -> None:
     assert "no index lists" in r.stdout
 
 
+def test_check_finds_a_truncated_pack_without_reading_data(tmp_path: Path) -> None:
+    """A pack shorter than its index says fails the restores of the files in it (whose error
+    says to run check): check finds it from the listing's sizes, without --read-data, and names
+    the snapshots it damages."""
+    env, _src, made = _repo_with_snapshots(tmp_path, 2)
+    repo = tmp_path / "repo"
+    # the first backup's: both snapshots hold its files
+    victim = min((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    r = kw(env, "check", check=False)
+    assert r.returncode == 1, r.stdout
+    assert f"error: data/{victim.parent.name}/{victim.name}" in r.stdout, r.stdout
+    assert "truncated" in r.stdout, r.stdout
+    for sid in made:
+        assert f"snapshot {sid[:8]}: " in r.stdout, r.stdout
+
+
 def test_prune_never_indexes_a_damaged_pack_again(tmp_path: Path) -> None:
     """Packs outside the index are read whole before prune indexes them again: a damaged one
     stays out, so the next backup stores its data anew instead of reusing broken blobs."""
