@@ -96,6 +96,20 @@ def test_a_restore_target_that_cannot_be_a_directory(repo: str, tmp_path: Path) 
     assert (tmp_path / "file").read_text() == "a file"
 
 
+def test_a_repository_location_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file")
+    env = {"KEEPWELL_PASSWORD": "pw"}
+    for location in (tmp_path / "file", tmp_path / "file" / "repo"):
+        proc = kw("-r", str(location), "snapshots", env=env)
+        assert proc.returncode == 10, proc.stderr
+        assert f"no repository at {location}" in one_line(proc)
+        proc = kw("-r", str(location), "init", env=env)
+        assert proc.returncode == 1, proc.stderr
+        line = one_line(proc)
+        assert "not a directory" in line and "network" not in line
+    assert (tmp_path / "file").read_text() == "a file"
+
+
 def test_init_refuses_a_directory_that_holds_other_files(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
