@@ -110,6 +110,16 @@ def test_a_repository_location_that_is_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "file").read_text() == "a file"
 
 
+@pytest.mark.parametrize("option", [["--max-unused", "5%"], ["--max-unused", "10%"],
+                                    ["--grace", "1h"], ["--grace", "0"]])
+def test_forget_prune_options_need_prune(repo: str, option: list[str]) -> None:
+    """Without --prune they would do nothing: refused, even when they say what the default
+    says."""
+    proc = kw("-r", repo, "forget", "--keep-last", "1", *option, env={"KEEPWELL_PASSWORD": "pw"})
+    assert proc.returncode == 2, proc.stderr
+    assert "are for --prune" in one_line(proc)
+
+
 def test_init_refuses_a_directory_that_holds_other_files(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
