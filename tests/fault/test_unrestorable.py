@@ -52,20 +52,33 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(b'{"tree": "00"}')
 
 
-def _undecodable(repo_path: Path) -> str:
+# Whole objects of the repository, written with its key (as a host holding an append key can
+# write any JSON), that are not snapshots: JSON that does not decode, or a snapshot's fields of
+# the wrong kind (a time without a time zone, a tree that is no id, a host, kind, tag or path
+# that is not text)
+_UNDECODABLE = {
+    "undecodable": {"time": "yesterday"},
+    "naive-time": {"time": "2030-01-01T00:00:00", "tree": "00" * 32},
+    "tree-not-hex": {"time": "2030-01-01T00:00:00+00:00", "tree": "zz"},
+    "fields-not-text": {"time": "2030-01-01T00:00:00+00:00", "tree": "00" * 32, "host": 5,
+                        "kind": None, "tags": [1], "paths": [2]},
+}
+
+
+def _undecodable(repo_path: Path, how: str) -> str:
     """A whole object of this repository, written with its key, that is not a snapshot."""
     from keepwell.repository import open_repository
     from keepwell.repository.format import KIND_SNAPSHOT
 
     with open_repository(str(repo_path), PASSWORD) as repo:
-        return repo.put_object("snapshots", KIND_SNAPSHOT, b'{"time": "yesterday"}')
+        return repo.put_object("snapshots", KIND_SNAPSHOT, json.dumps(_UNDECODABLE[how]).encode())
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "foreign", "undecodable"])
+@pytest.mark.parametrize("how", ["flip", "truncate", "foreign", *_UNDECODABLE])
 def test_a_damaged_snapshot_stops_nothing_but_prune(tmp_path: Path, how: str) -> None:
     env, src, made = _repo_with_snapshots(tmp_path, 3)
-    if how == "undecodable":
-        victim = _undecodable(tmp_path / "repo")
+    if how in _UNDECODABLE:
+        victim = _undecodable(tmp_path / "repo", how)
         made[victim] = {}
     else:
         victim = sorted(made)[1]
@@ -125,6 +138,23 @@ def test_check_fails_when_one_index_object_is_lost(tmp_path: Path) -> None:
     r = kw(env, "check", check=False)
     assert r.returncode == 1, r.stdout
     assert "no index lists" in r.stdout
+
+
+def test_check_finds_a_truncated_pack_without_reading_data(tmp_path: Path) -> None:
+    """A pack shorter than its index says fails the restores of the files in it (whose error
+    says to run check): check finds it from the listing's sizes, without --read-data, and names
+    the snapshots it damages."""
+    env, _src, made = _repo_with_snapshots(tmp_path, 2)
+    repo = tmp_path / "repo"
+    # the first backup's: both snapshots hold its files
+    victim = min((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    r = kw(env, "check", check=False)
+    assert r.returncode == 1, r.stdout
+    assert f"error: data/{victim.parent.name}/{victim.name}" in r.stdout, r.stdout
+    assert "truncated" in r.stdout, r.stdout
+    for sid in made:
+        assert f"snapshot {sid[:8]}: " in r.stdout, r.stdout
 
 
 def test_prune_never_indexes_a_damaged_pack_again(tmp_path: Path) -> None:

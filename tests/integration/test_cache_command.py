@@ -81,7 +81,8 @@ def test_cache_lists_and_cleans_up_only_unused_repository_caches(tmp_path: Path)
 
 def test_bad_cache_options_are_one_line(tmp_path: Path) -> None:
     for args, words in ((("cache", "--cleanup", "--max-unused", "soon"), "--max-unused"),
-                        (("cache", "--max-unused", "3d"), "--cleanup")):
+                        (("cache", "--max-unused", "3d"), "--cleanup"),
+                        (("cache", "--max-unused", "30d"), "--cleanup")):  # the default too
         r = _cache("--cache-dir", str(tmp_path), *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
         assert "Traceback" not in r.stderr

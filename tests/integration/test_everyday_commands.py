@@ -292,6 +292,27 @@ def test_dump_of_a_directory_is_a_tar_or_zip_archive(repo: Path, tmp_path: Path)
     _usage(kw(repo, "dump", "latest", str(data), "--archive", "rar"), "give one of tar, zip")
 
 
+def test_dump_of_names_that_are_not_utf8(repo: Path, tmp_path: Path) -> None:
+    """Linux file names are bytes: both archives hold them as they are (a zip without its UTF-8
+    flag on such a name, as Info-ZIP and restic write them), as a restore gives them back."""
+    data = tmp_path / "data"
+    raw = b"caf\xe9.txt"  # Latin-1, not UTF-8
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / os.fsdecode(raw)).write_bytes(b"latin")
+    (data / "sub" / "ok.txt").write_bytes(b"fine")
+    ok(kw(repo, "backup", str(data)))
+    with tarfile.open(fileobj=io.BytesIO(_dump(repo, "latest", str(data))), mode="r:",
+                      encoding="utf-8", errors="surrogateescape") as tar:
+        assert tar.extractfile("data/sub/" + os.fsdecode(raw)).read() == b"latin"  # type: ignore[union-attr]
+    with zipfile.ZipFile(io.BytesIO(_dump(repo, "latest", str(data), "--archive", "zip"))) as z:
+        # zipfile reads a name without the UTF-8 flag as CP437
+        names = {i.filename.encode("cp437") if not i.flag_bits & 0x800 else i.filename.encode()
+                 for i in z.infolist()}
+        assert names == {b"data/", b"data/sub/", b"data/sub/" + raw, b"data/sub/ok.txt"}
+        assert z.read("data/sub/ok.txt") == b"fine"
+        assert z.read("data/sub/" + raw.decode("cp437")) == b"latin"
+
+
 def test_dump_refuses_a_name_that_would_escape(repo: Path) -> None:
     # a forged tree: the writer's paths refuse '..', so the directory's nodes are made by hand
     with Repository.open(LocalBackend(str(repo)), PASSWORD) as r, \

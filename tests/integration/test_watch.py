@@ -144,8 +144,9 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, says in ((["watch", str(tmp_path / "nope")], "no such directory"),
                        (["watch", str(tmp_path / "f")], "not a directory"),
                        (["watch", str(tmp_path), str(tmp_path / "repo")], "is inside"),
-                       (["watch", str(tmp_path), "--max-delay", "soon"], "--max-delay")):
-        r = kw(repo, *args)
+                       (["watch", str(tmp_path), "--max-delay", "soon"], "--max-delay"),
+                       (["watch", ""], "empty path")):  # never the current directory
+        r = kw(repo, *args, timeout=60)
         assert r.returncode == 2, r.stderr
         assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

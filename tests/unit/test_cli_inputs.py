@@ -25,7 +25,7 @@ CLI = "import sys; from keepwell.cli.main import run; sys.argv[0] = 'keepwell'; 
 
 
 def kw(*args: str, env: Mapping[str, str | None] | None = None, prelude: str = "",
-       limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
+       limit_memory: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     merged: dict[str, str | None] = {**os.environ, "KEEPWELL_TESTONLY_WEAK_KDF": "1", **(env or {})}
     full = {k: v for k, v in merged.items() if v is not None}
 
@@ -33,7 +33,7 @@ def kw(*args: str, env: Mapping[str, str | None] | None = None, prelude: str = "
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
     return subprocess.run([sys.executable, "-c", prelude + CLI, *args], env=full,
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=120, cwd=cwd,
                           preexec_fn=cap if limit_memory else None)
 
 
@@ -62,6 +62,62 @@ def test_latest_with_a_suffix_is_not_latest(repo: str, tmp_path: Path) -> None:
     assert not (tmp_path / "t").exists()
     assert kw("-r", repo, "restore", "latest", "--target", str(tmp_path / "t"),
               env={"KEEPWELL_PASSWORD": "pw"}).returncode == 0
+
+
+def test_an_empty_path_is_not_the_current_directory(repo: str, tmp_path: Path) -> None:
+    """``keepwell backup "$DIR"`` or ``restore --target "$DIR"`` with DIR empty or unset names
+    nothing: it is refused, never taken for the current directory (which the backup would save
+    and the restore would write into)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    env = {"KEEPWELL_PASSWORD": "pw"}
+    for args in (["backup", ""], ["backup", "", str(work)],
+                 ["restore", "latest", "--target", ""],
+                 ["restore", "latest", "--target", "", "--overwrite"]):
+        proc = kw("-r", repo, *args, env=env, cwd=work)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "empty" in one_line(proc), args
+    assert sorted(os.listdir(work)) == ["mine.txt"]
+    with Repository.open(LocalBackend(repo), "pw") as r:
+        assert len(r.list_snapshots()) == 1
+
+
+def test_a_restore_target_that_cannot_be_a_directory(repo: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file")
+    env = {"KEEPWELL_PASSWORD": "pw"}
+    for target in (tmp_path / "file" / "below", tmp_path / "file"):
+        for extra in ([], ["--overwrite"]):
+            proc = kw("-r", repo, "restore", "latest", "--target", str(target), *extra, env=env)
+            assert proc.returncode == 1, proc.stderr
+            line = one_line(proc)
+            assert str(target) in line and "not a directory" in line.lower()
+            assert "--overwrite" not in line  # it would not help
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_a_repository_location_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file")
+    env = {"KEEPWELL_PASSWORD": "pw"}
+    for location in (tmp_path / "file", tmp_path / "file" / "repo"):
+        proc = kw("-r", str(location), "snapshots", env=env)
+        assert proc.returncode == 10, proc.stderr
+        assert f"no repository at {location}" in one_line(proc)
+        proc = kw("-r", str(location), "init", env=env)
+        assert proc.returncode == 1, proc.stderr
+        line = one_line(proc)
+        assert "not a directory" in line and "network" not in line
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+@pytest.mark.parametrize("option", [["--max-unused", "5%"], ["--max-unused", "10%"],
+                                    ["--grace", "1h"], ["--grace", "0"]])
+def test_forget_prune_options_need_prune(repo: str, option: list[str]) -> None:
+    """Without --prune they would do nothing: refused, even when they say what the default
+    says."""
+    proc = kw("-r", repo, "forget", "--keep-last", "1", *option, env={"KEEPWELL_PASSWORD": "pw"})
+    assert proc.returncode == 2, proc.stderr
+    assert "are for --prune" in one_line(proc)
 
 
 def test_init_refuses_a_directory_that_holds_other_files(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from keepwell import tokens
 from keepwell.backends.base import ObjectInfo, check_name
 from keepwell.backends.spool import TMP_PREFIX, Payload, Spool, classify, payload_pieces
-from keepwell.errors import ObjectExistsError
+from keepwell.errors import ObjectExistsError, ObjectNotFoundError
 
 _classify = classify
 
@@ -100,12 +100,16 @@ class LocalBackend:
                     f.seek(offset)
                     return f.read()
                 return os.pread(f.fileno(), length, offset)
+        except NotADirectoryError:  # a file where a folder on the way should be: no object
+            raise ObjectNotFoundError(f"reading {name} in {self.location}: not found") from None
         except OSError as exc:
             raise _classify(exc, f"reading {name} in {self.location}") from exc
 
     def stat(self, name: str) -> ObjectInfo:
         try:
             st = os.stat(self._path(name))
+        except NotADirectoryError:
+            raise ObjectNotFoundError(f"{name} in {self.location}: not found") from None
         except OSError as exc:
             raise _classify(exc, f"{name} in {self.location}") from exc
         return ObjectInfo(name, st.st_size, st.st_mtime)

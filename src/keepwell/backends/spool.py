@@ -57,6 +57,8 @@ _PERMANENT = {
     errno.EFBIG: ("file too large for the filesystem", "use a filesystem that holds larger files"),
     errno.EIO: ("input/output error", "the disk failed a write; check it (dmesg, smartctl) "
                                       "before trusting it with backups"),
+    errno.ENOTDIR: ("not a directory", "a file stands where the repository or one of its "
+                                       "folders should be: check --repo / KEEPWELL_REPOSITORY"),
 }
 
 

@@ -18,17 +18,18 @@ from keepwell.errors import UsageError
 
 def cache(cleanup: Annotated[bool, typer.Option(
               "--cleanup", help="Remove the caches of repositories not used for --max-unused.")] = False,
-          max_unused: Annotated[str, typer.Option(
+          max_unused: Annotated[str | None, typer.Option(
               "--max-unused", metavar="AGE",
-              help="With --cleanup: how long a cache may go unused (30d, 2w, 6mo...).")] = "30d",
+              help="With --cleanup: how long a cache may go unused (30d, 2w, 6mo...; "
+                   "default: 30d).")] = None,
           json_: JsonOption = False) -> None:
     """List the caches of remote repositories with their size and last use; with --cleanup,
     remove those not used for AGE (default 30d)."""
     from keepwell.units import parse_seconds
 
-    if max_unused != "30d" and not cleanup:
+    if max_unused is not None and not cleanup:
         raise UsageError("--max-unused is for --cleanup")
-    age = parse_seconds(max_unused, "--max-unused")
+    age = parse_seconds("30d" if max_unused is None else max_unused, "--max-unused")
     base = (os.path.abspath(os.path.expanduser(GLOBALS.cache_dir)) if GLOBALS.cache_dir
             else default_base())
     now = time.time()

@@ -563,8 +563,10 @@ def forget(
                        "sqlite, as databases keep their own retention).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n")] = False,
     prune_: Annotated[bool, typer.Option("--prune", help="Prune afterwards.")] = False,
-    max_unused: Annotated[str, typer.Option(help="With --prune: as prune --max-unused.")] = "5%",
-    grace: Annotated[str, typer.Option(help="With --prune: as prune --grace.")] = "1h",
+    max_unused: Annotated[str | None, typer.Option(
+        help="With --prune: as prune --max-unused (default: 5%).")] = None,
+    grace: Annotated[str | None, typer.Option(
+        help="With --prune: as prune --grace (default: 1h).")] = None,
     repo: RepoOption = None, password_file: PasswordFileOption = None, json_: JsonOption = False,
 ) -> None:
     """Remove snapshots by id, or those a --keep-* policy does not keep (among the snapshots
@@ -576,10 +578,10 @@ def forget(
     policy = keep_policy(locals())
     if snapshot_ids and not policy.empty():
         raise UsageError("give snapshot ids or a --keep-* policy, not both")
-    if not prune_ and (max_unused != "5%" or grace != "1h"):
+    if not prune_ and (max_unused is not None or grace is not None):
         raise UsageError("--max-unused and --grace are for --prune")
-    prune_opts = PruneOptions(max_unused=parse_max_unused(max_unused),
-                              grace=parse_seconds(grace, "--grace"))
+    prune_opts = PruneOptions(max_unused=parse_max_unused("5%" if max_unused is None else max_unused),
+                              grace=parse_seconds("1h" if grace is None else grace, "--grace"))
     flt = snapshot_filter(host, tag, path, kind)
     r = open_repo(repo, password_file)
     damaged: list[str] = []  # named, but unreadable: forgotten by their id alone

@@ -59,22 +59,62 @@ def encode_snapshot(fields: dict[str, Any]) -> bytes:
 
 
 def decode_snapshot(snapshot_id: str, plain: bytes) -> Snapshot:
+    """The snapshot an object holds. A field of the wrong kind is a `ValueError` or
+    `TypeError`, as bad JSON is: the object may have been written by any holder of an append
+    key, and one that decodes into a time without a time zone, a tree that is no id, or a
+    host, tag or path that is not text would fail every command that lists snapshots."""
     d = json.loads(plain)
+    if not isinstance(d, dict):
+        raise TypeError(f"a snapshot is a JSON object, not {type(d).__name__}")
+    time = datetime.fromisoformat(d["time"])
+    if time.tzinfo is None:
+        raise ValueError(f"time {d['time']!r} has no time zone")
+    tree = _text(d, "tree")
+    bytes.fromhex(tree)  # an id: its error says where it is not hex
     return Snapshot(
         id=snapshot_id,
-        time=datetime.fromisoformat(d["time"]),
-        host=d.get("host", ""),
-        username=d.get("username", ""),
-        paths=list(d.get("paths", [])),
-        tags=list(d.get("tags", [])),
-        kind=d.get("kind", "files"),
-        tree=d["tree"],
-        parent=d.get("parent"),
-        summary=dict(d.get("summary", {})),
-        source=dict(d.get("source", {})),
-        program_version=d.get("program_version", ""),
-        original=d.get("original"),
+        time=time,
+        host=_text(d, "host", ""),
+        username=_text(d, "username", ""),
+        paths=_texts(d, "paths"),
+        tags=_texts(d, "tags"),
+        kind=_text(d, "kind", "files"),
+        tree=tree,
+        parent=_text(d, "parent", None),
+        summary=_object(d, "summary"),
+        source=_object(d, "source"),
+        program_version=_text(d, "program_version", ""),
+        original=_text(d, "original", None),
     )
+
+
+_REQUIRED = object()
+
+
+def _text(d: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """The string at ``key`` (``default`` where it is missing, or null for an optional one)."""
+    if key not in d and default is not _REQUIRED:
+        return default
+    value = d[key]
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is {type(value).__name__}, not text")
+    return value
+
+
+def _texts(d: dict[str, Any], key: str) -> list[str]:
+    value = d.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{key} is not a list of text")
+    return value
+
+
+def _object(d: dict[str, Any], key: str) -> dict[str, Any]:
+    value = d.get(key, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} is {type(value).__name__}, not an object")
+    return value
 
 
 @dataclass(frozen=True)

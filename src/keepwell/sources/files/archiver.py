@@ -729,6 +729,9 @@ def backup_paths(repo: Repository, paths: list[str], *, excludes: list[str] | tu
     a filesystem snapshot taken first and removed at the end (keepwell.sources.files.fssnapshot)."""
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
+    if "" in paths:  # an empty or unset variable: never the current directory
+        raise UsageError("an empty path names nothing to back up",
+                         hint="give the files and directories; '.' is the current directory")
     absolute = []
     missing: list[tuple[str, str]] = []  # reported, and the rest is saved (a partial snapshot)
     for p in paths:

@@ -93,6 +93,18 @@ def write_tar(repo: Repository, snap: Snapshot, path: str, out: BinaryIO) -> int
     return count
 
 
+class _ZipInfo(zipfile.ZipInfo):
+    """A zip entry whose name may hold bytes that are not UTF-8 (a Linux file name is bytes,
+    kept as surrogates): such a name is written as those bytes, without the UTF-8 flag, as
+    Info-ZIP and restic write it, instead of failing the dump."""
+
+    def _encodeFilenameFlags(self) -> tuple[bytes, int]:  # noqa: N802 (zipfile's name)
+        try:
+            return super()._encodeFilenameFlags()  # type: ignore[misc, no-any-return]
+        except UnicodeEncodeError:
+            return self.filename.encode("utf-8", "surrogateescape"), self.flag_bits
+
+
 def write_zip(repo: Repository, snap: Snapshot, path: str, out: BinaryIO) -> int:
     """Write the archive (directories, files and symlinks); the number of entries."""
     import time
@@ -104,7 +116,7 @@ def write_zip(repo: Repository, snap: Snapshot, path: str, out: BinaryIO) -> int
             kind = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}.get(node.type)
             if kind is None:
                 continue  # special files: zip has no way to hold them
-            info = zipfile.ZipInfo(name + ("/" if node.type == DIR else ""), date_time=when)
+            info = _ZipInfo(name + ("/" if node.type == DIR else ""), date_time=when)
             info.external_attr = (kind | stat.S_IMODE(node.mode)) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             if node.type == DIR:

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepwell.errors import KeepwellError, RestoreTargetError
+from keepwell.errors import KeepwellError, RestoreTargetError, UsageError
 from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
@@ -507,13 +507,22 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
     """Restore ``snap`` under ``target`` (made if missing; it must be empty unless ``overwrite``).
     The target is used as named, even if it is a symbolic link; nothing under it is reached
     through a link, and nothing outside it is written (see the module's docstring)."""
+    if not target:  # an empty or unset variable: never the current directory
+        raise UsageError("an empty restore target names no directory",
+                         hint="give the directory to restore into; '.' is the current directory")
     target = os.path.abspath(target)
     if os.path.exists(target):
         if not os.path.isdir(target):
-            raise RestoreTargetError(f"restore target {target} exists and is not a directory")
+            raise RestoreTargetError(f"restore target {target} exists and is not a directory",
+                                     hint="choose a directory, or a path where one can be made")
         if os.listdir(target) and not overwrite:
             raise RestoreTargetError(f"restore target {target} is not empty")
-    os.makedirs(target, exist_ok=True)
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise RestoreTargetError(f"restore target {target} cannot be made: "
+                                 f"{exc.strerror or exc}",
+                                 hint="choose a directory, or a path where one can be made") from None
     with fewer_collections():
         # a Matcher given by the caller records which of its patterns matched something
         return Restorer(repo, snap, target, includes=_matcher(includes), excludes=_matcher(excludes),

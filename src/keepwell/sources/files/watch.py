@@ -101,6 +101,9 @@ def watched_roots(paths: list[str]) -> list[str]:
     """The absolute directories to watch, checked: one clear error for a path that is not one."""
     if not paths:
         raise UsageError("nothing to watch: give at least one directory")
+    if "" in paths:  # an empty or unset variable: never the current directory
+        raise UsageError("an empty path names no directory to watch",
+                         hint="give the directories; '.' is the current directory")
     out: list[str] = []
     for p in paths:
         ap = os.path.abspath(os.path.expanduser(p))
