@@ -503,6 +503,9 @@ def restore(snapshot: str,
             exclude: Annotated[list[str] | None, typer.Option(
                 "--exclude", "-e", help="Skip what this pattern matches (repeatable).")] = None,
             overwrite: Annotated[bool, typer.Option(help="Allow a non-empty target.")] = False,
+            verify: Annotated[bool, typer.Option(
+                "--verify", help="Then read every restored file back and compare it with the "
+                                 "snapshot.")] = False,
             host: HostFilterOption = None, tag: TagFilterOption = None,
             path: PathFilterOption = None, kind: KindFilterOption = None,
             repo: RepoOption = None, password_file: PasswordFileOption = None,
@@ -518,15 +521,23 @@ def restore(snapshot: str,
     r.events.subscribe(progress)
     includes = Matcher(include or [])
     res = restore_snapshot(r, snap, target, includes=includes, excludes=exclude or [],
-                           overwrite=overwrite)
+                           overwrite=overwrite, verify=verify)
     progress.done()
     unmatched = includes.unmatched()
+    checked = res.verified
     if json_:
         print_json({"files": res.files, "dirs": res.dirs, "bytes": res.bytes,
                     "errors": [list(e) for e in res.errors], "unmatched_includes": unmatched,
-                    "metadata": res.metadata.to_json()})
+                    "metadata": res.metadata.to_json(),
+                    **({"verified": {"files": checked.files, "bytes": checked.bytes,
+                                     "errors": [list(e) for e in checked.errors]}}
+                       if checked is not None else {})})
     else:
         print(f"restored {res.files} files, {res.dirs} dirs, {human_bytes(res.bytes)} to {target}")
+        if checked is not None:
+            print(f"verified {checked.files} files, {human_bytes(checked.bytes)}: "
+                  + (f"{len(checked.errors)} differ from the snapshot" if checked.errors
+                     else "identical to the snapshot"))
     for pattern in unmatched:
         print(f"keepwell: warning: --include {pattern} matched nothing in snapshot {snap.short_id}",
               file=sys.stderr)
@@ -536,8 +547,9 @@ def restore(snapshot: str,
     level = "note" if res.metadata.complete else "warning"
     for note in res.metadata.notes():
         print(f"keepwell: {level}: {note}", file=sys.stderr)
-    if res.errors:
-        for path_, msg in res.errors[:20]:
+    differ = checked.errors if checked is not None else []
+    if res.errors or differ:
+        for path_, msg in (res.errors + differ)[:20]:
             print(f"keepwell: {path_}: {msg}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE)
     if unmatched:  # nothing at all, or not all that was asked for

@@ -31,7 +31,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keepwell.errors import KeepwellError, RestoreTargetError, UsageError
 from keepwell.memory import fewer_collections
@@ -42,6 +42,9 @@ from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET,
 from keepwell.sources.files import fileio, metadata, targetdir
 from keepwell.sources.files.select import Matcher
 from keepwell.sources.files.workers import Workers, can_reopen, repository_init, worker_count
+
+if TYPE_CHECKING:
+    from keepwell.sources.files.verify import VerifyResult
 
 _MAX_RANGE = 8 * 1024 * 1024  # one ranged read of nearby blobs, in a worker process
 # the same in this process, whose threads each hold a range and its blobs at once (files of
@@ -67,6 +70,7 @@ class RestoreResult:
     processes: int = 0  # worker processes that wrote files of one blob
     metadata: metadata.MetadataReport = field(
         default_factory=lambda: metadata.MetadataReport(os.geteuid() == 0))
+    verified: VerifyResult | None = None  # what reading the files back found (--verify)
 
 
 @dataclass(slots=True)
@@ -160,7 +164,7 @@ class Restorer:
             self._error(path, f"cannot set metadata: {exc.strerror}")
 
     # -- planning -----------------------------------------------------------------------------
-    def _selected(self, spath: str, node: Node) -> bool:
+    def _selected(self, spath: str, node: Node | None) -> bool:
         if self.excludes and self.excludes.matches_within(spath):
             return False
         return not (self.includes and not self.includes.matches_within(spath))
@@ -503,10 +507,12 @@ class Restorer:
 def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                      includes: list[str] | tuple[str, ...] | Matcher = (),
                      excludes: list[str] | tuple[str, ...] | Matcher = (), overwrite: bool = False,
-                     workers: int = 4) -> RestoreResult:
+                     workers: int = 4, verify: bool = False) -> RestoreResult:
     """Restore ``snap`` under ``target`` (made if missing; it must be empty unless ``overwrite``).
     The target is used as named, even if it is a symbolic link; nothing under it is reached
-    through a link, and nothing outside it is written (see the module's docstring)."""
+    through a link, and nothing outside it is written (see the module's docstring).
+    ``verify``: then read every restored file back and compare it with the snapshot
+    (`RestoreResult.verified`, keepwell.sources.files.verify)."""
     if not target:  # an empty or unset variable: never the current directory
         raise UsageError("an empty restore target names no directory",
                          hint="give the directory to restore into; '.' is the current directory")
@@ -525,9 +531,17 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                                  hint="choose a directory, or a path where one can be made") from None
     with fewer_collections():
         # a Matcher given by the caller records which of its patterns matched something
-        return Restorer(repo, snap, target, includes=_matcher(includes), excludes=_matcher(excludes),
-                        workers=workers, processes=worker_count("KEEPWELL_FILE_PROCESSES"),
-                        overwrite=overwrite).run()
+        restorer = Restorer(repo, snap, target, includes=_matcher(includes),
+                            excludes=_matcher(excludes), workers=workers,
+                            processes=worker_count("KEEPWELL_FILE_PROCESSES"), overwrite=overwrite)
+        result = restorer.run()
+        if verify:
+            from keepwell.sources.files.verify import verify_restored
+
+            result.verified = verify_restored(
+                repo, snap, target, selected=lambda spath: restorer._selected(spath, None),
+                skip={path for path, _ in result.errors})
+        return result
 
 
 def _matcher(patterns: list[str] | tuple[str, ...] | Matcher) -> Matcher:
