@@ -50,6 +50,30 @@ def test_every_command_alone_is_the_same_command() -> None:
     assert _names() == names  # every command is back
 
 
+def test_every_command_of_a_group_alone_is_the_same_command() -> None:
+    runner = CliRunner()
+    root = typer.main.get_command(app)
+    groups = {name: sorted(cmd.commands) for name, cmd in root.commands.items()  # type: ignore[attr-defined]
+              if hasattr(cmd, "commands")}
+    assert {"postgres", "mysql", "sqlite", "fleet"} <= set(groups)
+    for group, subs in groups.items():
+        for sub in subs:
+            args = ["-q", group, sub, "--help"]
+            whole = runner.invoke(app, args)
+            with only_named(app, args):
+                narrowed = typer.main.get_command(app)
+                assert list(narrowed.commands) == [group]  # type: ignore[attr-defined]
+                assert list(narrowed.commands[group].commands) == [sub]  # type: ignore[attr-defined]
+                alone = runner.invoke(app, args)
+            assert alone.exit_code == whole.exit_code == 0, (group, sub, alone.output)
+            assert alone.output == whole.output, (group, sub)
+        whole = runner.invoke(app, [group, "bakup"])
+        with only_named(app, [group, "bakup"]):
+            alone = runner.invoke(app, [group, "bakup"])
+        assert alone.output == whole.output and alone.exit_code == 2, group
+    assert typer.main.get_command(app).commands.keys() == root.commands.keys()  # type: ignore[attr-defined]
+
+
 def test_a_name_that_is_no_command_keeps_them_all() -> None:
     runner = CliRunner()
     with only_named(app, ["bakup"]):
