@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
-from keepwell.crypto import keyed_id
+from keepwell.crypto import content_name, keyed_id
 from keepwell.errors import IntegrityError
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
@@ -91,6 +91,26 @@ def read_range(backend: Backend, name: str, r: Range[W]) -> memoryview:
         raise IntegrityError(f"{name} of {backend.location} is shorter than its index says "
                              "(truncated pack)", hint="run 'keepwell check' to see what is affected")
     return data
+
+
+def get_whole_pack(backend: Backend, name: str) -> tuple[bytes, bool]:
+    """A whole pack, for the commands that judge its damage (check, repair): when its bytes do
+    not match its name it is read once more, since bytes damaged on the way (a faulty link,
+    proxy or server) must not be taken for damage in storage, which would be recorded and
+    would take intact data out of use. Returns the bytes (the second read's, when it was
+    needed) and whether a first read came back damaged and the second whole."""
+    data = backend.get(name)
+    if content_name(data) == name.rsplit("/", 1)[1]:
+        return data, False
+    again = backend.get(name)
+    return again, content_name(again) == name.rsplit("/", 1)[1]
+
+
+# what a pack that read damaged once and whole again says (check and repair packs)
+DAMAGED_ON_THE_WAY = ("a first read returned bytes that do not match its name, a second the "
+                      "right ones: something between the storage and this machine damages data "
+                      "(nothing was recorded; check the network, proxies and the storage "
+                      "server)")
 
 
 def read_pack(backend: Backend, name: str, wants: Sequence[W], span: Span[W], *,
