@@ -88,3 +88,34 @@ def test_a_pack_damaged_on_the_way_is_read_again(seaweed: SeaweedServer, proxy: 
     ok(kw(location, "restore", "latest", "--target", str(tmp_path / "out"), env=direct))
     got = tmp_path / "out" / str(src).lstrip("/")
     assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+
+
+@pytest.mark.parametrize("prefix", ["/keys/", "/index/", "/snapshots/", "/tree/"])
+def test_a_small_object_damaged_on_the_way_is_read_again(seaweed: SeaweedServer,
+                                                         proxy: TamperingProxy, tmp_path: Path,
+                                                         prefix: str) -> None:
+    """A key file, an index object, a snapshot or a tree pack read damaged once is read again:
+    the restore works, and the damaged copy is not kept in the cache."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(random.Random(6).randbytes(50_000))
+    location = f"s3://{BUCKET}/otw-{uuid.uuid4().hex[:8]}"
+    direct = {**seaweed.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    ok(kw(location, "init", env=direct))
+    ok(kw(location, "backup", str(src), env=direct))
+
+    # a new cache, so that every object is read from the server
+    via = {**direct, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+           "XDG_CACHE_HOME": str(tmp_path / "cache2")}
+    proxy.tamper = once(flip, prefix)
+    before = proxy.tampered
+    try:
+        r = kw(location, "restore", "latest", "--target", str(tmp_path / "out"), env=via)
+    finally:
+        proxy.clear()
+    assert proxy.tampered == before + 1
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = tmp_path / "out" / str(src).lstrip("/")
+    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+    r = kw(location, "check", env=via)
+    assert r.returncode == 0 and "damaged" not in r.stdout + r.stderr, r.stdout + r.stderr
