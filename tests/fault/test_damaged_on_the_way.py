@@ -1,7 +1,8 @@
 """Bytes damaged between the storage and keepwell are not damage in storage.
 
 An S3 server reached through a proxy that answers a ``GET`` with ``200`` and bytes that are not
-the object's (a truncated body with a matching length, or a changed byte), once: ``check
+the object's (a truncated body with a matching length, or a changed byte), or says that an
+object it lists does not exist, once: ``check
 --read-data`` and ``repair packs`` read the pack again, find it whole, say that something on
 the way damaged it, and record nothing. Recording it would take intact data out of use for
 good: check would report the snapshot damaged on every run, and ``repair packs`` would salvage
@@ -20,7 +21,7 @@ import pytest
 
 from tests.fault.cli import kw, ok
 from tests.integration.conftest_remote import BUCKET
-from tests.servers.httpproxy import TamperingProxy
+from tests.servers.httpproxy import Tamper, TamperingProxy
 from tests.servers.seaweed import SeaweedServer
 
 pytestmark = pytest.mark.integration
@@ -32,11 +33,14 @@ def proxy(seaweed: SeaweedServer) -> Iterator[TamperingProxy]:
         yield p
 
 
-def once(damage: Callable[[bytes], bytes], prefix: str = "/data/") -> Callable[[str, str, bytes], bytes | None]:
+Damage = Callable[[bytes], bytes | tuple[int, bytes]]
+
+
+def once(damage: Damage, prefix: str = "/data/") -> Tamper:
     """A tamper function that damages the first whole GET of an object under ``prefix``."""
     done: list[str] = []
 
-    def tamper(method: str, path: str, body: bytes) -> bytes | None:
+    def tamper(method: str, path: str, body: bytes) -> bytes | tuple[int, bytes] | None:
         if method != "GET" or prefix not in path or "?" in path or done:
             return None
         done.append(path)
@@ -55,11 +59,16 @@ def flip(body: bytes) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("damage", [truncate, flip], ids=["truncated", "flipped"])
+def missing(_body: bytes) -> tuple[int, bytes]:
+    """The object the storage lists is said not to exist."""
+    return 404, b"<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code></Error>"
+
+
+@pytest.mark.parametrize("damage", [truncate, flip, missing], ids=["truncated", "flipped", "missing"])
 @pytest.mark.parametrize("command", [("check", "--read-data"), ("repair", "packs")],
                          ids=["check", "repair-packs"])
 def test_a_pack_damaged_on_the_way_is_read_again(seaweed: SeaweedServer, proxy: TamperingProxy,
-                                                 tmp_path: Path, damage: Callable[[bytes], bytes],
+                                                 tmp_path: Path, damage: Damage,
                                                  command: tuple[str, ...]) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -5,7 +5,8 @@ truncated body (its ``Content-Length`` made to match), or with bytes changed.
 Unlike `tests.servers.proxy.FaultProxy` (TCP), it reads whole requests and answers, so it can
 change an answer and still send a well-formed one. Requests keep their ``Host`` header, so
 their signatures stay valid. ``tamper`` is a function of the method, the path (with its
-query) and the answer's body; it returns the body to send instead, or None to pass it on.
+query) and the answer's body; it returns the body to send instead, a status and a body (an
+error the server did not give), or None to pass the answer on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.servers import free_port
 
-Tamper = Callable[[str, str, bytes], bytes | None]
+Tamper = Callable[[str, str, bytes], bytes | tuple[int, bytes] | None]
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
               "upgrade", "proxy-connection"}
@@ -51,14 +52,19 @@ class TamperingProxy:
                     answer = conn.getresponse()
                     data = answer.read()
                     out = data
+                    status = answer.status
                     tamper = proxy.tamper
                     if tamper is not None and 200 <= answer.status < 300:
                         changed = tamper(self.command, self.path, data)
-                        if changed is not None:
+                        if isinstance(changed, tuple):
+                            status, out = changed
+                            with proxy._lock:
+                                proxy.tampered += 1
+                        elif changed is not None:
                             out = changed
                             with proxy._lock:
                                 proxy.tampered += 1
-                    self.send_response(answer.status, answer.reason)
+                    self.send_response(status, answer.reason if status == answer.status else None)
                     for k, v in answer.getheaders():
                         if k.lower() not in HOP_BY_HOP:
                             self.send_header(k, v)

@@ -30,11 +30,7 @@ from keepwell.repository.format import (
     pack_object_name,
 )
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.packreader import (
-    DAMAGED_ON_THE_WAY,
-    get_whole_pack,
-    parse_header_and_sender,
-)
+from keepwell.repository.packreader import get_whole_pack, parse_header_and_sender
 from keepwell.repository.pending import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
@@ -177,7 +173,7 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0,
                     found[name].update(b[0] for b in by_pack[name])
                 return [f"{name}: {exc}"], {b[0] for b in by_pack[name]}, 0
             if on_the_way:
-                report.warnings.append(f"{name}: {DAMAGED_ON_THE_WAY}")
+                report.warnings.append(f"{name}: {on_the_way}")
             if content_name(data) != name.rsplit("/", 1)[1]:
                 errs.append(f"{name}: content does not match its name (corrupt)")
             try:

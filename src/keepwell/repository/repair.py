@@ -48,11 +48,7 @@ from keepwell.repository.format import (
 )
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
-from keepwell.repository.packreader import (
-    DAMAGED_ON_THE_WAY,
-    get_whole_pack,
-    parse_header_and_sender,
-)
+from keepwell.repository.packreader import get_whole_pack, parse_header_and_sender
 from keepwell.repository.pending import load_pending, write_pending
 from keepwell.repository.prune import supersede_index
 from keepwell.repository.repack import RepackJob, repack
@@ -244,7 +240,7 @@ class _PackState:
     damaged: set[bytes] = field(default_factory=set)
     why: str = ""
     missing: bool = False
-    on_the_way: bool = False  # read damaged once, then whole (`get_whole_pack`)
+    on_the_way: str | None = None  # a first read failed, a second was whole (`get_whole_pack`)
 
     @property
     def whole(self) -> bool:
@@ -343,7 +339,7 @@ def _repair_packs(repo: Repository, names: list[str] | None, report: PackRepair,
         report.packs_read += not state.missing
         report.blobs_read += len(state.verified) + len(state.damaged)
         if state.on_the_way:
-            report.warnings.append(f"{state.name}: {DAMAGED_ON_THE_WAY}")
+            report.warnings.append(f"{state.name}: {state.on_the_way}")
         if state.missing:
             report.packs_missing.append(state.name)
         elif not state.whole:
