@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -81,6 +82,63 @@ def test_an_empty_path_is_not_the_current_directory(repo: str, tmp_path: Path) -
     assert sorted(os.listdir(work)) == ["mine.txt"]
     with Repository.open(LocalBackend(repo), "pw") as r:
         assert len(r.list_snapshots()) == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["backup", "--stdin", "--stdin-filename", ""],
+    ["backup", "{work}", "--host", ""],
+    ["backup", "{work}", "--tag", ""],
+    ["backup", "{work}", "--tag", "daily,"],
+    ["backup", "{work}", "--exclude", ""],
+    ["backup", "{work}", "--iexclude", ""],
+    ["backup", "{work}", "--parent", ""],
+    ["dump", "latest", ""],
+    ["ls", "latest", ""],
+    ["log", ""],
+    ["find", ""],
+    ["find", "f", "--newest", ""],
+    ["restore", "latest", "--target", "{out}", "--include", ""],
+    ["restore", "latest", "--target", "{out}", "--exclude", ""],
+    ["rewrite", "--exclude", ""],
+    ["snapshots", "--host", ""],
+    ["snapshots", "--path", ""],
+    ["ls", "latest", "--kind", ""],
+    ["forget", "--keep-last", "1", "--host", ""],
+    ["forget", "--keep-tag", ""],
+    ["forget", "--keep-last", "1", "--keep-within", ""],
+    ["tag", "--add", ""],
+    ["prune", "--max-repack-size", ""],
+    ["key", "remove", ""],
+    ["init", "--copy-chunker-params-from", ""],
+    ["sqlite", "backup", "{work}/db", "--host", ""],
+    ["sqlite", "backup", "{work}/db", "--tag", ""],
+])
+def test_options_that_name_nothing_are_refused(repo: str, tmp_path: Path, args: list[str]) -> None:
+    """An option or argument given an empty value (an empty or unset variable) is refused with
+    one line and exit code 2: never read as its default (the machine's host name, the file name
+    'stdin', the whole snapshot) nor as a pattern or filter that matches everything or nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "f").write_text("data")
+    sqlite3.connect(work / "db").close()
+    out = tmp_path / "out"
+    given = [a.format(work=work, out=out) for a in args]
+    proc = kw("-r", repo, *given, env={"KEEPWELL_PASSWORD": "pw", "KEEPWELL_NEW_PASSWORD": "pw2"},
+              cwd=work)
+    assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+    line = one_line(proc)
+    assert "empty" in line or "got ''" in line, args
+    assert not out.exists()
+    with Repository.open(LocalBackend(repo), "pw") as r:
+        assert [s.tags for s in r.list_snapshots()] == [[]]
+
+
+def test_key_remove_of_an_unknown_id_says_none_has_it(repo: str) -> None:
+    proc = kw("-r", repo, "key", "remove", "deadbeef", env={"KEEPWELL_PASSWORD": "pw"})
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert "no key" in line and "deadbeef" in line and "key list" in line
+    assert "longer prefix" not in line
 
 
 def test_a_restore_target_that_cannot_be_a_directory(repo: str, tmp_path: Path) -> None:

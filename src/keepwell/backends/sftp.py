@@ -96,6 +96,11 @@ def classify(exc: BaseException, what: str, stall: float | None = None) -> Backe
         # paramiko's word for a connection that went away during authentication: no answer
         # about the key was given, and a new connection may well be let in
         return TransientBackendError(f"{what}: connection lost during authentication ({exc})")
+    if isinstance(exc, paramiko.AuthenticationException) and "timeout" in str(exc).lower():
+        # paramiko's "Authentication timeout.": the server said nothing about the key within
+        # the time given (a frozen server or link), which a new connection may well get past
+        waited = f" for {stall:.0f}s" if stall else ""
+        return StallError(f"{what}: no answer{waited} while authenticating (stalled)")
     if isinstance(exc, paramiko.AuthenticationException):
         return PermanentBackendError(
             f"{what}: authentication failed: {exc}",

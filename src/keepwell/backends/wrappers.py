@@ -510,7 +510,8 @@ class CachedBackend(_Wrapper):
 
     Trust: ``verify(name, data)`` (when given) tells whether a cached copy is the object of that
     name; a copy that fails it (a damaged cache file) is dropped and read again from the inner
-    backend, once per process and object. `bind` narrows the cache to one repository (a
+    backend, once per process and object. What the inner backend returns is verified too: a
+    copy that fails is read once more (it may have been damaged on the way) and is never kept. `bind` narrows the cache to one repository (a
     subdirectory named by its id), so that a repository made anew at the same location, or
     another one of the same name elsewhere, never meets the cache of the first.
     """
@@ -633,8 +634,16 @@ class CachedBackend(_Wrapper):
         if hit is not None:
             return hit
         data = self.inner.get(name)
-        self._store(name, data)
         end = len(data) if length is None else offset + length
+        if self.verify is not None and not self.verify(name, data):
+            # bytes damaged on the way (a faulty link, proxy or server) are no damage in
+            # storage: read once more, and never keep a copy that is not the object
+            log.warning("%s read from %s is damaged; reading it again", name, self.location)
+            data = self.inner.get(name)
+            end = len(data) if length is None else offset + length
+            if not self.verify(name, data):
+                return data[offset:end]  # the caller finds the damage and says so
+        self._store(name, data)
         return data[offset:end]
 
     def stat(self, name: str) -> ObjectInfo:

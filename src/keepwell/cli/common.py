@@ -217,9 +217,34 @@ def print_warning(name: str, fields: dict[str, Any]) -> None:
         sys.stderr.write(f"keepwell: {fields['message']}\n")
 
 
+def refuse_empty(option: str, values: str | list[str] | None, hint: str) -> None:
+    """Refuse an option or argument given an empty value (an empty or unset variable), which
+    would otherwise be read as its default or as "everything" (or match nothing) without a word."""
+    if values is None:
+        return
+    if any(not v for v in ([values] if isinstance(values, str) else values)):
+        raise UsageError(f"{option}: an empty value names nothing", hint=hint)
+
+
+def tags_given(option: str, tag: list[str] | None) -> list[str]:
+    """The tags a repeatable ``--tag a,b`` option gives to a new snapshot; an empty tag
+    (``--tag ''``, ``--tag a,``) is refused."""
+    groups = tag or []
+    for group in groups:
+        if not all(group.split(",")):
+            raise UsageError(f"{option} {group!r}: an empty tag names nothing",
+                             hint="give the tags, or no " + option)
+    return [t for group in groups for t in group.split(",")]
+
+
 def snapshot_filter(host: list[str] | None = None, tag: list[str] | None = None,
                     path: list[str] | None = None, kind: list[str] | None = None) -> SnapshotFilter:
-    """The filter the --host/--tag/--path/--kind options describe."""
+    """The filter the --host/--tag/--path/--kind options describe (``--tag ''`` selects the
+    snapshots without tags; an empty --host, --path or --kind is refused: it would match no
+    snapshot)."""
+    for option, values in (("--host", host), ("--path", path), ("--kind", kind)):
+        refuse_empty(option, values, f"give the {option[2:]}, or no {option} to select "
+                                     "snapshots of any")
     return SnapshotFilter.parse(hosts=host or (), tags=tag or (), paths=path or (),
                                 kinds=kind or ())
 

@@ -19,6 +19,7 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    refuse_empty,
     snapshot_filter,
 )
 from keepwell.errors import UsageError
@@ -61,8 +62,9 @@ def find(
     from keepwell.sources.files.find import Finder
     from keepwell.units import parse_time
 
-    lo = parse_time(oldest, "--oldest") if oldest else None
-    hi = parse_time(newest, "--newest") if newest else None
+    refuse_empty("PATTERN", patterns, "give a pattern such as '*.txt' or a path")
+    lo = parse_time(oldest, "--oldest") if oldest is not None else None
+    hi = parse_time(newest, "--newest") if newest is not None else None
     if lo and hi and lo > hi:
         raise UsageError(f"--oldest {oldest} is after --newest {newest}: nothing can match")
     r = open_repo(repo, password_file)

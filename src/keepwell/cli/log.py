@@ -20,6 +20,7 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    refuse_empty,
     snapshot_filter,
 )
 from keepwell.cli.find import iso_time, local_time, mode_string
@@ -65,6 +66,8 @@ def log(
     from keepwell.repository.copy import select_snapshots
     from keepwell.sources.files.versions import PathHistory
 
+    refuse_empty("PATH", path, "give the file or directory, as backed up; '.' is the current "
+                               "directory")
     full = os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(path)))
     r = open_repo(repo, password_file)
     history = PathHistory(r, full)

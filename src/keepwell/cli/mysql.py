@@ -42,8 +42,10 @@ from keepwell.cli.common import (
     keep_policy,
     open_repo,
     print_json,
+    refuse_empty,
     resolve_repo,
     run_group,
+    tags_given,
 )
 from keepwell.errors import UsageError
 
@@ -63,9 +65,16 @@ DefaultsFileOption = Annotated[
     str | None,
     typer.Option("--defaults-file", help="MySQL option file to read ([client] group)."),
 ]
+def _server_name(value: str | None) -> str | None:
+    """An empty --server-name (an empty variable) is refused, never taken for the host name."""
+    refuse_empty("--server-name", value, "give the name, or leave the option out for the "
+                                         "server's host name")
+    return value
+
+
 ServerNameOption = Annotated[
     str | None,
-    typer.Option("--server-name", envvar="KEEPWELL_MYSQL_SERVER",
+    typer.Option("--server-name", envvar="KEEPWELL_MYSQL_SERVER", callback=_server_name,
                  help="Name the server's snapshots are filed under (default: its host name)."),
 ]
 
@@ -133,7 +142,7 @@ def backup(
     if physical and database:
         raise UsageError("--database applies to --logical backups")
     settings = _settings(db_url, defaults_file)
-    tags = tuple(tag or ())
+    tags = tuple(tags_given("--tag", tag))
     resolve_repo(repo)  # a missing repository is reported before the server is touched
     # the tool starts first and works while the repository opens
     job: Any = (begin_logical(settings, databases=database, users=users) if logical

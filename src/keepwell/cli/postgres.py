@@ -41,6 +41,7 @@ from keepwell.cli.common import (
     resolve_password,
     resolve_repo,
     run_group,
+    tags_given,
 )
 from keepwell.cli.pgoutput import (
     merged_spools,
@@ -119,13 +120,14 @@ def backup(
     """Take a logical (--logical) or physical (--physical) backup."""
     if logical == physical:
         raise UsageError("choose one of --logical or --physical")
+    tags = tuple(tags_given("--tag", tag))
     spec = _spec(db_url)
     with open_repo(repo, password_file) as r:
         if logical:
             from keepwell.sources.postgres.logical import backup_logical
 
             res = backup_logical(r, spec, cluster, databases=database or None,
-                                 include_globals=globals_, tags=tuple(tag or ()))
+                                 include_globals=globals_, tags=tags)
             out: dict[str, Any] = {"snapshot": res.snapshot_id, "databases": res.databases,
                                    "globals": res.globals_included, "bytes": res.bytes,
                                    "seconds": round(res.seconds, 2)}
@@ -136,7 +138,7 @@ def backup(
             from keepwell.sources.postgres.physical import backup_physical
 
             pres = backup_physical(r, spec, cluster, wait_timeout=wait_timeout,
-                                   tags=tuple(tag or ()), method=method)
+                                   tags=tags, method=method)
             out = {"snapshot": pres.snapshot_id, "timeline": pres.timeline,
                    "start_lsn": str(pres.start_lsn), "stop_lsn": str(pres.stop_lsn),
                    "bytes": pres.bytes, "seconds": round(pres.seconds, 2), "complete": True,

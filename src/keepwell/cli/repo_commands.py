@@ -36,9 +36,11 @@ from keepwell.cli.common import (
     keep_policy,
     open_repo,
     print_json,
+    refuse_empty,
     resolve_password,
     resolve_repo,
     snapshot_filter,
+    tags_given,
 )
 from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, DamagedSnapshotError, UsageError
 
@@ -135,6 +137,9 @@ def init(repo: RepoOption = None, password_file: PasswordFileOption = None,
     from keepwell.backends.registry import open_backend
     from keepwell.repository import Repository
 
+    refuse_empty("--copy-chunker-params-from", copy_chunker_params_from,
+                 "give the repository, or leave the option out")
+    refuse_empty("--from-password-file", from_password_file, "give the file, or leave the option out")
     location = resolve_repo(repo)
     levels: dict[str, Any] = {"compression": compression, "fast_compression": fast_compression,
                               "page_compression": page_compression,
@@ -180,6 +185,8 @@ def selection_of(exclude: list[str] | None, exclude_file: list[str] | None,
     from keepwell.sources.files.select import CACHEDIR_TAG, Selection, TagFile, read_pattern_file
     from keepwell.units import parse_size
 
+    refuse_empty("--exclude", exclude, "give a pattern, or no --exclude")
+    refuse_empty("--iexclude", iexclude, "give a pattern, or no --iexclude")
     excludes = list(exclude or [])
     for f in exclude_file or []:
         excludes += read_pattern_file(f)
@@ -271,6 +278,10 @@ def backup(
         raise UsageError("--stdin backs up standard input: give no paths with it")
     if stdin_filename is not None and not streamed:
         raise UsageError("--stdin-filename is for --stdin or --stdin-from-command")
+    refuse_empty("--stdin-filename", stdin_filename, "give a file name, or leave the option "
+                                                     "out for 'stdin'")
+    refuse_empty("--host", host, "give a host name, or leave the option out for this machine's")
+    refuse_empty("--parent", parent, "give 'latest' or a snapshot id, or leave the option out")
     lists = ([(PATTERNS, f) for f in files_from or []]
              + [(VERBATIM, f) for f in files_from_verbatim or []]
              + [(RAW, f) for f in files_from_raw or []])
@@ -296,7 +307,7 @@ def backup(
     if stdin and sys.stdin.isatty():
         raise UsageError("--stdin reads a pipe or a file, not a terminal",
                          hint="e.g. keepwell backup --stdin < dump.sql")
-    tags = [t for group in tag or [] for t in group.split(",") if t]
+    tags = tags_given("--tag", tag)
     r = open_repo(repo, password_file, dry_run=dry_run)
     progress = Progress("backup")
     r.events.subscribe(progress)
@@ -377,15 +388,16 @@ def snapshots(host: HostFilterOption = None, tag: TagFilterOption = None,
 
 
 def ls(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'.")],
-       path: Annotated[str, typer.Argument(help="Only this directory or file.")] = "",
+       path: Annotated[str | None, typer.Argument(help="Only this directory or file.")] = None,
        host: HostFilterOption = None, tag: TagFilterOption = None,
        path_filter: PathFilterOption = None, kind: KindFilterOption = None,
        repo: RepoOption = None, password_file: PasswordFileOption = None,
        json_: JsonOption = False) -> None:
     """List the files of a snapshot."""
+    refuse_empty("the path", path, "give a path in the snapshot ('/' for all of it), or none")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
-    prefix = path.strip("/")
+    prefix = (path or "").strip("/")
     rows = []
     found = not prefix
     for p, node in r.walk(snap):
@@ -436,6 +448,7 @@ def dump(snapshot: Annotated[str, typer.Argument(help="Snapshot id or 'latest'."
 
     if archive not in ARCHIVE_FORMATS:
         raise UsageError(f"--archive {archive!r}: give one of {', '.join(ARCHIVE_FORMATS)}")
+    refuse_empty("the path", path, "give a file or directory of the snapshot ('/' for all of it)")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path_filter, kind))
     node = r.find_node(snap, path)
@@ -515,6 +528,8 @@ def restore(snapshot: str,
     from keepwell.sources.files import restore_snapshot
     from keepwell.sources.files.select import Matcher
 
+    refuse_empty("--include", include, "give a pattern, or no --include to restore everything")
+    refuse_empty("--exclude", exclude, "give a pattern, or no --exclude")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path, kind))
     progress = Progress("restore")
@@ -675,7 +690,7 @@ def prune(
 
     opts = PruneOptions(
         max_unused=parse_max_unused(max_unused),
-        max_repack_bytes=parse_size(max_repack_size, "--max-repack-size") if max_repack_size else None,
+        max_repack_bytes=parse_size(max_repack_size, "--max-repack-size") if max_repack_size is not None else None,
         repack_small=repack_small, grace=parse_seconds(grace, "--grace"), wait=wait, dry_run=dry_run)
     report = _run_prune(open_repo(repo, password_file), opts, quiet=json_)
     if json_:

@@ -18,6 +18,7 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    refuse_empty,
     snapshot_filter,
 )
 from keepwell.cli.tag import SnapshotIdsArgument
@@ -63,6 +64,8 @@ def rewrite(
     from keepwell.sources.files.rewrite import TreeFilter
     from keepwell.sources.files.select import Matcher, read_pattern_file
 
+    refuse_empty("--exclude", exclude, "give a pattern, or no --exclude")
+    refuse_empty("--iexclude", iexclude, "give a pattern, or no --iexclude")
     patterns = list(exclude or [])
     for f in exclude_file or []:
         patterns += read_pattern_file(f)

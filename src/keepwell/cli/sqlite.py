@@ -13,6 +13,8 @@ from keepwell.cli.common import (
     human_bytes,
     open_repo,
     print_json,
+    refuse_empty,
+    tags_given,
 )
 from keepwell.cli.repo_commands import Progress
 
@@ -56,10 +58,12 @@ def backup(path: str,
     """Copy a live database consistently (one read transaction) into a snapshot."""
     from keepwell.sources.sqlite import backup_database
 
+    refuse_empty("--host", host, "give a host name, or leave the option out for this machine's")
+    tags = tags_given("--tag", tag)
     r = open_repo(repo, password_file)
     progress = CopyThenStore()
     r.events.subscribe(progress)
-    res = backup_database(r, path, tags=tag or [], host=host, busy_timeout=busy_timeout)
+    res = backup_database(r, path, tags=tags, host=host, busy_timeout=busy_timeout)
     progress.done()
     snap = res.snapshot
     if json_:
@@ -89,6 +93,8 @@ def restore(target: Annotated[str, typer.Option("--target", "-t",
     """Restore a database file; it is checked with PRAGMA integrity_check where it lands."""
     from keepwell.sources.sqlite import restore_database, select_snapshot
 
+    refuse_empty("--path", path, "give the database's path as backed up, or leave the option out")
+    refuse_empty("--host", host, "give a host name, or leave the option out")
     r = open_repo(repo, password_file)
     snap = select_snapshot(r, snapshot, target=target, path=path, host=host)
     progress = Progress("restore")

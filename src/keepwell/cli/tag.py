@@ -18,6 +18,7 @@ from keepwell.cli.common import (
     open_repo,
     print_json,
     snapshot_filter,
+    tags_given,
 )
 from keepwell.errors import UsageError
 
@@ -58,12 +59,13 @@ def tag(
         raise UsageError("--set replaces every tag: give it, or --add/--remove, not both")
     if set_ is None and not add and not remove:
         raise UsageError("nothing to do: give --add, --remove or --set")
+    added, removed = tags_given("--add", add), tags_given("--remove", remove)
     r = open_repo(repo, password_file)
     snaps = select_snapshots(r, snapshot_ids or [], snapshot_filter(host, tag_filter, path, kind))
     changed: list[dict[str, object]] = []
     with SnapshotEditor(r, "tag") as editor:
         for old in snaps:
-            tags = changed_tags(old.tags, add=split_tags(add), remove=split_tags(remove),
+            tags = changed_tags(old.tags, add=added, remove=removed,
                                 set_=None if set_ is None else split_tags(set_))
             if tags == sorted(set(old.tags)):
                 continue

@@ -18,6 +18,8 @@ from keepwell.cli.common import (
     PasswordFileOption,
     RepoOption,
     open_repo,
+    refuse_empty,
+    tags_given,
 )
 from keepwell.cli.repo_commands import selection_of
 from keepwell.errors import KeepwellError, UsageError
@@ -155,12 +157,15 @@ def watch(
     from keepwell.sources.files.watch import Watcher, WatchOptions, watched_roots
 
     roots = watched_roots(paths)
+    refuse_empty("--host", host, "give a host name, or leave the option out for this machine's")
+    refuse_empty("--exclude", exclude, "give a pattern, or no --exclude")
+    refuse_empty("--iexclude", iexclude, "give a pattern, or no --iexclude")
     options = WatchOptions(
         max_delay=parse_seconds(max_delay, "--max-delay"),
         quiet_time=parse_seconds(quiet_time, "--quiet-time"),
         poll_interval=parse_seconds(poll, "--poll") if poll is not None else None,
         one_file_system=one_file_system, host=host, notify=notify,
-        tags=[t for group in tag or [] for t in group.split(",") if t])
+        tags=tags_given("--tag", tag))
     if notify not in ("auto", "inotify", "fanotify"):
         raise UsageError(f"--notify {notify!r}: give auto, inotify or fanotify")
     if options.poll_interval is not None and options.poll_interval <= 0:

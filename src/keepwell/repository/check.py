@@ -30,7 +30,7 @@ from keepwell.repository.format import (
     pack_object_name,
 )
 from keepwell.repository.index import MasterIndex
-from keepwell.repository.packreader import parse_header_and_sender
+from keepwell.repository.packreader import get_whole_pack, parse_header_and_sender
 from keepwell.repository.pending import load_pending
 from keepwell.repository.repo import Repository
 from keepwell.repository.snapshot import Snapshot
@@ -167,11 +167,13 @@ def check(repo: Repository, *, read_data_fraction: float = 0.0,
             errs: list[str] = []
             bad: set[bytes] = set()
             try:
-                data = repo.backend.get(name)
+                data, on_the_way = get_whole_pack(repo.backend, name)
             except KeepwellError as exc:
                 if isinstance(exc, ObjectNotFoundError):
                     found[name].update(b[0] for b in by_pack[name])
                 return [f"{name}: {exc}"], {b[0] for b in by_pack[name]}, 0
+            if on_the_way:
+                report.warnings.append(f"{name}: {on_the_way}")
             if content_name(data) != name.rsplit("/", 1)[1]:
                 errs.append(f"{name}: content does not match its name (corrupt)")
             try:

@@ -204,8 +204,13 @@ def open_with_password(backend: Backend, password: str,
 
 
 def remove_key(backend: Backend, key_id: str, current: str) -> None:
+    if not key_id:  # an empty or unset variable: a prefix of every key
+        raise UsageError("an empty key id names no key", hint="list the keys with 'keepwell key list'")
     matches = [k.id for k in list_keys(backend) if k.id.startswith(key_id)]
-    if len(matches) != 1:
+    if not matches:
+        raise UsageError(f"no key has an id that starts with {key_id!r}",
+                         hint="list the keys with 'keepwell key list'")
+    if len(matches) > 1:
         raise UsageError(f"key {key_id!r} matches {len(matches)} keys; give a longer prefix")
     if matches[0] == current:
         raise UsageError("refusing to remove the key this command was opened with",

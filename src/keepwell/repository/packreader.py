@@ -29,8 +29,8 @@ from typing import Generic, TypeVar
 
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
-from keepwell.crypto import keyed_id
-from keepwell.errors import IntegrityError
+from keepwell.crypto import content_name, keyed_id
+from keepwell.errors import IntegrityError, ObjectNotFoundError
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
     KIND_PACK_HEADER,
@@ -91,6 +91,29 @@ def read_range(backend: Backend, name: str, r: Range[W]) -> memoryview:
         raise IntegrityError(f"{name} of {backend.location} is shorter than its index says "
                              "(truncated pack)", hint="run 'keepwell check' to see what is affected")
     return data
+
+
+def get_whole_pack(backend: Backend, name: str) -> tuple[bytes, str | None]:
+    """A whole pack the storage lists, for the commands that judge its damage (check, repair):
+    when its bytes do not match its name, or the storage says it is missing, it is read once
+    more, since bytes damaged on the way (a faulty link, proxy or server) or a wrong answer
+    must not be taken for damage in storage, which would be recorded and would take intact
+    data out of use. Returns the bytes (the second read's, when it was needed) and, when a
+    first read failed and the second came back whole, what the first met (for a warning).
+    ObjectNotFoundError when both reads found it missing."""
+    first = "bytes that do not match its name"
+    try:
+        data = backend.get(name)
+        if content_name(data) == name.rsplit("/", 1)[1]:
+            return data, None
+    except ObjectNotFoundError:
+        first = "no such object"
+    again = backend.get(name)
+    if content_name(again) != name.rsplit("/", 1)[1]:
+        return again, None
+    return again, (f"a first read returned {first}, a second the pack whole: something between "
+                   "the storage and this machine returns wrong answers (nothing was recorded; "
+                   "check the network, proxies and the storage server)")
 
 
 def read_pack(backend: Backend, name: str, wants: Sequence[W], span: Span[W], *,

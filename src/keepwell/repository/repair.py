@@ -48,7 +48,7 @@ from keepwell.repository.format import (
 )
 from keepwell.repository.index import ENTRY, IndexContent, decode_index, entries_bytes
 from keepwell.repository.packer import StoredPack
-from keepwell.repository.packreader import parse_header_and_sender
+from keepwell.repository.packreader import get_whole_pack, parse_header_and_sender
 from keepwell.repository.pending import load_pending, write_pending
 from keepwell.repository.prune import supersede_index
 from keepwell.repository.repack import RepackJob, repack
@@ -240,6 +240,7 @@ class _PackState:
     damaged: set[bytes] = field(default_factory=set)
     why: str = ""
     missing: bool = False
+    on_the_way: str | None = None  # a first read failed, a second was whole (`get_whole_pack`)
 
     @property
     def whole(self) -> bool:
@@ -264,7 +265,7 @@ def inspect_pack(repo: Repository, name: str, indexed: list[PackEntry]) -> _Pack
     """Read a pack whole and verify every blob its index entries or its own header name."""
     state = _PackState(name)
     try:
-        data = repo.backend.get(name)
+        data, state.on_the_way = get_whole_pack(repo.backend, name)
     except ObjectNotFoundError:
         state.missing = True
         state.damaged = {e.id for e in indexed}
@@ -337,6 +338,8 @@ def _repair_packs(repo: Repository, names: list[str] | None, report: PackRepair,
     for state in _inspect_all(repo, todo):
         report.packs_read += not state.missing
         report.blobs_read += len(state.verified) + len(state.damaged)
+        if state.on_the_way:
+            report.warnings.append(f"{state.name}: {state.on_the_way}")
         if state.missing:
             report.packs_missing.append(state.name)
         elif not state.whole:

@@ -116,12 +116,18 @@ class Policy:
             values[name] = int(n)
         for name in _DURATIONS:
             given = options.get(f"keep_{name}")
+            if given == "":  # an empty or unset variable: never "no such rule"
+                raise UsageError(f"--keep-{name.replace('_', '-')}: an empty value is no duration",
+                                 hint="give a duration such as 7d, or leave the option out")
             if isinstance(given, timedelta) or not given:
                 values[name] = given or None
             else:
                 values[name] = parse_duration(given, "--keep-" + name.replace("_", "-"),
                                               retention=True)
         tags = tuple(options.get("keep_tag") or ())
+        if "" in tags:  # a rule that keeps nothing would let everything else go
+            raise UsageError("--keep-tag: an empty tag keeps nothing",
+                             hint="give the tag, or leave the option out")
         if any("," in t for t in tags):
             raise UsageError("--keep-tag takes one tag",
                              hint="repeat it to keep snapshots with any of several")
