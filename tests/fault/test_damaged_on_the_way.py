@@ -128,3 +128,67 @@ def test_a_small_object_damaged_on_the_way_is_read_again(seaweed: SeaweedServer,
     assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
     r = kw(location, "check", env=via)
     assert r.returncode == 0 and "damaged" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("damage", [truncate, flip, missing], ids=["truncated", "flipped", "missing"])
+@pytest.mark.parametrize("processes", ["0", "2"], ids=["in-process", "worker-processes"])
+def test_a_restore_reads_a_range_damaged_on_the_way_again(
+        seaweed: SeaweedServer, proxy: TamperingProxy, tmp_path: Path, damage: Damage,
+        processes: str) -> None:
+    """A data pack's range read damaged (or said missing) once is read again: the restore is
+    whole and exact, on both restore paths (files written here, files of one blob written by
+    worker processes)."""
+    src = tmp_path / "src"
+    rng = random.Random(7)
+    for i in range(300):  # enough files of one blob for worker processes
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i}").write_bytes(rng.randbytes(1500))
+    (src / "big").write_bytes(rng.randbytes(3_000_000))
+    location = f"s3://{BUCKET}/otw-{uuid.uuid4().hex[:8]}"
+    direct = {**seaweed.env(), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+              "KEEPWELL_FILE_PROCESSES": processes}
+    ok(kw(location, "init", env=direct))
+    ok(kw(location, "backup", str(src), env=direct))
+    via = {**direct, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    proxy.tamper = once(damage)
+    before = proxy.tampered
+    try:
+        r = kw(location, "restore", "latest", "--target", str(tmp_path / "out"), env=via)
+    finally:
+        proxy.clear()
+    assert proxy.tampered == before + 1
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = tmp_path / "out" / str(src).lstrip("/")
+    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+
+
+@pytest.mark.parametrize("damage", [truncate, flip], ids=["truncated", "flipped"])
+def test_a_copy_reads_a_range_damaged_on_the_way_again(
+        seaweed: SeaweedServer, proxy: TamperingProxy, tmp_path: Path, damage: Damage) -> None:
+    """``copy`` from a repository whose answers are damaged once on the way reads the range
+    again and copies every blob whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(8)
+    (src / "big").write_bytes(rng.randbytes(2_500_000))
+    for i in range(20):
+        (src / f"f{i}").write_bytes(rng.randbytes(5000))
+    location = f"s3://{BUCKET}/otw-{uuid.uuid4().hex[:8]}"
+    direct = {**seaweed.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    ok(kw(location, "init", env=direct))
+    ok(kw(location, "backup", str(src), env=direct))
+    dest = tmp_path / "dest"
+    ok(kw(dest, "init", "--copy-chunker-params-from", location, env=direct))
+    via = {**direct, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    proxy.tamper = once(damage)
+    before = proxy.tampered
+    try:
+        r = kw(dest, "copy", "--from-repo", location, env=via)
+    finally:
+        proxy.clear()
+    assert proxy.tampered == before + 1
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no errors were found" in ok(kw(dest, "check", "--read-data"))
+    ok(kw(dest, "restore", "latest", "--target", str(tmp_path / "out")))
+    got = tmp_path / "out" / str(src).lstrip("/")
+    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0

@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 from keepwell.backends.base import Backend
 from keepwell.compression import unpack_payload
 from keepwell.crypto import content_name, keyed_id
-from keepwell.errors import IntegrityError, ObjectNotFoundError
+from keepwell.errors import IntegrityError, KeepwellError, ObjectNotFoundError
 from keepwell.repository.events import Events
 from keepwell.repository.format import (
     KIND_PACK_HEADER,
@@ -91,6 +91,47 @@ def read_range(backend: Backend, name: str, r: Range[W]) -> memoryview:
         raise IntegrityError(f"{name} of {backend.location} is shorter than its index says "
                              "(truncated pack)", hint="run 'keepwell check' to see what is affected")
     return data
+
+
+def open_range(backend: Backend, name: str, r: Range[W], span: Span[W],
+               open_one: Callable[[W, memoryview], bytes],
+               first: Callable[[], memoryview] | None = None,
+               ) -> Iterator[tuple[W, bytes | KeepwellError]]:
+    """Each want of range ``r`` of pack ``name`` with its verified plain bytes (``open_one``
+    decrypts and checks one), or the error that stopped it. ``first`` reads the range (a
+    prefetched read, say; `read_range` by default). A range that could not be read, or any of
+    whose blobs failed its check, is read once more for the blobs it did not serve: bytes
+    damaged or cut short on the way (a faulty link, proxy or server), or a wrong "not found",
+    must not fail a restore that a second read serves. Blobs are handed on one at a time, as
+    they are verified, so memory stays one range and one blob."""
+    retry: list[W] = []
+    try:
+        data = first() if first is not None else read_range(backend, name, r)
+    except KeepwellError:
+        retry = list(r.wants)
+    else:
+        for w, stored in r.pieces(data, span):
+            try:
+                plain = open_one(w, stored)
+            except KeepwellError:
+                retry.append(w)
+                continue
+            yield w, plain
+        del data
+    if not retry:
+        return
+    again = Range(r.start, r.end, retry)
+    try:
+        data = read_range(backend, name, again)
+    except KeepwellError as exc:
+        for w in retry:
+            yield w, exc
+        return
+    for w, stored in again.pieces(data, span):
+        try:
+            yield w, open_one(w, stored)
+        except KeepwellError as exc:
+            yield w, exc
 
 
 def get_whole_pack(backend: Backend, name: str) -> tuple[bytes, str | None]:
@@ -212,9 +253,19 @@ class PackReader:
 
     def _read_pack(self, name: str, wants: list[Want], handle: Handler) -> None:
         for r in ranges(wants, want_span):
-            data = read_range(self.repo.backend, name, r)
-            for w, stored in r.pieces(data, want_span):
-                handle(w, stored)
+            handed = 0
+            try:
+                data = read_range(self.repo.backend, name, r)
+                for w, stored in r.pieces(data, want_span):
+                    handle(w, stored)
+                    handed += 1
+            except KeepwellError:
+                # read once more for the blobs not handed on (see `open_range`): a range cut
+                # short or damaged on the way is no damage in storage; a second failure stands
+                rest = Range(r.start, r.end, r.wants[handed:])
+                data = read_range(self.repo.backend, name, rest)
+                for w, stored in rest.pieces(data, want_span):
+                    handle(w, stored)
             self.count(len(data), len(r.wants))
 
     def count(self, nbytes: int, blobs: int) -> None:

@@ -33,11 +33,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from keepwell.errors import KeepwellError, RestoreTargetError, UsageError
+from keepwell.errors import IntegrityError, KeepwellError, RestoreTargetError, UsageError
 from keepwell.memory import fewer_collections
 from keepwell.repository import Repository, Snapshot
 from keepwell.repository.format import pack_object_name
-from keepwell.repository.packreader import Range, ranges, read_range
+from keepwell.repository.packreader import Range, open_range, ranges, read_range
 from keepwell.repository.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from keepwell.sources.files import fileio, metadata, targetdir
 from keepwell.sources.files.select import Matcher
@@ -421,18 +421,13 @@ class Restorer:
     def _fetch_pack(self, pack: bytes, pack_type: int, wants: list[_Want]) -> None:
         name = pack_object_name(pack_type, pack.hex())
         sender = self.repo.sender_of(pack)
+        def open_one(w: _Want, stored: memoryview) -> bytes:
+            return self.repo.open_blob(w.blob_id, w.type, stored, w.raw_length, sender)
+
         for r in ranges(wants, _want_span, max_range=_MAX_RANGE_HERE):
-            try:
-                data = read_range(self.repo.backend, name, r)
-            except KeepwellError as exc:
-                for w in r.wants:
-                    self._fail_dests(w, f"cannot read {name}: {exc}")
-                continue
-            for w, stored in r.pieces(data, _want_span):
-                try:
-                    plain = self.repo.open_blob(w.blob_id, w.type, stored, w.raw_length, sender)
-                except KeepwellError as exc:
-                    self._fail_dests(w, str(exc))
+            for w, plain in open_range(self.repo.backend, name, r, _want_span, open_one):
+                if isinstance(plain, KeepwellError):
+                    self._fail_dests(w, _unreadable(name, plain))
                     continue
                 for target, offset in w.dests:
                     try:
@@ -579,21 +574,17 @@ class PackWriter:
         self.prefetch(request)
         sender = self.repo.senders.get(bytes.fromhex(name.rsplit("/", 1)[1]))
         out: list[tuple[str, int, str | None, int]] = []
+
+        def open_one(u: _Unit, stored: memoryview) -> bytes:
+            return self.repo.open_blob(u[3], u[4], stored, u[2], sender)
+
         for r, fetch in self._fetched.pop(id(units)):
-            try:
-                data = fetch.result()
-            except KeepwellError as exc:
-                out += [(self._path(d), 0, f"cannot read {name}: {exc}", 0)
-                        for u in r.wants for d in u[5]]
-                continue
-            for (_offset, _length, raw_length, blob_id, btype, dests), stored in \
-                    r.pieces(data, _unit_span):
-                try:
-                    plain = self.repo.open_blob(blob_id, btype, stored, raw_length, sender)
-                except KeepwellError as exc:
-                    out += [(self._path(d), 0, str(exc), 0) for d in dests]
+            for unit, plain in open_range(self.repo.backend, name, r, _unit_span, open_one,
+                                          first=fetch.result):
+                if isinstance(plain, KeepwellError):
+                    out += [(self._path(d), 0, _unreadable(name, plain), 0) for d in unit[5]]
                     continue
-                for dest in dests:
+                for dest in unit[5]:
                     out.append(self._write_whole(dest, plain))
         return out
 
@@ -643,6 +634,12 @@ class PackWriter:
         self._fds.close()
         return {}
 
+
+
+def _unreadable(name: str, exc: KeepwellError) -> str:
+    """Why a blob of pack ``name`` was not restored: damage says what is damaged (a blob that
+    fails its check, a pack shorter than its index says); a pack that cannot be read is named."""
+    return str(exc) if isinstance(exc, IntegrityError) else f"cannot read {name}: {exc}"
 
 
 def _want_span(w: _Want) -> tuple[int, int]:
