@@ -64,6 +64,22 @@ def missing(_body: bytes) -> tuple[int, bytes]:
     return 404, b"<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code></Error>"
 
 
+def restored_through(proxy: TamperingProxy, tamper: Tamper, location: str, via: dict[str, str],
+                     src: Path, out: Path) -> None:
+    """Restore ``location`` into ``out`` through ``proxy`` damaging one answer as ``tamper``
+    says: it must succeed and restore ``src`` exactly."""
+    proxy.tamper = tamper
+    before = proxy.tampered
+    try:
+        r = kw(location, "restore", "latest", "--target", str(out), env=via)
+    finally:
+        proxy.clear()
+    assert proxy.tampered == before + 1
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = out / str(src).lstrip("/")
+    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+
+
 @pytest.mark.parametrize("damage", [truncate, flip, missing], ids=["truncated", "flipped", "missing"])
 @pytest.mark.parametrize("command", [("check", "--read-data"), ("repair", "packs")],
                          ids=["check", "repair-packs"])
@@ -116,16 +132,7 @@ def test_a_small_object_damaged_on_the_way_is_read_again(seaweed: SeaweedServer,
     # a new cache, so that every object is read from the server
     via = {**direct, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
            "XDG_CACHE_HOME": str(tmp_path / "cache2")}
-    proxy.tamper = once(flip, prefix)
-    before = proxy.tampered
-    try:
-        r = kw(location, "restore", "latest", "--target", str(tmp_path / "out"), env=via)
-    finally:
-        proxy.clear()
-    assert proxy.tampered == before + 1
-    assert r.returncode == 0, r.stdout + r.stderr
-    got = tmp_path / "out" / str(src).lstrip("/")
-    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+    restored_through(proxy, once(flip, prefix), location, via, src, tmp_path / "out")
     r = kw(location, "check", env=via)
     assert r.returncode == 0 and "damaged" not in r.stdout + r.stderr, r.stdout + r.stderr
 
@@ -150,16 +157,7 @@ def test_a_restore_reads_a_range_damaged_on_the_way_again(
     ok(kw(location, "init", env=direct))
     ok(kw(location, "backup", str(src), env=direct))
     via = {**direct, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
-    proxy.tamper = once(damage)
-    before = proxy.tampered
-    try:
-        r = kw(location, "restore", "latest", "--target", str(tmp_path / "out"), env=via)
-    finally:
-        proxy.clear()
-    assert proxy.tampered == before + 1
-    assert r.returncode == 0, r.stdout + r.stderr
-    got = tmp_path / "out" / str(src).lstrip("/")
-    assert subprocess.run(["diff", "-r", str(src), str(got)]).returncode == 0
+    restored_through(proxy, once(damage), location, via, src, tmp_path / "out")
 
 
 @pytest.mark.parametrize("damage", [truncate, flip], ids=["truncated", "flipped"])
