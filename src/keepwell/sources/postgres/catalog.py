@@ -208,6 +208,22 @@ class Catalog:
             out.append((switches[i].parent, begin))
         return out
 
+    def known_timeline(self, timeline: int) -> bool:
+        """Whether the archive knows `timeline`: timeline 1, a history file, a backup or WAL."""
+        return (timeline == 1 or timeline in self.histories or timeline in self.timelines()
+                or any(b.timeline == timeline for b in self.backups))
+
+    def leads_to(self, backup: BaseBackup, timeline: int) -> bool:
+        """Whether recovery from `backup` can follow `timeline`: the backup's timeline is in its
+        history, and that history left the backup's timeline only after the backup ended
+        (PostgreSQL refuses a timeline that is "not a child of this server's history")."""
+        if backup.timeline == timeline:
+            return True
+        for switch in self.histories.get(timeline, []):
+            if switch.parent == backup.timeline:
+                return backup.stop_lsn <= switch.switch_lsn
+        return False
+
     def segment_for(self, segno: int, lineage: list[tuple[int, int]]) -> str:
         for tli, begin in lineage:
             if segno >= begin:
