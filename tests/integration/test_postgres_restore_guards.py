@@ -108,3 +108,29 @@ def test_target_time_is_read_in_the_local_zone_and_must_be_archived(pg_env: PgEn
     assert res.stderr.count("\n") == 1 and not (pg_env.workdir / "f").exists()
     report = json.loads(pg_env.keepwell("info", "--json").stdout)
     assert report["windows"], "the archive has a window to restore within"
+
+
+def test_a_restored_server_runs_no_command_of_the_backed_up_configuration(pg_env: PgEnv) -> None:
+    """A configuration that cleans its archive or runs a script at the end of recovery (a
+    standby's, say) would act on the live cluster's files from the restored server."""
+    ran = pg_env.workdir / "ran"
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.configure(recovery_end_command=f"'touch {ran}-end'",
+                archive_cleanup_command=f"'touch {ran}-cleanup-%r'")
+    c.start()
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.sql("INSERT INTO marks VALUES (1)")
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
+                    str(port))
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    assert [row[0] for row in r.sql("SELECT i FROM marks")] == [1]
+    assert r.scalar("SHOW recovery_end_command") == ""
+    assert r.scalar("SHOW archive_cleanup_command") == ""
+    r.stop("immediate")
+    assert not list(pg_env.workdir.glob("ran*")), "a command of the backed-up server ran"

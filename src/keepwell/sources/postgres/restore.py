@@ -214,7 +214,10 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
     settings = {"restore_command": command,
                 # tablespaces kept inside the data directory are directories in pg_tblspc,
                 # which recovery refuses to finish with unless this is on
-                "allow_in_place_tablespaces": "on"}
+                "allow_in_place_tablespaces": "on",
+                # the backed-up server's own commands (pg_archivecleanup of its archive, a
+                # script of its failover) would act on the live cluster's files: never run
+                "recovery_end_command": "", "archive_cleanup_command": ""}
     if standby:
         settings.update(primary_conninfo="", primary_slot_name="")
     else:
