@@ -211,6 +211,8 @@ def test_target_timeline_must_exist_and_descend_from_the_backup() -> None:
         wal_snap("w2" * 8, tl2, 3),
         base_snap("b2" * 8, "0/6000028", "0/6000100", 4, tli=2),
         base_snap("b3" * 8, "0/7000028", "0/7000100", 5),  # timeline 1, after the fork
+        point_snap("p1" * 8, "early", "0/3000000", 6),
+        point_snap("p2" * 8, "late", "0/7000200", 7),  # timeline 1, after the fork
     ]
     cat = Catalog.build(snaps, "main")
     with pytest.raises(RestorePlanError, match="timeline 7 is not in the archive"):
@@ -229,6 +231,11 @@ def test_target_timeline_must_exist_and_descend_from_the_backup() -> None:
     # current: the backup's own timeline, to its end there
     plan = choose(cat, Target(timeline="current"), snapshot_id="b1b1")
     assert plan.timeline == 1 and plan.wal_end == Lsn.parse("0/9000000")
+    # a restore point recovery meets only on the timeline it was made on, before any fork
+    assert choose(cat, Target(name="early")).backup.short_id == "b1b1b1b1"
+    with pytest.raises(RestorePlanError, match="not in the history of timeline 2"):
+        choose(cat, Target(name="late"))
+    assert choose(cat, Target(name="late", timeline="1")).backup.short_id == "b3b3b3b3"
 
 
 FAST_PUSH = Path(__file__).resolve().parents[2] / "src/keepwell/sources/postgres/keepwell-wal-push"

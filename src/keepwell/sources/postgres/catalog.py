@@ -224,6 +224,16 @@ class Catalog:
                 return backup.stop_lsn <= switch.switch_lsn
         return False
 
+    def point_on(self, point: RestorePoint, timeline: int) -> bool:
+        """Whether recovery following `timeline` meets `point`: on that timeline, or on one of
+        its history before the history left it."""
+        if point.timeline == timeline:
+            return True
+        for switch in self.histories.get(timeline, []):
+            if switch.parent == point.timeline:
+                return point.lsn < switch.switch_lsn
+        return False
+
     def segment_for(self, segno: int, lineage: list[tuple[int, int]]) -> str:
         for tli, begin in lineage:
             if segno >= begin:

@@ -133,6 +133,16 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
         return b.timeline if timeline is None else timeline
 
     points = catalog.points_named(target.name) if target.name is not None else []
+    if points and timeline is not None:  # recovery meets only the points of its history
+        met = [p for p in points if catalog.point_on(p, timeline)]
+        if not met:
+            shown = points[-1]
+            raise RestorePlanError(
+                f"restore point {shown.name!r} (timeline {shown.timeline}, LSN {shown.lsn}) is"
+                f" not in the history of timeline {timeline}{_fork(catalog, shown.timeline, timeline)}:"
+                " recovery following it never reaches the point",
+                hint=f"pass --target-timeline {shown.timeline}")
+        points = met
     passed: list[BaseBackup] = []  # newer backups the timeline does not descend from
     if snapshot_id is not None:
         chosen = [b for b in catalog.backups if b.snapshot_id.startswith(snapshot_id)
