@@ -189,7 +189,8 @@ def restore(
         help="Owner of the restored datadir (default: mysql when run as root).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start a server on the datadir.")] = False,
     port: Annotated[int | None, typer.Option(
-        "--port", help="Port for --start (default 3306; refused if in use).")] = None,
+        "--port", min=1, max=65535,
+        help="Port for --start (default 3306; refused if in use).")] = None,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
