@@ -259,11 +259,14 @@ def test_restore_refuses_targets_that_are_not_database_files(env: Env) -> None:
     (env.root / "link.db").symlink_to(victim)
     (env.root / "afile").write_text("a file, not a directory\n")
     for name, message in (("dir.db", "is not a regular file"), ("link.db", "symbolic link"),
-                          ("afile/x.db", "cannot write in")):
+                          ("afile/x.db", "cannot write in"),
+                          ("victim.db-wal", "is the wal file of the database"),
+                          ("victim.db-journal", "is the journal file of the database")):
         r = env.kw("sqlite", "restore", "--target", str(env.root / name), "--overwrite")
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
     assert ledger_state(victim) == (1, 1, 1)
+    assert not [p.name for p in env.root.iterdir() if p.name.startswith("victim.db-")]
 
 
 # The restore runs in a process of its own; at its first bytes it says so and stops there.

@@ -319,6 +319,13 @@ class DatabaseRestore:
 
 def _check_target(target: str, overwrite: bool) -> os.stat_result | None:
     """The existing target's status (None: there is none); refuses what cannot be replaced."""
+    for suffix in SIDECARS:
+        main = target[:-len(suffix)]
+        if target.endswith(suffix) and os.path.isfile(main):
+            # SQLite would read a database there as that database's WAL or journal
+            raise RestoreTargetError(f"{target} is the {suffix[1:]} file of the database {main}",
+                                     hint="give the path of a database file to create or"
+                                          " replace")
     try:
         st: os.stat_result | None = os.stat(target, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):  # the latter is reported where it is made
