@@ -143,6 +143,11 @@ def test_one_table_comes_back_whole(pg_env: PgEnv) -> None:
                           "nosuch", check=False)
     assert bad.returncode != 0 and "no table nosuch" in bad.stderr
     assert bad.stderr.count("\n") == 1
+    # so is a schema (pg_restore -n of a schema the dump lacks restores nothing, silently)
+    bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-n",
+                          "nosuch", "--into", "other", check=False)
+    assert bad.returncode == 2 and "holds no schema nosuch" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1 and "public" in bad.stderr
 
 
 def test_many_databases_in_one_command_and_options_given_twice(pg_env: PgEnv) -> None:
