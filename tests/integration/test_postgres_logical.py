@@ -138,6 +138,12 @@ def test_one_table_comes_back_whole(pg_env: PgEnv) -> None:
     assert any("orders_customer_fkey" in s and "customers" in s for s in report["skipped"])
     assert "orders_pkey" in report["restored"]["constraints"]
     assert c.scalar("SELECT count(*) FROM orders", dbname="other") == 500
+    # a table that is there already: pg_restore's reason, and what to do about it
+    bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-t",
+                          "orders", check=False)
+    assert bad.returncode == 1 and "already exists" in bad.stderr, bad.stderr
+    assert "--clean" in bad.stderr and "install" not in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
     # a name that matches nothing is an error
     bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-t",
                           "nosuch", check=False)

@@ -23,7 +23,7 @@ from keepwell.errors import UsageError
 from keepwell.sources.postgres import KIND_LOGICAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.connection import ConnSpec, connect, server_facts
-from keepwell.sources.postgres.errors import ToolError
+from keepwell.sources.postgres.errors import RestoreIntoError, ToolError
 from keepwell.sources.postgres.logical import GLOBALS_PATH, dump_path
 from keepwell.sources.postgres.tablepick import (
     Selection,
@@ -200,7 +200,7 @@ def _stream_into(repo: Any, snap: Any, database: str, argv: list[str], listing: 
             f.write(listing)
         argv = [*argv, "-L", list_file]
     try:
-        with pg_tool(argv, stdin=-1, stdout=-3) as proc:
+        with ToolProcess(argv, error=RestoreIntoError, stdin=-1, stdout=-3) as proc:
             _feed(proc, repo, snap, database)
             proc.check(what)
     finally:
