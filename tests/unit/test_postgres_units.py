@@ -231,6 +231,10 @@ def test_target_timeline_must_exist_and_descend_from_the_backup() -> None:
     # current: the backup's own timeline, to its end there
     plan = choose(cat, Target(timeline="current"), snapshot_id="b1b1")
     assert plan.timeline == 1 and plan.wal_end == Lsn.parse("0/9000000")
+    # what info and check show: b3's window is on timeline 1, where a restore can follow it
+    b3 = next(b for b in cat.backups if b.short_id == "b3b3b3b3")
+    reach = cat.reach(b3)
+    assert (reach.timeline, reach.end_lsn) == (1, Lsn.parse("0/9000000"))
     # a restore point recovery meets only on the timeline it was made on, before any fork
     assert choose(cat, Target(name="early")).backup.short_id == "b1b1b1b1"
     with pytest.raises(RestorePlanError, match="not in the history of timeline 2"):

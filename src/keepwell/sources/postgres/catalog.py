@@ -243,7 +243,7 @@ class Catalog:
     def reach(self, backup: BaseBackup, timeline: int | None = None) -> Reach:
         tli = timeline or self.latest_timeline()
         lineage = self.lineage(tli)
-        if backup.timeline not in {t for t, _ in lineage}:
+        if not self.leads_to(backup, tli):  # recovery cannot follow it: the backup's own
             lineage = self.lineage(backup.timeline)
             tli = backup.timeline
         missing = [
