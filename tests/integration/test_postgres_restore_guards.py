@@ -134,3 +134,38 @@ def test_a_restored_server_runs_no_command_of_the_backed_up_configuration(pg_env
     assert r.scalar("SHOW archive_cleanup_command") == ""
     r.stop("immediate")
     assert not list(pg_env.workdir.glob("ran*")), "a command of the backed-up server ran"
+
+
+def test_a_restored_subscriber_does_not_consume_the_live_subscribers_changes(
+        pg_env: PgEnv) -> None:
+    """A restored copy of a logical replication subscriber would connect to the publisher
+    with the live subscriber's slot and confirm changes the live subscriber then never gets;
+    the default restore (--archive-mode off: a copy) starts no subscription."""
+    pub = PgCluster(pg_env.workdir, "pub").initdb(wal_level="logical").start()
+    pub.sql("CREATE TABLE t (i int PRIMARY KEY)")
+    pub.sql("CREATE PUBLICATION p FOR TABLE t")
+    sub = PgCluster(pg_env.workdir, "sub").initdb(archive_timeout=0)
+    sub.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    sub.start()
+    sub.sql("CREATE TABLE t (i int PRIMARY KEY)")
+    sub.sql(f"CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={pub.port}"
+            " user=postgres dbname=postgres' PUBLICATION p")
+    pub.sql("INSERT INTO t VALUES (1)")
+    deadline = time.monotonic() + 30
+    while sub.sql("SELECT i FROM t") != [(1,)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pg_env.keepwell("backup", "--physical", "--db-url", sub.url())
+    sub.stop()  # the live subscriber is down for a moment
+    flushed = pub.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots")
+
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
+                    str(port))
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    pub.sql("INSERT INTO t VALUES (2)")
+    time.sleep(3)
+    assert r.sql("SELECT i FROM t") == [(1,)]
+    assert pub.sql("SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots") == [
+        (False, flushed)], "the publisher's slot is the live subscriber's alone"
+    assert r.scalar("SHOW max_logical_replication_workers") == "0"
+    r.stop("immediate")

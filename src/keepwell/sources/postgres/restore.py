@@ -223,7 +223,10 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
     else:
         settings.update(**target.recovery_settings(), recovery_target_action="promote")
     if archive_mode == "off":
-        settings["archive_mode"] = "off"
+        # a copy, not the cluster's successor: it neither archives into the cluster's archive
+        # nor starts its subscriptions, which would take the live subscriber's slots on the
+        # publishers and consume the changes the live subscriber then never gets
+        settings.update(archive_mode="off", max_logical_replication_workers="0")
     body = "".join(f"{k} = '{str(v).replace(chr(39), chr(39) * 2)}'\n"
                    for k, v in settings.items())
     with open(own_file(auto), "w", encoding="utf-8") as f:
