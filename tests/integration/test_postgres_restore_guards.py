@@ -169,3 +169,25 @@ def test_a_restored_subscriber_does_not_consume_the_live_subscribers_changes(
         (False, flushed)], "the publisher's slot is the live subscriber's alone"
     assert r.scalar("SHOW max_logical_replication_workers") == "0"
     r.stop("immediate")
+
+
+def test_a_time_after_the_last_archived_commit_says_what_to_do(pg_env: PgEnv) -> None:
+    """Inside the archive's window but after its last commit: PostgreSQL stops only at a
+    commit past the target, so recovery ends without reaching it; the failure says why."""
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0, autovacuum="off")
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.start()
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.sql("INSERT INTO marks VALUES (1)")
+    after = c.scalar("SELECT clock_timestamp()") + timedelta(seconds=1)
+    time.sleep(2.5)
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--target-time",
+                          after.isoformat(), "--start", "--port", str(free_port()), check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "recovery ended before configured recovery target was reached" in res.stderr
+    assert "restore without a target" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -264,7 +264,9 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
         if fatal and not _running(pg_ctl, root):
             ours = _KEEPWELL_RE.findall(text)  # the fetch says why it failed, in the same log
             raise RecoveryError(f"recovery failed: {fatal[-1][1]}"
-                                + (f" ({ours[-1]})" if ours else ""))
+                                + (f" ({ours[-1]})" if ours else ""),
+                                hint=_not_reached_hint(plan) if _NOT_REACHED in fatal[-1][1]
+                                else None)
         time.sleep(0.2)
     else:
         raise RecoveryError(f"recovery did not finish within {opts.wait_timeout:.0f} s")
@@ -281,6 +283,23 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
         redo_done_at=redo[-1] if redo else None,
         timeline=int(tli[-1]) if tli else None, port=opts.port,
     )
+
+
+_NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def _not_reached_hint(plan: RestorePlan) -> str:
+    """What to do when recovery read all the WAL it could without meeting its target."""
+    kind, b = plan.target.kind(), plan.backup
+    if kind == "time":
+        return ("PostgreSQL stops at the first commit after the target time, and no commit"
+                " after it is archived: the state at that time is the end of the archived WAL;"
+                " restore without a target, or wait until later WAL is archived")
+    if kind == "name":
+        return (f"the restore point is not in the WAL from backup {b.short_id} on: pass"
+                " --snapshot with an older backup, or wait until the WAL holding it is archived")
+    return (f"the {kind} target is not in the WAL from backup {b.short_id} to the end of the"
+            " archive: restore to an earlier target, or wait until later WAL is archived")
 
 
 def safe_start_arguments(root: str, port: int | None) -> list[str]:
