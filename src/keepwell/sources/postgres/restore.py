@@ -141,7 +141,8 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
                          "follow" if opts.standby else
                          "end" if plan.target.kind() == "end" else "point")
     write_recovery_settings(root, restore_command(opts, cluster, password_file, policy),
-                            plan.target, opts.archive_mode, standby=opts.standby)
+                            plan.target, opts.archive_mode, standby=opts.standby,
+                            major=_major(plan.backup.version))
     # one flush of everything at the end (files were written without an fsync each)
     make_durable(layout.roots(), stats.synced)
     if not opts.start:
@@ -198,8 +199,13 @@ def _password_file(opts: RestoreOptions, root: str) -> str:
     return path
 
 
+def _major(version: str) -> int | None:
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
 def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str, *,
-                            standby: bool = False) -> None:
+                            standby: bool = False, major: int | None = None) -> None:
     """Append recovery settings to postgresql.auto.conf and create recovery.signal (a standby:
     standby.signal, no target, and WAL from the archive only, not streamed from a primary the
     restored configuration may name, which would bypass the fetch's guard)."""
@@ -218,6 +224,10 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
                 # the backed-up server's own commands (pg_archivecleanup of its archive, a
                 # script of its failover) would act on the live cluster's files: never run
                 "recovery_end_command": "", "archive_cleanup_command": ""}
+    if major is not None and major <= 15:
+        # a restored standby would promote itself on the live standby's trigger file, and
+        # remove it (PostgreSQL 16 has no such setting, and refuses one it does not know)
+        settings["promote_trigger_file"] = ""
     if standby:
         settings.update(primary_conninfo="", primary_slot_name="")
     else:
@@ -241,8 +251,7 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
 
 def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
                     opts: RestoreOptions) -> RestoreResult:
-    major = int(plan.backup.version.split(".")[0]) if plan.backup.version else None
-    pg_ctl = find_program("pg_ctl", major)
+    pg_ctl = find_program("pg_ctl", _major(plan.backup.version))
     log = own_file(os.path.join(root, LOG_NAME))
     with open(log, "w", encoding="utf-8"):
         pass  # a log restored with the data directory (of an earlier restore) says nothing now
