@@ -105,6 +105,16 @@ def test_two_tablespaces_are_never_placed_in_one_directory(tmp_path: Path) -> No
                                                           str(tmp_path / "two")]
     assert len(plan_layout(root, backup, delta=False, live=live,
                            tablespace_map_all=str(tmp_path / "all")).tablespaces) == 2
+    # a tablespace the WAL creates (known by OID) too
+    with pytest.raises(RestoreTargetError, match="cannot share a directory"):
+        plan_layout(root, backup, delta=False, live=live,
+                    tablespace_map={"ts1": str(tmp_path / "x"), "16390": str(tmp_path / "x/y")})
+    with pytest.raises(RestoreTargetError, match="inside the target directory"):
+        plan_layout(root, backup, delta=False, live=live,
+                    tablespace_map={"16390": str(tmp_path / "r" / "ts")})
+    # one tablespace named twice, by name and by OID, is no conflict
+    plan_layout(root, backup, delta=False, live=live,
+                tablespace_map={"ts1": str(tmp_path / "one"), "16385": str(tmp_path / "one")})
 
 
 def test_fetch_policy_and_hook_options() -> None:
