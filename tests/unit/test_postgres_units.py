@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from keepwell.errors import UsageError
 from keepwell.repository.retention import Policy
 from keepwell.sources.postgres import KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
@@ -195,6 +196,22 @@ def test_target_name_picks_the_backup_before_the_recorded_point() -> None:
     plan = choose(cat, Target(name="made-in-sql"))
     assert plan.backup.short_id == "b2b2b2b2" and plan.point is None
     assert plan.note is not None and "not recorded" in plan.note
+
+
+def test_a_snapshot_prefix_names_one_backup_or_is_refused() -> None:
+    seg = [segment_name(1, i) for i in range(1, 5)]
+    cat = Catalog.build([
+        base_snap("abcd1111" * 2, "0/1000028", "0/1000100", 0),
+        base_snap("abcd2222" * 2, "0/2000028", "0/2000100", 5),
+        wal_snap("e" * 16, seg, 6),
+    ], "main")
+    with pytest.raises(UsageError, match="ambiguous"):
+        choose(cat, Target(), snapshot_id="abcd")
+    for bad in ("", "a", "nothex!!"):
+        with pytest.raises(UsageError, match="not a snapshot id"):
+            choose(cat, Target(), snapshot_id=bad)
+    assert choose(cat, Target(), snapshot_id="ABCD1").backup.short_id == "abcd1111"
+    assert choose(cat, Target(), snapshot_id="latest").backup.short_id == "abcd2222"
 
 
 def test_target_timeline_must_exist_and_descend_from_the_backup() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from keepwell.errors import UsageError
 from keepwell.sources.postgres.catalog import BaseBackup, Catalog, RestorePoint
 from keepwell.sources.postgres.errors import RestorePlanError
 from keepwell.sources.postgres.walnames import Lsn, parse_segment_name
@@ -144,12 +145,21 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
                 hint=f"pass --target-timeline {shown.timeline}")
         points = met
     passed: list[BaseBackup] = []  # newer backups the timeline does not descend from
+    if snapshot_id == "latest":
+        snapshot_id = None
     if snapshot_id is not None:
-        chosen = [b for b in catalog.backups if b.snapshot_id.startswith(snapshot_id)
-                  or b.short_id == snapshot_id]
+        ref = snapshot_id.lower()
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
+            raise UsageError(f"{snapshot_id!r} is not a snapshot id",
+                             hint="give 'latest' or at least 4 hex digits of an id")
+        chosen = [b for b in catalog.backups if b.snapshot_id.startswith(ref)]
         if not chosen:
             raise RestorePlanError(f"no physical backup {snapshot_id} of cluster {catalog.cluster}")
-        backup = chosen[-1]
+        if len(chosen) > 1:  # never one of them at random
+            raise UsageError(f"snapshot id {snapshot_id} is ambiguous ({len(chosen)} physical"
+                             f" backups match: {', '.join(b.short_id for b in chosen)});"
+                             " give more digits")
+        backup = chosen[0]
         if not catalog.is_complete(backup):
             missing = catalog.reach(backup, backup.timeline).missing
             raise RestorePlanError(
