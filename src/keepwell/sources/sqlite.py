@@ -443,16 +443,23 @@ def _check(path: str, pragma: str, *, immutable: bool = False) -> str:
     return "" if rows == ["ok"] else "; ".join(rows[:3]).replace("\n", " ")
 
 
-def _replace(target: str, staged: ScratchFile, busy_timeout: float) -> None:
-    files = [target, *(target + s for s in SIDECARS)]
+def _check_unused(target: str, files: list[str]) -> None:
     users = holders(files)
     if users:
         raise RestoreTargetError(
             f"{target} is in use by " + ", ".join(f"process {pid} ({comm})" for pid, comm in users),
             hint="stop it first: a database replaced under a running program loses its writes")
+
+
+def _replace(target: str, staged: ScratchFile, busy_timeout: float) -> None:
+    files = [target, *(target + s for s in SIDECARS)]
+    _check_unused(target, files)
     _bring_to_rest(target, busy_timeout)
     directory = os.path.dirname(target)
     with _exclusive(target, busy_timeout):
+        # again under the lock: a program that opened the database meanwhile would go on with
+        # the old file, but with the -wal and -journal of the new one's name
+        _check_unused(target, files)
         for side in files[1:]:
             try:
                 os.unlink(side)
