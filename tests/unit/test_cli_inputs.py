@@ -197,7 +197,10 @@ def test_s3_without_credentials_says_so(tmp_path: Path) -> None:
     (["mysql", "restore", "--start", "--port", "70000"], "--port"),
     (["postgres", "restore", "--target-name", ""], "--target-name"),
     (["postgres", "restore", "--target-name", "n" * 64], "--target-name"),
-], ids=["pg-port-high", "pg-port-negative", "mysql-port", "pg-empty-name", "pg-long-name"])
+    (["postgres", "restore", "--port", "5433"], "--port is the port --start"),
+    (["mysql", "restore", "--port", "3307"], "--port is the port --start"),
+], ids=["pg-port-high", "pg-port-negative", "mysql-port", "pg-empty-name", "pg-long-name",
+        "pg-port-without-start", "mysql-port-without-start"])
 def test_database_restore_refuses_a_port_or_restore_point_name_that_cannot_be(
         repo: str, tmp_path: Path, args: list[str], what: str) -> None:
     """An empty recovery_target_name is no target at all to PostgreSQL: the restore would go

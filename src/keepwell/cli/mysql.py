@@ -208,6 +208,9 @@ def restore(
         target_db = resolve(target_db_url, target_defaults_file)
     if start and target_dir is None:
         raise UsageError("--start needs --target-dir")
+    if port is not None and not start:
+        raise UsageError("--port is the port --start starts the restored server on",
+                         hint="add --start, or leave --port out")
     if how and not json_out:
         _say(how)
     with open_repo(repo, password_file) as r:

@@ -228,6 +228,9 @@ def restore(
         return
     if not target_dir:
         raise UsageError("give --target-dir for a physical restore (or --logical)")
+    if port is not None and not start:
+        raise UsageError("--port is the port --start starts the restored server on",
+                         hint="add --start, or leave --port out and start it yourself")
     from keepwell.sources.postgres.plan import Target
     from keepwell.sources.postgres.restore import RestoreOptions, restore_physical
     from keepwell.sources.postgres.restorepoint import MAX_NAME
