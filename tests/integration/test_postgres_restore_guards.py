@@ -191,3 +191,33 @@ def test_a_time_after_the_last_archived_commit_says_what_to_do(pg_env: PgEnv) ->
     assert "recovery ended before configured recovery target was reached" in res.stderr
     assert "restore without a target" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_start_of_a_cluster_configured_outside_its_data_directory_fails_at_once(
+        pg_env: PgEnv) -> None:
+    """Debian's layout: postgresql.conf and pg_hba.conf in /etc, so not in the backup. The
+    server cannot start; the restore says why at once instead of waiting out its timeout."""
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    etc = pg_env.workdir / "etc"
+    c.run_as_pg(["mkdir", str(etc)])
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        c.run_as_pg(["mv", str(c.datadir / name), str(etc / name)])
+    c.run_as_pg(["sh", "-c", f"printf \"data_directory = '%s'\\nhba_file = '%s'\\n"
+                 f"ident_file = '%s'\\n\" {c.datadir} {etc}/pg_hba.conf {etc}/pg_ident.conf"
+                 f" >> {etc}/postgresql.conf"])
+    c.run_as_pg([c.bin("pg_ctl"), "-D", str(etc), "-l", str(c.logfile), "-o",
+                 f"-p {c.port}", "-w", "start"])
+    try:
+        c.sql("CREATE TABLE marks (i int)")
+        pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+        c.switch_wal()
+        c.wait_archived()
+    finally:
+        c.run_as_pg([c.bin("pg_ctl"), "-D", str(etc), "-m", "fast", "-w", "stop"])
+    began = time.monotonic()
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start",
+                          "--port", str(free_port()), check=False, timeout=120)
+    assert res.returncode == 1 and time.monotonic() - began < 60, res.stdout + res.stderr
+    assert "holds no postgresql.conf" in res.stderr and "pg_hba.conf" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -255,6 +255,13 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     log = own_file(os.path.join(root, LOG_NAME))
     with open(log, "w", encoding="utf-8"):
         pass  # a log restored with the data directory (of an earlier restore) says nothing now
+    if not os.path.exists(os.path.join(root, "postgresql.conf")):
+        raise RecoveryError(
+            f"{root} holds no postgresql.conf (the cluster keeps its configuration outside its"
+            " data directory, as Debian's packages do): the restored server was not started",
+            hint="copy the cluster's postgresql.conf and pg_hba.conf into it, without the"
+                 " data_directory, hba_file and ident_file lines that name the live cluster's,"
+                 " then start it with pg_ctl")
     configured = None if opts.port else configured_port(root)
     if configured is not None and port_in_use(configured):
         raise RecoveryError(f"port {configured} of the restored configuration is in use (by the"
@@ -264,7 +271,9 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:
         raise RecoveryError(f"pg_ctl start failed: {res.stderr.strip() or res.stdout.strip()}")
-    deadline = time.monotonic() + opts.wait_timeout
+    started = time.monotonic()
+    deadline = started + opts.wait_timeout
+    looked = started
     while time.monotonic() < deadline:
         text = _read(log)
         if _promoted(text) or opts.standby and _STANDBY_READY in text and reached_end(plan, text):
@@ -276,6 +285,13 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
                                 + (f" ({ours[-1]})" if ours else ""),
                                 hint=_not_reached_hint(plan) if _NOT_REACHED in fatal[-1][1]
                                 else None)
+        now = time.monotonic()
+        if now - looked >= 3 and not os.path.exists(os.path.join(root, "postmaster.pid")):
+            looked = now  # a server that stopped before it wrote a FATAL line (a bad setting)
+            if not _running(pg_ctl, root):
+                lines = [ln for ln in _read(log).splitlines() if ln.strip()]
+                raise RecoveryError("the restored server stopped: "
+                                    + (lines[-1] if lines else "it wrote nothing to its log"))
         time.sleep(0.2)
     else:
         raise RecoveryError(f"recovery did not finish within {opts.wait_timeout:.0f} s")
