@@ -3,6 +3,7 @@ gaps or duplicates, a purged binlog reported as a gap, foreign servers refused, 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -215,3 +216,33 @@ def test_push_check_info_and_forget_keep_needed_binlogs(server: MariaDBServer,
                  f"{last[0]}:{last[1]}")
         assert rows(target, "SELECT COUNT(*) FROM app.t") == [60]
     assert os.path.exists(repo.path)
+
+
+def test_check_fails_on_an_archived_binlog_a_restore_could_not_read(
+        server: MariaDBServer, tmp_path: Path) -> None:
+    """A binlog whose chunks lie in a pack no stored index lists (an index write that failed
+    under a long-lived stream) cannot be replayed: check says so, as it does for a gap."""
+    from keepwell.repository.format import KIND_INDEX
+    from keepwell.repository.index import decode_index
+
+    repo = KeepwellRepo(tmp_path)
+    repo.run("backup", "--logical", "--db-url", server.url)
+    _write(server, 10)
+    repo.run("binlog-push", "--flush", "--db-url", server.url)
+    assert repo.json("check")["ok"]
+    r = repo.open()
+    try:
+        snap = next(s for s in r.list_snapshots() if s.kind == "mysql-binlog")
+        name = str(snap.source["files"][-1]["name"])
+        pack = r.locate(r.find_node(snap, f"binlog/{name}").content[0]).pack
+        for info in r.backend.list("index/"):
+            index = info.name.split("/", 1)[1]
+            if pack in [bytes(p) for p in decode_index(r.get_object("index", index,
+                                                                    KIND_INDEX)).packs]:
+                r.backend.delete(info.name)
+    finally:
+        r.close()
+    res = repo.run("check", "--json", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    problems = " ".join(json.loads(res.stdout)["problems"])
+    assert name in problems and "cannot be read" in problems, problems

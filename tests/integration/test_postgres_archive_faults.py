@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster
+from keepwell.sources.postgres.walnames import Lsn, parse_segment_name
+from tests.servers.postgres import PYTHON, PgCluster, PgEnv, as_pg_user, backed_up_cluster
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -75,6 +76,33 @@ def test_check_fails_on_archived_wal_a_restore_could_not_read(pg_env: PgEnv) -> 
     assert check.returncode == 1
     problems = " ".join(json.loads(check.stdout)["problems"])
     assert victim in problems and "cannot be read" in problems
+
+
+def test_check_names_damaged_wal_and_the_restores_it_cuts_short(pg_env: PgEnv) -> None:
+    """Once a check of the data found a WAL file corrupt, 'postgres check' says so (not that
+    an index is missing, which prune would mend) and which backups it stops where."""
+    c = backed_up_cluster(pg_env, "t (i int)")
+    backup = json.loads(pg_env.keepwell("info", "--json").stdout)["physical"][0]["short_id"]
+    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+    victim = str(c.scalar("SELECT pg_walfile_name(pg_current_wal_lsn())"))
+    c.switch_wal()
+    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    pg_env.damage_wal(victim)
+    read = subprocess.run(as_pg_user([PYTHON, "-c", "from keepwell.cli.main import run; run()",
+                                      "check", "--read-data"]),
+                          env=pg_env.env(), capture_output=True, text=True, timeout=300,
+                          cwd=str(pg_env.workdir))
+    assert read.returncode == 1 and str(victim) in read.stderr + read.stdout
+    check = pg_env.keepwell("check", "--json", check=False)
+    assert check.returncode == 1
+    problems = " ".join(json.loads(check.stdout)["problems"])
+    start = Lsn(parse_segment_name(victim)[1] * (16 << 20))  # type: ignore[index]
+    assert f"{victim} of snapshot" in problems and "are damaged" in problems, problems
+    assert f"restores from backup {backup} stop at {start}" in problems, problems
+    assert "no index lists" not in problems
 
 
 def writable(path: object, on: bool) -> None:

@@ -138,11 +138,22 @@ def test_one_table_comes_back_whole(pg_env: PgEnv) -> None:
     assert any("orders_customer_fkey" in s and "customers" in s for s in report["skipped"])
     assert "orders_pkey" in report["restored"]["constraints"]
     assert c.scalar("SELECT count(*) FROM orders", dbname="other") == 500
+    # a table that is there already: pg_restore's reason, and what to do about it
+    bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-t",
+                          "orders", check=False)
+    assert bad.returncode == 1 and "already exists" in bad.stderr, bad.stderr
+    assert "--clean" in bad.stderr and "install" not in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
     # a name that matches nothing is an error
     bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-t",
                           "nosuch", check=False)
     assert bad.returncode != 0 and "no table nosuch" in bad.stderr
     assert bad.stderr.count("\n") == 1
+    # so is a schema (pg_restore -n of a schema the dump lacks restores nothing, silently)
+    bad = pg_env.keepwell("restore", "--logical", "--db-url", c.url(), "-d", "app", "-n",
+                          "nosuch", "--into", "other", check=False)
+    assert bad.returncode == 2 and "holds no schema nosuch" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1 and "public" in bad.stderr
 
 
 def test_many_databases_in_one_command_and_options_given_twice(pg_env: PgEnv) -> None:

@@ -185,6 +185,11 @@ def test_timeline_switch_and_restore_on_new_timeline(pg_env: PgEnv) -> None:
     assert "00000002.history" in info["wal"]["history_files"]
     assert "2" in info["wal"]["timelines"]
     r.stop()
+    # a timeline the archive does not hold: refused before anything is written
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "tl9"),
+                          "--target-timeline", "9", check=False)
+    assert res.returncode == 1 and "timeline 9 is not in the archive" in res.stderr
+    assert res.stderr.count("\n") == 1 and not (pg_env.workdir / "tl9").exists()
 
     port2 = free_port()
     pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "again"), "--start",

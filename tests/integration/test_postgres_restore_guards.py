@@ -108,3 +108,116 @@ def test_target_time_is_read_in_the_local_zone_and_must_be_archived(pg_env: PgEn
     assert res.stderr.count("\n") == 1 and not (pg_env.workdir / "f").exists()
     report = json.loads(pg_env.keepwell("info", "--json").stdout)
     assert report["windows"], "the archive has a window to restore within"
+
+
+def test_a_restored_server_runs_no_command_of_the_backed_up_configuration(pg_env: PgEnv) -> None:
+    """A configuration that cleans its archive or runs a script at the end of recovery (a
+    standby's, say) would act on the live cluster's files from the restored server."""
+    ran = pg_env.workdir / "ran"
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.configure(recovery_end_command=f"'touch {ran}-end'",
+                archive_cleanup_command=f"'touch {ran}-cleanup-%r'")
+    c.start()
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.sql("INSERT INTO marks VALUES (1)")
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
+                    str(port))
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    assert [row[0] for row in r.sql("SELECT i FROM marks")] == [1]
+    assert r.scalar("SHOW recovery_end_command") == ""
+    assert r.scalar("SHOW archive_cleanup_command") == ""
+    r.stop("immediate")
+    assert not list(pg_env.workdir.glob("ran*")), "a command of the backed-up server ran"
+
+
+def test_a_restored_subscriber_does_not_consume_the_live_subscribers_changes(
+        pg_env: PgEnv) -> None:
+    """A restored copy of a logical replication subscriber would connect to the publisher
+    with the live subscriber's slot and confirm changes the live subscriber then never gets;
+    the default restore (--archive-mode off: a copy) starts no subscription."""
+    pub = PgCluster(pg_env.workdir, "pub").initdb(wal_level="logical").start()
+    pub.sql("CREATE TABLE t (i int PRIMARY KEY)")
+    pub.sql("CREATE PUBLICATION p FOR TABLE t")
+    sub = PgCluster(pg_env.workdir, "sub").initdb(archive_timeout=0)
+    sub.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    sub.start()
+    sub.sql("CREATE TABLE t (i int PRIMARY KEY)")
+    sub.sql(f"CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={pub.port}"
+            " user=postgres dbname=postgres' PUBLICATION p")
+    pub.sql("INSERT INTO t VALUES (1)")
+    deadline = time.monotonic() + 30
+    while sub.sql("SELECT i FROM t") != [(1,)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pg_env.keepwell("backup", "--physical", "--db-url", sub.url())
+    sub.stop()  # the live subscriber is down for a moment
+    flushed = pub.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots")
+
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
+                    str(port))
+    r = PgCluster(pg_env.workdir, "r", port=port)
+    pub.sql("INSERT INTO t VALUES (2)")
+    time.sleep(3)
+    assert r.sql("SELECT i FROM t") == [(1,)]
+    assert pub.sql("SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots") == [
+        (False, flushed)], "the publisher's slot is the live subscriber's alone"
+    assert r.scalar("SHOW max_logical_replication_workers") == "0"
+    r.stop("immediate")
+
+
+def test_a_time_after_the_last_archived_commit_says_what_to_do(pg_env: PgEnv) -> None:
+    """Inside the archive's window but after its last commit: PostgreSQL stops only at a
+    commit past the target, so recovery ends without reaching it; the failure says why."""
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0, autovacuum="off")
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.start()
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.sql("INSERT INTO marks VALUES (1)")
+    after = c.scalar("SELECT clock_timestamp()") + timedelta(seconds=1)
+    time.sleep(2.5)
+    c.switch_wal()
+    c.wait_archived()
+    c.stop()
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--target-time",
+                          after.isoformat(), "--start", "--port", str(free_port()), check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "recovery ended before configured recovery target was reached" in res.stderr
+    assert "restore without a target" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_start_of_a_cluster_configured_outside_its_data_directory_fails_at_once(
+        pg_env: PgEnv) -> None:
+    """Debian's layout: postgresql.conf and pg_hba.conf in /etc, so not in the backup. The
+    server cannot start; the restore says why at once instead of waiting out its timeout."""
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0)
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    etc = pg_env.workdir / "etc"
+    c.run_as_pg(["mkdir", str(etc)])
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        c.run_as_pg(["mv", str(c.datadir / name), str(etc / name)])
+    c.run_as_pg(["sh", "-c", f"printf \"data_directory = '%s'\\nhba_file = '%s'\\n"
+                 f"ident_file = '%s'\\n\" {c.datadir} {etc}/pg_hba.conf {etc}/pg_ident.conf"
+                 f" >> {etc}/postgresql.conf"])
+    c.run_as_pg([c.bin("pg_ctl"), "-D", str(etc), "-l", str(c.logfile), "-o",
+                 f"-p {c.port}", "-w", "start"])
+    try:
+        c.sql("CREATE TABLE marks (i int)")
+        pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+        c.switch_wal()
+        c.wait_archived()
+    finally:
+        c.run_as_pg([c.bin("pg_ctl"), "-D", str(etc), "-m", "fast", "-w", "stop"])
+    began = time.monotonic()
+    res = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start",
+                          "--port", str(free_port()), check=False, timeout=120)
+    assert res.returncode == 1 and time.monotonic() - began < 60, res.stdout + res.stderr
+    assert "holds no postgresql.conf" in res.stderr and "pg_hba.conf" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

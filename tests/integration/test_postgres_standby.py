@@ -42,3 +42,31 @@ def test_standby_follows_the_archive(pg_env: PgEnv) -> None:
     refused = pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "s2"),
                               "--standby", "--target-lsn", "0/1000000", check=False)
     assert refused.returncode != 0 and "no recovery target" in refused.stderr
+
+
+def test_a_restored_standby_leaves_the_live_standbys_promote_trigger_alone(
+        pg_env: PgEnv) -> None:
+    """A standby's configuration names its promote trigger file (PostgreSQL 15 and older):
+    a restored copy that watched the same file would promote itself on the live standby's
+    failover and delete the file, so the live standby would never see it."""
+    trigger = pg_env.workdir / "promote.trigger"
+    c = PgCluster(pg_env.workdir).initdb(archive_timeout=0,
+                                         promote_trigger_file=f"'{trigger}'")
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.start()
+    if int(c.scalar("SHOW server_version_num")) >= 160000:
+        pytest.skip("PostgreSQL 16 has no promote_trigger_file")
+    c.sql("CREATE TABLE marks (i int PRIMARY KEY)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.switch_wal()
+    c.wait_archived()
+    port = free_port()
+    pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "standby"), "--standby",
+                    "--start", "--port", str(port))
+    s = PgCluster(pg_env.workdir, "standby", port=port)
+    c.run_as_pg(["touch", str(trigger)])  # the live standby's failover
+    time.sleep(3)
+    assert trigger.exists(), "the restored standby took the live standby's trigger"
+    assert s.scalar("SELECT pg_is_in_recovery()") is True
+    assert s.scalar("SHOW promote_trigger_file") == ""
+    s.stop("immediate")

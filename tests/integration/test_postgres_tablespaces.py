@@ -165,6 +165,33 @@ def test_restore_refuses_paths_a_running_server_uses(pg_env: PgEnv) -> None:
     assert f"port {c.port} of the restored configuration is in use" in res.stderr
 
 
+def test_restore_refuses_the_wal_directory_of_a_running_server(pg_env: PgEnv) -> None:
+    """pg_wal on another disk (``initdb --waldir``) is the running server's as much as its data
+    directory: a delta restore there would replace its WAL with a data directory."""
+    disk = pg_env.workdir / "waldisk"
+    c = PgCluster(pg_env.workdir).initdb(waldir=disk / "pg_wal", archive_timeout=0)
+    c.set_archive_command(pg_env.wal_hook_command("push", "%p"))
+    c.start()
+    c.sql("CREATE TABLE marks (i int)")
+    pg_env.keepwell("backup", "--physical", "--db-url", c.url())
+    c.wait_archived()
+    wal = insert_position(c)
+    before = tree_digest(disk, wal=wal)
+    cases = [
+        (["--target-dir", str(disk / "pg_wal"), "--delta"], "is the WAL directory"),
+        (["--target-dir", str(disk), "--delta"], "holds"),
+        (["--target-dir", str(pg_env.workdir / "r"), "--tablespace-map-all", str(disk)], "holds"),
+    ]
+    for args, why in cases:
+        res = pg_env.keepwell("restore", *args, check=False)
+        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        assert why in res.stderr and "refusing" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert unchanged(before, tree_digest(disk, wal=wal)) == []
+    assert not (pg_env.workdir / "r").exists()
+    c.sql("INSERT INTO marks VALUES (1)")
+
+
 def test_tablespace_created_by_wal_goes_where_mapped(pg_env: PgEnv) -> None:
     c, ts1, ts2 = live_cluster_with_tablespaces(pg_env)
     oid = c.scalar("SELECT oid FROM pg_tablespace WHERE spcname = 'ts2'")

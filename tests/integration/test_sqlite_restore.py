@@ -12,12 +12,15 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from keepwell.errors import RestoreTargetError
 from tests.integration.sqlite_support import (  # noqa: F401
     HOLDER,
+    PASSWORD,
     Env,
     env,
     integrity,
@@ -174,6 +177,43 @@ def test_a_database_in_use_is_not_replaced(env: Env, mode: str) -> None:
     assert ledger_state(live) == (10, 10, 10)
 
 
+def test_a_program_that_opens_the_database_during_the_restore_stops_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened after the first look for programs using it, before the new file is in place:
+    that program would go on with the old file, but create its -wal or -journal under the
+    name the restored database then has (a hot journal of the old file rolled back onto the
+    new one tears it). The look is taken again under the lock."""
+    from keepwell.repository import open_repository
+    from keepwell.sources import sqlite as sqlite_source
+
+    db = env.root / "app.db"
+    make_ledger(db, rows=10)
+    _backed_up(env, db)
+    live = env.root / "live.db"
+    make_ledger(live, rows=3)
+    holders: list[subprocess.Popen[bytes]] = []
+    bring_to_rest = sqlite_source._bring_to_rest
+
+    def opened_meanwhile(target: str, busy_timeout: float) -> None:
+        bring_to_rest(target, busy_timeout)
+        holders.append(env.python(HOLDER, target, "NORMAL"))
+        wait_line(holders[-1], b"holding")
+
+    monkeypatch.setattr(sqlite_source, "_bring_to_rest", opened_meanwhile)
+    repo = open_repository(str(env.root / "repo"), PASSWORD)
+    try:
+        snap = sqlite_source.select_snapshot(repo, path=str(db))
+        with pytest.raises(RestoreTargetError, match="in use by process") as refused:
+            sqlite_source.restore_database(repo, snap, str(live), overwrite=True,
+                                           busy_timeout=1)
+        assert f"process {holders[0].pid}" in str(refused.value)
+    finally:
+        repo.close()
+        for h in holders:
+            stop(h)
+    assert ledger_state(live) == (3, 3, 3)
+
+
 def _damage_an_index(path: Path) -> None:
     """Rows deleted behind an index's back: PRAGMA quick_check passes, integrity_check fails."""
     con = sqlite3.connect(path, isolation_level=None)
@@ -259,11 +299,14 @@ def test_restore_refuses_targets_that_are_not_database_files(env: Env) -> None:
     (env.root / "link.db").symlink_to(victim)
     (env.root / "afile").write_text("a file, not a directory\n")
     for name, message in (("dir.db", "is not a regular file"), ("link.db", "symbolic link"),
-                          ("afile/x.db", "cannot write in")):
+                          ("afile/x.db", "cannot write in"),
+                          ("victim.db-wal", "is the wal file of the database"),
+                          ("victim.db-journal", "is the journal file of the database")):
         r = env.kw("sqlite", "restore", "--target", str(env.root / name), "--overwrite")
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
     assert ledger_state(victim) == (1, 1, 1)
+    assert not [p.name for p in env.root.iterdir() if p.name.startswith("victim.db-")]
 
 
 # The restore runs in a process of its own; at its first bytes it says so and stops there.

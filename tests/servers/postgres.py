@@ -351,12 +351,14 @@ class PgCluster:
             raise AssertionError(f"{argv[0]} failed: {res.stdout}\n{res.stderr}")
         return res
 
-    def initdb(self, **settings: Any) -> PgCluster:
+    def initdb(self, waldir: Path | None = None, **settings: Any) -> PgCluster:
+        """`waldir`: pg_wal there, linked from the data directory (``initdb --waldir``)."""
         self.sockdir.mkdir(exist_ok=True)
         chown_pg(self.sockdir)
         self.run_as_pg([
             self.bin("initdb"), "-D", str(self.datadir), "-A", "trust", "-U", PG_USER,
             "--no-sync", "-E", "UTF8", "--locale=C",
+            *(["--waldir", str(waldir)] if waldir else []),
         ])
         base = {
             "listen_addresses": "'127.0.0.1'",

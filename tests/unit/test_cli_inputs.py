@@ -303,3 +303,24 @@ def test_s3_without_credentials_says_so(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "no S3 credentials" in line and "AWS_ACCESS_KEY_ID" in line
         assert "169.254" not in line and "latest/api" not in line
+
+
+@pytest.mark.parametrize("args, what", [
+    (["postgres", "restore", "--start", "--port", "99999"], "--port"),
+    (["postgres", "restore", "--start", "--port", "-1"], "--port"),
+    (["mysql", "restore", "--start", "--port", "70000"], "--port"),
+    (["postgres", "restore", "--target-name", ""], "--target-name"),
+    (["postgres", "restore", "--target-name", "n" * 64], "--target-name"),
+    (["postgres", "restore", "--port", "5433"], "--port is the port --start"),
+    (["mysql", "restore", "--port", "3307"], "--port is the port --start"),
+], ids=["pg-port-high", "pg-port-negative", "mysql-port", "pg-empty-name", "pg-long-name",
+        "pg-port-without-start", "mysql-port-without-start"])
+def test_database_restore_refuses_a_port_or_restore_point_name_that_cannot_be(
+        repo: str, tmp_path: Path, args: list[str], what: str) -> None:
+    """An empty recovery_target_name is no target at all to PostgreSQL: the restore would go
+    to the end of the WAL and call that the restore point."""
+    target = tmp_path / "t"
+    proc = kw("-r", repo, *args, "--target-dir", str(target), env={"KEEPWELL_PASSWORD": "pw"})
+    assert proc.returncode == 2, proc.stderr
+    assert what in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert not target.exists()

@@ -4,12 +4,15 @@ options, and the choice of what makes up a table in a dump."""
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from keepwell.errors import UsageError
+from keepwell.errors import RestoreTargetError, UsageError
+from keepwell.sources.postgres.catalog import BaseBackup
 from keepwell.sources.postgres.liveservers import LivePaths, LiveServer
+from keepwell.sources.postgres.restoretarget import plan_layout
 from keepwell.sources.postgres.tablepick import (
     Target,
     parse_definitions,
@@ -81,6 +84,37 @@ def test_live_paths_conflict_in_both_directions(tmp_path: Path) -> None:
     assert "tablespace" in str(live.conflict(str(tmp_path / "ts")))
     assert live.conflict(str(tmp_path / "mainly")) is None
     assert live.conflict(str(tmp_path / "restored")) is None
+
+
+def test_two_tablespaces_are_never_placed_in_one_directory(tmp_path: Path) -> None:
+    """Their files have the same names (PG_15_.../<database>/<relfilenode>): in one directory,
+    or one inside the other, a table of one would overwrite a table of the other."""
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    backup = BaseBackup("b" * 16, "b" * 8, t, 1, Lsn(0x1000028), Lsn(0x1000100), t, t,
+                        16 << 20, 100, "15.2", False,
+                        {"16385": {"name": "ts1", "location": "/a"},
+                         "16386": {"name": "ts2", "location": "/b"}})
+    root, live = str(tmp_path / "r"), LivePaths([])
+    for ts1, ts2 in (("same", "same"), ("outer", "outer/inner"), ("x/in", "x")):
+        with pytest.raises(RestoreTargetError, match="cannot share a directory"):
+            plan_layout(root, backup, delta=False, live=live,
+                        tablespace_map={"ts1": str(tmp_path / ts1), "16386": str(tmp_path / ts2)})
+    layout = plan_layout(root, backup, delta=False, live=live,
+                         tablespace_map={"ts1": str(tmp_path / "one"), "ts2": str(tmp_path / "two")})
+    assert [p.directory for p in layout.tablespaces] == [str(tmp_path / "one"),
+                                                          str(tmp_path / "two")]
+    assert len(plan_layout(root, backup, delta=False, live=live,
+                           tablespace_map_all=str(tmp_path / "all")).tablespaces) == 2
+    # a tablespace the WAL creates (known by OID) too
+    with pytest.raises(RestoreTargetError, match="cannot share a directory"):
+        plan_layout(root, backup, delta=False, live=live,
+                    tablespace_map={"ts1": str(tmp_path / "x"), "16390": str(tmp_path / "x/y")})
+    with pytest.raises(RestoreTargetError, match="inside the target directory"):
+        plan_layout(root, backup, delta=False, live=live,
+                    tablespace_map={"16390": str(tmp_path / "r" / "ts")})
+    # one tablespace named twice, by name and by OID, is no conflict
+    plan_layout(root, backup, delta=False, live=live,
+                tablespace_map={"ts1": str(tmp_path / "one"), "16385": str(tmp_path / "one")})
 
 
 def test_fetch_policy_and_hook_options() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from keepwell.errors import UsageError
 from keepwell.repository.retention import Policy
 from keepwell.sources.postgres import KIND_PHYSICAL, KIND_RESTORE_POINT, KIND_WAL
 from keepwell.sources.postgres.catalog import Catalog
@@ -204,6 +205,67 @@ def test_target_name_picks_the_backup_before_the_recorded_point() -> None:
     plan = choose(cat, Target(name="made-in-sql"))
     assert plan.backup.short_id == "b2b2b2b2" and plan.point is None
     assert plan.note is not None and "not recorded" in plan.note
+
+
+def test_a_snapshot_prefix_names_one_backup_or_is_refused() -> None:
+    seg = [segment_name(1, i) for i in range(1, 5)]
+    cat = Catalog.build([
+        base_snap("abcd1111" * 2, "0/1000028", "0/1000100", 0),
+        base_snap("abcd2222" * 2, "0/2000028", "0/2000100", 5),
+        wal_snap("e" * 16, seg, 6),
+    ], "main")
+    with pytest.raises(UsageError, match="ambiguous"):
+        choose(cat, Target(), snapshot_id="abcd")
+    for bad in ("", "a", "nothex!!"):
+        with pytest.raises(UsageError, match="not a snapshot id"):
+            choose(cat, Target(), snapshot_id=bad)
+    assert choose(cat, Target(), snapshot_id="ABCD1").backup.short_id == "abcd1111"
+    assert choose(cat, Target(), snapshot_id="latest").backup.short_id == "abcd2222"
+
+
+def test_target_timeline_must_exist_and_descend_from_the_backup() -> None:
+    """Timeline 2 left timeline 1 at 0/5000000 (a restore to a point in time); the old primary
+    went on on timeline 1. A timeline recovery cannot follow from a backup is refused, or
+    another backup chosen, before anything is written (PostgreSQL would stop at start-up)."""
+    tl1 = [segment_name(1, i) for i in range(1, 9)]
+    tl2 = [segment_name(2, i) for i in range(5, 9)]
+    hist = {"00000002.history": {"hash": "h", "size": 1, "text": "1\t0/5000000\tno reason\n"}}
+    snaps = [
+        base_snap("b1" * 8, "0/1000028", "0/1000100", 0),
+        wal_snap("w1" * 8, tl1, 1),
+        Snap("h" * 16, KIND_WAL, T0 + timedelta(minutes=2), {"cluster": "main", "files": hist}),
+        wal_snap("w2" * 8, tl2, 3),
+        base_snap("b2" * 8, "0/6000028", "0/6000100", 4, tli=2),
+        base_snap("b3" * 8, "0/7000028", "0/7000100", 5),  # timeline 1, after the fork
+        point_snap("p1" * 8, "early", "0/3000000", 6),
+        point_snap("p2" * 8, "late", "0/7000200", 7),  # timeline 1, after the fork
+    ]
+    cat = Catalog.build(snaps, "main")
+    with pytest.raises(RestorePlanError, match="timeline 7 is not in the archive"):
+        choose(cat, Target(timeline="7"))
+    # the latest timeline (2): the newest backup of its history, not b3
+    plan = choose(cat, Target())
+    assert plan.backup.short_id == "b2b2b2b2" and plan.timeline == 2
+    with pytest.raises(RestorePlanError, match="not in the history of timeline 2"):
+        choose(cat, Target(), snapshot_id="b3b3")
+    assert choose(cat, Target(), snapshot_id="b1b1").timeline == 2
+    # timeline 1: a backup of timeline 2 cannot go back to it
+    plan = choose(cat, Target(timeline="1"))
+    assert plan.backup.short_id == "b3b3b3b3" and plan.timeline == 1
+    with pytest.raises(RestorePlanError, match="not in the history of timeline 1"):
+        choose(cat, Target(timeline="1"), snapshot_id="b2b2")
+    # current: the backup's own timeline, to its end there
+    plan = choose(cat, Target(timeline="current"), snapshot_id="b1b1")
+    assert plan.timeline == 1 and plan.wal_end == Lsn.parse("0/9000000")
+    # what info and check show: b3's window is on timeline 1, where a restore can follow it
+    b3 = next(b for b in cat.backups if b.short_id == "b3b3b3b3")
+    reach = cat.reach(b3)
+    assert (reach.timeline, reach.end_lsn) == (1, Lsn.parse("0/9000000"))
+    # a restore point recovery meets only on the timeline it was made on, before any fork
+    assert choose(cat, Target(name="early")).backup.short_id == "b1b1b1b1"
+    with pytest.raises(RestorePlanError, match="not in the history of timeline 2"):
+        choose(cat, Target(name="late"))
+    assert choose(cat, Target(name="late", timeline="1")).backup.short_id == "b3b3b3b3"
 
 
 FAST_PUSH = Path(__file__).resolve().parents[2] / "src/keepwell/sources/postgres/keepwell-wal-push"

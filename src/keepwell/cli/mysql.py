@@ -198,7 +198,8 @@ def restore(
         help="Owner of the restored datadir (default: mysql when run as root).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start a server on the datadir.")] = False,
     port: Annotated[int | None, typer.Option(
-        "--port", help="Port for --start (default 3306; refused if in use).")] = None,
+        "--port", min=1, max=65535,
+        help="Port for --start (default 3306; refused if in use).")] = None,
     server_name: ServerNameOption = None,
     repo: RepoOption = None,
     password_file: PasswordFileOption = None,
@@ -216,6 +217,9 @@ def restore(
         target_db = resolve(target_db_url, target_defaults_file)
     if start and target_dir is None:
         raise UsageError("--start needs --target-dir")
+    if port is not None and not start:
+        raise UsageError("--port is the port --start starts the restored server on",
+                         hint="add --start, or leave --port out")
     if how and not json_out:
         _say(how)
     with open_repo(repo, password_file) as r:

@@ -180,7 +180,8 @@ def restore(
         "--standby", help="A standby that follows the archive (standby.signal; no target).")
     ] = False,
     start: Annotated[bool, typer.Option("--start", help="Start the server and wait.")] = False,
-    port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", min=1, max=65535, help="Port for --start.")] = None,
     archive_mode: Annotated[str, typer.Option(
         help="'off' (the restored server does not archive) or 'preserve'.")] = "off",
     logical: Annotated[bool, typer.Option(
@@ -229,8 +230,12 @@ def restore(
         return
     if not target_dir:
         raise UsageError("give --target-dir for a physical restore (or --logical)")
+    if port is not None and not start:
+        raise UsageError("--port is the port --start starts the restored server on",
+                         hint="add --start, or leave --port out and start it yourself")
     from keepwell.sources.postgres.plan import Target
     from keepwell.sources.postgres.restore import RestoreOptions, restore_physical
+    from keepwell.sources.postgres.restorepoint import MAX_NAME
     from keepwell.sources.postgres.walnames import Lsn
 
     try:
@@ -238,6 +243,11 @@ def restore(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     when, local = _parse_time(target_time) if target_time else (None, False)
+    if target_name is not None and not 0 < len(target_name.encode()) <= MAX_NAME:
+        # PostgreSQL reads an empty recovery_target_name as no target at all (recovery to the
+        # end of the WAL), and refuses to start with a longer one
+        raise UsageError(f"invalid --target-name {target_name!r}: a restore point's name has"
+                         f" 1 to {MAX_NAME} bytes")
     target = Target(time=when, lsn=lsn, xid=target_xid, name=target_name, immediate=immediate,
                     timeline=target_timeline, exclusive=exclusive)
     ts_map: dict[str, str] = {}

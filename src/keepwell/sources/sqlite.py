@@ -319,6 +319,13 @@ class DatabaseRestore:
 
 def _check_target(target: str, overwrite: bool) -> os.stat_result | None:
     """The existing target's status (None: there is none); refuses what cannot be replaced."""
+    for suffix in SIDECARS:
+        main = target[:-len(suffix)]
+        if target.endswith(suffix) and os.path.isfile(main):
+            # SQLite would read a database there as that database's WAL or journal
+            raise RestoreTargetError(f"{target} is the {suffix[1:]} file of the database {main}",
+                                     hint="give the path of a database file to create or"
+                                          " replace")
     try:
         st: os.stat_result | None = os.stat(target, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):  # the latter is reported where it is made
@@ -436,16 +443,23 @@ def _check(path: str, pragma: str, *, immutable: bool = False) -> str:
     return "" if rows == ["ok"] else "; ".join(rows[:3]).replace("\n", " ")
 
 
-def _replace(target: str, staged: ScratchFile, busy_timeout: float) -> None:
-    files = [target, *(target + s for s in SIDECARS)]
+def _check_unused(target: str, files: list[str]) -> None:
     users = holders(files)
     if users:
         raise RestoreTargetError(
             f"{target} is in use by " + ", ".join(f"process {pid} ({comm})" for pid, comm in users),
             hint="stop it first: a database replaced under a running program loses its writes")
+
+
+def _replace(target: str, staged: ScratchFile, busy_timeout: float) -> None:
+    files = [target, *(target + s for s in SIDECARS)]
+    _check_unused(target, files)
     _bring_to_rest(target, busy_timeout)
     directory = os.path.dirname(target)
     with _exclusive(target, busy_timeout):
+        # again under the lock: a program that opened the database meanwhile would go on with
+        # the old file, but with the -wal and -journal of the new one's name
+        _check_unused(target, files)
         for side in files[1:]:
             try:
                 os.unlink(side)

@@ -41,6 +41,7 @@ from keepwell.sources.mysql.restore import (
     server_user,
     spool_binlog,
 )
+from keepwell.sources.postgres.walindex import DAMAGED, unreadable
 
 Progress = Callable[[str], None]
 
@@ -168,6 +169,20 @@ def check(repo: Any, host: str | None = None) -> dict[str, Any]:
             if b.position is not None and cat.reach(b) is None and cat.files:
                 problems.append(f"base {b.short_id} starts in {b.position.file}, which is not "
                                 "archived")
+    held = {s.id: [str(f.get("name")) for f in (s.source or {}).get("files") or []]
+            for c in archive.catalogs for s in c.binlog_snapshots}
+    lost = unreadable(repo, [*held, *(b.snapshot_id for b in archive.bases)])
+    for sid, paths in sorted(lost.items()):
+        names = [p.rsplit("/", 1)[-1] for p in paths if p.startswith("binlog/")] or (
+            held.get(sid, []) if any(p.startswith("(its") for p in paths) else [])
+        what = (f"binlog(s) {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                if names else "base" if any(b.snapshot_id == sid for b in archive.bases)
+                else "its files")
+        why = ("damaged (a check found their data corrupt)" if DAMAGED in paths.values()
+               else "chunks that no index lists ('keepwell prune' indexes stored packs again)")
+        problems.append(f"snapshot {sid[:8]}: {what} cannot be read, {why}: a restore that"
+                        " needs them fails")
+    report["unreadable"] = {sid[:8]: list(paths) for sid, paths in lost.items()}
     report["problems"] = problems
     report["ok"] = not problems
     return report

@@ -208,6 +208,32 @@ class Catalog:
             out.append((switches[i].parent, begin))
         return out
 
+    def known_timeline(self, timeline: int) -> bool:
+        """Whether the archive knows `timeline`: timeline 1, a history file, a backup or WAL."""
+        return (timeline == 1 or timeline in self.histories or timeline in self.timelines()
+                or any(b.timeline == timeline for b in self.backups))
+
+    def leads_to(self, backup: BaseBackup, timeline: int) -> bool:
+        """Whether recovery from `backup` can follow `timeline`: the backup's timeline is in its
+        history, and that history left the backup's timeline only after the backup ended
+        (PostgreSQL refuses a timeline that is "not a child of this server's history")."""
+        if backup.timeline == timeline:
+            return True
+        for switch in self.histories.get(timeline, []):
+            if switch.parent == backup.timeline:
+                return backup.stop_lsn <= switch.switch_lsn
+        return False
+
+    def point_on(self, point: RestorePoint, timeline: int) -> bool:
+        """Whether recovery following `timeline` meets `point`: on that timeline, or on one of
+        its history before the history left it."""
+        if point.timeline == timeline:
+            return True
+        for switch in self.histories.get(timeline, []):
+            if switch.parent == point.timeline:
+                return point.lsn < switch.switch_lsn
+        return False
+
     def segment_for(self, segno: int, lineage: list[tuple[int, int]]) -> str:
         for tli, begin in lineage:
             if segno >= begin:
@@ -217,7 +243,7 @@ class Catalog:
     def reach(self, backup: BaseBackup, timeline: int | None = None) -> Reach:
         tli = timeline or self.latest_timeline()
         lineage = self.lineage(tli)
-        if backup.timeline not in {t for t, _ in lineage}:
+        if not self.leads_to(backup, tli):  # recovery cannot follow it: the backup's own
             lineage = self.lineage(backup.timeline)
             tli = backup.timeline
         missing = [

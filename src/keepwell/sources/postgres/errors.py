@@ -27,6 +27,13 @@ class WalNotFoundError(PostgresError):
     hint = ""
 
 
+class RestoreIntoError(ToolError):
+    """pg_restore failed on what the target server holds or lacks (the programs are there)."""
+
+    hint = ("the target holds what the dump creates (add --clean to replace it, or restore"
+            " --into another database with --create), or lacks the database (add --create)")
+
+
 class ForeignClusterError(PostgresError):
     """A WAL file or backup belongs to another cluster than the one the repository knows."""
 

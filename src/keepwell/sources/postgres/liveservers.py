@@ -1,7 +1,8 @@
 """The paths running PostgreSQL servers on this host use, so that a restore can keep out of them.
 
-A *live path* is the data directory of a running postmaster or one of its tablespaces (the
-targets of the symbolic links in its ``pg_tblspc``). Servers are found in ``/proc``: every
+A *live path* is the data directory of a running postmaster, its WAL directory when that lies
+elsewhere (``pg_wal`` a symbolic link, as ``initdb --waldir`` makes it) or one of its
+tablespaces (the targets of the symbolic links in its ``pg_tblspc``). Servers are found in ``/proc``: every
 process whose program is ``postgres`` (or ``postmaster``) and whose parent is not, is a
 postmaster; its working directory is its data directory (PostgreSQL changes into it at start),
 else the ``-D`` of its command line. A data directory that holds ``postmaster.pid`` naming a
@@ -28,10 +29,14 @@ class LiveServer:
     pid: int
     data_directory: str
     tablespaces: tuple[str, ...] = field(default_factory=tuple)
+    wal_directory: str | None = None  # pg_wal, when it lies outside the data directory
 
     def paths(self) -> list[tuple[str, str]]:
         """(path, what it is) of everything this server uses."""
         out = [(self.data_directory, f"the data directory of the running server (pid {self.pid})")]
+        if self.wal_directory:
+            out.append((self.wal_directory, "the WAL directory of the running server in"
+                                            f" {self.data_directory} (pid {self.pid})"))
         out += [(t, f"a tablespace of the running server in {self.data_directory} (pid {self.pid})")
                 for t in self.tablespaces]
         return out
@@ -74,6 +79,12 @@ def tablespaces_of(data_directory: str) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+def wal_directory_of(data_directory: str) -> str | None:
+    """The resolved WAL directory of a data directory when its pg_wal is a link elsewhere."""
+    path = os.path.join(data_directory, "pg_wal")
+    return os.path.realpath(path) if os.path.islink(path) else None
+
+
 def running_servers() -> list[LiveServer]:
     """Every postmaster running on this host that this user can see."""
     try:
@@ -91,7 +102,8 @@ def running_servers() -> list[LiveServer]:
             continue  # a backend or helper of a postmaster
         datadir = _data_directory(pid)
         if datadir:
-            out.append(LiveServer(int(pid), datadir, tablespaces_of(datadir)))
+            out.append(LiveServer(int(pid), datadir, tablespaces_of(datadir),
+                                  wal_directory_of(datadir)))
     return out
 
 

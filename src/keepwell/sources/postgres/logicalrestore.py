@@ -23,7 +23,7 @@ from keepwell.errors import UsageError
 from keepwell.sources.postgres import KIND_LOGICAL
 from keepwell.sources.postgres.catalog import Catalog
 from keepwell.sources.postgres.connection import ConnSpec, connect, server_facts
-from keepwell.sources.postgres.errors import ToolError
+from keepwell.sources.postgres.errors import RestoreIntoError, ToolError
 from keepwell.sources.postgres.logical import GLOBALS_PATH, dump_path
 from keepwell.sources.postgres.tablepick import (
     Selection,
@@ -129,12 +129,27 @@ def _restore_database(repo: Any, snap: Any, spec: ConnSpec, database: str,
         result.update(tables=[f"{s}.{t}" for s, t in selection.tables],
                       restored=selection.restored, skipped=selection.skipped)
     else:
+        if req.schemas:
+            _check_schemas(repo, snap, database, pg_restore, req.schemas)
         for schema in req.schemas:
             argv += ["-n", schema]
         result["schemas"] = list(req.schemas)
     _stream_into(repo, snap, database, argv, listing, f"restore of database {database} into"
                  f" {target_db}")
     return result
+
+
+def _check_schemas(repo: Any, snap: Any, database: str, pg_restore: str,
+                   schemas: list[str]) -> None:
+    """Every schema named is in the dump (``pg_restore -n`` of one that is not restores
+    nothing, and says nothing)."""
+    toc = parse_list(_head_output(repo, snap, database, [pg_restore, "-l"]))
+    held = {e.tag for e in toc if e.type == "SCHEMA"} | {e.schema for e in toc
+                                                          if e.schema != "-"}
+    missing = [s for s in schemas if s not in held]
+    if missing:
+        raise UsageError(f"the dump of database {database} holds no schema {missing[0]}",
+                         hint=f"it holds {', '.join(sorted(held)) or 'none'}")
 
 
 def _select(repo: Any, snap: Any, database: str, pg_restore: str, req: LogicalRequest,
@@ -185,7 +200,7 @@ def _stream_into(repo: Any, snap: Any, database: str, argv: list[str], listing: 
             f.write(listing)
         argv = [*argv, "-L", list_file]
     try:
-        with pg_tool(argv, stdin=-1, stdout=-3) as proc:
+        with ToolProcess(argv, error=RestoreIntoError, stdin=-1, stdout=-3) as proc:
             _feed(proc, repo, snap, database)
             proc.check(what)
     finally:

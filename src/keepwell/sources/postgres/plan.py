@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from keepwell.errors import UsageError
 from keepwell.sources.postgres.catalog import BaseBackup, Catalog, RestorePoint
 from keepwell.sources.postgres.errors import RestorePlanError
 from keepwell.sources.postgres.walnames import Lsn, parse_segment_name
@@ -128,13 +129,37 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
             " --immediate"
         )
     timeline = _timeline_number(catalog, target)
+
+    def follows(b: BaseBackup) -> int:  # the timeline recovery from `b` follows
+        return b.timeline if timeline is None else timeline
+
     points = catalog.points_named(target.name) if target.name is not None else []
+    if points and timeline is not None:  # recovery meets only the points of its history
+        met = [p for p in points if catalog.point_on(p, timeline)]
+        if not met:
+            shown = points[-1]
+            raise RestorePlanError(
+                f"restore point {shown.name!r} (timeline {shown.timeline}, LSN {shown.lsn}) is"
+                f" not in the history of timeline {timeline}{_fork(catalog, shown.timeline, timeline)}:"
+                " recovery following it never reaches the point",
+                hint=f"pass --target-timeline {shown.timeline}")
+        points = met
+    passed: list[BaseBackup] = []  # newer backups the timeline does not descend from
+    if snapshot_id == "latest":
+        snapshot_id = None
     if snapshot_id is not None:
-        chosen = [b for b in catalog.backups if b.snapshot_id.startswith(snapshot_id)
-                  or b.short_id == snapshot_id]
+        ref = snapshot_id.lower()
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
+            raise UsageError(f"{snapshot_id!r} is not a snapshot id",
+                             hint="give 'latest' or at least 4 hex digits of an id")
+        chosen = [b for b in catalog.backups if b.snapshot_id.startswith(ref)]
         if not chosen:
             raise RestorePlanError(f"no physical backup {snapshot_id} of cluster {catalog.cluster}")
-        backup = chosen[-1]
+        if len(chosen) > 1:  # never one of them at random
+            raise UsageError(f"snapshot id {snapshot_id} is ambiguous ({len(chosen)} physical"
+                             f" backups match: {', '.join(b.short_id for b in chosen)});"
+                             " give more digits")
+        backup = chosen[0]
         if not catalog.is_complete(backup):
             missing = catalog.reach(backup, backup.timeline).missing
             raise RestorePlanError(
@@ -146,16 +171,26 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
                 f"backup {backup.short_id} ends after {_describe(target, points, backup)};"
                 " choose an older one"
             )
+        if not catalog.leads_to(backup, follows(backup)):
+            raise RestorePlanError(
+                f"backup {backup.short_id} (timeline {backup.timeline}) is not in the history"
+                f" of timeline {follows(backup)}{_fork(catalog, backup.timeline, timeline)}:"
+                " recovery from it cannot follow that timeline",
+                hint=f"pass --target-timeline {backup.timeline} to stay on the backup's"
+                     " timeline, or --snapshot a backup that the timeline descends from")
     else:
         if not catalog.backups:
             raise RestorePlanError(f"no physical backup of cluster {catalog.cluster}")
-        candidates = [b for b in catalog.complete_backups()
-                      if _usable_before(b, target, points)]
+        before = [b for b in catalog.complete_backups() if _usable_before(b, target, points)]
+        candidates = [b for b in before if catalog.leads_to(b, follows(b))]
         if not candidates:
             raise RestorePlanError(
                 f"no complete physical backup of cluster {catalog.cluster} ends before "
                 f"{_describe(target, points)}"
-            )
+                + (f" on the history of timeline {timeline}" if before else ""),
+                hint="see 'keepwell postgres info' for the backups, timelines and restore"
+                     " windows" + ("; --target-timeline picks another timeline" if before
+                                   else ""))
         if points:  # the newest point any backup reaches, from the newest such backup
             def rank(b: BaseBackup) -> tuple[Lsn, Lsn, datetime]:
                 p = point_reached(b, points)
@@ -164,6 +199,7 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
             backup = max(candidates, key=rank)
         else:
             backup = max(candidates, key=lambda b: (b.stop_lsn, b.time))
+        passed = [b for b in before if b not in candidates and b.time > backup.time]
     point = point_reached(backup, points) if points else None
     note = None
     if target.name is not None and not points:
@@ -175,7 +211,13 @@ def choose(catalog: Catalog, target: Target, snapshot_id: str | None = None, *,
         note = (f"{len(points)} restore points are named {target.name!r} and recovery stops at"
                 f" the first one after the backup: this restore reaches the one at LSN"
                 f" {point.lsn} ({point.time:%Y-%m-%d %H:%M:%S})")
-    reach = catalog.reach(backup, timeline)
+    elif passed:
+        note = (f"newer backup{'s' if len(passed) > 1 else ''}"
+                f" {', '.join(b.short_id for b in passed)} (timeline"
+                f" {', '.join(sorted({str(b.timeline) for b in passed}))}) not in the history of"
+                f" timeline {timeline}: using backup {backup.short_id}; --target-timeline picks"
+                " another timeline")
+    reach = catalog.reach(backup, follows(backup))
     gap = gap_after(catalog, reach.timeline, reach.end_lsn)
     _check_reach(target, reach.end_lsn, reach.end_time, backup, point, gap)
     if gap is not None and target.kind() == "end" and not allow_gap:
@@ -214,14 +256,32 @@ def _describe(target: Target, points: list[RestorePoint],
 
 
 def _timeline_number(catalog: Catalog, target: Target) -> int | None:
+    """The timeline recovery follows; None for ``current``: each backup's own."""
     if target.timeline in (None, "latest"):
         return catalog.latest_timeline()
     if target.timeline == "current":
         return None
     try:
-        return int(str(target.timeline), 0)
+        number = int(str(target.timeline), 0)
     except ValueError:
         raise RestorePlanError(f"invalid --target-timeline {target.timeline!r}") from None
+    if number < 1 or not catalog.known_timeline(number):
+        known = sorted(t for t in range(1, catalog.latest_timeline() + 1)
+                       if catalog.known_timeline(t))
+        raise RestorePlanError(
+            f"timeline {target.timeline} is not in the archive of cluster {catalog.cluster}"
+            f" (it has timeline{'s' if len(known) > 1 else ''}"
+            f" {', '.join(map(str, known))})",
+            hint="--target-timeline takes 'latest', 'current' or a timeline the archive holds")
+    return number
+
+
+def _fork(catalog: Catalog, parent: int, timeline: int | None) -> str:
+    """Where `timeline`'s history left timeline `parent`, described (or nothing)."""
+    for switch in catalog.histories.get(timeline or 0, []):
+        if switch.parent == parent:
+            return f", which left timeline {parent} at {switch.switch_lsn}"
+    return ""
 
 
 def _check_reach(target: Target, end_lsn: Lsn, end_time: datetime | None,

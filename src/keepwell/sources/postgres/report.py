@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keepwell.sources.postgres.catalog import BaseBackup, Catalog
-from keepwell.sources.postgres.walnames import parse_segment_name
+from keepwell.sources.postgres.walindex import DAMAGED, NOT_INDEXED
+from keepwell.sources.postgres.walnames import Lsn, parse_segment_name
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -102,22 +103,33 @@ def info(cat: Catalog) -> dict[str, Any]:
 
 def check(cat: Catalog, *, spool_status: dict[str, Any] | None = None,
           server: dict[str, Any] | None = None,
-          unreadable: dict[str, list[str]] | None = None) -> dict[str, Any]:
+          unreadable: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """`info` plus a list of problems; ``ok`` is true when there is none. `unreadable`: per
-    snapshot, the paths a restore could not read (`walindex.unreadable`)."""
+    snapshot, the paths a restore could not read and why (`walindex.unreadable`)."""
     report = info(cat)
     problems: list[str] = []
     for sid, paths in sorted((unreadable or {}).items()):
-        names = [p.rsplit("/", 1)[-1] for p in paths if p.startswith("wal/")]
-        if sid in cat.wal_snapshots:  # its trees unreadable: all of its files
-            names = names or list(cat.wal_snapshots[sid])
-            problems.append(f"WAL file(s) {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                            f" of snapshot {sid[:8]} cannot be read: chunks that no index lists"
-                            " (a restore stops there; 'keepwell prune' indexes stored packs"
-                            " again)")
-        else:
-            problems.append(f"snapshot {sid[:8]} cannot be read: {', '.join(paths[:3])}")
-    report["unreadable"] = {sid[:8]: paths for sid, paths in (unreadable or {}).items()}
+        if sid not in cat.wal_snapshots:
+            why = ("damaged" if DAMAGED in paths.values() else "chunks that no index lists")
+            problems.append(f"snapshot {sid[:8]} cannot be read ({why}):"
+                            f" {', '.join(list(paths)[:3])}")
+            continue
+        for reason in (DAMAGED, NOT_INDEXED):
+            names = [p.rsplit("/", 1)[-1] for p, r in paths.items()
+                     if r == reason and p.startswith("wal/")]
+            if reason == NOT_INDEXED and any(p.startswith("(its") for p in paths):
+                names = names or list(cat.wal_snapshots[sid])  # its trees: all of its files
+            if not names:
+                continue
+            shown = f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            if reason == DAMAGED:
+                problems.append(f"WAL file(s) {shown} of snapshot {sid[:8]} are damaged (a"
+                                f" check found their data corrupt): {affected(cat, names)}")
+            else:
+                problems.append(f"WAL file(s) {shown} of snapshot {sid[:8]} cannot be read:"
+                                " chunks that no index lists (a restore stops there; 'keepwell"
+                                " prune' indexes stored packs again)")
+    report["unreadable"] = {sid[:8]: list(paths) for sid, paths in (unreadable or {}).items()}
     if not cat.backups:
         problems.append("no physical backup: point-in-time restore is not possible")
     for entry in report["physical"]:
@@ -154,6 +166,32 @@ def check(cat: Catalog, *, spool_status: dict[str, Any] | None = None,
     report["ok"] = not problems
     report["checked_at"] = datetime.now(UTC).isoformat()
     return report
+
+
+def affected(cat: Catalog, names: list[str]) -> str:
+    """What unreadable WAL files cost: the backups that cannot be restored, and where the
+    others' roll-forward stops."""
+    lost = {p[1]: n for n in names if (p := parse_segment_name(n, cat.segment_size))}
+    unusable, stopped = [], []
+    for b in cat.complete_backups():
+        reach = cat.reach(b)
+        lineage = cat.lineage(reach.timeline)
+        hit = min((s for s, n in lost.items() if b.start_segno() <= s
+                   < reach.end_lsn.segno(cat.segment_size)
+                   and cat.segment_for(s, lineage) == n), default=None)
+        if hit is None:
+            continue
+        if hit <= b.stop_segno():
+            unusable.append(b.short_id)
+        else:
+            stopped.append(f"restores from backup {b.short_id} stop at"
+                           f" {Lsn(hit * cat.segment_size)}")
+    out = stopped
+    if unusable:
+        out.insert(0, f"backup {', '.join(unusable)} cannot be restored")
+    if not out:
+        return "no backup's restore window needs them"
+    return "; ".join(out) + " (take a new physical backup to restore past them)"
 
 
 def server_archiver(conn: Any) -> dict[str, Any]:

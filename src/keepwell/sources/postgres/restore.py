@@ -141,7 +141,8 @@ def restore_physical(repo: Any, cluster: str, opts: RestoreOptions) -> RestoreRe
                          "follow" if opts.standby else
                          "end" if plan.target.kind() == "end" else "point")
     write_recovery_settings(root, restore_command(opts, cluster, password_file, policy),
-                            plan.target, opts.archive_mode, standby=opts.standby)
+                            plan.target, opts.archive_mode, standby=opts.standby,
+                            major=_major(plan.backup.version))
     # one flush of everything at the end (files were written without an fsync each)
     make_durable(layout.roots(), stats.synced)
     if not opts.start:
@@ -198,8 +199,13 @@ def _password_file(opts: RestoreOptions, root: str) -> str:
     return path
 
 
+def _major(version: str) -> int | None:
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
 def write_recovery_settings(root: str, command: str, target: Target, archive_mode: str, *,
-                            standby: bool = False) -> None:
+                            standby: bool = False, major: int | None = None) -> None:
     """Append recovery settings to postgresql.auto.conf and create recovery.signal (a standby:
     standby.signal, no target, and WAL from the archive only, not streamed from a primary the
     restored configuration may name, which would bypass the fetch's guard)."""
@@ -214,13 +220,23 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
     settings = {"restore_command": command,
                 # tablespaces kept inside the data directory are directories in pg_tblspc,
                 # which recovery refuses to finish with unless this is on
-                "allow_in_place_tablespaces": "on"}
+                "allow_in_place_tablespaces": "on",
+                # the backed-up server's own commands (pg_archivecleanup of its archive, a
+                # script of its failover) would act on the live cluster's files: never run
+                "recovery_end_command": "", "archive_cleanup_command": ""}
+    if major is not None and major <= 15:
+        # a restored standby would promote itself on the live standby's trigger file, and
+        # remove it (PostgreSQL 16 has no such setting, and refuses one it does not know)
+        settings["promote_trigger_file"] = ""
     if standby:
         settings.update(primary_conninfo="", primary_slot_name="")
     else:
         settings.update(**target.recovery_settings(), recovery_target_action="promote")
     if archive_mode == "off":
-        settings["archive_mode"] = "off"
+        # a copy, not the cluster's successor: it neither archives into the cluster's archive
+        # nor starts its subscriptions, which would take the live subscriber's slots on the
+        # publishers and consume the changes the live subscriber then never gets
+        settings.update(archive_mode="off", max_logical_replication_workers="0")
     body = "".join(f"{k} = '{str(v).replace(chr(39), chr(39) * 2)}'\n"
                    for k, v in settings.items())
     with open(own_file(auto), "w", encoding="utf-8") as f:
@@ -235,11 +251,17 @@ def write_recovery_settings(root: str, command: str, target: Target, archive_mod
 
 def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
                     opts: RestoreOptions) -> RestoreResult:
-    major = int(plan.backup.version.split(".")[0]) if plan.backup.version else None
-    pg_ctl = find_program("pg_ctl", major)
+    pg_ctl = find_program("pg_ctl", _major(plan.backup.version))
     log = own_file(os.path.join(root, LOG_NAME))
     with open(log, "w", encoding="utf-8"):
         pass  # a log restored with the data directory (of an earlier restore) says nothing now
+    if not os.path.exists(os.path.join(root, "postgresql.conf")):
+        raise RecoveryError(
+            f"{root} holds no postgresql.conf (the cluster keeps its configuration outside its"
+            " data directory, as Debian's packages do): the restored server was not started",
+            hint="copy the cluster's postgresql.conf and pg_hba.conf into it, without the"
+                 " data_directory, hba_file and ident_file lines that name the live cluster's,"
+                 " then start it with pg_ctl")
     configured = None if opts.port else configured_port(root)
     if configured is not None and port_in_use(configured):
         raise RecoveryError(f"port {configured} of the restored configuration is in use (by the"
@@ -249,7 +271,9 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
     res = subprocess.run([*argv, "start"], capture_output=True, text=True)
     if res.returncode != 0:
         raise RecoveryError(f"pg_ctl start failed: {res.stderr.strip() or res.stdout.strip()}")
-    deadline = time.monotonic() + opts.wait_timeout
+    started = time.monotonic()
+    deadline = started + opts.wait_timeout
+    looked = started
     while time.monotonic() < deadline:
         text = _read(log)
         if _promoted(text) or opts.standby and _STANDBY_READY in text and reached_end(plan, text):
@@ -258,7 +282,16 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
         if fatal and not _running(pg_ctl, root):
             ours = _KEEPWELL_RE.findall(text)  # the fetch says why it failed, in the same log
             raise RecoveryError(f"recovery failed: {fatal[-1][1]}"
-                                + (f" ({ours[-1]})" if ours else ""))
+                                + (f" ({ours[-1]})" if ours else ""),
+                                hint=_not_reached_hint(plan) if _NOT_REACHED in fatal[-1][1]
+                                else None)
+        now = time.monotonic()
+        if now - looked >= 3 and not os.path.exists(os.path.join(root, "postmaster.pid")):
+            looked = now  # a server that stopped before it wrote a FATAL line (a bad setting)
+            if not _running(pg_ctl, root):
+                lines = [ln for ln in _read(log).splitlines() if ln.strip()]
+                raise RecoveryError("the restored server stopped: "
+                                    + (lines[-1] if lines else "it wrote nothing to its log"))
         time.sleep(0.2)
     else:
         raise RecoveryError(f"recovery did not finish within {opts.wait_timeout:.0f} s")
@@ -275,6 +308,23 @@ def _start_and_wait(plan: RestorePlan, stats: ExtractStats, root: str,
         redo_done_at=redo[-1] if redo else None,
         timeline=int(tli[-1]) if tli else None, port=opts.port,
     )
+
+
+_NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def _not_reached_hint(plan: RestorePlan) -> str:
+    """What to do when recovery read all the WAL it could without meeting its target."""
+    kind, b = plan.target.kind(), plan.backup
+    if kind == "time":
+        return ("PostgreSQL stops at the first commit after the target time, and no commit"
+                " after it is archived: the state at that time is the end of the archived WAL;"
+                " restore without a target, or wait until later WAL is archived")
+    if kind == "name":
+        return (f"the restore point is not in the WAL from backup {b.short_id} on: pass"
+                " --snapshot with an older backup, or wait until the WAL holding it is archived")
+    return (f"the {kind} target is not in the WAL from backup {b.short_id} to the end of the"
+            " archive: restore to an earlier target, or wait until later WAL is archived")
 
 
 def safe_start_arguments(root: str, port: int | None) -> list[str]:

@@ -87,6 +87,14 @@ def plan_layout(target_dir: str, backup: BaseBackup, *, delta: bool,
                 f" {root}", hint="leave it unmapped to keep it inside the data directory")
         _check_directory(directory, f"the location of tablespace {name}", delta=delta,
                          live=live)
+        other = next((p for p in places if p.directory and _overlap(p.directory, directory)),
+                     None)
+        if other is not None:  # one directory, one tablespace, as PostgreSQL itself demands
+            raise RestoreTargetError(
+                f"tablespaces {other.name} and {name} cannot share a directory"
+                f" ({other.directory}, {directory}): their files have the same names, and one"
+                " would overwrite the other's", hint="map each tablespace to a directory of its"
+                " own")
         places.append(TablespacePlace(oid, name, directory))
     for extra in {os.path.abspath(d) for d in mapping.values()} | (
             {os.path.abspath(tablespace_map_all)} if tablespace_map_all else set()):
@@ -94,6 +102,18 @@ def plan_layout(target_dir: str, backup: BaseBackup, *, delta: bool,
         if conflict:
             raise RestoreTargetError(f"refusing to restore a tablespace to {extra}: {conflict}",
                                      hint="map it to a directory no running server uses")
+    by_oid = {(k if _is_oid(k) else names[k]): os.path.abspath(d) for k, d in mapping.items()}
+    for oid, directory in by_oid.items():  # also the tablespaces the WAL creates
+        for first, there in by_oid.items():
+            if first < oid and _overlap(there, directory):
+                raise RestoreTargetError(
+                    f"tablespaces {first} and {oid} cannot share a directory ({there},"
+                    f" {directory}): their files have the same names, and one would overwrite"
+                    " the other's", hint="map each tablespace to a directory of its own")
+        if _overlap(directory, root):
+            raise RestoreTargetError(
+                f"tablespace {oid} cannot be placed at {directory}: inside the target directory"
+                f" {root}", hint="leave it unmapped to keep it inside the data directory")
     return TargetLayout(root, places)
 
 

@@ -117,15 +117,24 @@ class PackLedger:
         return adopted
 
 
-def unreadable(repo: Any, snapshot_ids: list[str]) -> dict[str, list[str]]:
-    """Per snapshot, its paths that a restore cannot read (chunks found nowhere)."""
-    out: dict[str, list[str]] = {}
+DAMAGED, NOT_INDEXED = "damaged", "not indexed"
+
+
+def unreadable(repo: Any, snapshot_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Per snapshot, its paths that a restore cannot read (chunks found nowhere), each with
+    why: `DAMAGED` (a chunk a check found corrupt: the index leaves it out) or `NOT_INDEXED`."""
+    damage = repo.index is not None and getattr(repo, "damage", None)  # loaded with the index
+    bad: set[bytes] = set().union(*damage.blobs.values()) if damage else set()
+    out: dict[str, dict[str, str]] = {}
     for sid in snapshot_ids:
         snap = repo.find_snapshot(sid)
         try:
             for path, ids in snapshot_blobs(repo, snap):
-                if any(loc is None for loc in repo.locate_many(ids)):
-                    out.setdefault(sid, []).append(path or "(its root)")
+                lost = [i for i, loc in zip(ids, repo.locate_many(ids), strict=True)
+                        if loc is None]
+                if lost:
+                    out.setdefault(sid, {})[path or "(its root)"] = (
+                        DAMAGED if any(i in bad for i in lost) else NOT_INDEXED)
         except IntegrityError as exc:
-            out.setdefault(sid, []).append(f"(its trees: {exc})")
+            out.setdefault(sid, {})[f"(its trees: {exc})"] = NOT_INDEXED
     return out
