@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -43,6 +43,9 @@ from keepwell.cli.common import (
     tags_given,
 )
 from keepwell.errors import EXIT_FAILURE, EXIT_PARTIAL, DamagedSnapshotError, UsageError
+
+if TYPE_CHECKING:
+    from keepwell.repository import Repository, Snapshot
 
 
 class Progress:
@@ -519,6 +522,8 @@ def restore(snapshot: str,
             verify: Annotated[bool, typer.Option(
                 "--verify", help="Then read every restored file back and compare it with the "
                                  "snapshot.")] = False,
+            dry_run: Annotated[bool, typer.Option(
+                "--dry-run", "-n", help="Write nothing: say what would be restored.")] = False,
             host: HostFilterOption = None, tag: TagFilterOption = None,
             path: PathFilterOption = None, kind: KindFilterOption = None,
             repo: RepoOption = None, password_file: PasswordFileOption = None,
@@ -530,8 +535,13 @@ def restore(snapshot: str,
 
     refuse_empty("--include", include, "give a pattern, or no --include to restore everything")
     refuse_empty("--exclude", exclude, "give a pattern, or no --exclude")
+    if dry_run and verify:
+        raise UsageError("--verify reads back what a restore wrote: --dry-run writes nothing")
     r = open_repo(repo, password_file)
     snap = r.find_snapshot(snapshot, where=snapshot_filter(host, tag, path, kind))
+    if dry_run:
+        _restore_plan(r, snap, target, include or [], exclude or [], overwrite, json_)
+        return
     progress = Progress("restore")
     r.events.subscribe(progress)
     includes = Matcher(include or [])
@@ -571,6 +581,29 @@ def restore(snapshot: str,
         raise typer.Exit(EXIT_PARTIAL if res.files or res.dirs else EXIT_FAILURE)
     if not res.metadata.complete:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _restore_plan(r: Repository, snap: Snapshot, target: str, include: list[str],
+                  exclude: list[str], overwrite: bool, json_: bool) -> None:
+    """``restore --dry-run``: what the restore would write, and nothing written."""
+    from keepwell.sources.files.restorer import plan_restore
+    from keepwell.sources.files.select import Matcher
+
+    includes = Matcher(include)
+    plan = plan_restore(r, snap, target, includes=includes, excludes=exclude,
+                        overwrite=overwrite)
+    unmatched = includes.unmatched()
+    if json_:
+        print_json({"dry_run": True, "files": plan.files, "dirs": plan.dirs, "bytes": plan.bytes,
+                    "symlinks": plan.links, "other": plan.other, "unmatched_includes": unmatched})
+    else:
+        print(f"would restore {plan.files} files, {plan.dirs} dirs, {plan.links} symbolic "
+              f"links, {human_bytes(plan.bytes)} from snapshot {snap.short_id} to {target}")
+    for pattern in unmatched:
+        print(f"keepwell: warning: --include {pattern} matched nothing in snapshot {snap.short_id}",
+              file=sys.stderr)
+    if unmatched:
+        raise typer.Exit(EXIT_PARTIAL if plan.files or plan.dirs else EXIT_FAILURE)
 
 
 def forget(

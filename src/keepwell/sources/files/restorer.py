@@ -165,9 +165,7 @@ class Restorer:
 
     # -- planning -----------------------------------------------------------------------------
     def _selected(self, spath: str, node: Node | None) -> bool:
-        if self.excludes and self.excludes.matches_within(spath):
-            return False
-        return not (self.includes and not self.includes.matches_within(spath))
+        return selected(self.includes, self.excludes, spath)
 
     def plan(self) -> Iterator[dict[tuple[bytes, int], list[_Want]]]:
         """Walk the snapshot, make directories, links and empty files, and yield the blobs to
@@ -499,15 +497,9 @@ class Restorer:
             self._fds.release(first_dir)
 
 
-def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
-                     includes: list[str] | tuple[str, ...] | Matcher = (),
-                     excludes: list[str] | tuple[str, ...] | Matcher = (), overwrite: bool = False,
-                     workers: int = 4, verify: bool = False) -> RestoreResult:
-    """Restore ``snap`` under ``target`` (made if missing; it must be empty unless ``overwrite``).
-    The target is used as named, even if it is a symbolic link; nothing under it is reached
-    through a link, and nothing outside it is written (see the module's docstring).
-    ``verify``: then read every restored file back and compare it with the snapshot
-    (`RestoreResult.verified`, keepwell.sources.files.verify)."""
+def _checked_target(target: str, overwrite: bool) -> str:
+    """The target's absolute path, once it is known to be a directory (or nothing yet) that a
+    restore may write into."""
     if not target:  # an empty or unset variable: never the current directory
         raise UsageError("an empty restore target names no directory",
                          hint="give the directory to restore into; '.' is the current directory")
@@ -518,6 +510,19 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                                      hint="choose a directory, or a path where one can be made")
         if os.listdir(target) and not overwrite:
             raise RestoreTargetError(f"restore target {target} is not empty")
+    return target
+
+
+def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
+                     includes: list[str] | tuple[str, ...] | Matcher = (),
+                     excludes: list[str] | tuple[str, ...] | Matcher = (), overwrite: bool = False,
+                     workers: int = 4, verify: bool = False) -> RestoreResult:
+    """Restore ``snap`` under ``target`` (made if missing; it must be empty unless ``overwrite``).
+    The target is used as named, even if it is a symbolic link; nothing under it is reached
+    through a link, and nothing outside it is written (see the module's docstring).
+    ``verify``: then read every restored file back and compare it with the snapshot
+    (`RestoreResult.verified`, keepwell.sources.files.verify)."""
+    target = _checked_target(target, overwrite)
     try:
         os.makedirs(target, exist_ok=True)
     except OSError as exc:
@@ -537,6 +542,52 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
                 repo, snap, target, selected=lambda spath: restorer._selected(spath, None),
                 skip={path for path, _ in result.errors})
         return result
+
+
+def selected(includes: Matcher, excludes: Matcher, spath: str) -> bool:
+    """Whether a restore with these patterns restores the snapshot's path ``spath``."""
+    if excludes and excludes.matches_within(spath):
+        return False
+    return not (includes and not includes.matches_within(spath))
+
+
+@dataclass
+class RestorePlan:
+    """What a restore would write (``restore --dry-run``)."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    links: int = 0  # symbolic links
+    other: int = 0  # FIFOs and device nodes
+
+
+def plan_restore(repo: Repository, snap: Snapshot, target: str, *,
+                 includes: list[str] | tuple[str, ...] | Matcher = (),
+                 excludes: list[str] | tuple[str, ...] | Matcher = (),
+                 overwrite: bool = False) -> RestorePlan:
+    """What `restore_snapshot` would write under ``target``, and nothing written: the target is
+    checked as a restore checks it, the snapshot's trees are read (and their names checked)."""
+    _checked_target(target, overwrite)
+    inc, exc = _matcher(includes), _matcher(excludes)
+    plan = RestorePlan()
+    dirs: set[str] = set()  # made: the selected ones, and those above anything selected
+    for rel, node in repo.walk(snap, checked=True):
+        if not selected(inc, exc, "/" + rel):
+            continue
+        up = rel if node.type == DIR else rel.rpartition("/")[0]
+        while up and up not in dirs:
+            dirs.add(up)
+            up = up.rpartition("/")[0]
+        if node.type == FILE:
+            plan.files += 1
+            plan.bytes += node.size
+        elif node.type == SYMLINK:
+            plan.links += 1
+        elif node.type in (FIFO, CHARDEV, BLOCKDEV):
+            plan.other += 1
+    plan.dirs = len(dirs)
+    return plan
 
 
 def _matcher(patterns: list[str] | tuple[str, ...] | Matcher) -> Matcher:

@@ -1,7 +1,8 @@
 """``restore --verify``: every restored file read back and compared with the snapshot, blob by
 blob. A restore that the disk then fails (a byte flipped, a file cut short, deleted or replaced
 by a link) is reported file by file with exit code 1; a link planted in place of a file is
-never followed to read what it points at."""
+never followed to read what it points at. ``restore --dry-run``: what a restore would write,
+the same counts as the restore's, and nothing written."""
 
 from __future__ import annotations
 
@@ -83,3 +84,24 @@ def test_what_the_disk_changed_after_the_restore_is_reported(tmp_path: Path) -> 
     assert problems["d1/small-1.txt"] == "is missing"
     assert "symbolic link" in problems["d2/small-2.txt"]
     assert found.files == len(files)
+
+
+def test_a_dry_run_counts_what_the_restore_writes_and_writes_nothing(tmp_path: Path) -> None:
+    repo, data, files = _backed_up(tmp_path)
+    for i, args in enumerate(([], ["--include", str(data / "d3")], ["--exclude", "*.txt"])):
+        target = tmp_path / f"dry{i}"
+        plan = json.loads(ok(kw(repo, "restore", "latest", "--target", str(target),
+                                "--dry-run", "--json", *args)))
+        assert not target.exists(), args
+        done = json.loads(ok(kw(repo, "restore", "latest", "--target", str(target), "--json",
+                                *args)))
+        assert plan["dry_run"] is True
+        assert (plan["files"], plan["dirs"], plan["bytes"]) == \
+            (done["files"], done["dirs"], done["bytes"]), args
+    assert plan["files"] == 2 and plan["symlinks"] == 1  # big.bin, empty and the link
+    out = ok(kw(repo, "restore", "latest", "--target", str(tmp_path / "new"), "-n"))
+    assert out.startswith(f"would restore {len(files)} files, ") and "1 symbolic links" in out
+    busy = kw(repo, "restore", "latest", "--target", str(tmp_path / "dry0"), "--dry-run")
+    assert busy.returncode == 1 and "is not empty" in busy.stderr  # checked as a restore would
+    both = kw(repo, "restore", "latest", "--target", str(tmp_path / "x"), "-n", "--verify")
+    assert both.returncode == 2 and not (tmp_path / "x").exists()
