@@ -31,6 +31,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from keepwell.errors import IntegrityError, KeepwellError, RestoreTargetError, UsageError
@@ -539,7 +540,7 @@ def restore_snapshot(repo: Repository, snap: Snapshot, target: str, *,
             from keepwell.sources.files.verify import verify_restored
 
             result.verified = verify_restored(
-                repo, snap, target, selected=lambda spath: restorer._selected(spath, None),
+                repo, snap, target, selected=partial(selected, restorer.includes, restorer.excludes),
                 skip={path for path, _ in result.errors})
         return result
 
