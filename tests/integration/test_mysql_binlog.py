@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,71 @@ def test_check_fails_on_an_archived_binlog_a_restore_could_not_read(
     assert res.returncode == 1, res.stdout + res.stderr
     problems = " ".join(json.loads(res.stdout)["problems"])
     assert name in problems and "cannot be read" in problems, problems
+
+
+def test_a_stalled_stream_claims_only_what_the_server_had_sent(server: MariaDBServer,
+                                                               tmp_path: Path) -> None:
+    """A row committed while the stream is stalled (in the network, in the client) is not yet
+    archived: the archive's synced moment stays before it, and a restore to a time after it is
+    refused until the stream delivers it."""
+    repo = KeepwellRepo(tmp_path)
+    repo.run("backup", "--logical", "--db-url", server.url)
+    spool = tmp_path / "spool"
+    proc = repo.popen("binlog-stream", "--db-url", server.url, "--interval", "0.3",
+                      "--spool", str(spool))
+    stream = client = None
+    try:
+        _wait_caught_up(repo, server)
+
+        def child() -> int | None:
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            return int(out.stdout.split()[0]) if out.stdout.split() else None
+
+        client = wait_for(child, "the stream's binlog client")
+        current = spool / server.sql("SHOW MASTER STATUS")[0][0]
+        size = current.stat().st_size
+        os.kill(proc.pid, signal.SIGSTOP)  # no sync between A arriving and the stall
+        stream = proc.pid
+        server.sql("INSERT INTO app.t (v) VALUES ('A')")
+        wait_for(lambda: current.stat().st_size > size, "row A in the spool")
+        os.kill(client, signal.SIGSTOP)  # the replication stream stalls
+        server.sql("INSERT INTO app.t (v) VALUES ('B')")
+        committed = time.time()
+        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGCONT)
+        stream = None
+
+        def stored_a() -> bool:
+            with repo.open() as r:
+                f = load_catalog(r).files.get(current.name)
+                return f is not None and f.size > size
+
+        wait_for(stored_a, "a sync to store row A")
+        with repo.open() as r:
+            synced = load_catalog(r).synced_at
+        assert synced is not None and synced < committed
+        info = repo.json("info")
+        assert datetime.fromisoformat(info["window"]["to"]).timestamp() < committed
+        target = datetime.fromtimestamp(int(committed) + 1, UTC).isoformat()
+        with mariadb_server(server_id=34, name="dst") as dst:
+            res = repo.run("restore", "--target-db-url", dst.url, "--target-time", target,
+                           check=False)
+            assert res.returncode == 1 and "the binlog archive reaches only" in res.stderr
+            # once the stream delivers B, the archive covers it
+            os.kill(client, signal.SIGCONT)
+            client = None
+            _wait_caught_up(repo, server)
+
+            def synced_past_b() -> bool:
+                with repo.open() as r:
+                    return (load_catalog(r).synced_at or 0) > committed
+
+            wait_for(synced_past_b, "the synced moment to pass row B")
+            repo.run("restore", "--target-db-url", dst.url, "--target-time", target)
+            assert rows(dst, "SELECT v FROM app.t ORDER BY id") == ["A", "B"]
+    finally:
+        for pid in (stream, client):
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)
+        rc, _, err = _stop(proc)
+    assert rc == 0, err

@@ -2,11 +2,13 @@
 
 Every stored binlog lives in a ``mysql-binlog`` snapshot as ``binlog/<name>``; its ``source``
 records the server identity and history (`admission.Admission`), the moment up to which the
-archive holds every event (``synced_at``: the time of the copy, or when the first file not
-stored began) and a summary of each file (size, closed, head, first/last event time, GTID
-range) from `binlog.scan`. Closed files are stored in batches; the growing current
-file is stored again each time it grows (only new chunks are uploaded). Only complete events are
-stored: a torn last event is left for the next round.
+archive holds every event (``synced_at``: for a stream, the newest moment at which the server's
+binary log ended at a position the spool has reached; the time of the copy for a push of the
+current file; when the first file not stored began for a push of closed files) and a summary
+of each file (size, closed, head, first/last event time, GTID range) from `binlog.scan`. Closed
+files are stored in batches; the growing current file is stored again each time it grows (only
+new chunks are uploaded). Only complete events are stored: a torn last event is left for the
+next round.
 
 `push_binlogs` reads the files from the server's binlog directory (for setups without a
 replication user). `BinlogStreamer` runs ``mariadb-binlog --read-from-remote-server --raw
@@ -211,6 +213,12 @@ class BinlogStreamer:
         self.reconnects = 0
         self.gaps: list[list[str]] = []
         self.session_start: int | None = None
+        # synced_at: the newest moment whose server position the archive has reached (None
+        # until one is, in a history with no synced moment archived yet); marks: (moment,
+        # file number, offset) asked of the server at a sync and not reached by the spool yet
+        self.synced_at: float | None = None
+        self.marks: list[tuple[float, int, int]] = []
+        self.conn: Any = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -276,11 +284,62 @@ class BinlogStreamer:
             out.append(name)
         return sorted(out, key=binlog_seq)
 
+    def _server_end(self) -> tuple[int, int] | None:
+        """The end of the server's binary log (file number, offset), or None if it cannot be
+        asked now."""
+        for attempt in range(2):
+            try:
+                if self.conn is None:
+                    self.conn = connect(self.settings)
+                names = binlog_list(self.conn)
+            except SourceError:
+                self._close_conn()
+                if attempt:
+                    return None
+                continue
+            if not names:
+                return None
+            name, size = names[-1]
+            return binlog_seq(name), size
+        return None
+
+    def _close_conn(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.conn = None
+
+    def _note_server_end(self) -> None:
+        """Note the moment, then where the server's binary log ends: every event written
+        before that moment lies before that position."""
+        now = time.time()
+        end = self._server_end()
+        if end is None:
+            return  # the server cannot say what it wrote: the synced moment stays
+        mark = (now, *end)
+        if self.marks and self.marks[-1][1:] == mark[1:]:
+            self.marks[-1] = mark  # nothing written since: the later moment says more
+        else:
+            self.marks.append(mark)
+
+    def _reached(self, spooled: tuple[int, float] | None) -> None:
+        """Advance synced_at to the newest mark the spool has reached."""
+        while self.marks and spooled is not None and self.marks[0][1:] <= spooled:
+            self.synced_at = max(self.synced_at or 0.0, self.marks.pop(0)[0])
+
     def sync(self) -> list[str]:
-        """Store every spooled file that grew; drop closed files once stored."""
+        """Store every spooled file that grew; drop closed files once stored.
+
+        The synced moment stored with them is the newest moment at which the server's binary
+        log ended at a position the spool has reached: events the server wrote before a sync
+        may still be on their way (in the network, in the client), so a sync's own clock is
+        claimed only once the spool holds what the server had written by then."""
         assert self.info is not None
+        self._note_server_end()
         files = self._spool_files()
-        synced_at = time.time()  # what the server sent before now is in the spool
+        spooled: tuple[int, float] | None = None
         # the server sends files in order: one this connection received whole is final once
         # a later one arrives (even without a rotate event, as after a crash)
         final = frozenset(n for n in files[:-1] if self.session_start is not None
@@ -291,7 +350,10 @@ class BinlogStreamer:
             try:
                 s = scan_path(path, name)
             except SourceError:
+                spooled = max(spooled or (0, 0.0), (binlog_seq(name), 0.0))
                 continue  # only the magic so far
+            spooled = max(spooled or (0, 0.0),
+                          (binlog_seq(name), float("inf") if s.closed else float(s.end)))
             archived = self.heads.get(name)
             if archived is not None and s.head_read and s.head().differs(archived):
                 raise SourceError(
@@ -306,8 +368,12 @@ class BinlogStreamer:
                 todo.append((path, s))
             elif done and name != files[-1]:
                 os.unlink(path)
+        self._reached(spooled)
         if not todo:
             return []
+        # before any position is reached (a new archive): only what preceded its oldest file
+        synced_at = self.synced_at or float(
+            min((s.created for _, s in todo if s.created), default=1))
         store_files(self.repo, self.info, self.admission, self.host, todo, synced_at=synced_at,
                     final=final)
         for path, s in todo:
@@ -334,6 +400,12 @@ class BinlogStreamer:
                 f"--result-file={self.spool.rstrip('/')}/", start]
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._close_conn()
+
+    def _run(self) -> None:
         os.makedirs(self.spool, exist_ok=True)
         delay = self.retry_delay
         first = True
@@ -355,11 +427,14 @@ class BinlogStreamer:
                                   f"before under {self.host}",
                                   hint="archive them with that server's stream, or give an "
                                        "empty --spool")
+            cat = archive.history(adm.history, info.identity())
             if adm.history != self.admission.history or first:
                 for note in adm.notes:
                     self.events.note(note)
+                # positions of another history say nothing about this one
+                self.synced_at, self.marks = cat.synced_at, []
             self.info, self.admission = info, adm
-            start = self._start_file(on_server, archive.history(adm.history, info.identity()))
+            start = self._start_file(on_server, cat)
             first = False
             started = time.monotonic()
             reason = self._follow(start)

@@ -17,8 +17,9 @@ cheap. This is the one place that interprets the ``source`` fields written by `l
   without crossing a gap; the *PITR window* runs from the oldest base with binlogs to the newest
   reach.
 - *synced at* is the moment up to which a history's archive holds every event the server wrote:
-  the time of the copy for a stream or a push of the current file, the end of the last closed
-  file for a push of closed files only. A time target later than that is beyond the archive.
+  for a stream, the newest moment whose binary log end position the stream had received; the
+  time of the copy for a push of the current file; the start of the first file not stored for
+  a push of closed files only. A time target later than that is beyond the archive.
 """
 
 from __future__ import annotations
