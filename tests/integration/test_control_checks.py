@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +249,45 @@ def test_database_kinds_run_the_sources_own_commands(ws: Workspace) -> None:
         snap = r.find_snapshot("latest", tags=["source:orders"])
         dump = b"".join(r.iter_file(snap, "dump.sql"))
     assert dump.startswith(b"host=db1.internal port=6432 user=backup password=s3cret\n")
+
+
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+def test_a_timed_out_backup_command_is_killed_with_its_children(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    (ws.root / "spawner.py").write_text(SPAWNER)
+    pid_file = ws.root / "child.pid"
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"orders": {
+            "kind": "postgres", "repository": "r", "connection": {"host": "db1.internal"},
+            "backup_command": [sys.executable, str(ws.root / "spawner.py"), str(pid_file)],
+            "timeout": "2s",
+        }},
+    })
+    out = json.loads(ws.cli("run", "orders", "--json").stdout)
+    assert out["status"] == "timeout"
+    child = int(pid_file.read_text())
+    try:
+        for _ in range(100):  # killed: gone, or a zombie until init reaps it
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the backup command's child outlived the job's timeout")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 LONG_STREAMER = """
