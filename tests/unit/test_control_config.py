@@ -63,6 +63,20 @@ def test_inline_secret_is_refused_with_its_line(tmp_path: Path) -> None:
     assert ":4: repositories.main.password: secrets are given by reference" in msg
 
 
+
+def test_a_password_written_into_a_repository_location_is_refused(tmp_path: Path) -> None:
+    msg = _error(MINIMAL.replace("location: repo", "location: sftp://bob:hunter2@nas/srv/repo"),
+                 tmp_path)
+    assert ":3: repositories.main.location: do not write the password" in msg
+    assert "hunter2" not in msg
+    msg = _error(MINIMAL.replace("location: repo",
+                                 "location: repo\n    replica: {location: 'sftp://b:pw@nas/r'}"),
+                 tmp_path)
+    assert "repositories.main.replica.location: do not write the password" in msg
+    assert parse_config(MINIMAL.replace("location: repo", "location: sftp://bob@nas:2222/srv"),
+                        tmp_path / "k.yaml").repositories["main"].location == \
+        "sftp://bob@nas:2222/srv"
+
 def test_missing_key_points_at_its_parent(tmp_path: Path) -> None:
     msg = _error(MINIMAL.replace("    paths: [data]\n", ""), tmp_path)
     assert ":6: sources.home.paths: missing required key" in msg

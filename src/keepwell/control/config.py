@@ -54,10 +54,20 @@ def _secret(value: Any) -> str:
     return check_reference(str(value))
 
 
+def _location(value: Any) -> str:
+    """A repository's location: secrets are never written in the file, not even in a URL."""
+    text = str(value)
+    if "://" in text and ":" in text.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]:
+        raise ValueError("do not write the password in the location: use an SSH key, or set "
+                         "KEEPWELL_SFTP_PASSWORD in keepwell's environment")
+    return text
+
+
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_seconds)]
 RetentionDuration = Annotated[str, BeforeValidator(_retention_duration)]
 SecretRef = Annotated[str, BeforeValidator(_secret)]
+Location = Annotated[str, BeforeValidator(_location)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -68,11 +78,11 @@ class _Model(BaseModel):
 class Replica(_Model):
     """A mirror of the repository's objects: it opens with the repository's own password."""
 
-    location: str
+    location: Location
 
 
 class RepositoryConfig(_Model):
-    location: str
+    location: Location
     password: SecretRef
     replica: Replica | None = None
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
