@@ -251,6 +251,32 @@ def test_database_kinds_run_the_sources_own_commands(ws: Workspace) -> None:
     assert dump.startswith(b"host=db1.internal port=6432 user=backup password=s3cret\n")
 
 
+def test_retention_keeps_to_the_snapshots_of_its_own_host(ws: Workspace) -> None:
+    """Two machines back up a source of the same name into one repository: each one's
+    retention acts on its own host's snapshots only."""
+    from keepwell.backends import open_backend
+    from keepwell.repository import Repository
+    from keepwell.sources.files.archiver import backup_paths
+    from tests.integration.control_support import PASSWORD
+
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 4096)
+    write_random(ws.root / "other" / "b.bin", 4096)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")], "retention": {"keep_last": 1}}},
+    })
+    with Repository.open(open_backend(str(repo)), PASSWORD) as r:
+        other = backup_paths(r, [str(ws.root / "other")], tags=["source:docs"],
+                             host="another-machine").snapshot.id
+    ws.cli("run", "docs", check=True)
+    second = json.loads(ws.cli("run", "docs", "--json", check=True).stdout)["snapshot_id"]
+    with Repository.open(open_backend(str(repo)), PASSWORD) as r:
+        left = {s.id for s in r.list_snapshots()}
+    assert left == {second, other}, "the other machine's only snapshot is not forgotten"
+
+
 SPAWNER = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
