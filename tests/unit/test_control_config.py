@@ -77,6 +77,14 @@ def test_a_password_written_into_a_repository_location_is_refused(tmp_path: Path
                         tmp_path / "k.yaml").repositories["main"].location == \
         "sftp://bob@nas:2222/srv"
 
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    msg = _error(MINIMAL + "  home:\n    kind: files\n    repository: main\n    paths: [b]\n",
+                 tmp_path)
+    assert "keepwell.yaml:10: sources.home: given twice (first on line 6)" in msg
+    msg = _error(MINIMAL + "    paths: [b]\n", tmp_path)
+    assert "keepwell.yaml:10: sources.home.paths: given twice (first on line 9)" in msg
+
 def test_missing_key_points_at_its_parent(tmp_path: Path) -> None:
     msg = _error(MINIMAL.replace("    paths: [data]\n", ""), tmp_path)
     assert ":6: sources.home.paths: missing required key" in msg

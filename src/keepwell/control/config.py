@@ -561,6 +561,26 @@ def _describe(path: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str
     return f"{path}{line}: {key}: {msg}"
 
 
+def _refuse_duplicates(node: yaml.Node | None, path: Path, loc: tuple[str, ...]) -> None:
+    """A key given twice in one mapping: YAML would silently keep the second (a source or a
+    setting copied and not renamed would replace the first)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, path, (*loc, str(i)))
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            first = seen.setdefault(key.value, key)
+            if first is not key:
+                raise ConfigurationError(
+                    f"{path}:{key.start_mark.line + 1}: {'.'.join((*loc, key.value))}: given "
+                    f"twice (first on line {first.start_mark.line + 1}): keep one, or rename "
+                    "one of them")
+        _refuse_duplicates(value, path, (*loc, str(key.value)))
+
+
 def _clean(msg: str) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
@@ -575,6 +595,7 @@ def parse_config(text: str, path: Path) -> Config:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigurationError(f"{path}{where}: not valid YAML: {problem}") from None
+    _refuse_duplicates(root, path, ())
     if data is None:
         data = {}
     if not isinstance(data, dict):
