@@ -85,6 +85,15 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
     msg = _error(MINIMAL + "    paths: [b]\n", tmp_path)
     assert "keepwell.yaml:10: sources.home.paths: given twice (first on line 9)" in msg
 
+
+def test_names_yaml_reads_as_booleans_or_numbers_are_taken_as_written(tmp_path: Path) -> None:
+    text = (MINIMAL.replace("  main:", "  off:").replace("repository: main", "repository: off")
+            .replace("  home:", "  2024:")
+            + "drills:\n  no:\n    source: 2024\n")
+    cfg = parse_config(text, tmp_path / "k.yaml")
+    assert set(cfg.repositories) == {"off"} and set(cfg.sources) == {"2024"}
+    assert cfg.sources["2024"].repository == "off" and cfg.drills["no"].source == "2024"
+
 def test_missing_key_points_at_its_parent(tmp_path: Path) -> None:
     msg = _error(MINIMAL.replace("    paths: [data]\n", ""), tmp_path)
     assert ":6: sources.home.paths: missing required key" in msg

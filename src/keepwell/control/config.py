@@ -561,6 +561,37 @@ def _describe(path: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str
     return f"{path}{line}: {key}: {msg}"
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+# the sections whose keys are names, and the key of their entries that names another's
+_NAME_SECTIONS = {"repositories": None, "sources": "repository", "drills": "source"}
+
+
+def _names_as_written(root: yaml.Node | None, data: dict[str, Any]) -> None:
+    """Names are text: a repository, source or drill named ``off``, ``no`` or ``2024`` (which
+    YAML reads as a boolean or a number), and the references to it, are taken as written."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        section = data.get(key.value) if isinstance(key, yaml.ScalarNode) else None
+        if (key.value not in _NAME_SECTIONS or not isinstance(value, yaml.MappingNode)
+                or not isinstance(section, dict)):
+            continue
+        written = {yaml.safe_load(k.value): k.value for k, _ in value.value
+                   if isinstance(k, yaml.ScalarNode) and k.tag != _STR_TAG}
+        data[key.value] = section = {name if isinstance(name, str) else written.get(name, name):
+                                     entry for name, entry in section.items()}
+        ref = _NAME_SECTIONS[key.value]
+        for name_node, entry_node in value.value:
+            entry = section.get(name_node.value) if isinstance(name_node, yaml.ScalarNode) \
+                else None
+            if ref is None or not isinstance(entry_node, yaml.MappingNode) \
+                    or not isinstance(entry, dict):
+                continue
+            for k, v in entry_node.value:
+                if k.value == ref and isinstance(v, yaml.ScalarNode) and v.tag != _STR_TAG:
+                    entry[ref] = v.value
+
+
 def _refuse_duplicates(node: yaml.Node | None, path: Path, loc: tuple[str, ...]) -> None:
     """A key given twice in one mapping: YAML would silently keep the second (a source or a
     setting copied and not renamed would replace the first)."""
@@ -600,6 +631,7 @@ def parse_config(text: str, path: Path) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigurationError(f"{path}:1: the configuration must be a mapping of sections")
+    _names_as_written(root, data)
     _resolve_paths(data, path.parent)
     try:
         return Config.model_validate(data)
