@@ -277,6 +277,22 @@ def test_retention_keeps_to_the_snapshots_of_its_own_host(ws: Workspace) -> None
     assert left == {second, other}, "the other machine's only snapshot is not forgotten"
 
 
+def test_a_wrong_repository_password_names_the_configured_reference(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_WRONG_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")]}},
+    })
+    monkeypatch.setenv("KW_WRONG_PASSWORD", "not-the-password")
+    out = ws.cli("run", "docs")
+    assert out.returncode == 1
+    assert "wrong password" in out.stderr and "repositories.r.password" in out.stderr
+    assert "env:KW_WRONG_PASSWORD" in out.stderr and "--password-file" not in out.stderr
+
+
 SPAWNER = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

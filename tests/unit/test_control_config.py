@@ -171,6 +171,9 @@ def test_secret_references_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resolve("env:KW_SECRET")
     with pytest.raises(ConfigurationError, match="cannot read"):
         resolve(f"file:{tmp_path / 'absent'}")
+    monkeypatch.setenv("KW_SECRET", "")  # as an empty first line of a file: refused
+    with pytest.raises(ConfigurationError, match="KW_SECRET is empty"):
+        resolve("env:KW_SECRET")
 
 
 def test_the_continuous_source_of_the_docs_is_valid(tmp_path: Path) -> None:
