@@ -293,6 +293,25 @@ def test_a_wrong_repository_password_names_the_configured_reference(
     assert "env:KW_WRONG_PASSWORD" in out.stderr and "--password-file" not in out.stderr
 
 
+def test_a_failed_notification_is_logged_without_its_secret_url(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")]}},
+        "notifications": [{"webhook": "http://127.0.0.1:9/services/T0/B0/s3cr3tt0ken",
+                           "timeout": "2s"},
+                          {"command": [sys.executable, "-c", "raise SystemExit(4)"]}],
+    })
+    out = ws.cli("drill", "docs")  # nothing to restore yet: the drill fails and alerts
+    assert out.returncode == 1
+    failed = [ln for ln in out.stderr.splitlines() if "notification_failed" in ln]
+    assert len(failed) == 2, out.stderr
+    assert "http://127.0.0.1:9" in failed[0] and "exit 4" in failed[1]
+    assert "s3cr3tt0ken" not in out.stderr
+
+
 SPAWNER = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -25,12 +25,16 @@ it resolves.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from keepwell.control.config import AlertPolicy, Notification
 from keepwell.control.history import History, Run
+from keepwell.control.logs import LOGGER_NAME, log_event
 from keepwell.control.notify import Delivery, send_all
 
 MAD_SCALE = 1.4826
@@ -79,11 +83,21 @@ class Alerts:
     """Raises and resolves alerts in the history and sends their notifications."""
 
     def __init__(self, history: History, policy: AlertPolicy,
-                 channels: list[Notification]) -> None:
+                 channels: list[Notification], log: logging.Logger | None = None) -> None:
         self.history = history
         self.policy = policy
         self.channels = channels
-        self.deliveries: list[Delivery] = []
+        self.log = log or logging.getLogger(LOGGER_NAME)
+        self.deliveries: deque[Delivery] = deque(maxlen=100)  # the latest, newest last
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        """Send to every channel; a failed delivery is a line of the log (and stops nothing)."""
+        for delivery in send_all(self.channels, event):
+            self.deliveries.append(delivery)
+            if not delivery.ok:
+                log_event(self.log, "notification_failed", level=logging.WARNING,
+                          channel=delivery.channel, key=event["key"], event_kind=event["event"],
+                          error=delivery.error)
 
     def fire(self, source: str, kind: str, message: str) -> bool:
         key = f"{source}:{kind}"
@@ -91,7 +105,7 @@ class Alerts:
             return False
         event = {"event": "alert", "key": key, "source": source, "kind": kind,
                  "message": message, "time": time.time()}
-        self.deliveries.extend(send_all(self.channels, event))
+        self._notify(event)
         self.history.mark_notified(key)
         return True
 
@@ -101,7 +115,7 @@ class Alerts:
             return False
         event = {"event": "resolved", "key": key, "source": source, "kind": kind,
                  "message": f"{kind} on {source} resolved", "time": time.time()}
-        self.deliveries.extend(send_all(self.channels, event))
+        self._notify(event)
         return True
 
     def after_backup(self, source: str) -> list[str]:

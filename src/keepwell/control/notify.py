@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +39,11 @@ def _webhook_url(channel: Notification) -> str:
 
 def _describe(channel: Notification) -> str:
     if channel.webhook is not None:
-        return "webhook " + (channel.webhook if channel.webhook.startswith(("env:", "file:"))
-                             else channel.webhook.split("?")[0])
+        if channel.webhook.startswith(("env:", "file:")):
+            return "webhook " + channel.webhook
+        # a webhook's path and query often are its secret (Slack, Teams...): the server only
+        parts = urllib.parse.urlsplit(channel.webhook)
+        return f"webhook {parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
     return "command " + " ".join((channel.command or [])[:1])
 
 
