@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -310,6 +311,33 @@ def test_a_failed_notification_is_logged_without_its_secret_url(ws: Workspace) -
     assert len(failed) == 2, out.stderr
     assert "http://127.0.0.1:9" in failed[0] and "exit 4" in failed[1]
     assert "s3cr3tt0ken" not in out.stderr
+
+
+def test_a_hanging_notification_channel_does_not_hold_up_the_schedules(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    hanging = socket.socket()  # accepts connections (the backlog) and never answers
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(16)
+    try:
+        ws.write_config({
+            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {
+                "fast": {"kind": "files", "repository": "r", "paths": [str(ws.root / "data")],
+                         "schedule": "* * * * * *"},
+                **{f"late{i}": {"kind": "files", "repository": "r",
+                                "paths": [str(ws.root / "data")], "expect_success_within": "1s"}
+                   for i in range(3)},
+            },
+            "notifications": [{"webhook": f"http://127.0.0.1:{hanging.getsockname()[1]}/hook",
+                               "timeout": "3s"}],
+        })
+        d = ws.daemon()
+        d.wait_for(lambda: len(ws.runs("source='fast' AND status='succeeded'")) >= 3,
+                   timeout=7, what="backups on schedule while three stale alerts are sent")
+        assert d.stop() == 0
+    finally:
+        hanging.close()
 
 
 SPAWNER = """
