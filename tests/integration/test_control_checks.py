@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +250,133 @@ def test_database_kinds_run_the_sources_own_commands(ws: Workspace) -> None:
         snap = r.find_snapshot("latest", tags=["source:orders"])
         dump = b"".join(r.iter_file(snap, "dump.sql"))
     assert dump.startswith(b"host=db1.internal port=6432 user=backup password=s3cret\n")
+
+
+def test_retention_keeps_to_the_snapshots_of_its_own_host(ws: Workspace) -> None:
+    """Two machines back up a source of the same name into one repository: each one's
+    retention acts on its own host's snapshots only."""
+    from keepwell.backends import open_backend
+    from keepwell.repository import Repository
+    from keepwell.sources.files.archiver import backup_paths
+    from tests.integration.control_support import PASSWORD
+
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 4096)
+    write_random(ws.root / "other" / "b.bin", 4096)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")], "retention": {"keep_last": 1}}},
+    })
+    with Repository.open(open_backend(str(repo)), PASSWORD) as r:
+        other = backup_paths(r, [str(ws.root / "other")], tags=["source:docs"],
+                             host="another-machine").snapshot.id
+    ws.cli("run", "docs", check=True)
+    second = json.loads(ws.cli("run", "docs", "--json", check=True).stdout)["snapshot_id"]
+    with Repository.open(open_backend(str(repo)), PASSWORD) as r:
+        left = {s.id for s in r.list_snapshots()}
+    assert left == {second, other}, "the other machine's only snapshot is not forgotten"
+
+
+def test_a_wrong_repository_password_names_the_configured_reference(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_WRONG_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")]}},
+    })
+    monkeypatch.setenv("KW_WRONG_PASSWORD", "not-the-password")
+    out = ws.cli("run", "docs")
+    assert out.returncode == 1
+    assert "wrong password" in out.stderr and "repositories.r.password" in out.stderr
+    assert "env:KW_WRONG_PASSWORD" in out.stderr and "--password-file" not in out.stderr
+
+
+def test_a_failed_notification_is_logged_without_its_secret_url(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")]}},
+        "notifications": [{"webhook": "http://127.0.0.1:9/services/T0/B0/s3cr3tt0ken",
+                           "timeout": "2s"},
+                          {"command": [sys.executable, "-c", "raise SystemExit(4)"]}],
+    })
+    out = ws.cli("drill", "docs")  # nothing to restore yet: the drill fails and alerts
+    assert out.returncode == 1
+    failed = [ln for ln in out.stderr.splitlines() if "notification_failed" in ln]
+    assert len(failed) == 2, out.stderr
+    assert "http://127.0.0.1:9" in failed[0] and "exit 4" in failed[1]
+    assert "s3cr3tt0ken" not in out.stderr
+
+
+def test_a_hanging_notification_channel_does_not_hold_up_the_schedules(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    write_random(ws.root / "data" / "a.bin", 1024)
+    hanging = socket.socket()  # accepts connections (the backlog) and never answers
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(16)
+    try:
+        ws.write_config({
+            "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+            "sources": {
+                "fast": {"kind": "files", "repository": "r", "paths": [str(ws.root / "data")],
+                         "schedule": "* * * * * *"},
+                **{f"late{i}": {"kind": "files", "repository": "r",
+                                "paths": [str(ws.root / "data")], "expect_success_within": "1s"}
+                   for i in range(3)},
+            },
+            "notifications": [{"webhook": f"http://127.0.0.1:{hanging.getsockname()[1]}/hook",
+                               "timeout": "3s"}],
+        })
+        d = ws.daemon()
+        d.wait_for(lambda: len(ws.runs("source='fast' AND status='succeeded'")) >= 3,
+                   timeout=7, what="backups on schedule while three stale alerts are sent")
+        assert d.stop() == 0
+    finally:
+        hanging.close()
+
+
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+def test_a_timed_out_backup_command_is_killed_with_its_children(ws: Workspace) -> None:
+    repo = ws.repository("r")
+    (ws.root / "spawner.py").write_text(SPAWNER)
+    pid_file = ws.root / "child.pid"
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
+        "sources": {"orders": {
+            "kind": "postgres", "repository": "r", "connection": {"host": "db1.internal"},
+            "backup_command": [sys.executable, str(ws.root / "spawner.py"), str(pid_file)],
+            "timeout": "2s",
+        }},
+    })
+    out = json.loads(ws.cli("run", "orders", "--json").stdout)
+    assert out["status"] == "timeout"
+    child = int(pid_file.read_text())
+    try:
+        for _ in range(100):  # killed: gone, or a zombie until init reaps it
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the backup command's child outlived the job's timeout")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 LONG_STREAMER = """

@@ -511,3 +511,16 @@ def test_wrap_keeps_caches_of_repositories_apart(tmp_path: Path) -> None:
     b.put("config", b"config of b")
     assert a.get("config") == b"config of a"
     assert b.get("config") == b"config of b"
+
+
+@pytest.mark.parametrize("key_file", [None, "/home/backup/.ssh/id_ed25519"])
+def test_wrap_gives_sftp_repositories_a_cache_of_their_own(tmp_path: Path,
+                                                           key_file: str | None) -> None:
+    """An SFTP backend's ``identity`` is its SSH key file (or none): the cache is named by the
+    location, so one without a key file opens, and two repositories with one key stay apart."""
+    from keepwell.backends.sftp import SftpBackend
+
+    a = wrap(SftpBackend("h", "/srv/a", identity=key_file), cache_dir=tmp_path)
+    b = wrap(SftpBackend("h", "/srv/b", identity=key_file), cache_dir=tmp_path)
+    assert isinstance(a, CachedBackend) and isinstance(b, CachedBackend)
+    assert a.cache_dir != b.cache_dir

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -108,3 +112,34 @@ def test_a_streamer_down_longer_than_its_lag_alert(tmp_path: Path) -> None:
         assert not history.alerts()
     finally:
         history.close()
+
+
+def test_a_notification_command_past_its_timeout_is_killed_with_its_children(
+        tmp_path: Path) -> None:
+    from keepwell.control.notify import send
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "time.sleep(60)\n")
+    started = time.monotonic()
+    delivery = send(Notification(command=[sys.executable, "-c", script], timeout=2.0),
+                    {"event": "alert"})
+    assert not delivery.ok and "timed out" in (delivery.error or "")
+    assert time.monotonic() - started < 10
+    child = int(pid_file.read_text())
+    try:
+        for _ in range(100):  # killed: gone, or a zombie until init reaps it
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the notification command's child outlived its timeout")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

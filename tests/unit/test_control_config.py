@@ -63,6 +63,37 @@ def test_inline_secret_is_refused_with_its_line(tmp_path: Path) -> None:
     assert ":4: repositories.main.password: secrets are given by reference" in msg
 
 
+
+def test_a_password_written_into_a_repository_location_is_refused(tmp_path: Path) -> None:
+    msg = _error(MINIMAL.replace("location: repo", "location: sftp://bob:hunter2@nas/srv/repo"),
+                 tmp_path)
+    assert ":3: repositories.main.location: do not write the password" in msg
+    assert "hunter2" not in msg
+    msg = _error(MINIMAL.replace("location: repo",
+                                 "location: repo\n    replica: {location: 'sftp://b:pw@nas/r'}"),
+                 tmp_path)
+    assert "repositories.main.replica.location: do not write the password" in msg
+    assert parse_config(MINIMAL.replace("location: repo", "location: sftp://bob@nas:2222/srv"),
+                        tmp_path / "k.yaml").repositories["main"].location == \
+        "sftp://bob@nas:2222/srv"
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    msg = _error(MINIMAL + "  home:\n    kind: files\n    repository: main\n    paths: [b]\n",
+                 tmp_path)
+    assert "keepwell.yaml:10: sources.home: given twice (first on line 6)" in msg
+    msg = _error(MINIMAL + "    paths: [b]\n", tmp_path)
+    assert "keepwell.yaml:10: sources.home.paths: given twice (first on line 9)" in msg
+
+
+def test_names_yaml_reads_as_booleans_or_numbers_are_taken_as_written(tmp_path: Path) -> None:
+    text = (MINIMAL.replace("  main:", "  off:").replace("repository: main", "repository: off")
+            .replace("  home:", "  2024:")
+            + "drills:\n  no:\n    source: 2024\n")
+    cfg = parse_config(text, tmp_path / "k.yaml")
+    assert set(cfg.repositories) == {"off"} and set(cfg.sources) == {"2024"}
+    assert cfg.sources["2024"].repository == "off" and cfg.drills["no"].source == "2024"
+
 def test_missing_key_points_at_its_parent(tmp_path: Path) -> None:
     msg = _error(MINIMAL.replace("    paths: [data]\n", ""), tmp_path)
     assert ":6: sources.home.paths: missing required key" in msg
@@ -140,6 +171,9 @@ def test_secret_references_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resolve("env:KW_SECRET")
     with pytest.raises(ConfigurationError, match="cannot read"):
         resolve(f"file:{tmp_path / 'absent'}")
+    monkeypatch.setenv("KW_SECRET", "")  # as an empty first line of a file: refused
+    with pytest.raises(ConfigurationError, match="KW_SECRET is empty"):
+        resolve("env:KW_SECRET")
 
 
 def test_the_continuous_source_of_the_docs_is_valid(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from keepwell.control.history import History
+from keepwell.errors import ConfigurationError
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -256,3 +257,13 @@ def test_two_histories_of_one_process_see_another_process_write(tmp_path: Path) 
     finally:
         first.close()
         second.close()
+
+
+def test_a_damaged_history_says_what_to_do_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    path.write_bytes(b"not a database at all, but long enough to be read as one " * 100)
+    with pytest.raises(ConfigurationError) as exc:
+        History(str(path))
+    line = exc.value.line()
+    assert f"cannot open the job history {path}: file is not a database" in line
+    assert "move it aside" in line and "permissions" not in line

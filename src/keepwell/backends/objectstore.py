@@ -189,7 +189,7 @@ class ObjectStoreBackend:
         # the server (an S3-compatible endpoint, or the provider's own): errors name it, and
         # the same bucket and prefix on two servers are two stores (a cache keeps them apart)
         self.endpoint = endpoint
-        self.identity = f"{location} at {endpoint}" if endpoint else location
+        self.cache_identity = f"{location} at {endpoint}" if endpoint else location
         self.multipart_threshold = multipart_threshold
 
     def _what(self, verb: str, name: str) -> str:

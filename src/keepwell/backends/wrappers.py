@@ -681,7 +681,7 @@ def wrap(
     ``limit_upload`` and ``limit_download`` are in KiB/s (as the ``--limit-upload`` and
     ``--limit-download`` options); ``None`` or 0 means unlimited. ``cache_dir`` is a base
     directory: the cache of this backend is a subdirectory named by a hash of its location and
-    endpoint (``backend.identity``, where it has one), and `CachedBackend.bind` narrows it to one
+    endpoint (``backend.cache_identity``, where it has one), and `CachedBackend.bind` narrows it to one
     repository; ``cache_verify`` is the cache's `CachedBackend.verify`. ``upload_buckets`` are
     budgets shared with others (each upload pays every one of them), ``guard`` a `Guard`,
     ``adaptive`` the controller of the number of uploads at once (`AdaptiveBackend`).
@@ -715,7 +715,7 @@ def wrap(
         # own subdirectory, the same bucket and prefix on two endpoints two of them.
         import hashlib  # here: hashlib loads OpenSSL's libcrypto (see keepwell.tokens)
 
-        identity = getattr(backend, "identity", backend.location)
+        identity = getattr(backend, "cache_identity", backend.location)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
         b = CachedBackend(b, os.path.join(os.fspath(cache_dir), digest), verify=cache_verify)
     return b

@@ -25,12 +25,19 @@ it resolves.
 
 from __future__ import annotations
 
+import logging
+import queue
 import statistics
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from keepwell.control.config import AlertPolicy, Notification
 from keepwell.control.history import History, Run
+from keepwell.control.logs import LOGGER_NAME, log_event
 from keepwell.control.notify import Delivery, send_all
 
 MAD_SCALE = 1.4826
@@ -75,15 +82,62 @@ _MEASURES = {
 }
 
 
+class Outbox:
+    """Sends notifications on a thread of its own, in order, so that a channel that hangs until
+    its timeout never holds up the daemon's scheduling loop or a job."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="notifications", daemon=True)
+        self._thread.start()
+
+    def put(self, send: Callable[[], None]) -> None:
+        self._queue.put(send)
+
+    def _run(self) -> None:
+        while (send := self._queue.get()) is not None:
+            try:
+                send()
+            except Exception as exc:  # the history closed under it at shutdown, or a bug
+                log_event(logging.getLogger(LOGGER_NAME), "notification_failed",
+                          level=logging.WARNING, error=f"{type(exc).__name__}: {exc}")
+
+    def close(self, wait: float) -> None:
+        """Send what is queued, for up to ``wait`` seconds."""
+        self._queue.put(None)
+        self._thread.join(wait)
+
+
 class Alerts:
     """Raises and resolves alerts in the history and sends their notifications."""
 
     def __init__(self, history: History, policy: AlertPolicy,
-                 channels: list[Notification]) -> None:
+                 channels: list[Notification], log: logging.Logger | None = None,
+                 outbox: Outbox | None = None) -> None:
         self.history = history
         self.policy = policy
         self.channels = channels
-        self.deliveries: list[Delivery] = []
+        self.log = log or logging.getLogger(LOGGER_NAME)
+        self.outbox = outbox
+        self.deliveries: deque[Delivery] = deque(maxlen=100)  # the latest, newest last
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        """Send to every channel (through the outbox, if any: a slow channel then holds up no
+        caller); a failed delivery is a line of the log (and stops nothing)."""
+        if self.outbox is not None:
+            self.outbox.put(lambda: self._send(event))
+        else:
+            self._send(event)
+
+    def _send(self, event: dict[str, Any]) -> None:
+        for delivery in send_all(self.channels, event):
+            self.deliveries.append(delivery)
+            if not delivery.ok:
+                log_event(self.log, "notification_failed", level=logging.WARNING,
+                          channel=delivery.channel, key=event["key"], event_kind=event["event"],
+                          error=delivery.error)
+        if event["event"] == "alert":
+            self.history.mark_notified(event["key"])
 
     def fire(self, source: str, kind: str, message: str) -> bool:
         key = f"{source}:{kind}"
@@ -91,8 +145,7 @@ class Alerts:
             return False
         event = {"event": "alert", "key": key, "source": source, "kind": kind,
                  "message": message, "time": time.time()}
-        self.deliveries.extend(send_all(self.channels, event))
-        self.history.mark_notified(key)
+        self._notify(event)
         return True
 
     def clear(self, source: str, kind: str) -> bool:
@@ -101,7 +154,7 @@ class Alerts:
             return False
         event = {"event": "resolved", "key": key, "source": source, "kind": kind,
                  "message": f"{kind} on {source} resolved", "time": time.time()}
-        self.deliveries.extend(send_all(self.channels, event))
+        self._notify(event)
         return True
 
     def after_backup(self, source: str) -> list[str]:

@@ -54,10 +54,20 @@ def _secret(value: Any) -> str:
     return check_reference(str(value))
 
 
+def _location(value: Any) -> str:
+    """A repository's location: secrets are never written in the file, not even in a URL."""
+    text = str(value)
+    if "://" in text and ":" in text.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]:
+        raise ValueError("do not write the password in the location: use an SSH key, or set "
+                         "KEEPWELL_SFTP_PASSWORD in keepwell's environment")
+    return text
+
+
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_seconds)]
 RetentionDuration = Annotated[str, BeforeValidator(_retention_duration)]
 SecretRef = Annotated[str, BeforeValidator(_secret)]
+Location = Annotated[str, BeforeValidator(_location)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -68,11 +78,11 @@ class _Model(BaseModel):
 class Replica(_Model):
     """A mirror of the repository's objects: it opens with the repository's own password."""
 
-    location: str
+    location: Location
 
 
 class RepositoryConfig(_Model):
-    location: str
+    location: Location
     password: SecretRef
     replica: Replica | None = None
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
@@ -551,6 +561,57 @@ def _describe(path: Path, root: yaml.Node | None, loc: tuple[Any, ...], msg: str
     return f"{path}{line}: {key}: {msg}"
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+# the sections whose keys are names, and the key of their entries that names another's
+_NAME_SECTIONS = {"repositories": None, "sources": "repository", "drills": "source"}
+
+
+def _names_as_written(root: yaml.Node | None, data: dict[str, Any]) -> None:
+    """Names are text: a repository, source or drill named ``off``, ``no`` or ``2024`` (which
+    YAML reads as a boolean or a number), and the references to it, are taken as written."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        section = data.get(key.value) if isinstance(key, yaml.ScalarNode) else None
+        if (key.value not in _NAME_SECTIONS or not isinstance(value, yaml.MappingNode)
+                or not isinstance(section, dict)):
+            continue
+        written = {yaml.safe_load(k.value): k.value for k, _ in value.value
+                   if isinstance(k, yaml.ScalarNode) and k.tag != _STR_TAG}
+        data[key.value] = section = {name if isinstance(name, str) else written.get(name, name):
+                                     entry for name, entry in section.items()}
+        ref = _NAME_SECTIONS[key.value]
+        for name_node, entry_node in value.value:
+            entry = section.get(name_node.value) if isinstance(name_node, yaml.ScalarNode) \
+                else None
+            if ref is None or not isinstance(entry_node, yaml.MappingNode) \
+                    or not isinstance(entry, dict):
+                continue
+            for k, v in entry_node.value:
+                if k.value == ref and isinstance(v, yaml.ScalarNode) and v.tag != _STR_TAG:
+                    entry[ref] = v.value
+
+
+def _refuse_duplicates(node: yaml.Node | None, path: Path, loc: tuple[str, ...]) -> None:
+    """A key given twice in one mapping: YAML would silently keep the second (a source or a
+    setting copied and not renamed would replace the first)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, path, (*loc, str(i)))
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            first = seen.setdefault(key.value, key)
+            if first is not key:
+                raise ConfigurationError(
+                    f"{path}:{key.start_mark.line + 1}: {'.'.join((*loc, key.value))}: given "
+                    f"twice (first on line {first.start_mark.line + 1}): keep one, or rename "
+                    "one of them")
+        _refuse_duplicates(value, path, (*loc, str(key.value)))
+
+
 def _clean(msg: str) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
@@ -565,10 +626,12 @@ def parse_config(text: str, path: Path) -> Config:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigurationError(f"{path}{where}: not valid YAML: {problem}") from None
+    _refuse_duplicates(root, path, ())
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigurationError(f"{path}:1: the configuration must be a mapping of sections")
+    _names_as_written(root, data)
     _resolve_paths(data, path.parent)
     try:
         return Config.model_validate(data)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from keepwell.backends.resilience import Backoff, CircuitBreaker, TokenBucket
-from keepwell.control.alerts import Alerts
+from keepwell.control.alerts import Alerts, Outbox
 from keepwell.control.config import Config, LoadedConfig, load_config
 from keepwell.control.history import open_history
 from keepwell.control.jobs import JobContext, JobOutcome, JobSpec, build_job
@@ -107,6 +107,7 @@ class Daemon:
         self.history = open_history(cfg)
         self.slots = Slots(_caps(cfg))
         self.queue = JobQueue()
+        self.outbox = Outbox()  # notifications never hold up the loop or a job
         self._budgets(cfg)
         self.breakers = {
             name: CircuitBreaker(cfg.circuit_breaker.failure_threshold,
@@ -137,7 +138,8 @@ class Daemon:
     def _budgets(self, cfg: Config) -> None:
         """The budgets and policies jobs start with (at start, and again at each reload: a
         running job keeps the bucket it was given)."""
-        self.alerts = Alerts(self.history, cfg.alerts, list(cfg.notifications))
+        self.alerts = Alerts(self.history, cfg.alerts, list(cfg.notifications), self.log,
+                             self.outbox)
         self.shared_upload = (TokenBucket(cfg.limits.upload, burst=cfg.limits.upload_burst)
                               if cfg.limits.upload else None)
 
@@ -571,6 +573,7 @@ class Daemon:
         for run in self.history.runs(status="running", limit=1000):
             if self.history.is_mine(run):
                 self.history.mark_interrupted(run.id, "the daemon stopped while the job ran")
+        self.outbox.close(max((n.timeout for n in self.cfg.notifications), default=0) + 5.0)
         log_event(self.log, "daemon_stopped", cancelled=len(leftover))
         self.history.close()
         if self.tracing is not None:

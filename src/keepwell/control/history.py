@@ -122,6 +122,18 @@ def describe_location(location: str) -> str:
     return f"{scheme}://{netloc}{slash}{path.split('?', 1)[0]}"
 
 
+def _sqlite_hint(exc: Exception) -> str:
+    """What to do about a SQLite history that cannot be opened."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return ("another process has held the job history locked for 30 s: try again, or find "
+                "it with 'fuser' on the file")
+    if "not a database" in text or "malformed" in text:
+        return ("the file is damaged or is not a job history: move it aside (a new history is "
+                "started) or put back a copy")
+    return "check the 'history' path and its permissions"
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -234,8 +246,7 @@ class History:
                 self._store = _SqliteStore(location)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigurationError(f"cannot open the job history {self.where}: {exc}",
-                                     hint="check the 'history' path and its permissions"
-                                     ) from None
+                                     hint=_sqlite_hint(exc)) from None
         except Exception as exc:
             if type(exc).__module__.startswith("psycopg"):
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -20,11 +20,10 @@ from typing import Any
 
 from keepwell.control.config import Config
 from keepwell.control.history import History
+from keepwell.control.jobs import open_configured
 from keepwell.control.pitr import windows
-from keepwell.control.secrets import resolve
 from keepwell.errors import KeepwellError
 from keepwell.repository import Snapshot
-from keepwell.repository.repo import open_repository
 from keepwell.repository.stats import raw_data
 from keepwell.sources.base import Window
 
@@ -60,8 +59,7 @@ def count(cfg: Config, name: str) -> RepositoryFigures:
     """Open a configured repository and count its figures (an error is recorded, not raised)."""
     repo_cfg = cfg.repositories[name]
     try:
-        password = resolve(repo_cfg.password, what=f"repository {name} password")
-        repo = open_repository(repo_cfg.location, password)
+        repo = open_configured(name, repo_cfg.location, repo_cfg.password)
         try:
             snaps = list(repo.list_snapshots())
             raw = raw_data(repo, [], whole=True)

@@ -30,7 +30,7 @@ from keepwell.control.config import Config, JobLimits
 from keepwell.control.replica import mirror
 from keepwell.control.secrets import resolve
 from keepwell.control.spans import NO_TRACE, JobTrace
-from keepwell.errors import ConfigurationError, KeepwellError, UsageError
+from keepwell.errors import ConfigurationError, KeepwellError, UsageError, WrongPasswordError
 from keepwell.repository import Repository
 from keepwell.repository.repo import open_repository, open_storage
 from keepwell.sources.base import SourceJob
@@ -282,12 +282,23 @@ def _budgets(spec: JobSpec, ctx: JobContext) -> list[TokenBucket]:
     return buckets
 
 
+def open_configured(name: str, location: str, password_ref: str, **options: Any) -> Repository:
+    """Open the configured repository ``name`` with the password its reference gives; a wrong
+    password names that setting (not the command line's KEEPWELL_PASSWORD)."""
+    password = resolve(password_ref, what=f"repository {name} password")
+    try:
+        return open_repository(location, password, **options)
+    except WrongPasswordError as exc:
+        raise WrongPasswordError(str(exc), hint=f"check repositories.{name}.password"
+                                 f" ({password_ref})") from None
+
+
 def open_job_repository(spec: JobSpec, ctx: JobContext) -> Repository:
     """Open the job's repository behind its budgets."""
     repo_cfg = spec.params["repository"]
-    password = resolve(repo_cfg["password"], what=f"repository {spec.repository} password")
-    return open_repository(repo_cfg["location"], password, guard=ctx,
-                           upload_buckets=_budgets(spec, ctx), adaptive=repo_cfg.get("adaptive"))
+    return open_configured(spec.repository, repo_cfg["location"], repo_cfg["password"],
+                           guard=ctx, upload_buckets=_budgets(spec, ctx),
+                           adaptive=repo_cfg.get("adaptive"))
 
 
 def mirror_to_replica(spec: JobSpec, ctx: JobContext, primary: Backend) -> dict[str, int] | None:

@@ -9,10 +9,13 @@ reported in the result, never raised: one broken channel must not stop the other
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +41,28 @@ def _webhook_url(channel: Notification) -> str:
 
 def _describe(channel: Notification) -> str:
     if channel.webhook is not None:
-        return "webhook " + (channel.webhook if channel.webhook.startswith(("env:", "file:"))
-                             else channel.webhook.split("?")[0])
+        if channel.webhook.startswith(("env:", "file:")):
+            return "webhook " + channel.webhook
+        # a webhook's path and query often are its secret (Slack, Teams...): the server only
+        parts = urllib.parse.urlsplit(channel.webhook)
+        return f"webhook {parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
     return "command " + " ".join((channel.command or [])[:1])
+
+
+def _run_command(argv: list[str], body: bytes, env: dict[str, str],
+                 timeout: float) -> tuple[int, bytes]:
+    """Run a notification command in a session of its own: past its timeout it is killed with
+    everything it started (a script's children would outlive it otherwise)."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, start_new_session=True) as proc:
+        try:
+            _, stderr = proc.communicate(body, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet: still its group's id
+            proc.wait()
+            raise
+    return proc.returncode, stderr
 
 
 def send(channel: Notification, event: dict[str, Any]) -> Delivery:
@@ -62,11 +84,11 @@ def send(channel: Notification, event: dict[str, Any]) -> Delivery:
                 "KEEPWELL_ALERT_KIND": str(event.get("kind", "")),
                 "KEEPWELL_MESSAGE": str(event.get("message", "")),
             })
-            proc = subprocess.run(list(channel.command or []), input=body, env=env,
-                                  capture_output=True, timeout=channel.timeout, check=False)
-            if proc.returncode != 0:
-                tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                return Delivery(name, False, f"exit {proc.returncode}: {tail[0]}")
+            returncode, stderr = _run_command(list(channel.command or []), body, env,
+                                              channel.timeout)
+            if returncode != 0:
+                tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                return Delivery(name, False, f"exit {returncode}: {tail[0]}")
     except (OSError, urllib.error.URLError, subprocess.TimeoutExpired, KeepwellError) as exc:
         return Delivery(name, False, str(exc))
     return Delivery(name, True)

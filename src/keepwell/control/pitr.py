@@ -16,11 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keepwell.control.jobs import configured_source
-from keepwell.control.secrets import resolve
+from keepwell.control.jobs import configured_source, open_configured
 from keepwell.errors import KeepwellError
 from keepwell.repository import Snapshot
-from keepwell.repository.repo import open_repository
 from keepwell.sources.base import Window, source_for
 
 
@@ -32,8 +30,7 @@ def has_windows(cfg: Any) -> bool:
 def list_snapshots(cfg: Any, repo_name: str) -> list[Snapshot]:
     """Every snapshot of a configured repository (opened with its password, read-only use)."""
     repo_cfg = cfg.repositories[repo_name]
-    password = resolve(repo_cfg.password, what=f"repository {repo_name} password")
-    repo = open_repository(repo_cfg.location, password)
+    repo = open_configured(repo_name, repo_cfg.location, repo_cfg.password)
     try:
         return list(repo.list_snapshots())
     finally:

@@ -36,6 +36,11 @@ def resolve(ref: str, *, what: str = "secret") -> str:
                 f"{what}: environment variable {ref[4:]} is not set",
                 hint=f"export {ref[4:]} before starting keepwell",
             )
+        if not value:  # as a file whose first line is empty
+            raise ConfigurationError(
+                f"{what}: environment variable {ref[4:]} is empty",
+                hint=f"give {ref[4:]} the secret before starting keepwell",
+            )
         return value
     if ref.startswith("file:"):
         return read_password_file(os.path.expanduser(ref[5:]), f"{what} file", ConfigurationError)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -81,6 +82,11 @@ class SourceJob:
     def tags(self) -> list[str]:
         """The tags of a snapshot of this source: its own, then the configured ones."""
         return [self.tag, *(self.settings.get("tags") or [])]
+
+    @property
+    def host(self) -> str:
+        """The host name its snapshots record (its ``host``, else this machine's name)."""
+        return str(self.settings.get("host") or socket.gethostname())
 
 
 def newest_snapshot(repo: Repository, job: SourceJob) -> Snapshot:
@@ -181,8 +187,9 @@ class Source(ABC, Generic[CopyT]):
         """Check a restored copy (`IntegrityError` when it is unsound); return its figures."""
 
     def forget_plan(self, job: SourceJob, repo: Repository, policy: Policy) -> ForgetPlan:
-        """What ``policy`` forgets of this source; by default its tagged snapshots, alike."""
-        mine = [s for s in repo.list_snapshots() if job.tag in s.tags]
+        """What ``policy`` forgets of this source; by default its tagged snapshots of its own
+        host, alike (another machine's source of the same name is left to that machine)."""
+        mine = [s for s in repo.list_snapshots() if job.tag in s.tags and s.host == job.host]
         kept, removed = apply_policy(mine, policy, group_by=lambda s: job.tag)
         return ForgetPlan(bases=[s.id for s in removed],
                           kept={s.id: list(why) for s, why in kept})

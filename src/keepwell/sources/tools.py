@@ -20,6 +20,7 @@ import math
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ class ToolProcess:
         self.name = os.path.basename(self.argv[0])
         self.what = what or self.name
         self.error = error
+        self.new_session = new_session
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
@@ -151,6 +153,12 @@ class ToolProcess:
         return text
 
     def kill(self) -> None:
+        """Kill the program; one started in a session of its own is killed with everything it
+        started (its process group: a script's children would outlive it otherwise)."""
+        if self.new_session and self.proc.returncode is None:
+            # not reaped yet, so its pid (the group's id) cannot have been reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
