@@ -79,3 +79,25 @@ def test_password_by_reference_and_errors(pg: PgCluster, tmp_path: Path) -> None
     refused = subprocess.run([*cli, "config", "check", "-c", str(cfg)], env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "history_password" in refused.stderr
+
+
+def test_jobs_of_a_name_the_file_does_not_hold_is_a_usage_error(tmp_path: Path) -> None:
+    """``jobs --source`` with a typo says so and lists the names, instead of an empty list
+    that reads as "never ran"; ``-n`` below 1 is refused."""
+    cfg = tmp_path / "keepwell.yaml"
+    cfg.write_text(f"history: {tmp_path / 'history.db'}\n"
+                   f"repositories: {{main: {{location: {tmp_path / 'repo'}, "
+                   "password: env:KW_TEST_PASSWORD}}\n"
+                   f"sources: {{docs: {{kind: files, repository: main, paths: [{tmp_path}]}}}}\n")
+    cli = [sys.executable, "-m", "keepwell.cli.control"]
+
+    def jobs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, "jobs", "-c", str(cfg), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    assert jobs("--source", "docs", "--json").stdout.strip() == "[]"
+    typo = jobs("--source", "dcos")
+    assert typo.returncode == 2 and "named 'dcos'" in typo.stderr and "docs" in typo.stderr
+    assert typo.stderr.count("\n") == 1 and "Traceback" not in typo.stderr
+    assert jobs("-n", "0").returncode == 2
+    assert jobs("-n", "-1").returncode == 2

@@ -154,7 +154,7 @@ def cmd_web(
 def cmd_jobs(
     config: ConfigOption = None,
     source: Annotated[str | None, typer.Option("--source", help="Only this source.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 30,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs.")] = 30,
     json_out: JsonOption = False,
 ) -> None:
     """List recent job runs, newest first."""
@@ -166,6 +166,12 @@ def cmd_jobs(
         runs = history.runs(source=source, limit=limit)
     finally:
         history.close()
+    cfg = loaded.config
+    known = {*cfg.sources, *cfg.drills, *cfg.repositories}
+    if source is not None and not runs and source not in known:
+        # a name the file does not hold and no run was recorded under: a typo, not "no runs"
+        raise UsageError(f"no source, drill or repository named {source!r} in {loaded.path}",
+                         hint=f"names: {', '.join(sorted(known))}")
     if json_out:
         print_json([r.as_dict() for r in runs])
         return
