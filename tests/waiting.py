@@ -20,3 +20,12 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = 60,
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended: no such process, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

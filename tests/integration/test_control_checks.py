@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.control_support import WebhookSink, Workspace, write_random
+from tests.waiting import gone, wait_for
 
 MiB = 1024 * 1024
 
@@ -278,15 +278,22 @@ def test_retention_keeps_to_the_snapshots_of_its_own_host(ws: Workspace) -> None
     assert left == {second, other}, "the other machine's only snapshot is not forgotten"
 
 
+def _docs_config(ws: Workspace, repo: Path, password: str = "env:KW_TEST_PASSWORD",
+                 **extra: object) -> None:
+    """keepwell.yaml with repository ``r`` and the files source ``docs`` of ws/data."""
+    ws.write_config({
+        "repositories": {"r": {"location": str(repo), "password": password}},
+        "sources": {"docs": {"kind": "files", "repository": "r",
+                             "paths": [str(ws.root / "data")]}},
+        **extra,
+    })
+
+
 def test_a_wrong_repository_password_names_the_configured_reference(
         ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = ws.repository("r")
     write_random(ws.root / "data" / "a.bin", 1024)
-    ws.write_config({
-        "repositories": {"r": {"location": str(repo), "password": "env:KW_WRONG_PASSWORD"}},
-        "sources": {"docs": {"kind": "files", "repository": "r",
-                             "paths": [str(ws.root / "data")]}},
-    })
+    _docs_config(ws, repo, "env:KW_WRONG_PASSWORD")
     monkeypatch.setenv("KW_WRONG_PASSWORD", "not-the-password")
     out = ws.cli("run", "docs")
     assert out.returncode == 1
@@ -297,14 +304,9 @@ def test_a_wrong_repository_password_names_the_configured_reference(
 def test_a_failed_notification_is_logged_without_its_secret_url(ws: Workspace) -> None:
     repo = ws.repository("r")
     write_random(ws.root / "data" / "a.bin", 1024)
-    ws.write_config({
-        "repositories": {"r": {"location": str(repo), "password": "env:KW_TEST_PASSWORD"}},
-        "sources": {"docs": {"kind": "files", "repository": "r",
-                             "paths": [str(ws.root / "data")]}},
-        "notifications": [{"webhook": "http://127.0.0.1:9/services/T0/B0/s3cr3tt0ken",
-                           "timeout": "2s"},
-                          {"command": [sys.executable, "-c", "raise SystemExit(4)"]}],
-    })
+    _docs_config(ws, repo, notifications=[
+        {"webhook": "http://127.0.0.1:9/services/T0/B0/s3cr3tt0ken", "timeout": "2s"},
+        {"command": [sys.executable, "-c", "raise SystemExit(4)"]}])
     out = ws.cli("drill", "docs")  # nothing to restore yet: the drill fails and alerts
     assert out.returncode == 1
     failed = [ln for ln in out.stderr.splitlines() if "notification_failed" in ln]
@@ -364,16 +366,8 @@ def test_a_timed_out_backup_command_is_killed_with_its_children(ws: Workspace) -
     assert out["status"] == "timeout"
     child = int(pid_file.read_text())
     try:
-        for _ in range(100):  # killed: gone, or a zombie until init reaps it
-            try:
-                with open(f"/proc/{child}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        break
-            except FileNotFoundError:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the backup command's child outlived the job's timeout")
+        wait_for(lambda: gone(child), "the backup command's child to be killed with the job",
+                 timeout=5)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
@@ -408,9 +402,7 @@ def test_a_killed_daemons_streamer_is_stopped_by_the_next_daemon(ws: Workspace) 
         d2.wait_for(lambda: d2.events("stream_orphan_stopped"), what="the orphan to be stopped")
         second = d2.wait_for(lambda: d2.events("stream_started"), what="a new streamer")
         assert second[0]["pid"] != first
-        d2.wait_for(lambda: not Path(f"/proc/{first}").exists() or
-                    "Z" in Path(f"/proc/{first}/stat").read_text().split()[2],
-                    what="the orphan to exit")
+        d2.wait_for(lambda: gone(first), what="the orphan to exit")
     finally:
         assert d2.stop() == 0
         with contextlib.suppress(OSError):

@@ -277,7 +277,10 @@ def test_a_stalled_stream_claims_only_what_the_server_had_sent(server: MariaDBSe
         os.kill(client, signal.SIGSTOP)  # the replication stream stalls
         server.sql("INSERT INTO app.t (v) VALUES ('B')")
         committed = time.time()
-        time.sleep(1.5)
+        # the clock past B's second (the archive keeps times to the second): a claim made from
+        # the clock at the next sync would cover B
+        wait_for(lambda: time.time() >= committed + 1.5, "the clock to pass B's commit",
+                 interval=0.1)
         os.kill(proc.pid, signal.SIGCONT)
         stream = None
 

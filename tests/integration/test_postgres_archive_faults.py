@@ -62,14 +62,21 @@ def test_a_short_index_write_failure_leaves_every_archived_segment_readable(
     r.stop("immediate")
 
 
-def test_check_fails_on_archived_wal_a_restore_could_not_read(pg_env: PgEnv) -> None:
-    c = backed_up_cluster(pg_env, "t (i int)")
+def _archived_segment_and_one_after(c: PgCluster) -> str:
+    """Rows into two WAL segments, both archived; the name of the first (one WAL comes after
+    it, so a restore past it needs it)."""
     c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
     victim = str(c.scalar("SELECT pg_walfile_name(pg_current_wal_lsn())"))
     c.switch_wal()
     c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
     c.switch_wal()
     c.wait_archived()
+    return victim
+
+
+def test_check_fails_on_archived_wal_a_restore_could_not_read(pg_env: PgEnv) -> None:
+    c = backed_up_cluster(pg_env, "t (i int)")
+    victim = _archived_segment_and_one_after(c)
     assert pg_env.keepwell("check").returncode == 0
     pg_env.unindex_wal(victim)
     check = pg_env.keepwell("check", "--json", check=False)
@@ -83,12 +90,7 @@ def test_check_names_damaged_wal_and_the_restores_it_cuts_short(pg_env: PgEnv) -
     an index is missing, which prune would mend) and which backups it stops where."""
     c = backed_up_cluster(pg_env, "t (i int)")
     backup = json.loads(pg_env.keepwell("info", "--json").stdout)["physical"][0]["short_id"]
-    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
-    victim = str(c.scalar("SELECT pg_walfile_name(pg_current_wal_lsn())"))
-    c.switch_wal()
-    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
-    c.switch_wal()
-    c.wait_archived()
+    victim = _archived_segment_and_one_after(c)
     c.stop()
     pg_env.damage_wal(victim)
     read = subprocess.run(as_pg_user([PYTHON, "-c", "from keepwell.cli.main import run; run()",

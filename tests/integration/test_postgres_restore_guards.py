@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.servers.postgres import PgCluster, PgEnv, backed_up_cluster, free_port
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -151,9 +152,7 @@ def test_a_restored_subscriber_does_not_consume_the_live_subscribers_changes(
     sub.sql(f"CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={pub.port}"
             " user=postgres dbname=postgres' PUBLICATION p")
     pub.sql("INSERT INTO t VALUES (1)")
-    deadline = time.monotonic() + 30
-    while sub.sql("SELECT i FROM t") != [(1,)] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: sub.sql("SELECT i FROM t") == [(1,)], "the subscriber to apply row 1")
     pg_env.keepwell("backup", "--physical", "--db-url", sub.url())
     sub.stop()  # the live subscriber is down for a moment
     flushed = pub.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots")
@@ -162,8 +161,9 @@ def test_a_restored_subscriber_does_not_consume_the_live_subscribers_changes(
     pg_env.keepwell("restore", "--target-dir", str(pg_env.workdir / "r"), "--start", "--port",
                     str(port))
     r = PgCluster(pg_env.workdir, "r", port=port)
+    # row 2 published once the restored copy is open: none of its subscriptions may apply it
+    wait_for(lambda: r.scalar("SELECT NOT pg_is_in_recovery()"), "the restored copy to open")
     pub.sql("INSERT INTO t VALUES (2)")
-    time.sleep(3)
     assert r.sql("SELECT i FROM t") == [(1,)]
     assert pub.sql("SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots") == [
         (False, flushed)], "the publisher's slot is the live subscriber's alone"
@@ -181,7 +181,9 @@ def test_a_time_after_the_last_archived_commit_says_what_to_do(pg_env: PgEnv) ->
     pg_env.keepwell("backup", "--physical", "--db-url", c.url())
     c.sql("INSERT INTO marks VALUES (1)")
     after = c.scalar("SELECT clock_timestamp()") + timedelta(seconds=1)
-    time.sleep(2.5)
+    # the WAL switched once the server's clock is past the target: the window reaches it
+    wait_for(lambda: c.scalar("SELECT clock_timestamp()") > after + timedelta(seconds=1),
+             "the server's clock to pass the target", interval=0.1)
     c.switch_wal()
     c.wait_archived()
     c.stop()
