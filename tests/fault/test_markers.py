@@ -92,7 +92,9 @@ def test_a_prune_refused_says_who_until_when_and_how_to_unlock(tmp_path: Path) -
     repo, env, made = _repo(tmp_path)
     _write_marker(repo, PRUNE_LOCK, KIND_LOCK, {
         "token": "t", "host": "far-away", "pid": 4242, "machine": "another-boot/1",
-        "started": time.time() - 60, "heartbeat": time.time(), "purpose": "prune"})
+        # last heard of 5 s ago: live by the default stale time, stale by 0.5 s, whatever the
+        # commands below take
+        "started": time.time() - 60, "heartbeat": time.time() - 5, "purpose": "prune"})
     r = kw(env, "prune", check=False)
     assert r.returncode == 1
     assert_one_line_error(r)
